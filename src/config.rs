@@ -1,0 +1,492 @@
+//! Configuration: defaults in code < TOML file (`--config`) < environment < CLI flags.
+//! One table (`SETTINGS`) names every setting once: its TOML key, its environment variable and
+//! its help text; the CLI, the file and the environment are all read through it. The process
+//! environment is read through [`Source`] so tests pass a map. Validation reports every error.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Where environment-style settings come from (the process environment, or a map in tests).
+pub trait Source {
+    fn get(&self, name: &str) -> Option<String>;
+}
+
+pub struct ProcessEnv;
+
+impl Source for ProcessEnv {
+    fn get(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl Source for HashMap<String, String> {
+    fn get(&self, name: &str) -> Option<String> {
+        HashMap::get(self, name).cloned()
+    }
+}
+
+pub struct Setting {
+    /// TOML key; the CLI flag is the same with `-` for `_`.
+    pub key: &'static str,
+    /// Environment variables, first match wins (the original Aura's names are kept).
+    pub env: &'static [&'static str],
+    pub help: &'static str,
+}
+
+pub const PORT: &str = "PORT";
+pub const UPSTREAM_URL: &str = "UPSTREAM_URL";
+pub const MOCK_UPSTREAM: &str = "MOCK_UPSTREAM";
+pub const LISTEN_ADDR: &str = "AURA_LISTEN_ADDR";
+pub const WORKERS: &str = "AURA_WORKERS";
+pub const PIN_WORKERS: &str = "AURA_PIN_WORKERS";
+pub const DEMO: &str = "AURA_DEMO";
+pub const MAX_HEAD_BYTES: &str = "AURA_MAX_HEAD_BYTES";
+pub const MAX_HEADERS: &str = "AURA_MAX_HEADERS";
+pub const MAX_BODY_BYTES: &str = "AURA_MAX_BODY_BYTES";
+pub const CLIENT_HEAD_TIMEOUT_MS: &str = "AURA_CLIENT_HEAD_TIMEOUT_MS";
+pub const IDLE_TIMEOUT_MS: &str = "AURA_IDLE_TIMEOUT_MS";
+pub const UPSTREAM_CONNECT_TIMEOUT_MS: &str = "AURA_UPSTREAM_CONNECT_TIMEOUT_MS";
+pub const UPSTREAM_FIRST_BYTE_TIMEOUT_MS: &str = "AURA_UPSTREAM_FIRST_BYTE_TIMEOUT_MS";
+pub const UPSTREAM_READ_TIMEOUT_MS: &str = "AURA_UPSTREAM_READ_TIMEOUT_MS";
+pub const UPSTREAM_POOL_MAX_IDLE: &str = "AURA_UPSTREAM_POOL_MAX_IDLE";
+pub const UPSTREAM_CA_FILE: &str = "AURA_UPSTREAM_CA_FILE";
+pub const INJECT_STREAM_USAGE: &str = "AURA_INJECT_STREAM_USAGE";
+pub const LOG_FORMAT: &str = "AURA_LOG_FORMAT";
+
+pub const SETTINGS: &[Setting] = &[
+    Setting { key: "port", env: &[PORT], help: "TCP port to listen on [default: 8080]" },
+    Setting { key: "listen_addr", env: &[LISTEN_ADDR], help: "address to listen on [default: 0.0.0.0]" },
+    Setting {
+        key: "upstream_url",
+        env: &[UPSTREAM_URL],
+        help: "upstream API base, e.g. https://api.openai.com/v1 (a full .../chat/completions URL is accepted) [default: https://api.openai.com/v1]",
+    },
+    Setting { key: "demo", env: &[DEMO, MOCK_UPSTREAM], help: "also start the built-in mock upstream and relay to it (no internet needed) [default: false]" },
+    Setting { key: "workers", env: &[WORKERS], help: "worker threads, one monoio runtime each [default: the CPUs Aura may use]" },
+    Setting { key: "pin_workers", env: &[PIN_WORKERS], help: "pin each worker to a core; turn off where cores are shared with busy processes [default: true]" },
+    Setting { key: "max_head_bytes", env: &[MAX_HEAD_BYTES], help: "largest request head accepted [default: 65536]" },
+    Setting { key: "max_headers", env: &[MAX_HEADERS], help: "most headers accepted in a request or response head [default: 100]" },
+    Setting { key: "max_body_bytes", env: &[MAX_BODY_BYTES], help: "largest request body accepted [default: 33554432]" },
+    Setting { key: "client_head_timeout_ms", env: &[CLIENT_HEAD_TIMEOUT_MS], help: "time a client has to send a whole request head and body [default: 10000]" },
+    Setting { key: "idle_timeout_ms", env: &[IDLE_TIMEOUT_MS], help: "keep-alive client connection idle timeout [default: 60000]" },
+    Setting { key: "upstream_connect_timeout_ms", env: &[UPSTREAM_CONNECT_TIMEOUT_MS], help: "upstream TCP+TLS connect timeout [default: 5000]" },
+    Setting { key: "upstream_first_byte_timeout_ms", env: &[UPSTREAM_FIRST_BYTE_TIMEOUT_MS], help: "time from sending a request to the upstream's first response byte [default: 300000]" },
+    Setting { key: "upstream_read_timeout_ms", env: &[UPSTREAM_READ_TIMEOUT_MS], help: "longest silence between two upstream reads mid-response [default: 300000]" },
+    Setting { key: "upstream_pool_max_idle", env: &[UPSTREAM_POOL_MAX_IDLE], help: "idle keep-alive upstream connections kept per worker [default: 64]" },
+    Setting { key: "upstream_ca_file", env: &[UPSTREAM_CA_FILE], help: "PEM file of extra CA certificates trusted for an https upstream [default: none]" },
+    Setting { key: "inject_stream_usage", env: &[INJECT_STREAM_USAGE], help: "add stream_options.include_usage to streaming requests; off for upstreams that reject it [default: true]" },
+    Setting { key: "log_format", env: &[LOG_FORMAT], help: "text or json [default: text]" },
+];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+/// The upstream base URL, split once at startup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    pub scheme: Scheme,
+    pub host: String,
+    pub port: u16,
+    /// Path prefix that replaces the client's `/v1`, without a trailing slash (e.g. `/v1`).
+    pub base_path: String,
+}
+
+impl UpstreamUrl {
+    pub fn parse(raw: &str) -> Result<UpstreamUrl, String> {
+        let uri: http::Uri = raw.parse().map_err(|e| format!("not a URL ({e})"))?;
+        let scheme = match uri.scheme_str() {
+            Some("http") => Scheme::Http,
+            Some("https") => Scheme::Https,
+            _ => return Err("scheme must be http or https".into()),
+        };
+        let host = uri.host().ok_or("URL has no host")?;
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = uri.port_u16().unwrap_or(match scheme {
+            Scheme::Http => 80,
+            Scheme::Https => 443,
+        });
+        if uri.query().is_some() {
+            return Err("URL must not carry a query".into());
+        }
+        let mut base_path = uri.path().trim_end_matches('/').to_string();
+        // The original Aura took the full endpoint URL: accept it as the base it implies.
+        if let Some(base) = base_path.strip_suffix("/chat/completions") {
+            base_path = base.to_string();
+        }
+        Ok(UpstreamUrl {
+            scheme,
+            host,
+            port,
+            base_path,
+        })
+    }
+
+    /// `Host` header value: the port only when it is not the scheme's default.
+    pub fn authority(&self) -> String {
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        match (&self.scheme, self.port) {
+            (Scheme::Http, 80) | (Scheme::Https, 443) => host,
+            _ => format!("{host}:{}", self.port),
+        }
+    }
+}
+
+impl fmt::Display for UpstreamUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = match self.scheme {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        };
+        write!(f, "{scheme}://{}{}", self.authority(), self.base_path)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen_addr: IpAddr,
+    pub port: u16,
+    pub upstream: UpstreamUrl,
+    pub demo: bool,
+    /// `None`: as many as `available_parallelism()` (which honours cgroup CPU quotas).
+    pub workers: Option<usize>,
+    pub pin_workers: bool,
+    pub limits: Limits,
+    pub timeouts: Timeouts,
+    pub upstream_pool_max_idle: usize,
+    pub upstream_ca_file: Option<PathBuf>,
+    pub inject_stream_usage: bool,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_head_bytes: usize,
+    pub max_headers: usize,
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub client_head: Duration,
+    pub idle: Duration,
+    pub upstream_connect: Duration,
+    pub upstream_first_byte: Duration,
+    pub upstream_read: Duration,
+}
+
+/// Every problem found in the configuration, reported together.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  {}", .0.join("\n  "))]
+pub struct ConfigErrors(pub Vec<String>);
+
+/// Raw values by setting key, before parsing; later layers overwrite earlier ones.
+pub type Layer = HashMap<&'static str, String>;
+
+fn setting(key: &str) -> Option<&'static Setting> {
+    SETTINGS.iter().find(|s| s.key == key)
+}
+
+/// Values from a TOML file's text. Unknown keys are errors (a typo must not be ignored).
+pub fn file_layer(text: &str) -> Result<Layer, ConfigErrors> {
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e| ConfigErrors(vec![format!("config file: {e}")]))?;
+    let mut layer = Layer::new();
+    let mut errors = Vec::new();
+    for (key, value) in table {
+        let Some(s) = setting(&key) else {
+            errors.push(format!("config file: unknown key `{key}`"));
+            continue;
+        };
+        let text = match value {
+            toml::Value::String(v) => v,
+            toml::Value::Integer(v) => v.to_string(),
+            toml::Value::Boolean(v) => v.to_string(),
+            other => {
+                errors.push(format!(
+                    "config file: `{key}` has unsupported type {}",
+                    other.type_str()
+                ));
+                continue;
+            }
+        };
+        layer.insert(s.key, text);
+    }
+    if errors.is_empty() {
+        Ok(layer)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+pub fn env_layer(source: &dyn Source) -> Layer {
+    let mut layer = Layer::new();
+    for s in SETTINGS {
+        if let Some(value) = s.env.iter().find_map(|name| source.get(name)) {
+            layer.insert(s.key, value);
+        }
+    }
+    layer
+}
+
+/// Merges layers lowest-precedence first and parses the result.
+pub fn resolve(layers: &[Layer]) -> Result<Config, ConfigErrors> {
+    let mut merged = Layer::new();
+    for layer in layers {
+        merged.extend(layer.iter().map(|(k, v)| (*k, v.clone())));
+    }
+    Parser {
+        values: &merged,
+        errors: Vec::new(),
+    }
+    .config()
+}
+
+struct Parser<'a> {
+    values: &'a Layer,
+    errors: Vec<String>,
+}
+
+impl Parser<'_> {
+    fn get<T: std::str::FromStr>(&mut self, key: &'static str, default: T) -> T
+    where
+        T::Err: fmt::Display,
+    {
+        let Some(raw) = self.values.get(key) else {
+            return default;
+        };
+        match raw.trim().parse() {
+            Ok(v) => v,
+            Err(e) => {
+                self.errors
+                    .push(format!("{key} ({}): `{raw}`: {e}", env_names(key)));
+                default
+            }
+        }
+    }
+
+    fn bool(&mut self, key: &'static str, default: bool) -> bool {
+        let Some(raw) = self.values.get(key) else {
+            return default;
+        };
+        match raw.trim().to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => true,
+            "0" | "false" | "no" | "off" => false,
+            _ => {
+                self.errors.push(format!(
+                    "{key} ({}): `{raw}` is not a boolean",
+                    env_names(key)
+                ));
+                default
+            }
+        }
+    }
+
+    fn positive(&mut self, key: &'static str, default: u64) -> u64 {
+        let v = self.get(key, default);
+        if v == 0 {
+            self.errors
+                .push(format!("{key} ({}) must be greater than 0", env_names(key)));
+        }
+        v
+    }
+
+    fn millis(&mut self, key: &'static str, default: u64) -> Duration {
+        Duration::from_millis(self.positive(key, default))
+    }
+
+    fn config(mut self) -> Result<Config, ConfigErrors> {
+        let upstream_raw = self
+            .values
+            .get("upstream_url")
+            .cloned()
+            .unwrap_or_else(|| "https://api.openai.com/v1".to_string());
+        let upstream = UpstreamUrl::parse(&upstream_raw).unwrap_or_else(|e| {
+            self.errors.push(format!(
+                "upstream_url ({UPSTREAM_URL}): `{upstream_raw}`: {e}"
+            ));
+            // Placeholder so the remaining settings are still checked; never used.
+            UpstreamUrl {
+                scheme: Scheme::Http,
+                host: String::new(),
+                port: 0,
+                base_path: String::new(),
+            }
+        });
+        let workers = self
+            .values
+            .contains_key("workers")
+            .then(|| self.positive("workers", 1) as usize);
+        let log_format = match self
+            .values
+            .get("log_format")
+            .map(|s| s.trim().to_ascii_lowercase())
+        {
+            None => LogFormat::Text,
+            Some(v) if v == "text" => LogFormat::Text,
+            Some(v) if v == "json" => LogFormat::Json,
+            Some(v) => {
+                self.errors.push(format!(
+                    "log_format ({LOG_FORMAT}): `{v}` is not text or json"
+                ));
+                LogFormat::Text
+            }
+        };
+        let config = Config {
+            listen_addr: self.get("listen_addr", IpAddr::from([0, 0, 0, 0])),
+            port: self.get("port", 8080),
+            upstream,
+            demo: self.bool("demo", false),
+            workers,
+            pin_workers: self.bool("pin_workers", true),
+            limits: Limits {
+                max_head_bytes: self.positive("max_head_bytes", 64 * 1024) as usize,
+                max_headers: self.positive("max_headers", 100) as usize,
+                max_body_bytes: self.positive("max_body_bytes", 32 * 1024 * 1024) as usize,
+            },
+            timeouts: Timeouts {
+                client_head: self.millis("client_head_timeout_ms", 10_000),
+                idle: self.millis("idle_timeout_ms", 60_000),
+                upstream_connect: self.millis("upstream_connect_timeout_ms", 5_000),
+                upstream_first_byte: self.millis("upstream_first_byte_timeout_ms", 300_000),
+                upstream_read: self.millis("upstream_read_timeout_ms", 300_000),
+            },
+            upstream_pool_max_idle: self.get("upstream_pool_max_idle", 64),
+            upstream_ca_file: self.values.get("upstream_ca_file").map(PathBuf::from),
+            inject_stream_usage: self.bool("inject_stream_usage", true),
+            log_format,
+        };
+        if self.errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(self.errors))
+        }
+    }
+}
+
+fn env_names(key: &str) -> String {
+    setting(key).map(|s| s.env.join(" or ")).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_hold_without_any_layer() {
+        let c = resolve(&[]).unwrap();
+        assert_eq!(c.port, 8080);
+        assert_eq!(c.upstream.to_string(), "https://api.openai.com/v1");
+        assert!(!c.demo);
+        assert!(c.inject_stream_usage);
+    }
+
+    #[test]
+    fn original_aura_env_names_work() {
+        let e = env(&[
+            ("PORT", "9000"),
+            ("UPSTREAM_URL", "http://127.0.0.1:1234/v1/chat/completions"),
+            ("MOCK_UPSTREAM", "true"),
+        ]);
+        let c = resolve(&[env_layer(&e)]).unwrap();
+        assert_eq!(c.port, 9000);
+        assert!(c.demo);
+        assert_eq!(c.upstream.base_path, "/v1");
+        assert_eq!(c.upstream.authority(), "127.0.0.1:1234");
+    }
+
+    #[test]
+    fn later_layers_win() {
+        let file = file_layer("port = 7000\nworkers = 3\n").unwrap();
+        let e = env_layer(&env(&[("PORT", "7001")]));
+        let mut cli = Layer::new();
+        cli.insert("workers", "5".into());
+        let c = resolve(&[file, e, cli]).unwrap();
+        assert_eq!(c.port, 7001);
+        assert_eq!(c.workers, Some(5));
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once() {
+        let e = env(&[
+            ("PORT", "http"),
+            ("AURA_WORKERS", "0"),
+            ("UPSTREAM_URL", "ftp://x"),
+            ("AURA_PIN_WORKERS", "maybe"),
+        ]);
+        let errors = resolve(&[env_layer(&e)]).unwrap_err().0;
+        assert_eq!(errors.len(), 4, "{errors:?}");
+        assert!(errors.iter().any(|m| m.contains("PORT")));
+    }
+
+    #[test]
+    fn unknown_file_keys_are_errors() {
+        let errors = file_layer("prot = 1\nport = 2\n").unwrap_err().0;
+        assert_eq!(errors, vec!["config file: unknown key `prot`".to_string()]);
+    }
+
+    #[test]
+    fn upstream_urls_parse() {
+        let cases = [
+            (
+                "https://api.openai.com/v1",
+                "api.openai.com",
+                443,
+                "/v1",
+                "api.openai.com",
+            ),
+            (
+                "http://localhost:11434/v1/",
+                "localhost",
+                11434,
+                "/v1",
+                "localhost:11434",
+            ),
+            (
+                "https://api.groq.com/openai/v1",
+                "api.groq.com",
+                443,
+                "/openai/v1",
+                "api.groq.com",
+            ),
+            ("http://[::1]:8000", "::1", 8000, "", "[::1]:8000"),
+        ];
+        for (raw, host, port, base, authority) in cases {
+            let u = UpstreamUrl::parse(raw).unwrap();
+            assert_eq!(
+                (u.host.as_str(), u.port, u.base_path.as_str()),
+                (host, port, base),
+                "{raw}"
+            );
+            assert_eq!(u.authority(), authority);
+        }
+        assert!(UpstreamUrl::parse("api.openai.com").is_err());
+        assert!(UpstreamUrl::parse("http://x/v1?a=b").is_err());
+    }
+}

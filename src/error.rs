@@ -1,0 +1,175 @@
+//! The gateway's error taxonomy: every failure a request can meet, who is at fault, and how it
+//! is shown to the client (HTTP status, OpenAI-style `type` and `code`) and to metrics (a static
+//! label). Pure: building an error never logs; the settle step logs and counts once.
+
+use http::StatusCode;
+
+/// Who caused a failure: decides the status class and where an operator should look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    Client,
+    Upstream,
+    Internal,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("malformed HTTP request: {0}")]
+    MalformedHead(&'static str),
+    #[error("request head exceeds {limit_bytes} bytes")]
+    HeadTooLarge { limit_bytes: usize },
+    #[error("request has more than {limit} headers")]
+    TooManyHeaders { limit: usize },
+    #[error("request body exceeds {limit_bytes} bytes")]
+    BodyTooLarge { limit_bytes: usize },
+    #[error("malformed request body: {0}")]
+    MalformedBody(String),
+    #[error("{0} is not supported")]
+    Unsupported(&'static str),
+    #[error("no route for {0}")]
+    NotFound(String),
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("client sent no complete request in time")]
+    ClientTimeout,
+    #[error("upstream unreachable: {0}")]
+    UpstreamUnreachable(String),
+    #[error("upstream did not answer in time")]
+    UpstreamTimeout,
+    #[error("upstream sent an invalid response: {0}")]
+    UpstreamProtocol(&'static str),
+    #[error("upstream closed the connection before the response ended")]
+    UpstreamReset,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn fault(&self) -> Fault {
+        match self {
+            Error::MalformedHead(_)
+            | Error::HeadTooLarge { .. }
+            | Error::TooManyHeaders { .. }
+            | Error::BodyTooLarge { .. }
+            | Error::MalformedBody(_)
+            | Error::Unsupported(_)
+            | Error::NotFound(_)
+            | Error::MethodNotAllowed
+            | Error::ClientTimeout => Fault::Client,
+            Error::UpstreamUnreachable(_)
+            | Error::UpstreamTimeout
+            | Error::UpstreamProtocol(_)
+            | Error::UpstreamReset => Fault::Upstream,
+            Error::Internal(_) => Fault::Internal,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Error::MalformedHead(_) | Error::MalformedBody(_) => StatusCode::BAD_REQUEST,
+            Error::HeadTooLarge { .. } | Error::TooManyHeaders { .. } => {
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+            }
+            Error::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
+            Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Error::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
+            Error::UpstreamUnreachable(_) | Error::UpstreamProtocol(_) | Error::UpstreamReset => {
+                StatusCode::BAD_GATEWAY
+            }
+            Error::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The OpenAI error `type` clients switch on.
+    pub fn openai_type(&self) -> &'static str {
+        match self.fault() {
+            Fault::Client => "invalid_request_error",
+            Fault::Upstream => "upstream_error",
+            Fault::Internal => "server_error",
+        }
+    }
+
+    /// Stable, static label: the error body's `code` and the metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Error::MalformedHead(_) => "malformed_request",
+            Error::HeadTooLarge { .. } => "head_too_large",
+            Error::TooManyHeaders { .. } => "too_many_headers",
+            Error::BodyTooLarge { .. } => "body_too_large",
+            Error::MalformedBody(_) => "invalid_body",
+            Error::Unsupported(_) => "unsupported",
+            Error::NotFound(_) => "not_found",
+            Error::MethodNotAllowed => "method_not_allowed",
+            Error::ClientTimeout => "client_timeout",
+            Error::UpstreamUnreachable(_) => "upstream_unreachable",
+            Error::UpstreamTimeout => "upstream_timeout",
+            Error::UpstreamProtocol(_) => "upstream_protocol",
+            Error::UpstreamReset => "upstream_reset",
+            Error::Internal(_) => "internal",
+        }
+    }
+
+    /// `{"error":{"message","type","param","code"}}`, the shape OpenAI SDKs parse.
+    pub fn body(&self) -> Vec<u8> {
+        error_body(&self.to_string(), self.openai_type(), self.label())
+    }
+}
+
+/// An OpenAI-style error body from parts (also used for errors Aura relays but did not raise).
+pub fn error_body(message: &str, kind: &str, code: &str) -> Vec<u8> {
+    let body = serde_json::json!({
+        "error": { "message": message, "type": kind, "param": null, "code": code }
+    });
+    body.to_string().into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_match_the_issue_contract() {
+        let cases: &[(Error, u16, &str)] = &[
+            (Error::MalformedHead("x"), 400, "invalid_request_error"),
+            (
+                Error::MalformedBody("x".into()),
+                400,
+                "invalid_request_error",
+            ),
+            (
+                Error::BodyTooLarge { limit_bytes: 1 },
+                413,
+                "invalid_request_error",
+            ),
+            (
+                Error::HeadTooLarge { limit_bytes: 1 },
+                431,
+                "invalid_request_error",
+            ),
+            (
+                Error::UpstreamUnreachable("refused".into()),
+                502,
+                "upstream_error",
+            ),
+            (Error::UpstreamTimeout, 504, "upstream_error"),
+            (Error::Internal("x".into()), 500, "server_error"),
+        ];
+        for (error, status, kind) in cases {
+            assert_eq!(error.status().as_u16(), *status, "{error}");
+            assert_eq!(error.openai_type(), *kind, "{error}");
+        }
+    }
+
+    #[test]
+    fn body_is_openai_shaped_json() {
+        let body = Error::BodyTooLarge { limit_bytes: 10 }.body();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["code"], "body_too_large");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(v["error"]["message"], "request body exceeds 10 bytes");
+        assert!(v["error"]["param"].is_null());
+    }
+}

@@ -1,0 +1,19 @@
+//! Aura: an OpenAI-compatible LLM gateway. One monoio runtime per core relays chat completion
+//! streams without buffering, injects `stream_options.include_usage`, and finds the usage event
+//! in-stream. The library exposes what the binary, the tests and the benches need.
+
+// L0: pure, no IO.
+pub mod error;
+pub mod http;
+pub mod rewrite;
+pub mod sse;
+pub mod usage;
+// Config is pure too (the environment is read through a trait).
+pub mod config;
+// L2/L3/L4: IO.
+pub mod mock;
+pub mod net;
+pub mod proxy;
+pub mod runtime;
+pub mod server;
+pub mod upstream;

@@ -1,0 +1,121 @@
+//! `aura`: CLI → config → runtime. The only place that exits the process.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::ExitCode;
+
+use aura::config::{self, Config, LogFormat, ProcessEnv, Scheme, UpstreamUrl, SETTINGS};
+use aura::mock::{MockOptions, MockUpstream};
+use aura::runtime;
+use aura::upstream::Resolver;
+use clap::{Arg, ArgAction, Command};
+
+fn cli() -> Command {
+    let mut cmd = Command::new("aura")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about("OpenAI-compatible LLM gateway: streams through, captures usage in-stream")
+        .after_help(
+            "Precedence: defaults < --config FILE < environment < flags.\n\
+             Environment names: PORT, UPSTREAM_URL, MOCK_UPSTREAM=true (same as --demo), AURA_<SETTING> for the rest.",
+        )
+        .arg(Arg::new("config").long("config").value_name("FILE").help("TOML file with any of the settings below (keys as the flag names with _)"));
+    for s in SETTINGS {
+        let flag: &'static str = Box::leak(s.key.replace('_', "-").into_boxed_str());
+        let env = s.env.join(", ");
+        let help = format!("{} [env: {env}]", s.help);
+        let arg = Arg::new(s.key).long(flag).help(help);
+        cmd = cmd.arg(if s.key == "demo" {
+            arg.action(ArgAction::SetTrue)
+        } else {
+            arg.value_name("VALUE")
+        });
+    }
+    cmd
+}
+
+fn load() -> Result<Config, String> {
+    let matches = cli().get_matches();
+    let mut layers = Vec::new();
+    if let Some(path) = matches.get_one::<String>("config") {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
+        layers.push(config::file_layer(&text).map_err(|e| e.to_string())?);
+    }
+    layers.push(config::env_layer(&ProcessEnv));
+    let mut flags = config::Layer::new();
+    for s in SETTINGS {
+        if s.key == "demo" {
+            if matches.get_flag("demo") {
+                flags.insert(s.key, "true".into());
+            }
+        } else if let Some(v) = matches.get_one::<String>(s.key) {
+            flags.insert(s.key, v.clone());
+        }
+    }
+    layers.push(flags);
+    config::resolve(&layers).map_err(|e| e.to_string())
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("AURA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let mut config = match load() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("aura: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(config.log_format);
+    let resolver = if config.demo {
+        let listen = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+        match MockUpstream::start(listen, MockOptions::default()) {
+            Ok(mock) => {
+                config.upstream = UpstreamUrl {
+                    scheme: Scheme::Http,
+                    host: mock.addr.ip().to_string(),
+                    port: mock.addr.port(),
+                    base_path: "/v1".into(),
+                };
+                tracing::info!(upstream = %config.upstream, "demo: built-in mock upstream started");
+                // The mock lives as long as the process.
+                std::mem::forget(mock);
+                Resolver::fixed(SocketAddr::new(
+                    IpAddr::V4(Ipv4Addr::LOCALHOST),
+                    config.upstream.port,
+                ))
+            }
+            Err(e) => {
+                eprintln!("aura: cannot start the demo upstream: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        Resolver::start(&config.upstream.host, config.upstream.port)
+    };
+    let running = match runtime::start(&config, resolver) {
+        Ok(running) => running,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("aura: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(addr = %running.addr, upstream = %config.upstream, workers = running.workers.len(), "listening");
+    // A machine-readable line for scripts and tests.
+    println!("aura listening on http://{}", running.addr);
+    for worker in running.workers {
+        let _ = worker.join();
+    }
+    ExitCode::SUCCESS
+}

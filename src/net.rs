@@ -1,0 +1,66 @@
+//! Small helpers over monoio's rent-style IO: append-reads into a growable buffer and
+//! whole-buffer writes, each optionally bounded by a timeout. Dropping a timed-out read
+//! cancels the in-flight io_uring operation (monoio's `async-cancel` feature), and callers close
+//! the connection after any timeout, so no bytes are lost to a later reader.
+
+use std::io;
+use std::time::Duration;
+
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
+
+/// Outcome of a bounded IO step.
+#[derive(Debug)]
+pub enum Timed<T> {
+    Done(T),
+    TimedOut,
+}
+
+/// Reads once, appending to `buf` (growing it by at least `spare` bytes of room first).
+/// Returns the count read; 0 means the peer closed. If the future is dropped, `buf` is empty.
+pub async fn read_more<S: AsyncReadRent>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    spare: usize,
+) -> io::Result<usize> {
+    if buf.capacity() - buf.len() < spare {
+        buf.reserve(spare);
+    }
+    let owned = std::mem::take(buf);
+    let len = owned.len();
+    let (res, slice) = stream.read(owned.slice_mut(len..)).await;
+    *buf = slice.into_inner();
+    res
+}
+
+pub async fn read_more_within<S: AsyncReadRent>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    spare: usize,
+    limit: Duration,
+) -> Timed<io::Result<usize>> {
+    match monoio::time::timeout(limit, read_more(stream, buf, spare)).await {
+        Ok(res) => Timed::Done(res),
+        Err(_) => Timed::TimedOut,
+    }
+}
+
+/// Writes all of `data` and hands the buffer back for reuse.
+pub async fn write_all<S: AsyncWriteRent>(
+    stream: &mut S,
+    data: Vec<u8>,
+) -> (io::Result<()>, Vec<u8>) {
+    let (res, data) = stream.write_all(data).await;
+    (res.map(|_| ()), data)
+}
+
+/// Writes `data[from..]`, handing the buffer back.
+pub async fn write_from<S: AsyncWriteRent>(
+    stream: &mut S,
+    data: Vec<u8>,
+    from: usize,
+) -> (io::Result<()>, Vec<u8>) {
+    use monoio::buf::IoBuf;
+    let (res, slice) = stream.write_all(data.slice(from..)).await;
+    (res.map(|_| ()), slice.into_inner())
+}

@@ -1,0 +1,439 @@
+//! THE request phase sequence, and the only place that knows it:
+//! route → rewrite (chat completions) → forward (pooled upstream, one retry on a dead pooled
+//! connection) → relay (proxy/relay.rs) → settle (one access-log record per request).
+//! Budgets hook into admit and settle in a later step; API keys never reach a log line.
+
+pub mod relay;
+
+use std::time::Instant;
+
+use http::{header, Method, StatusCode};
+use monoio::io::{AsyncReadRent, AsyncWriteRent};
+
+use crate::config::{Limits, Timeouts};
+use crate::error::Error;
+use crate::http::{self as h1, ResponseHead};
+use crate::net::{self, Timed};
+use crate::rewrite;
+use crate::server::{self, Handler, Persist, Request};
+use crate::upstream::{Conn, Upstream};
+use crate::usage::Usage;
+use relay::{BodyKind, Relay, RelayEnd};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Health,
+    ChatCompletions,
+    /// Any other `/v1/*` path: method, headers and body go through unchanged.
+    PassThrough,
+    NotFound,
+}
+
+impl Route {
+    pub fn of(method: &Method, target: &str) -> Route {
+        let path = target.split('?').next().unwrap_or_default();
+        match path {
+            "/healthz" => Route::Health,
+            "/v1/chat/completions" if method == Method::POST => Route::ChatCompletions,
+            _ if path.starts_with("/v1/") => Route::PassThrough,
+            _ => Route::NotFound,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Route::Health => "healthz",
+            Route::ChatCompletions => "chat_completions",
+            Route::PassThrough => "passthrough",
+            Route::NotFound => "not_found",
+        }
+    }
+}
+
+/// One worker's proxy: its upstream pool and settings. `!Send`, like everything per worker.
+pub struct Proxy {
+    upstream: Upstream,
+    limits: Limits,
+    timeouts: Timeouts,
+    inject_stream_usage: bool,
+}
+
+/// Everything settle needs to know about one request.
+struct Outcome {
+    route: Route,
+    status: Option<StatusCode>,
+    model: Option<String>,
+    stream: bool,
+    usage: Option<Usage>,
+    /// Received the request → wrote the upstream request.
+    to_upstream_us: Option<u64>,
+    /// Upstream's first body byte read → written to the client (the overhead Aura adds).
+    ttft_overhead_us: Option<u64>,
+    /// Received the request → first body byte written to the client.
+    ttft_us: Option<u64>,
+    error: Option<Error>,
+}
+
+impl Proxy {
+    pub fn new(
+        upstream: Upstream,
+        limits: Limits,
+        timeouts: Timeouts,
+        inject_stream_usage: bool,
+    ) -> Proxy {
+        Proxy {
+            upstream,
+            limits,
+            timeouts,
+            inject_stream_usage,
+        }
+    }
+
+    async fn chat<S: AsyncWriteRent>(
+        &self,
+        request: Request,
+        keep_alive: bool,
+        client: &mut S,
+        outcome: &mut Outcome,
+        started: Instant,
+    ) -> Persist {
+        if let Some(encoding) = request.head.headers.get(header::CONTENT_ENCODING) {
+            if !encoding.as_bytes().eq_ignore_ascii_case(b"identity") {
+                return self
+                    .fail(
+                        client,
+                        Error::Unsupported("a compressed request body"),
+                        keep_alive,
+                        outcome,
+                    )
+                    .await;
+            }
+        }
+        let rewrite = match rewrite::rewrite_chat_body(&request.body) {
+            Ok(rewrite) => rewrite,
+            Err(e) => {
+                return self
+                    .fail(
+                        client,
+                        Error::MalformedBody(e.to_string()),
+                        keep_alive,
+                        outcome,
+                    )
+                    .await
+            }
+        };
+        let chat = rewrite.request;
+        outcome.model = chat.model;
+        outcome.stream = chat.stream;
+        // Strip the usage event only when Aura asked for it and the client did not.
+        let (body, strip) = match rewrite.body {
+            Some(body) if self.inject_stream_usage => (body, !chat.client_asked_usage),
+            _ => (request.body, false),
+        };
+        let request = Request {
+            head: request.head,
+            body,
+        };
+        self.forward(request, keep_alive, client, strip, outcome, started)
+            .await
+    }
+
+    async fn forward<S: AsyncWriteRent>(
+        &self,
+        request: Request,
+        keep_alive: bool,
+        client: &mut S,
+        strip_usage_event: bool,
+        outcome: &mut Outcome,
+        started: Instant,
+    ) -> Persist {
+        let upstream_request = self.upstream_request(&request);
+        let (mut conn, head, buffered) = match self
+            .exchange(upstream_request, &request.head.method, outcome, started)
+            .await
+        {
+            Ok(answer) => answer,
+            Err(e) => return self.fail(client, e, keep_alive, outcome).await,
+        };
+        outcome.status = Some(head.status);
+        let framing = match h1::response_framing(&request.head.method, &head) {
+            Ok(framing) => framing,
+            Err(e) => return self.fail(client, e, keep_alive, outcome).await,
+        };
+        let kind = BodyKind::of(&head.headers);
+        let client_http11 = request.head.minor_version >= 1;
+        let relay = Relay::new(
+            &head,
+            framing,
+            kind,
+            strip_usage_event && kind == BodyKind::EventStream,
+            keep_alive,
+            client_http11,
+        );
+        let end = relay
+            .run(&mut conn, client, buffered, self.timeouts, started)
+            .await;
+        self.settle_relay(conn, end, outcome)
+    }
+
+    fn settle_relay(&self, conn: Conn, end: RelayEnd, outcome: &mut Outcome) -> Persist {
+        outcome.usage = end.usage.map(|found| {
+            if outcome.model.is_none() || found.model.is_some() {
+                outcome.model = found.model.clone();
+            }
+            found.usage
+        });
+        outcome.ttft_overhead_us = end.first_byte_overhead.map(|d| d.as_micros() as u64);
+        outcome.ttft_us = end.ttft.map(|d| d.as_micros() as u64);
+        outcome.error = end.error;
+        if end.upstream_reusable {
+            self.upstream.put_back(conn);
+        }
+        end.client_persist
+    }
+
+    /// The upstream request head and body as one buffer: one write, one syscall.
+    fn upstream_request(&self, request: &Request) -> Vec<u8> {
+        let head = &request.head;
+        let rest = head.target.strip_prefix("/v1").unwrap_or(&head.target);
+        let mut out = Vec::with_capacity(512 + request.body.len());
+        out.extend_from_slice(head.method.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(self.upstream.url.base_path.as_bytes());
+        out.extend_from_slice(rest.as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        h1::write_header("host", self.upstream.url.authority().as_bytes(), &mut out);
+        for (name, value) in &head.headers {
+            // Compressed responses would hide the usage from the scanner: ask for identity.
+            if name == header::ACCEPT_ENCODING || h1::is_hop_by_hop(name, &head.headers) {
+                continue;
+            }
+            h1::write_header(name.as_str(), value.as_bytes(), &mut out);
+        }
+        let sends_body = !request.body.is_empty()
+            || matches!(head.method, Method::POST | Method::PUT | Method::PATCH);
+        if sends_body {
+            h1::write_header(
+                "content-length",
+                request.body.len().to_string().as_bytes(),
+                &mut out,
+            );
+        }
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(&request.body);
+        out
+    }
+
+    /// Sends the request and reads the response head. A pooled connection that turns out dead
+    /// before any response byte is retried once on a fresh connection.
+    async fn exchange(
+        &self,
+        request: Vec<u8>,
+        method: &Method,
+        outcome: &mut Outcome,
+        started: Instant,
+    ) -> Result<(Conn, ResponseHead, Vec<u8>), Error> {
+        let mut request = request;
+        if let Some(conn) = self.upstream.pooled() {
+            match self
+                .send_and_read_head(conn, request, method, outcome, started)
+                .await
+            {
+                Attempt::Answered(conn, head, rest) => return Ok((conn, head, rest)),
+                Attempt::Failed(e) => return Err(e),
+                Attempt::DeadBeforeAnswer(back) => request = back,
+            }
+        }
+        let conn = self.upstream.connect().await?;
+        match self
+            .send_and_read_head(conn, request, method, outcome, started)
+            .await
+        {
+            Attempt::Answered(conn, head, rest) => Ok((conn, head, rest)),
+            Attempt::Failed(e) => Err(e),
+            Attempt::DeadBeforeAnswer(_) => Err(Error::UpstreamReset),
+        }
+    }
+
+    async fn send_and_read_head(
+        &self,
+        mut conn: Conn,
+        request: Vec<u8>,
+        method: &Method,
+        outcome: &mut Outcome,
+        started: Instant,
+    ) -> Attempt {
+        let (written, request) = net::write_all(&mut conn, request).await;
+        if written.is_err() {
+            return Attempt::DeadBeforeAnswer(request);
+        }
+        outcome.to_upstream_us = Some(started.elapsed().as_micros() as u64);
+        let mut buf = Vec::with_capacity(relay::READ_BUF_BYTES);
+        let mut limit = self.timeouts.upstream_first_byte;
+        loop {
+            match net::read_more_within(&mut conn, &mut buf, relay::READ_BUF_BYTES, limit).await {
+                Timed::TimedOut => return Attempt::Failed(Error::UpstreamTimeout),
+                Timed::Done(Ok(0)) | Timed::Done(Err(_)) if buf.is_empty() => {
+                    return Attempt::DeadBeforeAnswer(request)
+                }
+                Timed::Done(Ok(0)) | Timed::Done(Err(_)) => {
+                    return Attempt::Failed(Error::UpstreamReset)
+                }
+                Timed::Done(Ok(_)) => {}
+            }
+            limit = self.timeouts.upstream_read;
+            match h1::parse_response(&buf, self.limits.max_headers) {
+                Err(e) => return Attempt::Failed(e),
+                Ok(None) if buf.len() > self.limits.max_head_bytes => {
+                    return Attempt::Failed(Error::UpstreamProtocol("response head too large"))
+                }
+                Ok(None) => {}
+                // Interim 1xx responses (never 101: Aura does not forward Upgrade) are skipped.
+                Ok(Some(head)) if head.status.is_informational() => {
+                    buf.drain(..head.len);
+                }
+                Ok(Some(head)) => {
+                    let _ = method;
+                    let rest = buf.split_off(head.len);
+                    return Attempt::Answered(conn, head, rest);
+                }
+            }
+        }
+    }
+
+    async fn fail<S: AsyncWriteRent>(
+        &self,
+        client: &mut S,
+        error: Error,
+        keep_alive: bool,
+        outcome: &mut Outcome,
+    ) -> Persist {
+        outcome.status = Some(error.status());
+        let written = server::write_error(client, &error, keep_alive).await;
+        outcome.error = Some(error);
+        if written && keep_alive {
+            Persist::KeepAlive
+        } else {
+            Persist::Close
+        }
+    }
+}
+
+enum Attempt {
+    Answered(Conn, ResponseHead, Vec<u8>),
+    /// The connection died before any response byte; the request comes back for a retry.
+    DeadBeforeAnswer(Vec<u8>),
+    Failed(Error),
+}
+
+impl<S: AsyncReadRent + AsyncWriteRent> Handler<S> for Proxy {
+    async fn handle(&self, request: Request, keep_alive: bool, client: &mut S) -> Persist {
+        let started = Instant::now();
+        let route = Route::of(&request.head.method, &request.head.target);
+        let mut outcome = Outcome {
+            route,
+            status: None,
+            model: None,
+            stream: false,
+            usage: None,
+            to_upstream_us: None,
+            ttft_overhead_us: None,
+            ttft_us: None,
+            error: None,
+        };
+        let persist = match route {
+            Route::Health => {
+                outcome.status = Some(StatusCode::OK);
+                server::write_json(client, StatusCode::OK, br#"{"status":"ok"}"#, keep_alive).await
+            }
+            Route::ChatCompletions => {
+                self.chat(request, keep_alive, client, &mut outcome, started)
+                    .await
+            }
+            Route::PassThrough => {
+                self.forward(request, keep_alive, client, false, &mut outcome, started)
+                    .await
+            }
+            Route::NotFound => {
+                let error = Error::NotFound(
+                    request
+                        .head
+                        .target
+                        .split('?')
+                        .next()
+                        .unwrap_or_default()
+                        .to_string(),
+                );
+                self.fail(client, error, keep_alive, &mut outcome).await
+            }
+        };
+        settle(&outcome, started);
+        persist
+    }
+}
+
+/// The one record of a finished request: the hook budgets will bill from.
+fn settle(outcome: &Outcome, started: Instant) {
+    if outcome.route == Route::Health {
+        return;
+    }
+    let duration_us = started.elapsed().as_micros() as u64;
+    let status = outcome.status.map(|s| s.as_u16()).unwrap_or(0);
+    let error = outcome.error.as_ref().map(|e| e.label()).unwrap_or("");
+    let error_detail = outcome
+        .error
+        .as_ref()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    let (usage, prompt, completion, cached) = match outcome.usage {
+        Some(u) => (
+            "found",
+            u.prompt_tokens,
+            u.completion_tokens,
+            u.cached_prompt_tokens,
+        ),
+        None => ("none", 0, 0, 0),
+    };
+    tracing::info!(
+        target: "aura::access",
+        route = outcome.route.label(),
+        status,
+        model = outcome.model.as_deref().unwrap_or(""),
+        stream = outcome.stream,
+        usage,
+        prompt_tokens = prompt,
+        completion_tokens = completion,
+        cached_prompt_tokens = cached,
+        to_upstream_us = outcome.to_upstream_us.unwrap_or(0),
+        ttft_us = outcome.ttft_us.unwrap_or(0),
+        ttft_overhead_us = outcome.ttft_overhead_us.unwrap_or(0),
+        duration_us,
+        error,
+        error_detail = error_detail.as_str(),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        let cases = [
+            (Method::POST, "/v1/chat/completions", Route::ChatCompletions),
+            (
+                Method::POST,
+                "/v1/chat/completions?x=1",
+                Route::ChatCompletions,
+            ),
+            (Method::GET, "/v1/chat/completions", Route::PassThrough),
+            (Method::GET, "/v1/models", Route::PassThrough),
+            (Method::GET, "/healthz", Route::Health),
+            (Method::GET, "/v2/x", Route::NotFound),
+            (Method::GET, "/v1", Route::NotFound),
+        ];
+        for (method, target, route) in cases {
+            assert_eq!(Route::of(&method, target), route, "{method} {target}");
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! The byte pump upstream → client. Each upstream read is de-framed, re-framed as the client's
+//! own response (chunked, or content-length when the body passes unchanged) and written at once:
+//! write first, observe second. The scanner then walks the same payload for the usage event; a
+//! JSON body is kept (bounded) to read its `usage` at the end. A client that leaves mid-stream
+//! stops getting writes, but the upstream is still read (bounded in bytes and time) so the
+//! usage that bills the request is not lost.
+
+use std::time::{Duration, Instant};
+
+use http::{header, HeaderMap, StatusCode};
+use monoio::io::{AsyncReadRent, AsyncWriteRent};
+
+use crate::config::Timeouts;
+use crate::error::Error;
+use crate::http::chunked::{self, ChunkedDecoder};
+use crate::http::{self as h1, Framing, ResponseHead};
+use crate::net::{self, Timed};
+use crate::server::Persist;
+use crate::sse::{UsageOnlyStripper, UsageScanner};
+use crate::usage::{self, Found};
+
+pub const READ_BUF_BYTES: usize = 16 * 1024;
+/// Largest JSON response kept to read its `usage` from.
+const JSON_USAGE_MAX_BYTES: usize = 8 * 1024 * 1024;
+/// After the client left: how much more of the upstream response is read to reach the usage.
+const DRAIN_MAX_BYTES: usize = 8 * 1024 * 1024;
+const DRAIN_MAX_TIME: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
+    EventStream,
+    Json,
+    Other,
+}
+
+impl BodyKind {
+    pub fn of(headers: &HeaderMap) -> BodyKind {
+        let Some(ct) = headers.get(header::CONTENT_TYPE) else {
+            return BodyKind::Other;
+        };
+        let ct = ct.as_bytes();
+        let is = |prefix: &[u8]| {
+            ct.len() >= prefix.len() && ct[..prefix.len()].eq_ignore_ascii_case(prefix)
+        };
+        if is(b"text/event-stream") {
+            BodyKind::EventStream
+        } else if is(b"application/json") {
+            BodyKind::Json
+        } else {
+            BodyKind::Other
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClientFraming {
+    /// The body passes unchanged under the upstream's Content-Length (or is empty).
+    AsIs,
+    Chunked,
+    /// HTTP/1.0 client and a body of unknown length: ends when the connection closes.
+    Close,
+}
+
+pub struct RelayEnd {
+    pub usage: Option<Found>,
+    pub first_byte_overhead: Option<Duration>,
+    pub ttft: Option<Duration>,
+    pub error: Option<Error>,
+    pub upstream_reusable: bool,
+    pub client_persist: Persist,
+}
+
+pub struct Relay {
+    client_head: Vec<u8>,
+    upstream_framing: Framing,
+    client_framing: ClientFraming,
+    kind: BodyKind,
+    strip: Option<UsageOnlyStripper>,
+    upstream_keep_alive: bool,
+    client_keep_alive: bool,
+}
+
+impl Relay {
+    pub fn new(
+        head: &ResponseHead,
+        framing: Framing,
+        kind: BodyKind,
+        strip_usage_event: bool,
+        keep_alive: bool,
+        client_http11: bool,
+    ) -> Relay {
+        let client_framing = match framing {
+            Framing::Empty => ClientFraming::AsIs,
+            Framing::Length(_) if !strip_usage_event => ClientFraming::AsIs,
+            _ if client_http11 => ClientFraming::Chunked,
+            _ => ClientFraming::Close,
+        };
+        let client_keep_alive = keep_alive && client_framing != ClientFraming::Close;
+        let mut out = Vec::with_capacity(512);
+        h1::write_status_line(head.status, &mut out);
+        h1::write_end_to_end_headers(&head.headers, &mut out);
+        match (client_framing, framing) {
+            (ClientFraming::AsIs, Framing::Length(n)) => {
+                h1::write_header("content-length", n.to_string().as_bytes(), &mut out)
+            }
+            (ClientFraming::AsIs, _) => write_empty_body_length(head, &mut out),
+            (ClientFraming::Chunked, _) => {
+                h1::write_header("transfer-encoding", b"chunked", &mut out)
+            }
+            (ClientFraming::Close, _) => {}
+        }
+        if !client_keep_alive {
+            h1::write_header("connection", b"close", &mut out);
+        }
+        out.extend_from_slice(b"\r\n");
+        Relay {
+            client_head: out,
+            upstream_framing: framing,
+            client_framing,
+            kind,
+            strip: strip_usage_event.then(UsageOnlyStripper::default),
+            upstream_keep_alive: h1::keep_alive(head.minor_version, &head.headers),
+            client_keep_alive,
+        }
+    }
+
+    /// Pumps the body. `buffered` holds body bytes read together with the response head.
+    pub async fn run<U, S>(
+        mut self,
+        upstream: &mut U,
+        client: &mut S,
+        buffered: Vec<u8>,
+        timeouts: Timeouts,
+        started: Instant,
+    ) -> RelayEnd
+    where
+        U: AsyncReadRent,
+        S: AsyncWriteRent,
+    {
+        let mut input = buffered;
+        let mut read_at = Instant::now();
+        let mut out = std::mem::take(&mut self.client_head);
+        let mut payload = Vec::with_capacity(READ_BUF_BYTES);
+        let mut stripped = Vec::new();
+        let mut scanner = UsageScanner::default();
+        let mut json = Vec::new();
+        let mut decoder = ChunkedDecoder::default();
+        let mut remaining = match self.upstream_framing {
+            Framing::Length(n) => n,
+            _ => 0,
+        };
+        let mut end = RelayEnd {
+            usage: None,
+            first_byte_overhead: None,
+            ttft: None,
+            error: None,
+            upstream_reusable: false,
+            client_persist: Persist::Close,
+        };
+        let mut client_alive = true;
+        let mut drained_bytes = 0usize;
+        let mut drain_deadline = None;
+        let mut trailing_garbage = false;
+        let mut closed_by_upstream = false;
+        loop {
+            // 1. De-frame what came in.
+            payload.clear();
+            let done = match self.upstream_framing {
+                Framing::Empty => true,
+                Framing::Length(_) => {
+                    let take = input.len().min(remaining as usize);
+                    payload.extend_from_slice(&input[..take]);
+                    trailing_garbage |= take < input.len();
+                    remaining -= take as u64;
+                    remaining == 0
+                }
+                Framing::Chunked => match decoder.decode(&input, &mut payload) {
+                    Ok(decoded) => {
+                        trailing_garbage |= decoded.consumed < input.len();
+                        decoded.done
+                    }
+                    Err(_) => {
+                        end.error = Some(Error::UpstreamProtocol("invalid chunked encoding"));
+                        break;
+                    }
+                },
+                Framing::UntilClose => {
+                    payload.extend_from_slice(&input);
+                    closed_by_upstream
+                }
+            };
+            input.clear();
+
+            // 2. Forward: one write per upstream read, head included the first time.
+            if client_alive {
+                let forward: &[u8] = match self.strip.as_mut() {
+                    Some(stripper) => {
+                        stripped.clear();
+                        stripper.push(&payload, &mut stripped);
+                        if done {
+                            stripper.finish(&mut stripped);
+                        }
+                        &stripped
+                    }
+                    None => &payload,
+                };
+                match self.client_framing {
+                    ClientFraming::Chunked => {
+                        chunked::encode_chunk(forward, &mut out);
+                        if done {
+                            out.extend_from_slice(chunked::LAST_CHUNK);
+                        }
+                    }
+                    ClientFraming::AsIs | ClientFraming::Close => out.extend_from_slice(forward),
+                }
+                if !out.is_empty() {
+                    let (written, back) = net::write_all(client, std::mem::take(&mut out)).await;
+                    out = back;
+                    out.clear();
+                    if written.is_err() {
+                        client_alive = false;
+                        drain_deadline = Some(Instant::now() + DRAIN_MAX_TIME);
+                    } else if end.first_byte_overhead.is_none() && !payload.is_empty() {
+                        end.first_byte_overhead = Some(read_at.elapsed());
+                        end.ttft = Some(started.elapsed());
+                    }
+                }
+            }
+
+            // 3. Observe the same bytes.
+            match self.kind {
+                BodyKind::EventStream => scanner.feed(&payload),
+                BodyKind::Json if json.len() + payload.len() <= JSON_USAGE_MAX_BYTES => {
+                    json.extend_from_slice(&payload)
+                }
+                BodyKind::Json | BodyKind::Other => {}
+            }
+            if done {
+                break;
+            }
+            if !client_alive {
+                drained_bytes += payload.len();
+                if drained_bytes > DRAIN_MAX_BYTES
+                    || drain_deadline.is_some_and(|d| Instant::now() > d)
+                {
+                    end.error = Some(Error::UpstreamTimeout);
+                    break;
+                }
+            }
+
+            // 4. Read more.
+            match net::read_more_within(
+                upstream,
+                &mut input,
+                READ_BUF_BYTES,
+                timeouts.upstream_read,
+            )
+            .await
+            {
+                Timed::Done(Ok(0)) | Timed::Done(Err(_))
+                    if self.upstream_framing == Framing::UntilClose =>
+                {
+                    closed_by_upstream = true
+                }
+                Timed::Done(Ok(0)) | Timed::Done(Err(_)) => {
+                    end.error = Some(Error::UpstreamReset);
+                    break;
+                }
+                Timed::Done(Ok(_)) => read_at = Instant::now(),
+                Timed::TimedOut => {
+                    end.error = Some(Error::UpstreamTimeout);
+                    break;
+                }
+            }
+        }
+        let complete = end.error.is_none();
+        end.usage = match self.kind {
+            BodyKind::EventStream => {
+                scanner.finish();
+                scanner.found().cloned()
+            }
+            BodyKind::Json if complete => usage::from_body_json(&mut json),
+            BodyKind::Json | BodyKind::Other => None,
+        };
+        end.upstream_reusable = complete
+            && !trailing_garbage
+            && self.upstream_keep_alive
+            && self.upstream_framing != Framing::UntilClose;
+        end.client_persist = if complete && client_alive && self.client_keep_alive {
+            Persist::KeepAlive
+        } else {
+            Persist::Close
+        };
+        end
+    }
+}
+
+/// For a response without a body: HEAD and 304 keep the upstream's Content-Length (it
+/// describes the entity), 204 has none, anything else says 0.
+fn write_empty_body_length(head: &ResponseHead, out: &mut Vec<u8>) {
+    if head.status == StatusCode::NO_CONTENT || head.status.is_informational() {
+        return;
+    }
+    match head.headers.get(header::CONTENT_LENGTH) {
+        Some(v) => h1::write_header("content-length", v.as_bytes(), out),
+        None => h1::write_header("content-length", b"0", out),
+    }
+}

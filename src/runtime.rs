@@ -1,0 +1,238 @@
+//! Thread-per-core: one monoio runtime per worker thread, optionally pinned to a core, each with
+//! its own SO_REUSEPORT listener on the same address. io_uring where the kernel allows it,
+//! epoll otherwise — including when building the ring itself fails (RLIMIT_MEMLOCK on 5.10/5.11,
+//! seccomp profiles that refuse io_uring_setup).
+//!
+//! monoio's own `bind` sets SO_REUSEPORT silently, so a second Aura (or anything else with
+//! SO_REUSEPORT) could share the port and take half the connections. `bind_listeners` first
+//! probes the port with a plain listener and holds an abstract-socket lock named after it.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::linux::net::SocketAddrExt;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use monoio::net::TcpListener;
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::config::{Config, Limits, Timeouts};
+use crate::proxy::Proxy;
+use crate::server;
+use crate::upstream::{Resolver, Upstream};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("address {0} is already in use (another Aura or another server holds the port)")]
+    PortInUse(SocketAddr),
+    #[error("cannot listen on {0}: {1}")]
+    Bind(SocketAddr, io::Error),
+    #[error("upstream TLS setup: {0}")]
+    Tls(String),
+    #[error("cannot start worker thread: {0}")]
+    Thread(io::Error),
+}
+
+/// The I/O driver a worker runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Driver {
+    IoUring,
+    Epoll,
+}
+
+impl Driver {
+    pub fn label(self) -> &'static str {
+        match self {
+            Driver::IoUring => "io_uring",
+            Driver::Epoll => "epoll",
+        }
+    }
+}
+
+pub struct Running {
+    pub addr: SocketAddr,
+    pub workers: Vec<JoinHandle<()>>,
+    /// Held for the life of the process: the port lock.
+    _port_lock: std::os::unix::net::UnixListener,
+}
+
+/// Binds, then starts one pinned (if configured) runtime per worker. Returns once every
+/// listener is bound; the workers run until the process exits.
+pub fn start(config: &Config, resolver: Resolver) -> Result<Running, StartError> {
+    let workers = config.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let (listeners, addr, port_lock) =
+        bind_listeners(SocketAddr::new(config.listen_addr, config.port), workers)?;
+    let tls = match config.upstream.scheme {
+        crate::config::Scheme::Https => {
+            Some(crate::upstream::tls_config(config).map_err(StartError::Tls)?)
+        }
+        crate::config::Scheme::Http => None,
+    };
+    // Validate the upstream setup once, before any thread starts.
+    Upstream::new(config, resolver.clone(), tls.clone()).map_err(StartError::Tls)?;
+    let cores = if config.pin_workers {
+        core_affinity::get_core_ids().unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let mut handles = Vec::with_capacity(workers);
+    for (id, listener) in listeners.into_iter().enumerate() {
+        let config = config.clone();
+        let resolver = resolver.clone();
+        let tls = tls.clone();
+        let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
+        let handle = std::thread::Builder::new()
+            .name(format!("aura-worker-{id}"))
+            .spawn(move || {
+                if let Some(core) = core {
+                    if !core_affinity::set_for_current(core) {
+                        tracing::warn!(worker = id, core = core.id, "could not pin worker to core");
+                    }
+                }
+                run_worker(id, listener, config, resolver, tls);
+            })
+            .map_err(StartError::Thread)?;
+        handles.push(handle);
+    }
+    Ok(Running {
+        addr,
+        workers: handles,
+        _port_lock: port_lock,
+    })
+}
+
+type Bound = (
+    Vec<std::net::TcpListener>,
+    SocketAddr,
+    std::os::unix::net::UnixListener,
+);
+
+/// Binds `count` SO_REUSEPORT listeners on one address after checking nobody else holds it.
+pub fn bind_listeners(addr: SocketAddr, count: usize) -> Result<Bound, StartError> {
+    if addr.port() != 0 {
+        // A plain bind fails if any socket (SO_REUSEPORT or not) already listens there.
+        match std::net::TcpListener::bind(addr) {
+            Ok(probe) => drop(probe),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                return Err(StartError::PortInUse(addr))
+            }
+            Err(e) => return Err(StartError::Bind(addr, e)),
+        }
+    }
+    let mut listeners = Vec::with_capacity(count);
+    let mut bound = addr;
+    for _ in 0..count.max(1) {
+        let listener = reuseport_listener(bound).map_err(|e| match e.kind() {
+            io::ErrorKind::AddrInUse => StartError::PortInUse(bound),
+            _ => StartError::Bind(bound, e),
+        })?;
+        bound = listener
+            .local_addr()
+            .map_err(|e| StartError::Bind(addr, e))?;
+        listeners.push(listener);
+    }
+    // Two Aura processes starting at once could both pass the probe: the abstract socket
+    // name is unique per network namespace and vanishes with the process.
+    let name = format!("aura-port-{}-{}", bound.ip(), bound.port());
+    let lock = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+        .and_then(|a| std::os::unix::net::UnixListener::bind_addr(&a))
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::AddrInUse => StartError::PortInUse(bound),
+            _ => StartError::Bind(bound, e),
+        })?;
+    Ok((listeners, bound, lock))
+}
+
+fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+fn run_worker(
+    id: usize,
+    listener: std::net::TcpListener,
+    config: Config,
+    resolver: Resolver,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) {
+    let main = move |driver: Driver| async move {
+        tracing::info!(worker = id, driver = driver.label(), "worker started");
+        let listener = match TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(worker = id, error = %e, "cannot adopt listener");
+                return;
+            }
+        };
+        let upstream = match Upstream::new(&config, resolver, tls) {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::error!(worker = id, error = %e, "upstream setup failed");
+                return;
+            }
+        };
+        let proxy = Rc::new(Proxy::new(
+            upstream,
+            config.limits,
+            config.timeouts,
+            config.inject_stream_usage,
+        ));
+        accept_loop(listener, proxy, config.limits, config.timeouts).await;
+    };
+    match build_runtime() {
+        Ok(monoio::FusionRuntime::Uring(mut rt)) => rt.block_on(main(Driver::IoUring)),
+        Ok(monoio::FusionRuntime::Legacy(mut rt)) => rt.block_on(main(Driver::Epoll)),
+        Err(e) => tracing::error!(worker = id, error = %e, "cannot build any runtime"),
+    }
+}
+
+type Runtime = monoio::FusionRuntime<
+    monoio::time::TimeDriver<monoio::IoUringDriver>,
+    monoio::time::TimeDriver<monoio::LegacyDriver>,
+>;
+
+/// io_uring when detection passes and the ring builds; epoll otherwise.
+pub fn build_runtime() -> io::Result<Runtime> {
+    match monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+        .enable_timer()
+        .build()
+    {
+        Ok(rt) => Ok(rt),
+        Err(e) => {
+            tracing::warn!(error = %e, "io_uring runtime failed to build; falling back to epoll");
+            let rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+                .enable_timer()
+                .build()?;
+            Ok(rt.into())
+        }
+    }
+}
+
+async fn accept_loop(listener: TcpListener, proxy: Rc<Proxy>, limits: Limits, timeouts: Timeouts) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _peer)) => {
+                let _ = stream.set_nodelay(true);
+                let proxy = proxy.clone();
+                monoio::spawn(async move {
+                    server::serve_connection(stream, proxy.as_ref(), limits, timeouts).await;
+                });
+            }
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                monoio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

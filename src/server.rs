@@ -1,0 +1,238 @@
+//! The HTTP/1.1 keep-alive connection loop: reads a request head (bounded in size, header count
+//! and time), handles `Expect: 100-continue`, reads the body (content-length or chunked, bounded),
+//! and hands the whole request to a [`Handler`] that writes the response itself. Knows nothing of
+//! routes, budgets or SSE. Malformed or oversize requests get an OpenAI-style error and a close.
+
+use std::future::Future;
+use std::time::Duration;
+
+use http::StatusCode;
+use monoio::io::{AsyncReadRent, AsyncWriteRent};
+
+use crate::config::{Limits, Timeouts};
+use crate::error::Error;
+use crate::http::chunked::ChunkedDecoder;
+use crate::http::{self as h1, Framing, RequestHead};
+use crate::net::{self, Timed};
+
+const READ_SPARE: usize = 16 * 1024;
+
+pub struct Request {
+    pub head: RequestHead,
+    pub body: Vec<u8>,
+}
+
+/// What the connection does after a response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Persist {
+    KeepAlive,
+    Close,
+}
+
+/// Writes one response to `client`. The request's keep-alive wish is already folded into
+/// `keep_alive`; the handler returns `Close` when the response could not be completed.
+pub trait Handler<S> {
+    fn handle(
+        &self,
+        request: Request,
+        keep_alive: bool,
+        client: &mut S,
+    ) -> impl Future<Output = Persist>;
+}
+
+/// Serves requests on one connection until it closes, errs, or idles out.
+pub async fn serve_connection<S, H>(mut stream: S, handler: &H, limits: Limits, timeouts: Timeouts)
+where
+    S: AsyncReadRent + AsyncWriteRent,
+    H: Handler<S>,
+{
+    let mut buf = Vec::with_capacity(READ_SPARE);
+    loop {
+        let request = match read_request(&mut stream, &mut buf, limits, timeouts).await {
+            Ok(Some(request)) => request,
+            Ok(None) => return,
+            Err(error) => {
+                write_error(&mut stream, &error, false).await;
+                return;
+            }
+        };
+        let keep_alive = h1::keep_alive(request.head.minor_version, &request.head.headers);
+        if handler.handle(request, keep_alive, &mut stream).await == Persist::Close || !keep_alive {
+            return;
+        }
+    }
+}
+
+/// Writes an error response; failures to write are moot (the connection is closing or broken).
+pub async fn write_error<S: AsyncWriteRent>(
+    stream: &mut S,
+    error: &Error,
+    keep_alive: bool,
+) -> bool {
+    let mut out = Vec::with_capacity(256);
+    h1::write_simple_response(
+        error.status(),
+        "application/json",
+        &error.body(),
+        keep_alive,
+        &mut out,
+    );
+    net::write_all(stream, out).await.0.is_ok()
+}
+
+/// Reads the next request. `Ok(None)`: the client closed or idled out between requests.
+/// `buf` carries bytes already read past the previous request (pipelining) and keeps any
+/// bytes read past this one.
+async fn read_request<S>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    limits: Limits,
+    timeouts: Timeouts,
+) -> Result<Option<Request>, Error>
+where
+    S: AsyncReadRent + AsyncWriteRent,
+{
+    let Some(head) = read_head(stream, buf, limits, timeouts).await? else {
+        return Ok(None);
+    };
+    let framing = h1::request_framing(&head)?;
+    if let Framing::Length(n) = framing {
+        if n > limits.max_body_bytes as u64 {
+            return Err(Error::BodyTooLarge {
+                limit_bytes: limits.max_body_bytes,
+            });
+        }
+    }
+    buf.drain(..head.len);
+    if framing != Framing::Empty && buf.is_empty() && h1::expects_continue(&head) {
+        let (res, _) = net::write_all(stream, b"HTTP/1.1 100 Continue\r\n\r\n".to_vec()).await;
+        res.map_err(|_| Error::ClientTimeout)?;
+    }
+    let body = match framing {
+        Framing::Empty | Framing::UntilClose => Vec::new(),
+        Framing::Length(n) => {
+            read_sized_body(stream, buf, n as usize, timeouts.client_head).await?
+        }
+        Framing::Chunked => {
+            read_chunked_body(stream, buf, limits.max_body_bytes, timeouts.client_head).await?
+        }
+    };
+    Ok(Some(Request { head, body }))
+}
+
+async fn read_head<S: AsyncReadRent>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    limits: Limits,
+    timeouts: Timeouts,
+) -> Result<Option<RequestHead>, Error> {
+    // The first byte may take up to the idle timeout; once it came, the whole head must
+    // arrive within the head timeout (slow-loris bound).
+    let mut deadline: Option<monoio::time::Instant> = None;
+    loop {
+        if !buf.is_empty() {
+            let parsed = h1::parse_request(buf, limits.max_headers)?;
+            if let Some(head) = parsed {
+                if head.len > limits.max_head_bytes {
+                    return Err(Error::HeadTooLarge {
+                        limit_bytes: limits.max_head_bytes,
+                    });
+                }
+                return Ok(Some(head));
+            }
+            if buf.len() > limits.max_head_bytes {
+                return Err(Error::HeadTooLarge {
+                    limit_bytes: limits.max_head_bytes,
+                });
+            }
+        }
+        let now = monoio::time::Instant::now();
+        let limit = match deadline {
+            Some(d) => d.saturating_duration_since(now),
+            None if buf.is_empty() => timeouts.idle,
+            None => {
+                deadline = Some(now + timeouts.client_head);
+                timeouts.client_head
+            }
+        };
+        match net::read_more_within(stream, buf, READ_SPARE, limit).await {
+            Timed::Done(Ok(0)) | Timed::Done(Err(_)) if buf.is_empty() => return Ok(None),
+            Timed::Done(Ok(0)) | Timed::Done(Err(_)) => {
+                return Err(Error::MalformedHead("connection closed mid-head"))
+            }
+            Timed::Done(Ok(_)) => {
+                if deadline.is_none() {
+                    deadline = Some(monoio::time::Instant::now() + timeouts.client_head);
+                }
+            }
+            Timed::TimedOut if buf.is_empty() => return Ok(None),
+            Timed::TimedOut => return Err(Error::ClientTimeout),
+        }
+    }
+}
+
+async fn read_sized_body<S: AsyncReadRent>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    len: usize,
+    per_read: Duration,
+) -> Result<Vec<u8>, Error> {
+    while buf.len() < len {
+        let spare = (len - buf.len()).min(1 << 20);
+        match net::read_more_within(stream, buf, spare, per_read).await {
+            Timed::Done(Ok(0)) | Timed::Done(Err(_)) => {
+                return Err(Error::MalformedBody("connection closed mid-body".into()))
+            }
+            Timed::Done(Ok(_)) => {}
+            Timed::TimedOut => return Err(Error::ClientTimeout),
+        }
+    }
+    let rest = buf.split_off(len);
+    Ok(std::mem::replace(buf, rest))
+}
+
+async fn read_chunked_body<S: AsyncReadRent>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    max_body_bytes: usize,
+    per_read: Duration,
+) -> Result<Vec<u8>, Error> {
+    let mut decoder = ChunkedDecoder::default();
+    let mut body = Vec::new();
+    loop {
+        let decoded = decoder
+            .decode(buf, &mut body)
+            .map_err(|e| Error::MalformedBody(format!("chunked body: {e}")))?;
+        buf.drain(..decoded.consumed);
+        if body.len() > max_body_bytes {
+            return Err(Error::BodyTooLarge {
+                limit_bytes: max_body_bytes,
+            });
+        }
+        if decoded.done {
+            return Ok(body);
+        }
+        match net::read_more_within(stream, buf, READ_SPARE, per_read).await {
+            Timed::Done(Ok(0)) | Timed::Done(Err(_)) => {
+                return Err(Error::MalformedBody("connection closed mid-body".into()))
+            }
+            Timed::Done(Ok(_)) => {}
+            Timed::TimedOut => return Err(Error::ClientTimeout),
+        }
+    }
+}
+
+/// A `GET /healthz`-style fixed JSON response.
+pub async fn write_json<S: AsyncWriteRent>(
+    stream: &mut S,
+    status: StatusCode,
+    body: &[u8],
+    keep_alive: bool,
+) -> Persist {
+    let mut out = Vec::with_capacity(128 + body.len());
+    h1::write_simple_response(status, "application/json", body, keep_alive, &mut out);
+    match net::write_all(stream, out).await.0 {
+        Ok(()) => Persist::KeepAlive,
+        Err(_) => Persist::Close,
+    }
+}

@@ -1,0 +1,250 @@
+//! The way to the upstream: addresses resolved off the event loop, TCP (TCP_NODELAY before any
+//! byte) or TLS via rustls, and a per-worker keep-alive pool. Knows nothing of usage or keys.
+//!
+//! DNS: `Resolver` resolves on its own thread (at start and every `REFRESH`) and publishes
+//! the addresses as a swapped `Arc`; workers only read that snapshot when they open a
+//! connection, never per request.
+
+use std::cell::RefCell;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use monoio::buf::{IoBuf, IoBufMut, IoVecBuf, IoVecBufMut};
+use monoio::io::{AsyncReadRent, AsyncWriteRent};
+use monoio::net::TcpStream;
+use monoio::BufResult;
+use rustls::pki_types::ServerName;
+
+use crate::config::{Config, Scheme, UpstreamUrl};
+use crate::error::Error;
+
+/// How often the resolver thread looks the upstream host up again.
+const REFRESH: Duration = Duration::from_secs(30);
+/// Pooled connections idle longer than this are dropped rather than reused: many servers
+/// close idle keep-alive connections after 60 s or less, and a stale one costs a retry.
+const POOL_IDLE_LIMIT: Duration = Duration::from_secs(30);
+
+type Addrs = Arc<RwLock<Arc<[SocketAddr]>>>;
+
+/// Upstream addresses, refreshed by a background thread.
+#[derive(Clone)]
+pub struct Resolver {
+    addrs: Addrs,
+}
+
+impl Resolver {
+    /// Resolves once now (blocking: call before the workers start) and keeps refreshing.
+    pub fn start(host: &str, port: u16) -> Resolver {
+        let addrs: Addrs = Arc::new(RwLock::new(lookup(host, port).unwrap_or_else(|e| {
+            tracing::warn!(host, error = %e, "upstream host did not resolve at start; retrying in the background");
+            Arc::from(Vec::new())
+        })));
+        let shared = addrs.clone();
+        let host = host.to_string();
+        let spawned = std::thread::Builder::new().name("aura-resolver".into()).spawn(move || loop {
+            #[allow(clippy::disallowed_methods)] // the resolver's own thread, not a worker
+            std::thread::sleep(REFRESH);
+            match lookup(&host, port) {
+                Ok(fresh) if !fresh.is_empty() => {
+                    if let Ok(mut slot) = shared.write() {
+                        *slot = fresh;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(host, error = %e, "upstream host did not resolve; keeping the last addresses"),
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "could not start the resolver thread; upstream addresses stay as resolved at start");
+        }
+        Resolver { addrs }
+    }
+
+    /// A fixed address (tests, the built-in demo upstream).
+    pub fn fixed(addr: SocketAddr) -> Resolver {
+        Resolver {
+            addrs: Arc::new(RwLock::new(Arc::from(vec![addr]))),
+        }
+    }
+
+    fn snapshot(&self) -> Arc<[SocketAddr]> {
+        self.addrs
+            .read()
+            .map(|a| a.clone())
+            .unwrap_or_else(|poisoned| poisoned.into_inner().clone())
+    }
+}
+
+fn lookup(host: &str, port: u16) -> io::Result<Arc<[SocketAddr]>> {
+    use std::net::ToSocketAddrs;
+    #[allow(clippy::disallowed_methods)] // runs at start and on the resolver thread only
+    let addrs: Vec<SocketAddr> = (host, port).to_socket_addrs()?.collect();
+    Ok(Arc::from(addrs))
+}
+
+/// rustls client config: the Mozilla root store plus any operator-supplied CA file.
+pub fn tls_config(config: &Config) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = &config.upstream_ca_file {
+        let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(tls))
+}
+
+/// One upstream connection, plain or TLS.
+pub enum Conn {
+    Plain(TcpStream),
+    Tls(Box<monoio_rustls::ClientTlsStream<TcpStream>>),
+}
+
+impl AsyncReadRent for Conn {
+    async fn read<T: IoBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
+        match self {
+            Conn::Plain(s) => s.read(buf).await,
+            Conn::Tls(s) => s.read(buf).await,
+        }
+    }
+
+    async fn readv<T: IoVecBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
+        match self {
+            Conn::Plain(s) => s.readv(buf).await,
+            Conn::Tls(s) => s.readv(buf).await,
+        }
+    }
+}
+
+impl AsyncWriteRent for Conn {
+    async fn write<T: IoBuf>(&mut self, buf: T) -> BufResult<usize, T> {
+        match self {
+            Conn::Plain(s) => s.write(buf).await,
+            Conn::Tls(s) => s.write(buf).await,
+        }
+    }
+
+    async fn writev<T: IoVecBuf>(&mut self, buf: T) -> BufResult<usize, T> {
+        match self {
+            Conn::Plain(s) => s.writev(buf).await,
+            Conn::Tls(s) => s.writev(buf).await,
+        }
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.flush().await,
+            Conn::Tls(s) => s.flush().await,
+        }
+    }
+
+    async fn shutdown(&mut self) -> io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.shutdown().await,
+            Conn::Tls(s) => s.shutdown().await,
+        }
+    }
+}
+
+/// A worker's way to the upstream: its own pool, no locks on the request path.
+pub struct Upstream {
+    pub url: UpstreamUrl,
+    resolver: Resolver,
+    tls: Option<(monoio_rustls::TlsConnector, ServerName<'static>)>,
+    connect_timeout: Duration,
+    max_idle: usize,
+    idle: RefCell<Vec<(Conn, Instant)>>,
+}
+
+impl Upstream {
+    pub fn new(
+        config: &Config,
+        resolver: Resolver,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<Upstream, String> {
+        let url = config.upstream.clone();
+        let tls = match (&url.scheme, tls) {
+            (Scheme::Https, Some(tls)) => {
+                let name = ServerName::try_from(url.host.clone())
+                    .map_err(|e| format!("upstream host `{}`: {e}", url.host))?;
+                Some((monoio_rustls::TlsConnector::from(tls), name))
+            }
+            (Scheme::Https, None) => return Err("https upstream without a TLS config".into()),
+            (Scheme::Http, _) => None,
+        };
+        Ok(Upstream {
+            url,
+            resolver,
+            tls,
+            connect_timeout: config.timeouts.upstream_connect,
+            max_idle: config.upstream_pool_max_idle,
+            idle: RefCell::new(Vec::new()),
+        })
+    }
+
+    /// The most recently returned live-looking connection, if any.
+    pub fn pooled(&self) -> Option<Conn> {
+        let mut idle = self.idle.borrow_mut();
+        while let Some((conn, since)) = idle.pop() {
+            if since.elapsed() < POOL_IDLE_LIMIT {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    /// Returns a connection whose last response was read completely.
+    pub fn put_back(&self, conn: Conn) {
+        let mut idle = self.idle.borrow_mut();
+        if idle.len() < self.max_idle {
+            idle.push((conn, Instant::now()));
+        }
+    }
+
+    /// Opens a fresh connection, trying each resolved address within the connect timeout.
+    pub async fn connect(&self) -> Result<Conn, Error> {
+        match monoio::time::timeout(self.connect_timeout, self.connect_unbounded()).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::UpstreamTimeout),
+        }
+    }
+
+    async fn connect_unbounded(&self) -> Result<Conn, Error> {
+        let addrs = self.resolver.snapshot();
+        let mut last = format!("{} did not resolve", self.url.host);
+        for addr in addrs.iter() {
+            let tcp = match TcpStream::connect(*addr).await {
+                Ok(tcp) => tcp,
+                Err(e) => {
+                    last = format!("{addr}: {e}");
+                    continue;
+                }
+            };
+            // Before the TLS handshake too: Nagle + delayed ACK cost ~40 ms per handshake.
+            let _ = tcp.set_nodelay(true);
+            return match &self.tls {
+                None => Ok(Conn::Plain(tcp)),
+                Some((connector, name)) => match connector.connect(name.clone(), tcp).await {
+                    Ok(tls) => Ok(Conn::Tls(Box::new(tls))),
+                    Err(e) => Err(Error::UpstreamUnreachable(format!(
+                        "TLS with {}: {e}",
+                        self.url.host
+                    ))),
+                },
+            };
+        }
+        Err(Error::UpstreamUnreachable(last))
+    }
+}
