@@ -1,0 +1,643 @@
+//! Shared harness for the integration tests: the project's mock upstream on a free port, the real
+//! `aura` binary spawned per test (killed on drop), and a small blocking HTTP/1.1 client that
+//! notes when each piece of a streamed body arrived. Loopback only, no fixed ports, no sleeps:
+//! every wait reads from a pipe or a socket with a deadline.
+//! Each test file uses what it needs; the rest is dead code there.
+#![allow(
+    dead_code,
+    unused_imports,
+    unused_macros,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic
+)]
+
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub use aura::mock::{MockOptions, MockUpstream, Recorded};
+
+/// How long `aura` may take to print its listening line, or to exit when it must.
+pub const START_DEADLINE: Duration = Duration::from_secs(20);
+/// Longest silence the client accepts while reading a response.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The line `aura` prints on stdout once it accepts connections.
+const LISTENING: &str = "aura listening on http://";
+
+/// Runs each named test function `fn name(driver: Driver)` once per monoio driver, as
+/// `name::io_uring` and `name::epoll`.
+macro_rules! on_both_drivers {
+    ($($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn io_uring() {
+                super::$name(crate::common::Driver::IoUring)
+            }
+            #[test]
+            fn epoll() {
+                super::$name(crate::common::Driver::Epoll)
+            }
+        }
+    )+};
+}
+
+/// The project's mock upstream on 127.0.0.1, a free port.
+pub fn start_mock(options: MockOptions) -> MockUpstream {
+    MockUpstream::start(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), options)
+        .expect("the mock upstream starts")
+}
+
+/// A loopback port with nothing listening on it (bound, then released).
+pub fn dead_port() -> u16 {
+    let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// Which monoio driver the spawned `aura` uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Driver {
+    /// monoio's default: io_uring where the kernel allows it.
+    IoUring,
+    /// The epoll fallback, forced with `MONOIO_FORCE_LEGACY_DRIVER=1`.
+    Epoll,
+}
+
+const FORCE_LEGACY: &str = "MONOIO_FORCE_LEGACY_DRIVER";
+
+/// How to start `aura`: the harness's defaults plus what a test adds.
+pub struct Launch {
+    upstream_url: String,
+    port: u16,
+    driver: Driver,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl Launch {
+    /// `aura --port 0 --listen-addr 127.0.0.1 --upstream-url URL --workers 2 --pin-workers false`.
+    pub fn new(upstream_url: &str, driver: Driver) -> Launch {
+        Launch {
+            upstream_url: upstream_url.to_string(),
+            port: 0,
+            driver,
+            args: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+
+    pub fn port(mut self, port: u16) -> Launch {
+        self.port = port;
+        self
+    }
+
+    pub fn arg(mut self, arg: &str) -> Launch {
+        self.args.push(arg.to_string());
+        self
+    }
+
+    pub fn env(mut self, name: &str, value: &str) -> Launch {
+        self.env.push((name.to_string(), value.to_string()));
+        self
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_aura"));
+        let port = self.port.to_string();
+        cmd.args([
+            "--port",
+            &port,
+            "--listen-addr",
+            "127.0.0.1",
+            "--upstream-url",
+            &self.upstream_url,
+            "--workers",
+            "2",
+            "--pin-workers",
+            "false",
+        ]);
+        cmd.args(&self.args);
+        match self.driver {
+            Driver::IoUring => cmd.env_remove(FORCE_LEGACY),
+            Driver::Epoll => cmd.env(FORCE_LEGACY, "1"),
+        };
+        // Quiet by default (start-up and access lines at info would flood the test output);
+        // AURA_LOG set for the test run passes through.
+        if std::env::var_os("AURA_LOG").is_none() {
+            cmd.env("AURA_LOG", "warn");
+        }
+        for (name, value) in &self.env {
+            cmd.env(name, value);
+        }
+        cmd.stdin(Stdio::null());
+        cmd
+    }
+
+    /// Spawns `aura` and waits for its listening line.
+    pub fn start(self) -> Aura {
+        let mut cmd = self.command();
+        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
+        let mut child = cmd.spawn().expect("spawn the aura binary");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line.clone()).is_err() {
+                    // Already listening: keep draining so aura never blocks on a full pipe.
+                    println!("aura stdout: {line}");
+                }
+            }
+        });
+        let deadline = Instant::now() + START_DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(addr) = line.strip_prefix(LISTENING) {
+                        let addr: SocketAddr = addr
+                            .trim()
+                            .trim_end_matches('/')
+                            .parse()
+                            .unwrap_or_else(|e| panic!("listening line {line:?}: {e}"));
+                        return Aura { child, addr };
+                    }
+                    println!("aura stdout: {line}");
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("aura printed no {LISTENING:?} line within {START_DEADLINE:?}");
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = child.wait();
+                    panic!("aura exited before listening: {status:?}");
+                }
+            }
+        }
+    }
+
+    /// Runs `aura` expecting it to exit by itself (e.g. a refused start); kills it and panics
+    /// if it is still running after `START_DEADLINE`.
+    pub fn run_to_exit(self) -> Exit {
+        run_with_deadline(self.command(), START_DEADLINE)
+    }
+}
+
+/// A running `aura`, killed on drop.
+pub struct Aura {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Aura {
+    /// `aura` with the harness's defaults in front of `upstream_url`.
+    pub fn start(upstream_url: &str, driver: Driver) -> Aura {
+        Launch::new(upstream_url, driver).start()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// `http://127.0.0.1:PORT/v1`, what an SDK takes as its base URL.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    pub fn client(&self) -> Client {
+        Client::connect(self.addr)
+    }
+}
+
+impl Drop for Aura {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// How a process that was run to its end ended.
+#[derive(Debug)]
+pub struct Exit {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Exit {
+    pub fn output(&self) -> String {
+        format!("--- stdout\n{}--- stderr\n{}", self.stdout, self.stderr)
+    }
+}
+
+/// Runs `cmd` with its output captured; kills it and panics if it has not exited (closed its
+/// output) within `limit`.
+pub fn run_with_deadline(mut cmd: Command, limit: Duration) -> Exit {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let program = format!("{:?}", cmd.get_program());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {program}: {e}"));
+    let (tx, rx) = mpsc::channel();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out_tx = tx.clone();
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stdout.read_to_string(&mut text);
+        let _ = out_tx.send((1, text));
+    });
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        let _ = tx.send((2, text));
+    });
+    let deadline = Instant::now() + limit;
+    let (mut out, mut err) = (String::new(), String::new());
+    for _ in 0..2 {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok((1, text)) => out = text,
+            Ok((_, text)) => err = text,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{program} did not exit within {limit:?}; stdout so far: {out}; stderr so far: {err}");
+            }
+        }
+    }
+    let status = child.wait().unwrap();
+    Exit {
+        status,
+        stdout: out,
+        stderr: err,
+    }
+}
+
+/// A response as the client read it.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    /// Names lower-case, in order.
+    pub headers: Vec<(String, String)>,
+    /// The body, chunked coding removed.
+    pub body: Vec<u8>,
+    /// The body's framing ended properly; false when the connection closed first.
+    pub complete: bool,
+    pub chunked: bool,
+    /// When the request was written.
+    pub sent_at: Instant,
+    /// After each socket read that grew the decoded body: when, and the body's length then.
+    pub arrivals: Vec<(Instant, usize)>,
+}
+
+/// One SSE event of a streamed body and when its last byte arrived.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub at: Instant,
+    /// The event's text, its blank line included.
+    pub text: String,
+}
+
+impl Event {
+    /// The `data:` payload of a one-line event.
+    pub fn data(&self) -> &str {
+        self.text
+            .trim_end()
+            .strip_prefix("data:")
+            .map_or("", str::trim_start)
+    }
+
+    /// The payload as JSON (`None` for `[DONE]` and other non-JSON payloads).
+    pub fn json(&self) -> Option<serde_json::Value> {
+        serde_json::from_str(self.data()).ok()
+    }
+
+    /// The usage-only event OpenAI sends last: `"choices":[]` and a usage object.
+    pub fn is_usage_only(&self) -> bool {
+        self.json().is_some_and(|v| {
+            v["choices"].as_array().is_some_and(|c| c.is_empty()) && v["usage"].is_object()
+        })
+    }
+}
+
+impl Response {
+    /// First value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("response body is not JSON ({e}): {}", self.text()))
+    }
+
+    /// The body split into SSE events (at blank lines), each with its arrival time. Bytes after
+    /// the last blank line (a truncated event) are left out.
+    pub fn events(&self) -> Vec<Event> {
+        let mut events = Vec::new();
+        let mut start = 0;
+        while let Some(at) = find(&self.body[start..], b"\n\n") {
+            let end = start + at + 2;
+            let arrived = self
+                .arrivals
+                .iter()
+                .find(|(_, len)| *len >= end)
+                .map_or(self.sent_at, |(t, _)| *t);
+            events.push(Event {
+                at: arrived,
+                text: String::from_utf8_lossy(&self.body[start..end]).into_owned(),
+            });
+            start = end;
+        }
+        events
+    }
+
+    /// Concatenated `delta.content` of a chat completion stream.
+    pub fn streamed_content(&self) -> String {
+        self.events()
+            .iter()
+            .filter_map(|e| e.json())
+            .filter_map(|v| {
+                v["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(str::to_string)
+            })
+            .collect()
+    }
+
+    /// Asserts an OpenAI-style error body: `{"error":{"message","type","code"}}`.
+    pub fn assert_openai_error(&self, status: u16) -> serde_json::Value {
+        assert_eq!(self.status, status, "status; body: {}", self.text());
+        let v = self.json();
+        let error = &v["error"];
+        assert!(error["message"].is_string(), "error.message: {v}");
+        assert!(error["type"].is_string(), "error.type: {v}");
+        assert!(error.get("code").is_some(), "error.code: {v}");
+        v
+    }
+}
+
+/// A blocking HTTP/1.1 client on one connection; several requests may follow each other.
+pub struct Client {
+    stream: TcpStream,
+    addr: SocketAddr,
+    /// Bytes read past the previous response.
+    buf: Vec<u8>,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+        stream.set_write_timeout(Some(READ_TIMEOUT)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        Client {
+            stream,
+            addr,
+            buf: Vec::new(),
+        }
+    }
+
+    pub fn get(&mut self, target: &str) -> Response {
+        self.request("GET", target, &[], b"")
+    }
+
+    /// POST with `content-type: application/json` and a bearer key.
+    pub fn post_json(&mut self, target: &str, headers: &[(&str, &str)], body: &str) -> Response {
+        let mut all = vec![
+            ("content-type", "application/json"),
+            ("authorization", "Bearer sk-test"),
+        ];
+        all.extend_from_slice(headers);
+        self.request("POST", target, &all, body.as_bytes())
+    }
+
+    /// Sends one request (with `host` and, for a body or a POST, `content-length`) and reads the
+    /// whole response. A connection closed mid-body gives `complete: false`, not a panic.
+    pub fn request(
+        &mut self,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Response {
+        let mut out = format!("{method} {target} HTTP/1.1\r\nhost: {}\r\n", self.addr).into_bytes();
+        for (name, value) in headers {
+            out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+        }
+        if !body.is_empty() || method == "POST" || method == "PUT" {
+            out.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
+        }
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(body);
+        self.stream
+            .write_all(&out)
+            .unwrap_or_else(|e| panic!("write {method} {target}: {e}"));
+        let sent_at = Instant::now();
+        self.read_response(method, sent_at)
+    }
+
+    fn read_response(&mut self, method: &str, sent_at: Instant) -> Response {
+        let (status, headers) = loop {
+            let (status, headers) = self.read_head();
+            if !(100..200).contains(&status) {
+                break (status, headers);
+            }
+        };
+        let mut response = Response {
+            status,
+            headers,
+            body: Vec::new(),
+            complete: false,
+            chunked: false,
+            sent_at,
+            arrivals: Vec::new(),
+        };
+        let te = response
+            .header("transfer-encoding")
+            .map(str::to_ascii_lowercase);
+        let length = response
+            .header("content-length")
+            .map(|v| v.trim().parse::<usize>().unwrap());
+        if method == "HEAD" || status == 204 || status == 304 {
+            response.complete = true;
+        } else if te.as_deref().is_some_and(|te| te.ends_with("chunked")) {
+            response.chunked = true;
+            self.read_chunked(&mut response);
+        } else if let Some(length) = length {
+            self.read_sized(&mut response, length);
+        } else {
+            self.read_to_close(&mut response);
+        }
+        response
+    }
+
+    /// Reads more bytes into `buf`; 0 when the peer closed (or reset) the connection.
+    fn fill(&mut self) -> usize {
+        let mut tmp = [0u8; 16 * 1024];
+        match self.stream.read(&mut tmp) {
+            Ok(n) => {
+                self.buf.extend_from_slice(&tmp[..n]);
+                n
+            }
+            Err(e)
+                if e.kind() == ErrorKind::ConnectionReset
+                    || e.kind() == ErrorKind::ConnectionAborted =>
+            {
+                0
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => {
+                panic!(
+                    "no response bytes for {READ_TIMEOUT:?} (have {} unparsed bytes)",
+                    self.buf.len()
+                )
+            }
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+
+    fn read_head(&mut self) -> (u16, Vec<(String, String)>) {
+        loop {
+            if let Some(end) = find(&self.buf, b"\r\n\r\n") {
+                let head =
+                    String::from_utf8(self.buf[..end].to_vec()).expect("response head is UTF-8");
+                self.buf.drain(..end + 4);
+                let mut lines = head.split("\r\n");
+                let status_line = lines.next().unwrap();
+                let mut parts = status_line.splitn(3, ' ');
+                assert!(
+                    parts.next().is_some_and(|v| v.starts_with("HTTP/1.")),
+                    "status line {status_line:?}"
+                );
+                let status = parts
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or_else(|| panic!("status line {status_line:?}"));
+                let headers = lines
+                    .map(|line| {
+                        let (name, value) = line
+                            .split_once(':')
+                            .unwrap_or_else(|| panic!("header line {line:?}"));
+                        (name.trim().to_ascii_lowercase(), value.trim().to_string())
+                    })
+                    .collect();
+                return (status, headers);
+            }
+            if self.fill() == 0 {
+                panic!(
+                    "connection closed before a complete response head: {:?}",
+                    String::from_utf8_lossy(&self.buf)
+                );
+            }
+        }
+    }
+
+    fn read_sized(&mut self, response: &mut Response, length: usize) {
+        loop {
+            if self.buf.len() >= length {
+                response.body = self.buf.drain(..length).collect();
+                response.arrivals.push((Instant::now(), length));
+                response.complete = true;
+                return;
+            }
+            if self.fill() == 0 {
+                response.body = std::mem::take(&mut self.buf);
+                return;
+            }
+        }
+    }
+
+    fn read_to_close(&mut self, response: &mut Response) {
+        while self.fill() > 0 {
+            response.arrivals.push((Instant::now(), self.buf.len()));
+        }
+        response.body = std::mem::take(&mut self.buf);
+        response.complete = true;
+    }
+
+    fn read_chunked(&mut self, response: &mut Response) {
+        loop {
+            let before = response.body.len();
+            let (used, done) = decode_chunks(&self.buf, &mut response.body);
+            self.buf.drain(..used);
+            if response.body.len() > before {
+                response
+                    .arrivals
+                    .push((Instant::now(), response.body.len()));
+            }
+            if done {
+                response.complete = true;
+                return;
+            }
+            if self.fill() == 0 {
+                return;
+            }
+        }
+    }
+}
+
+/// One request on a fresh connection.
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Response {
+    Client::connect(addr).request(method, target, headers, body)
+}
+
+/// Decodes the whole chunks at the start of `raw` into `out`. Returns the bytes used and whether
+/// the last chunk (and its trailer section) was among them. A partial chunk is left unused.
+fn decode_chunks(raw: &[u8], out: &mut Vec<u8>) -> (usize, bool) {
+    let mut pos = 0;
+    loop {
+        let rest = &raw[pos..];
+        let Some(line_end) = find(rest, b"\r\n") else {
+            return (pos, false);
+        };
+        let line = std::str::from_utf8(&rest[..line_end])
+            .unwrap_or_else(|_| panic!("chunk size line is not UTF-8: {rest:?}"));
+        let digits = line.split(';').next().unwrap_or_default().trim();
+        let size = usize::from_str_radix(digits, 16)
+            .unwrap_or_else(|_| panic!("bad chunk size line {line:?}"));
+        let data = line_end + 2;
+        if size == 0 {
+            // Trailer lines until an empty one.
+            let mut p = data;
+            loop {
+                let Some(end) = find(&rest[p..], b"\r\n") else {
+                    return (pos, false);
+                };
+                if end == 0 {
+                    return (pos + p + 2, true);
+                }
+                p += end + 2;
+            }
+        }
+        if rest.len() < data + size + 2 {
+            return (pos, false);
+        }
+        assert_eq!(
+            &rest[data + size..data + size + 2],
+            b"\r\n",
+            "chunk data not followed by CRLF"
+        );
+        out.extend_from_slice(&rest[data..data + size]);
+        pos += data + size + 2;
+    }
+}
+
+pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
