@@ -111,6 +111,23 @@ pub struct MockUpstream {
 impl MockUpstream {
     /// Binds `listen` (port 0 picks a free port) and returns once the mock is accepting.
     pub fn start(listen: SocketAddr, options: MockOptions) -> io::Result<MockUpstream> {
+        MockUpstream::start_with(listen, options, None)
+    }
+
+    /// The same mock behind TLS (rustls): for tests of Aura's https upstreams.
+    pub fn start_tls(
+        listen: SocketAddr,
+        options: MockOptions,
+        tls: Arc<rustls::ServerConfig>,
+    ) -> io::Result<MockUpstream> {
+        MockUpstream::start_with(listen, options, Some(tls))
+    }
+
+    fn start_with(
+        listen: SocketAddr,
+        options: MockOptions,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> io::Result<MockUpstream> {
         let listener = std::net::TcpListener::bind(listen)?;
         // As monoio's own bind does: the epoll driver needs it, io_uring does not mind.
         listener.set_nonblocking(true)?;
@@ -120,7 +137,7 @@ impl MockUpstream {
         let (ready_tx, ready_rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("aura-mock".into())
-            .spawn(move || run(listener, options, log, ready_tx))?;
+            .spawn(move || run(listener, options, log, tls, ready_tx))?;
         ready_rx
             .recv()
             .map_err(|_| io::Error::other("mock upstream thread ended before listening"))??;
@@ -146,8 +163,10 @@ fn run(
     listener: std::net::TcpListener,
     options: MockOptions,
     log: Log,
+    tls: Option<Arc<rustls::ServerConfig>>,
     ready: mpsc::Sender<io::Result<()>>,
 ) {
+    let acceptor = tls.map(monoio_rustls::TlsAcceptor::from);
     let mut runtime = match monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
         .enable_timer()
         .build()
@@ -173,8 +192,15 @@ fn run(
                 Ok((stream, _)) => {
                     let _ = stream.set_nodelay(true);
                     let handler = handler.clone();
+                    let acceptor = acceptor.clone();
                     monoio::spawn(async move {
-                        server::serve_connection(stream, &*handler, LIMITS, TIMEOUTS).await
+                        match acceptor {
+                            None => server::serve_connection(stream, &*handler, LIMITS, TIMEOUTS).await,
+                            Some(acceptor) => match acceptor.accept(stream).await {
+                                Ok(tls) => server::serve_connection(tls, &*handler, LIMITS, TIMEOUTS).await,
+                                Err(e) => tracing::warn!(error = %e, "mock upstream: TLS handshake failed"),
+                            },
+                        }
                     });
                 }
                 Err(e) => {
