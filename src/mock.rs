@@ -288,7 +288,7 @@ impl<S: AsyncWriteRent> Handler<S> for MockHandler {
         self.record(&request);
         let control = Control::new(&request.head, &self.options);
         if let Some(status) = control.status {
-            return write(client, status, &error_body(status), keep_alive).await;
+            return server::write_json(client, status, &error_body(status), keep_alive).await;
         }
         let path = request.head.target.split('?').next().unwrap_or_default();
         let method = &request.head.method;
@@ -303,7 +303,7 @@ impl<S: AsyncWriteRent> Handler<S> for MockHandler {
             (StatusCode::OK, echo(&request))
         };
         sleep(control.delay).await;
-        write(client, status, &body, keep_alive).await
+        server::write_json(client, status, &body, keep_alive).await
     }
 }
 
@@ -317,14 +317,14 @@ impl MockHandler {
     ) -> Persist {
         let Ok(request) = serde_json::from_slice::<Value>(body) else {
             let body = openai_error("mock: request body is not JSON", "invalid_request_error");
-            return write(client, StatusCode::BAD_REQUEST, &body, keep_alive).await;
+            return server::write_json(client, StatusCode::BAD_REQUEST, &body, keep_alive).await;
         };
         let prompt_tokens = prompt_tokens(body);
         let completion_tokens = control.chunks as u64;
         if request.get("stream") != Some(&Value::Bool(true)) {
             sleep(control.delay).await;
             let answer = self.completion(control.chunks, prompt_tokens);
-            return write(client, StatusCode::OK, &answer, keep_alive).await;
+            return server::write_json(client, StatusCode::OK, &answer, keep_alive).await;
         }
         let asked = request.pointer("/stream_options/include_usage") == Some(&Value::Bool(true));
         let usage =
@@ -521,20 +521,6 @@ fn openai_error(message: &str, kind: &str) -> Vec<u8> {
 async fn sleep(delay: Duration) {
     if !delay.is_zero() {
         monoio::time::sleep(delay).await;
-    }
-}
-
-async fn write<S: AsyncWriteRent>(
-    client: &mut S,
-    status: StatusCode,
-    body: &[u8],
-    keep_alive: bool,
-) -> Persist {
-    let mut out = Vec::with_capacity(160 + body.len());
-    h1::write_simple_response(status, "application/json", body, keep_alive, &mut out);
-    match net::write_all(client, out).await.0 {
-        Ok(()) => Persist::KeepAlive,
-        Err(_) => Persist::Close,
     }
 }
 

@@ -27,6 +27,8 @@ pub enum Route {
     /// Any other `/v1/*` path: method, headers and body go through unchanged.
     PassThrough,
     NotFound,
+    /// Refused before routing: the request head or body could not be read.
+    Unparsed,
 }
 
 impl Route {
@@ -46,6 +48,7 @@ impl Route {
             Route::ChatCompletions => "chat_completions",
             Route::PassThrough => "passthrough",
             Route::NotFound => "not_found",
+            Route::Unparsed => "unparsed",
         }
     }
 }
@@ -72,6 +75,22 @@ struct Outcome {
     /// Received the request → first body byte written to the client.
     ttft_us: Option<u64>,
     error: Option<Error>,
+}
+
+impl Outcome {
+    fn new(route: Route) -> Outcome {
+        Outcome {
+            route,
+            status: None,
+            model: None,
+            stream: false,
+            usage: None,
+            to_upstream_us: None,
+            ttft_overhead_us: None,
+            ttft_us: None,
+            error: None,
+        }
+    }
 }
 
 impl Proxy {
@@ -330,17 +349,7 @@ impl<S: AsyncReadRent + AsyncWriteRent> Handler<S> for Proxy {
     async fn handle(&self, request: Request, keep_alive: bool, client: &mut S) -> Persist {
         let started = Instant::now();
         let route = Route::of(&request.head.method, &request.head.target);
-        let mut outcome = Outcome {
-            route,
-            status: None,
-            model: None,
-            stream: false,
-            usage: None,
-            to_upstream_us: None,
-            ttft_overhead_us: None,
-            ttft_us: None,
-            error: None,
-        };
+        let mut outcome = Outcome::new(route);
         let persist = match route {
             Route::Health => {
                 outcome.status = Some(StatusCode::OK);
@@ -354,7 +363,8 @@ impl<S: AsyncReadRent + AsyncWriteRent> Handler<S> for Proxy {
                 self.forward(request, keep_alive, client, false, &mut outcome, started)
                     .await
             }
-            Route::NotFound => {
+            // `of` never yields Unparsed: the server refuses those before a handler sees them.
+            Route::NotFound | Route::Unparsed => {
                 let error = Error::NotFound(
                     request
                         .head
@@ -367,24 +377,28 @@ impl<S: AsyncReadRent + AsyncWriteRent> Handler<S> for Proxy {
                 self.fail(client, error, keep_alive, &mut outcome).await
             }
         };
-        settle(&outcome, started);
+        settle(&outcome, outcome.error.as_ref(), started);
         persist
+    }
+
+    fn refused(&self, error: &Error) {
+        let outcome = Outcome {
+            status: Some(error.status()),
+            ..Outcome::new(Route::Unparsed)
+        };
+        settle(&outcome, Some(error), Instant::now());
     }
 }
 
 /// The one record of a finished request: the hook budgets will bill from.
-fn settle(outcome: &Outcome, started: Instant) {
+fn settle(outcome: &Outcome, error: Option<&Error>, started: Instant) {
     if outcome.route == Route::Health {
         return;
     }
     let duration_us = started.elapsed().as_micros() as u64;
     let status = outcome.status.map(|s| s.as_u16()).unwrap_or(0);
-    let error = outcome.error.as_ref().map(|e| e.label()).unwrap_or("");
-    let error_detail = outcome
-        .error
-        .as_ref()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
+    let error_detail = error.map(|e| e.to_string()).unwrap_or_default();
+    let error = error.map(|e| e.label()).unwrap_or("");
     let (usage, prompt, completion, cached) = match outcome.usage {
         Some(u) => (
             "found",

@@ -38,6 +38,12 @@ pub trait Handler<S> {
         keep_alive: bool,
         client: &mut S,
     ) -> impl Future<Output = Persist>;
+
+    /// A request refused before it could be handled (malformed, too large, too slow): the
+    /// server answers it; this lets the handler account for it.
+    fn refused(&self, error: &Error) {
+        let _ = error;
+    }
 }
 
 /// Serves requests on one connection until it closes, errs, or idles out.
@@ -52,6 +58,7 @@ where
             Ok(Some(request)) => request,
             Ok(None) => return,
             Err(error) => {
+                handler.refused(&error);
                 write_error(&mut stream, &error, false).await;
                 return;
             }
@@ -155,8 +162,11 @@ async fn read_head<S: AsyncReadRent>(
                 timeouts.client_head
             }
         };
+        // The read takes the buffer while in flight (and drops it on timeout): decide on
+        // "between requests" or "mid-head" from what was there before it.
+        let between_requests = buf.is_empty();
         match net::read_more_within(stream, buf, READ_SPARE, limit).await {
-            Timed::Done(Ok(0)) | Timed::Done(Err(_)) if buf.is_empty() => return Ok(None),
+            Timed::Done(Ok(0)) | Timed::Done(Err(_)) if between_requests => return Ok(None),
             Timed::Done(Ok(0)) | Timed::Done(Err(_)) => {
                 return Err(Error::MalformedHead("connection closed mid-head"))
             }
@@ -165,7 +175,7 @@ async fn read_head<S: AsyncReadRent>(
                     deadline = Some(monoio::time::Instant::now() + timeouts.client_head);
                 }
             }
-            Timed::TimedOut if buf.is_empty() => return Ok(None),
+            Timed::TimedOut if between_requests => return Ok(None),
             Timed::TimedOut => return Err(Error::ClientTimeout),
         }
     }

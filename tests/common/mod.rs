@@ -15,7 +15,7 @@
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 pub use aura::mock::{MockOptions, MockUpstream, Recorded};
@@ -74,6 +74,7 @@ pub struct Launch {
     driver: Driver,
     args: Vec<String>,
     env: Vec<(String, String)>,
+    capture_stderr: bool,
 }
 
 impl Launch {
@@ -85,6 +86,7 @@ impl Launch {
             driver,
             args: Vec::new(),
             env: Vec::new(),
+            capture_stderr: false,
         }
     }
 
@@ -100,6 +102,12 @@ impl Launch {
 
     pub fn env(mut self, name: &str, value: &str) -> Launch {
         self.env.push((name.to_string(), value.to_string()));
+        self
+    }
+
+    /// Collects `aura`'s stderr (its log) into [`Aura::stderr`] instead of passing it through.
+    pub fn capture_stderr(mut self) -> Launch {
+        self.capture_stderr = true;
         self
     }
 
@@ -138,44 +146,43 @@ impl Launch {
     /// Spawns `aura` and waits for its listening line.
     pub fn start(self) -> Aura {
         let mut cmd = self.command();
-        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
+        let stderr_to = if self.capture_stderr {
+            Stdio::piped()
+        } else {
+            Stdio::inherit()
+        };
+        cmd.stdout(Stdio::piped()).stderr(stderr_to);
         let mut child = cmd.spawn().expect("spawn the aura binary");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line.clone()).is_err() {
-                    // Already listening: keep draining so aura never blocks on a full pipe.
-                    println!("aura stdout: {line}");
-                }
-            }
-        });
+        let stdout = Lines::collect("stdout", child.stdout.take().unwrap());
+        let stderr = child
+            .stderr
+            .take()
+            .map(|pipe| Lines::collect("stderr", pipe));
         let deadline = Instant::now() + START_DEADLINE;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(addr) = line.strip_prefix(LISTENING) {
-                        let addr: SocketAddr = addr
-                            .trim()
-                            .trim_end_matches('/')
-                            .parse()
-                            .unwrap_or_else(|e| panic!("listening line {line:?}: {e}"));
-                        return Aura { child, addr };
-                    }
-                    println!("aura stdout: {line}");
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!("aura printed no {LISTENING:?} line within {START_DEADLINE:?}");
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let status = child.wait();
-                    panic!("aura exited before listening: {status:?}");
-                }
-            }
+        let listening = stdout.wait_for(deadline, |lines| {
+            lines
+                .iter()
+                .find_map(|l| l.strip_prefix(LISTENING))
+                .map(str::to_string)
+        });
+        let Some(addr) = listening else {
+            let _ = child.kill();
+            let status = child.wait();
+            panic!(
+                "aura printed no {LISTENING:?} line within {START_DEADLINE:?} ({status:?}); stdout: {:?}",
+                stdout.snapshot()
+            );
+        };
+        let addr: SocketAddr = addr
+            .trim()
+            .trim_end_matches('/')
+            .parse()
+            .unwrap_or_else(|e| panic!("listening line {addr:?}: {e}"));
+        Aura {
+            child,
+            addr,
+            stdout,
+            stderr,
         }
     }
 
@@ -190,6 +197,10 @@ impl Launch {
 pub struct Aura {
     child: Child,
     pub addr: SocketAddr,
+    /// Everything it printed on stdout, the listening line included.
+    pub stdout: Lines,
+    /// Its log, when started with [`Launch::capture_stderr`].
+    pub stderr: Option<Lines>,
 }
 
 impl Aura {
@@ -209,6 +220,121 @@ impl Aura {
 
     pub fn client(&self) -> Client {
         Client::connect(self.addr)
+    }
+
+    /// The captured log; panics unless started with [`Launch::capture_stderr`].
+    pub fn log(&self) -> &Lines {
+        self.stderr
+            .as_ref()
+            .expect("aura was started without Launch::capture_stderr")
+    }
+}
+
+/// The lines a child process writes on one pipe, collected by a thread as they come.
+#[derive(Clone)]
+pub struct Lines {
+    shared: Arc<(Mutex<LinesState>, Condvar)>,
+}
+
+#[derive(Default)]
+struct LinesState {
+    lines: Vec<String>,
+    closed: bool,
+}
+
+impl Lines {
+    /// Starts a thread that reads `pipe` to its end. Each line is also printed (prefixed with
+    /// `name`), so it shows in the output of a failing test.
+    fn collect(name: &'static str, pipe: impl Read + Send + 'static) -> Lines {
+        let lines = Lines {
+            shared: Arc::default(),
+        };
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                println!("aura {name}: {line}");
+                sink.state().lines.push(line);
+                sink.shared.1.notify_all();
+            }
+            sink.state().closed = true;
+            sink.shared.1.notify_all();
+        });
+        lines
+    }
+
+    fn state(&self) -> MutexGuard<'_, LinesState> {
+        self.shared
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Every line so far.
+    pub fn snapshot(&self) -> Vec<String> {
+        self.state().lines.clone()
+    }
+
+    /// Waits until `check` finds what it looks for in the lines so far; `None` when the
+    /// deadline passes or the pipe closes first.
+    pub fn wait_for<T>(
+        &self,
+        deadline: Instant,
+        mut check: impl FnMut(&[String]) -> Option<T>,
+    ) -> Option<T> {
+        let mut state = self.state();
+        loop {
+            if let Some(found) = check(&state.lines) {
+                return Some(found);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if state.closed || left.is_zero() {
+                return None;
+            }
+            state = self
+                .shared
+                .1
+                .wait_timeout(state, left)
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .0;
+        }
+    }
+
+    /// Every line, once the writer closed the pipe (e.g. after the process ended); panics if it
+    /// is still open after `limit`.
+    pub fn all_when_closed(&self, limit: Duration) -> Vec<String> {
+        let deadline = Instant::now() + limit;
+        let mut state = self.state();
+        while !state.closed {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "pipe still open after {limit:?}");
+            state = self
+                .shared
+                .1
+                .wait_timeout(state, left)
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .0;
+        }
+        state.lines.clone()
+    }
+
+    /// Waits until at least `count` lines contain `needle`, and returns those lines; panics
+    /// with every line seen if they do not appear within `limit`.
+    pub fn wait_for_count(&self, needle: &str, count: usize, limit: Duration) -> Vec<String> {
+        let found = self.wait_for(Instant::now() + limit, |lines| {
+            let matching: Vec<String> = lines
+                .iter()
+                .filter(|l| l.contains(needle))
+                .cloned()
+                .collect();
+            (matching.len() >= count).then_some(matching)
+        });
+        found.unwrap_or_else(|| {
+            panic!(
+                "fewer than {count} lines with {needle:?} within {limit:?}:\n{}",
+                self.snapshot().join("\n")
+            )
+        })
     }
 }
 
@@ -447,6 +573,65 @@ impl Client {
         self.read_response(method, sent_at)
     }
 
+    /// Writes raw bytes: a hand-made request, or part of one.
+    pub fn send(&mut self, raw: &[u8]) {
+        self.stream
+            .write_all(raw)
+            .unwrap_or_else(|e| panic!("write {} bytes: {e}", raw.len()));
+    }
+
+    /// Reads the next (final) response to a request made with `method`, e.g. after [`send`].
+    ///
+    /// [`send`]: Client::send
+    pub fn receive(&mut self, method: &str) -> Response {
+        self.read_response(method, Instant::now())
+    }
+
+    /// Reads raw bytes until they contain `needle` (or the peer closes); returns every
+    /// unparsed byte read so far.
+    pub fn read_until(&mut self, needle: &[u8]) -> &[u8] {
+        while find(&self.buf, needle).is_none() && self.fill() > 0 {}
+        &self.buf
+    }
+
+    /// Bytes read but not yet parsed into a response.
+    pub fn buffered(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// Reads until the peer closes the connection (bytes that come first are kept for
+    /// [`receive`]); returns how long that took. Panics if it is still open after `limit`.
+    ///
+    /// [`receive`]: Client::receive
+    pub fn wait_closed(&mut self, limit: Duration) -> Duration {
+        let started = Instant::now();
+        let deadline = started + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "connection still open after {limit:?}; read so far: {:?}",
+                String::from_utf8_lossy(&self.buf)
+            );
+            self.stream.set_read_timeout(Some(left)).unwrap();
+            let mut tmp = [0u8; 16 * 1024];
+            match self.stream.read(&mut tmp) {
+                Ok(0) => break,
+                Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
+                Err(e)
+                    if e.kind() == ErrorKind::ConnectionReset
+                        || e.kind() == ErrorKind::ConnectionAborted =>
+                {
+                    break
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => {}
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+        self.stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+        started.elapsed()
+    }
+
     fn read_response(&mut self, method: &str, sent_at: Instant) -> Response {
         let (status, headers) = loop {
             let (status, headers) = self.read_head();
@@ -506,7 +691,8 @@ impl Client {
         }
     }
 
-    fn read_head(&mut self) -> (u16, Vec<(String, String)>) {
+    /// Reads one response head, an interim (1xx) one included: status and headers.
+    pub fn read_head(&mut self) -> (u16, Vec<(String, String)>) {
         loop {
             if let Some(end) = find(&self.buf, b"\r\n\r\n") {
                 let head =
