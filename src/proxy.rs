@@ -167,13 +167,11 @@ impl Proxy {
         started: Instant,
     ) -> Persist {
         let upstream_request = self.upstream_request(&request);
-        let (mut conn, head, buffered) = match self
-            .exchange(upstream_request, &request.head.method, outcome, started)
-            .await
-        {
-            Ok(answer) => answer,
-            Err(e) => return self.fail(client, e, keep_alive, outcome).await,
-        };
+        let (mut conn, head, buffered) =
+            match self.exchange(upstream_request, outcome, started).await {
+                Ok(answer) => answer,
+                Err(e) => return self.fail(client, e, keep_alive, outcome).await,
+            };
         outcome.status = Some(head.status);
         let framing = match h1::response_framing(&request.head.method, &head) {
             Ok(framing) => framing,
@@ -248,14 +246,13 @@ impl Proxy {
     async fn exchange(
         &self,
         request: Vec<u8>,
-        method: &Method,
         outcome: &mut Outcome,
         started: Instant,
     ) -> Result<(Conn, ResponseHead, Vec<u8>), Error> {
         let mut request = request;
         if let Some(conn) = self.upstream.pooled() {
             match self
-                .send_and_read_head(conn, request, method, outcome, started)
+                .send_and_read_head(conn, request, outcome, started)
                 .await
             {
                 Attempt::Answered(conn, head, rest) => return Ok((conn, head, rest)),
@@ -265,7 +262,7 @@ impl Proxy {
         }
         let conn = self.upstream.connect().await?;
         match self
-            .send_and_read_head(conn, request, method, outcome, started)
+            .send_and_read_head(conn, request, outcome, started)
             .await
         {
             Attempt::Answered(conn, head, rest) => Ok((conn, head, rest)),
@@ -278,7 +275,6 @@ impl Proxy {
         &self,
         mut conn: Conn,
         request: Vec<u8>,
-        method: &Method,
         outcome: &mut Outcome,
         started: Instant,
     ) -> Attempt {
@@ -312,7 +308,6 @@ impl Proxy {
                     buf.drain(..head.len);
                 }
                 Ok(Some(head)) => {
-                    let _ = method;
                     let rest = buf.split_off(head.len);
                     return Attempt::Answered(conn, head, rest);
                 }
