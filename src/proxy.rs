@@ -219,7 +219,7 @@ impl Proxy {
         out.extend_from_slice(self.upstream.url.base_path.as_bytes());
         out.extend_from_slice(rest.as_bytes());
         out.extend_from_slice(b" HTTP/1.1\r\n");
-        h1::write_header("host", self.upstream.url.authority().as_bytes(), &mut out);
+        h1::write_header("host", self.upstream.authority.as_bytes(), &mut out);
         for (name, value) in &head.headers {
             // Compressed responses would hide the usage from the scanner: ask for identity.
             if name == header::ACCEPT_ENCODING || h1::is_hop_by_hop(name, &head.headers) {

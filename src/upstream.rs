@@ -161,6 +161,8 @@ impl AsyncWriteRent for Conn {
 /// A worker's way to the upstream: its own pool, no locks on the request path.
 pub struct Upstream {
     pub url: UpstreamUrl,
+    /// The `Host` header value, computed once rather than per request.
+    pub authority: String,
     resolver: Resolver,
     tls: Option<(monoio_rustls::TlsConnector, ServerName<'static>)>,
     connect_timeout: Duration,
@@ -185,6 +187,7 @@ impl Upstream {
             (Scheme::Http, _) => None,
         };
         Ok(Upstream {
+            authority: url.authority(),
             url,
             resolver,
             tls,
