@@ -1,0 +1,316 @@
+//! `aura-perf`: Aura's benchmark harness. `run` starts the perf mock, nginx and Aura on
+//! loopback, runs the scenarios against all three in alternating rounds, and writes the tables
+//! and the picture; `scaling` runs scenario (b) against Aura at several worker counts; `mock`
+//! is the fast upstream itself (started by the other two). `scripts/perf` is the one command.
+
+mod bench;
+mod load;
+mod procstat;
+mod report;
+mod targets;
+mod upstream;
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "aura-perf", about = "Aura's benchmark harness (loopback only)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve OpenAI-shaped streams as cheaply as possible (x-mock-chunks, x-mock-delay-ms).
+    Mock {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
+    /// Scenarios (a), (b), (c) against the mock directly, nginx and Aura, in the same run.
+    Run {
+        #[command(flatten)]
+        common: Common,
+        /// Path of nginx (Debian's: /usr/sbin/nginx).
+        #[arg(long, default_value = "nginx")]
+        nginx: String,
+        /// Rounds; the target order rotates each round.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Which scenarios, e.g. `a,c`.
+        #[arg(long, default_value = "a,b,c", value_delimiter = ',')]
+        scenarios: Vec<String>,
+    },
+    /// One scenario's load against any loopback address (for profiling a running proxy).
+    Load {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value = "b")]
+        scenario: String,
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        #[arg(long, default_value_t = 1)]
+        load_threads: usize,
+    },
+    /// Scenario (b) against Aura alone at each worker count, pinned: requests/s per worker.
+    Scaling {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value = "1,2,4,8", value_delimiter = ',')]
+        workers_list: Vec<usize>,
+    },
+}
+
+#[derive(Args)]
+struct Common {
+    /// The Aura binary to measure.
+    #[arg(long, default_value = "target/release/aura")]
+    aura: PathBuf,
+    /// Workers for Aura and nginx alike (default: the cores this process may use).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Pin Aura's workers to cores (off by default here: on a small shared machine the load
+    /// generator and the mock share the cores, and nginx does not pin either).
+    #[arg(long, default_value_t = false)]
+    pin: bool,
+    /// Run Aura under `taskset -c CPUS` (e.g. `0-7`), to keep it off the load generator's cores.
+    #[arg(long)]
+    aura_cpus: Option<String>,
+    #[arg(long, default_value_t = 1)]
+    mock_threads: usize,
+    #[arg(long, default_value_t = 1)]
+    load_threads: usize,
+    /// Multiplies every request count (0.1 for a smoke run).
+    #[arg(long, default_value_t = 1.0)]
+    scale: f64,
+    /// Where results.md, ttft.svg and nginx's prefix go.
+    #[arg(long, default_value = "perf/out")]
+    out: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Mock { listen, threads } => serve_mock(listen, threads),
+        Cmd::Run {
+            common,
+            nginx,
+            rounds,
+            scenarios,
+        } => run(&common, &nginx, rounds, &scenarios),
+        Cmd::Load {
+            target,
+            scenario,
+            scale,
+            load_threads,
+        } => load_only(target, &scenario, scale, load_threads),
+        Cmd::Scaling {
+            common,
+            workers_list,
+        } => scaling(&common, &workers_list),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("aura-perf: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve_mock(listen: SocketAddr, threads: usize) -> std::io::Result<()> {
+    if !listen.ip().is_loopback() {
+        return Err(std::io::Error::other(
+            "the perf mock listens on loopback only",
+        ));
+    }
+    let addr = upstream::start(listen, threads.max(1))?;
+    println!("perf mock listening on {addr}");
+    loop {
+        std::thread::park();
+    }
+}
+
+fn load_only(target: SocketAddr, id: &str, scale: f64, threads: usize) -> std::io::Result<()> {
+    if !target.ip().is_loopback() {
+        return Err(std::io::Error::other(
+            "load goes to loopback addresses only",
+        ));
+    }
+    let s = bench::scenarios(scale)
+        .into_iter()
+        .find(|s| s.id == id)
+        .ok_or_else(|| std::io::Error::other(format!("no scenario `{id}`")))?;
+    let r = load::run(&s.load(target, threads))?;
+    println!("({}) {}", s.id, r.summary());
+    Ok(())
+}
+
+fn default_workers() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+fn run(common: &Common, nginx: &str, rounds: usize, ids: &[String]) -> std::io::Result<()> {
+    let workers = common.workers.unwrap_or_else(default_workers);
+    let all = bench::scenarios(common.scale);
+    let chosen: Vec<_> = all
+        .into_iter()
+        .filter(|s| ids.iter().any(|id| id == s.id))
+        .collect();
+    std::fs::create_dir_all(&common.out)?;
+    let mock = targets::mock(common.mock_threads)?;
+    let nginx_target = targets::nginx(
+        nginx,
+        &targets::perf_dir().join("nginx.conf.template"),
+        &common.out.join("nginx"),
+        mock.addr,
+        workers,
+    )?;
+    let aura = targets::aura(
+        &common.aura,
+        mock.addr,
+        workers,
+        common.pin,
+        common.aura_cpus.as_deref(),
+    )?;
+    eprintln!(
+        "mock {} · nginx {} · aura {} · {workers} workers each · {rounds} rounds",
+        mock.addr, nginx_target.addr, aura.addr
+    );
+    let mut results = Vec::new();
+    for s in &chosen {
+        eprintln!("scenario ({}) {}", s.id, s.title);
+        results.push(bench::run_scenario(
+            s,
+            &[&mock, &nginx_target, &aura],
+            rounds,
+            common.load_threads,
+        )?);
+    }
+    let checks = report::checks(&results);
+    let mut md = String::new();
+    let _ = writeln!(md, "{}", environment(common, workers, Some(nginx)));
+    let _ = writeln!(md, "\n### Targets\n\n{}", report::checks_table(&checks));
+    md.push_str(&report::tables(&results));
+    std::fs::write(common.out.join("results.md"), &md)?;
+    std::fs::write(common.out.join("ttft.svg"), report::svg(&results))?;
+    println!("{md}");
+    eprintln!("wrote {}/results.md and ttft.svg", common.out.display());
+    Ok(())
+}
+
+fn scaling(common: &Common, workers_list: &[usize]) -> std::io::Result<()> {
+    std::fs::create_dir_all(&common.out)?;
+    let scenario = bench::scenarios(common.scale)
+        .into_iter()
+        .find(|s| s.id == "b")
+        .ok_or_else(|| std::io::Error::other("scenario (b) is missing"))?;
+    let mock = targets::mock(common.mock_threads)?;
+    let mut md = environment(common, 0, None);
+    let _ = writeln!(
+        md,
+        "\n### Scaling: scenario (b) {}, Aura alone\n",
+        scenario.title
+    );
+    md.push_str("| workers | req/s (median of 3) | req/s per worker | scaling vs 1 worker | TTFT p99 µs | CPU ms / 1000 req |\n|---:|---:|---:|---:|---:|---:|\n");
+    let mut base = None;
+    for &w in workers_list {
+        let aura = targets::aura(
+            &common.aura,
+            mock.addr,
+            w,
+            common.pin,
+            common.aura_cpus.as_deref(),
+        )?;
+        let r = bench::run_scenario(&scenario, &[&mock, &aura], 3, common.load_threads)?;
+        let Some(o) = r.outcomes.get(1) else { continue };
+        let rps = o.median_rps();
+        let base_rps = *base.get_or_insert(rps);
+        let _ = writeln!(
+            md,
+            "| {w} | {rps:.0} | {:.0} | {:.2}× | {:.1} | {} |",
+            rps / w as f64,
+            rps / base_rps,
+            o.ttft_ns.value_at_quantile(0.99) as f64 / 1e3,
+            o.cpu_ms_per_1000()
+                .map_or("—".into(), |c| format!("{c:.1}")),
+        );
+    }
+    std::fs::write(common.out.join("scaling.md"), &md)?;
+    println!("{md}");
+    Ok(())
+}
+
+/// Machine, kernel, versions and the command, for the top of a results file.
+fn environment(common: &Common, workers: usize, nginx: Option<&str>) -> String {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpu = read("/proc/cpuinfo")
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let output = |cmd: &str, args: &[&str]| {
+        std::process::Command::new(cmd)
+            .args(args)
+            .output()
+            .map(|o| {
+                let text = if o.stdout.is_empty() {
+                    o.stderr
+                } else {
+                    o.stdout
+                };
+                String::from_utf8_lossy(&text).trim().to_string()
+            })
+            .unwrap_or_else(|e| format!("unavailable ({e})"))
+    };
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "- date: {}",
+        output("date", &["-u", "+%Y-%m-%d %H:%M UTC"])
+    );
+    let _ = writeln!(
+        md,
+        "- machine: {} cores available, {cpu}",
+        default_workers()
+    );
+    let _ = writeln!(
+        md,
+        "- kernel: {}",
+        read("/proc/sys/kernel/osrelease").trim()
+    );
+    let _ = writeln!(
+        md,
+        "- aura: {} (git {})",
+        output(&common.aura.display().to_string(), &["--version"]),
+        output("git", &["rev-parse", "--short", "HEAD"])
+    );
+    if let Some(nginx) = nginx {
+        let _ = writeln!(md, "- nginx: {}", output(nginx, &["-v"]));
+    }
+    let _ = writeln!(md, "- rustc: {}", output("rustc", &["-V"]));
+    if workers > 0 {
+        let _ = writeln!(
+            md,
+            "- workers: {workers} for Aura and nginx; Aura pinned: {}",
+            common.pin
+        );
+    }
+    let _ = writeln!(
+        md,
+        "- mock threads {}, load generator threads {}, request scale {}",
+        common.mock_threads, common.load_threads, common.scale
+    );
+    let args: Vec<String> = std::env::args().collect();
+    let _ = writeln!(md, "- command: `{}`", args.join(" "));
+    md
+}
