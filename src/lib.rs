@@ -10,6 +10,8 @@ pub mod sse;
 pub mod usage;
 // Config is pure too (the environment is read through a trait).
 pub mod config;
+// L1: per-worker state.
+pub mod buffers;
 // L2/L3/L4: IO.
 pub mod mock;
 pub mod net;

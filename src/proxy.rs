@@ -10,6 +10,7 @@ use std::time::Instant;
 use http::{header, Method, StatusCode};
 use monoio::io::{AsyncReadRent, AsyncWriteRent};
 
+use crate::buffers::BufPool;
 use crate::config::{Limits, Timeouts};
 use crate::error::Error;
 use crate::http::{self as h1, ResponseHead};
@@ -59,6 +60,7 @@ pub struct Proxy {
     limits: Limits,
     timeouts: Timeouts,
     inject_stream_usage: bool,
+    buffers: BufPool,
 }
 
 /// Everything settle needs to know about one request.
@@ -105,6 +107,7 @@ impl Proxy {
             limits,
             timeouts,
             inject_stream_usage,
+            buffers: BufPool::default(),
         }
     }
 
@@ -188,7 +191,14 @@ impl Proxy {
             client_http11,
         );
         let end = relay
-            .run(&mut conn, client, buffered, self.timeouts, started)
+            .run(
+                &mut conn,
+                client,
+                buffered,
+                &self.buffers,
+                self.timeouts,
+                started,
+            )
             .await;
         self.settle_relay(conn, end, outcome)
     }
@@ -213,7 +223,8 @@ impl Proxy {
     fn upstream_request(&self, request: &Request) -> Vec<u8> {
         let head = &request.head;
         let rest = head.target.strip_prefix("/v1").unwrap_or(&head.target);
-        let mut out = Vec::with_capacity(512 + request.body.len());
+        let mut out = self.buffers.take();
+        out.reserve(512 + request.body.len());
         out.extend_from_slice(head.method.as_str().as_bytes());
         out.push(b' ');
         out.extend_from_slice(self.upstream.url.base_path.as_bytes());
@@ -283,7 +294,7 @@ impl Proxy {
             return Attempt::DeadBeforeAnswer(request);
         }
         outcome.to_upstream_us = Some(started.elapsed().as_micros() as u64);
-        let mut buf = Vec::with_capacity(relay::READ_BUF_BYTES);
+        let mut buf = self.buffers.take();
         let mut limit = self.timeouts.upstream_first_byte;
         loop {
             match net::read_more_within(&mut conn, &mut buf, relay::READ_BUF_BYTES, limit).await {
@@ -308,8 +319,11 @@ impl Proxy {
                     buf.drain(..head.len);
                 }
                 Ok(Some(head)) => {
-                    let rest = buf.split_off(head.len);
-                    return Attempt::Answered(conn, head, rest);
+                    // Kept until now for a retry; the body bytes that came with the head move
+                    // to the front of their buffer rather than to a new one.
+                    self.buffers.give(request);
+                    buf.drain(..head.len);
+                    return Attempt::Answered(conn, head, buf);
                 }
             }
         }

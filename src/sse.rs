@@ -7,7 +7,7 @@
 
 mod scan;
 
-use crate::usage::{self, Found};
+use crate::usage::{self, Found, ParseBuffers};
 use scan::{Choices, Framer, KeyFinder};
 
 /// Events larger than this are not parsed for usage: the scanner skips them.
@@ -29,6 +29,7 @@ pub struct UsageScanner {
     /// The unfinished event outgrew [`MAX_EVENT_BYTES`]: it is skipped.
     oversize: bool,
     scratch: Vec<u8>,
+    buffers: ParseBuffers,
     found: Option<Found>,
 }
 
@@ -40,6 +41,7 @@ impl Default for UsageScanner {
             partial: Vec::new(),
             oversize: false,
             scratch: Vec::new(),
+            buffers: ParseBuffers::default(),
             found: None,
         }
     }
@@ -102,7 +104,7 @@ impl UsageScanner {
         }
         self.scratch.clear();
         scan::event_data(event, &mut self.scratch);
-        if let Some(found) = usage::from_event_json(&mut self.scratch) {
+        if let Some(found) = usage::from_event_json(&mut self.scratch, &mut self.buffers) {
             self.found = Some(found);
         }
     }
@@ -142,6 +144,7 @@ impl Default for UsageOnlyStripper {
                 usage_key: KeyFinder::usage(),
                 choices_key: KeyFinder::choices(),
                 scratch: Vec::new(),
+                buffers: ParseBuffers::default(),
             },
         }
     }
@@ -213,6 +216,7 @@ struct Classifier {
     usage_key: KeyFinder,
     choices_key: KeyFinder,
     scratch: Vec<u8>,
+    buffers: ParseBuffers,
 }
 
 impl Classifier {
@@ -233,7 +237,7 @@ impl Classifier {
         }
         self.scratch.clear();
         scan::event_data(event, &mut self.scratch);
-        let Ok(root) = simd_json::to_borrowed_value(&mut self.scratch) else {
+        let Some(root) = self.buffers.parse(&mut self.scratch) else {
             return false;
         };
         use simd_json::prelude::*;

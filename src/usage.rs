@@ -24,24 +24,41 @@ pub struct Found {
     pub model: Option<String>,
 }
 
+/// simd-json's parse buffers, kept by whoever parses once per stream so that each parse does not
+/// allocate them afresh.
+#[derive(Default)]
+pub struct ParseBuffers(simd_json::Buffers);
+
+impl std::fmt::Debug for ParseBuffers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ParseBuffers")
+    }
+}
+
+impl ParseBuffers {
+    /// Parses `json` in place (it is mutated: pass a scratch copy).
+    pub fn parse<'j>(&mut self, json: &'j mut [u8]) -> Option<Value<'j>> {
+        simd_json::borrowed::to_value_with_buffers(json, &mut self.0).ok()
+    }
+}
+
 /// Parses one SSE event's data (JSON, may contain newlines from multi-line data). The input is
 /// mutated (simd-json parses in place): pass a scratch copy.
-pub fn from_event_json(json: &mut [u8]) -> Option<Found> {
-    from_json(json)
+pub fn from_event_json(json: &mut [u8], buffers: &mut ParseBuffers) -> Option<Found> {
+    from_value(&buffers.parse(json)?)
 }
 
 /// Parses a whole non-streaming response body (chat completion, completion, embeddings,
 /// Responses API); a scratch copy too. Same rules as [`from_event_json`]: the shapes overlap.
 pub fn from_body_json(json: &mut [u8]) -> Option<Found> {
-    from_json(json)
+    from_value(&simd_json::to_borrowed_value(json).ok()?)
 }
 
 /// The first non-null of `usage`, `x_groq.usage`, `response.usage` is the usage; a usage that is
 /// not an object or whose counts are not non-negative integers gives None (no guessing, and no
 /// fall-back to the next place). `model` is the top-level one, else `response.model`; an empty
 /// string counts as absent.
-fn from_json(json: &mut [u8]) -> Option<Found> {
-    let root = simd_json::to_borrowed_value(json).ok()?;
+fn from_value(root: &Value) -> Option<Found> {
     let response = root.get("response");
     let usage = non_null(root.get("usage"))
         .or_else(|| non_null(root.get("x_groq")?.get("usage")))
@@ -108,7 +125,7 @@ mod tests {
         }
     }
 
-    fn parse(f: fn(&mut [u8]) -> Option<Found>, json: &str) -> Parsed {
+    fn parse(mut f: impl FnMut(&mut [u8]) -> Option<Found>, json: &str) -> Parsed {
         let mut copy = json.as_bytes().to_vec();
         f(&mut copy).map(|found| (found.usage, found.model))
     }
@@ -257,8 +274,11 @@ mod tests {
                 None,
             ),
         ];
+        // One set of buffers for every case, as a scanner reuses them over a stream.
+        let mut buffers = ParseBuffers::default();
         for (name, json, want) in cases {
-            assert_eq!(&parse(from_event_json, json), want, "{name}");
+            let got = parse(|j| from_event_json(j, &mut buffers), json);
+            assert_eq!(&got, want, "{name}");
         }
     }
 
@@ -347,9 +367,10 @@ mod tests {
             }
             inputs.push(v);
         }
+        let mut buffers = ParseBuffers::default();
         for mut input in inputs {
             let mut copy = input.clone();
-            let _ = from_event_json(&mut input);
+            let _ = from_event_json(&mut input, &mut buffers);
             let _ = from_body_json(&mut copy);
         }
     }

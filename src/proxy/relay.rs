@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use http::{header, HeaderMap, StatusCode};
 use monoio::io::{AsyncReadRent, AsyncWriteRent};
 
+use crate::buffers::BufPool;
 use crate::config::Timeouts;
 use crate::error::Error;
 use crate::http::chunked::{self, ChunkedDecoder};
@@ -124,12 +125,14 @@ impl Relay {
         }
     }
 
-    /// Pumps the body. `buffered` holds body bytes read together with the response head.
+    /// Pumps the body. `buffered` holds body bytes read together with the response head; it and
+    /// every buffer the relay needs come from, and go back to, the worker's `pool`.
     pub async fn run<U, S>(
         mut self,
         upstream: &mut U,
         client: &mut S,
         buffered: Vec<u8>,
+        pool: &BufPool,
         timeouts: Timeouts,
         started: Instant,
     ) -> RelayEnd
@@ -139,11 +142,20 @@ impl Relay {
     {
         let mut input = buffered;
         let mut read_at = Instant::now();
-        let mut out = std::mem::take(&mut self.client_head);
-        let mut payload = Vec::with_capacity(READ_BUF_BYTES);
-        let mut stripped = Vec::new();
+        let mut out = pool.take();
+        out.extend_from_slice(&self.client_head);
+        let mut payload = pool.take();
+        let mut stripped = if self.strip.is_some() {
+            pool.take()
+        } else {
+            Vec::new()
+        };
         let mut scanner = UsageScanner::default();
-        let mut json = Vec::new();
+        let mut json = if self.kind == BodyKind::Json {
+            pool.take()
+        } else {
+            Vec::new()
+        };
         let mut decoder = ChunkedDecoder::default();
         let mut remaining = match self.upstream_framing {
             Framing::Length(n) => n,
@@ -282,6 +294,9 @@ impl Relay {
             BodyKind::Json if complete => usage::from_body_json(&mut json),
             BodyKind::Json | BodyKind::Other => None,
         };
+        for buf in [input, out, payload, stripped, json] {
+            pool.give(buf);
+        }
         end.upstream_reusable = complete
             && !trailing_garbage
             && self.upstream_keep_alive
