@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the per-request pure work on the relay's hot path: the usage scanner and
-//! the usage-event stripper over a whole OpenAI stream fed in realistic reads, the body rewrite,
-//! and the chunked decoder. `cargo bench --bench hot_path`.
+//! the usage-event stripper over a whole OpenAI stream fed in realistic reads, the scanner's
+//! throughput by read size with and without usage, HTTP head parsing, the body rewrite, and the
+//! chunked decoder. `cargo bench --bench hot_path`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::hint::black_box;
@@ -55,23 +56,51 @@ fn scanner(c: &mut Criterion) {
             black_box(out.len())
         })
     });
-    let whole: Vec<u8> = events.concat();
-    for read in [64usize, 1024, 16 * 1024] {
-        group.bench_with_input(
-            BenchmarkId::new("usage_scanner_by_read_size", read),
-            &read,
-            |b, &read| {
+    group.finish();
+
+    // Throughput by read size, with the usage event (and `"usage":null` in every chunk, as
+    // OpenAI sends once include_usage is on) and without (an upstream that ignores it).
+    let with_usage: Vec<u8> = events.concat();
+    let without_usage = String::from_utf8(with_usage.clone())
+        .unwrap()
+        .split_inclusive("\n\n")
+        .filter(|e| !e.contains("\"choices\":[]"))
+        .map(|e| e.replace(",\"usage\":null", ""))
+        .collect::<String>()
+        .into_bytes();
+    let mut group = c.benchmark_group("sse_scanner_by_read_size");
+    for (label, stream, has_usage) in [
+        ("with_usage", &with_usage, true),
+        ("without_usage", &without_usage, false),
+    ] {
+        group.throughput(Throughput::Bytes(stream.len() as u64));
+        for read in [64usize, 512, 4096, 16 * 1024] {
+            group.bench_with_input(BenchmarkId::new(label, read), &read, |b, &read| {
                 b.iter(|| {
                     let mut scanner = UsageScanner::default();
-                    for piece in whole.chunks(read) {
+                    for piece in stream.chunks(read) {
                         scanner.feed(black_box(piece));
                     }
                     scanner.finish();
-                    black_box(scanner.found().is_some())
+                    assert_eq!(scanner.found().is_some(), has_usage);
                 })
-            },
-        );
+            });
+        }
     }
+    group.finish();
+}
+
+/// The request head the openai Python SDK sends, and an OpenAI-like response head.
+fn heads(c: &mut Criterion) {
+    let request = b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost:8080\r\nAccept-Encoding: gzip, deflate\r\nConnection: keep-alive\r\nAccept: application/json\r\nContent-Type: application/json\r\nUser-Agent: OpenAI/Python 1.54.0\r\nX-Stainless-Lang: python\r\nX-Stainless-Package-Version: 1.54.0\r\nX-Stainless-OS: Linux\r\nX-Stainless-Arch: x64\r\nX-Stainless-Runtime: CPython\r\nX-Stainless-Runtime-Version: 3.11.7\r\nAuthorization: Bearer sk-proj-0123456789abcdefghijklmnopqrstuvwxyz\r\nX-Stainless-Async: false\r\nx-stainless-retry-count: 0\r\nContent-Length: 151\r\n\r\n";
+    let response = b"HTTP/1.1 200 OK\r\nDate: Fri, 27 Nov 2026 08:00:00 GMT\r\nContent-Type: text/event-stream; charset=utf-8\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\naccess-control-expose-headers: X-Request-ID\r\nopenai-organization: user-abc\r\nopenai-processing-ms: 142\r\nopenai-version: 2020-10-01\r\nx-ratelimit-limit-requests: 10000\r\nx-ratelimit-remaining-requests: 9999\r\nx-request-id: req_0123456789abcdef\r\ncf-cache-status: DYNAMIC\r\nServer: cloudflare\r\n\r\n";
+    let mut group = c.benchmark_group("http_head");
+    group.bench_function("parse_request_sdk_17_headers", |b| {
+        b.iter(|| black_box(aura::http::parse_request(black_box(request), 100).unwrap()))
+    });
+    group.bench_function("parse_response_openai_14_headers", |b| {
+        b.iter(|| black_box(aura::http::parse_response(black_box(response), 100).unwrap()))
+    });
     group.finish();
 }
 
@@ -108,5 +137,5 @@ fn chunked(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, scanner, rewrite, chunked);
+criterion_group!(benches, scanner, heads, rewrite, chunked);
 criterion_main!(benches);
