@@ -1,7 +1,8 @@
 //! Micro-benchmarks of the per-request pure work on the relay's hot path: the usage scanner and
 //! the usage-event stripper over a whole OpenAI stream fed in realistic reads, the scanner's
-//! throughput by read size with and without usage, HTTP head parsing, the body rewrite, and the
-//! chunked decoder. `cargo bench --bench hot_path`.
+//! throughput by read size with and without usage, HTTP head parsing, the body rewrite, the
+//! chunked decoder, and metrics (recording one request; a two-worker scrape).
+//! `cargo bench --bench hot_path`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::hint::black_box;
@@ -137,5 +138,59 @@ fn chunked(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, scanner, heads, rewrite, chunked);
+/// Metrics on the request path (one request's record: two latencies and the counters) and at
+/// scrape time (two workers' shards merged and encoded as Prometheus text).
+fn metrics(c: &mut Criterion) {
+    use aura::metrics::{prom, Latency, Record, Registry, Shard};
+    use std::time::Duration;
+    let usage = aura::usage::Usage {
+        prompt_tokens: 30,
+        completion_tokens: 20,
+        cached_prompt_tokens: 0,
+    };
+    let record = |i: u64| Record {
+        route: "chat_completions",
+        status: 200,
+        error: None,
+        ttft_overhead: Some(Duration::from_nanos(20_000 + (i % 997) * 13)),
+        to_upstream: Some(Duration::from_nanos(40_000 + (i % 991) * 17)),
+        usage: Some(&usage),
+        usage_missing: false,
+    };
+    let mut group = c.benchmark_group("metrics");
+    group.bench_function("latency_record", |b| {
+        let mut latency = Latency::default();
+        let mut i = 0u64;
+        b.iter(|| {
+            i += 1;
+            latency.record(black_box(Duration::from_nanos(20_000 + (i % 997) * 13)));
+        })
+    });
+    group.bench_function("record_one_request", |b| {
+        let shard = Shard::default();
+        let mut i = 0u64;
+        b.iter(|| {
+            i += 1;
+            shard.record(black_box(&record(i)));
+        })
+    });
+    let registry = Registry::new(2);
+    for worker in 0..2 {
+        let shard = Shard::default();
+        for i in 0..100_000 {
+            shard.record(&record(i + worker as u64));
+        }
+        registry.publish(worker, shard.snapshot());
+        registry.set_driver(worker, "io_uring");
+    }
+    group.bench_function("scrape_two_workers_gather_and_encode", |b| {
+        b.iter(|| {
+            let (merged, drivers) = registry.gather();
+            black_box(prom::encode(&merged, &drivers).len())
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, scanner, heads, rewrite, chunked, metrics);
 criterion_main!(benches);

@@ -12,6 +12,7 @@ pub mod usage;
 pub mod config;
 // L1: per-worker state.
 pub mod buffers;
+pub mod metrics;
 // L2/L3/L4: IO.
 pub mod mock;
 pub mod net;

@@ -5,7 +5,8 @@
 
 pub mod relay;
 
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use http::{header, Method, StatusCode};
 use monoio::io::{AsyncReadRent, AsyncWriteRent};
@@ -14,6 +15,7 @@ use crate::buffers::BufPool;
 use crate::config::{Limits, Timeouts};
 use crate::error::Error;
 use crate::http::{self as h1, ResponseHead};
+use crate::metrics::{self, Registry};
 use crate::net::{self, Timed};
 use crate::rewrite;
 use crate::server::{self, Handler, Persist, Request};
@@ -24,6 +26,7 @@ use relay::{BodyKind, Relay, RelayEnd};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
     Health,
+    Metrics,
     ChatCompletions,
     /// Any other `/v1/*` path: method, headers and body go through unchanged.
     PassThrough,
@@ -37,6 +40,7 @@ impl Route {
         let path = target.split('?').next().unwrap_or_default();
         match path {
             "/healthz" => Route::Health,
+            "/metrics" if method == Method::GET => Route::Metrics,
             "/v1/chat/completions" if method == Method::POST => Route::ChatCompletions,
             _ if path.starts_with("/v1/") => Route::PassThrough,
             _ => Route::NotFound,
@@ -46,6 +50,7 @@ impl Route {
     pub fn label(self) -> &'static str {
         match self {
             Route::Health => "healthz",
+            Route::Metrics => "metrics",
             Route::ChatCompletions => "chat_completions",
             Route::PassThrough => "passthrough",
             Route::NotFound => "not_found",
@@ -61,6 +66,8 @@ pub struct Proxy {
     timeouts: Timeouts,
     inject_stream_usage: bool,
     buffers: BufPool,
+    metrics: metrics::Shard,
+    registry: Arc<Registry>,
 }
 
 /// Everything settle needs to know about one request.
@@ -71,11 +78,11 @@ struct Outcome {
     stream: bool,
     usage: Option<Usage>,
     /// Received the request → wrote the upstream request.
-    to_upstream_us: Option<u64>,
+    to_upstream: Option<Duration>,
     /// Upstream's first body byte read → written to the client (the overhead Aura adds).
-    ttft_overhead_us: Option<u64>,
+    ttft_overhead: Option<Duration>,
     /// Received the request → first body byte written to the client.
-    ttft_us: Option<u64>,
+    ttft: Option<Duration>,
     error: Option<Error>,
 }
 
@@ -87,9 +94,9 @@ impl Outcome {
             model: None,
             stream: false,
             usage: None,
-            to_upstream_us: None,
-            ttft_overhead_us: None,
-            ttft_us: None,
+            to_upstream: None,
+            ttft_overhead: None,
+            ttft: None,
             error: None,
         }
     }
@@ -101,6 +108,7 @@ impl Proxy {
         limits: Limits,
         timeouts: Timeouts,
         inject_stream_usage: bool,
+        registry: Arc<Registry>,
     ) -> Proxy {
         Proxy {
             upstream,
@@ -108,7 +116,14 @@ impl Proxy {
             timeouts,
             inject_stream_usage,
             buffers: BufPool::default(),
+            metrics: metrics::Shard::default(),
+            registry,
         }
+    }
+
+    /// This worker's metrics as they stand, for publishing to the registry.
+    pub fn metrics_snapshot(&self) -> metrics::Snapshot {
+        self.metrics.snapshot()
     }
 
     async fn chat<S: AsyncWriteRent>(
@@ -210,8 +225,8 @@ impl Proxy {
             }
             found.usage
         });
-        outcome.ttft_overhead_us = end.first_byte_overhead.map(|d| d.as_micros() as u64);
-        outcome.ttft_us = end.ttft.map(|d| d.as_micros() as u64);
+        outcome.ttft_overhead = end.first_byte_overhead;
+        outcome.ttft = end.ttft;
         outcome.error = end.error;
         if end.upstream_reusable {
             self.upstream.put_back(conn);
@@ -293,7 +308,7 @@ impl Proxy {
         if written.is_err() {
             return Attempt::DeadBeforeAnswer(request);
         }
-        outcome.to_upstream_us = Some(started.elapsed().as_micros() as u64);
+        outcome.to_upstream = Some(started.elapsed());
         let mut buf = self.buffers.take();
         let mut limit = self.timeouts.upstream_first_byte;
         loop {
@@ -364,6 +379,19 @@ impl<S: AsyncReadRent + AsyncWriteRent> Handler<S> for Proxy {
                 outcome.status = Some(StatusCode::OK);
                 server::write_json(client, StatusCode::OK, br#"{"status":"ok"}"#, keep_alive).await
             }
+            Route::Metrics => {
+                outcome.status = Some(StatusCode::OK);
+                let (merged, drivers) = self.registry.gather();
+                let text = metrics::prom::encode(&merged, &drivers);
+                server::write_body(
+                    client,
+                    StatusCode::OK,
+                    metrics::prom::CONTENT_TYPE,
+                    text.as_bytes(),
+                    keep_alive,
+                )
+                .await
+            }
             Route::ChatCompletions => {
                 self.chat(request, keep_alive, client, &mut outcome, started)
                     .await
@@ -386,7 +414,7 @@ impl<S: AsyncReadRent + AsyncWriteRent> Handler<S> for Proxy {
                 self.fail(client, error, keep_alive, &mut outcome).await
             }
         };
-        settle(&outcome, outcome.error.as_ref(), started);
+        self.settle(&outcome, outcome.error.as_ref(), started);
         persist
     }
 
@@ -395,15 +423,35 @@ impl<S: AsyncReadRent + AsyncWriteRent> Handler<S> for Proxy {
             status: Some(error.status()),
             ..Outcome::new(Route::Unparsed)
         };
-        settle(&outcome, Some(error), Instant::now());
+        self.settle(&outcome, Some(error), Instant::now());
     }
 }
 
-/// The one record of a finished request: the hook budgets will bill from.
-fn settle(outcome: &Outcome, error: Option<&Error>, started: Instant) {
-    if outcome.route == Route::Health {
-        return;
+impl Proxy {
+    /// The end of every request: its metrics, and one access-log record (the hook budgets will
+    /// bill from). Health checks and scrapes are neither counted nor logged.
+    fn settle(&self, outcome: &Outcome, error: Option<&Error>, started: Instant) {
+        if matches!(outcome.route, Route::Health | Route::Metrics) {
+            return;
+        }
+        let answered_ok = outcome.status.is_some_and(|s| s.is_success());
+        self.metrics.record(&metrics::Record {
+            route: outcome.route.label(),
+            status: outcome.status.map(|s| s.as_u16()).unwrap_or(0),
+            error: error.map(Error::label),
+            ttft_overhead: outcome.ttft_overhead,
+            to_upstream: outcome.to_upstream,
+            usage: outcome.usage.as_ref(),
+            usage_missing: outcome.route == Route::ChatCompletions
+                && answered_ok
+                && outcome.usage.is_none(),
+        });
+        log_access(outcome, error, started);
     }
+}
+
+/// The one access-log record of a finished request. Keys never appear in it.
+fn log_access(outcome: &Outcome, error: Option<&Error>, started: Instant) {
     let duration_us = started.elapsed().as_micros() as u64;
     let status = outcome.status.map(|s| s.as_u16()).unwrap_or(0);
     let error_detail = error.map(|e| e.to_string()).unwrap_or_default();
@@ -427,13 +475,17 @@ fn settle(outcome: &Outcome, error: Option<&Error>, started: Instant) {
         prompt_tokens = prompt,
         completion_tokens = completion,
         cached_prompt_tokens = cached,
-        to_upstream_us = outcome.to_upstream_us.unwrap_or(0),
-        ttft_us = outcome.ttft_us.unwrap_or(0),
-        ttft_overhead_us = outcome.ttft_overhead_us.unwrap_or(0),
+        to_upstream_us = micros(outcome.to_upstream),
+        ttft_us = micros(outcome.ttft),
+        ttft_overhead_us = micros(outcome.ttft_overhead),
         duration_us,
         error,
         error_detail = error_detail.as_str(),
     );
+}
+
+fn micros(d: Option<Duration>) -> u64 {
+    d.map_or(0, |d| d.as_micros() as u64)
 }
 
 #[cfg(test)]
@@ -452,6 +504,8 @@ mod tests {
             (Method::GET, "/v1/chat/completions", Route::PassThrough),
             (Method::GET, "/v1/models", Route::PassThrough),
             (Method::GET, "/healthz", Route::Health),
+            (Method::GET, "/metrics", Route::Metrics),
+            (Method::POST, "/metrics", Route::NotFound),
             (Method::GET, "/v2/x", Route::NotFound),
             (Method::GET, "/v1", Route::NotFound),
         ];

@@ -18,6 +18,7 @@ use monoio::net::TcpListener;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::{Config, Limits, Timeouts};
+use crate::metrics::{self, Registry};
 use crate::proxy::Proxy;
 use crate::server;
 use crate::upstream::{Resolver, Upstream};
@@ -80,8 +81,10 @@ pub fn start(config: &Config, resolver: Resolver) -> Result<Running, StartError>
     } else {
         Vec::new()
     };
+    let registry = Registry::new(listeners.len());
     let mut handles = Vec::with_capacity(workers);
     for (id, listener) in listeners.into_iter().enumerate() {
+        let registry = registry.clone();
         let config = config.clone();
         let resolver = resolver.clone();
         let tls = tls.clone();
@@ -94,7 +97,7 @@ pub fn start(config: &Config, resolver: Resolver) -> Result<Running, StartError>
                         tracing::warn!(worker = id, core = core.id, "could not pin worker to core");
                     }
                 }
-                run_worker(id, listener, config, resolver, tls);
+                run_worker(id, listener, config, resolver, tls, registry);
             })
             .map_err(StartError::Thread)?;
         handles.push(handle);
@@ -164,9 +167,11 @@ fn run_worker(
     config: Config,
     resolver: Resolver,
     tls: Option<Arc<rustls::ClientConfig>>,
+    registry: Arc<Registry>,
 ) {
     let main = move |driver: Driver| async move {
         tracing::info!(worker = id, driver = driver.label(), "worker started");
+        registry.set_driver(id, driver.label());
         let listener = match TcpListener::from_std(listener) {
             Ok(l) => l,
             Err(e) => {
@@ -186,7 +191,9 @@ fn run_worker(
             config.limits,
             config.timeouts,
             config.inject_stream_usage,
+            registry.clone(),
         ));
+        monoio::spawn(publish_metrics(id, proxy.clone(), registry));
         accept_loop(listener, proxy, config.limits, config.timeouts).await;
     };
     match build_runtime() {
@@ -215,6 +222,14 @@ pub fn build_runtime() -> io::Result<Runtime> {
                 .build()?;
             Ok(rt.into())
         }
+    }
+}
+
+/// Copies this worker's metrics to the registry every interval, off the request path.
+async fn publish_metrics(id: usize, proxy: Rc<Proxy>, registry: Arc<Registry>) {
+    loop {
+        monoio::time::sleep(metrics::PUBLISH_EVERY).await;
+        registry.publish(id, proxy.metrics_snapshot());
     }
 }
 

@@ -239,8 +239,18 @@ pub async fn write_json<S: AsyncWriteRent>(
     body: &[u8],
     keep_alive: bool,
 ) -> Persist {
+    write_body(stream, status, "application/json", body, keep_alive).await
+}
+
+pub async fn write_body<S: AsyncWriteRent>(
+    stream: &mut S,
+    status: StatusCode,
+    content_type: &str,
+    body: &[u8],
+    keep_alive: bool,
+) -> Persist {
     let mut out = Vec::with_capacity(128 + body.len());
-    h1::write_simple_response(status, "application/json", body, keep_alive, &mut out);
+    h1::write_simple_response(status, content_type, body, keep_alive, &mut out);
     match net::write_all(stream, out).await.0 {
         Ok(()) => Persist::KeepAlive,
         Err(_) => Persist::Close,

@@ -1,0 +1,145 @@
+//! Prometheus text format (version 0.0.4) of a merged [`Snapshot`]. Written by hand rather than
+//! through the prometheus crate's registry: the crate would need its own metric objects filled
+//! from our per-worker state at every scrape, and hand-written text measured 25.6 µs vs 47.8 µs
+//! for gather + encode with 2 workers (STACK.md). Label values are all static strings: routes,
+//! status classes, error labels, drivers.
+
+use std::fmt::Write;
+
+use super::{Latency, Snapshot};
+
+/// Bucket edges of the latency histograms, in seconds: microseconds up to seconds.
+const BUCKETS_SECONDS: [f64; 22] = [
+    1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2,
+    5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+pub fn encode(s: &Snapshot, drivers: &[(usize, &'static str)]) -> String {
+    let mut out = String::with_capacity(8 * 1024);
+    header(
+        &mut out,
+        "aura_requests_total",
+        "counter",
+        "Requests answered, by route and status class.",
+    );
+    for ((route, class), n) in &s.requests {
+        let _ = writeln!(
+            out,
+            "aura_requests_total{{route=\"{route}\",status_class=\"{class}\"}} {n}"
+        );
+    }
+    header(
+        &mut out,
+        "aura_errors_total",
+        "counter",
+        "Requests that ended in an error, by kind.",
+    );
+    for (label, n) in &s.errors {
+        let _ = writeln!(out, "aura_errors_total{{kind=\"{label}\"}} {n}");
+    }
+    histogram(
+        &mut out,
+        "aura_ttft_overhead_seconds",
+        "Time from reading the upstream's first body byte to writing it to the client.",
+        &s.ttft_overhead,
+    );
+    histogram(
+        &mut out,
+        "aura_request_to_upstream_seconds",
+        "Time from receiving a request to writing it upstream.",
+        &s.to_upstream,
+    );
+    header(
+        &mut out,
+        "aura_tokens_total",
+        "counter",
+        "Tokens in the usage upstreams reported.",
+    );
+    for (kind, n) in [
+        ("prompt", s.prompt_tokens),
+        ("completion", s.completion_tokens),
+        ("cached_prompt", s.cached_prompt_tokens),
+    ] {
+        let _ = writeln!(out, "aura_tokens_total{{kind=\"{kind}\"}} {n}");
+    }
+    header(
+        &mut out,
+        "aura_usage_missing_total",
+        "counter",
+        "Upstream answers on usage-reporting routes that carried no usage.",
+    );
+    let _ = writeln!(out, "aura_usage_missing_total {}", s.usage_missing);
+    header(
+        &mut out,
+        "aura_worker_driver",
+        "gauge",
+        "The IO driver each worker runs on (1).",
+    );
+    for (worker, driver) in drivers {
+        let _ = writeln!(
+            out,
+            "aura_worker_driver{{worker=\"{worker}\",driver=\"{driver}\"}} 1"
+        );
+    }
+    out
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+fn histogram(out: &mut String, name: &str, help: &str, l: &Latency) {
+    header(out, name, "histogram", help);
+    let edges_ns = BUCKETS_SECONDS.map(|edge| (edge * 1e9).round() as u64);
+    for (edge, n) in BUCKETS_SECONDS.iter().zip(l.cumulative_counts(&edges_ns)) {
+        let _ = writeln!(out, "{name}_bucket{{le=\"{edge}\"}} {n}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", l.count());
+    let _ = writeln!(out, "{name}_sum {}", l.sum_ns() as f64 / 1e9);
+    let _ = writeln!(out, "{name}_count {}", l.count());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Record;
+    use std::time::Duration;
+
+    #[test]
+    fn text_format_with_cumulative_buckets() {
+        let mut s = Snapshot::default();
+        for us in [3, 40, 40, 2_000] {
+            s.record(&Record {
+                route: "chat_completions",
+                status: 200,
+                error: None,
+                ttft_overhead: Some(Duration::from_micros(us)),
+                to_upstream: None,
+                usage: None,
+                usage_missing: us == 2_000,
+            });
+        }
+        let text = encode(&s, &[(0, "io_uring")]);
+        for line in [
+            "# TYPE aura_ttft_overhead_seconds histogram",
+            "aura_ttft_overhead_seconds_bucket{le=\"0.000001\"} 0",
+            "aura_ttft_overhead_seconds_bucket{le=\"0.000005\"} 1",
+            "aura_ttft_overhead_seconds_bucket{le=\"0.00005\"} 3",
+            "aura_ttft_overhead_seconds_bucket{le=\"0.001\"} 3",
+            "aura_ttft_overhead_seconds_bucket{le=\"0.0025\"} 4",
+            "aura_ttft_overhead_seconds_bucket{le=\"+Inf\"} 4",
+            "aura_ttft_overhead_seconds_sum 0.002083",
+            "aura_ttft_overhead_seconds_count 4",
+            "aura_requests_total{route=\"chat_completions\",status_class=\"2xx\"} 4",
+            "aura_usage_missing_total 1",
+            "aura_worker_driver{worker=\"0\",driver=\"io_uring\"} 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing `{line}` in\n{text}"
+            );
+        }
+    }
+}
