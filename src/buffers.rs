@@ -7,8 +7,9 @@
 
 use std::cell::RefCell;
 
-/// Buffers kept at most, per worker: enough for a few hundred requests in flight.
-const MAX_KEPT: usize = 1024;
+/// Buffers kept at most, per worker: about 50 requests in flight (4 to 5 buffers each), at most
+/// 256 × 64 KiB held after a burst. More in flight allocate as before.
+const MAX_KEPT: usize = 256;
 /// A buffer that grew past this (a large body) is freed rather than kept.
 const MAX_KEPT_CAPACITY: usize = 64 * 1024;
 
