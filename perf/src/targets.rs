@@ -25,9 +25,26 @@ impl Target {
 }
 
 impl Drop for Target {
+    /// SIGTERM first, so nginx's master stops its workers (a SIGKILLed master leaves its workers
+    /// running, orphaned); whatever of the family is left after 5 s is killed.
     fn drop(&mut self) {
+        let family = self.pids();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+            std::thread::park_timeout(Duration::from_millis(10));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        for pid in family.iter().skip(1) {
+            if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
+        }
     }
 }
 
