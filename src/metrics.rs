@@ -7,7 +7,7 @@
 
 pub mod prom;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -55,7 +55,7 @@ impl Latency {
         self.sum_ns
     }
 
-    /// Observations at or below `ns` (to the histogram's 3 significant figures).
+    /// Observations at or below `ns` (to the histogram's precision).
     pub fn count_at_or_below(&self, ns: u64) -> u64 {
         self.cumulative_counts(&[ns])[0]
     }
@@ -176,15 +176,27 @@ impl Snapshot {
 #[derive(Debug, Default)]
 pub struct Shard {
     current: RefCell<Snapshot>,
+    /// Requests recorded so far, so an idle worker need not copy its histograms to publish.
+    recorded: Cell<u64>,
 }
 
 impl Shard {
     pub fn record(&self, r: &Record) {
         self.current.borrow_mut().record(r);
+        self.recorded.set(self.recorded.get() + 1);
     }
 
     pub fn snapshot(&self) -> Snapshot {
         self.current.borrow().clone()
+    }
+
+    /// A copy, if anything was recorded since `*seen` (which it then updates).
+    pub fn snapshot_if_changed(&self, seen: &mut u64) -> Option<Snapshot> {
+        let now = self.recorded.get();
+        (now != *seen).then(|| {
+            *seen = now;
+            self.snapshot()
+        })
     }
 }
 
@@ -299,6 +311,17 @@ mod tests {
             (7, 5, 2)
         );
         assert_eq!(drivers, vec![(1, "epoll")]);
+    }
+
+    #[test]
+    fn an_unchanged_shard_is_not_copied_again() {
+        let shard = Shard::default();
+        let mut seen = 0;
+        assert!(shard.snapshot_if_changed(&mut seen).is_none());
+        shard.record(&record("chat_completions", 200, 1));
+        let copy = shard.snapshot_if_changed(&mut seen).unwrap();
+        assert_eq!(copy.ttft_overhead.count(), 1);
+        assert!(shard.snapshot_if_changed(&mut seen).is_none());
     }
 
     #[test]

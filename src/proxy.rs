@@ -121,9 +121,9 @@ impl Proxy {
         }
     }
 
-    /// This worker's metrics as they stand, for publishing to the registry.
-    pub fn metrics_snapshot(&self) -> metrics::Snapshot {
-        self.metrics.snapshot()
+    /// This worker's metrics, if they changed since `*seen`, for publishing to the registry.
+    pub fn metrics_if_changed(&self, seen: &mut u64) -> Option<metrics::Snapshot> {
+        self.metrics.snapshot_if_changed(seen)
     }
 
     async fn chat<S: AsyncWriteRent>(

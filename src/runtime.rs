@@ -225,11 +225,15 @@ pub fn build_runtime() -> io::Result<Runtime> {
     }
 }
 
-/// Copies this worker's metrics to the registry every interval, off the request path.
+/// Copies this worker's metrics to the registry every interval in which it recorded any, off
+/// the request path.
 async fn publish_metrics(id: usize, proxy: Rc<Proxy>, registry: Arc<Registry>) {
+    let mut seen = 0;
     loop {
         monoio::time::sleep(metrics::PUBLISH_EVERY).await;
-        registry.publish(id, proxy.metrics_snapshot());
+        if let Some(snapshot) = proxy.metrics_if_changed(&mut seen) {
+            registry.publish(id, snapshot);
+        }
     }
 }
 

@@ -24,10 +24,11 @@ pub struct Found {
     pub model: Option<String>,
 }
 
-/// simd-json's parse buffers, kept by whoever parses once per stream so that each parse does not
-/// allocate them afresh.
+/// simd-json's parse buffers, kept by a scanner for the life of its stream so that a stream whose
+/// every event carries usage (vLLM's `continuous_usage_stats`) does not allocate them per event.
+/// Made on the first parse: most streams parse one event, many none.
 #[derive(Default)]
-pub struct ParseBuffers(simd_json::Buffers);
+pub struct ParseBuffers(Option<simd_json::Buffers>);
 
 impl std::fmt::Debug for ParseBuffers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -38,7 +39,10 @@ impl std::fmt::Debug for ParseBuffers {
 impl ParseBuffers {
     /// Parses `json` in place (it is mutated: pass a scratch copy).
     pub fn parse<'j>(&mut self, json: &'j mut [u8]) -> Option<Value<'j>> {
-        simd_json::borrowed::to_value_with_buffers(json, &mut self.0).ok()
+        let buffers = self
+            .0
+            .get_or_insert_with(|| simd_json::Buffers::new(json.len()));
+        simd_json::borrowed::to_value_with_buffers(json, buffers).ok()
     }
 }
 

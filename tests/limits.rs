@@ -9,12 +9,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{start_mock, Aura, Client, Driver, Launch, MockOptions, MockUpstream, Recorded};
-
-const CHAT: &str = "/v1/chat/completions";
-const STREAM: &str =
-    r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}],"stream":true}"#;
-const WHOLE: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}"#;
+use common::{
+    start_mock, Aura, Client, Driver, Launch, MockOptions, MockUpstream, Recorded, CHAT, STREAM,
+    WHOLE,
+};
 
 /// The timeouts under test, as flags.
 const SHORT_MS: &str = "300";

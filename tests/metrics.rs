@@ -8,12 +8,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{start_mock, Aura, Driver, MockOptions};
+use common::{start_mock, Aura, Driver, MockOptions, CHAT, STREAM, WHOLE};
 
-const CHAT: &str = "/v1/chat/completions";
-const STREAM: &str =
-    r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}],"stream":true}"#;
-const WHOLE: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}"#;
 const SECRET_KEY: &str = "sk-proj-metrics-test-secret-0123456789";
 
 on_both_drivers!(

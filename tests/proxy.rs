@@ -13,15 +13,9 @@ use std::time::Duration;
 
 use common::{
     dead_port, find, request, start_mock, Aura, Driver, Launch, MockOptions, MockUpstream,
-    Recorded, READ_TIMEOUT,
+    Recorded, CHAT, READ_TIMEOUT, STREAM, STREAM_USAGE, WHOLE,
 };
 use serde_json::json;
-
-const CHAT: &str = "/v1/chat/completions";
-const STREAM: &str =
-    r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}],"stream":true}"#;
-const STREAM_USAGE: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}],"stream":true,"stream_options":{"include_usage":true}}"#;
-const WHOLE: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}"#;
 
 on_both_drivers!(
     healthz_answers_json,

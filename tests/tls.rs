@@ -12,12 +12,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use aura::mock::{MockOptions, MockUpstream};
-use common::{Driver, Launch};
+use common::{Driver, Launch, STREAM};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-
-const STREAM: &str =
-    r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}],"stream":true}"#;
 
 on_both_drivers!(
     streams_through_an_https_upstream,

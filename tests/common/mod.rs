@@ -24,6 +24,14 @@ pub use aura::mock::{MockOptions, MockUpstream, Recorded};
 pub const START_DEADLINE: Duration = Duration::from_secs(20);
 /// Longest silence the client accepts while reading a response.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The chat completions route, and the request bodies most tests send to it.
+pub const CHAT: &str = "/v1/chat/completions";
+pub const STREAM: &str =
+    r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}],"stream":true}"#;
+pub const STREAM_USAGE: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}],"stream":true,"stream_options":{"include_usage":true}}"#;
+pub const WHOLE: &str =
+    r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}"#;
+
 /// The line `aura` prints on stdout once it accepts connections.
 const LISTENING: &str = "aura listening on http://";
 
