@@ -142,14 +142,12 @@ impl Relay {
     {
         let mut input = buffered;
         let mut read_at = Instant::now();
+        // payload, stripped and out are taken from the pool for each upstream read and given
+        // back before the next read: a stream waiting on its upstream holds only its read buffer.
         let mut out = pool.take();
         out.extend_from_slice(&self.client_head);
-        let mut payload = pool.take();
-        let mut stripped = if self.strip.is_some() {
-            pool.take()
-        } else {
-            Vec::new()
-        };
+        let mut payload = Vec::new();
+        let mut stripped = Vec::new();
         let mut scanner = UsageScanner::default();
         let mut json = if self.kind == BodyKind::Json {
             pool.take()
@@ -176,6 +174,7 @@ impl Relay {
         let mut closed_by_upstream = false;
         loop {
             // 1. De-frame what came in.
+            take_if_lent(&mut payload, pool);
             payload.clear();
             let done = match self.upstream_framing {
                 Framing::Empty => true,
@@ -205,8 +204,10 @@ impl Relay {
 
             // 2. Forward: one write per upstream read, head included the first time.
             if client_alive {
+                take_if_lent(&mut out, pool);
                 let forward: &[u8] = match self.strip.as_mut() {
                     Some(stripper) => {
+                        take_if_lent(&mut stripped, pool);
                         stripped.clear();
                         stripper.push(&payload, &mut stripped);
                         if done {
@@ -260,6 +261,10 @@ impl Relay {
                 }
             }
 
+            for buf in [&mut payload, &mut stripped, &mut out] {
+                pool.give(std::mem::take(buf));
+            }
+
             // 4. Read more.
             match net::read_more_within(
                 upstream,
@@ -307,6 +312,14 @@ impl Relay {
             Persist::Close
         };
         end
+    }
+}
+
+/// A buffer given back to the pool while the relay waited is taken again before use; one still
+/// held (the first write's, which starts with the response head) is left as it is.
+fn take_if_lent(buf: &mut Vec<u8>, pool: &BufPool) {
+    if buf.capacity() == 0 {
+        *buf = pool.take();
     }
 }
 
