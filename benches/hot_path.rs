@@ -156,6 +156,8 @@ fn metrics(c: &mut Criterion) {
         to_upstream: Some(Duration::from_nanos(40_000 + (i % 991) * 17)),
         usage: Some(&usage),
         usage_missing: false,
+        cost_nano: 1_234,
+        default_price: false,
     };
     let mut group = c.benchmark_group("metrics");
     group.bench_function("latency_record", |b| {

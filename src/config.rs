@@ -9,6 +9,8 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::pricing::{self, Price};
+
 /// Where environment-style settings come from (the process environment, or a map in tests).
 pub trait Source {
     fn get(&self, name: &str) -> Option<String>;
@@ -55,6 +57,14 @@ pub const UPSTREAM_POOL_MAX_IDLE: &str = "AURA_UPSTREAM_POOL_MAX_IDLE";
 pub const UPSTREAM_CA_FILE: &str = "AURA_UPSTREAM_CA_FILE";
 pub const INJECT_STREAM_USAGE: &str = "AURA_INJECT_STREAM_USAGE";
 pub const LOG_FORMAT: &str = "AURA_LOG_FORMAT";
+pub const DEFAULT_LIMIT_DOLLARS: &str = "AURA_DEFAULT_LIMIT_DOLLARS";
+pub const PRICE_FILE: &str = "AURA_PRICE_FILE";
+pub const UNKNOWN_MODEL_INPUT_DOLLARS_PER_MILLION: &str =
+    "AURA_UNKNOWN_MODEL_INPUT_DOLLARS_PER_MILLION";
+pub const UNKNOWN_MODEL_OUTPUT_DOLLARS_PER_MILLION: &str =
+    "AURA_UNKNOWN_MODEL_OUTPUT_DOLLARS_PER_MILLION";
+pub const DEFAULT_MAX_OUTPUT_TOKENS: &str = "AURA_DEFAULT_MAX_OUTPUT_TOKENS";
+pub const BUDGET_FLUSH_INTERVAL_MS: &str = "AURA_BUDGET_FLUSH_INTERVAL_MS";
 
 pub const SETTINGS: &[Setting] = &[
     Setting { key: "port", env: &[PORT], help: "TCP port to listen on [default: 8080]" },
@@ -79,6 +89,12 @@ pub const SETTINGS: &[Setting] = &[
     Setting { key: "upstream_ca_file", env: &[UPSTREAM_CA_FILE], help: "PEM file of extra CA certificates trusted for an https upstream [default: none]" },
     Setting { key: "inject_stream_usage", env: &[INJECT_STREAM_USAGE], help: "add stream_options.include_usage to streaming requests; off for upstreams that reject it [default: true]" },
     Setting { key: "log_format", env: &[LOG_FORMAT], help: "text or json [default: text]" },
+    Setting { key: "default_limit_dollars", env: &[DEFAULT_LIMIT_DOLLARS], help: "spend limit of every API key, in dollars [default: 10.00]" },
+    Setting { key: "price_file", env: &[PRICE_FILE], help: "model prices in LiteLLM's model_prices_and_context_window.json format, added to the built-in table [default: none]" },
+    Setting { key: "unknown_model_input_dollars_per_million", env: &[UNKNOWN_MODEL_INPUT_DOLLARS_PER_MILLION], help: "price of prompt tokens of a model with no price [default: 5.00]" },
+    Setting { key: "unknown_model_output_dollars_per_million", env: &[UNKNOWN_MODEL_OUTPUT_DOLLARS_PER_MILLION], help: "price of completion tokens of a model with no price [default: 15.00]" },
+    Setting { key: "default_max_output_tokens", env: &[DEFAULT_MAX_OUTPUT_TOKENS], help: "completion tokens reserved for a request that sets no max_tokens, for a model with no known output limit [default: 4096]" },
+    Setting { key: "budget_flush_interval_ms", env: &[BUDGET_FLUSH_INTERVAL_MS], help: "how often each worker flushes settled spend to the budget store [default: 50]" },
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -175,6 +191,19 @@ pub struct Config {
     pub upstream_ca_file: Option<PathBuf>,
     pub inject_stream_usage: bool,
     pub log_format: LogFormat,
+    pub budgets: Budgets,
+}
+
+/// Budget settings: limits, where prices come from, how reservations are sized.
+#[derive(Debug, Clone)]
+pub struct Budgets {
+    pub default_limit_nano: u64,
+    pub price_file: Option<PathBuf>,
+    /// The price of a model missing from the table.
+    pub unknown_model_price: Price,
+    /// Completion tokens reserved when neither the request nor the price table bounds them.
+    pub default_max_output_tokens: u64,
+    pub flush_interval: Duration,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -221,6 +250,7 @@ pub fn file_layer(text: &str) -> Result<Layer, ConfigErrors> {
             toml::Value::String(v) => v,
             toml::Value::Integer(v) => v.to_string(),
             toml::Value::Boolean(v) => v.to_string(),
+            toml::Value::Float(v) => v.to_string(),
             other => {
                 errors.push(format!(
                     "config file: `{key}` has unsupported type {}",
@@ -310,6 +340,19 @@ impl Parser<'_> {
         v
     }
 
+    /// A non-negative, finite amount of dollars.
+    fn dollars(&mut self, key: &'static str, default: f64) -> f64 {
+        let v: f64 = self.get(key, default);
+        if !(v.is_finite() && v >= 0.0) {
+            self.errors.push(format!(
+                "{key} ({}) must be a non-negative amount of dollars",
+                env_names(key)
+            ));
+            return default;
+        }
+        v
+    }
+
     fn millis(&mut self, key: &'static str, default: u64) -> Duration {
         Duration::from_millis(self.positive(key, default))
     }
@@ -374,6 +417,19 @@ impl Parser<'_> {
             upstream_ca_file: self.values.get("upstream_ca_file").map(PathBuf::from),
             inject_stream_usage: self.bool("inject_stream_usage", true),
             log_format,
+            budgets: Budgets {
+                default_limit_nano: pricing::dollars_to_nano(
+                    self.dollars("default_limit_dollars", 10.0),
+                ),
+                price_file: self.values.get("price_file").map(PathBuf::from),
+                unknown_model_price: {
+                    let input = self.dollars("unknown_model_input_dollars_per_million", 5.0);
+                    let output = self.dollars("unknown_model_output_dollars_per_million", 15.0);
+                    Price::per_million(input, output, input)
+                },
+                default_max_output_tokens: self.positive("default_max_output_tokens", 4096),
+                flush_interval: self.millis("budget_flush_interval_ms", 50),
+            },
         };
         if self.errors.is_empty() {
             Ok(config)
@@ -443,6 +499,26 @@ mod tests {
         let errors = resolve(&[env_layer(&e)]).unwrap_err().0;
         assert_eq!(errors.len(), 4, "{errors:?}");
         assert!(errors.iter().any(|m| m.contains("PORT")));
+    }
+
+    #[test]
+    fn budget_settings_have_defaults_and_take_dollars() {
+        let c = resolve(&[]).unwrap();
+        assert_eq!(c.budgets.default_limit_nano, 10_000_000_000);
+        assert_eq!(c.budgets.unknown_model_price.input_pico, 5_000_000);
+        assert_eq!(c.budgets.unknown_model_price.output_pico, 15_000_000);
+        assert_eq!(c.budgets.default_max_output_tokens, 4096);
+        assert_eq!(c.budgets.flush_interval, Duration::from_millis(50));
+        let file = file_layer("default_limit_dollars = 2.5\nprice_file = \"/p.json\"\n").unwrap();
+        let c = resolve(&[file]).unwrap();
+        assert_eq!(c.budgets.default_limit_nano, 2_500_000_000);
+        assert_eq!(c.budgets.price_file, Some(PathBuf::from("/p.json")));
+        let bad = env(&[
+            ("AURA_DEFAULT_LIMIT_DOLLARS", "-1"),
+            ("AURA_UNKNOWN_MODEL_OUTPUT_DOLLARS_PER_MILLION", "NaN"),
+        ]);
+        let errors = resolve(&[env_layer(&bad)]).unwrap_err().0;
+        assert_eq!(errors.len(), 2, "{errors:?}");
     }
 
     #[test]

@@ -28,6 +28,17 @@ pub enum Error {
     Unsupported(&'static str),
     #[error("no route for {0}")]
     NotFound(String),
+    #[error("missing API key: send `Authorization: Bearer <key>`")]
+    MissingKey,
+    #[error(
+        "budget exhausted: this key has ${:.6} left of its limit and this request may cost up to ${:.6}; lower max_tokens or raise the key's limit",
+        *remaining_nano as f64 / 1e9,
+        *estimate_nano as f64 / 1e9
+    )]
+    BudgetExhausted {
+        remaining_nano: u64,
+        estimate_nano: u64,
+    },
     #[error("method not allowed")]
     MethodNotAllowed,
     #[error("client sent no complete request in time")]
@@ -54,6 +65,8 @@ impl Error {
             | Error::MalformedBody(_)
             | Error::Unsupported(_)
             | Error::NotFound(_)
+            | Error::MissingKey
+            | Error::BudgetExhausted { .. }
             | Error::MethodNotAllowed
             | Error::ClientTimeout => Fault::Client,
             Error::UpstreamUnreachable(_)
@@ -73,6 +86,8 @@ impl Error {
             Error::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::MissingKey => StatusCode::UNAUTHORIZED,
+            Error::BudgetExhausted { .. } => StatusCode::PAYMENT_REQUIRED,
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Error::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
             Error::UpstreamUnreachable(_) | Error::UpstreamProtocol(_) | Error::UpstreamReset => {
@@ -85,6 +100,10 @@ impl Error {
 
     /// The OpenAI error `type` clients switch on.
     pub fn openai_type(&self) -> &'static str {
+        if let Error::BudgetExhausted { .. } = self {
+            // OpenAI's own type for a spent quota, which SDKs and clients already know.
+            return "insufficient_quota";
+        }
         match self.fault() {
             Fault::Client => "invalid_request_error",
             Fault::Upstream => "upstream_error",
@@ -102,6 +121,8 @@ impl Error {
             Error::MalformedBody(_) => "invalid_body",
             Error::Unsupported(_) => "unsupported",
             Error::NotFound(_) => "not_found",
+            Error::MissingKey => "missing_api_key",
+            Error::BudgetExhausted { .. } => "insufficient_quota",
             Error::MethodNotAllowed => "method_not_allowed",
             Error::ClientTimeout => "client_timeout",
             Error::UpstreamUnreachable(_) => "upstream_unreachable",
@@ -155,6 +176,15 @@ mod tests {
                 "upstream_error",
             ),
             (Error::UpstreamTimeout, 504, "upstream_error"),
+            (Error::MissingKey, 401, "invalid_request_error"),
+            (
+                Error::BudgetExhausted {
+                    remaining_nano: 1,
+                    estimate_nano: 2,
+                },
+                402,
+                "insufficient_quota",
+            ),
             (Error::Internal("x".into()), 500, "server_error"),
         ];
         for (error, status, kind) in cases {

@@ -3,14 +3,17 @@
 //! in-stream. The library exposes what the binary, the tests and the benches need.
 
 // L0: pure, no IO.
+pub mod auth;
 pub mod error;
 pub mod http;
+pub mod pricing;
 pub mod rewrite;
 pub mod sse;
 pub mod usage;
 // Config is pure too (the environment is read through a trait).
 pub mod config;
 // L1: per-worker state.
+pub mod budget;
 pub mod buffers;
 pub mod metrics;
 // L2/L3/L4: IO.
@@ -19,4 +22,5 @@ pub mod net;
 pub mod proxy;
 pub mod runtime;
 pub mod server;
+pub mod store;
 pub mod upstream;

@@ -99,8 +99,12 @@ pub struct Record<'a> {
     /// Request received → request written upstream.
     pub to_upstream: Option<Duration>,
     pub usage: Option<&'a Usage>,
-    /// An upstream answered a route that reports usage, and none was found in it.
+    /// A billable request succeeded without usage: its cost was estimated from bytes.
     pub usage_missing: bool,
+    /// What the request was billed, in nano-dollars.
+    pub cost_nano: u64,
+    /// Its model had no price: billed at the default price.
+    pub default_price: bool,
 }
 
 /// Counters and histograms of one worker, or of all workers merged.
@@ -116,6 +120,8 @@ pub struct Snapshot {
     pub completion_tokens: u64,
     pub cached_prompt_tokens: u64,
     pub usage_missing: u64,
+    pub cost_nano: u64,
+    pub default_priced: u64,
 }
 
 fn bump<K: PartialEq + Copy>(counts: &mut Vec<(K, u64)>, key: K, by: u64) {
@@ -154,6 +160,8 @@ impl Snapshot {
             self.cached_prompt_tokens += u.cached_prompt_tokens;
         }
         self.usage_missing += u64::from(r.usage_missing);
+        self.cost_nano += r.cost_nano;
+        self.default_priced += u64::from(r.default_price);
     }
 
     pub fn merge(&mut self, other: &Snapshot) {
@@ -169,6 +177,8 @@ impl Snapshot {
         self.completion_tokens += other.completion_tokens;
         self.cached_prompt_tokens += other.cached_prompt_tokens;
         self.usage_missing += other.usage_missing;
+        self.cost_nano += other.cost_nano;
+        self.default_priced += other.default_priced;
     }
 }
 
@@ -265,6 +275,8 @@ mod tests {
             to_upstream: None,
             usage: None,
             usage_missing: false,
+            cost_nano: 0,
+            default_price: false,
         }
     }
 

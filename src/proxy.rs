@@ -1,8 +1,11 @@
 //! THE request phase sequence, and the only place that knows it:
-//! route → rewrite (chat completions) → forward (pooled upstream, one retry on a dead pooled
-//! connection) → relay (proxy/relay.rs) → settle (one access-log record per request).
-//! Budgets hook into admit and settle in a later step; API keys never reach a log line.
+//! route → authorize and admit (billable routes: the bearer key's id reserves the request's
+//! upper cost estimate in this worker's budget shard, or 402) → rewrite (chat completions) →
+//! forward (pooled upstream, one retry on a dead pooled connection) → relay (proxy/relay.rs) →
+//! settle (the reservation becomes the real cost, metrics, one access-log record).
+//! API keys never reach a log line, a metric or the store: only their id does.
 
+pub mod billing;
 pub mod relay;
 
 use std::sync::Arc;
@@ -11,22 +14,28 @@ use std::time::{Duration, Instant};
 use http::{header, Method, StatusCode};
 use monoio::io::{AsyncReadRent, AsyncWriteRent};
 
+use crate::auth::{self, KeyId};
+use crate::budget;
 use crate::buffers::BufPool;
-use crate::config::{Limits, Timeouts};
+use crate::config::{Config, Limits, Timeouts};
 use crate::error::Error;
 use crate::http::{self as h1, ResponseHead};
 use crate::metrics::{self, Registry};
 use crate::net::{self, Timed};
+use crate::pricing::{self, Match, PriceTable};
 use crate::rewrite;
 use crate::server::{self, Handler, Persist, Request};
 use crate::upstream::{Conn, Upstream};
 use crate::usage::Usage;
+use billing::{Basis, Bill, Billable};
 use relay::{BodyKind, Relay, RelayEnd};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
     Health,
     Metrics,
+    /// `GET /v1/usage`: the caller's own budget.
+    Usage,
     ChatCompletions,
     /// Any other `/v1/*` path: method, headers and body go through unchanged.
     PassThrough,
@@ -41,6 +50,7 @@ impl Route {
         match path {
             "/healthz" => Route::Health,
             "/metrics" if method == Method::GET => Route::Metrics,
+            "/v1/usage" if method == Method::GET => Route::Usage,
             "/v1/chat/completions" if method == Method::POST => Route::ChatCompletions,
             _ if path.starts_with("/v1/") => Route::PassThrough,
             _ => Route::NotFound,
@@ -51,6 +61,7 @@ impl Route {
         match self {
             Route::Health => "healthz",
             Route::Metrics => "metrics",
+            Route::Usage => "usage",
             Route::ChatCompletions => "chat_completions",
             Route::PassThrough => "passthrough",
             Route::NotFound => "not_found",
@@ -68,6 +79,9 @@ pub struct Proxy {
     buffers: BufPool,
     metrics: metrics::Shard,
     registry: Arc<Registry>,
+    budget: budget::Shard,
+    prices: Arc<PriceTable>,
+    default_max_output_tokens: u64,
 }
 
 /// Everything settle needs to know about one request.
@@ -84,6 +98,12 @@ struct Outcome {
     /// Received the request → first body byte written to the client.
     ttft: Option<Duration>,
     error: Option<Error>,
+    /// The caller's key id, once authorized.
+    key: Option<KeyId>,
+    /// A billable request's reservation, until settle.
+    bill: Option<Bill>,
+    /// De-framed response body bytes relayed.
+    response_bytes: u64,
 }
 
 impl Outcome {
@@ -98,6 +118,9 @@ impl Outcome {
             ttft_overhead: None,
             ttft: None,
             error: None,
+            key: None,
+            bill: None,
+            response_bytes: 0,
         }
     }
 }
@@ -105,20 +128,95 @@ impl Outcome {
 impl Proxy {
     pub fn new(
         upstream: Upstream,
-        limits: Limits,
-        timeouts: Timeouts,
-        inject_stream_usage: bool,
+        config: &Config,
         registry: Arc<Registry>,
+        budget: budget::Shard,
+        prices: Arc<PriceTable>,
     ) -> Proxy {
         Proxy {
             upstream,
-            limits,
-            timeouts,
-            inject_stream_usage,
+            limits: config.limits,
+            timeouts: config.timeouts,
+            inject_stream_usage: config.inject_stream_usage,
             buffers: BufPool::default(),
             metrics: metrics::Shard::default(),
             registry,
+            budget,
+            prices,
+            default_max_output_tokens: config.budgets.default_max_output_tokens,
         }
+    }
+
+    /// Hands this worker's settled spend to the store and returns idle leases (every flush
+    /// interval, off the request path).
+    pub fn flush_budget(&self) {
+        self.budget.flush(Instant::now());
+    }
+
+    /// Authorize and admit: the caller's key id reserves the upper estimate of the request's
+    /// cost, which settle turns into the real cost.
+    fn admit(
+        &self,
+        request: &Request,
+        kind: Billable,
+        model: Option<&str>,
+        max_tokens: Option<u64>,
+        outcome: &mut Outcome,
+    ) -> Result<(), Error> {
+        let key = KeyId::of(auth::bearer(&request.head.headers).ok_or(Error::MissingKey)?);
+        outcome.key = Some(key);
+        let (price, _) = self.prices.lookup(model.unwrap_or(""));
+        let estimate = billing::upper_estimate(
+            &price,
+            kind,
+            request.body.len(),
+            max_tokens,
+            self.default_max_output_tokens,
+        );
+        let reservation =
+            self.budget
+                .reserve(key, estimate)
+                .map_err(|denied| Error::BudgetExhausted {
+                    remaining_nano: denied.remaining_nano,
+                    estimate_nano: denied.estimate_nano,
+                })?;
+        outcome.bill = Some(Bill {
+            reservation,
+            request_bytes: request.body.len() as u64,
+        });
+        Ok(())
+    }
+
+    /// `/v1/usage`: the caller's own key, masked, and its budget in dollars.
+    async fn usage<S: AsyncWriteRent>(
+        &self,
+        request: &Request,
+        keep_alive: bool,
+        client: &mut S,
+        outcome: &mut Outcome,
+    ) -> Persist {
+        let Some(key) = auth::bearer(&request.head.headers) else {
+            return self
+                .fail(client, Error::MissingKey, keep_alive, outcome)
+                .await;
+        };
+        let id = KeyId::of(key);
+        outcome.key = Some(id);
+        let account = self.budget.account(id);
+        let body = serde_json::json!({
+            "api_key": auth::mask(key),
+            "limit_dollars": pricing::nano_to_dollars(account.limit),
+            "usage_dollars": pricing::nano_to_dollars(account.spent),
+            "remaining_dollars": pricing::nano_to_dollars(account.remaining()),
+        });
+        outcome.status = Some(StatusCode::OK);
+        server::write_json(
+            client,
+            StatusCode::OK,
+            body.to_string().as_bytes(),
+            keep_alive,
+        )
+        .await
     }
 
     /// This worker's metrics, if they changed since `*seen`, for publishing to the registry.
@@ -160,6 +258,15 @@ impl Proxy {
             }
         };
         let chat = rewrite.request;
+        if let Err(e) = self.admit(
+            &request,
+            Billable::Generates,
+            chat.model.as_deref(),
+            chat.max_tokens,
+            outcome,
+        ) {
+            return self.fail(client, e, keep_alive, outcome).await;
+        }
         outcome.model = chat.model;
         outcome.stream = chat.stream;
         // Strip the usage event only when Aura asked for it and the client did not.
@@ -227,6 +334,7 @@ impl Proxy {
         });
         outcome.ttft_overhead = end.first_byte_overhead;
         outcome.ttft = end.ttft;
+        outcome.response_bytes = end.body_bytes;
         outcome.error = end.error;
         if end.upstream_reusable {
             self.upstream.put_back(conn);
@@ -396,8 +504,9 @@ impl<S: AsyncReadRent + AsyncWriteRent> Handler<S> for Proxy {
                 self.chat(request, keep_alive, client, &mut outcome, started)
                     .await
             }
+            Route::Usage => self.usage(&request, keep_alive, client, &mut outcome).await,
             Route::PassThrough => {
-                self.forward(request, keep_alive, client, false, &mut outcome, started)
+                self.pass_through(request, keep_alive, client, &mut outcome, started)
                     .await
             }
             // `of` never yields Unparsed: the server refuses those before a handler sees them.
@@ -414,27 +523,44 @@ impl<S: AsyncReadRent + AsyncWriteRent> Handler<S> for Proxy {
                 self.fail(client, error, keep_alive, &mut outcome).await
             }
         };
-        self.settle(&outcome, outcome.error.as_ref(), started);
+        let error = outcome.error.take();
+        self.settle(&mut outcome, error.as_ref(), started);
         persist
     }
 
     fn refused(&self, error: &Error) {
-        let outcome = Outcome {
+        let mut outcome = Outcome {
             status: Some(error.status()),
             ..Outcome::new(Route::Unparsed)
         };
-        self.settle(&outcome, Some(error), Instant::now());
+        self.settle(&mut outcome, Some(error), Instant::now());
     }
 }
 
 impl Proxy {
-    /// The end of every request: its metrics, and one access-log record (the hook budgets will
-    /// bill from). Health checks and scrapes are neither counted nor logged.
-    fn settle(&self, outcome: &Outcome, error: Option<&Error>, started: Instant) {
+    /// The end of every request: its bill (the reservation becomes the real cost), its metrics,
+    /// and one access-log record. Health checks and scrapes are neither counted nor logged.
+    fn settle(&self, outcome: &mut Outcome, error: Option<&Error>, started: Instant) {
         if matches!(outcome.route, Route::Health | Route::Metrics) {
             return;
         }
-        let answered_ok = outcome.status.is_some_and(|s| s.is_success());
+        let charge = outcome.bill.take().map(|bill| {
+            let succeeded = outcome.status.is_some_and(|s| s.is_success());
+            let (cost, basis, matched) = billing::settle_cost(
+                &self.prices,
+                &bill,
+                outcome.model.as_deref(),
+                outcome.usage.as_ref(),
+                succeeded,
+                outcome.response_bytes,
+            );
+            self.budget.settle(bill.reservation, cost, Instant::now());
+            Charge {
+                cost_nano: cost,
+                basis,
+                matched,
+            }
+        });
         self.metrics.record(&metrics::Record {
             route: outcome.route.label(),
             status: outcome.status.map(|s| s.as_u16()).unwrap_or(0),
@@ -442,16 +568,51 @@ impl Proxy {
             ttft_overhead: outcome.ttft_overhead,
             to_upstream: outcome.to_upstream,
             usage: outcome.usage.as_ref(),
-            usage_missing: outcome.route == Route::ChatCompletions
-                && answered_ok
-                && outcome.usage.is_none(),
+            usage_missing: charge.is_some_and(|c| c.basis == Basis::Estimated),
+            cost_nano: charge.map_or(0, |c| c.cost_nano),
+            default_price: charge.is_some_and(|c| c.matched == Match::Default),
         });
-        log_access(outcome, error, started);
+        log_access(outcome, charge, error, started);
+    }
+
+    /// Any other `/v1/*` route; the ones that report usage are admitted and billed.
+    async fn pass_through<S: AsyncWriteRent>(
+        &self,
+        request: Request,
+        keep_alive: bool,
+        client: &mut S,
+        outcome: &mut Outcome,
+        started: Instant,
+    ) -> Persist {
+        let path = request.head.target.split('?').next().unwrap_or_default();
+        if let Some(kind) = billing::billable_passthrough(&request.head.method, path) {
+            let bounds = billing::bounds_of(&request.body);
+            if let Err(e) = self.admit(
+                &request,
+                kind,
+                bounds.model.as_deref(),
+                bounds.max_tokens,
+                outcome,
+            ) {
+                return self.fail(client, e, keep_alive, outcome).await;
+            }
+            outcome.model = bounds.model;
+        }
+        self.forward(request, keep_alive, client, false, outcome, started)
+            .await
     }
 }
 
+/// What settle charged a billable request.
+#[derive(Debug, Clone, Copy)]
+struct Charge {
+    cost_nano: u64,
+    basis: Basis,
+    matched: Match,
+}
+
 /// The one access-log record of a finished request. Keys never appear in it.
-fn log_access(outcome: &Outcome, error: Option<&Error>, started: Instant) {
+fn log_access(outcome: &Outcome, charge: Option<Charge>, error: Option<&Error>, started: Instant) {
     let duration_us = started.elapsed().as_micros() as u64;
     let status = outcome.status.map(|s| s.as_u16()).unwrap_or(0);
     let error_detail = error.map(|e| e.to_string()).unwrap_or_default();
@@ -465,16 +626,29 @@ fn log_access(outcome: &Outcome, error: Option<&Error>, started: Instant) {
         ),
         None => ("none", 0, 0, 0),
     };
+    let usage = match charge.map(|c| c.basis) {
+        Some(Basis::Estimated) => "estimated",
+        _ => usage,
+    };
+    let key_id = outcome.key.map(|k| k.to_string()).unwrap_or_default();
     tracing::info!(
         target: "aura::access",
         route = outcome.route.label(),
         status,
+        key_id = key_id.as_str(),
         model = outcome.model.as_deref().unwrap_or(""),
         stream = outcome.stream,
         usage,
         prompt_tokens = prompt,
         completion_tokens = completion,
         cached_prompt_tokens = cached,
+        cost_nano_usd = charge.map_or(0, |c| c.cost_nano),
+        price = match charge.map(|c| c.matched) {
+            Some(Match::Exact) => "exact",
+            Some(Match::Base) => "base_name",
+            Some(Match::Default) => "default",
+            None => "",
+        },
         to_upstream_us = micros(outcome.to_upstream),
         ttft_us = micros(outcome.ttft),
         ttft_overhead_us = micros(outcome.ttft_overhead),
@@ -505,6 +679,8 @@ mod tests {
             (Method::GET, "/v1/models", Route::PassThrough),
             (Method::GET, "/healthz", Route::Health),
             (Method::GET, "/metrics", Route::Metrics),
+            (Method::GET, "/v1/usage", Route::Usage),
+            (Method::POST, "/v1/usage", Route::PassThrough),
             (Method::POST, "/metrics", Route::NotFound),
             (Method::GET, "/v2/x", Route::NotFound),
             (Method::GET, "/v1", Route::NotFound),

@@ -7,6 +7,7 @@
 //! SO_REUSEPORT) could share the port and take half the connections. `bind_listeners` first
 //! probes the port with a plain listener and holds an abstract-socket lock named after it.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::os::linux::net::SocketAddrExt;
@@ -17,10 +18,13 @@ use std::thread::JoinHandle;
 use monoio::net::TcpListener;
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::budget::{self, Store};
 use crate::config::{Config, Limits, Timeouts};
 use crate::metrics::{self, Registry};
+use crate::pricing::PriceTable;
 use crate::proxy::Proxy;
 use crate::server;
+use crate::store::MemoryStore;
 use crate::upstream::{Resolver, Upstream};
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +37,24 @@ pub enum StartError {
     Tls(String),
     #[error("cannot start worker thread: {0}")]
     Thread(io::Error),
+    #[error("price file {0}: {1}")]
+    PriceFile(String, String),
+}
+
+/// The built-in price table, with the configured price file on top.
+pub fn load_prices(config: &Config) -> Result<PriceTable, StartError> {
+    let budgets = &config.budgets;
+    let mut prices = PriceTable::builtin(budgets.unknown_model_price);
+    if let Some(path) = &budgets.price_file {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| StartError::PriceFile(shown.clone(), e.to_string()))?;
+        let added = prices
+            .merge_litellm(&text)
+            .map_err(|e| StartError::PriceFile(shown.clone(), e.to_string()))?;
+        tracing::info!(file = shown.as_str(), models = added, "prices loaded");
+    }
+    Ok(prices)
 }
 
 /// The I/O driver a worker runs on.
@@ -82,9 +104,20 @@ pub fn start(config: &Config, resolver: Resolver) -> Result<Running, StartError>
         Vec::new()
     };
     let registry = Registry::new(listeners.len());
+    let prices = Arc::new(load_prices(config)?);
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new(
+        config.budgets.default_limit_nano,
+        HashMap::new(),
+    ));
+    let shard_count = listeners.len();
     let mut handles = Vec::with_capacity(workers);
     for (id, listener) in listeners.into_iter().enumerate() {
         let registry = registry.clone();
+        let budget = Budget {
+            store: store.clone(),
+            prices: prices.clone(),
+            shards: shard_count,
+        };
         let config = config.clone();
         let resolver = resolver.clone();
         let tls = tls.clone();
@@ -97,7 +130,7 @@ pub fn start(config: &Config, resolver: Resolver) -> Result<Running, StartError>
                         tracing::warn!(worker = id, core = core.id, "could not pin worker to core");
                     }
                 }
-                run_worker(id, listener, config, resolver, tls, registry);
+                run_worker(id, listener, config, resolver, tls, registry, budget);
             })
             .map_err(StartError::Thread)?;
         handles.push(handle);
@@ -168,6 +201,7 @@ fn run_worker(
     resolver: Resolver,
     tls: Option<Arc<rustls::ClientConfig>>,
     registry: Arc<Registry>,
+    budget: Budget,
 ) {
     let main = move |driver: Driver| async move {
         tracing::info!(worker = id, driver = driver.label(), "worker started");
@@ -188,12 +222,13 @@ fn run_worker(
         };
         let proxy = Rc::new(Proxy::new(
             upstream,
-            config.limits,
-            config.timeouts,
-            config.inject_stream_usage,
+            &config,
             registry.clone(),
+            budget::Shard::new(budget.store, budget.shards),
+            budget.prices,
         ));
         monoio::spawn(publish_metrics(id, proxy.clone(), registry));
+        monoio::spawn(flush_budget(proxy.clone(), config.budgets.flush_interval));
         accept_loop(listener, proxy, config.limits, config.timeouts).await;
     };
     match build_runtime() {
@@ -235,6 +270,21 @@ async fn publish_metrics(id: usize, proxy: Rc<Proxy>, registry: Arc<Registry>) {
             registry.publish(id, snapshot);
         }
     }
+}
+
+/// Flushes this worker's settled spend to the store every interval, off the request path.
+async fn flush_budget(proxy: Rc<Proxy>, every: std::time::Duration) {
+    loop {
+        monoio::time::sleep(every).await;
+        proxy.flush_budget();
+    }
+}
+
+/// What each worker's budget shard is built from.
+struct Budget {
+    store: Arc<dyn Store>,
+    prices: Arc<PriceTable>,
+    shards: usize,
 }
 
 async fn accept_loop(listener: TcpListener, proxy: Rc<Proxy>, limits: Limits, timeouts: Timeouts) {

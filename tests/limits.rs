@@ -219,6 +219,7 @@ fn expect_100_continue_is_answered_and_not_forwarded(driver: Driver) {
             CHAT,
             "HTTP/1.1",
             &[
+                ("authorization", "Bearer sk-test"),
                 ("content-type", "application/json"),
                 ("content-length", &length),
                 ("expect", "100-continue"),
@@ -288,6 +289,7 @@ fn http_1_0_stream_is_delimited_by_close(driver: Driver) {
         CHAT,
         "HTTP/1.0",
         &[
+            ("authorization", "Bearer sk-test"),
             ("content-type", "application/json"),
             ("content-length", &length),
         ],

@@ -68,9 +68,27 @@ pub fn encode(s: &Snapshot, drivers: &[(usize, &'static str)]) -> String {
         &mut out,
         "aura_usage_missing_total",
         "counter",
-        "Upstream answers on usage-reporting routes that carried no usage.",
+        "Successful answers on billed routes that carried no usage (billed by an estimate from bytes).",
     );
     let _ = writeln!(out, "aura_usage_missing_total {}", s.usage_missing);
+    header(
+        &mut out,
+        "aura_cost_dollars_total",
+        "counter",
+        "What requests were billed, in dollars.",
+    );
+    let _ = writeln!(out, "aura_cost_dollars_total {}", s.cost_nano as f64 / 1e9);
+    header(
+        &mut out,
+        "aura_default_price_requests_total",
+        "counter",
+        "Billed requests whose model had no price (billed at the default price).",
+    );
+    let _ = writeln!(
+        out,
+        "aura_default_price_requests_total {}",
+        s.default_priced
+    );
     header(
         &mut out,
         "aura_worker_driver",
@@ -119,6 +137,8 @@ mod tests {
                 to_upstream: None,
                 usage: None,
                 usage_missing: us == 2_000,
+                cost_nano: 1_500_000_000,
+                default_price: us == 3,
             });
         }
         let text = encode(&s, &[(0, "io_uring")]);
@@ -134,6 +154,8 @@ mod tests {
             "aura_ttft_overhead_seconds_count 4",
             "aura_requests_total{route=\"chat_completions\",status_class=\"2xx\"} 4",
             "aura_usage_missing_total 1",
+            "aura_cost_dollars_total 6",
+            "aura_default_price_requests_total 1",
             "aura_worker_driver{worker=\"0\",driver=\"io_uring\"} 1",
         ] {
             assert!(

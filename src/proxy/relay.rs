@@ -64,6 +64,8 @@ enum ClientFraming {
 
 pub struct RelayEnd {
     pub usage: Option<Found>,
+    /// Body bytes read from the upstream (de-framed), for estimating a usage that never came.
+    pub body_bytes: u64,
     pub first_byte_overhead: Option<Duration>,
     pub ttft: Option<Duration>,
     pub error: Option<Error>,
@@ -161,6 +163,7 @@ impl Relay {
         };
         let mut end = RelayEnd {
             usage: None,
+            body_bytes: 0,
             first_byte_overhead: None,
             ttft: None,
             error: None,
@@ -241,6 +244,7 @@ impl Relay {
             }
 
             // 3. Observe the same bytes.
+            end.body_bytes += payload.len() as u64;
             match self.kind {
                 BodyKind::EventStream => scanner.feed(&payload),
                 BodyKind::Json if json.len() + payload.len() <= JSON_USAGE_MAX_BYTES => {

@@ -1,9 +1,11 @@
 """Drives the official openai Python SDK against Aura (run by tests/sdk.rs).
 
-Usage: openai_client.py BASE_URL CHUNKS
+Usage: openai_client.py BASE_URL CHUNKS [quota]
 Aura must be in front of the project's mock upstream, which streams CHUNKS content chunks
-("tok0 ", "tok1 ", ...). Exits 0 when every check passes, 1 on a failed check (with the reason
-on stderr), 3 when the openai package cannot be imported.
+("tok0 ", "tok1 ", ...). With `quota`, Aura's key limit is spent (0): every request must raise
+the SDK's status error for 402 with OpenAI's `insufficient_quota` code instead.
+Exits 0 when every check passes, 1 on a failed check (with the reason on stderr), 3 when the
+openai package cannot be imported.
 """
 
 import sys
@@ -29,10 +31,26 @@ def check(condition, message):
         fail(message)
 
 
+def quota(client, messages):
+    """A spent key: streamed or not, the SDK raises its status error for 402, quota exhausted."""
+    for stream in (False, True):
+        try:
+            client.chat.completions.create(model="gpt-4o-mini", messages=messages, stream=stream)
+            fail(f"a request on a spent key went through (stream={stream})")
+        except openai.APIStatusError as error:
+            check(error.status_code == 402, f"status {error.status_code}, expected 402")
+            check(error.code == "insufficient_quota", f"code {error.code!r}")
+            check(error.type == "insufficient_quota", f"type {error.type!r}")
+            check("budget exhausted" in error.message, f"message {error.message!r}")
+    print(f"openai_client.py: quota ok (openai {openai.__version__})")
+
+
 def main():
     base_url, chunks = sys.argv[1], int(sys.argv[2])
     client = openai.OpenAI(base_url=base_url, api_key="sk-test", max_retries=0, timeout=20)
     messages = [{"role": "user", "content": "Say hello"}]
+    if sys.argv[3:] == ["quota"]:
+        return quota(client, messages)
     expected = "".join(f"tok{i} " for i in range(chunks))
 
     # 1. A stream without stream_options: Aura asks the upstream for usage, but the client must

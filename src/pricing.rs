@@ -1,0 +1,392 @@
+//! Prices per model and the cost of a usage. Prices are integer pico-dollars (1e-12 USD) per
+//! token, because real per-token prices go below a nano-dollar (LiteLLM lists $2e-08 a token);
+//! costs are integer nano-dollars (1e-9 USD), rounded up, so a usage of a priced model never
+//! costs 0. Dollars appear only at the edges (config, the LiteLLM file, `/v1/usage`).
+//! A model is matched by exact name, then by its base name without a date suffix
+//! (`gpt-4o-2024-08-06` → `gpt-4o`) or provider prefix (`groq/…`); anything else gets the
+//! configured default price, never a free ride. Pure L0: no IO, clocks, globals or logging.
+
+use std::collections::HashMap;
+
+use crate::usage::Usage;
+
+pub const NANO_PER_DOLLAR: u64 = 1_000_000_000;
+const PICO_PER_NANO: u128 = 1_000;
+
+/// What one model costs per token, in pico-dollars, and its longest answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Price {
+    pub input_pico: u64,
+    pub output_pico: u64,
+    /// Prompt tokens served from the provider's cache (OpenAI bills them at a discount).
+    pub cached_input_pico: u64,
+    /// The model's output limit, the upper bound of a request without `max_tokens`.
+    pub max_output_tokens: Option<u64>,
+}
+
+impl Price {
+    /// From dollars per million tokens, as providers publish them.
+    pub fn per_million(input: f64, output: f64, cached_input: f64) -> Price {
+        Price {
+            input_pico: dollars_per_million_to_pico(input),
+            output_pico: dollars_per_million_to_pico(output),
+            cached_input_pico: dollars_per_million_to_pico(cached_input),
+            max_output_tokens: None,
+        }
+    }
+
+    fn with_max_output(mut self, tokens: u64) -> Price {
+        self.max_output_tokens = Some(tokens);
+        self
+    }
+
+    /// The cost of `usage`, in nano-dollars, rounded up.
+    pub fn cost_nano(&self, usage: &Usage) -> u64 {
+        let cached = usage.cached_prompt_tokens.min(usage.prompt_tokens);
+        let pico = u128::from(usage.prompt_tokens - cached) * u128::from(self.input_pico)
+            + u128::from(cached) * u128::from(self.cached_input_pico)
+            + u128::from(usage.completion_tokens) * u128::from(self.output_pico);
+        pico_to_nano_up(pico)
+    }
+
+    /// The most `prompt_tokens` in and `completion_tokens` out can cost (no cache discount).
+    pub fn upper_bound_nano(&self, prompt_tokens: u64, completion_tokens: u64) -> u64 {
+        let pico = u128::from(prompt_tokens) * u128::from(self.input_pico)
+            + u128::from(completion_tokens) * u128::from(self.output_pico);
+        pico_to_nano_up(pico)
+    }
+}
+
+fn pico_to_nano_up(pico: u128) -> u64 {
+    u64::try_from(pico.div_ceil(PICO_PER_NANO)).unwrap_or(u64::MAX)
+}
+
+fn dollars_to_pico(dollars: f64) -> u64 {
+    // `as` saturates: NaN → 0, negative → 0 (rejected by callers before), huge → u64::MAX.
+    (dollars * 1e12).round() as u64
+}
+
+fn dollars_per_million_to_pico(dollars: f64) -> u64 {
+    dollars_to_pico(dollars / 1e6)
+}
+
+/// Dollars (from config or an API) to nano-dollars, rounded to the nearest nano-dollar.
+pub fn dollars_to_nano(dollars: f64) -> u64 {
+    (dollars * 1e9).round() as u64
+}
+
+/// Nano-dollars to dollars, for answers.
+pub fn nano_to_dollars(nano: u64) -> f64 {
+    nano as f64 / 1e9
+}
+
+/// How a model name found its price.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Match {
+    Exact,
+    /// Without its date suffix or provider prefix.
+    Base,
+    /// Not in the table: the default price.
+    Default,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PriceFileError {
+    #[error("price file is not JSON: {0}")]
+    NotJson(String),
+    #[error("price file is not a JSON object of models")]
+    NotAnObject,
+    #[error("model `{0}`: cost is not a non-negative number")]
+    BadCost(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct PriceTable {
+    by_name: HashMap<String, Price>,
+    default: Price,
+}
+
+/// Aura's own table: common OpenAI, Groq and open models, in dollars per million tokens
+/// (input, output, cached input) and output limits, from the providers' price pages (2026).
+const BUILTIN: &[(&str, f64, f64, f64, u64)] = &[
+    ("gpt-4o", 2.50, 10.00, 1.25, 16_384),
+    ("gpt-4o-mini", 0.15, 0.60, 0.075, 16_384),
+    ("gpt-4.1", 2.00, 8.00, 0.50, 32_768),
+    ("gpt-4.1-mini", 0.40, 1.60, 0.10, 32_768),
+    ("gpt-4.1-nano", 0.10, 0.40, 0.025, 32_768),
+    ("o3-mini", 1.10, 4.40, 0.55, 100_000),
+    ("gpt-3.5-turbo", 0.50, 1.50, 0.50, 4_096),
+    ("text-embedding-3-small", 0.02, 0.0, 0.02, 0),
+    ("text-embedding-3-large", 0.13, 0.0, 0.13, 0),
+    ("llama-3.1-8b-instant", 0.05, 0.08, 0.05, 131_072),
+    ("llama-3.3-70b-versatile", 0.59, 0.79, 0.59, 32_768),
+    (
+        "meta-llama/Llama-3.1-8B-Instruct",
+        0.05,
+        0.08,
+        0.05,
+        131_072,
+    ),
+    ("mixtral-8x7b-32768", 0.24, 0.24, 0.24, 32_768),
+];
+
+impl PriceTable {
+    /// The built-in table, with `default` for models not in it.
+    pub fn builtin(default: Price) -> PriceTable {
+        let by_name = BUILTIN
+            .iter()
+            .map(|&(name, input, output, cached, max_out)| {
+                let price = Price::per_million(input, output, cached);
+                let price = if max_out > 0 {
+                    price.with_max_output(max_out)
+                } else {
+                    price
+                };
+                (name.to_string(), price)
+            })
+            .collect();
+        PriceTable { by_name, default }
+    }
+
+    pub fn insert(&mut self, model: &str, price: Price) {
+        self.by_name.insert(model.to_string(), price);
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+
+    /// The price of `model`, and how it was matched.
+    pub fn lookup(&self, model: &str) -> (Price, Match) {
+        if let Some(p) = self.by_name.get(model) {
+            return (*p, Match::Exact);
+        }
+        let unprefixed = model.rsplit('/').next().unwrap_or(model);
+        for candidate in [Some(unprefixed), base_name(model), base_name(unprefixed)]
+            .into_iter()
+            .flatten()
+        {
+            if let Some(p) = self.by_name.get(candidate) {
+                return (*p, Match::Base);
+            }
+        }
+        (self.default, Match::Default)
+    }
+
+    /// Adds (or replaces) the models of a file in LiteLLM's `model_prices_and_context_window.json`
+    /// format: `{"model": {"input_cost_per_token": 2.5e-06, "output_cost_per_token": 1e-05,
+    /// "cache_read_input_token_cost": 1.25e-06, "max_output_tokens": 16384, ...}, ...}`. Entries
+    /// without any cost (and LiteLLM's `sample_spec`) are skipped. A `provider/model` entry also
+    /// answers for `model` unless that has an entry of its own. Returns the models added.
+    pub fn merge_litellm(&mut self, json: &str) -> Result<usize, PriceFileError> {
+        let root: serde_json::Value =
+            serde_json::from_str(json).map_err(|e| PriceFileError::NotJson(e.to_string()))?;
+        let models = root.as_object().ok_or(PriceFileError::NotAnObject)?;
+        let mut added = Vec::new();
+        for (name, spec) in models {
+            if name == "sample_spec" {
+                continue;
+            }
+            let cost = |field: &str| -> Result<Option<f64>, PriceFileError> {
+                match spec.get(field) {
+                    None | Some(serde_json::Value::Null) => Ok(None),
+                    Some(v) => match v.as_f64() {
+                        Some(c) if c >= 0.0 && c.is_finite() => Ok(Some(c)),
+                        _ => Err(PriceFileError::BadCost(name.clone())),
+                    },
+                }
+            };
+            let (input, output) = (
+                cost("input_cost_per_token")?,
+                cost("output_cost_per_token")?,
+            );
+            if input.is_none() && output.is_none() {
+                continue;
+            }
+            let input = input.unwrap_or(0.0);
+            let cached = cost("cache_read_input_token_cost")?.unwrap_or(input);
+            let max_output = ["max_output_tokens", "max_tokens"]
+                .iter()
+                .find_map(|f| spec.get(*f).and_then(serde_json::Value::as_u64));
+            let price = Price {
+                input_pico: dollars_to_pico(input),
+                output_pico: dollars_to_pico(output.unwrap_or(0.0)),
+                cached_input_pico: dollars_to_pico(cached),
+                max_output_tokens: max_output,
+            };
+            added.push((name.clone(), price));
+        }
+        let count = added.len();
+        for (name, price) in &added {
+            self.by_name.insert(name.clone(), *price);
+        }
+        for (name, price) in added {
+            if let Some((_, short)) = name.rsplit_once('/') {
+                self.by_name.entry(short.to_string()).or_insert(price);
+            }
+        }
+        Ok(count)
+    }
+}
+
+/// `gpt-4o-2024-08-06` → `gpt-4o`, `gpt-4-0613` → `gpt-4`, `claude-3-5-sonnet-20241022` →
+/// `claude-3-5-sonnet`: a trailing date (YYYY-MM-DD, YYYYMMDD or MMDD) removed.
+fn base_name(model: &str) -> Option<&str> {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let bytes = model.as_bytes();
+    // -YYYY-MM-DD
+    if bytes.len() > 11 && bytes[bytes.len() - 11] == b'-' {
+        let date = &model[model.len() - 10..];
+        let parts: Vec<&str> = date.split('-').collect();
+        if parts.len() == 3
+            && parts[0].len() == 4
+            && parts[1].len() == 2
+            && parts[2].len() == 2
+            && parts.iter().all(|p| digits(p))
+        {
+            return Some(&model[..model.len() - 11]);
+        }
+    }
+    let (stem, last) = model.rsplit_once('-')?;
+    ((last.len() == 8 || last.len() == 4) && digits(last) && !stem.is_empty()).then_some(stem)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage(prompt: u64, completion: u64, cached: u64) -> Usage {
+        Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            cached_prompt_tokens: cached,
+        }
+    }
+
+    fn default_price() -> Price {
+        Price::per_million(5.0, 15.0, 5.0)
+    }
+
+    #[test]
+    fn costs_are_exact_integers_rounded_up() {
+        let gpt4o = Price::per_million(2.50, 10.00, 1.25);
+        // 1000 prompt (200 cached) and 500 completion tokens, per token 2.5e6, 1.25e6 and 1e7
+        // pico: 800 × 2.5e6 + 200 × 1.25e6 + 500 × 1e7 = 7.25e9 pico = 7_250_000 nano ($0.00725).
+        assert_eq!(gpt4o.cost_nano(&usage(1000, 500, 200)), 7_250_000);
+        // A token priced below a nano-dollar (20 pico) still costs 1 nano-dollar, never 0.
+        let tiny = Price {
+            input_pico: 20,
+            output_pico: 0,
+            cached_input_pico: 20,
+            max_output_tokens: None,
+        };
+        assert_eq!(tiny.cost_nano(&usage(1, 0, 0)), 1);
+        assert_eq!(tiny.cost_nano(&usage(0, 0, 0)), 0);
+        // A cached count above the prompt count (a bad upstream) is capped, never underflows.
+        assert_eq!(gpt4o.cost_nano(&usage(10, 0, 50)), 12_500);
+        assert_eq!(gpt4o.upper_bound_nano(1000, 500), 7_500_000);
+        assert_eq!(gpt4o.upper_bound_nano(u64::MAX, u64::MAX), u64::MAX);
+    }
+
+    #[test]
+    fn names_resolve_exact_then_base_then_default() {
+        let table = PriceTable::builtin(default_price());
+        let cases = [
+            ("gpt-4o", Match::Exact, 2_500_000),
+            ("gpt-4o-2024-08-06", Match::Base, 2_500_000),
+            ("gpt-4o-mini-2024-07-18", Match::Base, 150_000),
+            ("gpt-3.5-turbo-0125", Match::Base, 500_000),
+            ("openai/gpt-4o-mini", Match::Base, 150_000),
+            ("llama-3.1-8b-instant", Match::Exact, 50_000),
+            ("my-finetune", Match::Default, 5_000_000),
+            ("", Match::Default, 5_000_000),
+        ];
+        for (model, how, input_pico) in cases {
+            let (price, matched) = table.lookup(model);
+            assert_eq!((matched, price.input_pico), (how, input_pico), "{model}");
+        }
+    }
+
+    #[test]
+    fn base_names() {
+        assert_eq!(base_name("gpt-4o-2024-08-06"), Some("gpt-4o"));
+        assert_eq!(base_name("gpt-4-0613"), Some("gpt-4"));
+        assert_eq!(
+            base_name("claude-3-5-sonnet-20241022"),
+            Some("claude-3-5-sonnet")
+        );
+        assert_eq!(base_name("gpt-4o"), None);
+        assert_eq!(base_name("llama-3.1-8b-instant"), None);
+        assert_eq!(base_name("-0613"), None);
+    }
+
+    #[test]
+    fn a_litellm_price_file_loads() {
+        let json = r#"{
+            "sample_spec": {"input_cost_per_token": 0, "max_tokens": "LEGACY"},
+            "gpt-4o": {"input_cost_per_token": 2.5e-06, "output_cost_per_token": 1e-05,
+                       "cache_read_input_token_cost": 1.25e-06, "max_output_tokens": 16384,
+                       "litellm_provider": "openai", "mode": "chat"},
+            "groq/llama3-8b-8192": {"input_cost_per_token": 5e-08, "output_cost_per_token": 8e-08,
+                                    "max_tokens": 8192},
+            "dall-e-3": {"mode": "image_generation", "output_cost_per_image": 0.04},
+            "text-embedding-3-small": {"input_cost_per_token": 2e-08, "mode": "embedding"}
+        }"#;
+        let mut table = PriceTable {
+            by_name: HashMap::new(),
+            default: default_price(),
+        };
+        assert_eq!(table.merge_litellm(json).unwrap(), 3);
+        let (gpt4o, how) = table.lookup("gpt-4o-2024-08-06");
+        assert_eq!(how, Match::Base);
+        assert_eq!(
+            gpt4o,
+            Price {
+                input_pico: 2_500_000,
+                output_pico: 10_000_000,
+                cached_input_pico: 1_250_000,
+                max_output_tokens: Some(16_384),
+            }
+        );
+        let (groq, how) = table.lookup("llama3-8b-8192");
+        // The provider prefix is dropped on load: the short name answers as an exact match.
+        assert_eq!(
+            (how, groq.input_pico, groq.max_output_tokens),
+            (Match::Exact, 50_000, Some(8192))
+        );
+        let (embed, _) = table.lookup("text-embedding-3-small");
+        assert_eq!(
+            (embed.input_pico, embed.cached_input_pico),
+            (20_000, 20_000)
+        );
+        assert_eq!(table.lookup("dall-e-3").1, Match::Default);
+    }
+
+    #[test]
+    fn a_bad_price_file_is_refused() {
+        let mut table = PriceTable::builtin(default_price());
+        assert!(matches!(
+            table.merge_litellm("[1]"),
+            Err(PriceFileError::NotAnObject)
+        ));
+        assert!(matches!(
+            table.merge_litellm("{"),
+            Err(PriceFileError::NotJson(_))
+        ));
+        assert!(matches!(
+            table.merge_litellm(r#"{"m": {"input_cost_per_token": -1}}"#),
+            Err(PriceFileError::BadCost(_))
+        ));
+    }
+
+    #[test]
+    fn dollars_convert_at_the_edges() {
+        assert_eq!(dollars_to_nano(10.0), 10 * NANO_PER_DOLLAR);
+        assert_eq!(dollars_to_nano(0.000_000_001), 1);
+        assert_eq!(nano_to_dollars(2_500_000_000), 2.5);
+    }
+}

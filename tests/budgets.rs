@@ -1,0 +1,387 @@
+//! Budgets end to end: the real `aura` binary (2 workers, in-memory store) in front of the mock.
+//! Spend must equal the mock's usage × price to the nano-dollar, whatever the route and even when
+//! clients leave mid-stream; concurrent clients on a small limit must not spend past it; a spent
+//! key gets an OpenAI-style 402. Workers flush spend every 50 ms, so tests wait on `/v1/usage`
+//! with a deadline.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+#[macro_use]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{start_mock, Aura, Driver, Launch, MockOptions, MockUpstream, CHAT, STREAM, WHOLE};
+use serde_json::Value;
+
+on_both_drivers!(
+    spend_is_exact_over_every_billed_route_and_clients_that_leave,
+    concurrent_clients_never_spend_past_the_limit,
+    a_spent_key_gets_402_and_other_keys_do_not,
+    usage_answers_for_the_callers_own_key_only,
+    a_litellm_price_file_prices_the_response_model,
+    an_unknown_model_is_billed_at_the_default_price,
+    an_answer_without_usage_is_billed_an_estimate,
+    the_access_log_bills_by_key_id_never_by_key,
+);
+
+/// gpt-4o-mini (the mock answers as gpt-4o-mini-2024-07-18): pico-dollars per token.
+const MINI_IN: u64 = 150_000;
+const MINI_OUT: u64 = 600_000;
+/// text-embedding-3-small.
+const EMBED_IN: u64 = 20_000;
+
+fn cost(prompt: u64, completion: u64, input_pico: u64, output_pico: u64) -> u64 {
+    (prompt * input_pico + completion * output_pico).div_ceil(1_000)
+}
+
+fn bearer(key: &str) -> String {
+    format!("Bearer {key}")
+}
+
+/// The mock's own usage for a recorded request: prompt = body bytes / 4 (at least 1),
+/// completion = its `x-mock-chunks` (default 5).
+fn mock_usage(r: &common::Recorded) -> (u64, u64) {
+    let chunks = r
+        .headers
+        .iter()
+        .find(|(n, _)| n == "x-mock-chunks")
+        .map_or(5, |(_, v)| v.parse().unwrap());
+    ((r.body.len() as u64 / 4).max(1), chunks)
+}
+
+fn launch(mock: &MockUpstream, driver: Driver, flags: &[(&str, &str)]) -> Aura {
+    let mut launch = Launch::new(&mock.url(), driver);
+    for (flag, value) in flags {
+        launch = launch.arg(flag).arg(value);
+    }
+    launch.start()
+}
+
+/// `/v1/usage` for `key`.
+fn usage_of(aura: &Aura, key: &str) -> Value {
+    let r = aura
+        .client()
+        .request("GET", "/v1/usage", &[("authorization", &bearer(key))], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()
+}
+
+fn nano(dollars: &Value) -> u64 {
+    (dollars.as_f64().unwrap() * 1e9).round() as u64
+}
+
+/// Waits until `/v1/usage` shows `key` having spent `want` nano-dollars (workers flush every
+/// 50 ms); fails with the last answer after 10 s.
+fn wait_for_spend(aura: &Aura, key: &str, want: u64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let u = usage_of(aura, key);
+        if nano(&u["usage_dollars"]) == want {
+            return u;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "spend never reached {want} nano-dollars: {u}"
+        );
+        std::thread::park_timeout(Duration::from_millis(20));
+    }
+}
+
+/// Waits until `/metrics` has the sample `line` (workers publish every 250 ms).
+fn wait_for_metric(aura: &Aura, line: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = aura.client().get("/metrics").text();
+        if text.lines().any(|l| l == line) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no `{line}` in\n{text}");
+        std::thread::park_timeout(Duration::from_millis(20));
+    }
+}
+
+fn post(aura: &Aura, key: &str, target: &str, headers: &[(&str, &str)], body: &str) -> u16 {
+    let auth = bearer(key);
+    let mut all = vec![
+        ("content-type", "application/json"),
+        ("authorization", auth.as_str()),
+    ];
+    all.extend_from_slice(headers);
+    aura.client()
+        .request("POST", target, &all, body.as_bytes())
+        .status
+}
+
+/// Starts a stream and leaves after its first event.
+fn leave_mid_stream(aura: &Aura, key: &str) {
+    let mut client = aura.client();
+    let request = format!(
+        "POST {CHAT} HTTP/1.1\r\nhost: x\r\nauthorization: {}\r\ncontent-type: application/json\r\nx-mock-chunks: 6\r\nx-mock-delay-ms: 30\r\ncontent-length: {}\r\n\r\n{STREAM}",
+        bearer(key),
+        STREAM.len()
+    );
+    client.send(request.as_bytes());
+    let (status, _) = client.read_head();
+    assert_eq!(status, 200);
+    client.read_until(b"\n\n");
+}
+
+fn spend_is_exact_over_every_billed_route_and_clients_that_leave(driver: Driver) {
+    let key = "sk-test-exact-000000000001";
+    let mock = start_mock(MockOptions::default());
+    let aura = launch(&mock, driver, &[]);
+    let embed = r#"{"model":"text-embedding-3-small","input":["one","two","three"]}"#;
+    for i in 0..6 {
+        let chunks = (i + 1).to_string();
+        assert_eq!(
+            post(&aura, key, CHAT, &[("x-mock-chunks", &chunks)], STREAM),
+            200
+        );
+    }
+    for _ in 0..4 {
+        assert_eq!(post(&aura, key, CHAT, &[], WHOLE), 200);
+    }
+    for _ in 0..3 {
+        assert_eq!(post(&aura, key, "/v1/embeddings", &[], embed), 200);
+    }
+    for _ in 0..2 {
+        leave_mid_stream(&aura, key);
+    }
+    // Failed upstream answers cost nothing; a model list is not billed.
+    assert_eq!(
+        post(&aura, key, CHAT, &[("x-mock-status", "500")], WHOLE),
+        500
+    );
+    let models =
+        aura.client()
+            .request("GET", "/v1/models", &[("authorization", &bearer(key))], b"");
+    assert_eq!(models.status, 200);
+
+    let mut want = 0;
+    let mut billed = 0;
+    for r in mock.requests() {
+        if r.headers.iter().any(|(n, _)| n == "x-mock-status") || r.method == "GET" {
+            continue;
+        }
+        let (prompt, completion) = mock_usage(&r);
+        want += if r.target.ends_with("/embeddings") {
+            cost(prompt, 0, EMBED_IN, 0)
+        } else {
+            cost(prompt, completion, MINI_IN, MINI_OUT)
+        };
+        billed += 1;
+    }
+    assert_eq!(billed, 15);
+    let usage = wait_for_spend(&aura, key, want);
+    assert_eq!(nano(&usage["limit_dollars"]), 10_000_000_000);
+    assert_eq!(
+        nano(&usage["remaining_dollars"]),
+        10_000_000_000 - want,
+        "{usage}"
+    );
+    println!("15 billed requests, spend {want} nano-dollars, exact");
+}
+
+fn concurrent_clients_never_spend_past_the_limit(driver: Driver) {
+    const CLIENTS: usize = 64;
+    const EACH: usize = 3;
+    let limit_nano: u64 = 200_000;
+    let key = "sk-test-concurrent-000000001";
+    let mock = start_mock(MockOptions::default());
+    let aura = launch(&mock, driver, &[("--default-limit-dollars", "0.0002")]);
+    // max_tokens equals the mock's 5 chunks: the estimate bounds the real cost.
+    let body = r#"{"model":"gpt-4o-mini","max_tokens":5,"messages":[{"role":"user","content":"Say hello"}],"stream":true}"#;
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..CLIENTS)
+            .map(|_| {
+                s.spawn(|| {
+                    (0..EACH)
+                        .map(|_| post(&aura, key, CHAT, &[], body))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    let admitted = statuses.iter().filter(|&&s| s == 200).count();
+    let refused = statuses.iter().filter(|&&s| s == 402).count();
+    assert_eq!(admitted + refused, CLIENTS * EACH, "{statuses:?}");
+    let want: u64 = mock
+        .requests()
+        .iter()
+        .map(|r| {
+            let (p, c) = mock_usage(r);
+            cost(p, c, MINI_IN, MINI_OUT)
+        })
+        .sum();
+    let usage = wait_for_spend(&aura, key, want);
+    let spent = nano(&usage["usage_dollars"]);
+    let overshoot = spent.saturating_sub(limit_nano);
+    println!(
+        "{CLIENTS} clients × {EACH}: {admitted} admitted, {refused} refused (402); spent {spent} of {limit_nano} nano-dollars, overshoot {overshoot}"
+    );
+    assert!(
+        admitted > 0 && refused > 0,
+        "{admitted} admitted, {refused} refused"
+    );
+    assert_eq!(overshoot, 0, "spent {spent} past the limit {limit_nano}");
+}
+
+fn a_spent_key_gets_402_and_other_keys_do_not(driver: Driver) {
+    let mock = start_mock(MockOptions::default());
+    // One streamed request (estimate ~18k nano, cost ~8k) fits; a second does not.
+    let aura = launch(&mock, driver, &[("--default-limit-dollars", "0.00002")]);
+    let body = r#"{"model":"gpt-4o-mini","max_tokens":5,"messages":[{"role":"user","content":"Say hello"}],"stream":true}"#;
+    let spent_key = "sk-test-spent-0000000000001";
+    assert_eq!(post(&aura, spent_key, CHAT, &[], body), 200);
+    let (p, c) = mock_usage(&mock.requests()[0]);
+    wait_for_spend(&aura, spent_key, cost(p, c, MINI_IN, MINI_OUT));
+    let auth = bearer(spent_key);
+    let r = aura.client().request(
+        "POST",
+        CHAT,
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        body.as_bytes(),
+    );
+    let error = r.assert_openai_error(402);
+    assert_eq!(error["error"]["type"], "insufficient_quota");
+    assert_eq!(error["error"]["code"], "insufficient_quota");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("budget exhausted"),
+        "{error}"
+    );
+    assert_eq!(
+        mock.requests().len(),
+        1,
+        "a refused request never reaches the upstream"
+    );
+    assert_eq!(
+        post(&aura, "sk-test-other-00000000001", CHAT, &[], body),
+        200
+    );
+}
+
+fn usage_answers_for_the_callers_own_key_only(driver: Driver) {
+    let mock = start_mock(MockOptions::default());
+    let aura = launch(&mock, driver, &[]);
+    let key = "sk-proj-usage-test-0000abcd";
+    let fresh = usage_of(&aura, key);
+    assert_eq!(fresh["api_key"], "sk-...abcd");
+    assert_eq!(fresh["limit_dollars"], 10.0);
+    assert_eq!(fresh["usage_dollars"], 0.0);
+    assert_eq!(fresh["remaining_dollars"], 10.0);
+    assert_eq!(
+        fresh.as_object().unwrap().len(),
+        4,
+        "exactly the original Aura's fields: {fresh}"
+    );
+    let r = aura.client().get("/v1/usage");
+    let error = r.assert_openai_error(401);
+    assert_eq!(error["error"]["code"], "missing_api_key");
+    // A chat request without a key is refused before it reaches the upstream.
+    let r = aura.client().request(
+        "POST",
+        CHAT,
+        &[("content-type", "application/json")],
+        WHOLE.as_bytes(),
+    );
+    r.assert_openai_error(401);
+    assert!(mock.requests().is_empty());
+}
+
+fn a_litellm_price_file_prices_the_response_model(driver: Driver) {
+    let dir = std::env::temp_dir().join(format!("aura-prices-{}-{driver:?}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("model_prices_and_context_window.json");
+    // The response's dated name, priced apart from its base name.
+    std::fs::write(
+        &file,
+        r#"{"sample_spec": {"max_tokens": "LEGACY"},
+            "gpt-4o-mini-2024-07-18": {"input_cost_per_token": 1e-06, "output_cost_per_token": 3e-06,
+                                       "max_output_tokens": 100, "litellm_provider": "openai"}}"#,
+    )
+    .unwrap();
+    let mock = start_mock(MockOptions::default());
+    let aura = launch(&mock, driver, &[("--price-file", file.to_str().unwrap())]);
+    let key = "sk-test-pricefile-00000001";
+    assert_eq!(post(&aura, key, CHAT, &[], WHOLE), 200);
+    let (p, c) = mock_usage(&mock.requests()[0]);
+    wait_for_spend(&aura, key, cost(p, c, 1_000_000, 3_000_000));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn an_unknown_model_is_billed_at_the_default_price(driver: Driver) {
+    let mock = start_mock(MockOptions {
+        model: "acme-private-model-7b".into(),
+        ..MockOptions::default()
+    });
+    let aura = launch(&mock, driver, &[]);
+    let key = "sk-test-unknown-model-0001";
+    let body =
+        r#"{"model":"acme-private-model-7b","messages":[{"role":"user","content":"Say hello"}]}"#;
+    assert_eq!(post(&aura, key, CHAT, &[], body), 200);
+    let (p, c) = mock_usage(&mock.requests()[0]);
+    // Default: $5 per million prompt tokens, $15 per million completion tokens.
+    wait_for_spend(&aura, key, cost(p, c, 5_000_000, 15_000_000));
+    wait_for_metric(&aura, "aura_default_price_requests_total 1");
+}
+
+fn an_answer_without_usage_is_billed_an_estimate(driver: Driver) {
+    let mock = start_mock(MockOptions::default());
+    let aura = launch(&mock, driver, &[]);
+    let key = "sk-test-no-usage-000000001";
+    assert_eq!(
+        post(&aura, key, CHAT, &[("x-mock-no-usage", "1")], STREAM),
+        200
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let spent = loop {
+        let spent = nano(&usage_of(&aura, key)["usage_dollars"]);
+        if spent > 0 {
+            break spent;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "an answer without usage was free"
+        );
+        std::thread::park_timeout(Duration::from_millis(20));
+    };
+    // Never more than the reservation: body bytes as prompt tokens, 16384 completion tokens.
+    let forwarded = mock.requests()[0].body.len() as u64;
+    assert!(spent <= cost(STREAM.len() as u64, 16_384, MINI_IN, MINI_OUT));
+    assert!(spent >= cost(forwarded / 4, 0, MINI_IN, 0), "{spent}");
+    wait_for_metric(&aura, "aura_usage_missing_total 1");
+}
+
+fn the_access_log_bills_by_key_id_never_by_key(driver: Driver) {
+    let mock = start_mock(MockOptions::default());
+    let aura = Launch::new(&mock.url(), driver)
+        .env("AURA_LOG", "info")
+        .capture_stderr()
+        .start();
+    let key = "sk-live-LOGSECRET-0000000001";
+    assert_eq!(post(&aura, key, CHAT, &[], WHOLE), 200);
+    let line = aura
+        .log()
+        .wait_for_count("aura::access", 1, Duration::from_secs(5))
+        .remove(0);
+    let id = aura::auth::KeyId::of(key).to_string();
+    assert!(line.contains(&format!("key_id=\"{id}\"")), "{line}");
+    let (p, c) = mock_usage(&mock.requests()[0]);
+    let cost_field = format!("cost_nano_usd={}", cost(p, c, MINI_IN, MINI_OUT));
+    assert!(line.contains(&cost_field), "{line}");
+    assert!(line.contains("price=\"base_name\""), "{line}");
+    assert!(
+        !line.contains("LOGSECRET"),
+        "the key leaked into the log: {line}"
+    );
+}
