@@ -3,9 +3,13 @@
 //! itself: budgets, the store, logs and metrics never see the key in clear. `/v1/usage` shows it
 //! masked (`sk-...abcd`). Pure L0.
 
+use std::collections::HashMap;
 use std::fmt;
 
 use http::{header, HeaderMap};
+
+use crate::config::{KeyEntry, KeyMode, Secret};
+use crate::error::Error;
 
 /// A key's stable, non-reversible id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -17,6 +21,90 @@ impl KeyId {
         let mut id = [0; 8];
         id.copy_from_slice(&digest.as_ref()[..8]);
         KeyId(id)
+    }
+}
+
+impl KeyId {
+    /// From its 16 hex digits, as shown.
+    pub fn parse(hex: &str) -> Option<KeyId> {
+        if hex.len() != 16 {
+            return None;
+        }
+        let mut id = [0; 8];
+        for (i, byte) in id.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(KeyId(id))
+    }
+}
+
+/// The keys Aura knows from its config: aliases, and the upstream key of each virtual key.
+#[derive(Debug)]
+pub struct Directory {
+    mode: KeyMode,
+    known: HashMap<KeyId, Known>,
+}
+
+#[derive(Debug)]
+struct Known {
+    alias: String,
+    upstream_key: Option<Secret>,
+}
+
+/// Who is calling, once authorized.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller<'a> {
+    pub id: KeyId,
+    pub alias: Option<&'a str>,
+    /// Set for a virtual key: what goes upstream instead of the client's key.
+    pub upstream_key: Option<&'a Secret>,
+}
+
+impl Directory {
+    pub fn new(mode: KeyMode, entries: &[KeyEntry]) -> Directory {
+        let known = entries
+            .iter()
+            .map(|e| {
+                let known = Known {
+                    alias: e.alias.clone(),
+                    upstream_key: e.upstream_key.clone(),
+                };
+                (KeyId::of(e.key.expose()), known)
+            })
+            .collect();
+        Directory { mode, known }
+    }
+
+    /// The caller of a request with these headers. Passthrough mode takes any bearer key;
+    /// virtual mode only keys of the config that have an upstream key.
+    pub fn authorize(&self, headers: &HeaderMap) -> Result<Caller<'_>, Error> {
+        let id = KeyId::of(bearer(headers).ok_or(Error::MissingKey)?);
+        let known = self.known.get(&id);
+        let upstream_key = known.and_then(|k| k.upstream_key.as_ref());
+        if self.mode == KeyMode::Virtual && upstream_key.is_none() {
+            return Err(Error::InvalidKey);
+        }
+        Ok(Caller {
+            id,
+            alias: known.map(|k| k.alias.as_str()),
+            upstream_key,
+        })
+    }
+
+    pub fn mode(&self) -> KeyMode {
+        self.mode
+    }
+
+    pub fn alias(&self, id: KeyId) -> Option<&str> {
+        self.known.get(&id).map(|k| k.alias.as_str())
+    }
+
+    /// The id of the key with this alias.
+    pub fn by_alias(&self, alias: &str) -> Option<KeyId> {
+        self.known
+            .iter()
+            .find(|(_, k)| k.alias == alias)
+            .map(|(id, _)| *id)
     }
 }
 
@@ -101,6 +189,61 @@ mod tests {
         assert_eq!(mask("sk-proj-0123456789abcd"), "sk-...abcd");
         assert_eq!(mask("gsk_0123456789abcdef"), "...cdef");
         assert_eq!(mask("short-key"), "...");
+    }
+
+    #[test]
+    fn key_ids_parse_back_from_their_hex() {
+        let id = KeyId::of("sk-x");
+        assert_eq!(KeyId::parse(&id.to_string()), Some(id));
+        assert_eq!(KeyId::parse("zz"), None);
+        assert_eq!(KeyId::parse("zz00000000000000"), None);
+    }
+
+    #[test]
+    fn directories_authorize_by_mode() {
+        let entries = [
+            KeyEntry {
+                alias: "team-a".into(),
+                key: Secret::new("sk-aura-a"),
+                limit_dollars: None,
+                upstream_key: Some(Secret::new("sk-proj-up")),
+            },
+            KeyEntry {
+                alias: "team-b".into(),
+                key: Secret::new("sk-aura-b"),
+                limit_dollars: Some(1.0),
+                upstream_key: None,
+            },
+        ];
+        let with = |key: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                header::AUTHORIZATION,
+                HeaderValue::from_str(&format!("Bearer {key}")).unwrap(),
+            );
+            h
+        };
+        let virtual_keys = Directory::new(KeyMode::Virtual, &entries);
+        let a = with("sk-aura-a");
+        let caller = virtual_keys.authorize(&a).unwrap();
+        assert_eq!(caller.alias, Some("team-a"));
+        assert_eq!(caller.upstream_key.unwrap().expose(), "sk-proj-up");
+        let b = with("sk-aura-b");
+        assert!(matches!(virtual_keys.authorize(&b), Err(Error::InvalidKey)));
+        let other = with("sk-anything");
+        assert!(matches!(
+            virtual_keys.authorize(&other),
+            Err(Error::InvalidKey)
+        ));
+        assert!(matches!(
+            virtual_keys.authorize(&HeaderMap::new()),
+            Err(Error::MissingKey)
+        ));
+        let passthrough = Directory::new(KeyMode::Passthrough, &entries);
+        let caller = passthrough.authorize(&other).unwrap();
+        assert_eq!((caller.alias, caller.upstream_key), (None, None));
+        assert_eq!(passthrough.authorize(&b).unwrap().alias, Some("team-b"));
+        assert_eq!(passthrough.by_alias("team-b"), Some(KeyId::of("sk-aura-b")));
     }
 
     #[test]

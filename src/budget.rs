@@ -59,8 +59,18 @@ pub trait Store: Send + Sync {
     fn lease(&self, key: KeyId, need: u64, slice_parts: u64) -> (u64, Account);
     /// Applies a worker's flush; returns the key's new totals.
     fn settle(&self, key: KeyId, settlement: Settlement) -> Account;
-    /// The key's totals (a key never seen has the default limit and nothing spent).
+    /// The key's totals (a key never seen has its configured or the default limit).
     fn account(&self, key: KeyId) -> Account;
+    /// Admin: sets the key's limit.
+    fn set_limit(&self, key: KeyId, limit: u64) -> Account;
+    /// Admin: the key's spend back to zero.
+    fn reset(&self, key: KeyId) -> Account;
+    /// Admin: forgets the key's limit and spend (back to its configured or the default limit).
+    fn remove(&self, key: KeyId);
+    /// Every key the store holds, with its totals.
+    fn accounts(&self) -> Vec<(KeyId, Account)>;
+    /// Whether the store holds the key (it has been used, or given a limit).
+    fn holds(&self, key: KeyId) -> bool;
 }
 
 /// An idle key's lease goes back to the store after this long without a request.
@@ -183,15 +193,6 @@ impl Shard {
             !(idle && lease.held == 0)
         });
     }
-
-    /// The key's totals as the store has them, plus this worker's spend not yet flushed.
-    pub fn account(&self, key: KeyId) -> Account {
-        let mut account = self.store.account(key);
-        if let Some(lease) = self.keys.borrow().get(&key) {
-            account.spent = account.spent.saturating_add(lease.pending.spent);
-        }
-        account
-    }
 }
 
 #[cfg(test)]
@@ -204,7 +205,12 @@ mod tests {
     }
 
     fn store(limit: u64) -> Arc<MemoryStore> {
-        Arc::new(MemoryStore::new(limit, HashMap::new()))
+        Arc::new(MemoryStore::new(
+            limit,
+            HashMap::new(),
+            crate::config::Period::Never,
+            crate::store::system_clock(),
+        ))
     }
 
     #[test]
@@ -215,9 +221,9 @@ mod tests {
         let r = shard.reserve(key(), 300).unwrap();
         shard.settle(r, 120, now);
         assert_eq!(
-            shard.account(key()).spent,
-            120,
-            "pending spend is visible locally"
+            store.account(key()).spent,
+            0,
+            "spend reaches the store at flush"
         );
         shard.flush(now);
         assert_eq!(store.account(key()).spent, 120);

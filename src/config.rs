@@ -11,6 +11,10 @@ use std::time::Duration;
 
 use crate::pricing::{self, Price};
 
+pub mod tables;
+
+pub use tables::{KeyEntry, PriceEntry, Secret, Tables};
+
 /// Where environment-style settings come from (the process environment, or a map in tests).
 pub trait Source {
     fn get(&self, name: &str) -> Option<String>;
@@ -65,6 +69,10 @@ pub const UNKNOWN_MODEL_OUTPUT_DOLLARS_PER_MILLION: &str =
     "AURA_UNKNOWN_MODEL_OUTPUT_DOLLARS_PER_MILLION";
 pub const DEFAULT_MAX_OUTPUT_TOKENS: &str = "AURA_DEFAULT_MAX_OUTPUT_TOKENS";
 pub const BUDGET_FLUSH_INTERVAL_MS: &str = "AURA_BUDGET_FLUSH_INTERVAL_MS";
+pub const KEY_MODE: &str = "AURA_KEY_MODE";
+pub const MAX_DRAINS_PER_WORKER: &str = "AURA_MAX_DRAINS_PER_WORKER";
+pub const ADMIN_TOKEN: &str = "AURA_ADMIN_TOKEN";
+pub const BUDGET_PERIOD: &str = "AURA_BUDGET_PERIOD";
 
 pub const SETTINGS: &[Setting] = &[
     Setting { key: "port", env: &[PORT], help: "TCP port to listen on [default: 8080]" },
@@ -94,6 +102,10 @@ pub const SETTINGS: &[Setting] = &[
     Setting { key: "unknown_model_input_dollars_per_million", env: &[UNKNOWN_MODEL_INPUT_DOLLARS_PER_MILLION], help: "price of prompt tokens of a model with no price [default: 5.00]" },
     Setting { key: "unknown_model_output_dollars_per_million", env: &[UNKNOWN_MODEL_OUTPUT_DOLLARS_PER_MILLION], help: "price of completion tokens of a model with no price [default: 15.00]" },
     Setting { key: "default_max_output_tokens", env: &[DEFAULT_MAX_OUTPUT_TOKENS], help: "completion tokens reserved for a request that sets no max_tokens, for a model with no known output limit [default: 4096]" },
+    Setting { key: "key_mode", env: &[KEY_MODE], help: "passthrough: the client's key goes upstream and is its budget identity; virtual: only keys of the [keys] table are accepted, each sent upstream as its upstream_key [default: passthrough]" },
+    Setting { key: "admin_token", env: &[ADMIN_TOKEN], help: "bearer token of the /admin/keys API; unset, the admin API is off [default: none]" },
+    Setting { key: "budget_period", env: &[BUDGET_PERIOD], help: "none, daily or monthly: spend resets at the start of each UTC day or month [default: none]" },
+    Setting { key: "max_drains_per_worker", env: &[MAX_DRAINS_PER_WORKER], help: "responses a worker keeps reading after their client left, to bill their usage; past it, a left response is billed its whole reservation [default: 64]" },
     Setting { key: "budget_flush_interval_ms", env: &[BUDGET_FLUSH_INTERVAL_MS], help: "how often each worker flushes settled spend to the budget store [default: 50]" },
 ];
 
@@ -204,6 +216,33 @@ pub struct Budgets {
     /// Completion tokens reserved when neither the request nor the price table bounds them.
     pub default_max_output_tokens: u64,
     pub flush_interval: Duration,
+    pub key_mode: KeyMode,
+    /// Responses each worker reads on after their client left (each bounded in bytes and time).
+    pub max_drains_per_worker: usize,
+    pub admin_token: Option<Secret>,
+    pub period: Period,
+    /// The `[keys]` table of the config file.
+    pub keys: Vec<KeyEntry>,
+    /// The `[prices]` table of the config file: over the built-in table and the price file.
+    pub prices: Vec<PriceEntry>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyMode {
+    /// The client's key is its budget identity and goes upstream (the original Aura).
+    Passthrough,
+    /// Only configured keys are accepted; each goes upstream as its `upstream_key`.
+    Virtual,
+}
+
+/// When spend starts again from zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Period {
+    Never,
+    /// At 00:00 UTC.
+    Daily,
+    /// At 00:00 UTC on the 1st.
+    Monthly,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -242,6 +281,9 @@ pub fn file_layer(text: &str) -> Result<Layer, ConfigErrors> {
     let mut layer = Layer::new();
     let mut errors = Vec::new();
     for (key, value) in table {
+        if tables::TABLES.contains(&key.as_str()) {
+            continue;
+        }
         let Some(s) = setting(&key) else {
             errors.push(format!("config file: unknown key `{key}`"));
             continue;
@@ -266,6 +308,14 @@ pub fn file_layer(text: &str) -> Result<Layer, ConfigErrors> {
     } else {
         Err(ConfigErrors(errors))
     }
+}
+
+/// The `[keys]` and `[prices]` tables of a TOML file's text.
+pub fn file_tables(text: &str) -> Result<Tables, ConfigErrors> {
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e| ConfigErrors(vec![format!("config file: {e}")]))?;
+    tables::parse(&table).map_err(ConfigErrors)
 }
 
 pub fn env_layer(source: &dyn Source) -> Layer {
@@ -338,6 +388,26 @@ impl Parser<'_> {
                 .push(format!("{key} ({}) must be greater than 0", env_names(key)));
         }
         v
+    }
+
+    /// One of `options`, by name (any case).
+    fn choice<T: Copy>(&mut self, key: &'static str, options: &[(&str, T)], default: T) -> T {
+        let Some(raw) = self.values.get(key) else {
+            return default;
+        };
+        let wanted = raw.trim().to_ascii_lowercase();
+        match options.iter().find(|(name, _)| *name == wanted) {
+            Some((_, v)) => *v,
+            None => {
+                let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+                self.errors.push(format!(
+                    "{key} ({}): `{raw}` is not one of {}",
+                    env_names(key),
+                    names.join(", ")
+                ));
+                default
+            }
+        }
     }
 
     /// A non-negative, finite amount of dollars.
@@ -429,6 +499,31 @@ impl Parser<'_> {
                 },
                 default_max_output_tokens: self.positive("default_max_output_tokens", 4096),
                 flush_interval: self.millis("budget_flush_interval_ms", 50),
+                max_drains_per_worker: self.get("max_drains_per_worker", 64),
+                key_mode: self.choice(
+                    "key_mode",
+                    &[
+                        ("passthrough", KeyMode::Passthrough),
+                        ("virtual", KeyMode::Virtual),
+                    ],
+                    KeyMode::Passthrough,
+                ),
+                admin_token: self
+                    .values
+                    .get("admin_token")
+                    .filter(|t| !t.trim().is_empty())
+                    .map(|t| Secret::new(t.trim())),
+                period: self.choice(
+                    "budget_period",
+                    &[
+                        ("none", Period::Never),
+                        ("daily", Period::Daily),
+                        ("monthly", Period::Monthly),
+                    ],
+                    Period::Never,
+                ),
+                keys: Vec::new(),
+                prices: Vec::new(),
             },
         };
         if self.errors.is_empty() {

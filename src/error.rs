@@ -30,6 +30,10 @@ pub enum Error {
     NotFound(String),
     #[error("missing API key: send `Authorization: Bearer <key>`")]
     MissingKey,
+    #[error("unknown API key")]
+    InvalidKey,
+    #[error("missing or wrong admin token")]
+    AdminToken,
     #[error(
         "budget exhausted: this key has ${:.6} left of its limit and this request may cost up to ${:.6}; lower max_tokens or raise the key's limit",
         *remaining_nano as f64 / 1e9,
@@ -66,6 +70,8 @@ impl Error {
             | Error::Unsupported(_)
             | Error::NotFound(_)
             | Error::MissingKey
+            | Error::InvalidKey
+            | Error::AdminToken
             | Error::BudgetExhausted { .. }
             | Error::MethodNotAllowed
             | Error::ClientTimeout => Fault::Client,
@@ -86,7 +92,7 @@ impl Error {
             Error::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
-            Error::MissingKey => StatusCode::UNAUTHORIZED,
+            Error::MissingKey | Error::InvalidKey | Error::AdminToken => StatusCode::UNAUTHORIZED,
             Error::BudgetExhausted { .. } => StatusCode::PAYMENT_REQUIRED,
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Error::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -122,6 +128,8 @@ impl Error {
             Error::Unsupported(_) => "unsupported",
             Error::NotFound(_) => "not_found",
             Error::MissingKey => "missing_api_key",
+            Error::InvalidKey => "invalid_api_key",
+            Error::AdminToken => "invalid_admin_token",
             Error::BudgetExhausted { .. } => "insufficient_quota",
             Error::MethodNotAllowed => "method_not_allowed",
             Error::ClientTimeout => "client_timeout",

@@ -17,6 +17,7 @@ pub mod budget;
 pub mod buffers;
 pub mod metrics;
 // L2/L3/L4: IO.
+pub mod admin;
 pub mod mock;
 pub mod net;
 pub mod proxy;

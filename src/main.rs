@@ -35,9 +35,11 @@ fn cli() -> Command {
 fn load() -> Result<Config, String> {
     let matches = cli().get_matches();
     let mut layers = Vec::new();
+    let mut tables = config::Tables::default();
     if let Some(path) = matches.get_one::<String>("config") {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
         layers.push(config::file_layer(&text).map_err(|e| e.to_string())?);
+        tables = config::file_tables(&text).map_err(|e| e.to_string())?;
     }
     layers.push(config::env_layer(&ProcessEnv));
     let mut flags = config::Layer::new();
@@ -51,7 +53,10 @@ fn load() -> Result<Config, String> {
         }
     }
     layers.push(flags);
-    config::resolve(&layers).map_err(|e| e.to_string())
+    let mut config = config::resolve(&layers).map_err(|e| e.to_string())?;
+    config.budgets.keys = tables.keys;
+    config.budgets.prices = tables.prices;
+    Ok(config)
 }
 
 fn init_logging(format: LogFormat) {

@@ -14,10 +14,11 @@ use std::time::{Duration, Instant};
 use http::{header, Method, StatusCode};
 use monoio::io::{AsyncReadRent, AsyncWriteRent};
 
-use crate::auth::{self, KeyId};
-use crate::budget;
+use crate::admin::Admin;
+use crate::auth::{self, Directory, KeyId};
+use crate::budget::{self, Store};
 use crate::buffers::BufPool;
-use crate::config::{Config, Limits, Timeouts};
+use crate::config::{Config, KeyMode, Limits, Secret, Timeouts};
 use crate::error::Error;
 use crate::http::{self as h1, ResponseHead};
 use crate::metrics::{self, Registry};
@@ -28,7 +29,7 @@ use crate::server::{self, Handler, Persist, Request};
 use crate::upstream::{Conn, Upstream};
 use crate::usage::Usage;
 use billing::{Basis, Bill, Billable};
-use relay::{BodyKind, Relay, RelayEnd};
+use relay::{BodyKind, Drains, Relay, RelayEnd};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
@@ -36,6 +37,8 @@ pub enum Route {
     Metrics,
     /// `GET /v1/usage`: the caller's own budget.
     Usage,
+    /// `/admin/keys…`: the admin API (admin.rs).
+    Admin,
     ChatCompletions,
     /// Any other `/v1/*` path: method, headers and body go through unchanged.
     PassThrough,
@@ -51,6 +54,7 @@ impl Route {
             "/healthz" => Route::Health,
             "/metrics" if method == Method::GET => Route::Metrics,
             "/v1/usage" if method == Method::GET => Route::Usage,
+            _ if path.starts_with("/admin/") => Route::Admin,
             "/v1/chat/completions" if method == Method::POST => Route::ChatCompletions,
             _ if path.starts_with("/v1/") => Route::PassThrough,
             _ => Route::NotFound,
@@ -62,6 +66,7 @@ impl Route {
             Route::Health => "healthz",
             Route::Metrics => "metrics",
             Route::Usage => "usage",
+            Route::Admin => "admin",
             Route::ChatCompletions => "chat_completions",
             Route::PassThrough => "passthrough",
             Route::NotFound => "not_found",
@@ -82,6 +87,11 @@ pub struct Proxy {
     budget: budget::Shard,
     prices: Arc<PriceTable>,
     default_max_output_tokens: u64,
+    directory: Arc<Directory>,
+    /// The store itself, for the admin API (requests go through `budget`).
+    store: Arc<dyn Store>,
+    admin_token: Option<Secret>,
+    drains: Drains,
 }
 
 /// Everything settle needs to know about one request.
@@ -102,8 +112,12 @@ struct Outcome {
     key: Option<KeyId>,
     /// A billable request's reservation, until settle.
     bill: Option<Bill>,
+    /// A virtual key's upstream key: sent instead of the client's.
+    upstream_key: Option<Secret>,
     /// De-framed response body bytes relayed.
     response_bytes: u64,
+    /// The client left and the response was not read to its end.
+    abandoned: bool,
 }
 
 impl Outcome {
@@ -120,7 +134,9 @@ impl Outcome {
             error: None,
             key: None,
             bill: None,
+            upstream_key: None,
             response_bytes: 0,
+            abandoned: false,
         }
     }
 }
@@ -132,6 +148,8 @@ impl Proxy {
         registry: Arc<Registry>,
         budget: budget::Shard,
         prices: Arc<PriceTable>,
+        directory: Arc<Directory>,
+        store: Arc<dyn Store>,
     ) -> Proxy {
         Proxy {
             upstream,
@@ -144,7 +162,19 @@ impl Proxy {
             budget,
             prices,
             default_max_output_tokens: config.budgets.default_max_output_tokens,
+            directory,
+            store,
+            admin_token: config.budgets.admin_token.clone(),
+            drains: Drains::new(config.budgets.max_drains_per_worker),
         }
+    }
+
+    /// Who the caller is; a virtual key's upstream key is kept for the upstream request.
+    fn authorize(&self, request: &Request, outcome: &mut Outcome) -> Result<KeyId, Error> {
+        let caller = self.directory.authorize(&request.head.headers)?;
+        outcome.key = Some(caller.id);
+        outcome.upstream_key = caller.upstream_key.cloned();
+        Ok(caller.id)
     }
 
     /// Hands this worker's settled spend to the store and returns idle leases (every flush
@@ -163,8 +193,7 @@ impl Proxy {
         max_tokens: Option<u64>,
         outcome: &mut Outcome,
     ) -> Result<(), Error> {
-        let key = KeyId::of(auth::bearer(&request.head.headers).ok_or(Error::MissingKey)?);
-        outcome.key = Some(key);
+        let key = self.authorize(request, outcome)?;
         let (price, _) = self.prices.lookup(model.unwrap_or(""));
         let estimate = billing::upper_estimate(
             &price,
@@ -195,14 +224,12 @@ impl Proxy {
         client: &mut S,
         outcome: &mut Outcome,
     ) -> Persist {
-        let Some(key) = auth::bearer(&request.head.headers) else {
-            return self
-                .fail(client, Error::MissingKey, keep_alive, outcome)
-                .await;
+        let id = match self.authorize(request, outcome) {
+            Ok(id) => id,
+            Err(e) => return self.fail(client, e, keep_alive, outcome).await,
         };
-        let id = KeyId::of(key);
-        outcome.key = Some(id);
-        let account = self.budget.account(id);
+        let key = auth::bearer(&request.head.headers).unwrap_or_default();
+        let account = self.store.account(id);
         let body = serde_json::json!({
             "api_key": auth::mask(key),
             "limit_dollars": pricing::nano_to_dollars(account.limit),
@@ -291,7 +318,7 @@ impl Proxy {
         outcome: &mut Outcome,
         started: Instant,
     ) -> Persist {
-        let upstream_request = self.upstream_request(&request);
+        let upstream_request = self.upstream_request(&request, outcome.upstream_key.as_ref());
         let (mut conn, head, buffered) =
             match self.exchange(upstream_request, outcome, started).await {
                 Ok(answer) => answer,
@@ -317,7 +344,10 @@ impl Proxy {
                 &mut conn,
                 client,
                 buffered,
-                &self.buffers,
+                relay::Worker {
+                    pool: &self.buffers,
+                    drains: &self.drains,
+                },
                 self.timeouts,
                 started,
             )
@@ -335,6 +365,7 @@ impl Proxy {
         outcome.ttft_overhead = end.first_byte_overhead;
         outcome.ttft = end.ttft;
         outcome.response_bytes = end.body_bytes;
+        outcome.abandoned = end.abandoned;
         outcome.error = end.error;
         if end.upstream_reusable {
             self.upstream.put_back(conn);
@@ -343,7 +374,8 @@ impl Proxy {
     }
 
     /// The upstream request head and body as one buffer: one write, one syscall.
-    fn upstream_request(&self, request: &Request) -> Vec<u8> {
+    /// `upstream_key`, when set, replaces the client's `Authorization` (a virtual key).
+    fn upstream_request(&self, request: &Request, upstream_key: Option<&Secret>) -> Vec<u8> {
         let head = &request.head;
         let rest = head.target.strip_prefix("/v1").unwrap_or(&head.target);
         let mut out = self.buffers.take();
@@ -359,7 +391,14 @@ impl Proxy {
             if name == header::ACCEPT_ENCODING || h1::is_hop_by_hop(name, &head.headers) {
                 continue;
             }
+            if name == header::AUTHORIZATION && upstream_key.is_some() {
+                continue;
+            }
             h1::write_header(name.as_str(), value.as_bytes(), &mut out);
+        }
+        if let Some(key) = upstream_key {
+            let value = format!("Bearer {}", key.expose());
+            h1::write_header("authorization", value.as_bytes(), &mut out);
         }
         let sends_body = !request.body.is_empty()
             || matches!(head.method, Method::POST | Method::PUT | Method::PATCH);
@@ -505,6 +544,7 @@ impl<S: AsyncReadRent + AsyncWriteRent> Handler<S> for Proxy {
                     .await
             }
             Route::Usage => self.usage(&request, keep_alive, client, &mut outcome).await,
+            Route::Admin => self.admin(&request, keep_alive, client, &mut outcome).await,
             Route::PassThrough => {
                 self.pass_through(request, keep_alive, client, &mut outcome, started)
                     .await
@@ -553,6 +593,7 @@ impl Proxy {
                 outcome.usage.as_ref(),
                 succeeded,
                 outcome.response_bytes,
+                outcome.abandoned,
             );
             self.budget.settle(bill.reservation, cost, Instant::now());
             Charge {
@@ -597,9 +638,46 @@ impl Proxy {
                 return self.fail(client, e, keep_alive, outcome).await;
             }
             outcome.model = bounds.model;
+        } else if self.directory.mode() == KeyMode::Virtual {
+            // Nothing to bill, but a virtual key is still checked and swapped.
+            if let Err(e) = self.authorize(&request, outcome) {
+                return self.fail(client, e, keep_alive, outcome).await;
+            }
         }
         self.forward(request, keep_alive, client, false, outcome, started)
             .await
+    }
+
+    /// `/admin/keys…`: 404 unless an admin token is configured.
+    async fn admin<S: AsyncWriteRent>(
+        &self,
+        request: &Request,
+        keep_alive: bool,
+        client: &mut S,
+        outcome: &mut Outcome,
+    ) -> Persist {
+        let path = request.head.target.split('?').next().unwrap_or_default();
+        let answer = match &self.admin_token {
+            None => Err(Error::NotFound(path.to_string())),
+            Some(token) => Admin {
+                store: self.store.as_ref(),
+                directory: &self.directory,
+                token,
+            }
+            .handle(
+                &request.head.method,
+                path,
+                &request.head.headers,
+                &request.body,
+            ),
+        };
+        match answer {
+            Ok((status, body)) => {
+                outcome.status = Some(status);
+                server::write_json(client, status, &body, keep_alive).await
+            }
+            Err(e) => self.fail(client, e, keep_alive, outcome).await,
+        }
     }
 }
 
@@ -681,6 +759,7 @@ mod tests {
             (Method::GET, "/metrics", Route::Metrics),
             (Method::GET, "/v1/usage", Route::Usage),
             (Method::POST, "/v1/usage", Route::PassThrough),
+            (Method::DELETE, "/admin/keys/x", Route::Admin),
             (Method::POST, "/metrics", Route::NotFound),
             (Method::GET, "/v2/x", Route::NotFound),
             (Method::GET, "/v1", Route::NotFound),

@@ -18,13 +18,15 @@ use std::thread::JoinHandle;
 use monoio::net::TcpListener;
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::auth::{Directory, KeyId};
 use crate::budget::{self, Store};
 use crate::config::{Config, Limits, Timeouts};
 use crate::metrics::{self, Registry};
+use crate::pricing::dollars_to_nano;
 use crate::pricing::PriceTable;
 use crate::proxy::Proxy;
 use crate::server;
-use crate::store::MemoryStore;
+use crate::store::{system_clock, MemoryStore};
 use crate::upstream::{Resolver, Upstream};
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +55,9 @@ pub fn load_prices(config: &Config) -> Result<PriceTable, StartError> {
             .merge_litellm(&text)
             .map_err(|e| StartError::PriceFile(shown.clone(), e.to_string()))?;
         tracing::info!(file = shown.as_str(), models = added, "prices loaded");
+    }
+    for entry in &budgets.prices {
+        prices.insert(&entry.model, entry.price);
     }
     Ok(prices)
 }
@@ -105,10 +110,19 @@ pub fn start(config: &Config, resolver: Resolver) -> Result<Running, StartError>
     };
     let registry = Registry::new(listeners.len());
     let prices = Arc::new(load_prices(config)?);
+    let budgets = &config.budgets;
+    let limits: HashMap<KeyId, u64> = budgets
+        .keys
+        .iter()
+        .filter_map(|k| Some((KeyId::of(k.key.expose()), dollars_to_nano(k.limit_dollars?))))
+        .collect();
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new(
-        config.budgets.default_limit_nano,
-        HashMap::new(),
+        budgets.default_limit_nano,
+        limits,
+        budgets.period,
+        system_clock(),
     ));
+    let directory = Arc::new(Directory::new(budgets.key_mode, &budgets.keys));
     let shard_count = listeners.len();
     let mut handles = Vec::with_capacity(workers);
     for (id, listener) in listeners.into_iter().enumerate() {
@@ -116,6 +130,7 @@ pub fn start(config: &Config, resolver: Resolver) -> Result<Running, StartError>
         let budget = Budget {
             store: store.clone(),
             prices: prices.clone(),
+            directory: directory.clone(),
             shards: shard_count,
         };
         let config = config.clone();
@@ -224,8 +239,10 @@ fn run_worker(
             upstream,
             &config,
             registry.clone(),
-            budget::Shard::new(budget.store, budget.shards),
+            budget::Shard::new(budget.store.clone(), budget.shards),
             budget.prices,
+            budget.directory,
+            budget.store,
         ));
         monoio::spawn(publish_metrics(id, proxy.clone(), registry));
         monoio::spawn(flush_budget(proxy.clone(), config.budgets.flush_interval));
@@ -284,6 +301,7 @@ async fn flush_budget(proxy: Rc<Proxy>, every: std::time::Duration) {
 struct Budget {
     store: Arc<dyn Store>,
     prices: Arc<PriceTable>,
+    directory: Arc<Directory>,
     shards: usize,
 }
 

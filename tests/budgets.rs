@@ -22,6 +22,10 @@ on_both_drivers!(
     an_unknown_model_is_billed_at_the_default_price,
     an_answer_without_usage_is_billed_an_estimate,
     the_access_log_bills_by_key_id_never_by_key,
+    virtual_keys_reach_the_upstream_as_their_upstream_key,
+    the_admin_api_needs_its_token_and_manages_limits,
+    the_admin_api_is_off_without_a_token,
+    past_the_drain_bound_a_left_stream_is_billed_its_reservation,
 );
 
 /// gpt-4o-mini (the mock answers as gpt-4o-mini-2024-07-18): pico-dollars per token.
@@ -384,4 +388,183 @@ fn the_access_log_bills_by_key_id_never_by_key(driver: Driver) {
         !line.contains("LOGSECRET"),
         "the key leaked into the log: {line}"
     );
+}
+
+/// Writes `text` as a config file for one test and returns its path.
+fn config_file(name: &str, driver: Driver, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("aura-{name}-{}-{driver:?}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("aura.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn virtual_keys_reach_the_upstream_as_their_upstream_key(driver: Driver) {
+    let path = config_file(
+        "virtual",
+        driver,
+        r#"
+        key_mode = "virtual"
+        [keys.team-a]
+        key = "sk-aura-team-a-0000000001"
+        upstream_key = "sk-proj-PROVIDER-SECRET-1"
+        limit_dollars = 3
+        [prices."gpt-4o-mini"]
+        input_dollars_per_million = 2.0
+        output_dollars_per_million = 4.0
+        "#,
+    );
+    let mock = start_mock(MockOptions::default());
+    let aura = launch(&mock, driver, &[("--config", path.to_str().unwrap())]);
+    let key = "sk-aura-team-a-0000000001";
+    assert_eq!(post(&aura, key, CHAT, &[], WHOLE), 200);
+    let models =
+        aura.client()
+            .request("GET", "/v1/models", &[("authorization", &bearer(key))], b"");
+    assert_eq!(models.status, 200);
+    for r in mock.requests() {
+        let auth: Vec<&String> = r
+            .headers
+            .iter()
+            .filter(|(n, _)| n == "authorization")
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(auth, ["Bearer sk-proj-PROVIDER-SECRET-1"], "{}", r.target);
+    }
+    // Unknown keys never reach the upstream, on billed routes or not.
+    let stranger = "sk-not-configured-000000001";
+    let r = aura.client().request(
+        "POST",
+        CHAT,
+        &[
+            ("authorization", &bearer(stranger)),
+            ("content-type", "application/json"),
+        ],
+        WHOLE.as_bytes(),
+    );
+    assert_eq!(
+        r.assert_openai_error(401)["error"]["code"],
+        "invalid_api_key"
+    );
+    let r = aura.client().request(
+        "GET",
+        "/v1/models",
+        &[("authorization", &bearer(stranger))],
+        b"",
+    );
+    r.assert_openai_error(401);
+    assert_eq!(mock.requests().len(), 2);
+    // The key's configured limit, and the [prices] override of the base name.
+    let (p, c) = mock_usage(&mock.requests()[0]);
+    let usage = wait_for_spend(&aura, key, cost(p, c, 2_000_000, 4_000_000));
+    assert_eq!(usage["limit_dollars"], 3.0);
+    std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+}
+
+fn the_admin_api_needs_its_token_and_manages_limits(driver: Driver) {
+    const TOKEN: &str = "admin-token-0123456789";
+    let mock = start_mock(MockOptions::default());
+    let aura = launch(&mock, driver, &[("--admin-token", TOKEN)]);
+    let admin = |method: &str, target: &str, token: &str, body: &str| {
+        aura.client().request(
+            method,
+            target,
+            &[
+                ("authorization", &bearer(token)),
+                ("content-type", "application/json"),
+            ],
+            body.as_bytes(),
+        )
+    };
+    let key = "sk-test-admin-managed-00001";
+    let id = aura::auth::KeyId::of(key).to_string();
+    // No token, a wrong token: 401, and nothing changes.
+    let r = aura.client().get("/admin/keys");
+    assert_eq!(
+        r.assert_openai_error(401)["error"]["code"],
+        "invalid_admin_token"
+    );
+    admin("GET", "/admin/keys", "admin-token-0123456780", "").assert_openai_error(401);
+
+    let created = admin(
+        "POST",
+        "/admin/keys",
+        TOKEN,
+        &format!(r#"{{"key":"{key}","limit_dollars":0.5}}"#),
+    );
+    assert_eq!(created.status, 201, "{}", created.text());
+    let body = created.json();
+    assert_eq!(body["key_id"], id.as_str());
+    assert_eq!(body["limit_dollars"], 0.5);
+    assert!(!created.text().contains(key), "the key came back in clear");
+    assert_eq!(usage_of(&aura, key)["limit_dollars"], 0.5);
+
+    assert_eq!(post(&aura, key, CHAT, &[], WHOLE), 200);
+    let (p, c) = mock_usage(&mock.requests()[0]);
+    let spent = cost(p, c, MINI_IN, MINI_OUT);
+    wait_for_spend(&aura, key, spent);
+    let one = admin("GET", &format!("/admin/keys/{id}"), TOKEN, "").json();
+    assert_eq!(nano(&one["usage_dollars"]), spent);
+
+    let patched = admin(
+        "PATCH",
+        &format!("/admin/keys/{id}"),
+        TOKEN,
+        r#"{"limit_dollars":2}"#,
+    );
+    assert_eq!(patched.status, 200);
+    assert_eq!(patched.json()["limit_dollars"], 2.0);
+    let reset = admin("POST", &format!("/admin/keys/{id}/reset"), TOKEN, "").json();
+    assert_eq!(reset["usage_dollars"], 0.0);
+    assert_eq!(usage_of(&aura, key)["usage_dollars"], 0.0);
+
+    let all = admin("GET", "/admin/keys", TOKEN, "").json();
+    assert!(
+        all["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["key_id"] == id.as_str()),
+        "{all}"
+    );
+    let bad = admin(
+        "PATCH",
+        &format!("/admin/keys/{id}"),
+        TOKEN,
+        r#"{"limit_dollars":-1}"#,
+    );
+    bad.assert_openai_error(400);
+    admin("GET", "/admin/keys/0000000000000000", TOKEN, "").assert_openai_error(404);
+
+    assert_eq!(
+        admin("DELETE", &format!("/admin/keys/{id}"), TOKEN, "").status,
+        200
+    );
+    assert_eq!(
+        usage_of(&aura, key)["limit_dollars"],
+        10.0,
+        "back to the default"
+    );
+}
+
+fn the_admin_api_is_off_without_a_token(driver: Driver) {
+    let mock = start_mock(MockOptions::default());
+    let aura = launch(&mock, driver, &[]);
+    aura.client().get("/admin/keys").assert_openai_error(404);
+}
+
+fn past_the_drain_bound_a_left_stream_is_billed_its_reservation(driver: Driver) {
+    let mock = start_mock(MockOptions::default());
+    // No drains at all: a client that leaves mid-stream cannot be read on to its usage.
+    let aura = launch(&mock, driver, &[("--max-drains-per-worker", "0")]);
+    let key = "sk-test-no-drain-00000001";
+    leave_mid_stream(&aura, key);
+    // The reservation: the original body's bytes as prompt tokens, and gpt-4o-mini's 16384
+    // output tokens (the request sets no max_tokens).
+    wait_for_spend(
+        &aura,
+        key,
+        cost(STREAM.len() as u64, 16_384, MINI_IN, MINI_OUT),
+    );
+    wait_for_metric(&aura, "aura_usage_missing_total 1");
 }

@@ -2,7 +2,8 @@
 //! the cost settled at the end. The usage the upstream reported, priced by the response's model,
 //! when there is one; when a successful answer carried no usage (an upstream that ignores
 //! `stream_options`, a stream cut short), an estimate from the bytes sent and received, never
-//! more than was reserved; nothing for a failed request.
+//! more than was reserved; the whole reservation when the client left and the response could
+//! not be read to its end; nothing for a failed request.
 
 use http::Method;
 use serde::Deserialize;
@@ -111,10 +112,14 @@ pub fn settle_cost(
     usage: Option<&Usage>,
     succeeded: bool,
     response_bytes: u64,
+    abandoned: bool,
 ) -> (u64, Basis, Match) {
     let (price, matched) = prices.lookup(model.unwrap_or(""));
     match usage {
         Some(u) => (price.cost_nano(u), Basis::Reported, matched),
+        // The client left and the rest was not read: the upstream still generates it all, so
+        // the whole upper estimate is billed.
+        None if abandoned => (bill.reservation.amount_nano(), Basis::Estimated, matched),
         None if succeeded => {
             let estimate = Usage {
                 prompt_tokens: bill.request_bytes.div_ceil(BYTES_PER_TOKEN),

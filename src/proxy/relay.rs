@@ -5,6 +5,7 @@
 //! stops getting writes, but the upstream is still read (bounded in bytes and time) so the
 //! usage that bills the request is not lost.
 
+use std::cell::Cell;
 use std::time::{Duration, Instant};
 
 use http::{header, HeaderMap, StatusCode};
@@ -26,6 +27,47 @@ const JSON_USAGE_MAX_BYTES: usize = 8 * 1024 * 1024;
 /// After the client left: how much more of the upstream response is read to reach the usage.
 const DRAIN_MAX_BYTES: usize = 8 * 1024 * 1024;
 const DRAIN_MAX_TIME: Duration = Duration::from_secs(30);
+
+/// A worker's count of responses still read after their client left, and its bound: past it, a
+/// response whose client leaves is abandoned (and billed its whole reservation) rather than read.
+#[derive(Debug)]
+pub struct Drains {
+    active: Cell<usize>,
+    max: usize,
+}
+
+impl Drains {
+    pub fn new(max: usize) -> Drains {
+        Drains {
+            active: Cell::new(0),
+            max,
+        }
+    }
+
+    fn begin(&self) -> Option<DrainSlot<'_>> {
+        let n = self.active.get();
+        (n < self.max).then(|| {
+            self.active.set(n + 1);
+            DrainSlot(&self.active)
+        })
+    }
+}
+
+/// What a worker's relays share.
+#[derive(Clone, Copy)]
+pub struct Worker<'a> {
+    pub pool: &'a BufPool,
+    pub drains: &'a Drains,
+}
+
+/// One drain in progress; ends when dropped.
+struct DrainSlot<'a>(&'a Cell<usize>);
+
+impl Drop for DrainSlot<'_> {
+    fn drop(&mut self) {
+        self.0.set(self.0.get().saturating_sub(1));
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyKind {
@@ -66,6 +108,8 @@ pub struct RelayEnd {
     pub usage: Option<Found>,
     /// Body bytes read from the upstream (de-framed), for estimating a usage that never came.
     pub body_bytes: u64,
+    /// The client left and the rest of the response was not read (drain bounds reached).
+    pub abandoned: bool,
     pub first_byte_overhead: Option<Duration>,
     pub ttft: Option<Duration>,
     pub error: Option<Error>,
@@ -128,13 +172,13 @@ impl Relay {
     }
 
     /// Pumps the body. `buffered` holds body bytes read together with the response head; it and
-    /// every buffer the relay needs come from, and go back to, the worker's `pool`.
+    /// every buffer the relay needs come from, and go back to, the worker's pool.
     pub async fn run<U, S>(
         mut self,
         upstream: &mut U,
         client: &mut S,
         buffered: Vec<u8>,
-        pool: &BufPool,
+        worker: Worker<'_>,
         timeouts: Timeouts,
         started: Instant,
     ) -> RelayEnd
@@ -142,6 +186,7 @@ impl Relay {
         U: AsyncReadRent,
         S: AsyncWriteRent,
     {
+        let Worker { pool, drains } = worker;
         let mut input = buffered;
         let mut read_at = Instant::now();
         // payload, stripped and out are taken from the pool for each upstream read and given
@@ -164,6 +209,7 @@ impl Relay {
         let mut end = RelayEnd {
             usage: None,
             body_bytes: 0,
+            abandoned: false,
             first_byte_overhead: None,
             ttft: None,
             error: None,
@@ -172,6 +218,7 @@ impl Relay {
         };
         let mut client_alive = true;
         let mut drained_bytes = 0usize;
+        let mut drain_slot = None;
         let mut drain_deadline = None;
         let mut trailing_garbage = false;
         let mut closed_by_upstream = false;
@@ -236,6 +283,7 @@ impl Relay {
                     if written.is_err() {
                         client_alive = false;
                         drain_deadline = Some(Instant::now() + DRAIN_MAX_TIME);
+                        drain_slot = drains.begin();
                     } else if end.first_byte_overhead.is_none() && !payload.is_empty() {
                         end.first_byte_overhead = Some(read_at.elapsed());
                         end.ttft = Some(started.elapsed());
@@ -257,10 +305,12 @@ impl Relay {
             }
             if !client_alive {
                 drained_bytes += payload.len();
-                if drained_bytes > DRAIN_MAX_BYTES
+                if drain_slot.is_none()
+                    || drained_bytes > DRAIN_MAX_BYTES
                     || drain_deadline.is_some_and(|d| Instant::now() > d)
                 {
                     end.error = Some(Error::UpstreamTimeout);
+                    end.abandoned = true;
                     break;
                 }
             }
@@ -294,6 +344,7 @@ impl Relay {
                 }
             }
         }
+        drop(drain_slot);
         let complete = end.error.is_none();
         end.usage = match self.kind {
             BodyKind::EventStream => {

@@ -1,0 +1,135 @@
+//! The admin API for keys, on when `admin_token` is set; every call needs
+//! `Authorization: Bearer <admin_token>` (compared in constant time).
+//!
+//! | call | does |
+//! |---|---|
+//! | `GET /admin/keys` | every key the store holds |
+//! | `POST /admin/keys` `{"key": "...", "limit_dollars": 5}` | sets a key's limit (creates it) |
+//! | `GET /admin/keys/{id}` | one key |
+//! | `PATCH /admin/keys/{id}` `{"limit_dollars": 7.5}` | updates its limit |
+//! | `POST /admin/keys/{id}/reset` | its spend back to zero |
+//! | `DELETE /admin/keys/{id}` | forgets its limit and spend |
+//!
+//! `{id}` is a key id (16 hex digits, as every answer shows it) or a configured alias: keys
+//! appear in clear only in the body that registers them. Answers are JSON, errors OpenAI-shaped.
+
+use http::{HeaderMap, Method, StatusCode};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::auth::{self, Directory, KeyId};
+use crate::budget::{Account, Store};
+use crate::config::Secret;
+use crate::error::Error;
+use crate::pricing::{dollars_to_nano, nano_to_dollars};
+
+pub struct Admin<'a> {
+    pub store: &'a dyn Store,
+    pub directory: &'a Directory,
+    pub token: &'a Secret,
+}
+
+impl Admin<'_> {
+    /// Answers one admin call: its status and JSON body.
+    pub fn handle(
+        &self,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<(StatusCode, Vec<u8>), Error> {
+        let token = auth::bearer(headers).ok_or(Error::AdminToken)?;
+        if !auth::constant_time_eq(token.as_bytes(), self.token.expose().as_bytes()) {
+            return Err(Error::AdminToken);
+        }
+        let not_found = || Error::NotFound(path.to_string());
+        let rest = path.strip_prefix("/admin/keys").ok_or_else(not_found)?;
+        let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
+        let answer = match (method, parts.as_slice()) {
+            (&Method::GET, []) => {
+                let mut keys = self.store.accounts();
+                keys.sort_by_key(|(id, _)| *id);
+                let keys: Vec<Value> = keys.iter().map(|(id, a)| self.show(*id, a)).collect();
+                (StatusCode::OK, json!({ "keys": keys }))
+            }
+            (&Method::POST, []) => {
+                let create: Create = parse(body)?;
+                if create.key.trim().is_empty() {
+                    return Err(Error::MalformedBody("`key` must not be empty".into()));
+                }
+                let id = KeyId::of(create.key.trim());
+                let account = self.store.set_limit(id, limit_nano(create.limit_dollars)?);
+                (StatusCode::CREATED, self.show(id, &account))
+            }
+            (&Method::GET, [id]) => {
+                let id = self.resolve(id).ok_or_else(not_found)?;
+                (StatusCode::OK, self.show(id, &self.store.account(id)))
+            }
+            (&Method::PATCH, [id]) => {
+                let id = self.resolve(id).ok_or_else(not_found)?;
+                let update: Update = parse(body)?;
+                let account = self.store.set_limit(id, limit_nano(update.limit_dollars)?);
+                (StatusCode::OK, self.show(id, &account))
+            }
+            (&Method::POST, [id, "reset"]) => {
+                let id = self.resolve(id).ok_or_else(not_found)?;
+                (StatusCode::OK, self.show(id, &self.store.reset(id)))
+            }
+            (&Method::DELETE, [id]) => {
+                let id = self.resolve(id).ok_or_else(not_found)?;
+                self.store.remove(id);
+                (
+                    StatusCode::OK,
+                    json!({ "key_id": id.to_string(), "deleted": true }),
+                )
+            }
+            (_, [] | [_] | [_, "reset"]) => return Err(Error::MethodNotAllowed),
+            _ => return Err(not_found()),
+        };
+        Ok((answer.0, answer.1.to_string().into_bytes()))
+    }
+
+    /// A key the store holds or the config names, by id or alias.
+    fn resolve(&self, id_or_alias: &str) -> Option<KeyId> {
+        KeyId::parse(id_or_alias)
+            .filter(|id| self.store.holds(*id) || self.directory.alias(*id).is_some())
+            .or_else(|| self.directory.by_alias(id_or_alias))
+    }
+
+    fn show(&self, id: KeyId, a: &Account) -> Value {
+        json!({
+            "key_id": id.to_string(),
+            "alias": self.directory.alias(id),
+            "limit_dollars": nano_to_dollars(a.limit),
+            "usage_dollars": nano_to_dollars(a.spent),
+            "remaining_dollars": nano_to_dollars(a.remaining()),
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Create {
+    key: String,
+    limit_dollars: f64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Update {
+    limit_dollars: f64,
+}
+
+fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Error> {
+    serde_json::from_slice(body).map_err(|e| Error::MalformedBody(e.to_string()))
+}
+
+fn limit_nano(dollars: f64) -> Result<u64, Error> {
+    if dollars.is_finite() && dollars >= 0.0 {
+        Ok(dollars_to_nano(dollars))
+    } else {
+        Err(Error::MalformedBody(
+            "`limit_dollars` must be a non-negative number".into(),
+        ))
+    }
+}

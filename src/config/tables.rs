@@ -1,0 +1,292 @@
+//! The two tables of the TOML file beside its flat settings:
+//!
+//! ```toml
+//! [prices."my-finetune"]            # dollars per million tokens; overrides any other price
+//! input_dollars_per_million = 1.0
+//! output_dollars_per_million = 2.0
+//! cached_input_dollars_per_million = 0.5   # optional (default: the input price)
+//! max_output_tokens = 8192                 # optional
+//!
+//! [keys.team-a]                     # the alias shown instead of the key
+//! key = "sk-aura-team-a-..."        # what clients send
+//! limit_dollars = 25.0              # optional (default: default_limit_dollars)
+//! upstream_key = "sk-proj-..."      # optional: a virtual key, forwarded as this key
+//! ```
+//! Every problem is reported, with its table and field. Keys are held as [`Secret`]s.
+
+use std::fmt;
+
+use crate::pricing::Price;
+
+/// A secret string whose `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// One `[keys.<alias>]` entry.
+#[derive(Debug, Clone)]
+pub struct KeyEntry {
+    pub alias: String,
+    pub key: Secret,
+    pub limit_dollars: Option<f64>,
+    /// Set: a virtual key; Aura sends this key upstream instead of the client's.
+    pub upstream_key: Option<Secret>,
+}
+
+/// One `[prices.<model>]` entry.
+#[derive(Debug, Clone)]
+pub struct PriceEntry {
+    pub model: String,
+    pub price: Price,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Tables {
+    pub keys: Vec<KeyEntry>,
+    pub prices: Vec<PriceEntry>,
+}
+
+/// The names of the tables in the file (the flat settings skip them).
+pub const TABLES: [&str; 2] = ["keys", "prices"];
+
+pub fn parse(file: &toml::Table) -> Result<Tables, Vec<String>> {
+    let mut errors = Vec::new();
+    let mut tables = Tables::default();
+    for (name, value) in file {
+        if !TABLES.contains(&name.as_str()) {
+            continue;
+        }
+        let Some(entries) = value.as_table() else {
+            errors.push(format!("config file: `{name}` must be a table"));
+            continue;
+        };
+        for (entry_name, entry) in entries {
+            let Some(entry) = entry.as_table() else {
+                errors.push(format!(
+                    "config file: `{name}.{entry_name}` must be a table"
+                ));
+                continue;
+            };
+            let mut fields = Fields {
+                at: format!("{name}.{entry_name}"),
+                entry,
+                errors: &mut errors,
+            };
+            if name == "keys" {
+                if let Some(key) = key_entry(entry_name, &mut fields) {
+                    tables.keys.push(key);
+                }
+            } else if let Some(price) = price_entry(&mut fields) {
+                tables.prices.push(PriceEntry {
+                    model: entry_name.clone(),
+                    price,
+                });
+            }
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    for k in &tables.keys {
+        if !seen.insert(k.key.expose()) {
+            errors.push(format!(
+                "config file: `keys.{}` repeats another entry's key",
+                k.alias
+            ));
+        }
+    }
+    if errors.is_empty() {
+        Ok(tables)
+    } else {
+        Err(errors)
+    }
+}
+
+fn key_entry(alias: &str, f: &mut Fields) -> Option<KeyEntry> {
+    f.only(&["key", "limit_dollars", "upstream_key"]);
+    let key = f.string("key", true);
+    let limit_dollars = f.dollars("limit_dollars");
+    let upstream_key = f.string("upstream_key", false);
+    Some(KeyEntry {
+        alias: alias.to_string(),
+        key: Secret(key?),
+        limit_dollars,
+        upstream_key: upstream_key.map(Secret),
+    })
+}
+
+fn price_entry(f: &mut Fields) -> Option<Price> {
+    f.only(&[
+        "input_dollars_per_million",
+        "output_dollars_per_million",
+        "cached_input_dollars_per_million",
+        "max_output_tokens",
+    ]);
+    let input = f.dollars("input_dollars_per_million");
+    let output = f.dollars("output_dollars_per_million");
+    if input.is_none() || output.is_none() {
+        f.error("needs input_dollars_per_million and output_dollars_per_million");
+        return None;
+    }
+    let (input, output) = (input?, output?);
+    let cached = f
+        .dollars("cached_input_dollars_per_million")
+        .unwrap_or(input);
+    let mut price = Price::per_million(input, output, cached);
+    price.max_output_tokens = f.count("max_output_tokens");
+    Some(price)
+}
+
+struct Fields<'a> {
+    at: String,
+    entry: &'a toml::Table,
+    errors: &'a mut Vec<String>,
+}
+
+impl Fields<'_> {
+    fn error(&mut self, what: &str) {
+        self.errors
+            .push(format!("config file: `{}` {what}", self.at));
+    }
+
+    fn only(&mut self, known: &[&str]) {
+        let unknown: Vec<String> = self
+            .entry
+            .keys()
+            .filter(|k| !known.contains(&k.as_str()))
+            .cloned()
+            .collect();
+        for k in unknown {
+            self.error(&format!("has unknown field `{k}`"));
+        }
+    }
+
+    fn string(&mut self, field: &str, required: bool) -> Option<String> {
+        match self.entry.get(field) {
+            None if required => {
+                self.error(&format!("needs `{field}`"));
+                None
+            }
+            None => None,
+            Some(toml::Value::String(s)) if !s.trim().is_empty() => Some(s.trim().to_string()),
+            Some(_) => {
+                self.error(&format!("`{field}` must be a non-empty string"));
+                None
+            }
+        }
+    }
+
+    fn dollars(&mut self, field: &str) -> Option<f64> {
+        let v = match self.entry.get(field)? {
+            toml::Value::Float(v) => *v,
+            toml::Value::Integer(v) => *v as f64,
+            _ => f64::NAN,
+        };
+        if v.is_finite() && v >= 0.0 {
+            Some(v)
+        } else {
+            self.error(&format!(
+                "`{field}` must be a non-negative number of dollars"
+            ));
+            None
+        }
+    }
+
+    fn count(&mut self, field: &str) -> Option<u64> {
+        match self.entry.get(field)? {
+            toml::Value::Integer(v) if *v > 0 => Some(*v as u64),
+            _ => {
+                self.error(&format!("`{field}` must be a positive integer"));
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tables(text: &str) -> Result<Tables, Vec<String>> {
+        parse(&text.parse::<toml::Table>().unwrap())
+    }
+
+    #[test]
+    fn keys_and_prices_parse() {
+        let t = tables(
+            r#"
+            port = 1
+            [keys.team-a]
+            key = "sk-aura-a"
+            limit_dollars = 25
+            upstream_key = "sk-proj-upstream"
+            [keys.team-b]
+            key = "sk-aura-b"
+            [prices."my-finetune"]
+            input_dollars_per_million = 1.0
+            output_dollars_per_million = 2
+            max_output_tokens = 8192
+            "#,
+        )
+        .unwrap();
+        assert_eq!(t.keys.len(), 2);
+        let a = t.keys.iter().find(|k| k.alias == "team-a").unwrap();
+        assert_eq!(a.key.expose(), "sk-aura-a");
+        assert_eq!(a.limit_dollars, Some(25.0));
+        assert_eq!(
+            a.upstream_key.as_ref().unwrap().expose(),
+            "sk-proj-upstream"
+        );
+        assert_eq!(format!("{a:?}").matches("***").count(), 2, "{a:?}");
+        assert!(!format!("{a:?}").contains("sk-"));
+        let p = &t.prices[0];
+        assert_eq!(p.model, "my-finetune");
+        assert_eq!(
+            (
+                p.price.input_pico,
+                p.price.output_pico,
+                p.price.cached_input_pico
+            ),
+            (1_000_000, 2_000_000, 1_000_000)
+        );
+        assert_eq!(p.price.max_output_tokens, Some(8192));
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let errors = tables(
+            r#"
+            [keys.a]
+            limit_dollars = -1
+            colour = "red"
+            [keys.b]
+            key = "same"
+            [keys.c]
+            key = "same"
+            [prices.m]
+            input_dollars_per_million = 1.0
+            "#,
+        )
+        .unwrap_err();
+        assert_eq!(errors.len(), 5, "{errors:#?}");
+        assert!(errors.iter().any(|e| e.contains("`keys.a` needs `key`")));
+        assert!(errors.iter().any(|e| e.contains("unknown field `colour`")));
+        assert!(errors
+            .iter()
+            .any(|e| e.contains("repeats another entry's key")));
+        assert!(errors.iter().any(|e| e.contains("`prices.m` needs")));
+    }
+}
