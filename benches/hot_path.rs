@@ -1,7 +1,8 @@
 //! Micro-benchmarks of the per-request pure work on the relay's hot path: the usage scanner and
 //! the usage-event stripper over a whole OpenAI stream fed in realistic reads, the scanner's
 //! throughput by read size with and without usage, HTTP head parsing, the body rewrite, the
-//! chunked decoder, and metrics (recording one request; a two-worker scrape).
+//! chunked decoder, metrics (recording one request; a two-worker scrape), and budgets (reserve and
+//! settle in a shard, price lookup and cost, key id).
 //! `cargo bench --bench hot_path`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -194,5 +195,55 @@ fn metrics(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, scanner, heads, rewrite, chunked, metrics);
+/// Budgets on the request path: one request's reserve and settle in a worker's shard, with the
+/// lease already held (the common case), and pricing a usage.
+fn budget(c: &mut Criterion) {
+    use aura::auth::KeyId;
+    use aura::budget::Shard;
+    use aura::config::Period;
+    use aura::pricing::{Price, PriceTable};
+    use aura::store::{system_clock, MemoryStore};
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    let store = Arc::new(MemoryStore::new(
+        u64::MAX / 4,
+        HashMap::new(),
+        Period::Never,
+        system_clock(),
+    ));
+    let shard = Shard::new(store, 2);
+    let key = KeyId::of("sk-bench-0000000000000001");
+    let now = Instant::now();
+    let mut group = c.benchmark_group("budget");
+    group.bench_function("reserve_and_settle_one_request", |b| {
+        b.iter(|| {
+            let r = shard.reserve(black_box(key), black_box(73_000)).unwrap();
+            shard.settle(r, black_box(21_000), now);
+        })
+    });
+    let prices = PriceTable::builtin(Price::per_million(5.0, 15.0, 5.0));
+    let usage = aura::usage::Usage {
+        prompt_tokens: 60,
+        completion_tokens: 20,
+        cached_prompt_tokens: 0,
+    };
+    group.bench_function("price_lookup_dated_name_and_cost", |b| {
+        b.iter(|| {
+            let (price, _) = prices.lookup(black_box("gpt-4o-mini-2024-07-18"));
+            black_box(price.cost_nano(&usage))
+        })
+    });
+    group.bench_function("key_id_sha256", |b| {
+        b.iter(|| {
+            black_box(KeyId::of(black_box(
+                "sk-proj-0123456789abcdefghijklmnopqrstuv",
+            )))
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, scanner, heads, rewrite, chunked, metrics, budget);
 criterion_main!(benches);

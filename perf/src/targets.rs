@@ -70,8 +70,8 @@ pub fn mock(threads: usize) -> std::io::Result<Target> {
     })
 }
 
-/// Aura in front of `upstream`, with `workers` workers, logging only warnings (the access log
-/// is off, as nginx's is here).
+/// Aura in front of `upstream`, with `workers` workers, budgets on (in-memory store, a limit
+/// no run reaches), logging only warnings (the access log is off, as nginx's is here).
 /// With `cpus`, Aura runs under `taskset -c CPUS` (and pins its workers within them).
 pub fn aura(
     bin: &Path,
@@ -93,6 +93,8 @@ pub fn aura(
         .args(["--upstream-url", &format!("http://{upstream}/v1")])
         .args(["--workers", &workers.to_string()])
         .args(["--pin-workers", if pin { "true" } else { "false" }])
+        // Budgets stay on (every request reserves and settles) but never run out in a run.
+        .args(["--default-limit-dollars", "1000000"])
         .env("AURA_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
