@@ -111,6 +111,8 @@ struct Lease {
     in_flight: u32,
     pending: Settlement,
     last_used: Option<Instant>,
+    /// The last grant: a free lease below a quarter of it is topped up at flush.
+    last_grant: u64,
 }
 
 impl Lease {
@@ -150,6 +152,7 @@ impl Shard {
                 });
             }
             lease.held += granted;
+            lease.last_grant = granted;
         }
         lease.reserved += estimate;
         lease.in_flight += 1;
@@ -173,7 +176,9 @@ impl Shard {
         lease.last_used = Some(now);
     }
 
-    /// Hands settled spend to the store, and returns the leases of keys idle since `IDLE_RETURN`.
+    /// Hands settled spend to the store, returns the leases of keys idle since `IDLE_RETURN`,
+    /// and tops up the leases of busy keys running low, so their requests need not wait for the
+    /// store.
     pub fn flush(&self, now: Instant) {
         let mut keys = self.keys.borrow_mut();
         keys.retain(|&key, lease| {
@@ -189,6 +194,11 @@ impl Shard {
             if settlement != Settlement::default() {
                 self.store.settle(key, settlement);
                 lease.held -= returned;
+            }
+            if !idle && lease.free() < lease.last_grant / 4 {
+                // A slice of what is left, no more: it shrinks as the budget does.
+                let (granted, _) = self.store.lease(key, 0, self.slice_parts);
+                lease.held += granted;
             }
             !(idle && lease.held == 0)
         });
@@ -280,6 +290,26 @@ mod tests {
             admitted > 1_000 - 4 * 70,
             "budget stranded: admitted {admitted}"
         );
+    }
+
+    #[test]
+    fn a_busy_key_running_low_is_topped_up_at_flush() {
+        let store = store(10_000);
+        let shard = Shard::new(store.clone(), 1);
+        let now = Instant::now();
+        // Need 1000 + half of the 9000 left: a lease of 5500.
+        let first = shard.reserve(key(), 1_000).unwrap();
+        assert_eq!(store.account(key()).leased, 5_500);
+        let second = shard.reserve(key(), 4_200).unwrap();
+        shard.settle(first, 1_000, now);
+        // 300 free, below a quarter of the 5500 granted; the key is still busy.
+        shard.flush(now);
+        let account = store.account(key());
+        assert_eq!(account.spent, 1_000);
+        // Topped up by half of the 4500 neither spent nor leased.
+        assert_eq!(account.leased, 4_500 + 2_250);
+        assert!(account.spent + account.leased <= account.limit);
+        shard.settle(second, 0, now);
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The project's OpenAI-compatible mock upstream: serves `aura --demo` and the tests. It runs on
 //! a thread of its own with its own monoio runtime and answers chat completions (streamed exactly
-//! as OpenAI streams them, or whole), embeddings, a model list, and echoes any other request.
+//! as OpenAI streams them, or whole), legacy completions, the Responses API (whole, or streamed
+//! with its usage in `response.completed`), embeddings, a model list, and echoes any other
+//! request.
 //! Deterministic: ids, timestamps and token counts follow from the request, so tests can compute
 //! what to expect. Per-request `x-mock-*` headers override the options: chunk count, delay,
 //! error status, mid-stream reset, ignoring `stream_options`. Every request is recorded.
@@ -292,8 +294,21 @@ impl<S: AsyncWriteRent> Handler<S> for MockHandler {
         }
         let path = request.head.target.split('?').next().unwrap_or_default();
         let method = &request.head.method;
-        if *method == Method::POST && path.ends_with("/chat/completions") {
-            return self.chat(&request.body, &control, keep_alive, client).await;
+        let chat = path.ends_with("/chat/completions");
+        let responses = path.ends_with("/responses");
+        if *method == Method::POST && (chat || responses || path.ends_with("/v1/completions")) {
+            let Ok(json) = serde_json::from_slice::<Value>(&request.body) else {
+                let body = openai_error("mock: request body is not JSON", "invalid_request_error");
+                return server::write_json(client, StatusCode::BAD_REQUEST, &body, keep_alive)
+                    .await;
+            };
+            let prompt = prompt_tokens(&request.body);
+            return if chat {
+                self.chat(&json, prompt, &control, keep_alive, client).await
+            } else {
+                self.legacy_or_responses(responses, &json, prompt, &control, keep_alive, client)
+                    .await
+            };
         }
         let (status, body) = if *method == Method::POST && path.ends_with("/embeddings") {
             embeddings(&request.body)
@@ -310,16 +325,12 @@ impl<S: AsyncWriteRent> Handler<S> for MockHandler {
 impl MockHandler {
     async fn chat<S: AsyncWriteRent>(
         &self,
-        body: &[u8],
+        request: &Value,
+        prompt_tokens: u64,
         control: &Control,
         keep_alive: bool,
         client: &mut S,
     ) -> Persist {
-        let Ok(request) = serde_json::from_slice::<Value>(body) else {
-            let body = openai_error("mock: request body is not JSON", "invalid_request_error");
-            return server::write_json(client, StatusCode::BAD_REQUEST, &body, keep_alive).await;
-        };
-        let prompt_tokens = prompt_tokens(body);
         let completion_tokens = control.chunks as u64;
         if request.get("stream") != Some(&Value::Bool(true)) {
             sleep(control.delay).await;
@@ -330,46 +341,125 @@ impl MockHandler {
         let usage =
             (asked && control.honour_stream_options).then_some((prompt_tokens, completion_tokens));
         let events = self.stream_events(control.chunks, usage);
-        let mut out = Vec::with_capacity(256);
-        h1::write_status_line(StatusCode::OK, &mut out);
-        h1::write_header("content-type", b"text/event-stream", &mut out);
-        h1::write_header("cache-control", b"no-cache", &mut out);
-        h1::write_header("transfer-encoding", b"chunked", &mut out);
-        if !keep_alive {
-            h1::write_header("connection", b"close", &mut out);
+        write_stream(&events, control, keep_alive, client).await
+    }
+
+    /// `/v1/completions` (whole answers) and `/v1/responses` (whole, or streamed with the usage
+    /// in `response.completed`), with the same usage rule as chat completions.
+    async fn legacy_or_responses<S: AsyncWriteRent>(
+        &self,
+        responses: bool,
+        request: &Value,
+        prompt: u64,
+        control: &Control,
+        keep_alive: bool,
+        client: &mut S,
+    ) -> Persist {
+        let completion = control.chunks as u64;
+        let text: String = (0..control.chunks).map(token).collect();
+        let model: Value = serde_json::from_str(&self.model).unwrap_or(Value::Null);
+        if !responses {
+            let answer = json!({
+                "id": "cmpl-mock", "object": "text_completion", "created": CREATED, "model": model,
+                "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                          "total_tokens": prompt + completion},
+            });
+            sleep(control.delay).await;
+            return server::write_json(
+                client,
+                StatusCode::OK,
+                answer.to_string().as_bytes(),
+                keep_alive,
+            )
+            .await;
         }
-        out.extend_from_slice(b"\r\n");
-        let (res, mut out) = net::write_all(client, out).await;
+        let response = |status: &str, usage: Value| {
+            json!({
+                "id": "resp_mock", "object": "response", "created_at": CREATED, "status": status,
+                "model": model,
+                "output": [{"type": "message", "role": "assistant",
+                            "content": [{"type": "output_text", "text": text}]}],
+                "usage": usage,
+            })
+        };
+        let usage = json!({"input_tokens": prompt, "output_tokens": completion,
+                           "total_tokens": prompt + completion,
+                           "input_tokens_details": {"cached_tokens": 0}});
+        if request.get("stream") != Some(&Value::Bool(true)) {
+            sleep(control.delay).await;
+            let answer = response("completed", usage).to_string();
+            return server::write_json(client, StatusCode::OK, answer.as_bytes(), keep_alive).await;
+        }
+        let event =
+            |kind: &str, data: Value| format!("event: {kind}\ndata: {data}\n\n").into_bytes();
+        let mut events = vec![event(
+            "response.created",
+            json!({"type": "response.created", "response": response("in_progress", Value::Null)}),
+        )];
+        for i in 0..control.chunks {
+            events.push(event(
+                "response.output_text.delta",
+                json!({"type": "response.output_text.delta", "delta": token(i)}),
+            ));
+        }
+        events.push(event(
+            "response.completed",
+            json!({"type": "response.completed", "response": response("completed", usage)}),
+        ));
+        write_stream(&events, control, keep_alive, client).await
+    }
+}
+
+/// Writes a streamed answer: the head, then each event as a chunk, `control.delay` apart (and
+/// cut short at `control.reset_after`).
+async fn write_stream<S: AsyncWriteRent>(
+    events: &[Vec<u8>],
+    control: &Control,
+    keep_alive: bool,
+    client: &mut S,
+) -> Persist {
+    let mut out = Vec::with_capacity(256);
+    h1::write_status_line(StatusCode::OK, &mut out);
+    h1::write_header("content-type", b"text/event-stream", &mut out);
+    h1::write_header("cache-control", b"no-cache", &mut out);
+    h1::write_header("transfer-encoding", b"chunked", &mut out);
+    if !keep_alive {
+        h1::write_header("connection", b"close", &mut out);
+    }
+    out.extend_from_slice(b"\r\n");
+    let (res, mut out) = net::write_all(client, out).await;
+    if res.is_err() {
+        return Persist::Close;
+    }
+    for (i, event) in events.iter().enumerate() {
+        if control.reset_after == Some(i) {
+            // Abrupt end: no last chunk; the connection closes when the handler returns.
+            return Persist::Close;
+        }
+        if i > 0 {
+            sleep(control.delay).await;
+        }
+        out.clear();
+        encode_chunk(event, &mut out);
+        let (res, back) = net::write_all(client, out).await;
+        out = back;
         if res.is_err() {
             return Persist::Close;
         }
-        for (i, event) in events.iter().enumerate() {
-            if control.reset_after == Some(i) {
-                // Abrupt end: no last chunk; the connection closes when the handler returns.
-                return Persist::Close;
-            }
-            if i > 0 {
-                sleep(control.delay).await;
-            }
-            out.clear();
-            encode_chunk(event, &mut out);
-            let (res, back) = net::write_all(client, out).await;
-            out = back;
-            if res.is_err() {
-                return Persist::Close;
-            }
-        }
-        if control.reset_after == Some(events.len()) {
-            return Persist::Close;
-        }
-        out.clear();
-        out.extend_from_slice(LAST_CHUNK);
-        match net::write_all(client, out).await.0 {
-            Ok(()) => Persist::KeepAlive,
-            Err(_) => Persist::Close,
-        }
     }
+    if control.reset_after == Some(events.len()) {
+        return Persist::Close;
+    }
+    out.clear();
+    out.extend_from_slice(LAST_CHUNK);
+    match net::write_all(client, out).await.0 {
+        Ok(()) => Persist::KeepAlive,
+        Err(_) => Persist::Close,
+    }
+}
 
+impl MockHandler {
     /// The SSE events of a streamed answer, each ending in a blank line: a role chunk, `chunks`
     /// content chunks, a finish chunk, the usage-only chunk when `usage` is (prompt, completion)
     /// tokens, and `[DONE]`. With usage on, every earlier chunk carries `"usage":null`, as

@@ -116,7 +116,7 @@ fn post(aura: &Aura, key: &str, target: &str, headers: &[(&str, &str)], body: &s
         .status
 }
 
-/// Starts a stream and leaves after its first event.
+/// Starts a stream and leaves after its first event (the mock then sends 6 more, 30 ms apart).
 fn leave_mid_stream(aura: &Aura, key: &str) {
     let mut client = aura.client();
     let request = format!(
@@ -151,6 +151,21 @@ fn spend_is_exact_over_every_billed_route_and_clients_that_leave(driver: Driver)
     for _ in 0..2 {
         leave_mid_stream(&aura, key);
     }
+    let completion = r#"{"model":"gpt-4o-mini","prompt":"Say hello","max_tokens":16}"#;
+    assert_eq!(post(&aura, key, "/v1/completions", &[], completion), 200);
+    let response = r#"{"model":"gpt-4o-mini","input":"Say hello"}"#;
+    let streamed = r#"{"model":"gpt-4o-mini","input":"Say hello","stream":true}"#;
+    assert_eq!(post(&aura, key, "/v1/responses", &[], response), 200);
+    assert_eq!(
+        post(
+            &aura,
+            key,
+            "/v1/responses",
+            &[("x-mock-chunks", "3")],
+            streamed
+        ),
+        200
+    );
     // Failed upstream answers cost nothing; a model list is not billed.
     assert_eq!(
         post(&aura, key, CHAT, &[("x-mock-status", "500")], WHOLE),
@@ -175,7 +190,7 @@ fn spend_is_exact_over_every_billed_route_and_clients_that_leave(driver: Driver)
         };
         billed += 1;
     }
-    assert_eq!(billed, 15);
+    assert_eq!(billed, 18);
     let usage = wait_for_spend(&aura, key, want);
     assert_eq!(nano(&usage["limit_dollars"]), 10_000_000_000);
     assert_eq!(
@@ -183,7 +198,7 @@ fn spend_is_exact_over_every_billed_route_and_clients_that_leave(driver: Driver)
         10_000_000_000 - want,
         "{usage}"
     );
-    println!("15 billed requests, spend {want} nano-dollars, exact");
+    println!("18 billed requests, spend {want} nano-dollars, exact");
 }
 
 fn concurrent_clients_never_spend_past_the_limit(driver: Driver) {

@@ -248,3 +248,44 @@ fn harness_recognises_the_usage_only_event() {
     assert!(!e.is_usage_only());
     assert_eq!(e.data(), "[DONE]");
 }
+
+#[test]
+fn completions_and_responses_carry_usage_whole_and_streamed() {
+    let mock = start_mock(MockOptions::default());
+    let body = r#"{"model":"gpt-4o-mini","prompt":"hi"}"#;
+    let r = Client::connect(mock.addr).post_json("/v1/completions", &[], body);
+    assert_eq!(r.status, 200);
+    let v = r.json();
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["choices"][0]["text"], "tok0 tok1 tok2 tok3 tok4 ");
+    assert_eq!(v["usage"]["prompt_tokens"], body.len() / 4);
+    assert_eq!(v["usage"]["completion_tokens"], 5);
+
+    let body = r#"{"model":"gpt-4o-mini","input":"hi"}"#;
+    let r = Client::connect(mock.addr).post_json("/v1/responses", &[], body);
+    let v = r.json();
+    assert_eq!(
+        (v["object"].as_str(), v["status"].as_str()),
+        (Some("response"), Some("completed"))
+    );
+    assert_eq!(v["usage"]["input_tokens"], body.len() / 4);
+    assert_eq!(v["usage"]["output_tokens"], 5);
+
+    let body = r#"{"model":"gpt-4o-mini","input":"hi","stream":true}"#;
+    let r = Client::connect(mock.addr).post_json("/v1/responses", &[("x-mock-chunks", "2")], body);
+    assert_eq!(r.header("content-type"), Some("text/event-stream"));
+    let events = json_events(&r);
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "response.created",
+            "response.output_text.delta",
+            "response.output_text.delta",
+            "response.completed"
+        ]
+    );
+    assert!(events[0]["response"]["usage"].is_null());
+    assert_eq!(events[3]["response"]["usage"]["output_tokens"], 2);
+    assert!(r.text().contains("event: response.completed\n"));
+}

@@ -436,12 +436,12 @@ pub struct Event {
 }
 
 impl Event {
-    /// The `data:` payload of a one-line event.
+    /// The `data:` payload of an event with one `data:` line (after any `event:` line).
     pub fn data(&self) -> &str {
         self.text
-            .trim_end()
-            .strip_prefix("data:")
-            .map_or("", str::trim_start)
+            .lines()
+            .find_map(|l| l.strip_prefix("data:"))
+            .map_or("", str::trim)
     }
 
     /// The payload as JSON (`None` for `[DONE]` and other non-JSON payloads).
