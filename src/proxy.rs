@@ -191,6 +191,7 @@ impl Proxy {
         kind: Billable,
         model: Option<&str>,
         max_tokens: Option<u64>,
+        choices: u64,
         outcome: &mut Outcome,
     ) -> Result<(), Error> {
         let key = self.authorize(request, outcome)?;
@@ -200,6 +201,7 @@ impl Proxy {
             kind,
             request.body.len(),
             max_tokens,
+            choices,
             self.default_max_output_tokens,
         );
         let reservation =
@@ -290,6 +292,7 @@ impl Proxy {
             Billable::Generates,
             chat.model.as_deref(),
             chat.max_tokens,
+            chat.choices,
             outcome,
         ) {
             return self.fail(client, e, keep_alive, outcome).await;
@@ -633,6 +636,7 @@ impl Proxy {
                 kind,
                 bounds.model.as_deref(),
                 bounds.max_tokens,
+                bounds.choices,
                 outcome,
             ) {
                 return self.fail(client, e, keep_alive, outcome).await;

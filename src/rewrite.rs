@@ -22,6 +22,9 @@ pub struct ChatRequest {
     pub model: Option<String>,
     /// `max_completion_tokens`, else `max_tokens`, when a non-negative integer that fits a u64.
     pub max_tokens: Option<u64>,
+    /// `n`: how many choices to generate, each up to `max_tokens` (1 when absent or not a
+    /// positive integer).
+    pub choices: u64,
 }
 
 /// The outcome of [`rewrite_chat_body`].
@@ -77,6 +80,10 @@ pub fn rewrite_chat_body(body: &[u8]) -> Result<Rewrite, RewriteError> {
     let max_tokens = value(b"max_completion_tokens")
         .and_then(uint_value)
         .or_else(|| value(b"max_tokens").and_then(uint_value));
+    let choices = value(b"n")
+        .and_then(uint_value)
+        .filter(|n| *n > 0)
+        .unwrap_or(1);
     let (client_asked_usage, splice) = usage_splice(body, &top)?;
 
     let body = match splice {
@@ -94,6 +101,7 @@ pub fn rewrite_chat_body(body: &[u8]) -> Result<Rewrite, RewriteError> {
         client_asked_usage,
         model,
         max_tokens,
+        choices,
     };
     Ok(Rewrite { request, body })
 }
@@ -374,6 +382,7 @@ mod tests {
             client_asked_usage: asked,
             model: model.map(str::to_owned),
             max_tokens: max,
+            choices: 1,
         }
     }
 
@@ -586,6 +595,16 @@ mod tests {
                 req(false, false, None, Some(5)),
             ),
             ("max_tokens zero", r#"{"max_tokens":0}"#, None, req(false, false, None, Some(0))),
+            (
+                "n choices",
+                r#"{"max_tokens":10,"n":3}"#,
+                None,
+                ChatRequest {
+                    choices: 3,
+                    ..req(false, false, None, Some(10))
+                },
+            ),
+            ("n zero counts as one", r#"{"n":0}"#, None, req(false, false, None, None)),
             ("max_tokens negative", r#"{"max_tokens":-1}"#, None, req(false, false, None, None)),
             ("max_tokens fraction", r#"{"max_tokens":1.5}"#, None, req(false, false, None, None)),
             ("max_tokens exponent", r#"{"max_tokens":1e3}"#, None, req(false, false, None, None)),

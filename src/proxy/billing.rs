@@ -37,10 +37,22 @@ pub fn billable_passthrough(method: &Method, path: &str) -> Option<Billable> {
 }
 
 /// The fields of a pass-through request body that bound its cost.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bounds {
     pub model: Option<String>,
     pub max_tokens: Option<u64>,
+    /// `n` (choices) of completions: each up to `max_tokens`.
+    pub choices: u64,
+}
+
+impl Default for Bounds {
+    fn default() -> Bounds {
+        Bounds {
+            model: None,
+            max_tokens: None,
+            choices: 1,
+        }
+    }
 }
 
 /// `model` and `max_tokens` / `max_completion_tokens` / `max_output_tokens` (Responses API) of
@@ -53,6 +65,7 @@ pub fn bounds_of(body: &[u8]) -> Bounds {
         max_tokens: Option<serde_json::Value>,
         max_completion_tokens: Option<serde_json::Value>,
         max_output_tokens: Option<serde_json::Value>,
+        n: Option<serde_json::Value>,
     }
     let Ok(fields) = serde_json::from_slice::<Fields>(body) else {
         return Bounds::default();
@@ -67,21 +80,30 @@ pub fn bounds_of(body: &[u8]) -> Bounds {
         .into_iter()
         .flatten()
         .find_map(|v| v.as_u64()),
+        choices: fields
+            .n
+            .and_then(|n| n.as_u64())
+            .filter(|n| *n > 0)
+            .unwrap_or(1),
     }
 }
 
 /// The most a request can cost: every body byte a prompt token (a token is at least a byte),
-/// and the completion bounded by the request, else the model's output limit, else `cap`.
+/// and each of its `choices` bounded by the request, else the model's output limit, else `cap`.
 pub fn upper_estimate(
     price: &Price,
     kind: Billable,
     body_bytes: usize,
     max_tokens: Option<u64>,
+    choices: u64,
     cap: u64,
 ) -> u64 {
     let completion = match kind {
         Billable::Embeds => 0,
-        Billable::Generates => max_tokens.or(price.max_output_tokens).unwrap_or(cap),
+        Billable::Generates => max_tokens
+            .or(price.max_output_tokens)
+            .unwrap_or(cap)
+            .saturating_mul(choices.max(1)),
     };
     price.upper_bound_nano(body_bytes as u64, completion)
 }
@@ -164,13 +186,15 @@ mod tests {
             bounds_of(br#"{"model":"gpt-4o","input":["a","b"],"max_output_tokens":50}"#),
             Bounds {
                 model: Some("gpt-4o".into()),
-                max_tokens: Some(50)
+                max_tokens: Some(50),
+                choices: 1,
             }
         );
         assert_eq!(
             bounds_of(br#"{"model":"m","max_tokens":null,"max_completion_tokens":7}"#).max_tokens,
             Some(7)
         );
+        assert_eq!(bounds_of(br#"{"prompt":"x","n":4}"#).choices, 4);
         assert_eq!(bounds_of(b"not json"), Bounds::default());
         assert_eq!(bounds_of(br#"{"model":5}"#), Bounds::default());
     }
@@ -180,20 +204,25 @@ mod tests {
         let mut price = Price::per_million(1.0, 2.0, 1.0);
         // 1000 bytes × 1e6 pico + 10 × 2e6 pico.
         assert_eq!(
-            upper_estimate(&price, Billable::Generates, 1000, Some(10), 4096),
+            upper_estimate(&price, Billable::Generates, 1000, Some(10), 1, 4096),
             1_020_000
         );
+        // Three choices of up to 10 tokens each.
         assert_eq!(
-            upper_estimate(&price, Billable::Generates, 0, None, 4096),
+            upper_estimate(&price, Billable::Generates, 1000, Some(10), 3, 4096),
+            1_060_000
+        );
+        assert_eq!(
+            upper_estimate(&price, Billable::Generates, 0, None, 1, 4096),
             8_192_000
         );
         price.max_output_tokens = Some(100);
         assert_eq!(
-            upper_estimate(&price, Billable::Generates, 0, None, 4096),
+            upper_estimate(&price, Billable::Generates, 0, None, 1, 4096),
             200_000
         );
         assert_eq!(
-            upper_estimate(&price, Billable::Embeds, 1000, Some(10), 4096),
+            upper_estimate(&price, Billable::Embeds, 1000, Some(10), 1, 4096),
             1_000_000
         );
     }
