@@ -58,6 +58,31 @@ fn scanner(c: &mut Criterion) {
             black_box(out.len())
         })
     });
+    // The relay's order: stripper, then scanner, on each read; apart, or sharing one parse.
+    let relay = |out: &mut Vec<u8>, shared: Option<aura::sse::SharedParse>| {
+        out.clear();
+        let (mut stripper, mut scanner) = match shared {
+            Some(s) => (
+                UsageOnlyStripper::sharing(s.clone()),
+                UsageScanner::sharing(s),
+            ),
+            None => (UsageOnlyStripper::default(), UsageScanner::default()),
+        };
+        for event in &events {
+            stripper.push(black_box(event), out);
+            scanner.feed(event);
+        }
+        stripper.finish(out);
+        scanner.finish();
+        scanner.found().is_some()
+    };
+    let mut out = Vec::with_capacity(total);
+    group.bench_function("stripper_then_scanner_per_stream", |b| {
+        b.iter(|| black_box(relay(&mut out, None)))
+    });
+    group.bench_function("stripper_then_scanner_sharing_the_parse_per_stream", |b| {
+        b.iter(|| black_box(relay(&mut out, Some(aura::sse::SharedParse::default()))))
+    });
     group.finish();
 
     // Throughput by read size, with the usage event (and `"usage":null` in every chunk, as

@@ -62,7 +62,7 @@ pub fn from_body_json(json: &mut [u8]) -> Option<Found> {
 /// not an object or whose counts are not non-negative integers gives None (no guessing, and no
 /// fall-back to the next place). `model` is the top-level one, else `response.model`; an empty
 /// string counts as absent.
-fn from_value(root: &Value) -> Option<Found> {
+pub fn from_value(root: &Value) -> Option<Found> {
     let response = root.get("response");
     let usage = non_null(root.get("usage"))
         .or_else(|| non_null(root.get("x_groq")?.get("usage")))

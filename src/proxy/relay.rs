@@ -18,7 +18,7 @@ use crate::http::chunked::{self, ChunkedDecoder};
 use crate::http::{self as h1, Framing, ResponseHead};
 use crate::net::{self, Timed};
 use crate::server::Persist;
-use crate::sse::{UsageOnlyStripper, UsageScanner};
+use crate::sse::{SharedParse, UsageOnlyStripper, UsageScanner};
 use crate::usage::{self, Found};
 
 pub const READ_BUF_BYTES: usize = 16 * 1024;
@@ -123,6 +123,8 @@ pub struct Relay {
     client_framing: ClientFraming,
     kind: BodyKind,
     strip: Option<UsageOnlyStripper>,
+    /// Set with `strip`: the stripper's parse of the usage-only event, reused by the scanner.
+    shared_parse: Option<SharedParse>,
     upstream_keep_alive: bool,
     client_keep_alive: bool,
 }
@@ -160,12 +162,14 @@ impl Relay {
             h1::write_header("connection", b"close", &mut out);
         }
         out.extend_from_slice(b"\r\n");
+        let shared_parse = strip_usage_event.then(SharedParse::default);
         Relay {
             client_head: out,
             upstream_framing: framing,
             client_framing,
             kind,
-            strip: strip_usage_event.then(UsageOnlyStripper::default),
+            strip: shared_parse.clone().map(UsageOnlyStripper::sharing),
+            shared_parse,
             upstream_keep_alive: h1::keep_alive(head.minor_version, &head.headers),
             client_keep_alive,
         }
@@ -195,7 +199,10 @@ impl Relay {
         out.extend_from_slice(&self.client_head);
         let mut payload = Vec::new();
         let mut stripped = Vec::new();
-        let mut scanner = UsageScanner::default();
+        let mut scanner = match self.shared_parse.take() {
+            Some(shared) => UsageScanner::sharing(shared),
+            None => UsageScanner::default(),
+        };
         let mut json = if self.kind == BodyKind::Json {
             pool.take()
         } else {
