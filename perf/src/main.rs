@@ -79,9 +79,11 @@ struct Common {
     /// generator and the mock share the cores, and nginx does not pin either).
     #[arg(long, default_value_t = false)]
     pin: bool,
-    /// Run Aura under `taskset -c CPUS` (e.g. `0-7`), to keep it off the load generator's cores.
+    /// Run the proxies (Aura, and nginx in `run`) under `taskset -c CPUS` (e.g. `0-7`), to keep
+    /// them off the cores of the load generator and the mock (run the harness itself under
+    /// `taskset` on the others).
     #[arg(long)]
-    aura_cpus: Option<String>,
+    proxy_cpus: Option<String>,
     #[arg(long, default_value_t = 1)]
     mock_threads: usize,
     #[arg(long, default_value_t = 1)]
@@ -173,13 +175,14 @@ fn run(common: &Common, nginx: &str, rounds: usize, ids: &[String]) -> std::io::
         &common.out.join("nginx"),
         mock.addr,
         workers,
+        common.proxy_cpus.as_deref(),
     )?;
     let aura = targets::aura(
         &common.aura,
         mock.addr,
         workers,
         common.pin,
-        common.aura_cpus.as_deref(),
+        common.proxy_cpus.as_deref(),
     )?;
     eprintln!(
         "mock {} · nginx {} · aura {} · {workers} workers each · {rounds} rounds",
@@ -228,7 +231,7 @@ fn scaling(common: &Common, workers_list: &[usize]) -> std::io::Result<()> {
             mock.addr,
             w,
             common.pin,
-            common.aura_cpus.as_deref(),
+            common.proxy_cpus.as_deref(),
         )?;
         let r = bench::run_scenario(&scenario, &[&mock, &aura], 3, common.load_threads)?;
         let Some(o) = r.outcomes.get(1) else { continue };

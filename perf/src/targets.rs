@@ -80,15 +80,7 @@ pub fn aura(
     pin: bool,
     cpus: Option<&str>,
 ) -> std::io::Result<Target> {
-    let mut command = match cpus {
-        Some(cpus) => {
-            let mut c = Command::new("taskset");
-            c.args(["-c", cpus]).arg(bin);
-            c
-        }
-        None => Command::new(bin),
-    };
-    let mut child = command
+    let mut child = command(bin.as_os_str(), cpus)
         .args(["--listen-addr", "127.0.0.1", "--port", "0"])
         .args(["--upstream-url", &format!("http://{upstream}/v1")])
         .args(["--workers", &workers.to_string()])
@@ -108,13 +100,15 @@ pub fn aura(
     })
 }
 
-/// nginx from `perf/nginx.conf.template`, its prefix (config, pid, temp dirs, error log) in `dir`.
+/// nginx from `perf/nginx.conf.template`, its prefix (config, pid, temp dirs, error log) in `dir`,
+/// under `taskset -c CPUS` when `cpus` is given.
 pub fn nginx(
     bin: &str,
     template: &Path,
     dir: &Path,
     upstream: SocketAddr,
     workers: usize,
+    cpus: Option<&str>,
 ) -> std::io::Result<Target> {
     let port = free_port()?;
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
@@ -126,7 +120,7 @@ pub fn nginx(
         .replace("__UPSTREAM__", &upstream.to_string())
         .replace("__PREFIX__", &prefix.display().to_string());
     std::fs::write(prefix.join("nginx.conf"), conf)?;
-    let child = Command::new(bin)
+    let child = command(bin.as_ref(), cpus)
         .arg("-p")
         .arg(&prefix)
         .args(["-c", "nginx.conf", "-e"])
@@ -149,6 +143,18 @@ pub fn nginx(
         std::thread::park_timeout(Duration::from_millis(10));
     }
     Ok(target)
+}
+
+/// `bin`, under `taskset -c CPUS` when `cpus` is given (its threads and children stay there).
+fn command(bin: &std::ffi::OsStr, cpus: Option<&str>) -> Command {
+    match cpus {
+        Some(cpus) => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", cpus]).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    }
 }
 
 /// Reads the child's stdout until the line that announces its address.
