@@ -183,6 +183,11 @@ impl Proxy {
         self.budget.flush(Instant::now());
     }
 
+    /// Frees the pooled buffers a whole interval did not need (after a burst).
+    pub fn trim_buffers(&self) {
+        self.buffers.trim();
+    }
+
     /// Authorize and admit: the caller's key id reserves the upper estimate of the request's
     /// cost, which settle turns into the real cost.
     fn admit(

@@ -246,6 +246,7 @@ fn run_worker(
         ));
         monoio::spawn(publish_metrics(id, proxy.clone(), registry));
         monoio::spawn(flush_budget(proxy.clone(), config.budgets.flush_interval));
+        monoio::spawn(trim_buffers(proxy.clone()));
         accept_loop(listener, proxy, config.limits, config.timeouts).await;
     };
     match build_runtime() {
@@ -294,6 +295,14 @@ async fn flush_budget(proxy: Rc<Proxy>, every: std::time::Duration) {
     loop {
         monoio::time::sleep(every).await;
         proxy.flush_budget();
+    }
+}
+
+/// Returns buffers a burst left in this worker's pool, off the request path.
+async fn trim_buffers(proxy: Rc<Proxy>) {
+    loop {
+        monoio::time::sleep(crate::buffers::TRIM_EVERY).await;
+        proxy.trim_buffers();
     }
 }
 
