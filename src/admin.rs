@@ -18,20 +18,21 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::auth::{self, Directory, KeyId};
-use crate::budget::{Account, Store};
 use crate::config::Secret;
 use crate::error::Error;
+use crate::ledger::Ledger;
 use crate::pricing::{dollars_to_nano, nano_to_dollars};
+use crate::store::Account;
 
 pub struct Admin<'a> {
-    pub store: &'a dyn Store,
+    pub ledger: &'a Ledger,
     pub directory: &'a Directory,
     pub token: &'a Secret,
 }
 
 impl Admin<'_> {
     /// Answers one admin call: its status and JSON body.
-    pub fn handle(
+    pub async fn handle(
         &self,
         method: &Method,
         path: &str,
@@ -47,7 +48,7 @@ impl Admin<'_> {
         let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
         let answer = match (method, parts.as_slice()) {
             (&Method::GET, []) => {
-                let mut keys = self.store.accounts();
+                let mut keys = self.ledger.call(|s| s.accounts()).await?;
                 keys.sort_by_key(|(id, _)| *id);
                 let keys: Vec<Value> = keys.iter().map(|(id, a)| self.show(*id, a)).collect();
                 (StatusCode::OK, json!({ "keys": keys }))
@@ -58,26 +59,30 @@ impl Admin<'_> {
                     return Err(Error::MalformedBody("`key` must not be empty".into()));
                 }
                 let id = KeyId::of(create.key.trim());
-                let account = self.store.set_limit(id, limit_nano(create.limit_dollars)?);
+                let limit = limit_nano(create.limit_dollars)?;
+                let account = self.ledger.call(move |s| s.set_limit(id, limit)).await?;
                 (StatusCode::CREATED, self.show(id, &account))
             }
             (&Method::GET, [id]) => {
-                let id = self.resolve(id).ok_or_else(not_found)?;
-                (StatusCode::OK, self.show(id, &self.store.account(id)))
+                let id = self.resolve(id).await?.ok_or_else(not_found)?;
+                let account = self.ledger.call(move |s| s.account(id)).await?;
+                (StatusCode::OK, self.show(id, &account))
             }
             (&Method::PATCH, [id]) => {
-                let id = self.resolve(id).ok_or_else(not_found)?;
+                let id = self.resolve(id).await?.ok_or_else(not_found)?;
                 let update: Update = parse(body)?;
-                let account = self.store.set_limit(id, limit_nano(update.limit_dollars)?);
+                let limit = limit_nano(update.limit_dollars)?;
+                let account = self.ledger.call(move |s| s.set_limit(id, limit)).await?;
                 (StatusCode::OK, self.show(id, &account))
             }
             (&Method::POST, [id, "reset"]) => {
-                let id = self.resolve(id).ok_or_else(not_found)?;
-                (StatusCode::OK, self.show(id, &self.store.reset(id)))
+                let id = self.resolve(id).await?.ok_or_else(not_found)?;
+                let account = self.ledger.call(move |s| s.reset(id)).await?;
+                (StatusCode::OK, self.show(id, &account))
             }
             (&Method::DELETE, [id]) => {
-                let id = self.resolve(id).ok_or_else(not_found)?;
-                self.store.remove(id);
+                let id = self.resolve(id).await?.ok_or_else(not_found)?;
+                self.ledger.call(move |s| s.remove(id)).await?;
                 (
                     StatusCode::OK,
                     json!({ "key_id": id.to_string(), "deleted": true }),
@@ -90,10 +95,13 @@ impl Admin<'_> {
     }
 
     /// A key the store holds or the config names, by id or alias.
-    fn resolve(&self, id_or_alias: &str) -> Option<KeyId> {
-        KeyId::parse(id_or_alias)
-            .filter(|id| self.store.holds(*id) || self.directory.alias(*id).is_some())
-            .or_else(|| self.directory.by_alias(id_or_alias))
+    async fn resolve(&self, id_or_alias: &str) -> Result<Option<KeyId>, Error> {
+        if let Some(id) = KeyId::parse(id_or_alias) {
+            if self.directory.alias(id).is_some() || self.ledger.call(move |s| s.holds(id)).await? {
+                return Ok(Some(id));
+            }
+        }
+        Ok(self.directory.by_alias(id_or_alias))
     }
 
     fn show(&self, id: KeyId, a: &Account) -> Value {
@@ -118,6 +126,13 @@ struct Create {
 #[serde(deny_unknown_fields)]
 struct Update {
     limit_dollars: f64,
+}
+
+impl From<crate::store::StoreError> for Error {
+    fn from(e: crate::store::StoreError) -> Error {
+        tracing::warn!(error = %e, "admin: budget store unavailable");
+        Error::StoreUnavailable
+    }
 }
 
 fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Error> {

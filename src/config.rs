@@ -73,6 +73,13 @@ pub const KEY_MODE: &str = "AURA_KEY_MODE";
 pub const MAX_DRAINS_PER_WORKER: &str = "AURA_MAX_DRAINS_PER_WORKER";
 pub const ADMIN_TOKEN: &str = "AURA_ADMIN_TOKEN";
 pub const BUDGET_PERIOD: &str = "AURA_BUDGET_PERIOD";
+pub const STORE: &str = "AURA_STORE";
+pub const VALKEY_URL: &str = "AURA_VALKEY_URL";
+pub const STORE_FAILURE: &str = "AURA_STORE_FAILURE";
+pub const STORE_TIMEOUT_MS: &str = "AURA_STORE_TIMEOUT_MS";
+pub const NODE_ID: &str = "AURA_NODE_ID";
+pub const LEDGER_JOURNAL: &str = "AURA_LEDGER_JOURNAL";
+pub const SHUTDOWN_GRACE_MS: &str = "AURA_SHUTDOWN_GRACE_MS";
 
 pub const SETTINGS: &[Setting] = &[
     Setting { key: "port", env: &[PORT], help: "TCP port to listen on [default: 8080]" },
@@ -107,6 +114,13 @@ pub const SETTINGS: &[Setting] = &[
     Setting { key: "budget_period", env: &[BUDGET_PERIOD], help: "none, daily or monthly: spend resets at the start of each UTC day or month [default: none]" },
     Setting { key: "max_drains_per_worker", env: &[MAX_DRAINS_PER_WORKER], help: "responses a worker keeps reading after their client left, to bill their usage; past it, a left response is billed its whole reservation [default: 64]" },
     Setting { key: "budget_flush_interval_ms", env: &[BUDGET_FLUSH_INTERVAL_MS], help: "how often each worker flushes settled spend to the budget store [default: 50]" },
+    Setting { key: "store", env: &[STORE], help: "where budgets live: memory (this node only) or valkey (a fleet sharing one Valkey/Redis) [default: memory]" },
+    Setting { key: "valkey_url", env: &[VALKEY_URL], help: "the Valkey or Redis server of the valkey store, redis://[user:password@]host:port/[db] [default: redis://127.0.0.1:6379/]" },
+    Setting { key: "store_failure", env: &[STORE_FAILURE], help: "with the store unreachable: open admits on the leases in hand, then on the last known spend; closed answers 503 once a key's lease is spent [default: open]" },
+    Setting { key: "store_timeout_ms", env: &[STORE_TIMEOUT_MS], help: "longest wait for the valkey store: connect, each call, and a request waiting for a lease [default: 500]" },
+    Setting { key: "node_id", env: &[NODE_ID], help: "this node's name in the valkey store (leases and exactly-once sequences are kept per node and worker); unique per node, stable across restarts [default: the host name]" },
+    Setting { key: "ledger_journal", env: &[LEDGER_JOURNAL], help: "file holding spend the valkey store has not yet taken (written while it is unreachable, replayed at start) [default: aura-ledger.journal]" },
+    Setting { key: "shutdown_grace_ms", env: &[SHUTDOWN_GRACE_MS], help: "on SIGTERM or SIGINT, how long requests in flight may take to finish before spend is flushed and Aura exits [default: 30000]" },
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -204,6 +218,8 @@ pub struct Config {
     pub inject_stream_usage: bool,
     pub log_format: LogFormat,
     pub budgets: Budgets,
+    /// On SIGTERM, how long requests in flight may take before Aura flushes and exits.
+    pub shutdown_grace: Duration,
 }
 
 /// Budget settings: limits, where prices come from, how reservations are sized.
@@ -225,6 +241,26 @@ pub struct Budgets {
     pub keys: Vec<KeyEntry>,
     /// The `[prices]` table of the config file: over the built-in table and the price file.
     pub prices: Vec<PriceEntry>,
+    pub store: StoreKind,
+    /// With the store unreachable: admit on what is known (true) or refuse with 503.
+    pub fail_open: bool,
+}
+
+/// Where budgets live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreKind {
+    /// In this process: one node.
+    Memory,
+    Valkey(ValkeySettings),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValkeySettings {
+    /// May hold a password: never logged.
+    pub url: Secret,
+    pub timeout: Duration,
+    pub node_id: String,
+    pub journal: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -410,6 +446,50 @@ impl Parser<'_> {
         }
     }
 
+    fn store_kind(&mut self) -> StoreKind {
+        let valkey = self.choice("store", &[("memory", false), ("valkey", true)], false);
+        let url = self
+            .values
+            .get("valkey_url")
+            .map_or("redis://127.0.0.1:6379/", |u| u.trim())
+            .to_string();
+        if !(url.starts_with("redis://") || url.starts_with("valkey://")) {
+            // Not echoed: the URL may carry a password.
+            self.errors.push(format!(
+                "valkey_url ({}) must start with redis:// or valkey://",
+                env_names("valkey_url")
+            ));
+        }
+        let timeout = self.millis("store_timeout_ms", 500);
+        let node_id = self
+            .values
+            .get("node_id")
+            .map(|n| n.trim().to_string())
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(host_name);
+        if node_id.contains(['/', '{', '}']) || node_id.len() > 64 {
+            self.errors.push(format!(
+                "node_id ({}): `{node_id}` must be at most 64 characters, without / {{ }}",
+                env_names("node_id")
+            ));
+        }
+        let journal = PathBuf::from(
+            self.values
+                .get("ledger_journal")
+                .map_or("aura-ledger.journal", |j| j.as_str()),
+        );
+        if !valkey {
+            return StoreKind::Memory;
+        }
+        StoreKind::Valkey(ValkeySettings {
+            // The valkey:// scheme is the redis protocol; the redis crate knows only redis://.
+            url: Secret::new(url.replacen("valkey://", "redis://", 1)),
+            timeout,
+            node_id,
+            journal,
+        })
+    }
+
     /// A non-negative, finite amount of dollars.
     fn dollars(&mut self, key: &'static str, default: f64) -> f64 {
         let v: f64 = self.get(key, default);
@@ -524,14 +604,28 @@ impl Parser<'_> {
                 ),
                 keys: Vec::new(),
                 prices: Vec::new(),
+                store: StoreKind::Memory,
+                fail_open: self.choice("store_failure", &[("open", true), ("closed", false)], true),
             },
+            shutdown_grace: self.millis("shutdown_grace_ms", 30_000),
         };
+        let mut config = config;
+        config.budgets.store = self.store_kind();
         if self.errors.is_empty() {
             Ok(config)
         } else {
             Err(ConfigErrors(self.errors))
         }
     }
+}
+
+/// The kernel's host name, the default node id.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "aura".to_string())
 }
 
 fn env_names(key: &str) -> String {

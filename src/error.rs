@@ -43,6 +43,9 @@ pub enum Error {
         remaining_nano: u64,
         estimate_nano: u64,
     },
+    /// The budget store cannot be reached and `store_failure` is closed (or a store read failed).
+    #[error("the budget store is unavailable; try again shortly")]
+    StoreUnavailable,
     #[error("method not allowed")]
     MethodNotAllowed,
     #[error("client sent no complete request in time")]
@@ -79,7 +82,7 @@ impl Error {
             | Error::UpstreamTimeout
             | Error::UpstreamProtocol(_)
             | Error::UpstreamReset => Fault::Upstream,
-            Error::Internal(_) => Fault::Internal,
+            Error::Internal(_) | Error::StoreUnavailable => Fault::Internal,
         }
     }
 
@@ -101,6 +104,7 @@ impl Error {
             }
             Error::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Error::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -138,6 +142,7 @@ impl Error {
             Error::UpstreamProtocol(_) => "upstream_protocol",
             Error::UpstreamReset => "upstream_reset",
             Error::Internal(_) => "internal",
+            Error::StoreUnavailable => "budget_store_unavailable",
         }
     }
 

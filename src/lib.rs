@@ -15,6 +15,7 @@ pub mod config;
 // L1: per-worker state.
 pub mod budget;
 pub mod buffers;
+pub mod ledger;
 pub mod metrics;
 // L2/L3/L4: IO.
 pub mod admin;

@@ -119,8 +119,24 @@ fn main() -> ExitCode {
     tracing::info!(addr = %running.addr, upstream = %config.upstream, workers = running.workers.len(), "listening");
     // A machine-readable line for scripts and tests.
     println!("aura listening on http://{}", running.addr);
-    for worker in running.workers {
-        let _ = worker.join();
+    match signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ]) {
+        Ok(mut signals) => {
+            if let Some(signal) = signals.forever().next() {
+                tracing::info!(
+                    signal,
+                    "stopping: finishing requests in flight, then flushing spend"
+                );
+            }
+            running.stop();
+            tracing::info!("stopped");
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot handle SIGTERM; running until killed");
+            running.wait();
+        }
     }
     ExitCode::SUCCESS
 }

@@ -214,6 +214,8 @@ impl Shard {
 #[derive(Debug)]
 pub struct Registry {
     workers: Vec<Mutex<Worker>>,
+    /// The ledger thread's counters, when budgets live in Valkey.
+    ledger: std::sync::OnceLock<Arc<crate::ledger::LedgerStats>>,
 }
 
 #[derive(Debug, Default)]
@@ -226,7 +228,16 @@ impl Registry {
     pub fn new(workers: usize) -> Arc<Registry> {
         Arc::new(Registry {
             workers: (0..workers).map(|_| Mutex::default()).collect(),
+            ledger: std::sync::OnceLock::new(),
         })
+    }
+
+    pub fn set_ledger(&self, stats: Arc<crate::ledger::LedgerStats>) {
+        let _ = self.ledger.set(stats);
+    }
+
+    pub fn ledger(&self) -> Option<&crate::ledger::LedgerStats> {
+        self.ledger.get().map(|s| s.as_ref())
     }
 
     pub fn set_driver(&self, worker: usize, driver: &'static str) {

@@ -8,6 +8,7 @@
 pub mod billing;
 pub mod relay;
 
+use std::cell::Cell;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +17,7 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent};
 
 use crate::admin::Admin;
 use crate::auth::{self, Directory, KeyId};
-use crate::budget::{self, Store};
+use crate::budget::{self, Refusal};
 use crate::buffers::BufPool;
 use crate::config::{Config, KeyMode, Limits, Secret, Timeouts};
 use crate::error::Error;
@@ -88,10 +89,10 @@ pub struct Proxy {
     prices: Arc<PriceTable>,
     default_max_output_tokens: u64,
     directory: Arc<Directory>,
-    /// The store itself, for the admin API (requests go through `budget`).
-    store: Arc<dyn Store>,
     admin_token: Option<Secret>,
     drains: Drains,
+    /// Requests being handled (drains included): shutdown waits for them.
+    in_flight: Cell<usize>,
 }
 
 /// Everything settle needs to know about one request.
@@ -149,7 +150,6 @@ impl Proxy {
         budget: budget::Shard,
         prices: Arc<PriceTable>,
         directory: Arc<Directory>,
-        store: Arc<dyn Store>,
     ) -> Proxy {
         Proxy {
             upstream,
@@ -163,9 +163,9 @@ impl Proxy {
             prices,
             default_max_output_tokens: config.budgets.default_max_output_tokens,
             directory,
-            store,
             admin_token: config.budgets.admin_token.clone(),
             drains: Drains::new(config.budgets.max_drains_per_worker),
+            in_flight: Cell::new(0),
         }
     }
 
@@ -183,6 +183,21 @@ impl Proxy {
         self.budget.flush(Instant::now());
     }
 
+    /// An answer from the ledger thread (the Valkey store) for this worker's shard.
+    pub fn ledger_reply(&self, reply: crate::ledger::Reply) {
+        self.budget.on_reply(reply);
+    }
+
+    /// At shutdown, with no request in flight: hands over all spend and returns every lease.
+    pub fn close_budget(&self) {
+        self.budget.close(Instant::now());
+    }
+
+    /// Requests being handled now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.get()
+    }
+
     /// Frees the pooled buffers a whole interval did not need (after a burst).
     pub fn trim_buffers(&self) {
         self.buffers.trim();
@@ -190,7 +205,7 @@ impl Proxy {
 
     /// Authorize and admit: the caller's key id reserves the upper estimate of the request's
     /// cost, which settle turns into the real cost.
-    fn admit(
+    async fn admit(
         &self,
         request: &Request,
         kind: Billable,
@@ -212,9 +227,16 @@ impl Proxy {
         let reservation =
             self.budget
                 .reserve(key, estimate)
-                .map_err(|denied| Error::BudgetExhausted {
-                    remaining_nano: denied.remaining_nano,
-                    estimate_nano: denied.estimate_nano,
+                .await
+                .map_err(|refusal| match refusal {
+                    Refusal::Denied {
+                        remaining_nano,
+                        estimate_nano,
+                    } => Error::BudgetExhausted {
+                        remaining_nano,
+                        estimate_nano,
+                    },
+                    Refusal::Unavailable => Error::StoreUnavailable,
                 })?;
         outcome.bill = Some(Bill {
             reservation,
@@ -236,7 +258,15 @@ impl Proxy {
             Err(e) => return self.fail(client, e, keep_alive, outcome).await,
         };
         let key = auth::bearer(&request.head.headers).unwrap_or_default();
-        let account = self.store.account(id);
+        let account = match self.budget.ledger().call(move |s| s.account(id)).await {
+            Ok(account) => account,
+            Err(e) => {
+                tracing::warn!(error = %e, "usage: budget store unavailable");
+                return self
+                    .fail(client, Error::StoreUnavailable, keep_alive, outcome)
+                    .await;
+            }
+        };
         let body = serde_json::json!({
             "api_key": auth::mask(key),
             "limit_dollars": pricing::nano_to_dollars(account.limit),
@@ -292,14 +322,17 @@ impl Proxy {
             }
         };
         let chat = rewrite.request;
-        if let Err(e) = self.admit(
-            &request,
-            Billable::Generates,
-            chat.model.as_deref(),
-            chat.max_tokens,
-            chat.choices,
-            outcome,
-        ) {
+        if let Err(e) = self
+            .admit(
+                &request,
+                Billable::Generates,
+                chat.model.as_deref(),
+                chat.max_tokens,
+                chat.choices,
+                outcome,
+            )
+            .await
+        {
             return self.fail(client, e, keep_alive, outcome).await;
         }
         outcome.model = chat.model;
@@ -527,6 +560,7 @@ enum Attempt {
 impl<S: AsyncReadRent + AsyncWriteRent> Handler<S> for Proxy {
     async fn handle(&self, request: Request, keep_alive: bool, client: &mut S) -> Persist {
         let started = Instant::now();
+        let _in_flight = InFlight::enter(&self.in_flight);
         let route = Route::of(&request.head.method, &request.head.target);
         let mut outcome = Outcome::new(route);
         let persist = match route {
@@ -537,7 +571,10 @@ impl<S: AsyncReadRent + AsyncWriteRent> Handler<S> for Proxy {
             Route::Metrics => {
                 outcome.status = Some(StatusCode::OK);
                 let (merged, drivers) = self.registry.gather();
-                let text = metrics::prom::encode(&merged, &drivers);
+                let mut text = metrics::prom::encode(&merged, &drivers);
+                if let Some(ledger) = self.registry.ledger() {
+                    metrics::prom::encode_ledger(&mut text, ledger);
+                }
                 server::write_body(
                     client,
                     StatusCode::OK,
@@ -636,14 +673,17 @@ impl Proxy {
         let path = request.head.target.split('?').next().unwrap_or_default();
         if let Some(kind) = billing::billable_passthrough(&request.head.method, path) {
             let bounds = billing::bounds_of(&request.body);
-            if let Err(e) = self.admit(
-                &request,
-                kind,
-                bounds.model.as_deref(),
-                bounds.max_tokens,
-                bounds.choices,
-                outcome,
-            ) {
+            if let Err(e) = self
+                .admit(
+                    &request,
+                    kind,
+                    bounds.model.as_deref(),
+                    bounds.max_tokens,
+                    bounds.choices,
+                    outcome,
+                )
+                .await
+            {
                 return self.fail(client, e, keep_alive, outcome).await;
             }
             outcome.model = bounds.model;
@@ -668,17 +708,20 @@ impl Proxy {
         let path = request.head.target.split('?').next().unwrap_or_default();
         let answer = match &self.admin_token {
             None => Err(Error::NotFound(path.to_string())),
-            Some(token) => Admin {
-                store: self.store.as_ref(),
-                directory: &self.directory,
-                token,
+            Some(token) => {
+                Admin {
+                    ledger: self.budget.ledger(),
+                    directory: &self.directory,
+                    token,
+                }
+                .handle(
+                    &request.head.method,
+                    path,
+                    &request.head.headers,
+                    &request.body,
+                )
+                .await
             }
-            .handle(
-                &request.head.method,
-                path,
-                &request.head.headers,
-                &request.body,
-            ),
         };
         match answer {
             Ok((status, body)) => {
@@ -687,6 +730,22 @@ impl Proxy {
             }
             Err(e) => self.fail(client, e, keep_alive, outcome).await,
         }
+    }
+}
+
+/// Counts one request in flight while it lives.
+struct InFlight<'a>(&'a Cell<usize>);
+
+impl<'a> InFlight<'a> {
+    fn enter(count: &'a Cell<usize>) -> InFlight<'a> {
+        count.set(count.get() + 1);
+        InFlight(count)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.set(self.0.get().saturating_sub(1));
     }
 }
 

@@ -12,21 +12,25 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::linux::net::SocketAddrExt;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use monoio::net::TcpListener;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::auth::{Directory, KeyId};
-use crate::budget::{self, Store};
-use crate::config::{Config, Limits, Timeouts};
+use crate::budget;
+use crate::config::{Config, Limits, StoreKind, Timeouts};
+use crate::ledger::{Inbox, Ledger, LedgerThread};
 use crate::metrics::{self, Registry};
 use crate::pricing::dollars_to_nano;
 use crate::pricing::PriceTable;
 use crate::proxy::Proxy;
 use crate::server;
-use crate::store::{system_clock, MemoryStore};
+use crate::store::valkey::ValkeyStore;
+use crate::store::{system_clock, Holder, MemoryStore, Store};
 use crate::upstream::{Resolver, Upstream};
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +45,8 @@ pub enum StartError {
     Thread(io::Error),
     #[error("price file {0}: {1}")]
     PriceFile(String, String),
+    #[error("budget store: {0}")]
+    Store(String),
 }
 
 /// The built-in price table, with the configured price file on top.
@@ -81,8 +87,36 @@ impl Driver {
 pub struct Running {
     pub addr: SocketAddr,
     pub workers: Vec<JoinHandle<()>>,
+    /// The Valkey store's ledger thread (none with the in-memory store).
+    ledger: Option<LedgerThread>,
+    shutdown: Arc<AtomicBool>,
     /// Held for the life of the process: the port lock.
     _port_lock: std::os::unix::net::UnixListener,
+}
+
+/// How long the ledger may take to hand the last spend to the store at shutdown.
+const LEDGER_FINISH: Duration = Duration::from_secs(5);
+
+impl Running {
+    /// Graceful stop: workers stop accepting, let requests in flight finish (up to the
+    /// configured grace), flush their spend and return their leases; then the ledger delivers
+    /// it (or journals it) and stops.
+    pub fn stop(self) {
+        self.shutdown.store(true, Ordering::Relaxed);
+        for worker in self.workers {
+            let _ = worker.join();
+        }
+        if let Some(ledger) = self.ledger {
+            ledger.finish(Instant::now() + LEDGER_FINISH);
+        }
+    }
+
+    /// Blocks until every worker has exited (they exit only on `stop`).
+    pub fn wait(self) {
+        for worker in self.workers {
+            let _ = worker.join();
+        }
+    }
 }
 
 /// Binds, then starts one pinned (if configured) runtime per worker. Returns once every
@@ -116,23 +150,68 @@ pub fn start(config: &Config, resolver: Resolver) -> Result<Running, StartError>
         .iter()
         .filter_map(|k| Some((KeyId::of(k.key.expose()), dollars_to_nano(k.limit_dollars?))))
         .collect();
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::new(
-        budgets.default_limit_nano,
-        limits,
-        budgets.period,
-        system_clock(),
-    ));
     let directory = Arc::new(Directory::new(budgets.key_mode, &budgets.keys));
     let shard_count = listeners.len();
+    let (ledger, mut ledgers): (Option<LedgerThread>, Vec<(Ledger, Option<Inbox>)>) = match &budgets
+        .store
+    {
+        StoreKind::Memory => {
+            let store: Arc<dyn Store> = Arc::new(MemoryStore::new(
+                budgets.default_limit_nano,
+                limits,
+                budgets.period,
+                system_clock(),
+            ));
+            let inline = (0..shard_count)
+                .map(|_| (Ledger::Inline(store.clone()), None))
+                .collect();
+            (None, inline)
+        }
+        StoreKind::Valkey(valkey) => {
+            let store = ValkeyStore::new(
+                valkey.url.expose(),
+                valkey.timeout,
+                budgets.default_limit_nano,
+                limits,
+                budgets.period,
+                system_clock(),
+            )
+            .map_err(|e| StartError::Store(e.to_string()))?;
+            let (thread, handles) = LedgerThread::start(
+                Arc::new(store),
+                shard_count,
+                valkey.timeout,
+                valkey.journal.clone(),
+            )
+            .map_err(StartError::Thread)?;
+            registry.set_ledger(thread.stats.clone());
+            tracing::info!(node = valkey.node_id.as_str(), journal = %valkey.journal.display(), "budgets in valkey");
+            let remote = handles
+                .into_iter()
+                .map(|(l, inbox)| (l, Some(inbox)))
+                .collect();
+            (Some(thread), remote)
+        }
+    };
+    let node = match &budgets.store {
+        StoreKind::Valkey(valkey) => valkey.node_id.clone(),
+        StoreKind::Memory => "local".to_string(),
+    };
+    let shutdown = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::with_capacity(workers);
     for (id, listener) in listeners.into_iter().enumerate() {
         let registry = registry.clone();
+        let (ledger, inbox) = ledgers.remove(0);
         let budget = Budget {
-            store: store.clone(),
+            ledger,
+            inbox,
+            holder: Holder::from(format!("{node}/{id}")),
+            fail_open: budgets.fail_open,
             prices: prices.clone(),
             directory: directory.clone(),
             shards: shard_count,
         };
+        let shutdown = shutdown.clone();
         let config = config.clone();
         let resolver = resolver.clone();
         let tls = tls.clone();
@@ -145,7 +224,9 @@ pub fn start(config: &Config, resolver: Resolver) -> Result<Running, StartError>
                         tracing::warn!(worker = id, core = core.id, "could not pin worker to core");
                     }
                 }
-                run_worker(id, listener, config, resolver, tls, registry, budget);
+                run_worker(
+                    id, listener, config, resolver, tls, registry, budget, shutdown,
+                );
             })
             .map_err(StartError::Thread)?;
         handles.push(handle);
@@ -153,6 +234,8 @@ pub fn start(config: &Config, resolver: Resolver) -> Result<Running, StartError>
     Ok(Running {
         addr,
         workers: handles,
+        ledger,
+        shutdown,
         _port_lock: port_lock,
     })
 }
@@ -209,6 +292,7 @@ fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_worker(
     id: usize,
     listener: std::net::TcpListener,
@@ -217,6 +301,7 @@ fn run_worker(
     tls: Option<Arc<rustls::ClientConfig>>,
     registry: Arc<Registry>,
     budget: Budget,
+    shutdown: Arc<AtomicBool>,
 ) {
     let main = move |driver: Driver| async move {
         tracing::info!(worker = id, driver = driver.label(), "worker started");
@@ -235,19 +320,47 @@ fn run_worker(
                 return;
             }
         };
+        let shard = budget::Shard::new(
+            budget.ledger,
+            budget.holder,
+            budget.shards,
+            budget.fail_open,
+        );
         let proxy = Rc::new(Proxy::new(
             upstream,
             &config,
             registry.clone(),
-            budget::Shard::new(budget.store.clone(), budget.shards),
+            shard,
             budget.prices,
             budget.directory,
-            budget.store,
         ));
-        monoio::spawn(publish_metrics(id, proxy.clone(), registry));
+        if let Some(inbox) = budget.inbox {
+            monoio::spawn(take_ledger_replies(proxy.clone(), inbox));
+        }
+        monoio::spawn(publish_metrics(id, proxy.clone(), registry.clone()));
         monoio::spawn(flush_budget(proxy.clone(), config.budgets.flush_interval));
         monoio::spawn(trim_buffers(proxy.clone()));
-        accept_loop(listener, proxy, config.limits, config.timeouts).await;
+        monoio::select! {
+            _ = accept_loop(listener, proxy.clone(), config.limits, config.timeouts) => {}
+            _ = shutdown_requested(&shutdown) => {}
+        }
+        // The listener is closed: finish what is in flight, then hand over all spend.
+        let deadline = Instant::now() + config.shutdown_grace;
+        while proxy.in_flight() > 0 && Instant::now() < deadline {
+            monoio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if proxy.in_flight() > 0 {
+            tracing::warn!(
+                worker = id,
+                requests = proxy.in_flight(),
+                "shutdown grace over; requests cut"
+            );
+        }
+        proxy.close_budget();
+        if let Some(snapshot) = proxy.metrics_if_changed(&mut 0) {
+            registry.publish(id, snapshot);
+        }
+        tracing::info!(worker = id, "worker stopped");
     };
     match build_runtime() {
         Ok(monoio::FusionRuntime::Uring(mut rt)) => rt.block_on(main(Driver::IoUring)),
@@ -298,6 +411,20 @@ async fn flush_budget(proxy: Rc<Proxy>, every: std::time::Duration) {
     }
 }
 
+/// The worker's side of the ledger thread: its answers, applied to this worker's shard.
+async fn take_ledger_replies(proxy: Rc<Proxy>, mut inbox: Inbox) {
+    while let Ok(reply) = inbox.recv().await {
+        proxy.ledger_reply(reply);
+    }
+}
+
+/// Resolves once the process has been asked to stop.
+async fn shutdown_requested(flag: &AtomicBool) {
+    while !flag.load(Ordering::Relaxed) {
+        monoio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Returns buffers a burst left in this worker's pool, off the request path.
 async fn trim_buffers(proxy: Rc<Proxy>) {
     loop {
@@ -308,7 +435,11 @@ async fn trim_buffers(proxy: Rc<Proxy>) {
 
 /// What each worker's budget shard is built from.
 struct Budget {
-    store: Arc<dyn Store>,
+    ledger: Ledger,
+    /// Answers from the ledger thread (the Valkey store).
+    inbox: Option<Inbox>,
+    holder: Holder,
+    fail_open: bool,
     prices: Arc<PriceTable>,
     directory: Arc<Directory>,
     shards: usize,

@@ -1,13 +1,122 @@
-//! The budget stores, implementing budget.rs's [`Store`]: per key id, its limit, what it has
-//! spent, and how much of the rest is leased out to workers. The in-memory store serves one
-//! node (the default); a Valkey store will serve a fleet behind the same trait.
+//! The budget stores: per key id, its limit, what it has spent, and how much of the rest is
+//! leased out to workers. [`MemoryStore`] serves one node (the default); [`valkey::ValkeyStore`]
+//! serves a fleet sharing one Valkey/Redis. Workers never call a store on the request path: their
+//! shards (budget.rs) call it to take a lease and to flush, through the ledger (ledger.rs).
+
+pub mod valkey;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::auth::KeyId;
-use crate::budget::{Account, Settlement, Store};
 use crate::config::Period;
+
+/// One key's totals, in nano-dollars.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Account {
+    pub limit: u64,
+    pub spent: u64,
+    /// Granted to workers and not yet spent or returned.
+    pub leased: u64,
+}
+
+impl Account {
+    /// Neither spent nor leased.
+    pub fn unleased(&self) -> u64 {
+        self.limit
+            .saturating_sub(self.spent.saturating_add(self.leased))
+    }
+
+    /// What the key may still spend, leases included.
+    pub fn remaining(&self) -> u64 {
+        self.limit.saturating_sub(self.spent)
+    }
+}
+
+/// A worker's flush for one key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Settlement {
+    /// Spend since the last flush.
+    pub spent: u64,
+    /// The part of `spent` that came out of the worker's lease (the rest overran it).
+    pub from_lease: u64,
+    /// Unused lease handed back.
+    pub returned: u64,
+}
+
+impl Settlement {
+    pub fn is_empty(&self) -> bool {
+        *self == Settlement::default()
+    }
+
+    /// Two flushes' worth as one (both not yet applied).
+    pub fn merge(&mut self, other: Settlement) {
+        self.spent += other.spent;
+        self.from_lease += other.from_lease;
+        self.returned += other.returned;
+    }
+}
+
+/// Who holds a lease: one worker of one node, `node/worker`. The Valkey store keeps leases and
+/// exactly-once sequence numbers per holder.
+pub type Holder = Arc<str>;
+
+/// A lease asked for: `need` nano-dollars (all or nothing: a partial lease would strand budget
+/// in a worker that cannot use it) plus at most a `parts`-th of what is left beyond it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ask {
+    pub need: u64,
+    pub parts: u64,
+}
+
+/// One worker's change to one key: a settlement, then optionally a lease. The store applies it
+/// atomically, and only if `seq` is newer than the last one it applied for this holder and key,
+/// so a retry or a journal replay cannot apply it twice. An empty op renews the holder's lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Op {
+    pub holder: Holder,
+    pub seq: u64,
+    pub key: KeyId,
+    pub settle: Settlement,
+    pub ask: Option<Ask>,
+}
+
+/// What an op did: the lease granted (0 when the need was not there) and the key's new totals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Applied {
+    pub granted: u64,
+    pub account: Account,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The store did not answer (down, unreachable, timed out); nothing is known of the call.
+    #[error("budget store unavailable: {0}")]
+    Unavailable(String),
+    /// The store answered with something this version does not understand.
+    #[error("budget store answered unexpectedly: {0}")]
+    Protocol(String),
+}
+
+/// A budget store. Every call is atomic per key, and together the calls keep
+/// `spent + leased <= limit`, apart from spend beyond a lease (a request that cost more than its
+/// estimate). Calls may block (a network round trip): workers make them only through the ledger.
+pub trait Store: Send + Sync {
+    /// Applies ops in order; one answer per op.
+    fn apply(&self, ops: &[Op]) -> Result<Vec<Applied>, StoreError>;
+    /// The key's totals (a key never seen has its configured or the default limit).
+    fn account(&self, key: KeyId) -> Result<Account, StoreError>;
+    /// Admin: sets the key's limit.
+    fn set_limit(&self, key: KeyId, limit: u64) -> Result<Account, StoreError>;
+    /// Admin: the key's spend back to zero.
+    fn reset(&self, key: KeyId) -> Result<Account, StoreError>;
+    /// Admin: forgets the key's limit and spend (back to its configured or the default limit).
+    fn remove(&self, key: KeyId) -> Result<(), StoreError>;
+    /// Every key the store holds, with its totals.
+    fn accounts(&self) -> Result<Vec<(KeyId, Account)>, StoreError>;
+    /// Whether the store holds the key (it has been used, or given a limit).
+    fn holds(&self, key: KeyId) -> Result<bool, StoreError>;
+}
 
 /// Seconds since the Unix epoch; a parameter so tests can move time.
 pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
@@ -107,8 +216,9 @@ fn civil_year_month(days: u64) -> (u64, u64) {
     (year, month)
 }
 
-impl Store for MemoryStore {
-    fn lease(&self, key: KeyId, need: u64, slice_parts: u64) -> (u64, Account) {
+impl MemoryStore {
+    /// Leases `need` plus a `slice_parts`-th of what is left beyond it, or nothing.
+    pub fn lease(&self, key: KeyId, need: u64, slice_parts: u64) -> (u64, Account) {
         self.with(key, |a| {
             let unleased = a.unleased();
             if unleased < need {
@@ -121,7 +231,7 @@ impl Store for MemoryStore {
         })
     }
 
-    fn settle(&self, key: KeyId, s: Settlement) -> Account {
+    pub fn settle(&self, key: KeyId, s: Settlement) -> Account {
         self.with(key, |a| {
             a.spent = a.spent.saturating_add(s.spent);
             a.leased = a
@@ -131,36 +241,83 @@ impl Store for MemoryStore {
         })
     }
 
-    fn account(&self, key: KeyId) -> Account {
+    pub fn account(&self, key: KeyId) -> Account {
         self.with(key, |a| *a)
     }
 
-    fn set_limit(&self, key: KeyId, limit: u64) -> Account {
+    pub fn set_limit(&self, key: KeyId, limit: u64) -> Account {
         self.with(key, |a| {
             a.limit = limit;
             *a
         })
     }
 
-    fn reset(&self, key: KeyId) -> Account {
+    pub fn reset(&self, key: KeyId) -> Account {
         self.with(key, |a| {
             a.spent = 0;
             *a
         })
     }
 
-    fn holds(&self, key: KeyId) -> bool {
+    pub fn holds(&self, key: KeyId) -> bool {
         self.lock().contains_key(&key) || self.limits.contains_key(&key)
     }
 
-    fn remove(&self, key: KeyId) {
+    pub fn remove(&self, key: KeyId) {
         self.lock().remove(&key);
     }
 
-    fn accounts(&self) -> Vec<(KeyId, Account)> {
+    pub fn accounts(&self) -> Vec<(KeyId, Account)> {
         let keys: Vec<KeyId> = self.lock().keys().copied().collect();
         // Through `with`, so a period that ended shows as reset.
         keys.into_iter().map(|k| (k, self.account(k))).collect()
+    }
+}
+
+impl Store for MemoryStore {
+    fn apply(&self, ops: &[Op]) -> Result<Vec<Applied>, StoreError> {
+        // One process: no retries, so no sequence numbers to check, and no holder outlives it.
+        Ok(ops
+            .iter()
+            .map(|op| {
+                let account = self.settle(op.key, op.settle);
+                match op.ask {
+                    Some(ask) => {
+                        let (granted, account) = self.lease(op.key, ask.need, ask.parts);
+                        Applied { granted, account }
+                    }
+                    None => Applied {
+                        granted: 0,
+                        account,
+                    },
+                }
+            })
+            .collect())
+    }
+
+    fn account(&self, key: KeyId) -> Result<Account, StoreError> {
+        Ok(MemoryStore::account(self, key))
+    }
+
+    fn set_limit(&self, key: KeyId, limit: u64) -> Result<Account, StoreError> {
+        Ok(MemoryStore::set_limit(self, key, limit))
+    }
+
+    fn reset(&self, key: KeyId) -> Result<Account, StoreError> {
+        Ok(MemoryStore::reset(self, key))
+    }
+
+    fn remove(&self, key: KeyId) -> Result<(), StoreError> {
+        MemoryStore::remove(self, key);
+        Ok(())
+    }
+
+    fn accounts(&self) -> Result<Vec<(KeyId, Account)>, StoreError> {
+        Ok(MemoryStore::accounts(self))
+    }
+
+    fn holds(&self, key: KeyId) -> Result<bool, StoreError> {
+        Ok(MemoryStore::holds(self, key))
     }
 }
 

@@ -104,6 +104,62 @@ pub fn encode(s: &Snapshot, drivers: &[(usize, &'static str)]) -> String {
     out
 }
 
+/// The ledger thread's health (the Valkey store only).
+pub fn encode_ledger(out: &mut String, stats: &crate::ledger::LedgerStats) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let gauges = [
+        (
+            "aura_store_up",
+            "1 while the last budget store call succeeded.",
+            stats.up.load(Relaxed),
+        ),
+        (
+            "aura_ledger_queue_ops",
+            "Budget ops waiting for the store.",
+            stats.queued.load(Relaxed),
+        ),
+        (
+            "aura_ledger_journal_ops",
+            "Budget ops held in the journal file until the store takes them.",
+            stats.journaled.load(Relaxed),
+        ),
+    ];
+    for (name, help, value) in gauges {
+        header(out, name, "gauge", help);
+        let _ = writeln!(out, "{name} {value}");
+    }
+    let counters = [
+        (
+            "aura_store_errors_total",
+            "Budget store calls that failed.",
+            stats.errors.load(Relaxed),
+        ),
+        (
+            "aura_ledger_applied_ops_total",
+            "Budget ops the store applied.",
+            stats.applied.load(Relaxed),
+        ),
+    ];
+    for (name, help, value) in counters {
+        header(out, name, "counter", help);
+        let _ = writeln!(out, "{name} {value}");
+    }
+    // A summary without quantiles: the mean flush round trip is sum / count.
+    let name = "aura_ledger_flush_seconds";
+    header(
+        out,
+        name,
+        "summary",
+        "Round trips of ledger flushes to the budget store.",
+    );
+    let _ = writeln!(
+        out,
+        "{name}_sum {}",
+        stats.call_nanos.load(Relaxed) as f64 / 1e9
+    );
+    let _ = writeln!(out, "{name}_count {}", stats.calls.load(Relaxed));
+}
+
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }

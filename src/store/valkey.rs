@@ -1,0 +1,346 @@
+//! The fleet store: budgets in Valkey (or Redis), shared by every Aura node pointed at it.
+//!
+//! Per key id `K`, five hashes, all with the hash tag `{K}` so a script touches one slot:
+//!
+//! | key | fields |
+//! |---|---|
+//! | `aura:{K}` | `spent`, `period` (the budget period `spent` belongs to), `limit` (set by the admin API; absent: the configured or default limit) |
+//! | `aura:{K}:lease` | holder (`node/worker`) → nano-dollars leased to it |
+//! | `aura:{K}:until` | holder → when its lease lapses (ms, the server's clock) |
+//! | `aura:{K}:seq` | holder → the last sequence number applied |
+//! | `aura:{K}:grant` | holder → what that sequence granted (answered again to a retry) |
+//!
+//! Every op is one script run (EVALSHA, pipelined: one round trip per batch). The script applies
+//! an op only if its sequence is newer than the holder's last, so a retry after a timeout or a
+//! journal replay is harmless. A lease lapses `LEASE_TTL` after its holder last touched the key
+//! (workers renew theirs well before), so a node that died does not strand budget for long.
+//! Money is integers: Lua holds them as doubles, exact below 2^53 nano-dollars (9 million dollars).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use redis::{Connection, RedisError};
+
+use super::{Account, Applied, Clock, Op, Store, StoreError};
+use crate::auth::KeyId;
+use crate::config::Period;
+
+/// A lease not renewed for this long goes back to the key's budget.
+pub const LEASE_TTL: Duration = Duration::from_secs(30);
+
+/// Ops per pipelined round trip.
+const BATCH: usize = 256;
+
+const APPLY: &str = r#"
+local holder = ARGV[1]
+local seq = tonumber(ARGV[2])
+local period = tonumber(ARGV[4])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+local stored_period = tonumber(redis.call('HGET', KEYS[1], 'period'))
+if stored_period == nil or stored_period < period then
+  redis.call('HSET', KEYS[1], 'spent', 0, 'period', period)
+end
+
+-- Lapsed leases go back; what is left sums to the key's leased total.
+local leased = 0
+local untils = redis.call('HGETALL', KEYS[3])
+for i = 1, #untils, 2 do
+  if tonumber(untils[i + 1]) < now then
+    redis.call('HDEL', KEYS[2], untils[i])
+    redis.call('HDEL', KEYS[3], untils[i])
+  end
+end
+local leases = redis.call('HGETALL', KEYS[2])
+for i = 1, #leases, 2 do
+  leased = leased + tonumber(leases[i + 1])
+end
+
+local limit = tonumber(redis.call('HGET', KEYS[1], 'limit')) or tonumber(ARGV[3])
+local granted = 0
+if holder ~= '' then
+  local last = tonumber(redis.call('HGET', KEYS[4], holder)) or 0
+  if seq > last then
+    local spent = tonumber(ARGV[5])
+    if spent > 0 then
+      redis.call('HINCRBY', KEYS[1], 'spent', spent)
+    end
+    local before = tonumber(redis.call('HGET', KEYS[2], holder)) or 0
+    local held = math.max(before - tonumber(ARGV[6]) - tonumber(ARGV[7]), 0)
+    leased = leased - before + held
+    local parts = tonumber(ARGV[9])
+    if parts > 0 then
+      local need = tonumber(ARGV[8])
+      local unleased = limit - tonumber(redis.call('HGET', KEYS[1], 'spent')) - leased
+      if unleased >= need then
+        granted = need + math.floor((unleased - need) / parts)
+      end
+    end
+    held = held + granted
+    leased = leased + granted
+    if held > 0 then
+      redis.call('HSET', KEYS[2], holder, held)
+      redis.call('HSET', KEYS[3], holder, now + tonumber(ARGV[10]))
+    else
+      redis.call('HDEL', KEYS[2], holder)
+      redis.call('HDEL', KEYS[3], holder)
+    end
+    redis.call('HSET', KEYS[4], holder, seq)
+    redis.call('HSET', KEYS[5], holder, granted)
+  elseif seq == last then
+    granted = tonumber(redis.call('HGET', KEYS[5], holder)) or 0
+  end
+end
+local spent = tonumber(redis.call('HGET', KEYS[1], 'spent')) or 0
+return {granted, limit, spent, leased}
+"#;
+
+pub struct ValkeyStore {
+    client: redis::Client,
+    /// One connection, made on first use and again after any failure.
+    connection: Mutex<Option<Connection>>,
+    apply: redis::Script,
+    timeout: Duration,
+    default_limit: u64,
+    limits: HashMap<KeyId, u64>,
+    period: Period,
+    clock: Clock,
+}
+
+impl ValkeyStore {
+    /// Nothing is connected yet: the first call connects, and every call after a failure
+    /// reconnects, so a store that is down at start or goes away later is picked up again.
+    pub fn new(
+        url: &str,
+        timeout: Duration,
+        default_limit: u64,
+        limits: HashMap<KeyId, u64>,
+        period: Period,
+        clock: Clock,
+    ) -> Result<ValkeyStore, StoreError> {
+        // The URL may hold a password: the error names only what is wrong with it.
+        let client = redis::Client::open(url)
+            .map_err(|e| StoreError::Protocol(format!("valkey_url: {:?}", e.kind())))?;
+        Ok(ValkeyStore {
+            client,
+            connection: Mutex::new(None),
+            apply: redis::Script::new(APPLY),
+            timeout,
+            default_limit,
+            limits,
+            period,
+            clock,
+        })
+    }
+
+    fn limit_of(&self, key: KeyId) -> u64 {
+        self.limits.get(&key).copied().unwrap_or(self.default_limit)
+    }
+
+    fn period_now(&self) -> u64 {
+        super::period_of(self.period, (self.clock)())
+    }
+
+    /// Runs `call` on the connection, connecting first if needed. A failure drops the
+    /// connection; a script the server forgot (a restart, SCRIPT FLUSH) is loaded again.
+    fn with_connection<T>(
+        &self,
+        mut call: impl FnMut(&mut Connection) -> Result<T, RedisError>,
+    ) -> Result<T, StoreError> {
+        let mut slot = match self.connection.lock() {
+            Ok(slot) => slot,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if slot.is_none() {
+            *slot = Some(self.connect()?);
+        }
+        let Some(connection) = slot.as_mut() else {
+            return Err(StoreError::Unavailable("not connected".into()));
+        };
+        let mut result = call(connection);
+        if matches!(&result, Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
+        {
+            result = self.apply.load(connection).and_then(|_| call(connection));
+        }
+        result.map_err(|e| {
+            let unavailable = e.is_io_error()
+                || e.is_timeout()
+                || e.is_connection_dropped()
+                || e.is_unrecoverable_error();
+            if unavailable {
+                *slot = None;
+                StoreError::Unavailable(e.to_string())
+            } else {
+                StoreError::Protocol(e.to_string())
+            }
+        })
+    }
+
+    fn connect(&self) -> Result<Connection, StoreError> {
+        let unavailable = |e: RedisError| StoreError::Unavailable(e.to_string());
+        let connection = self
+            .client
+            .get_connection_with_timeout(self.timeout)
+            .map_err(unavailable)?;
+        connection
+            .set_read_timeout(Some(self.timeout))
+            .map_err(unavailable)?;
+        connection
+            .set_write_timeout(Some(self.timeout))
+            .map_err(unavailable)?;
+        Ok(connection)
+    }
+
+    /// One script run for `op`, or a read when `op` is `None`.
+    fn script_args(&self, key: KeyId, op: Option<&Op>) -> redis::Cmd {
+        let tag = key_tag(key);
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.apply.get_hash()).arg(5);
+        cmd.arg(&tag)
+            .arg(format!("{tag}:lease"))
+            .arg(format!("{tag}:until"))
+            .arg(format!("{tag}:seq"))
+            .arg(format!("{tag}:grant"));
+        let (holder, seq, settle, ask) = match op {
+            Some(op) => (op.holder.as_ref(), op.seq, op.settle, op.ask),
+            None => ("", 0, Default::default(), None),
+        };
+        cmd.arg(holder)
+            .arg(seq)
+            .arg(self.limit_of(key))
+            .arg(self.period_now())
+            .arg(settle.spent)
+            .arg(settle.from_lease)
+            .arg(settle.returned)
+            .arg(ask.map_or(0, |a| a.need))
+            .arg(ask.map_or(0, |a| a.parts.max(1)))
+            .arg(LEASE_TTL.as_millis() as u64);
+        cmd
+    }
+
+    fn run(&self, cmds: &[redis::Cmd]) -> Result<Vec<Applied>, StoreError> {
+        let replies: Vec<(u64, u64, u64, u64)> = self.with_connection(|connection| {
+            let mut pipe = redis::pipe();
+            for cmd in cmds {
+                pipe.add_command(cmd.clone());
+            }
+            pipe.query(connection)
+        })?;
+        if replies.len() != cmds.len() {
+            return Err(StoreError::Protocol(format!(
+                "{} answers to {} calls",
+                replies.len(),
+                cmds.len()
+            )));
+        }
+        Ok(replies
+            .into_iter()
+            .map(|(granted, limit, spent, leased)| Applied {
+                granted,
+                account: Account {
+                    limit,
+                    spent,
+                    leased,
+                },
+            })
+            .collect())
+    }
+
+    fn read(&self, key: KeyId) -> Result<Account, StoreError> {
+        let mut answers = self.run(&[self.script_args(key, None)])?;
+        answers
+            .pop()
+            .map(|a| a.account)
+            .ok_or_else(|| StoreError::Protocol("no answer".into()))
+    }
+}
+
+/// `aura:{K}`: the hash tag keeps all of one key's hashes in one cluster slot.
+fn key_tag(key: KeyId) -> String {
+    format!("aura:{{{key}}}")
+}
+
+impl Store for ValkeyStore {
+    fn apply(&self, ops: &[Op]) -> Result<Vec<Applied>, StoreError> {
+        let mut applied = Vec::with_capacity(ops.len());
+        for batch in ops.chunks(BATCH) {
+            let cmds: Vec<redis::Cmd> = batch
+                .iter()
+                .map(|op| self.script_args(op.key, Some(op)))
+                .collect();
+            applied.extend(self.run(&cmds)?);
+        }
+        Ok(applied)
+    }
+
+    fn account(&self, key: KeyId) -> Result<Account, StoreError> {
+        self.read(key)
+    }
+
+    fn set_limit(&self, key: KeyId, limit: u64) -> Result<Account, StoreError> {
+        self.with_connection(|c| {
+            redis::cmd("HSET")
+                .arg(key_tag(key))
+                .arg("limit")
+                .arg(limit)
+                .query::<()>(c)
+        })?;
+        self.read(key)
+    }
+
+    fn reset(&self, key: KeyId) -> Result<Account, StoreError> {
+        let period = self.period_now();
+        self.with_connection(|c| {
+            redis::cmd("HSET")
+                .arg(key_tag(key))
+                .arg("spent")
+                .arg(0)
+                .arg("period")
+                .arg(period)
+                .query::<()>(c)
+        })?;
+        self.read(key)
+    }
+
+    fn remove(&self, key: KeyId) -> Result<(), StoreError> {
+        // Leases stay: they belong to workers that will settle or return them.
+        self.with_connection(|c| redis::cmd("DEL").arg(key_tag(key)).query::<()>(c))
+    }
+
+    fn accounts(&self) -> Result<Vec<(KeyId, Account)>, StoreError> {
+        let tags: Vec<String> = self.with_connection(|c| {
+            let mut tags = Vec::new();
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg("aura:{*}")
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query(c)?;
+                tags.extend(batch);
+                if next == 0 {
+                    return Ok(tags);
+                }
+                cursor = next;
+            }
+        })?;
+        let mut keys: Vec<KeyId> = tags
+            .iter()
+            .filter_map(|t| t.strip_prefix("aura:{")?.strip_suffix('}'))
+            .filter_map(KeyId::parse)
+            .collect();
+        keys.sort();
+        keys.dedup();
+        keys.into_iter().map(|k| Ok((k, self.read(k)?))).collect()
+    }
+
+    fn holds(&self, key: KeyId) -> Result<bool, StoreError> {
+        let exists: bool =
+            self.with_connection(|c| redis::cmd("EXISTS").arg(key_tag(key)).query(c))?;
+        Ok(exists || self.limits.contains_key(&key))
+    }
+}
