@@ -107,6 +107,7 @@ pub struct ValkeyStore {
     limits: HashMap<KeyId, u64>,
     period: Period,
     clock: Clock,
+    lease_ttl: Duration,
 }
 
 impl ValkeyStore {
@@ -132,7 +133,14 @@ impl ValkeyStore {
             limits,
             period,
             clock,
+            lease_ttl: LEASE_TTL,
         })
+    }
+
+    /// How long a lease lives without its holder touching the key (tests shorten it).
+    pub fn with_lease_ttl(mut self, ttl: Duration) -> ValkeyStore {
+        self.lease_ttl = ttl;
+        self
     }
 
     fn limit_of(&self, key: KeyId) -> u64 {
@@ -216,7 +224,7 @@ impl ValkeyStore {
             .arg(settle.returned)
             .arg(ask.map_or(0, |a| a.need))
             .arg(ask.map_or(0, |a| a.parts.max(1)))
-            .arg(LEASE_TTL.as_millis() as u64);
+            .arg(self.lease_ttl.as_millis() as u64);
         cmd
     }
 

@@ -20,6 +20,9 @@ use std::time::{Duration, Instant};
 
 pub use aura::mock::{MockOptions, MockUpstream, Recorded};
 
+pub mod billing;
+pub mod valkey;
+
 /// How long `aura` may take to print its listening line, or to exit when it must.
 pub const START_DEADLINE: Duration = Duration::from_secs(20);
 /// Longest silence the client accepts while reading a response.
@@ -228,6 +231,24 @@ impl Aura {
 
     pub fn client(&self) -> Client {
         Client::connect(self.addr)
+    }
+
+    /// SIGTERM, then waits up to `limit` for the process to exit by itself.
+    pub fn terminate(&mut self, limit: Duration) -> ExitStatus {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status();
+        assert!(sent.is_ok_and(|s| s.success()), "kill -TERM {pid}");
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "aura did not exit within {limit:?} of SIGTERM"
+            );
+            std::thread::park_timeout(Duration::from_millis(10));
+        }
     }
 
     /// The captured log; panics unless started with [`Launch::capture_stderr`].

@@ -1,0 +1,529 @@
+//! Budgets in Valkey, against a real `redis-server` started per test on a free loopback port
+//! (Debian's 7.0; Valkey speaks the same protocol).
+//! - The store itself: ops apply exactly once per (holder, sequence), a retried lease ask gets
+//!   the same grant, leases lapse, limits hold across holders, admin operations.
+//! - The real `aura` binary with `--store valkey`: exact spend, SIGTERM returns every lease,
+//!   two nodes sharing one budget never overspend, a store outage loses no spend (fail-open) or
+//!   refuses with 503 (fail-closed), and a killed node's journal is replayed at its next start.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+#[macro_use]
+mod common;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use aura::auth::KeyId;
+use aura::config::Period;
+use aura::store::valkey::ValkeyStore;
+use aura::store::{system_clock, Ask, Holder, Op, Settlement, Store};
+use common::billing::*;
+use common::valkey::Valkey;
+use common::{start_mock, Aura, Driver, Launch, MockOptions, MockUpstream, CHAT, STREAM, WHOLE};
+
+on_both_drivers!(
+    spend_is_exact_in_valkey_and_sigterm_returns_every_lease,
+    two_nodes_share_one_budget_and_never_spend_past_it,
+    a_store_outage_loses_no_spend_when_failing_open,
+    failing_closed_refuses_with_503_until_the_store_is_back,
+    a_killed_nodes_journal_is_replayed_at_its_next_start,
+);
+
+fn store(valkey: &Valkey, limit: u64) -> ValkeyStore {
+    ValkeyStore::new(
+        &valkey.url(),
+        Duration::from_secs(2),
+        limit,
+        HashMap::new(),
+        Period::Never,
+        system_clock(),
+    )
+    .unwrap()
+}
+
+fn op(holder: &str, seq: u64, key: KeyId, settle: Settlement, ask: Option<Ask>) -> Op {
+    Op {
+        holder: Holder::from(holder),
+        seq,
+        key,
+        settle,
+        ask,
+    }
+}
+
+fn spend(spent: u64) -> Settlement {
+    Settlement {
+        spent,
+        ..Settlement::default()
+    }
+}
+
+fn ask(need: u64, parts: u64) -> Option<Ask> {
+    Some(Ask { need, parts })
+}
+
+#[test]
+fn an_op_retried_or_replayed_is_applied_once() {
+    let valkey = Valkey::start();
+    let store = store(&valkey, 1_000_000);
+    let key = KeyId::of("sk-valkey-once");
+    let first = op("node-a/0", 10, key, spend(700), None);
+    assert_eq!(
+        store.apply(std::slice::from_ref(&first)).unwrap()[0]
+            .account
+            .spent,
+        700
+    );
+    // The same op again (a retry after a timeout, or a journal replay), and an older one.
+    store.apply(&[first.clone(), first]).unwrap();
+    store
+        .apply(&[op("node-a/0", 9, key, spend(5), None)])
+        .unwrap();
+    // Another holder's sequence numbers are its own.
+    let other = op("node-b/0", 3, key, spend(11), None);
+    let account = store.apply(&[other]).unwrap()[0].account;
+    assert_eq!(account.spent, 711);
+    let next = op("node-a/0", 11, key, spend(1), None);
+    assert_eq!(store.apply(&[next]).unwrap()[0].account.spent, 712);
+}
+
+#[test]
+fn a_retried_lease_ask_gets_its_grant_once() {
+    let valkey = Valkey::start();
+    let store = store(&valkey, 10_000);
+    let key = KeyId::of("sk-valkey-lease");
+    let asking = op("node-a/1", 100, key, Settlement::default(), ask(1_000, 2));
+    let granted = store.apply(std::slice::from_ref(&asking)).unwrap()[0];
+    // 1000 needed + half of the 9000 left.
+    assert_eq!(granted.granted, 5_500);
+    assert_eq!(granted.account.leased, 5_500);
+    let again = store.apply(&[asking]).unwrap()[0];
+    assert_eq!(again.granted, 5_500, "the retry is told its grant");
+    assert_eq!(again.account.leased, 5_500, "and nothing more is leased");
+    // Spend from the lease and the rest handed back.
+    let settle = Settlement {
+        spent: 1_200,
+        from_lease: 1_200,
+        returned: 4_300,
+    };
+    let account = store
+        .apply(&[op("node-a/1", 101, key, settle, None)])
+        .unwrap()[0]
+        .account;
+    assert_eq!((account.spent, account.leased), (1_200, 0));
+}
+
+#[test]
+fn leases_across_holders_never_pass_the_limit_and_a_need_is_all_or_nothing() {
+    let valkey = Valkey::start();
+    let store = store(&valkey, 1_000);
+    let key = KeyId::of("sk-valkey-limit");
+    let mut leased = 0;
+    for (i, holder) in ["a/0", "a/1", "b/0", "b/1", "c/0"].iter().enumerate() {
+        let answer = store
+            .apply(&[op(
+                holder,
+                1 + i as u64,
+                key,
+                Settlement::default(),
+                ask(150, 4),
+            )])
+            .unwrap()[0];
+        leased += answer.granted;
+        assert_eq!(answer.account.leased, leased);
+        assert!(answer.account.spent + answer.account.leased <= 1_000);
+    }
+    // 1000 - leased is below the next need: nothing is granted.
+    let refused = store
+        .apply(&[op(
+            "d/0",
+            1,
+            key,
+            Settlement::default(),
+            ask(1_000 - leased + 1, 4),
+        )])
+        .unwrap()[0];
+    assert_eq!(refused.granted, 0);
+    assert_eq!(refused.account.leased, leased);
+}
+
+#[test]
+fn a_lease_not_renewed_lapses_back_into_the_budget() {
+    let valkey = Valkey::start();
+    let store = store(&valkey, 1_000).with_lease_ttl(Duration::from_millis(200));
+    let key = KeyId::of("sk-valkey-lapse");
+    let dead = op("gone/0", 1, key, Settlement::default(), ask(1_000, 1));
+    assert_eq!(store.apply(&[dead]).unwrap()[0].granted, 1_000);
+    let live = op("live/0", 1, key, Settlement::default(), ask(1, 1));
+    assert_eq!(store.apply(&[live]).unwrap()[0].granted, 0, "all leased");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        std::thread::park_timeout(Duration::from_millis(50));
+        if store.account(key).unwrap().leased == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the lease never lapsed");
+    }
+    let live = op("live/0", 2, key, Settlement::default(), ask(1, 1));
+    assert_eq!(store.apply(&[live]).unwrap()[0].granted, 1_000);
+}
+
+#[test]
+fn admin_operations_and_configured_limits() {
+    let valkey = Valkey::start();
+    let configured = KeyId::of("sk-valkey-configured");
+    let store = ValkeyStore::new(
+        &valkey.url(),
+        Duration::from_secs(2),
+        1_000,
+        HashMap::from([(configured, 99)]),
+        Period::Never,
+        system_clock(),
+    )
+    .unwrap();
+    let key = KeyId::of("sk-valkey-admin");
+    assert_eq!(store.account(configured).unwrap().limit, 99);
+    assert!(store.holds(configured).unwrap());
+    store.apply(&[op("a/0", 1, key, spend(300), None)]).unwrap();
+    assert_eq!(store.set_limit(key, 5_000).unwrap().remaining(), 4_700);
+    assert_eq!(store.reset(key).unwrap().spent, 0);
+    let ids: Vec<KeyId> = store
+        .accounts()
+        .unwrap()
+        .iter()
+        .map(|(id, _)| *id)
+        .collect();
+    assert!(ids.contains(&key) && ids.contains(&configured), "{ids:?}");
+    store.remove(key).unwrap();
+    assert!(!store.holds(key).unwrap());
+    assert_eq!(store.account(key).unwrap().limit, 1_000);
+    // Nothing of the API key itself is in the store: only its id.
+    let mut c = valkey.connection();
+    let names: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut c).unwrap();
+    assert!(names.iter().all(|n| !n.contains("sk-valkey")), "{names:?}");
+}
+
+#[test]
+fn a_store_that_is_down_is_unavailable_and_picked_up_again() {
+    let mut valkey = Valkey::stopped();
+    let store = store(&valkey, 1_000);
+    let key = KeyId::of("sk-valkey-down");
+    assert!(matches!(
+        store.account(key),
+        Err(aura::store::StoreError::Unavailable(_))
+    ));
+    valkey.restart();
+    assert_eq!(store.account(key).unwrap().limit, 1_000);
+}
+
+// --- the aura binary on Valkey ---
+
+fn journal(name: &str, driver: Driver) -> PathBuf {
+    let path = std::env::temp_dir().join(format!(
+        "aura-journal-{}-{name}-{driver:?}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&path);
+    path
+}
+
+fn on_valkey(
+    mock: &MockUpstream,
+    valkey: &Valkey,
+    driver: Driver,
+    journal: &std::path::Path,
+    flags: &[(&str, &str)],
+) -> Launch {
+    let mut launch = Launch::new(&mock.url(), driver)
+        .arg("--store")
+        .arg("valkey")
+        .arg("--valkey-url")
+        .arg(&valkey.url())
+        .arg("--ledger-journal")
+        .arg(journal.to_str().unwrap());
+    for (flag, value) in flags {
+        launch = launch.arg(flag).arg(value);
+    }
+    launch
+}
+
+/// What the mock's answers so far cost (chat and completions at gpt-4o-mini prices).
+fn mock_spend(mock: &MockUpstream) -> u64 {
+    mock.requests()
+        .iter()
+        .filter(|r| !r.headers.iter().any(|(n, _)| n == "x-mock-status"))
+        .map(|r| {
+            let (p, c) = mock_usage(r);
+            cost(p, c, MINI_IN, MINI_OUT)
+        })
+        .sum()
+}
+
+fn wait_for_store_spend(valkey: &Valkey, key: &str, want: u64) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (spent, _) = valkey.totals(key);
+        if spent == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the store holds {spent}, not {want} nano-dollars"
+        );
+        std::thread::park_timeout(Duration::from_millis(20));
+    }
+}
+
+fn spend_is_exact_in_valkey_and_sigterm_returns_every_lease(driver: Driver) {
+    let key = "sk-test-valkey-exact-000001";
+    let mock = start_mock(MockOptions::default());
+    let valkey = Valkey::start();
+    let journal = journal("exact", driver);
+    let mut aura = on_valkey(&mock, &valkey, driver, &journal, &[]).start();
+    for i in 0..4 {
+        let chunks = (i + 2).to_string();
+        assert_eq!(
+            post(&aura, key, CHAT, &[("x-mock-chunks", &chunks)], STREAM),
+            200
+        );
+    }
+    for _ in 0..3 {
+        assert_eq!(post(&aura, key, CHAT, &[], WHOLE), 200);
+    }
+    leave_mid_stream(&aura, key);
+    assert_eq!(
+        post(&aura, key, CHAT, &[("x-mock-status", "500")], WHOLE),
+        500
+    );
+    let want = mock_spend(&mock);
+    wait_for_spend(&aura, key, want);
+    wait_for_store_spend(&valkey, key, want);
+    let (_, leased) = valkey.totals(key);
+    assert!(leased > 0, "the workers hold leases while running");
+    // A stream in flight when SIGTERM arrives is finished, then everything is handed back.
+    let mut client = aura.client();
+    let request = format!(
+        "POST {CHAT} HTTP/1.1\r\nhost: x\r\nauthorization: {}\r\ncontent-type: application/json\r\nx-mock-chunks: 8\r\nx-mock-delay-ms: 40\r\ncontent-length: {}\r\n\r\n{STREAM}",
+        bearer(key),
+        STREAM.len()
+    );
+    client.send(request.as_bytes());
+    assert_eq!(client.read_head().0, 200);
+    let status = aura.terminate(Duration::from_secs(20));
+    assert!(status.success(), "aura exited with {status:?}");
+    client.read_until(b"0\r\n\r\n");
+    let want = mock_spend(&mock);
+    let (spent, leased) = valkey.totals(key);
+    assert_eq!(spent, want, "spend in the store after SIGTERM");
+    assert_eq!(leased, 0, "every lease returned at SIGTERM");
+    assert!(!journal.exists(), "nothing left to journal");
+    // The next node sees the same budget.
+    let aura = on_valkey(&mock, &valkey, driver, &journal, &[]).start();
+    let usage = usage_of(&aura, key);
+    assert_eq!(nano(&usage["usage_dollars"]), want, "{usage}");
+    println!("valkey: spend {want} nano-dollars exact; SIGTERM left 0 leased");
+}
+
+fn two_nodes_share_one_budget_and_never_spend_past_it(driver: Driver) {
+    const CLIENTS: usize = 64;
+    const EACH: usize = 3;
+    let limit_nano: u64 = 200_000;
+    let key = "sk-test-valkey-fleet-00001";
+    let mock = start_mock(MockOptions::default());
+    let valkey = Valkey::start();
+    let flags = [("--default-limit-dollars", "0.0002")];
+    let journal_a = journal("fleet-a", driver);
+    let journal_b = journal("fleet-b", driver);
+    let nodes = [
+        on_valkey(&mock, &valkey, driver, &journal_a, &flags)
+            .arg("--node-id")
+            .arg("node-a")
+            .start(),
+        on_valkey(&mock, &valkey, driver, &journal_b, &flags)
+            .arg("--node-id")
+            .arg("node-b")
+            .start(),
+    ];
+    // max_tokens equals the mock's 5 chunks: the estimate bounds the real cost.
+    let body = r#"{"model":"gpt-4o-mini","max_tokens":5,"messages":[{"role":"user","content":"Say hello"}],"stream":true}"#;
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..CLIENTS)
+            .map(|i| {
+                let node = &nodes[i % 2];
+                s.spawn(move || {
+                    (0..EACH)
+                        .map(|_| post(node, key, CHAT, &[], body))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    let admitted = statuses.iter().filter(|&&s| s == 200).count();
+    let refused = statuses.iter().filter(|&&s| s == 402).count();
+    assert_eq!(admitted + refused, CLIENTS * EACH, "{statuses:?}");
+    let want = mock_spend(&mock);
+    wait_for_store_spend(&valkey, key, want);
+    let overshoot = want.saturating_sub(limit_nano);
+    println!(
+        "2 nodes × 2 workers, {CLIENTS} clients × {EACH}: {admitted} admitted, {refused} refused (402); spent {want} of {limit_nano} nano-dollars, overshoot {overshoot}"
+    );
+    assert!(
+        admitted > 0 && refused > 0,
+        "{admitted} admitted, {refused} refused"
+    );
+    assert_eq!(overshoot, 0, "spent {want} past the limit {limit_nano}");
+    // Both nodes answer the same budget.
+    for node in &nodes {
+        let usage = usage_of(node, key);
+        assert_eq!(nano(&usage["usage_dollars"]), want, "{usage}");
+    }
+}
+
+/// Waits until `/metrics` shows `line`.
+fn wait_for_metric_line(aura: &Aura, line: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = aura.client().get("/metrics").text();
+        if text.lines().any(|l| l == line) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no `{line}` in\n{text}");
+        std::thread::park_timeout(Duration::from_millis(20));
+    }
+}
+
+fn a_store_outage_loses_no_spend_when_failing_open(driver: Driver) {
+    let key = "sk-test-valkey-outage-0001";
+    let fresh = "sk-test-valkey-outage-new1";
+    let mock = start_mock(MockOptions::default());
+    let mut valkey = Valkey::start();
+    let journal = journal("outage", driver);
+    let aura = on_valkey(&mock, &valkey, driver, &journal, &[]).start();
+    for _ in 0..3 {
+        assert_eq!(post(&aura, key, CHAT, &[], STREAM), 200);
+    }
+    wait_for_store_spend(&valkey, key, mock_spend(&mock));
+    valkey.stop();
+    // Admitted on the leases in hand, and for a key never seen, on nothing known: open.
+    for _ in 0..4 {
+        assert_eq!(post(&aura, key, CHAT, &[], STREAM), 200);
+        assert_eq!(post(&aura, key, CHAT, &[], WHOLE), 200);
+    }
+    assert_eq!(post(&aura, fresh, CHAT, &[], WHOLE), 200);
+    wait_for_metric_line(&aura, "aura_store_up 0");
+    // The undelivered spend is in the journal while the store is away.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !journal.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no journal at {}",
+            journal.display()
+        );
+        std::thread::park_timeout(Duration::from_millis(20));
+    }
+    let usage = aura
+        .client()
+        .request("GET", "/v1/usage", &[("authorization", &bearer(key))], b"");
+    let body = usage.assert_openai_error(503);
+    assert_eq!(body["error"]["code"], "budget_store_unavailable");
+    valkey.restart();
+    // Every nano-dollar arrives once the store is back, and the journal is cleared.
+    let want_fresh = cost(WHOLE.len() as u64 / 4, 5, MINI_IN, MINI_OUT);
+    let want = mock_spend(&mock) - want_fresh;
+    wait_for_store_spend(&valkey, key, want);
+    wait_for_store_spend(&valkey, fresh, want_fresh);
+    wait_for_metric_line(&aura, "aura_store_up 1");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while journal.exists() {
+        assert!(Instant::now() < deadline, "journal never cleared");
+        std::thread::park_timeout(Duration::from_millis(20));
+    }
+    println!(
+        "valkey outage: {want} + {want_fresh} nano-dollars delivered after the store came back"
+    );
+}
+
+fn failing_closed_refuses_with_503_until_the_store_is_back(driver: Driver) {
+    let key = "sk-test-valkey-closed-0001";
+    let mock = start_mock(MockOptions::default());
+    let mut valkey = Valkey::stopped();
+    let journal = journal("closed", driver);
+    let flags = [("--store-failure", "closed"), ("--store-timeout-ms", "200")];
+    let aura = on_valkey(&mock, &valkey, driver, &journal, &flags).start();
+    let auth = bearer(key);
+    let headers = [
+        ("content-type", "application/json"),
+        ("authorization", auth.as_str()),
+    ];
+    let refused = aura
+        .client()
+        .request("POST", CHAT, &headers, STREAM.as_bytes());
+    let body = refused.assert_openai_error(503);
+    assert_eq!(body["error"]["code"], "budget_store_unavailable");
+    assert!(mock.requests().is_empty(), "nothing went upstream");
+    // Reconnects by itself: not only at boot.
+    valkey.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while post(&aura, key, CHAT, &[], WHOLE) != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "still refused with the store back"
+        );
+        std::thread::park_timeout(Duration::from_millis(50));
+    }
+    wait_for_store_spend(&valkey, key, mock_spend(&mock));
+}
+
+fn a_killed_nodes_journal_is_replayed_at_its_next_start(driver: Driver) {
+    let key = "sk-test-valkey-journal-001";
+    let mock = start_mock(MockOptions::default());
+    let mut valkey = Valkey::stopped();
+    let journal = journal("replay", driver);
+    let node = |valkey: &Valkey| {
+        on_valkey(&mock, valkey, driver, &journal, &[])
+            .arg("--node-id")
+            .arg("node-j")
+            .start()
+    };
+    let aura = node(&valkey);
+    for _ in 0..5 {
+        assert_eq!(post(&aura, key, CHAT, &[], WHOLE), 200);
+    }
+    let want = mock_spend(&mock);
+    // Wait until all of it is journaled, then kill the node without a chance to flush.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let journaled: u64 = std::fs::read_to_string(&journal)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["spent"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .sum();
+        if journaled == want {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "journal holds {journaled} of {want}"
+        );
+        std::thread::park_timeout(Duration::from_millis(20));
+    }
+    drop(aura); // SIGKILL
+    valkey.restart();
+    let _next = node(&valkey);
+    wait_for_store_spend(&valkey, key, want);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while journal.exists() {
+        assert!(Instant::now() < deadline, "journal never cleared");
+        std::thread::park_timeout(Duration::from_millis(20));
+    }
+    println!("journal replayed: {want} nano-dollars reached the store after a SIGKILL");
+}
