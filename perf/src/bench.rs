@@ -89,12 +89,20 @@ pub struct Outcome {
     /// On-CPU time of the target's processes, summed over the rounds (None for the mock itself).
     pub cpu_ns: Option<u64>,
     pub peak_rss_kib: Option<u64>,
+    /// The store process behind the target (aura-valkey's Valkey server), if any: its name and
+    /// its own CPU and peak RSS, kept apart from the target's (nginx has no store).
+    pub store: Option<&'static str>,
+    pub store_cpu_ns: Option<u64>,
+    pub store_peak_rss_kib: Option<u64>,
 }
 
 impl Outcome {
-    fn new(target: &'static str) -> Outcome {
+    pub fn new(target: &'static str, store: Option<&'static str>) -> Outcome {
         Outcome {
             target,
+            store,
+            store_cpu_ns: None,
+            store_peak_rss_kib: None,
             ttft_ns: load::histogram(),
             total_ns: load::histogram(),
             completed: 0,
@@ -106,7 +114,12 @@ impl Outcome {
         }
     }
 
-    fn add(&mut self, run: LoadResult, usage: Option<procstat::Usage>) {
+    pub fn add(
+        &mut self,
+        run: LoadResult,
+        usage: Option<procstat::Usage>,
+        store_usage: Option<procstat::Usage>,
+    ) {
         let _ = self.ttft_ns.add(&run.ttft_ns);
         let _ = self.total_ns.add(&run.total_ns);
         self.rps.push(run.requests_per_second());
@@ -119,6 +132,11 @@ impl Outcome {
             self.cpu_ns = Some(self.cpu_ns.unwrap_or(0) + u.cpu_ns);
             self.peak_rss_kib = Some(self.peak_rss_kib.unwrap_or(0).max(u.peak_rss_kib));
         }
+        if let Some(u) = store_usage {
+            self.store_cpu_ns = Some(self.store_cpu_ns.unwrap_or(0) + u.cpu_ns);
+            self.store_peak_rss_kib =
+                Some(self.store_peak_rss_kib.unwrap_or(0).max(u.peak_rss_kib));
+        }
     }
 
     pub fn median_rps(&self) -> f64 {
@@ -129,7 +147,16 @@ impl Outcome {
 
     /// Milliseconds of proxy CPU per 1000 completed requests.
     pub fn cpu_ms_per_1000(&self) -> Option<f64> {
-        let cpu = self.cpu_ns? as f64 / 1e6;
+        self.per_1000(self.cpu_ns?)
+    }
+
+    /// Milliseconds of the store's CPU per 1000 completed requests (aura-valkey's Valkey).
+    pub fn store_cpu_ms_per_1000(&self) -> Option<f64> {
+        self.per_1000(self.store_cpu_ns?)
+    }
+
+    fn per_1000(&self, cpu_ns: u64) -> Option<f64> {
+        let cpu = cpu_ns as f64 / 1e6;
         (self.completed > 0).then(|| cpu * 1000.0 / self.completed as f64)
     }
 }
@@ -143,13 +170,17 @@ pub struct ScenarioResult {
 
 /// Runs one scenario against every target for `rounds` rounds. The first target is the direct
 /// baseline (the mock itself): its own CPU and memory are not the subject and are not watched.
+/// A target's store process (aura-valkey's Valkey server) is watched apart from the target.
 pub fn run_scenario(
     scenario: &Scenario,
     targets: &[&Target],
     rounds: usize,
     load_threads: usize,
 ) -> std::io::Result<ScenarioResult> {
-    let mut outcomes: Vec<Outcome> = targets.iter().map(|t| Outcome::new(t.name)).collect();
+    let mut outcomes: Vec<Outcome> = targets
+        .iter()
+        .map(|t| Outcome::new(t.name, t.store().map(|s| s.name)))
+        .collect();
     for round in 0..rounds {
         for k in 0..targets.len() {
             let i = (k + round) % targets.len();
@@ -162,16 +193,22 @@ pub fn run_scenario(
             };
             load::run(&warmup)?;
             let watch = (i > 0).then(|| Watch::start(target.pids())).transpose()?;
+            let store_watch = target
+                .store()
+                .filter(|_| i > 0)
+                .map(|s| Watch::start(s.pids()))
+                .transpose()?;
             let run = load::run(&spec)?;
             let usage = watch.map(Watch::stop);
+            let store_usage = store_watch.map(Watch::stop);
             eprintln!(
-                "  ({}) round {} {:>5}: {}",
+                "  ({}) round {} {:>11}: {}",
                 scenario.id,
                 round + 1,
                 target.name,
                 run.summary()
             );
-            outcomes[i].add(run, usage);
+            outcomes[i].add(run, usage, store_usage);
         }
     }
     Ok(ScenarioResult {

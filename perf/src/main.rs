@@ -1,6 +1,7 @@
-//! `aura-perf`: Aura's benchmark harness. `run` starts the perf mock, nginx and Aura on
-//! loopback, runs the scenarios against all three in alternating rounds, and writes the tables
-//! and the picture; `scaling` runs scenario (b) against Aura at several worker counts; `mock`
+//! `aura-perf`: Aura's benchmark harness. `run` starts the perf mock, nginx, Aura (in-memory
+//! store) and Aura with a Valkey store (a local valkey-server or redis-server) on loopback, runs
+//! the scenarios against all of them in alternating rounds, and writes the tables and the
+//! picture; `scaling` runs scenario (b) against Aura at several worker counts; `mock`
 //! is the fast upstream itself (started by the other two). `scripts/perf` is the one command.
 
 mod bench;
@@ -33,13 +34,23 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         threads: usize,
     },
-    /// Scenarios (a), (b), (c) against the mock directly, nginx and Aura, in the same run.
+    /// Scenarios (a), (b), (c) against the mock directly, nginx, Aura and Aura with Valkey, in
+    /// the same run.
     Run {
         #[command(flatten)]
         common: Common,
         /// Path of nginx (Debian's: /usr/sbin/nginx).
         #[arg(long, default_value = "nginx")]
         nginx: String,
+        /// Which targets, of direct, nginx, aura, aura-valkey (e.g. `nginx,aura`); the direct
+        /// run, every overhead's baseline, is always made. Default: all four, aura-valkey only
+        /// when a Valkey server is found (else it is skipped with a note).
+        #[arg(long, value_delimiter = ',')]
+        targets: Option<Vec<String>>,
+        /// The Valkey server behind aura-valkey (default: valkey-server, else redis-server, on
+        /// PATH or in /usr/bin; Debian's redis-server 7.0 is wire-compatible).
+        #[arg(long)]
+        valkey_server: Option<String>,
         /// Rounds; the target order rotates each round.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
@@ -81,7 +92,8 @@ struct Common {
     pin: bool,
     /// Run the proxies (Aura, and nginx in `run`) under `taskset -c CPUS` (e.g. `0-7`), to keep
     /// them off the cores of the load generator and the mock (run the harness itself under
-    /// `taskset` on the others).
+    /// `taskset` on the others). aura-valkey's Valkey server runs on these CPUs too, sharing
+    /// them with Aura.
     #[arg(long)]
     proxy_cpus: Option<String>,
     #[arg(long, default_value_t = 1)]
@@ -103,9 +115,18 @@ fn main() -> ExitCode {
         Cmd::Run {
             common,
             nginx,
+            targets,
+            valkey_server,
             rounds,
             scenarios,
-        } => run(&common, &nginx, rounds, &scenarios),
+        } => run(
+            &common,
+            &nginx,
+            targets.as_deref(),
+            valkey_server.as_deref(),
+            rounds,
+            &scenarios,
+        ),
         Cmd::Load {
             target,
             scenario,
@@ -160,47 +181,99 @@ fn default_workers() -> usize {
         .unwrap_or(1)
 }
 
-fn run(common: &Common, nginx: &str, rounds: usize, ids: &[String]) -> std::io::Result<()> {
+fn run(
+    common: &Common,
+    nginx: &str,
+    asked: Option<&[String]>,
+    valkey_server: Option<&str>,
+    rounds: usize,
+    ids: &[String],
+) -> std::io::Result<()> {
+    use targets::Kind;
     let workers = common.workers.unwrap_or_else(default_workers);
     let all = bench::scenarios(common.scale);
     let chosen: Vec<_> = all
         .into_iter()
         .filter(|s| ids.iter().any(|id| id == s.id))
         .collect();
+    let server = targets::find_valkey_server(valkey_server);
+    if let (Some(given), None) = (valkey_server, &server) {
+        return Err(std::io::Error::other(format!(
+            "--valkey-server {given}: no such executable"
+        )));
+    }
+    let (kinds, note) =
+        targets::select_targets(asked, server.is_some()).map_err(std::io::Error::other)?;
+    if let Some(note) = &note {
+        eprintln!("aura-perf: {note}");
+    }
     std::fs::create_dir_all(&common.out)?;
+    let cpus = common.proxy_cpus.as_deref();
     let mock = targets::mock(common.mock_threads)?;
-    let nginx_target = targets::nginx(
-        nginx,
-        &targets::perf_dir().join("nginx.conf.template"),
-        &common.out.join("nginx"),
-        mock.addr,
-        workers,
-        common.proxy_cpus.as_deref(),
-    )?;
-    let aura = targets::aura(
-        &common.aura,
-        mock.addr,
-        workers,
-        common.pin,
-        common.proxy_cpus.as_deref(),
-    )?;
-    eprintln!(
-        "mock {} · nginx {} · aura {} · {workers} workers each · {rounds} rounds",
-        mock.addr, nginx_target.addr, aura.addr
-    );
+    let nginx_target = kinds
+        .contains(&Kind::Nginx)
+        .then(|| {
+            targets::nginx(
+                nginx,
+                &targets::perf_dir().join("nginx.conf.template"),
+                &common.out.join("nginx"),
+                mock.addr,
+                workers,
+                cpus,
+            )
+        })
+        .transpose()?;
+    let aura = kinds
+        .contains(&Kind::Aura)
+        .then(|| targets::aura(&common.aura, mock.addr, workers, common.pin, cpus))
+        .transpose()?;
+    let valkey = match (&server, kinds.contains(&Kind::AuraValkey)) {
+        (Some(server), true) => Some((
+            server.clone(),
+            targets::aura_valkey(
+                &common.aura,
+                server,
+                &common.out.join("aura-valkey"),
+                mock.addr,
+                workers,
+                common.pin,
+                cpus,
+            )?,
+        )),
+        _ => None,
+    };
+    let running: Vec<&targets::Target> = std::iter::once(&mock)
+        .chain(nginx_target.as_ref())
+        .chain(aura.as_ref())
+        .chain(valkey.as_ref().map(|(_, t)| t))
+        .collect();
+    let mut started = String::new();
+    for t in &running {
+        let _ = write!(started, "{} {} · ", t.name, t.addr);
+        if let Some(store) = t.store() {
+            let _ = write!(started, "its {} {} · ", store.name, store.addr);
+        }
+    }
+    eprintln!("{started}{workers} workers each · {rounds} rounds");
     let mut results = Vec::new();
     for s in &chosen {
         eprintln!("scenario ({}) {}", s.id, s.title);
         results.push(bench::run_scenario(
             s,
-            &[&mock, &nginx_target, &aura],
+            &running,
             rounds,
             common.load_threads,
         )?);
     }
     let checks = report::checks(&results);
     let mut md = String::new();
-    let _ = writeln!(md, "{}", environment(common, workers, Some(nginx)));
+    let nginx_ran = nginx_target.is_some().then_some(nginx);
+    let valkey_ran = valkey.as_ref().map(|(path, _)| path.as_path());
+    let _ = writeln!(
+        md,
+        "{}",
+        environment(common, workers, nginx_ran, valkey_ran, note.as_deref())
+    );
     let _ = writeln!(md, "\n### Targets\n\n{}", report::checks_table(&checks));
     md.push_str(&report::tables(&results));
     std::fs::write(common.out.join("results.md"), &md)?;
@@ -217,7 +290,7 @@ fn scaling(common: &Common, workers_list: &[usize]) -> std::io::Result<()> {
         .find(|s| s.id == "b")
         .ok_or_else(|| std::io::Error::other("scenario (b) is missing"))?;
     let mock = targets::mock(common.mock_threads)?;
-    let mut md = environment(common, 0, None);
+    let mut md = environment(common, 0, None, None, None);
     let _ = writeln!(
         md,
         "\n### Scaling: scenario (b) {}, Aura alone\n",
@@ -252,8 +325,15 @@ fn scaling(common: &Common, workers_list: &[usize]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Machine, kernel, versions and the command, for the top of a results file.
-fn environment(common: &Common, workers: usize, nginx: Option<&str>) -> String {
+/// Machine, kernel, versions and the command, for the top of a results file; with `valkey`, the
+/// Valkey server behind aura-valkey and how its cost is counted; `skipped`, a target left out.
+fn environment(
+    common: &Common,
+    workers: usize,
+    nginx: Option<&str>,
+    valkey: Option<&std::path::Path>,
+    skipped: Option<&str>,
+) -> String {
     let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
     let cpu = read("/proc/cpuinfo")
         .lines()
@@ -300,11 +380,31 @@ fn environment(common: &Common, workers: usize, nginx: Option<&str>) -> String {
     if let Some(nginx) = nginx {
         let _ = writeln!(md, "- nginx: {}", output(nginx, &["-v"]));
     }
+    if let Some(server) = valkey {
+        let _ = writeln!(
+            md,
+            "- valkey (aura-valkey's store): {} ({}), on 127.0.0.1 with no persistence \
+             (`--save \"\" --appendonly no`); its CPU and RSS are reported in a note under each \
+             table, not in aura-valkey's columns, which are Aura's alone{}",
+            output(&server.display().to_string(), &["--version"]),
+            server.display(),
+            match &common.proxy_cpus {
+                Some(cpus) => format!(
+                    "; pinned with Aura to the proxy CPUs {cpus} (taskset), where it competes \
+                     with Aura for them"
+                ),
+                None => String::new(),
+            }
+        );
+    }
+    if let Some(skipped) = skipped {
+        let _ = writeln!(md, "- {skipped}");
+    }
     let _ = writeln!(md, "- rustc: {}", output("rustc", &["-V"]));
     if workers > 0 {
         let _ = writeln!(
             md,
-            "- workers: {workers} for Aura and nginx; Aura pinned: {}",
+            "- workers: {workers} for each Aura and nginx; Aura pinned: {}",
             common.pin
         );
     }

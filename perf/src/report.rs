@@ -1,6 +1,8 @@
 //! Turns a run into `results.md` (the tables and the targets, as ratios to nginx in the same run)
 //! and `ttft.svg` (TTFT by percentile, one panel per scenario, one line per target), written by
-//! hand so the harness needs no plotting crate.
+//! hand so the harness needs no plotting crate. Both Aura targets (in-memory store, and Valkey
+//! store) are checked against nginx alike; the Valkey server's own CPU and memory are reported
+//! in a note under each table, never added into Aura's columns (nginx has no store).
 
 use std::fmt::Write;
 
@@ -76,6 +78,11 @@ pub fn tables(results: &[ScenarioResult]) -> String {
             );
         }
         for o in &r.outcomes {
+            if let Some(note) = store_note(o) {
+                let _ = writeln!(md, "\n{note}");
+            }
+        }
+        for o in &r.outcomes {
             if let Some(e) = &o.first_error {
                 let _ = writeln!(md, "\nfirst error from {}: `{e}`", o.target);
             }
@@ -84,84 +91,151 @@ pub fn tables(results: &[ScenarioResult]) -> String {
     md
 }
 
+/// The line under a table for a target with a store process: the store's CPU and peak RSS,
+/// and Aura's CPU with the store's added, for whoever wants the whole cost of the deployment.
+pub fn store_note(o: &Outcome) -> Option<String> {
+    let store = o.store?;
+    let cpu = o.store_cpu_ms_per_1000();
+    let both = match (o.cpu_ms_per_1000(), cpu) {
+        (Some(a), Some(s)) => Some(a + s),
+        _ => None,
+    };
+    Some(format!(
+        "{target}'s store, {store} (a separate process): {} ms CPU / 1000 req, peak RSS {} MiB. \
+         Not in the {target} row, whose CPU and RSS are Aura's alone (nginx has no store); \
+         Aura and {store} together: {} ms CPU / 1000 req.",
+        opt(cpu, 1),
+        opt(o.store_peak_rss_kib.map(|k| k as f64 / 1024.0), 1),
+        opt(both, 1),
+        target = o.target,
+    ))
+}
+
+/// The Aura targets the checks compare with nginx, where they ran.
+const AURAS: [&str; 2] = ["aura", "aura-valkey"];
+
 /// One target of the issue, checked against the run.
 pub struct Check {
     pub what: &'static str,
+    /// Which Aura target (`aura` or `aura-valkey`).
+    pub proxy: &'static str,
     pub measured: String,
     pub met: Option<bool>,
 }
 
-/// The issue's targets, each as a ratio or difference to nginx in the same run.
+/// The issue's targets, each as a ratio or difference to nginx in the same run, for every Aura
+/// target that ran (`aura`, then `aura-valkey`). Met or not is judged on Aura's own CPU and RSS;
+/// a store's are shown beside them.
 pub fn checks(results: &[ScenarioResult]) -> Vec<Check> {
     let by_id = |id: &str| results.iter().find(|r| r.scenario.id == id);
     let mut out = Vec::new();
+    let store_cpu = |o: Option<&Outcome>| {
+        o.and_then(|o| Some((o.store?, o.store_cpu_ms_per_1000()?)))
+            .map(|(s, c)| format!(" (+ {s} {c:.1} ms/1000 req, apart)"))
+            .unwrap_or_default()
+    };
+    let store_rss = |o: Option<&Outcome>| {
+        o.and_then(|o| Some((o.store?, o.store_peak_rss_kib?)))
+            .map(|(s, k)| format!(" (+ {s} {:.1} MiB, apart)", k as f64 / 1024.0))
+            .unwrap_or_default()
+    };
     if let Some(b) = by_id("b") {
         let cpu = |t| find(b, t).and_then(Outcome::cpu_ms_per_1000);
-        if let (Some(a), Some(n)) = (cpu("aura"), cpu("nginx")) {
-            out.push(Check {
-                what: "(b) CPU per streamed request ≤ 1.0× nginx",
-                measured: format!("{a:.1} vs {n:.1} ms/1000 req = {:.2}×", a / n),
-                met: Some(a <= n),
-            });
-        }
         let rps = |t| find(b, t).map(Outcome::median_rps);
-        if let (Some(a), Some(n)) = (rps("aura"), rps("nginx")) {
-            out.push(Check {
-                what: "(b) throughput at 64 clients ≥ 1.1× nginx",
-                measured: format!("{a:.0} vs {n:.0} req/s = {:.2}×", a / n),
-                met: Some(a >= 1.1 * n),
-            });
+        for proxy in AURAS {
+            if let (Some(a), Some(n)) = (cpu(proxy), cpu("nginx")) {
+                out.push(Check {
+                    what: "(b) CPU per streamed request ≤ 1.0× nginx",
+                    proxy,
+                    measured: format!(
+                        "{a:.1} vs {n:.1} ms/1000 req = {:.2}×{}",
+                        a / n,
+                        store_cpu(find(b, proxy))
+                    ),
+                    met: Some(a <= n),
+                });
+            }
+            if let (Some(a), Some(n)) = (rps(proxy), rps("nginx")) {
+                out.push(Check {
+                    what: "(b) throughput at 64 clients ≥ 1.1× nginx",
+                    proxy,
+                    measured: format!("{a:.0} vs {n:.0} req/s = {:.2}×", a / n),
+                    met: Some(a >= 1.1 * n),
+                });
+            }
         }
     }
     if let Some(a) = by_id("a") {
-        if let (Some(x), Some(n)) = (overhead_us(a, "aura", 0.99), overhead_us(a, "nginx", 0.99)) {
-            out.push(Check {
-                what: "(a) TTFT overhead p99 at 1 client ≤ nginx + 20 µs",
-                measured: format!("{x:.1} vs {n:.1} µs"),
-                met: Some(x <= n + 20.0),
-            });
+        for proxy in AURAS {
+            if let (Some(x), Some(n)) = (overhead_us(a, proxy, 0.99), overhead_us(a, "nginx", 0.99))
+            {
+                out.push(Check {
+                    what: "(a) TTFT overhead p99 at 1 client ≤ nginx + 20 µs",
+                    proxy,
+                    measured: format!("{x:.1} vs {n:.1} µs"),
+                    met: Some(x <= n + 20.0),
+                });
+            }
         }
     }
     if let Some(c) = by_id("c") {
-        if let (Some(x), Some(n)) = (overhead_us(c, "aura", 0.99), overhead_us(c, "nginx", 0.99)) {
-            out.push(Check {
-                what: "(c) TTFT overhead p99 at 256 clients ≤ 1.0× nginx",
-                measured: format!("{x:.1} vs {n:.1} µs"),
-                met: Some(x <= n.max(0.0)),
-            });
-        }
         let rss = |t| find(c, t).and_then(|o| o.peak_rss_kib);
-        if let (Some(a), Some(n)) = (rss("aura"), rss("nginx")) {
-            out.push(Check {
-                what: "(c) peak RSS with 256 open streams ≤ 1.0× nginx",
-                measured: format!(
-                    "{:.1} vs {:.1} MiB = {:.2}×",
-                    a as f64 / 1024.0,
-                    n as f64 / 1024.0,
-                    a as f64 / n as f64
-                ),
-                met: Some(a <= n),
-            });
+        for proxy in AURAS {
+            if let (Some(x), Some(n)) = (overhead_us(c, proxy, 0.99), overhead_us(c, "nginx", 0.99))
+            {
+                out.push(Check {
+                    what: "(c) TTFT overhead p99 at 256 clients ≤ 1.0× nginx",
+                    proxy,
+                    measured: format!("{x:.1} vs {n:.1} µs"),
+                    met: Some(x <= n.max(0.0)),
+                });
+            }
+            if let (Some(a), Some(n)) = (rss(proxy), rss("nginx")) {
+                out.push(Check {
+                    what: "(c) peak RSS with 256 open streams ≤ 1.0× nginx",
+                    proxy,
+                    measured: format!(
+                        "{:.1} vs {:.1} MiB = {:.2}×{}",
+                        a as f64 / 1024.0,
+                        n as f64 / 1024.0,
+                        a as f64 / n as f64,
+                        store_rss(find(c, proxy))
+                    ),
+                    met: Some(a <= n),
+                });
+            }
         }
     }
     out
 }
 
 pub fn checks_table(checks: &[Check]) -> String {
-    let mut md = String::from("| target | measured (Aura vs nginx) | met |\n|---|---|---|\n");
+    let mut md =
+        String::from("| target | proxy | measured (vs nginx) | met |\n|---|---|---|---|\n");
     for c in checks {
         let met = match c.met {
             Some(true) => "yes",
             Some(false) => "**no**",
             None => "—",
         };
-        let _ = writeln!(md, "| {} | {} | {met} |", c.what, c.measured);
+        let _ = writeln!(md, "| {} | {} | {} | {met} |", c.what, c.proxy, c.measured);
     }
     md
 }
 
 const PERCENTILES: [f64; 9] = [0.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.99];
 const COLOURS: [&str; 4] = ["#888888", "#2a9d3f", "#1f5fbf", "#c0392b"];
+
+/// A target's colour, the same in every picture whichever targets ran.
+fn colour(name: &str, k: usize) -> &'static str {
+    match name {
+        "direct" => COLOURS[0],
+        "nginx" => COLOURS[1],
+        "aura" => COLOURS[2],
+        "aura-valkey" => COLOURS[3],
+        _ => COLOURS[k % COLOURS.len()],
+    }
+}
 
 /// Position on the percentile axis: -log10(1 - p), so the tail gets room (0%, 90%, 99%, 99.9%
 /// equally spaced), as HdrHistogram's own plots do.
@@ -251,7 +325,7 @@ pub fn svg(results: &[ScenarioResult]) -> String {
             top + ph + 30.0
         );
         for (k, (name, values)) in series.iter().enumerate() {
-            let colour = COLOURS[k % COLOURS.len()];
+            let colour = colour(name, k);
             let points: Vec<String> = PERCENTILES
                 .iter()
                 .zip(values)
@@ -291,5 +365,151 @@ fn fmt_us(v: f64) -> String {
         format!("{:.0} ms", v / 1e3)
     } else {
         format!("{v:.0} µs")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::bench::{scenarios, Outcome};
+    use crate::load::{self, LoadResult};
+    use crate::procstat::Usage;
+
+    /// An outcome of `completed` requests, every TTFT `ttft_us`, at 1000 req/s, with the given
+    /// CPU (ms) and RSS (MiB) for the target and, if any, its store.
+    fn outcome(
+        target: &'static str,
+        ttft_us: u64,
+        usage: Option<(u64, u64)>,
+        store: Option<(&'static str, u64, u64)>,
+    ) -> Outcome {
+        let completed = 1000;
+        let mut ttft_ns = load::histogram();
+        let mut total_ns = load::histogram();
+        for _ in 0..completed {
+            ttft_ns.record(ttft_us * 1000).unwrap();
+            total_ns.record(ttft_us * 2000).unwrap();
+        }
+        let run = LoadResult {
+            ttft_ns,
+            total_ns,
+            completed,
+            errors: 0,
+            first_error: None,
+            elapsed: Duration::from_secs(1),
+        };
+        let usage_of = |cpu_ms: u64, rss_mib: u64| Usage {
+            cpu_ns: cpu_ms * 1_000_000,
+            peak_rss_kib: rss_mib * 1024,
+        };
+        let mut o = Outcome::new(target, store.map(|s| s.0));
+        o.add(
+            run,
+            usage.map(|(c, r)| usage_of(c, r)),
+            store.map(|(_, c, r)| usage_of(c, r)),
+        );
+        o
+    }
+
+    /// Scenario (b) with direct, nginx (40 ms / 1000 req), aura (30) and aura-valkey (36, its
+    /// Valkey 8 more): Aura's own CPU is what is checked, the store's shown apart.
+    fn run_b() -> ScenarioResult {
+        let scenario = scenarios(0.1).into_iter().find(|s| s.id == "b").unwrap();
+        ScenarioResult {
+            scenario,
+            outcomes: vec![
+                outcome("mock", 100, None, None),
+                outcome("nginx", 300, Some((40, 20)), None),
+                outcome("aura", 250, Some((30, 10)), None),
+                outcome("aura-valkey", 280, Some((36, 12)), Some(("valkey", 8, 9))),
+            ],
+        }
+    }
+
+    #[test]
+    fn the_table_has_a_row_for_aura_valkey_and_a_note_for_its_store() {
+        let md = tables(&[run_b()]);
+        let row = md
+            .lines()
+            .find(|l| l.starts_with("| aura-valkey |"))
+            .unwrap();
+        // ok, errors, req/s, TTFT p50, p99, overhead p50, p99 (vs direct's 100 µs), …, CPU, RSS
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        assert_eq!(cells[2], "1000");
+        assert_eq!(cells[7], "180.0");
+        assert_eq!(cells[11], "36.0", "Aura's CPU alone: {row}");
+        assert_eq!(cells[12], "12.0", "Aura's RSS alone: {row}");
+        let note = md
+            .lines()
+            .find(|l| l.starts_with("aura-valkey's store, valkey (a separate process): "))
+            .unwrap();
+        assert!(note.contains(": 8.0 ms CPU / 1000 req, "), "{note}");
+        assert!(note.contains("peak RSS 9.0 MiB."), "{note}");
+        assert!(note.contains("together: 44.0 ms"), "{note}");
+        // Only the target with a store gets a note.
+        assert_eq!(md.matches("(a separate process)").count(), 1);
+        assert!(md.lines().any(|l| l.starts_with("| aura |")));
+        assert!(md.lines().any(|l| l.starts_with("| direct (mock) |")));
+    }
+
+    #[test]
+    fn both_auras_are_checked_against_nginx_on_their_own_cpu() {
+        let checks = checks(&[run_b()]);
+        let cpu: Vec<&Check> = checks
+            .iter()
+            .filter(|c| c.what.starts_with("(b) CPU"))
+            .collect();
+        assert_eq!(cpu.len(), 2);
+        assert_eq!(cpu[0].proxy, "aura");
+        assert_eq!(cpu[0].measured, "30.0 vs 40.0 ms/1000 req = 0.75×");
+        assert_eq!(cpu[1].proxy, "aura-valkey");
+        assert_eq!(
+            cpu[1].measured,
+            "36.0 vs 40.0 ms/1000 req = 0.90× (+ valkey 8.0 ms/1000 req, apart)"
+        );
+        assert_eq!(cpu[1].met, Some(true), "36 ≤ 40: the store is not added in");
+        let rps: Vec<&Check> = checks
+            .iter()
+            .filter(|c| c.what.starts_with("(b) throughput"))
+            .collect();
+        assert_eq!(rps.len(), 2);
+        assert_eq!(rps[1].proxy, "aura-valkey");
+        assert_eq!(rps[1].met, Some(false), "1000 vs 1000 req/s is not 1.1×");
+        let table = checks_table(&checks);
+        assert!(table.starts_with("| target | proxy | measured (vs nginx) | met |"));
+        assert!(table.contains("| (b) CPU per streamed request ≤ 1.0× nginx | aura-valkey | "));
+    }
+
+    #[test]
+    fn without_aura_valkey_or_nginx_the_checks_leave_them_out() {
+        let mut r = run_b();
+        r.outcomes.retain(|o| o.target != "aura-valkey");
+        let c = checks(std::slice::from_ref(&r));
+        assert!(c.iter().all(|c| c.proxy == "aura"));
+        assert_eq!(c.len(), 2);
+        assert!(!tables(&[r]).contains("(a separate process)"));
+        let mut r = run_b();
+        r.outcomes.retain(|o| o.target != "nginx");
+        assert!(checks(&[r]).is_empty());
+    }
+
+    #[test]
+    fn the_picture_draws_aura_valkey_in_its_own_colour() {
+        let picture = svg(&[run_b()]);
+        assert_eq!(picture.matches("<polyline").count(), 4);
+        for name in ["direct", "nginx", "aura", "aura-valkey"] {
+            assert!(picture.contains(&format!(">{name}</text>")), "{name}");
+        }
+        assert!(picture.contains(r##"stroke="#c0392b" stroke-width="2" points"##));
+        // A target's colour does not depend on which others ran.
+        let mut r = run_b();
+        r.outcomes
+            .retain(|o| o.target != "nginx" && o.target != "aura");
+        let picture = svg(&[r]);
+        assert_eq!(picture.matches("<polyline").count(), 2);
+        assert!(picture.contains(r##"stroke="#c0392b" stroke-width="2" points"##));
+        assert!(!picture.contains(r##"stroke="#2a9d3f" stroke-width="2" points"##));
     }
 }
