@@ -188,7 +188,7 @@ impl ValkeyStore {
 
     fn connect(&self) -> Result<Connection, StoreError> {
         let unavailable = |e: RedisError| StoreError::Unavailable(e.to_string());
-        let connection = self
+        let mut connection = self
             .client
             .get_connection_with_timeout(self.timeout)
             .map_err(unavailable)?;
@@ -198,6 +198,8 @@ impl ValkeyStore {
         connection
             .set_write_timeout(Some(self.timeout))
             .map_err(unavailable)?;
+        // Loaded up front so the first EVALSHA does not fail with NOSCRIPT.
+        self.apply.load(&mut connection).map_err(unavailable)?;
         Ok(connection)
     }
 
