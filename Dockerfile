@@ -4,7 +4,7 @@
 #   docker run --rm --stop-timeout 40 -p 8080:8080 aura --demo      # built-in mock upstream, offline
 #   docker run --rm --stop-timeout 40 -p 8080:8080 -e UPSTREAM_URL=https://api.openai.com/v1 aura
 #
-# Stopping: on SIGTERM Aura lets requests in flight finish (AURA_SHUTDOWN_GRACE_MS, 30 s by
+# Stopping: on SIGTERM Aura lets requests in flight finish (AURA_SHUTDOWN_GRACE_MS, 20 s by
 # default), then flushes spend and exits. `docker stop` sends SIGKILL after only 10 s unless told
 # otherwise: give it more than the grace (--stop-timeout, or stop_grace_period in compose), or
 # lower the grace, or spend still in flight at the kill is not flushed.

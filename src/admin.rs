@@ -128,13 +128,6 @@ struct Update {
     limit_dollars: f64,
 }
 
-impl From<crate::store::StoreError> for Error {
-    fn from(e: crate::store::StoreError) -> Error {
-        tracing::warn!(error = %e, "admin: budget store unavailable");
-        Error::StoreUnavailable
-    }
-}
-
 fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Error> {
     serde_json::from_slice(body).map_err(|e| Error::MalformedBody(e.to_string()))
 }

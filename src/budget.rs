@@ -20,10 +20,13 @@ use crate::store::{Applied, Ask, Holder, Op};
 
 /// An idle key's lease goes back to the store after this long without a request.
 pub const IDLE_RETURN: Duration = Duration::from_secs(1);
-/// A held lease is renewed this often, well inside the Valkey store's lease lifetime.
-pub const RENEW_EVERY: Duration = Duration::from_secs(10);
+/// A held lease is renewed every third of its store's lifetime.
+const RENEWALS_PER_LIFETIME: u32 = 3;
 /// Lease asks one request may make before it is refused (others may take each grant first).
 const MAX_ASKS: u32 = 3;
+/// A lease unconfirmed for two thirds of its store's lifetime is no longer admitted on: the
+/// store may give it back to the key's budget soon (the worker is cut off from the store).
+const LAPSE_AFTER_PARTS: u32 = 3;
 
 /// The budget held for one request between admission and settle. Settle or release it
 /// exactly once.
@@ -75,8 +78,11 @@ struct Lease {
     unreachable: bool,
     /// The store's last word on the key's totals.
     known: Option<Account>,
-    /// When the store last heard from this worker about the key.
+    /// When this worker last sent the store an op for the key (renewals are due from it).
     renewed: Option<Instant>,
+    /// When the store last answered an op of this worker for the key, renewing the lease
+    /// there; a lease the store has not confirmed for a while may have lapsed.
+    confirmed: Option<Instant>,
 }
 
 impl Lease {
@@ -95,6 +101,8 @@ impl Lease {
 
 pub struct Shard {
     ledger: Ledger,
+    /// How long the store keeps a lease its holder does not renew (none: forever).
+    lease_ttl: Option<Duration>,
     holder: Holder,
     next_seq: Cell<u64>,
     /// A lease takes at most 1/slice_parts of a key's unleased budget beyond its need.
@@ -110,15 +118,12 @@ impl Shard {
     /// `holder`: this worker's name in the store; `fail_open`: admit on what is known while the
     /// store cannot be reached, or refuse.
     pub fn new(ledger: Ledger, holder: Holder, workers: usize, fail_open: bool) -> Shard {
-        // Sequence numbers start at the wall clock in microseconds, so a restarted worker's
-        // ops are newer than anything it sent before (it sends far fewer than 10^6 a second).
-        let start = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_micros() as u64);
+        // The holder is new at every start (runtime.rs), so its sequence starts anew too.
         Shard {
+            lease_ttl: ledger.lease_ttl(),
             ledger,
             holder,
-            next_seq: Cell::new(start),
+            next_seq: Cell::new(0),
             slice_parts: 2 * workers.max(1) as u64,
             fail_open,
             keys: RefCell::new(HashMap::new()),
@@ -146,7 +151,8 @@ impl Shard {
             let ask = {
                 let mut keys = self.keys.borrow_mut();
                 let lease = keys.entry(key).or_default();
-                if lease.free() >= estimate {
+                let lapsing = self.lapsing(lease, Instant::now());
+                if !lapsing && lease.free() >= estimate {
                     return Ok(take(lease, key, estimate));
                 }
                 let my_answer = mine.and_then(|m| lease.answered.filter(|(seq, _)| *seq == m));
@@ -164,11 +170,21 @@ impl Shard {
                         lease.unreachable = false;
                         mine = Some(seq);
                         asks += 1;
+                        // A lease that may have lapsed is handed back in the same op, so the
+                        // store's count and this worker's agree again whichever it was.
+                        let returned = if lapsing {
+                            std::mem::take(&mut lease.held)
+                        } else {
+                            0
+                        };
                         Some(Op {
                             holder: self.holder.clone(),
                             seq,
                             key,
-                            settle: Settlement::default(),
+                            settle: Settlement {
+                                returned,
+                                ..Settlement::default()
+                            },
                             ask: Some(Ask {
                                 need: estimate - lease.free(),
                                 parts: self.slice_parts,
@@ -193,6 +209,7 @@ impl Shard {
                         let mut keys = self.keys.borrow_mut();
                         let lease = keys.entry(key).or_default();
                         lease.asking = None;
+                        lease.held += op.settle.returned;
                         return self.unreachable(lease, key, estimate);
                     }
                 },
@@ -222,6 +239,17 @@ impl Shard {
             }
             _ => Ok(take(lease, key, estimate)),
         }
+    }
+
+    /// Whether `lease` may have lapsed in the store: unconfirmed for most of its lifetime.
+    fn lapsing(&self, lease: &Lease, now: Instant) -> bool {
+        let Some(ttl) = self.lease_ttl else {
+            return false;
+        };
+        lease.held > 0
+            && lease
+                .confirmed
+                .is_none_or(|t| now.saturating_duration_since(t) >= ttl - ttl / LAPSE_AFTER_PARTS)
     }
 
     /// Parks the request until a ledger answer arrives or `deadline` passes.
@@ -261,6 +289,7 @@ impl Shard {
         // A grant for a key this shard forgot is held again, and returned when idle.
         let lease = keys.entry(op.key).or_default();
         lease.known = Some(applied.account);
+        lease.confirmed = Some(Instant::now());
         if applied.granted > 0 {
             lease.held += applied.granted;
             lease.last_grant = applied.granted;
@@ -286,28 +315,44 @@ impl Shard {
         lease.last_used = Some(now);
     }
 
-    /// Hands settled spend to the store, returns the leases of keys idle since `IDLE_RETURN`,
-    /// tops up the leases of busy keys running low (so their requests need not wait for the
-    /// store), and renews held leases. Nothing changes here unless the ledger took the ops.
+    /// Hands settled spend to the store, returns the leases of keys idle since `IDLE_RETURN`
+    /// (and of keys whose lease may have lapsed), tops up the leases of busy keys running low
+    /// (so their requests need not wait for the store), and renews held leases. Nothing changes
+    /// here unless the ledger took the ops.
     pub fn flush(&self, now: Instant) {
+        self.flush_with(now, false);
+    }
+
+    fn flush_with(&self, now: Instant, last: bool) {
+        // The in-memory store keeps leases for good; a renewal every minute costs nothing.
+        let renew_every = self
+            .lease_ttl
+            .map_or(Duration::from_secs(60), |ttl| ttl / RENEWALS_PER_LIFETIME);
         let ops = {
             let keys = self.keys.borrow();
             let mut ops = Vec::new();
             for (&key, lease) in keys.iter() {
                 let idle = lease.idle(now);
+                let returned = if last || self.lapsing(lease, now) {
+                    lease.held
+                } else if idle {
+                    lease.free()
+                } else {
+                    0
+                };
                 let settle = Settlement {
-                    returned: if idle { lease.free() } else { 0 },
+                    returned,
                     ..lease.pending
                 };
                 let low = lease.last_grant > 0 && lease.free() < lease.last_grant / 4;
-                let ask = (!idle && low && lease.asking.is_none()).then_some(Ask {
+                let ask = (!idle && !last && low && lease.asking.is_none()).then_some(Ask {
                     need: 0,
                     parts: self.slice_parts,
                 });
                 let renew = lease.held > 0
                     && lease
                         .renewed
-                        .is_none_or(|t| now.saturating_duration_since(t) >= RENEW_EVERY);
+                        .is_none_or(|t| now.saturating_duration_since(t) >= renew_every);
                 if !settle.is_empty() || ask.is_some() || renew {
                     ops.push(Op {
                         holder: self.holder.clone(),
@@ -321,7 +366,12 @@ impl Shard {
             ops
         };
         if !ops.is_empty() {
-            let answers = match self.ledger.submit(ops.clone()) {
+            let taken = if last {
+                self.ledger.submit_last(ops.clone())
+            } else {
+                self.ledger.submit(ops.clone())
+            };
+            let answers = match taken {
                 Submitted::Full => return,
                 Submitted::Applied(applied) => Some(applied),
                 Submitted::Queued => None,
@@ -336,14 +386,18 @@ impl Shard {
             .retain(|_, lease| !(lease.idle(now) && lease.held == 0 && lease.pending.is_empty()));
     }
 
-    /// The ledger took `ops`: the spend and returns they carry leave this shard.
+    /// The ledger took `ops`: the spend and returns they carry leave this shard. Until the
+    /// store answers, its last known spend for the key counts them (the failure mode's limit).
     fn commit(&self, ops: &[Op], now: Instant) {
         let mut keys = self.keys.borrow_mut();
         for op in ops {
             if let Some(lease) = keys.get_mut(&op.key) {
                 lease.pending = Settlement::default();
-                lease.held -= op.settle.returned;
+                lease.held = lease.held.saturating_sub(op.settle.returned);
                 lease.renewed = Some(now);
+                if let Some(known) = lease.known.as_mut() {
+                    known.spent += op.settle.spent;
+                }
                 if op.ask.is_some() {
                     lease.asking = Some(op.seq);
                 }
@@ -351,9 +405,22 @@ impl Shard {
         }
     }
 
-    /// At shutdown, once no request is in flight: flushes spend and returns every lease.
+    /// At shutdown: requests still in flight (past the grace) are billed what they reserved,
+    /// then all spend is handed over and every lease returned, waiting for room in the
+    /// ledger's queue if need be.
     pub fn close(&self, now: Instant) {
-        self.flush(now + IDLE_RETURN);
+        for lease in self.keys.borrow_mut().values_mut() {
+            if lease.in_flight > 0 {
+                let cut = std::mem::take(&mut lease.reserved);
+                let from_lease = cut.min(lease.held);
+                lease.held -= from_lease;
+                lease.pending.spent += cut;
+                lease.pending.from_lease += from_lease;
+                lease.in_flight = 0;
+                lease.last_used = None;
+            }
+        }
+        self.flush_with(now + IDLE_RETURN, true);
     }
 }
 
@@ -511,6 +578,54 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    /// With a remote store, a lease the store has not confirmed for two thirds of its
+    /// lifetime is not admitted on: the next request asks again and hands the old lease back in
+    /// the same op, so the store's count and the worker's agree whether or not it lapsed there.
+    #[test]
+    fn a_lease_unconfirmed_for_most_of_its_lifetime_is_handed_back_not_spent() {
+        let store = store(1_000_000);
+        let ttl = Duration::from_millis(300);
+        let journal = std::env::temp_dir().join(format!("aura-budget-test-{}", std::process::id()));
+        let (thread, mut handles) = crate::ledger::LedgerThread::start(
+            store.clone(),
+            1,
+            Duration::from_secs(2),
+            ttl,
+            journal,
+        )
+        .unwrap();
+        let (ledger, mut inbox) = handles.remove(0);
+        let shard = std::rc::Rc::new(Shard::new(ledger, Holder::from("test/remote/0"), 1, false));
+        let mut runtime = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let pump = shard.clone();
+            monoio::spawn(async move {
+                while let Ok(reply) = inbox.recv().await {
+                    pump.on_reply(reply);
+                }
+            });
+            let first = shard.reserve(key(), 1_000).await.unwrap();
+            let granted = store.account(key()).leased;
+            assert_eq!(granted, 1_000 + 999_000 / 2);
+            shard.settle(first, 0, Instant::now());
+            // Nothing renews the lease (no flush) for longer than two thirds of its life.
+            monoio::time::sleep(ttl - ttl / 4).await;
+            let second = shard.reserve(key(), 3_000).await.unwrap();
+            let account = store.account(key());
+            // Spent from the old lease: 500,500 leased still. Asked on top of it: 751,750.
+            assert_eq!(
+                account.leased,
+                3_000 + (1_000_000 - 3_000) / 2,
+                "the old lease was handed back as the new one was granted"
+            );
+            shard.settle(second, 0, Instant::now());
+        });
+        thread.finish(Instant::now() + Duration::from_secs(1));
     }
 
     #[test]

@@ -120,7 +120,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting { key: "store_timeout_ms", env: &[STORE_TIMEOUT_MS], help: "longest wait for the valkey store: connect, each call, and a request waiting for a lease [default: 500]" },
     Setting { key: "node_id", env: &[NODE_ID], help: "this node's name in the valkey store (leases and exactly-once sequences are kept per node and worker); unique per node, stable across restarts [default: the host name]" },
     Setting { key: "ledger_journal", env: &[LEDGER_JOURNAL], help: "file holding spend the valkey store has not yet taken (written while it is unreachable, replayed at start) [default: aura-ledger.journal]" },
-    Setting { key: "shutdown_grace_ms", env: &[SHUTDOWN_GRACE_MS], help: "on SIGTERM or SIGINT, how long requests in flight may take to finish before spend is flushed and Aura exits [default: 30000]" },
+    Setting { key: "shutdown_grace_ms", env: &[SHUTDOWN_GRACE_MS], help: "on SIGTERM or SIGINT, how long requests in flight may take to finish before spend is flushed and Aura exits (a request cut then is billed its reservation) [default: 20000]" },
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -607,7 +607,7 @@ impl Parser<'_> {
                 store: StoreKind::Memory,
                 fail_open: self.choice("store_failure", &[("open", true), ("closed", false)], true),
             },
-            shutdown_grace: self.millis("shutdown_grace_ms", 30_000),
+            shutdown_grace: self.millis("shutdown_grace_ms", 20_000),
         };
         let mut config = config;
         config.budgets.store = self.store_kind();

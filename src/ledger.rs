@@ -58,6 +58,7 @@ pub struct Remote {
     worker: usize,
     to_thread: SyncSender<Message>,
     timeout: Duration,
+    lease_ttl: Duration,
 }
 
 /// What [`Ledger::submit`] did with a worker's ops.
@@ -70,7 +71,10 @@ pub enum Submitted {
     Full,
 }
 
-type Call = Box<dyn FnOnce(&dyn Store) + Send>;
+/// A store call from a worker: run with the store, or with `None` while the store is known to
+/// be unreachable (it then answers unavailable at once); returns the failure that marks the
+/// store unreachable, if it hit one.
+type Call = Box<dyn FnOnce(Option<&dyn Store>) -> Option<StoreError> + Send>;
 
 enum Message {
     Ops { worker: usize, ops: Vec<Op> },
@@ -80,6 +84,16 @@ enum Message {
 
 impl Ledger {
     pub fn submit(&self, ops: Vec<Op>) -> Submitted {
+        self.hand_over(ops, false)
+    }
+
+    /// The worker's last flush: waits for room in the ledger's queue rather than keep spend
+    /// in a worker that is about to exit.
+    pub fn submit_last(&self, ops: Vec<Op>) -> Submitted {
+        self.hand_over(ops, true)
+    }
+
+    fn hand_over(&self, ops: Vec<Op>, wait_for_room: bool) -> Submitted {
         match self {
             Ledger::Inline(store) => match store.apply(&ops) {
                 Ok(applied) => Submitted::Applied(applied),
@@ -91,9 +105,18 @@ impl Ledger {
                     worker: remote.worker,
                     ops,
                 };
-                match remote.to_thread.try_send(message) {
-                    Ok(()) => Submitted::Queued,
-                    Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => Submitted::Full,
+                let sent = if wait_for_room {
+                    remote.to_thread.send(message).is_ok()
+                } else {
+                    match remote.to_thread.try_send(message) {
+                        Ok(()) => true,
+                        Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
+                    }
+                };
+                if sent {
+                    Submitted::Queued
+                } else {
+                    Submitted::Full
                 }
             }
         }
@@ -109,7 +132,16 @@ impl Ledger {
             Ledger::Remote(remote) => {
                 let (tx, rx) = oneshot::channel();
                 let job: Call = Box::new(move |store| {
-                    let _ = tx.send(call(store));
+                    let result = match store {
+                        Some(store) => call(store),
+                        None => Err(StoreError::Unavailable("unreachable, retrying".into())),
+                    };
+                    let failure = match &result {
+                        Err(e @ StoreError::Unavailable(_)) => Some(e.clone()),
+                        _ => None,
+                    };
+                    let _ = tx.send(result);
+                    failure
                 });
                 let busy = || StoreError::Unavailable("the ledger is busy".into());
                 remote
@@ -122,6 +154,14 @@ impl Ledger {
                     Err(_elapsed) => Err(StoreError::Unavailable("timed out".into())),
                 }
             }
+        }
+    }
+
+    /// How long the store keeps a lease its holder stops renewing (the in-memory store: forever).
+    pub fn lease_ttl(&self) -> Option<Duration> {
+        match self {
+            Ledger::Inline(_) => None,
+            Ledger::Remote(remote) => Some(remote.lease_ttl),
         }
     }
 
@@ -145,6 +185,8 @@ pub struct LedgerStats {
     /// Ops in the journal file.
     pub journaled: AtomicU64,
     pub applied: AtomicU64,
+    /// Ops the store refused again and again (set aside in the rejected file).
+    pub rejected: AtomicU64,
     /// Sum and count of store round trips, for a mean flush latency.
     pub call_nanos: AtomicU64,
     pub calls: AtomicU64,
@@ -164,6 +206,7 @@ impl LedgerThread {
         store: Arc<dyn Store>,
         workers: usize,
         timeout: Duration,
+        lease_ttl: Duration,
         journal: PathBuf,
     ) -> std::io::Result<(LedgerThread, Vec<(Ledger, Inbox)>)> {
         let (to_thread, from_workers) = mpsc::sync_channel(CHANNEL_DEPTH);
@@ -176,6 +219,7 @@ impl LedgerThread {
                 worker,
                 to_thread: to_thread.clone(),
                 timeout,
+                lease_ttl,
             });
             handles.push((ledger, rx));
         }
@@ -190,6 +234,9 @@ impl LedgerThread {
             journal: Journal::new(journal),
             stats: stats.clone(),
             last_warning: None,
+            orphans: Vec::new(),
+            finishing: false,
+            one_at_a_time: false,
         };
         state.replay_journal();
         let thread = std::thread::Builder::new()
@@ -222,7 +269,12 @@ struct Queued {
     sent: bool,
     /// The worker was told its ask is unreachable.
     told: bool,
+    /// Times the store refused this op alone as malformed.
+    refusals: u32,
 }
+
+/// Times the store may refuse one op on its own before it is set aside.
+const MAX_REFUSALS: u32 = 3;
 
 struct Thread {
     store: Arc<dyn Store>,
@@ -236,6 +288,12 @@ struct Thread {
     journal: Journal,
     stats: Arc<LedgerStats>,
     last_warning: Option<Instant>,
+    /// Grants whose worker is gone: returned once every worker has sent its last op.
+    orphans: Vec<(Holder, KeyId, u64)>,
+    /// Every worker has stopped (its last flush is queued).
+    finishing: bool,
+    /// After the store refused a batch: ops go one by one to find the one it refuses.
+    one_at_a_time: bool,
 }
 
 impl Thread {
@@ -261,9 +319,15 @@ impl Thread {
             for message in first.into_iter().chain(from_workers.try_iter()) {
                 match message {
                     Message::Ops { worker, ops } => self.enqueue(Some(worker), ops),
-                    Message::Call(call) => call(self.store.as_ref()),
-                    Message::Finish { deadline } => finish_by = Some(deadline),
+                    Message::Call(call) => self.call(call),
+                    Message::Finish { deadline } => {
+                        finish_by = Some(deadline);
+                        self.finishing = true;
+                    }
                 }
+            }
+            if self.finishing {
+                self.return_orphans();
             }
             if self.retry_at.is_none_or(|at| Instant::now() >= at) {
                 self.deliver();
@@ -284,15 +348,29 @@ impl Thread {
         }
     }
 
+    /// Runs a worker's store call, unless the store is known to be down (back-off running):
+    /// then it is answered unavailable at once, so calls cannot hold up the queue.
+    fn call(&mut self, call: Call) {
+        let down = self.retry_at.is_some_and(|at| Instant::now() < at);
+        if down {
+            call(None);
+        } else if let Some(error) = call(Some(self.store.as_ref())) {
+            self.failed(&error);
+        }
+    }
+
     fn enqueue(&mut self, worker: Option<usize>, ops: Vec<Op>) {
+        // Replayed ops may have been applied before the journal was written: never merged.
+        let sent = worker.is_none();
         for op in ops {
             let last = self.last_seq.entry(op.holder.clone()).or_default();
             *last = (*last).max(op.seq);
             self.queue.push_back(Queued {
                 worker,
                 op,
-                sent: false,
+                sent,
                 told: false,
+                refusals: 0,
             });
         }
         if self.retry_at.is_some() {
@@ -306,7 +384,7 @@ impl Thread {
 
     fn deliver(&mut self) {
         while !self.queue.is_empty() {
-            let n = self.queue.len().min(DELIVER_AT_ONCE);
+            let n = self.batch_len();
             let ops: Vec<Op> = self.queue.iter().take(n).map(|q| q.op.clone()).collect();
             self.queue.iter_mut().take(n).for_each(|q| q.sent = true);
             let started = Instant::now();
@@ -327,17 +405,87 @@ impl Thread {
                     self.backoff = FIRST_BACKOFF;
                     self.stats.up.store(1, Ordering::Relaxed);
                 }
+                Err(StoreError::Protocol(message)) if n > 1 => {
+                    // The store answered, but refused something in the batch: find it.
+                    tracing::warn!(%message, ops = n, "budget store refused a batch; retrying op by op");
+                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    self.one_at_a_time = true;
+                }
+                Err(StoreError::Protocol(message)) => {
+                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    let refusals = self.queue.front_mut().map_or(0, |q| {
+                        q.refusals += 1;
+                        q.refusals
+                    });
+                    if refusals < MAX_REFUSALS {
+                        self.failed(&StoreError::Protocol(message));
+                        return;
+                    }
+                    if let Some(refused) = self.queue.pop_front() {
+                        self.set_aside(refused, &message);
+                    }
+                }
                 Err(error) => {
                     self.failed(&error);
                     return;
                 }
             }
         }
+        self.one_at_a_time = false;
         self.stats.queued.store(0, Ordering::Relaxed);
         if self.journal.written {
             match self.journal.clear() {
                 Ok(()) => self.stats.journaled.store(0, Ordering::Relaxed),
                 Err(e) => tracing::error!(error = %e, "cannot clear the ledger journal"),
+            }
+        }
+    }
+
+    /// How many ops from the head go in one store call: at most one per holder and key, so a
+    /// retried batch cannot hold an op older than one the store already applied from it (the
+    /// older one's grant would then read as 0).
+    fn batch_len(&self) -> usize {
+        if self.one_at_a_time {
+            return 1;
+        }
+        let mut seen = std::collections::HashSet::new();
+        self.queue
+            .iter()
+            .take(DELIVER_AT_ONCE)
+            .take_while(|q| seen.insert((q.op.holder.clone(), q.op.key)))
+            .count()
+            .max(1)
+    }
+
+    /// An op the store refused on its own `MAX_REFUSALS` times (a bug, or data it cannot take):
+    /// kept in the rejected file for an operator, so the ops behind it are not held up.
+    fn set_aside(&mut self, refused: Queued, message: &str) {
+        self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+        let entry = JournalEntry::of(&refused.op);
+        let path = self.journal.path.with_extension("rejected");
+        tracing::error!(
+            %message,
+            key_id = %refused.op.key,
+            spent_nano = entry.spent,
+            file = %path.display(),
+            "budget store refused an op repeatedly; set aside"
+        );
+        let line = serde_json::to_string(&entry).unwrap_or_default();
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| writeln!(f, "{line}").and_then(|()| f.sync_data()));
+        if let Err(e) = written {
+            tracing::error!(error = %e, %line, "cannot write the rejected op; it is in this log line only");
+        }
+        if let (Some(worker), Some(_)) = (refused.worker, refused.op.ask) {
+            // The waiting request gets the failure mode rather than a timeout.
+            if let Some(inbox) = self.inboxes.get(worker) {
+                let _ = inbox.unbounded_send(Reply::Unreachable {
+                    key: refused.op.key,
+                    seq: refused.op.seq,
+                });
             }
         }
     }
@@ -358,7 +506,19 @@ impl Thread {
             .get(worker)
             .is_some_and(|inbox| inbox.unbounded_send(reply).is_ok());
         if !delivered && granted > 0 {
-            // The worker is gone: hand its new lease straight back.
+            // The worker is gone: its grant goes back, after its last flush.
+            self.orphans.push((holder, key, granted));
+            if self.finishing {
+                self.return_orphans();
+            }
+        }
+    }
+
+    /// Returns the grants of gone workers, numbered after each worker's last op. Only once
+    /// every worker has stopped: before, a worker's last flush could still be on its way
+    /// with the same sequence number.
+    fn return_orphans(&mut self) {
+        for (holder, key, granted) in std::mem::take(&mut self.orphans) {
             let last = self.last_seq.entry(holder.clone()).or_default();
             *last += 1;
             let op = Op {
@@ -376,6 +536,7 @@ impl Thread {
                 op,
                 sent: false,
                 told: false,
+                refusals: 0,
             });
         }
     }
@@ -609,5 +770,147 @@ fn sync_dir(path: &Path) {
     };
     if let Ok(dir) = std::fs::File::open(dir) {
         let _ = dir.sync_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Period;
+    use crate::store::{system_clock, MemoryStore};
+
+    fn thread(workers: usize) -> (Thread, Vec<Inbox>) {
+        let store = Arc::new(MemoryStore::new(
+            1_000_000,
+            HashMap::new(),
+            Period::Never,
+            system_clock(),
+        ));
+        let (senders, receivers): (Vec<_>, Vec<_>) =
+            (0..workers).map(|_| async_mpsc::unbounded()).unzip();
+        let path = std::env::temp_dir().join(format!(
+            "aura-ledger-test-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let thread = Thread {
+            store,
+            inboxes: senders,
+            queue: VecDeque::new(),
+            last_seq: HashMap::new(),
+            retry_at: None,
+            backoff: FIRST_BACKOFF,
+            journal: Journal::new(path),
+            stats: Arc::new(LedgerStats::default()),
+            last_warning: None,
+            orphans: Vec::new(),
+            finishing: false,
+            one_at_a_time: false,
+        };
+        (thread, receivers)
+    }
+
+    fn op(holder: &str, seq: u64, key: &str, spent: u64, ask: Option<Ask>) -> Op {
+        Op {
+            holder: Holder::from(holder),
+            seq,
+            key: KeyId::of(key),
+            settle: Settlement {
+                spent,
+                ..Settlement::default()
+            },
+            ask,
+        }
+    }
+
+    use crate::store::Ask;
+
+    #[test]
+    fn a_batch_holds_one_op_per_holder_and_key() {
+        let (mut t, _inboxes) = thread(1);
+        let ask = Some(Ask { need: 5, parts: 2 });
+        t.enqueue(
+            Some(0),
+            vec![
+                op("n/0", 1, "sk-a", 0, ask),
+                op("n/0", 2, "sk-b", 3, None),
+                op("n/1", 1, "sk-a", 3, None),
+                // The same holder and key again: a retried batch must not hold both.
+                op("n/0", 3, "sk-a", 3, None),
+            ],
+        );
+        assert_eq!(t.batch_len(), 3);
+        t.one_at_a_time = true;
+        assert_eq!(t.batch_len(), 1);
+    }
+
+    #[test]
+    fn unsent_spend_merges_into_the_newest_op_but_replayed_or_sent_ops_never_merge() {
+        let (mut t, _inboxes) = thread(1);
+        // Replayed from a journal: may have been applied already.
+        t.enqueue(None, vec![op("n/0", 1, "sk-a", 100, None)]);
+        t.enqueue(
+            Some(0),
+            vec![
+                op("n/0", 2, "sk-a", 10, None),
+                op("n/0", 3, "sk-a", 20, None),
+            ],
+        );
+        t.coalesce();
+        let left: Vec<(u64, u64)> = t
+            .queue
+            .iter()
+            .map(|q| (q.op.seq, q.op.settle.spent))
+            .collect();
+        assert_eq!(left, vec![(1, 100), (3, 30)]);
+    }
+
+    #[test]
+    fn a_gone_workers_grant_is_returned_after_its_last_op() {
+        let (mut t, inboxes) = thread(1);
+        drop(inboxes);
+        let ask = Some(Ask { need: 5, parts: 1 });
+        t.enqueue(Some(0), vec![op("n/0", 7, "sk-a", 0, ask)]);
+        t.deliver();
+        assert!(
+            t.queue.is_empty(),
+            "the grant waits until every worker has stopped"
+        );
+        assert_eq!(t.orphans.len(), 1);
+        // The worker's last flush arrives after the grant was answered.
+        t.enqueue(Some(0), vec![op("n/0", 8, "sk-a", 4, None)]);
+        t.finishing = true;
+        t.return_orphans();
+        let seqs: Vec<u64> = t.queue.iter().map(|q| q.op.seq).collect();
+        assert_eq!(
+            seqs,
+            vec![8, 9],
+            "the return is numbered after the last flush"
+        );
+        t.deliver();
+        let account = t.store.account(KeyId::of("sk-a")).unwrap();
+        assert_eq!((account.spent, account.leased), (4, 0));
+    }
+
+    #[test]
+    fn the_journal_holds_exactly_the_undelivered_spend_and_reads_back() {
+        let (mut t, _inboxes) = thread(1);
+        t.enqueue(
+            Some(0),
+            vec![
+                op("n/0", 1, "sk-a", 10, None),
+                op("n/0", 2, "sk-b", 0, None),
+            ],
+        );
+        t.journal_queue();
+        let (ops, bad) = t.journal.read().unwrap();
+        assert_eq!(bad, 0);
+        assert_eq!(
+            ops,
+            vec![op("n/0", 1, "sk-a", 10, None)],
+            "empty ops are not kept"
+        );
+        t.deliver();
+        assert!(!t.journal.path.exists(), "cleared once delivered");
     }
 }

@@ -130,6 +130,14 @@ fn main() -> ExitCode {
                     "stopping: finishing requests in flight, then flushing spend"
                 );
             }
+            // A second signal while stopping means now.
+            std::thread::spawn(move || {
+                if let Some(signal) = signals.forever().next() {
+                    tracing::warn!(signal, "second signal: exiting without waiting");
+                    #[allow(clippy::disallowed_methods)] // main.rs is the one place that exits
+                    std::process::exit(130);
+                }
+            });
             running.stop();
             tracing::info!("stopped");
         }

@@ -93,6 +93,8 @@ pub struct Proxy {
     drains: Drains,
     /// Requests being handled (drains included): shutdown waits for them.
     in_flight: Cell<usize>,
+    /// Shutdown has begun: answers close their connections.
+    stopping: Cell<bool>,
 }
 
 /// Everything settle needs to know about one request.
@@ -166,6 +168,7 @@ impl Proxy {
             admin_token: config.budgets.admin_token.clone(),
             drains: Drains::new(config.budgets.max_drains_per_worker),
             in_flight: Cell::new(0),
+            stopping: Cell::new(false),
         }
     }
 
@@ -191,6 +194,11 @@ impl Proxy {
     /// At shutdown, with no request in flight: hands over all spend and returns every lease.
     pub fn close_budget(&self) {
         self.budget.close(Instant::now());
+    }
+
+    /// From now on every answer closes its connection.
+    pub fn stop_keeping_alive(&self) {
+        self.stopping.set(true);
     }
 
     /// Requests being handled now.
@@ -561,6 +569,8 @@ impl<S: AsyncReadRent + AsyncWriteRent> Handler<S> for Proxy {
     async fn handle(&self, request: Request, keep_alive: bool, client: &mut S) -> Persist {
         let started = Instant::now();
         let _in_flight = InFlight::enter(&self.in_flight);
+        // Stopping: this answer closes its connection, so keep-alive clients move elsewhere.
+        let keep_alive = keep_alive && !self.stopping.get();
         let route = Route::of(&request.head.method, &request.head.target);
         let mut outcome = Outcome::new(route);
         let persist = match route {

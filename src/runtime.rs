@@ -181,6 +181,7 @@ pub fn start(config: &Config, resolver: Resolver) -> Result<Running, StartError>
                 Arc::new(store),
                 shard_count,
                 valkey.timeout,
+                crate::store::valkey::LEASE_TTL,
                 valkey.journal.clone(),
             )
             .map_err(StartError::Thread)?;
@@ -193,10 +194,17 @@ pub fn start(config: &Config, resolver: Resolver) -> Result<Running, StartError>
             (Some(thread), remote)
         }
     };
+    // Holders are `node/boot/worker`: new at every start, so a restarted node neither renews
+    // the leases of its previous run (they lapse) nor depends on its clock for sequence
+    // numbers, and two nodes given one name by mistake still cannot skip each other's ops.
     let node = match &budgets.store {
         StoreKind::Valkey(valkey) => valkey.node_id.clone(),
         StoreKind::Memory => "local".to_string(),
     };
+    let boot = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros());
+    let node = format!("{node}/{boot:x}");
     let shutdown = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::with_capacity(workers);
     for (id, listener) in listeners.into_iter().enumerate() {
@@ -345,6 +353,7 @@ fn run_worker(
             _ = shutdown_requested(&shutdown) => {}
         }
         // The listener is closed: finish what is in flight, then hand over all spend.
+        proxy.stop_keeping_alive();
         let deadline = Instant::now() + config.shutdown_grace;
         while proxy.in_flight() > 0 && Instant::now() < deadline {
             monoio::time::sleep(Duration::from_millis(10)).await;

@@ -28,6 +28,8 @@ on_both_drivers!(
     a_store_outage_loses_no_spend_when_failing_open,
     failing_closed_refuses_with_503_until_the_store_is_back,
     a_killed_nodes_journal_is_replayed_at_its_next_start,
+    failing_open_still_refuses_once_the_last_known_spend_is_used_up,
+    a_request_cut_at_shutdown_is_billed_its_reservation,
 );
 
 fn store(valkey: &Valkey, limit: u64) -> ValkeyStore {
@@ -526,4 +528,63 @@ fn a_killed_nodes_journal_is_replayed_at_its_next_start(driver: Driver) {
         std::thread::park_timeout(Duration::from_millis(20));
     }
     println!("journal replayed: {want} nano-dollars reached the store after a SIGKILL");
+}
+
+fn failing_open_still_refuses_once_the_last_known_spend_is_used_up(driver: Driver) {
+    let key = "sk-test-valkey-open-bound1";
+    let limit_nano: u64 = 200_000;
+    let mock = start_mock(MockOptions::default());
+    let mut valkey = Valkey::start();
+    let journal = journal("open-bound", driver);
+    let flags = [("--default-limit-dollars", "0.0002")];
+    let aura = on_valkey(&mock, &valkey, driver, &journal, &flags).start();
+    let body = r#"{"model":"gpt-4o-mini","max_tokens":5,"messages":[{"role":"user","content":"Say hello"}],"stream":true}"#;
+    for _ in 0..4 {
+        assert_eq!(post(&aura, key, CHAT, &[], body), 200);
+    }
+    wait_for_store_spend(&valkey, key, mock_spend(&mock));
+    valkey.stop();
+    // Each worker admits on what it last knew of the key, minus what it spent since: a long
+    // enough outage ends in 402s, not in unlimited spend.
+    let statuses: Vec<u16> = (0..60).map(|_| post(&aura, key, CHAT, &[], body)).collect();
+    let refused = statuses.iter().filter(|&&s| s == 402).count();
+    assert!(
+        refused > 0,
+        "nothing refused during the outage: {statuses:?}"
+    );
+    valkey.restart();
+    let spent = mock_spend(&mock);
+    wait_for_store_spend(&valkey, key, spent);
+    let overshoot = spent.saturating_sub(limit_nano);
+    println!(
+        "fail-open outage: {} admitted, {refused} refused; spent {spent} of {limit_nano}, overshoot {overshoot}",
+        statuses.len() - refused
+    );
+    // Bound: each of the 2 workers spends at most what was left when it last heard from the
+    // store.
+    assert!(spent <= 2 * limit_nano, "spent {spent}");
+}
+
+fn a_request_cut_at_shutdown_is_billed_its_reservation(driver: Driver) {
+    let key = "sk-test-valkey-cut-000001";
+    let mock = start_mock(MockOptions::default());
+    let valkey = Valkey::start();
+    let journal = journal("cut", driver);
+    let flags = [("--shutdown-grace-ms", "300")];
+    let mut aura = on_valkey(&mock, &valkey, driver, &journal, &flags).start();
+    let mut client = aura.client();
+    let request = format!(
+        "POST {CHAT} HTTP/1.1\r\nhost: x\r\nauthorization: {}\r\ncontent-type: application/json\r\nx-mock-chunks: 100\r\nx-mock-delay-ms: 100\r\ncontent-length: {}\r\n\r\n{STREAM}",
+        bearer(key),
+        STREAM.len()
+    );
+    client.send(request.as_bytes());
+    assert_eq!(client.read_head().0, 200);
+    // A 10 s stream outlives the 300 ms grace: it is cut, and billed what it reserved.
+    let status = aura.terminate(Duration::from_secs(10));
+    assert!(status.success(), "aura exited with {status:?}");
+    let (spent, leased) = valkey.totals(key);
+    assert!(spent > 0, "the cut request was not billed");
+    assert_eq!(leased, 0, "every lease returned");
+    println!("a stream cut at shutdown was billed its reservation: {spent} nano-dollars");
 }

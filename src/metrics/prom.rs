@@ -139,6 +139,11 @@ pub fn encode_ledger(out: &mut String, stats: &crate::ledger::LedgerStats) {
             "Budget ops the store applied.",
             stats.applied.load(Relaxed),
         ),
+        (
+            "aura_ledger_rejected_ops_total",
+            "Budget ops the store refused repeatedly, set aside in the rejected file.",
+            stats.rejected.load(Relaxed),
+        ),
     ];
     for (name, help, value) in counters {
         header(out, name, "counter", help);

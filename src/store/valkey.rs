@@ -9,6 +9,7 @@
 //! | `aura:{K}:until` | holder → when its lease lapses (ms, the server's clock) |
 //! | `aura:{K}:seq` | holder → the last sequence number applied |
 //! | `aura:{K}:grant` | holder → what that sequence granted (answered again to a retry) |
+//! | `aura:{K}:seen` | holder → when its last op was applied (ms); a holder silent for 7 days is forgotten |
 //!
 //! Every op is one script run (EVALSHA, pipelined: one round trip per batch). The script applies
 //! an op only if its sequence is newer than the holder's last, so a retry after a timeout or a
@@ -28,6 +29,11 @@ use crate::config::Period;
 
 /// A lease not renewed for this long goes back to the key's budget.
 pub const LEASE_TTL: Duration = Duration::from_secs(30);
+
+/// Holders a key may list before the script forgets those silent for `FORGET_AFTER_MS`
+/// (holders are new at every start of a node, so old ones pile up otherwise).
+const HOLDERS_KEPT: u64 = 64;
+const FORGET_AFTER_MS: u64 = 7 * 24 * 3600 * 1000;
 
 /// Ops per pipelined round trip.
 const BATCH: usize = 256;
@@ -89,6 +95,18 @@ if holder ~= '' then
     end
     redis.call('HSET', KEYS[4], holder, seq)
     redis.call('HSET', KEYS[5], holder, granted)
+    redis.call('HSET', KEYS[6], holder, now)
+    if redis.call('HLEN', KEYS[6]) > tonumber(ARGV[11]) then
+      local seen = redis.call('HGETALL', KEYS[6])
+      for i = 1, #seen, 2 do
+        if tonumber(seen[i + 1]) < now - tonumber(ARGV[12])
+            and redis.call('HEXISTS', KEYS[2], seen[i]) == 0 then
+          redis.call('HDEL', KEYS[4], seen[i])
+          redis.call('HDEL', KEYS[5], seen[i])
+          redis.call('HDEL', KEYS[6], seen[i])
+        end
+      end
+    end
   elseif seq == last then
     granted = tonumber(redis.call('HGET', KEYS[5], holder)) or 0
   end
@@ -207,12 +225,13 @@ impl ValkeyStore {
     fn script_args(&self, key: KeyId, op: Option<&Op>) -> redis::Cmd {
         let tag = key_tag(key);
         let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.apply.get_hash()).arg(5);
+        cmd.arg(self.apply.get_hash()).arg(6);
         cmd.arg(&tag)
             .arg(format!("{tag}:lease"))
             .arg(format!("{tag}:until"))
             .arg(format!("{tag}:seq"))
-            .arg(format!("{tag}:grant"));
+            .arg(format!("{tag}:grant"))
+            .arg(format!("{tag}:seen"));
         let (holder, seq, settle, ask) = match op {
             Some(op) => (op.holder.as_ref(), op.seq, op.settle, op.ask),
             None => ("", 0, Default::default(), None),
@@ -226,7 +245,9 @@ impl ValkeyStore {
             .arg(settle.returned)
             .arg(ask.map_or(0, |a| a.need))
             .arg(ask.map_or(0, |a| a.parts.max(1)))
-            .arg(self.lease_ttl.as_millis() as u64);
+            .arg(self.lease_ttl.as_millis() as u64)
+            .arg(HOLDERS_KEPT)
+            .arg(FORGET_AFTER_MS);
         cmd
     }
 
