@@ -174,6 +174,8 @@ fn metrics(c: &mut Criterion) {
         completion_tokens: 20,
         cached_prompt_tokens: 0,
     };
+    let key = aura::auth::KeyId::of("sk-bench-metrics-key-0001");
+    let model: std::sync::Arc<str> = std::sync::Arc::from("gpt-4o-mini");
     let record = |i: u64| Record {
         route: "chat_completions",
         status: 200,
@@ -184,6 +186,7 @@ fn metrics(c: &mut Criterion) {
         usage_missing: false,
         cost_nano: 1_234,
         default_price: false,
+        billed: Some((key, Some(&model))),
     };
     let mut group = c.benchmark_group("metrics");
     group.bench_function("latency_record", |b| {
@@ -214,7 +217,7 @@ fn metrics(c: &mut Criterion) {
     group.bench_function("scrape_two_workers_gather_and_encode", |b| {
         b.iter(|| {
             let (merged, drivers) = registry.gather();
-            black_box(prom::encode(&merged, &drivers).len())
+            black_box(prom::encode(&merged, &drivers, &std::collections::HashMap::new()).len())
         })
     });
     group.finish();

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
-use crate::auth::KeyId;
+use crate::auth::{KeyId, KeyIdMap};
 use crate::ledger::{Ledger, Reply, Submitted};
 pub use crate::store::{Account, Settlement};
 use crate::store::{Applied, Ask, Holder, Op};
@@ -108,7 +108,7 @@ pub struct Shard {
     /// A lease takes at most 1/slice_parts of a key's unleased budget beyond its need.
     slice_parts: u64,
     fail_open: bool,
-    keys: RefCell<HashMap<KeyId, Lease>>,
+    keys: RefCell<KeyIdMap<Lease>>,
     /// Requests waiting for a lease answer.
     waiters: RefCell<Vec<Waker>>,
 }
@@ -126,7 +126,7 @@ impl Shard {
             next_seq: Cell::new(0),
             slice_parts: 2 * workers.max(1) as u64,
             fail_open,
-            keys: RefCell::new(HashMap::new()),
+            keys: RefCell::new(KeyIdMap::default()),
             waiters: RefCell::new(Vec::new()),
         }
     }
@@ -144,14 +144,15 @@ impl Shard {
     /// Reserves `estimate` nano-dollars for one request of `key`: from the lease when it
     /// covers it (no store call), else after one lease ask.
     pub async fn reserve(&self, key: KeyId, estimate: u64) -> Result<Reservation, Refusal> {
-        let deadline = Instant::now() + self.ledger.wait();
+        // Computed only if the request has to wait: reading the clock is not free.
+        let mut deadline: Option<Instant> = None;
         let mut mine: Option<u64> = None;
         let mut asks = 0;
         loop {
             let ask = {
                 let mut keys = self.keys.borrow_mut();
                 let lease = keys.entry(key).or_default();
-                let lapsing = self.lapsing(lease, Instant::now());
+                let lapsing = self.lease_ttl.is_some() && self.lapsing(lease, Instant::now());
                 if !lapsing && lease.free() >= estimate {
                     return Ok(take(lease, key, estimate));
                 }
@@ -191,7 +192,9 @@ impl Shard {
                             }),
                         })
                     }
-                    (Some(_), _) if lease.unreachable || Instant::now() >= deadline => {
+                    (Some(_), _)
+                        if lease.unreachable || deadline.is_some_and(|d| Instant::now() >= d) =>
+                    {
                         return self.unreachable(lease, key, estimate);
                     }
                     (Some(_), _) => None,
@@ -204,7 +207,11 @@ impl Shard {
                             self.answer(op, applied);
                         }
                     }
-                    Submitted::Queued => self.wait_until(deadline).await,
+                    Submitted::Queued => {
+                        let until =
+                            *deadline.get_or_insert_with(|| Instant::now() + self.ledger.wait());
+                        self.wait_until(until).await;
+                    }
                     Submitted::Full => {
                         let mut keys = self.keys.borrow_mut();
                         let lease = keys.entry(key).or_default();
@@ -213,7 +220,11 @@ impl Shard {
                         return self.unreachable(lease, key, estimate);
                     }
                 },
-                None => self.wait_until(deadline).await,
+                None => {
+                    let until =
+                        *deadline.get_or_insert_with(|| Instant::now() + self.ledger.wait());
+                    self.wait_until(until).await;
+                }
             }
         }
     }
@@ -299,6 +310,20 @@ impl Shard {
             lease.unreachable = false;
             lease.answered = Some((op.seq, applied.granted));
         }
+    }
+
+    /// What each active key may still spend, as the store last answered, less this worker's
+    /// spend not yet handed over; at most `max` keys.
+    pub fn remaining(&self, max: usize) -> HashMap<KeyId, u64> {
+        self.keys
+            .borrow()
+            .iter()
+            .filter_map(|(&key, lease)| {
+                let known = lease.known?;
+                Some((key, known.remaining().saturating_sub(lease.pending.spent)))
+            })
+            .take(max)
+            .collect()
     }
 
     /// Ends a request: its reservation is replaced by its real cost (0 releases it).

@@ -8,12 +8,22 @@
 pub mod prom;
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
 
+use crate::auth::{KeyId, KeyIdHasher};
+
+type KeyIdHashing = std::hash::BuildHasherDefault<KeyIdHasher>;
 use crate::usage::Usage;
+
+/// Keys a worker keeps series for; requests of further keys count under `key="other"`, so a
+/// passthrough gateway facing many keys cannot grow its metrics without bound.
+pub const MAX_KEY_SERIES: usize = 1000;
+/// The model label of a model with no price (the table's names keep the label set bounded).
+pub const OTHER_MODEL: &str = "other";
 
 pub const PUBLISH_EVERY: Duration = Duration::from_millis(250);
 
@@ -105,6 +115,26 @@ pub struct Record<'a> {
     pub cost_nano: u64,
     /// Its model had no price: billed at the default price.
     pub default_price: bool,
+    /// A billed request: its key and its model's name in the price table (`None`: no price).
+    pub billed: Option<(KeyId, Option<&'a Arc<str>>)>,
+}
+
+/// One key's spend on one model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Spend {
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost_nano: u64,
+}
+
+impl Spend {
+    fn add(&mut self, other: &Spend) {
+        self.requests += other.requests;
+        self.prompt_tokens += other.prompt_tokens;
+        self.completion_tokens += other.completion_tokens;
+        self.cost_nano += other.cost_nano;
+    }
 }
 
 /// Counters and histograms of one worker, or of all workers merged.
@@ -122,6 +152,13 @@ pub struct Snapshot {
     pub usage_missing: u64,
     pub cost_nano: u64,
     pub default_priced: u64,
+    /// Key (`None`: past `MAX_KEY_SERIES`) → model → spend.
+    pub by_key: HashMap<Option<KeyId>, HashMap<Arc<str>, Spend>, KeyIdHashing>,
+    /// What each active key may still spend, as the store last told a worker (the least of
+    /// the workers' figures once merged: spend only grows between resets).
+    pub remaining: HashMap<KeyId, u64>,
+    /// Requests being handled when the copy was made.
+    pub in_flight: u64,
 }
 
 fn bump<K: PartialEq + Copy>(counts: &mut Vec<(K, u64)>, key: K, by: u64) {
@@ -162,6 +199,24 @@ impl Snapshot {
         self.usage_missing += u64::from(r.usage_missing);
         self.cost_nano += r.cost_nano;
         self.default_priced += u64::from(r.default_price);
+        if let Some((key, model)) = r.billed {
+            let key = (self.by_key.contains_key(&Some(key)) || self.by_key.len() < MAX_KEY_SERIES)
+                .then_some(key);
+            let models = self.by_key.entry(key).or_default();
+            let spend = Spend {
+                requests: 1,
+                prompt_tokens: r.usage.map_or(0, |u| u.prompt_tokens),
+                completion_tokens: r.usage.map_or(0, |u| u.completion_tokens),
+                cost_nano: r.cost_nano,
+            };
+            match models.get_mut(model.map_or(OTHER_MODEL, |m| m.as_ref())) {
+                Some(total) => total.add(&spend),
+                None => {
+                    let label = model.cloned().unwrap_or_else(|| Arc::from(OTHER_MODEL));
+                    models.insert(label, spend);
+                }
+            }
+        }
     }
 
     pub fn merge(&mut self, other: &Snapshot) {
@@ -179,7 +234,27 @@ impl Snapshot {
         self.usage_missing += other.usage_missing;
         self.cost_nano += other.cost_nano;
         self.default_priced += other.default_priced;
+        for (key, models) in &other.by_key {
+            let mine = self.by_key.entry(*key).or_default();
+            for (model, spend) in models {
+                mine.entry(model.clone()).or_default().add(spend);
+            }
+        }
+        for (&key, &left) in &other.remaining {
+            self.remaining
+                .entry(key)
+                .and_modify(|mine| *mine = (*mine).min(left))
+                .or_insert(left);
+        }
+        self.in_flight += other.in_flight;
     }
+}
+
+/// What a worker last published: its record count and requests in flight.
+#[derive(Debug, Default)]
+pub struct Seen {
+    pub recorded: u64,
+    pub in_flight: u64,
 }
 
 /// One worker's metrics; `!Sync`, touched only by its worker.
@@ -200,10 +275,10 @@ impl Shard {
         self.current.borrow().clone()
     }
 
-    /// A copy, if anything was recorded since `*seen` (which it then updates).
-    pub fn snapshot_if_changed(&self, seen: &mut u64) -> Option<Snapshot> {
+    /// A copy, if anything was recorded since `*seen` (which it then updates) or `anyway`.
+    pub fn snapshot_if_changed(&self, seen: &mut u64, anyway: bool) -> Option<Snapshot> {
         let now = self.recorded.get();
-        (now != *seen).then(|| {
+        (anyway || now != *seen).then(|| {
             *seen = now;
             self.snapshot()
         })
@@ -214,6 +289,8 @@ impl Shard {
 #[derive(Debug)]
 pub struct Registry {
     workers: Vec<Mutex<Worker>>,
+    /// Configured keys' aliases, their label in the per-key series.
+    aliases: std::sync::OnceLock<HashMap<KeyId, String>>,
     /// The ledger thread's counters, when budgets live in Valkey.
     ledger: std::sync::OnceLock<Arc<crate::ledger::LedgerStats>>,
 }
@@ -229,7 +306,19 @@ impl Registry {
         Arc::new(Registry {
             workers: (0..workers).map(|_| Mutex::default()).collect(),
             ledger: std::sync::OnceLock::new(),
+            aliases: std::sync::OnceLock::new(),
         })
+    }
+
+    pub fn set_aliases(&self, aliases: HashMap<KeyId, String>) {
+        let _ = self.aliases.set(aliases);
+    }
+
+    pub fn aliases(&self) -> &HashMap<KeyId, String> {
+        static NONE: std::sync::OnceLock<HashMap<KeyId, String>> = std::sync::OnceLock::new();
+        self.aliases
+            .get()
+            .unwrap_or_else(|| NONE.get_or_init(HashMap::new))
     }
 
     pub fn set_ledger(&self, stats: Arc<crate::ledger::LedgerStats>) {
@@ -288,7 +377,55 @@ mod tests {
             usage_missing: false,
             cost_nano: 0,
             default_price: false,
+            billed: None,
         }
+    }
+
+    #[test]
+    fn spend_is_kept_per_key_and_model_up_to_the_series_cap() {
+        let mut s = Snapshot::default();
+        let mini: Arc<str> = Arc::from("gpt-4o-mini");
+        let usage = Usage {
+            prompt_tokens: 10,
+            completion_tokens: 5,
+            cached_prompt_tokens: 0,
+        };
+        for i in 0..MAX_KEY_SERIES + 5 {
+            let key = KeyId::of(&format!("sk-series-{i}"));
+            let model = (i % 2 == 0).then_some(&mini);
+            s.record(&Record {
+                usage: Some(&usage),
+                cost_nano: 7,
+                billed: Some((key, model)),
+                ..record("chat_completions", 200, 10)
+            });
+        }
+        assert_eq!(s.by_key.len(), MAX_KEY_SERIES + 1, "the cap, plus `other`");
+        let other: u64 = s.by_key[&None].values().map(|spend| spend.requests).sum();
+        assert_eq!(other, 5);
+        let first = &s.by_key[&Some(KeyId::of("sk-series-0"))];
+        assert_eq!(
+            first["gpt-4o-mini"],
+            Spend {
+                requests: 1,
+                prompt_tokens: 10,
+                completion_tokens: 5,
+                cost_nano: 7
+            }
+        );
+        assert!(s.by_key[&Some(KeyId::of("sk-series-1"))].contains_key(OTHER_MODEL));
+        // Merged over workers: spend adds up, remaining takes the least.
+        let mut a = Snapshot::default();
+        a.remaining.insert(KeyId::of("sk-series-0"), 500);
+        let mut b = s.clone();
+        b.remaining.insert(KeyId::of("sk-series-0"), 300);
+        a.merge(&b);
+        a.merge(&s);
+        assert_eq!(
+            a.by_key[&Some(KeyId::of("sk-series-0"))]["gpt-4o-mini"].requests,
+            2
+        );
+        assert_eq!(a.remaining[&KeyId::of("sk-series-0")], 300);
     }
 
     #[test]
@@ -340,11 +477,11 @@ mod tests {
     fn an_unchanged_shard_is_not_copied_again() {
         let shard = Shard::default();
         let mut seen = 0;
-        assert!(shard.snapshot_if_changed(&mut seen).is_none());
+        assert!(shard.snapshot_if_changed(&mut seen, false).is_none());
         shard.record(&record("chat_completions", 200, 1));
-        let copy = shard.snapshot_if_changed(&mut seen).unwrap();
+        let copy = shard.snapshot_if_changed(&mut seen, false).unwrap();
         assert_eq!(copy.ttft_overhead.count(), 1);
-        assert!(shard.snapshot_if_changed(&mut seen).is_none());
+        assert!(shard.snapshot_if_changed(&mut seen, false).is_none());
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! configured default price, never a free ride. Pure L0: no IO, clocks, globals or logging.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use crate::usage::Usage;
 
@@ -102,7 +103,8 @@ pub enum PriceFileError {
 
 #[derive(Debug, Clone)]
 pub struct PriceTable {
-    by_name: HashMap<String, Price>,
+    /// `Arc` names: a metric label is a clone of the table's name, not a new string.
+    by_name: HashMap<Arc<str>, Price>,
     default: Price,
 }
 
@@ -142,14 +144,14 @@ impl PriceTable {
                 } else {
                     price
                 };
-                (name.to_string(), price)
+                (Arc::from(name), price)
             })
             .collect();
         PriceTable { by_name, default }
     }
 
     pub fn insert(&mut self, model: &str, price: Price) {
-        self.by_name.insert(model.to_string(), price);
+        self.by_name.insert(Arc::from(model), price);
     }
 
     pub fn len(&self) -> usize {
@@ -162,19 +164,28 @@ impl PriceTable {
 
     /// The price of `model`, and how it was matched.
     pub fn lookup(&self, model: &str) -> (Price, Match) {
-        if let Some(p) = self.by_name.get(model) {
-            return (*p, Match::Exact);
+        match self.find(model) {
+            Some((_, price, matched)) => (*price, matched),
+            None => (self.default, Match::Default),
+        }
+    }
+
+    /// The table's name for `model` (exact, or its base name), if it has a price: a bounded
+    /// label for metrics.
+    pub fn priced_name(&self, model: &str) -> Option<&Arc<str>> {
+        self.find(model).map(|(name, _, _)| name)
+    }
+
+    fn find(&self, model: &str) -> Option<(&Arc<str>, &Price, Match)> {
+        if let Some((name, p)) = self.by_name.get_key_value(model) {
+            return Some((name, p, Match::Exact));
         }
         let unprefixed = model.rsplit('/').next().unwrap_or(model);
-        for candidate in [Some(unprefixed), base_name(model), base_name(unprefixed)]
+        [Some(unprefixed), base_name(model), base_name(unprefixed)]
             .into_iter()
             .flatten()
-        {
-            if let Some(p) = self.by_name.get(candidate) {
-                return (*p, Match::Base);
-            }
-        }
-        (self.default, Match::Default)
+            .find_map(|candidate| self.by_name.get_key_value(candidate))
+            .map(|(name, p)| (name, p, Match::Base))
     }
 
     /// Adds (or replaces) the models of a file in LiteLLM's `model_prices_and_context_window.json`
@@ -222,11 +233,11 @@ impl PriceTable {
         }
         let count = added.len();
         for (name, price) in &added {
-            self.by_name.insert(name.clone(), *price);
+            self.by_name.insert(Arc::from(name.as_str()), *price);
         }
         for (name, price) in added {
             if let Some((_, short)) = name.rsplit_once('/') {
-                self.by_name.entry(short.to_string()).or_insert(price);
+                self.by_name.entry(Arc::from(short)).or_insert(price);
             }
         }
         Ok(count)

@@ -292,8 +292,16 @@ impl Proxy {
     }
 
     /// This worker's metrics, if they changed since `*seen`, for publishing to the registry.
-    pub fn metrics_if_changed(&self, seen: &mut u64) -> Option<metrics::Snapshot> {
-        self.metrics.snapshot_if_changed(seen)
+    /// With the requests in flight and each active key's remaining budget as of now.
+    pub fn metrics_if_changed(&self, seen: &mut metrics::Seen) -> Option<metrics::Snapshot> {
+        let in_flight = self.in_flight.get() as u64;
+        let mut snapshot = self
+            .metrics
+            .snapshot_if_changed(&mut seen.recorded, in_flight != seen.in_flight)?;
+        seen.in_flight = in_flight;
+        snapshot.in_flight = in_flight;
+        snapshot.remaining = self.budget.remaining(metrics::MAX_KEY_SERIES);
+        Some(snapshot)
     }
 
     async fn chat<S: AsyncWriteRent>(
@@ -581,7 +589,7 @@ impl<S: AsyncReadRent + AsyncWriteRent> Handler<S> for Proxy {
             Route::Metrics => {
                 outcome.status = Some(StatusCode::OK);
                 let (merged, drivers) = self.registry.gather();
-                let mut text = metrics::prom::encode(&merged, &drivers);
+                let mut text = metrics::prom::encode(&merged, &drivers, self.registry.aliases());
                 if let Some(ledger) = self.registry.ledger() {
                     metrics::prom::encode_ledger(&mut text, ledger);
                 }
@@ -650,8 +658,10 @@ impl Proxy {
                 outcome.response_bytes,
                 outcome.abandoned,
             );
+            let key = bill.reservation.key();
             self.budget.settle(bill.reservation, cost, Instant::now());
             Charge {
+                key,
                 cost_nano: cost,
                 basis,
                 matched,
@@ -667,6 +677,13 @@ impl Proxy {
             usage_missing: charge.is_some_and(|c| c.basis == Basis::Estimated),
             cost_nano: charge.map_or(0, |c| c.cost_nano),
             default_price: charge.is_some_and(|c| c.matched == Match::Default),
+            billed: charge.map(|c| {
+                let model = outcome
+                    .model
+                    .as_deref()
+                    .and_then(|m| self.prices.priced_name(m));
+                (c.key, model)
+            }),
         });
         log_access(outcome, charge, error, started);
     }
@@ -762,6 +779,7 @@ impl Drop for InFlight<'_> {
 /// What settle charged a billable request.
 #[derive(Debug, Clone, Copy)]
 struct Charge {
+    key: KeyId,
     cost_nano: u64,
     basis: Basis,
     matched: Match,

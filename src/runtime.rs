@@ -151,6 +151,7 @@ pub fn start(config: &Config, resolver: Resolver) -> Result<Running, StartError>
         .filter_map(|k| Some((KeyId::of(k.key.expose()), dollars_to_nano(k.limit_dollars?))))
         .collect();
     let directory = Arc::new(Directory::new(budgets.key_mode, &budgets.keys));
+    registry.set_aliases(directory.aliases());
     let shard_count = listeners.len();
     let (ledger, mut ledgers): (Option<LedgerThread>, Vec<(Ledger, Option<Inbox>)>) = match &budgets
         .store
@@ -366,7 +367,7 @@ fn run_worker(
             );
         }
         proxy.close_budget();
-        if let Some(snapshot) = proxy.metrics_if_changed(&mut 0) {
+        if let Some(snapshot) = proxy.metrics_if_changed(&mut metrics::Seen::default()) {
             registry.publish(id, snapshot);
         }
         tracing::info!(worker = id, "worker stopped");
@@ -403,7 +404,7 @@ pub fn build_runtime() -> io::Result<Runtime> {
 /// Copies this worker's metrics to the registry every interval in which it recorded any, off
 /// the request path.
 async fn publish_metrics(id: usize, proxy: Rc<Proxy>, registry: Arc<Registry>) {
-    let mut seen = 0;
+    let mut seen = metrics::Seen::default();
     loop {
         monoio::time::sleep(metrics::PUBLISH_EVERY).await;
         if let Some(snapshot) = proxy.metrics_if_changed(&mut seen) {

@@ -15,6 +15,7 @@ const SECRET_KEY: &str = "sk-proj-metrics-test-secret-0123456789";
 on_both_drivers!(
     requests_tokens_and_ttft_overhead_are_counted_over_all_workers,
     each_worker_reports_its_driver_and_no_key_appears,
+    spend_is_exported_per_key_id_and_priced_model,
 );
 
 /// The value of the sample `series` (name with its labels, exactly as exported).
@@ -133,4 +134,34 @@ fn each_worker_reports_its_driver_and_no_key_appears(driver: Driver) {
         !text.contains(SECRET_KEY) && !text.contains("sk-proj"),
         "{text}"
     );
+}
+
+fn spend_is_exported_per_key_id_and_priced_model(driver: Driver) {
+    let mock = start_mock(MockOptions::default());
+    let aura = Aura::start(&mock.url(), driver);
+    let auth = format!("Bearer {SECRET_KEY}");
+    for body in [STREAM, WHOLE, STREAM] {
+        let r = aura
+            .client()
+            .request("POST", CHAT, &[("authorization", &auth)], body.as_bytes());
+        assert_eq!(r.status, 200);
+    }
+    let id = aura::auth::KeyId::of(SECRET_KEY).to_string();
+    // The mock answers as gpt-4o-mini-2024-07-18: the label is the price table's base name.
+    let requests = format!(r#"aura_key_requests_total{{key="{id}",model="gpt-4o-mini"}}"#);
+    let text = scrape_until(&aura, |t| sample(t, &requests) == Some(3.0));
+    let completion =
+        format!(r#"aura_key_tokens_total{{key="{id}",model="gpt-4o-mini",kind="completion"}}"#);
+    assert_eq!(sample(&text, &completion), Some(15.0), "{text}");
+    // The key's cost is the whole cost here, and its remaining budget the default limit less it.
+    let cost = format!(r#"aura_key_cost_dollars_total{{key="{id}",model="gpt-4o-mini"}}"#);
+    let cost = sample(&text, &cost).unwrap();
+    assert!(cost > 0.0);
+    assert!((sample(&text, "aura_cost_dollars_total").unwrap() - cost).abs() < 1e-12);
+    let remaining = format!(r#"aura_budget_remaining_dollars{{key="{id}"}}"#);
+    let text = scrape_until(&aura, |t| {
+        sample(t, &remaining).is_some_and(|left| (left - (10.0 - cost)).abs() < 1e-9)
+    });
+    assert_eq!(sample(&text, "aura_active_requests"), Some(0.0));
+    assert!(!text.contains(SECRET_KEY), "{text}");
 }

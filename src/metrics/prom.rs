@@ -6,7 +6,10 @@
 
 use std::fmt::Write;
 
+use std::collections::HashMap;
+
 use super::{Latency, Snapshot};
+use crate::auth::KeyId;
 
 /// Bucket edges of the latency histograms, in seconds: microseconds up to seconds.
 const BUCKETS_SECONDS: [f64; 22] = [
@@ -16,7 +19,12 @@ const BUCKETS_SECONDS: [f64; 22] = [
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-pub fn encode(s: &Snapshot, drivers: &[(usize, &'static str)]) -> String {
+/// `aliases` name configured keys in the per-key series; other keys show as their key id.
+pub fn encode(
+    s: &Snapshot,
+    drivers: &[(usize, &'static str)],
+    aliases: &HashMap<KeyId, String>,
+) -> String {
     let mut out = String::with_capacity(8 * 1024);
     header(
         &mut out,
@@ -101,7 +109,105 @@ pub fn encode(s: &Snapshot, drivers: &[(usize, &'static str)]) -> String {
             "aura_worker_driver{{worker=\"{worker}\",driver=\"{driver}\"}} 1"
         );
     }
+    header(
+        &mut out,
+        "aura_active_requests",
+        "gauge",
+        "Requests being handled (streams included), as of each worker's last copy.",
+    );
+    let _ = writeln!(out, "aura_active_requests {}", s.in_flight);
+    encode_keys(&mut out, s, aliases);
     out
+}
+
+/// Per key (its alias, or its key id; `other` past the series cap) and model (its name in the
+/// price table, or `other`): requests, tokens and cost; and each active key's remaining budget.
+fn encode_keys(out: &mut String, s: &Snapshot, aliases: &HashMap<KeyId, String>) {
+    let label = |key: &Option<KeyId>| match key {
+        Some(id) => escape(aliases.get(id).map_or(&id.to_string(), |a| a)),
+        None => "other".to_string(),
+    };
+    let mut rows: Vec<(String, String, super::Spend)> = s
+        .by_key
+        .iter()
+        .flat_map(|(key, models)| {
+            let key = label(key);
+            models
+                .iter()
+                .map(move |(model, spend)| (key.clone(), escape(model), *spend))
+        })
+        .collect();
+    rows.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+    header(
+        out,
+        "aura_key_requests_total",
+        "counter",
+        "Billed requests, by key (alias or key id) and model.",
+    );
+    for (key, model, spend) in &rows {
+        let _ = writeln!(
+            out,
+            "aura_key_requests_total{{key=\"{key}\",model=\"{model}\"}} {}",
+            spend.requests
+        );
+    }
+    header(
+        out,
+        "aura_key_tokens_total",
+        "counter",
+        "Tokens in reported usage, by key, model and kind.",
+    );
+    for (key, model, spend) in &rows {
+        for (kind, n) in [
+            ("prompt", spend.prompt_tokens),
+            ("completion", spend.completion_tokens),
+        ] {
+            let _ = writeln!(
+                out,
+                "aura_key_tokens_total{{key=\"{key}\",model=\"{model}\",kind=\"{kind}\"}} {n}"
+            );
+        }
+    }
+    header(
+        out,
+        "aura_key_cost_dollars_total",
+        "counter",
+        "What requests were billed, in dollars, by key and model.",
+    );
+    for (key, model, spend) in &rows {
+        let _ = writeln!(
+            out,
+            "aura_key_cost_dollars_total{{key=\"{key}\",model=\"{model}\"}} {}",
+            spend.cost_nano as f64 / 1e9
+        );
+    }
+    let mut remaining: Vec<(String, u64)> = s
+        .remaining
+        .iter()
+        .map(|(id, &left)| (label(&Some(*id)), left))
+        .collect();
+    remaining.sort();
+    header(
+        out,
+        "aura_budget_remaining_dollars",
+        "gauge",
+        "What each active key may still spend, as the budget store last answered.",
+    );
+    for (key, left) in remaining {
+        let _ = writeln!(
+            out,
+            "aura_budget_remaining_dollars{{key=\"{key}\"}} {}",
+            left as f64 / 1e9
+        );
+    }
+}
+
+/// A label value as the text format wants it: backslash, quote and newline escaped.
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// The ledger thread's health (the Valkey store only).
@@ -189,6 +295,7 @@ mod tests {
     #[test]
     fn text_format_with_cumulative_buckets() {
         let mut s = Snapshot::default();
+        let mini: std::sync::Arc<str> = std::sync::Arc::from("gpt-4o-mini");
         for us in [3, 40, 40, 2_000] {
             s.record(&Record {
                 route: "chat_completions",
@@ -200,9 +307,38 @@ mod tests {
                 usage_missing: us == 2_000,
                 cost_nano: 1_500_000_000,
                 default_price: us == 3,
+                billed: (us == 40).then_some((KeyId::of("sk-prom-a"), Some(&mini))),
             });
         }
-        let text = encode(&s, &[(0, "io_uring")]);
+        s.record(&Record {
+            route: "chat_completions",
+            status: 200,
+            error: None,
+            ttft_overhead: None,
+            to_upstream: None,
+            usage: None,
+            usage_missing: false,
+            cost_nano: 250_000_000,
+            default_price: true,
+            billed: Some((KeyId::of("sk-prom-b"), None)),
+        });
+        s.remaining.insert(KeyId::of("sk-prom-b"), 2_500_000_000);
+        s.in_flight = 3;
+        let aliases = HashMap::from([(KeyId::of("sk-prom-b"), "team \"b\"".to_string())]);
+        let text = encode(&s, &[(0, "io_uring")], &aliases);
+        let a = KeyId::of("sk-prom-a").to_string();
+        for line in [
+            format!("aura_key_requests_total{{key=\"{a}\",model=\"gpt-4o-mini\"}} 2"),
+            format!("aura_key_cost_dollars_total{{key=\"{a}\",model=\"gpt-4o-mini\"}} 3"),
+            "aura_key_cost_dollars_total{key=\"team \\\"b\\\"\",model=\"other\"} 0.25".to_string(),
+            "aura_budget_remaining_dollars{key=\"team \\\"b\\\"\"} 2.5".to_string(),
+            "aura_active_requests 3".to_string(),
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing `{line}` in\n{text}"
+            );
+        }
         for line in [
             "# TYPE aura_ttft_overhead_seconds histogram",
             "aura_ttft_overhead_seconds_bucket{le=\"0.000001\"} 0",
@@ -213,10 +349,10 @@ mod tests {
             "aura_ttft_overhead_seconds_bucket{le=\"+Inf\"} 4",
             "aura_ttft_overhead_seconds_sum 0.002083",
             "aura_ttft_overhead_seconds_count 4",
-            "aura_requests_total{route=\"chat_completions\",status_class=\"2xx\"} 4",
+            "aura_requests_total{route=\"chat_completions\",status_class=\"2xx\"} 5",
             "aura_usage_missing_total 1",
-            "aura_cost_dollars_total 6",
-            "aura_default_price_requests_total 1",
+            "aura_cost_dollars_total 6.25",
+            "aura_default_price_requests_total 2",
             "aura_worker_driver{worker=\"0\",driver=\"io_uring\"} 1",
         ] {
             assert!(
