@@ -240,6 +240,10 @@ impl Shard {
         if !self.fail_open {
             return Err(Refusal::Unavailable);
         }
+        if lease.known.is_none() {
+            // This worker has not touched the key: start from what the node last heard of it.
+            lease.known = self.ledger.last_known(key);
+        }
         let spent_here = lease.pending.spent + lease.reserved.saturating_sub(lease.held);
         match lease.known {
             Some(account) if account.remaining().saturating_sub(spent_here) < estimate => {

@@ -26,7 +26,7 @@ use futures_channel::{mpsc as async_mpsc, oneshot};
 use serde::{Deserialize, Serialize};
 
 use crate::auth::KeyId;
-use crate::store::{Applied, Holder, Op, Settlement, Store, StoreError};
+use crate::store::{Account, Applied, Holder, Op, Settlement, Store, StoreError};
 
 /// Messages a worker may have queued for the thread before it must merge instead.
 const CHANNEL_DEPTH: usize = 1024;
@@ -59,6 +59,38 @@ pub struct Remote {
     to_thread: SyncSender<Message>,
     timeout: Duration,
     lease_ttl: Duration,
+    last_known: Arc<LastKnown>,
+}
+
+/// The store's last word on each key's totals, from any worker's op on this node: a worker that
+/// has not touched a key itself starts its failure mode from it rather than from nothing.
+/// Written by the ledger thread, read by a worker only while the store is unreachable.
+#[derive(Debug, Default)]
+pub struct LastKnown(std::sync::Mutex<HashMap<KeyId, (Account, Instant)>>);
+
+/// A key not heard of for this long is dropped from [`LastKnown`].
+const FORGET_KNOWN_AFTER: Duration = Duration::from_secs(3600);
+
+impl LastKnown {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<KeyId, (Account, Instant)>> {
+        match self.0.lock() {
+            Ok(map) => map,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    pub fn get(&self, key: KeyId) -> Option<Account> {
+        self.lock().get(&key).map(|(account, _)| *account)
+    }
+
+    fn set(&self, key: KeyId, account: Account, now: Instant) {
+        self.lock().insert(key, (account, now));
+    }
+
+    fn forget_older_than(&self, age: Duration, now: Instant) {
+        self.lock()
+            .retain(|_, (_, at)| now.saturating_duration_since(*at) < age);
+    }
 }
 
 /// What [`Ledger::submit`] did with a worker's ops.
@@ -165,6 +197,14 @@ impl Ledger {
         }
     }
 
+    /// The store's last word on `key` from any worker of this node (remote stores only).
+    pub fn last_known(&self, key: KeyId) -> Option<Account> {
+        match self {
+            Ledger::Inline(_) => None,
+            Ledger::Remote(remote) => remote.last_known.get(key),
+        }
+    }
+
     /// How long a request may wait for a lease before the failure mode applies.
     pub fn wait(&self) -> Duration {
         match self {
@@ -210,6 +250,7 @@ impl LedgerThread {
         journal: PathBuf,
     ) -> std::io::Result<(LedgerThread, Vec<(Ledger, Inbox)>)> {
         let (to_thread, from_workers) = mpsc::sync_channel(CHANNEL_DEPTH);
+        let last_known = Arc::new(LastKnown::default());
         let mut inboxes = Vec::with_capacity(workers);
         let mut handles = Vec::with_capacity(workers);
         for worker in 0..workers {
@@ -220,6 +261,7 @@ impl LedgerThread {
                 to_thread: to_thread.clone(),
                 timeout,
                 lease_ttl,
+                last_known: last_known.clone(),
             });
             handles.push((ledger, rx));
         }
@@ -237,6 +279,8 @@ impl LedgerThread {
             orphans: Vec::new(),
             finishing: false,
             one_at_a_time: false,
+            last_known,
+            pruned_at: Instant::now(),
         };
         state.replay_journal();
         let thread = std::thread::Builder::new()
@@ -294,6 +338,8 @@ struct Thread {
     finishing: bool,
     /// After the store refused a batch: ops go one by one to find the one it refuses.
     one_at_a_time: bool,
+    last_known: Arc<LastKnown>,
+    pruned_at: Instant,
 }
 
 impl Thread {
@@ -491,6 +537,12 @@ impl Thread {
     }
 
     fn answer(&mut self, queued: Queued, applied: Applied) {
+        let now = Instant::now();
+        self.last_known.set(queued.op.key, applied.account, now);
+        if now.saturating_duration_since(self.pruned_at) >= Duration::from_secs(60) {
+            self.pruned_at = now;
+            self.last_known.forget_older_than(FORGET_KNOWN_AFTER, now);
+        }
         let Some(worker) = queued.worker else {
             return;
         };
@@ -806,6 +858,8 @@ mod tests {
             orphans: Vec::new(),
             finishing: false,
             one_at_a_time: false,
+            last_known: Arc::new(LastKnown::default()),
+            pruned_at: Instant::now(),
         };
         (thread, receivers)
     }
