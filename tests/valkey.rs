@@ -19,7 +19,7 @@ use aura::config::Period;
 use aura::store::valkey::ValkeyStore;
 use aura::store::{system_clock, Ask, Holder, Op, Settlement, Store};
 use common::billing::*;
-use common::valkey::Valkey;
+use common::valkey::{Valkey, ValkeyCluster};
 use common::{start_mock, Aura, Driver, Launch, MockOptions, MockUpstream, CHAT, STREAM, WHOLE};
 
 on_both_drivers!(
@@ -30,6 +30,7 @@ on_both_drivers!(
     a_killed_nodes_journal_is_replayed_at_its_next_start,
     failing_open_still_refuses_once_the_last_known_spend_is_used_up,
     a_request_cut_at_shutdown_is_billed_its_reservation,
+    a_cluster_keeps_each_key_in_its_slot_and_spend_exact,
 );
 
 fn store(valkey: &Valkey, limit: u64) -> ValkeyStore {
@@ -217,6 +218,50 @@ fn a_store_that_is_down_is_unavailable_and_picked_up_again() {
     ));
     valkey.restart();
     assert_eq!(store.account(key).unwrap().limit, 1_000);
+}
+
+#[test]
+fn on_a_cluster_one_batch_reaches_every_slot_and_every_node_is_listed() {
+    let cluster = ValkeyCluster::start(3);
+    let store = ValkeyStore::new(
+        &cluster.url(),
+        Duration::from_secs(2),
+        1_000_000,
+        HashMap::new(),
+        Period::Never,
+        system_clock(),
+    )
+    .unwrap();
+    let keys: Vec<String> = (0..12).map(|i| format!("sk-cluster-{i}")).collect();
+    let ops: Vec<Op> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| op("c/0", 1, KeyId::of(k), spend(100 + i as u64), ask(10, 2)))
+        .collect();
+    let answers = store.apply(&ops).unwrap();
+    for (i, answer) in answers.iter().enumerate() {
+        assert_eq!(answer.account.spent, 100 + i as u64, "answer {i} in order");
+        assert!(answer.granted >= 10);
+    }
+    // Applied once, even when the whole batch is sent again.
+    store.apply(&ops).unwrap();
+    for (i, k) in keys.iter().enumerate() {
+        assert_eq!(cluster.spent(k), 100 + i as u64);
+    }
+    let owners: std::collections::HashSet<u16> = keys.iter().map(|k| cluster.owner(k)).collect();
+    assert!(
+        owners.len() > 1,
+        "the keys all landed on one node: {owners:?}"
+    );
+    let listed: Vec<KeyId> = store
+        .accounts()
+        .unwrap()
+        .iter()
+        .map(|(id, _)| *id)
+        .collect();
+    for k in &keys {
+        assert!(listed.contains(&KeyId::of(k)), "{k} not listed");
+    }
 }
 
 // --- the aura binary on Valkey ---
@@ -587,4 +632,50 @@ fn a_request_cut_at_shutdown_is_billed_its_reservation(driver: Driver) {
     assert!(spent > 0, "the cut request was not billed");
     assert_eq!(leased, 0, "every lease returned");
     println!("a stream cut at shutdown was billed its reservation: {spent} nano-dollars");
+}
+
+fn a_cluster_keeps_each_key_in_its_slot_and_spend_exact(driver: Driver) {
+    let mock = start_mock(MockOptions::default());
+    let cluster = ValkeyCluster::start(3);
+    let journal = journal("cluster", driver);
+    let aura = Launch::new(&mock.url(), driver)
+        .arg("--store")
+        .arg("valkey")
+        .arg("--valkey-url")
+        .arg(&cluster.url())
+        .arg("--ledger-journal")
+        .arg(journal.to_str().unwrap())
+        .start();
+    let keys: Vec<String> = (0..6)
+        .map(|i| format!("sk-test-cluster-key-{i:04}"))
+        .collect();
+    for key in &keys {
+        assert_eq!(post(&aura, key, CHAT, &[], STREAM), 200);
+        assert_eq!(post(&aura, key, CHAT, &[], WHOLE), 200);
+    }
+    let requests = mock.requests();
+    for (i, key) in keys.iter().enumerate() {
+        let want: u64 = requests[2 * i..2 * i + 2]
+            .iter()
+            .map(|r| {
+                let (p, c) = mock_usage(r);
+                cost(p, c, MINI_IN, MINI_OUT)
+            })
+            .sum();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while cluster.spent(key) != want {
+            assert!(
+                Instant::now() < deadline,
+                "{key}: {} of {want}",
+                cluster.spent(key)
+            );
+            std::thread::park_timeout(Duration::from_millis(20));
+        }
+        assert_eq!(nano(&usage_of(&aura, key)["usage_dollars"]), want);
+    }
+    let owners: std::collections::HashSet<u16> = keys.iter().map(|k| cluster.owner(k)).collect();
+    assert!(
+        owners.len() > 1,
+        "the keys all landed on one node: {owners:?}"
+    );
 }

@@ -21,7 +21,9 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use redis::{Connection, RedisError};
+use redis::cluster::{ClusterClient, ClusterConnection};
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::{Connection, ConnectionLike, RedisError};
 
 use super::{Account, Applied, Clock, Op, Store, StoreError};
 use crate::auth::KeyId;
@@ -115,10 +117,26 @@ local spent = tonumber(redis.call('HGET', KEYS[1], 'spent')) or 0
 return {granted, limit, spent, leased}
 "#;
 
+/// A connection to one server, or to a cluster (found by asking the configured server).
+enum Link {
+    Single(Connection),
+    /// Boxed: a cluster connection is four times the size of a single one.
+    Cluster(Box<ClusterConnection>),
+}
+
+impl Link {
+    fn as_dyn(&mut self) -> &mut dyn ConnectionLike {
+        match self {
+            Link::Single(c) => c,
+            Link::Cluster(c) => c.as_mut(),
+        }
+    }
+}
+
 pub struct ValkeyStore {
     client: redis::Client,
     /// One connection, made on first use and again after any failure.
-    connection: Mutex<Option<Connection>>,
+    connection: Mutex<Option<Link>>,
     apply: redis::Script,
     timeout: Duration,
     default_limit: u64,
@@ -173,7 +191,7 @@ impl ValkeyStore {
     /// connection; a script the server forgot (a restart, SCRIPT FLUSH) is loaded again.
     fn with_connection<T>(
         &self,
-        mut call: impl FnMut(&mut Connection) -> Result<T, RedisError>,
+        mut call: impl FnMut(&mut Link) -> Result<T, RedisError>,
     ) -> Result<T, StoreError> {
         let mut slot = match self.connection.lock() {
             Ok(slot) => slot,
@@ -188,7 +206,10 @@ impl ValkeyStore {
         let mut result = call(connection);
         if matches!(&result, Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
         {
-            result = self.apply.load(connection).and_then(|_| call(connection));
+            result = self
+                .apply
+                .load(connection.as_dyn())
+                .and_then(|_| call(connection));
         }
         result.map_err(|e| {
             let unavailable = e.is_io_error()
@@ -204,21 +225,44 @@ impl ValkeyStore {
         })
     }
 
-    fn connect(&self) -> Result<Connection, StoreError> {
+    /// Connects to the configured server; if it is part of a cluster, to the whole cluster
+    /// through it (every key of one API key shares a hash tag, so each script stays in one slot).
+    fn connect(&self) -> Result<Link, StoreError> {
         let unavailable = |e: RedisError| StoreError::Unavailable(e.to_string());
-        let mut connection = self
+        let mut single = self
             .client
             .get_connection_with_timeout(self.timeout)
             .map_err(unavailable)?;
-        connection
+        single
             .set_read_timeout(Some(self.timeout))
             .map_err(unavailable)?;
-        connection
+        single
             .set_write_timeout(Some(self.timeout))
             .map_err(unavailable)?;
-        // Loaded up front so the first EVALSHA does not fail with NOSCRIPT.
-        self.apply.load(&mut connection).map_err(unavailable)?;
-        Ok(connection)
+        let info: String = redis::cmd("INFO")
+            .arg("cluster")
+            .query(&mut single)
+            .map_err(unavailable)?;
+        let mut link = if info.contains("cluster_enabled:1") {
+            let cluster = ClusterClient::builder(vec![self.client.get_connection_info().clone()])
+                .connection_timeout(self.timeout)
+                .response_timeout(self.timeout)
+                .build()
+                .and_then(|client| client.get_connection())
+                .map_err(unavailable)?;
+            cluster
+                .set_read_timeout(Some(self.timeout))
+                .map_err(unavailable)?;
+            cluster
+                .set_write_timeout(Some(self.timeout))
+                .map_err(unavailable)?;
+            Link::Cluster(Box::new(cluster))
+        } else {
+            Link::Single(single)
+        };
+        // Loaded up front (on every primary of a cluster) so the first EVALSHA is not NOSCRIPT.
+        self.apply.load(link.as_dyn()).map_err(unavailable)?;
+        Ok(link)
     }
 
     /// One script run for `op`, or a read when `op` is `None`.
@@ -252,12 +296,22 @@ impl ValkeyStore {
     }
 
     fn run(&self, cmds: &[redis::Cmd]) -> Result<Vec<Applied>, StoreError> {
-        let replies: Vec<(u64, u64, u64, u64)> = self.with_connection(|connection| {
-            let mut pipe = redis::pipe();
-            for cmd in cmds {
-                pipe.add_command(cmd.clone());
+        let replies: Vec<(u64, u64, u64, u64)> = self.with_connection(|link| match link {
+            Link::Single(connection) => {
+                let mut pipe = redis::pipe();
+                for cmd in cmds {
+                    pipe.add_command(cmd.clone());
+                }
+                pipe.query(connection)
             }
-            pipe.query(connection)
+            // Sent as one pipeline per node, each command to the node owning its key's slot.
+            Link::Cluster(connection) => {
+                let mut pipe = redis::cluster::cluster_pipe();
+                for cmd in cmds {
+                    pipe.add_command(cmd.clone());
+                }
+                pipe.query(connection.as_mut())
+            }
         })?;
         if replies.len() != cmds.len() {
             return Err(StoreError::Protocol(format!(
@@ -288,6 +342,74 @@ impl ValkeyStore {
     }
 }
 
+/// Every `aura:{K}` account on one server, or on one node of a cluster (`node`).
+fn scan(c: &mut dyn ScanTarget, node: Option<RoutingInfo>) -> Result<Vec<String>, RedisError> {
+    let mut tags = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let mut cmd = redis::cmd("SCAN");
+        cmd.arg(cursor)
+            .arg("MATCH")
+            .arg("aura:{*}")
+            .arg("COUNT")
+            .arg(1000);
+        let (next, batch): (u64, Vec<String>) = c.send(&cmd, node.clone())?;
+        tags.extend(batch);
+        if next == 0 {
+            return Ok(tags);
+        }
+        cursor = next;
+    }
+}
+
+/// Where a SCAN can go: a server, or a chosen node of a cluster.
+trait ScanTarget {
+    fn send(
+        &mut self,
+        cmd: &redis::Cmd,
+        node: Option<RoutingInfo>,
+    ) -> Result<(u64, Vec<String>), RedisError>;
+}
+
+impl ScanTarget for Connection {
+    fn send(
+        &mut self,
+        cmd: &redis::Cmd,
+        _: Option<RoutingInfo>,
+    ) -> Result<(u64, Vec<String>), RedisError> {
+        cmd.query(self)
+    }
+}
+
+impl ScanTarget for ClusterConnection {
+    fn send(
+        &mut self,
+        cmd: &redis::Cmd,
+        node: Option<RoutingInfo>,
+    ) -> Result<(u64, Vec<String>), RedisError> {
+        match node {
+            Some(routing) => Ok(redis::from_redis_value(self.route_command(cmd, routing)?)?),
+            None => cmd.query(self),
+        }
+    }
+}
+
+/// The primaries' addresses in `CLUSTER NODES` output (`id host:port@bus flags master ...`).
+fn primaries(nodes: &str) -> Vec<(String, u16)> {
+    nodes
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let address = fields.nth(1)?;
+            let flags = fields.next()?;
+            let primary = flags.split(',').any(|f| f == "master")
+                && !flags.split(',').any(|f| f == "fail" || f == "noaddr");
+            let (host, port) = address.split('@').next()?.rsplit_once(':')?;
+            primary.then(|| Some((host.to_string(), port.parse().ok()?)))?
+        })
+        .collect()
+}
+
 /// `aura:{K}`: the hash tag keeps all of one key's hashes in one cluster slot.
 fn key_tag(key: KeyId) -> String {
     format!("aura:{{{key}}}")
@@ -316,7 +438,7 @@ impl Store for ValkeyStore {
                 .arg(key_tag(key))
                 .arg("limit")
                 .arg(limit)
-                .query::<()>(c)
+                .query::<()>(c.as_dyn())
         })?;
         self.read(key)
     }
@@ -330,33 +452,29 @@ impl Store for ValkeyStore {
                 .arg(0)
                 .arg("period")
                 .arg(period)
-                .query::<()>(c)
+                .query::<()>(c.as_dyn())
         })?;
         self.read(key)
     }
 
     fn remove(&self, key: KeyId) -> Result<(), StoreError> {
         // Leases stay: they belong to workers that will settle or return them.
-        self.with_connection(|c| redis::cmd("DEL").arg(key_tag(key)).query::<()>(c))
+        self.with_connection(|c| redis::cmd("DEL").arg(key_tag(key)).query::<()>(c.as_dyn()))
     }
 
     fn accounts(&self) -> Result<Vec<(KeyId, Account)>, StoreError> {
-        let tags: Vec<String> = self.with_connection(|c| {
-            let mut tags = Vec::new();
-            let mut cursor: u64 = 0;
-            loop {
-                let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg("aura:{*}")
-                    .arg("COUNT")
-                    .arg(1000)
-                    .query(c)?;
-                tags.extend(batch);
-                if next == 0 {
-                    return Ok(tags);
+        let tags: Vec<String> = self.with_connection(|link| match link {
+            Link::Single(c) => scan(c, None),
+            // SCAN walks one node: walk every primary.
+            Link::Cluster(c) => {
+                let c = c.as_mut();
+                let nodes: String = redis::cmd("CLUSTER").arg("NODES").query(c)?;
+                let mut tags = Vec::new();
+                for (host, port) in primaries(&nodes) {
+                    let node = SingleNodeRoutingInfo::ByAddress { host, port };
+                    tags.extend(scan(c, Some(RoutingInfo::SingleNode(node)))?);
                 }
-                cursor = next;
+                Ok(tags)
             }
         })?;
         let mut keys: Vec<KeyId> = tags
@@ -371,7 +489,7 @@ impl Store for ValkeyStore {
 
     fn holds(&self, key: KeyId) -> Result<bool, StoreError> {
         let exists: bool =
-            self.with_connection(|c| redis::cmd("EXISTS").arg(key_tag(key)).query(c))?;
+            self.with_connection(|c| redis::cmd("EXISTS").arg(key_tag(key)).query(c.as_dyn()))?;
         Ok(exists || self.limits.contains_key(&key))
     }
 }

@@ -79,6 +79,10 @@ impl Valkey {
             .spawn()
             .expect("start the valkey/redis server");
         self.child = Some(child);
+        self.wait_for_ping();
+    }
+
+    fn wait_for_ping(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(mut c) = self.try_connection() {
@@ -143,5 +147,119 @@ impl Drop for Valkey {
             let _ = child.wait();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A Valkey/Redis cluster of `n` primaries on free loopback ports, slots spread by
+/// `redis-cli --cluster create`; stopped on drop.
+pub struct ValkeyCluster {
+    pub nodes: Vec<Valkey>,
+}
+
+impl ValkeyCluster {
+    pub fn start(n: usize) -> ValkeyCluster {
+        let nodes: Vec<Valkey> = (0..n)
+            .map(|_| {
+                let port = super::dead_port();
+                let dir = std::env::temp_dir()
+                    .join(format!("aura-valkey-cluster-{}-{port}", std::process::id()));
+                let _ = std::fs::remove_dir_all(&dir);
+                std::fs::create_dir_all(&dir).unwrap();
+                let child = Command::new(server_binary())
+                    .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                    .args(["--save", "", "--appendonly", "no"])
+                    .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "5000"])
+                    .arg("--cluster-config-file")
+                    .arg(dir.join("nodes.conf"))
+                    .arg("--dir")
+                    .arg(&dir)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("start a cluster node");
+                let node = Valkey {
+                    child: Some(child),
+                    port,
+                    dir,
+                };
+                node.wait_for_ping();
+                node
+            })
+            .collect();
+        let cli = if Command::new("valkey-cli").arg("--version").output().is_ok() {
+            "valkey-cli"
+        } else {
+            "redis-cli"
+        };
+        let addresses: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let created = Command::new(cli)
+            .arg("--cluster")
+            .arg("create")
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("run redis-cli --cluster create");
+        assert!(
+            created.status.success(),
+            "cluster create: {}",
+            String::from_utf8_lossy(&created.stdout)
+        );
+        let cluster = ValkeyCluster { nodes };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ok = cluster.nodes.iter().all(|n| {
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query(&mut n.connection())
+                    .unwrap_or_default();
+                info.contains("cluster_state:ok")
+            });
+            if ok {
+                return cluster;
+            }
+            assert!(Instant::now() < deadline, "the cluster never became ok");
+            std::thread::park_timeout(Duration::from_millis(50));
+        }
+    }
+
+    /// The first node's URL: Aura finds the rest of the cluster from it.
+    pub fn url(&self) -> String {
+        self.nodes[0].url()
+    }
+
+    pub fn connection(&self) -> redis::cluster::ClusterConnection {
+        redis::cluster::ClusterClient::new(vec![self.url()])
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+
+    /// `spent` of an API key, from whichever node owns its slot.
+    pub fn spent(&self, api_key: &str) -> u64 {
+        let id = aura::auth::KeyId::of(api_key);
+        let spent: Option<u64> = redis::cmd("HGET")
+            .arg(format!("aura:{{{id}}}"))
+            .arg("spent")
+            .query(&mut self.connection())
+            .unwrap();
+        spent.unwrap_or(0)
+    }
+
+    /// Which node holds the account of `api_key`.
+    pub fn owner(&self, api_key: &str) -> u16 {
+        let id = aura::auth::KeyId::of(api_key);
+        let key = format!("aura:{{{id}}}");
+        self.nodes
+            .iter()
+            .find(|n| {
+                redis::cmd("EXISTS")
+                    .arg(&key)
+                    .query::<bool>(&mut n.connection())
+                    .unwrap_or(false)
+            })
+            .map_or(0, |n| n.port)
     }
 }
