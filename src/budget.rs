@@ -22,6 +22,11 @@ use crate::store::{Applied, Ask, Holder, Op};
 pub const IDLE_RETURN: Duration = Duration::from_secs(1);
 /// A held lease is renewed every third of its store's lifetime.
 const RENEWALS_PER_LIFETIME: u32 = 3;
+/// A worker's last flush to a remote store returns this much of each lease: all of it, even a
+/// grant the worker has not read yet. The Valkey script clamps at what the worker holds; the
+/// in-memory store (one total per key) never sees it.
+const RETURN_ALL: u64 = u64::MAX;
+
 /// Lease asks one request may make before it is refused (others may take each grant first).
 const MAX_ASKS: u32 = 3;
 /// A lease unconfirmed for two thirds of its store's lifetime is no longer admitted on: the
@@ -76,6 +81,8 @@ struct Lease {
     answered: Option<(u64, u64)>,
     /// The store could not be reached for the ask in flight.
     unreachable: bool,
+    /// The ask with this sequence number was refused by the store and set aside.
+    dropped: Option<u64>,
     /// The store's last word on the key's totals.
     known: Option<Account>,
     /// When this worker last sent the store an op for the key (renewals are due from it).
@@ -155,6 +162,9 @@ impl Shard {
                 let lapsing = self.lease_ttl.is_some() && self.lapsing(lease, Instant::now());
                 if !lapsing && lease.free() >= estimate {
                     return Ok(take(lease, key, estimate));
+                }
+                if mine.is_some() && lease.dropped == mine {
+                    return self.unreachable(lease, key, estimate);
                 }
                 let my_answer = mine.and_then(|m| lease.answered.filter(|(seq, _)| *seq == m));
                 match (lease.asking, my_answer) {
@@ -244,7 +254,10 @@ impl Shard {
             // This worker has not touched the key: start from what the node last heard of it.
             lease.known = self.ledger.last_known(key);
         }
-        let spent_here = lease.pending.spent + lease.reserved.saturating_sub(lease.held);
+        let spent_here = lease
+            .pending
+            .spent
+            .saturating_add(lease.reserved.saturating_sub(lease.held));
         match lease.known {
             Some(account) if account.remaining().saturating_sub(spent_here) < estimate => {
                 Err(Refusal::Denied {
@@ -293,6 +306,19 @@ impl Shard {
                     }
                 }
             }
+            Reply::Dropped { op } => {
+                let mut keys = self.keys.borrow_mut();
+                let lease = keys.entry(op.key).or_default();
+                // Never applied. Its spend is in the ledger's rejected file for an operator (sent
+                // again, it would be refused and recorded again); the lease it handed back is
+                // still this worker's in the store; a request waiting on the ask gets the
+                // failure mode.
+                lease.held = lease.held.saturating_add(op.settle.returned);
+                if lease.asking == Some(op.seq) {
+                    lease.asking = None;
+                    lease.dropped = Some(op.seq);
+                }
+            }
         }
         for waker in self.waiters.borrow_mut().drain(..) {
             waker.wake();
@@ -339,7 +365,7 @@ impl Shard {
         // A cost above the estimate overruns the lease; the store counts it as spend all the same.
         let from_lease = cost.min(lease.held);
         lease.held -= from_lease;
-        lease.pending.spent += cost;
+        lease.pending.spent = lease.pending.spent.saturating_add(cost);
         lease.pending.from_lease += from_lease;
         lease.last_used = Some(now);
     }
@@ -362,7 +388,14 @@ impl Shard {
             let mut ops = Vec::new();
             for (&key, lease) in keys.iter() {
                 let idle = lease.idle(now);
-                let returned = if last || self.lapsing(lease, now) {
+                let returned = if last
+                    && self.lease_ttl.is_some()
+                    && (lease.held > 0 || lease.asking.is_some())
+                {
+                    // A grant may still sit unread in the inbox: hand back whatever the store
+                    // holds for this worker (it clamps at what it holds).
+                    RETURN_ALL
+                } else if last || self.lapsing(lease, now) {
                     lease.held
                 } else if idle {
                     lease.free()
@@ -425,7 +458,7 @@ impl Shard {
                 lease.held = lease.held.saturating_sub(op.settle.returned);
                 lease.renewed = Some(now);
                 if let Some(known) = lease.known.as_mut() {
-                    known.spent += op.settle.spent;
+                    known.spent = known.spent.saturating_add(op.settle.spent);
                 }
                 if op.ask.is_some() {
                     lease.asking = Some(op.seq);
@@ -443,7 +476,7 @@ impl Shard {
                 let cut = std::mem::take(&mut lease.reserved);
                 let from_lease = cut.min(lease.held);
                 lease.held -= from_lease;
-                lease.pending.spent += cut;
+                lease.pending.spent = lease.pending.spent.saturating_add(cut);
                 lease.pending.from_lease += from_lease;
                 lease.in_flight = 0;
                 lease.last_used = None;
@@ -455,7 +488,7 @@ impl Shard {
 
 /// Reserves `estimate` in `lease` for one request.
 fn take(lease: &mut Lease, key: KeyId, estimate: u64) -> Reservation {
-    lease.reserved += estimate;
+    lease.reserved = lease.reserved.saturating_add(estimate);
     lease.in_flight += 1;
     Reservation {
         key,

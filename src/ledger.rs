@@ -43,6 +43,9 @@ pub enum Reply {
     /// The store could not be reached for the op with this lease ask; it stays queued and its
     /// real answer comes later.
     Unreachable { key: KeyId, seq: u64 },
+    /// The store refused the op itself and it was set aside: it will never be applied, so the
+    /// worker takes back what it handed over in it.
+    Dropped { op: Op },
 }
 
 /// Where a worker receives the ledger thread's answers.
@@ -85,6 +88,13 @@ impl LastKnown {
 
     fn set(&self, key: KeyId, account: Account, now: Instant) {
         self.lock().insert(key, (account, now));
+    }
+
+    fn add_spent(&self, key: KeyId, spent: u64, now: Instant) {
+        if let Some((account, at)) = self.lock().get_mut(&key) {
+            account.spent = account.spent.saturating_add(spent);
+            *at = now;
+        }
     }
 
     fn forget_older_than(&self, age: Duration, now: Instant) {
@@ -408,7 +418,12 @@ impl Thread {
     fn enqueue(&mut self, worker: Option<usize>, ops: Vec<Op>) {
         // Replayed ops may have been applied before the journal was written: never merged.
         let sent = worker.is_none();
+        let now = Instant::now();
         for op in ops {
+            if op.settle.spent > 0 {
+                // Spend on its way counts now in what this node knows of the key.
+                self.last_known.add_spent(op.key, op.settle.spent, now);
+            }
             let last = self.last_seq.entry(op.holder.clone()).or_default();
             *last = (*last).max(op.seq);
             self.queue.push_back(Queued {
@@ -525,14 +540,8 @@ impl Thread {
         if let Err(e) = written {
             tracing::error!(error = %e, %line, "cannot write the rejected op; it is in this log line only");
         }
-        if let (Some(worker), Some(_)) = (refused.worker, refused.op.ask) {
-            // The waiting request gets the failure mode rather than a timeout.
-            if let Some(inbox) = self.inboxes.get(worker) {
-                let _ = inbox.unbounded_send(Reply::Unreachable {
-                    key: refused.op.key,
-                    seq: refused.op.seq,
-                });
-            }
+        if let Some(inbox) = refused.worker.and_then(|w| self.inboxes.get(w)) {
+            let _ = inbox.unbounded_send(Reply::Dropped { op: refused.op });
         }
     }
 

@@ -234,27 +234,33 @@ impl Snapshot {
         self.usage_missing += other.usage_missing;
         self.cost_nano += other.cost_nano;
         self.default_priced += other.default_priced;
+        // The cap holds for the merge too: keys past it fold into `other`.
         for (key, models) in &other.by_key {
-            let mine = self.by_key.entry(*key).or_default();
+            let key = (self.by_key.contains_key(key) || self.by_key.len() < MAX_KEY_SERIES)
+                .then_some(*key)
+                .flatten();
+            let mine = self.by_key.entry(key).or_default();
             for (model, spend) in models {
                 mine.entry(model.clone()).or_default().add(spend);
             }
         }
         for (&key, &left) in &other.remaining {
-            self.remaining
-                .entry(key)
-                .and_modify(|mine| *mine = (*mine).min(left))
-                .or_insert(left);
+            if let Some(mine) = self.remaining.get_mut(&key) {
+                *mine = (*mine).min(left);
+            } else if self.remaining.len() < MAX_KEY_SERIES {
+                self.remaining.insert(key, left);
+            }
         }
         self.in_flight += other.in_flight;
     }
 }
 
-/// What a worker last published: its record count and requests in flight.
+/// What a worker last published: its record count, requests in flight and remaining budgets.
 #[derive(Debug, Default)]
 pub struct Seen {
     pub recorded: u64,
     pub in_flight: u64,
+    pub remaining: HashMap<KeyId, u64>,
 }
 
 /// One worker's metrics; `!Sync`, touched only by its worker.

@@ -295,12 +295,16 @@ impl Proxy {
     /// With the requests in flight and each active key's remaining budget as of now.
     pub fn metrics_if_changed(&self, seen: &mut metrics::Seen) -> Option<metrics::Snapshot> {
         let in_flight = self.in_flight.get() as u64;
+        let remaining = self.budget.remaining(metrics::MAX_KEY_SERIES);
+        // A reset or a new period moves a key's remaining budget with nothing recorded here.
+        let moved = in_flight != seen.in_flight || remaining != seen.remaining;
         let mut snapshot = self
             .metrics
-            .snapshot_if_changed(&mut seen.recorded, in_flight != seen.in_flight)?;
+            .snapshot_if_changed(&mut seen.recorded, moved)?;
         seen.in_flight = in_flight;
+        seen.remaining.clone_from(&remaining);
         snapshot.in_flight = in_flight;
-        snapshot.remaining = self.budget.remaining(metrics::MAX_KEY_SERIES);
+        snapshot.remaining = remaining;
         Some(snapshot)
     }
 

@@ -51,9 +51,9 @@ impl Settlement {
 
     /// Two flushes' worth as one (both not yet applied).
     pub fn merge(&mut self, other: Settlement) {
-        self.spent += other.spent;
-        self.from_lease += other.from_lease;
-        self.returned += other.returned;
+        self.spent = self.spent.saturating_add(other.spent);
+        self.from_lease = self.from_lease.saturating_add(other.from_lease);
+        self.returned = self.returned.saturating_add(other.returned);
     }
 }
 

@@ -31,6 +31,7 @@ on_both_drivers!(
     failing_open_still_refuses_once_the_last_known_spend_is_used_up,
     a_request_cut_at_shutdown_is_billed_its_reservation,
     a_cluster_keeps_each_key_in_its_slot_and_spend_exact,
+    an_op_the_store_refuses_is_set_aside_and_holds_up_nothing,
 );
 
 fn store(valkey: &Valkey, limit: u64) -> ValkeyStore {
@@ -678,4 +679,61 @@ fn a_cluster_keeps_each_key_in_its_slot_and_spend_exact(driver: Driver) {
         owners.len() > 1,
         "the keys all landed on one node: {owners:?}"
     );
+}
+
+fn an_op_the_store_refuses_is_set_aside_and_holds_up_nothing(driver: Driver) {
+    let bad = "sk-test-valkey-refused-001";
+    let good = "sk-test-valkey-fine-00001";
+    let mock = start_mock(MockOptions::default());
+    let valkey = Valkey::start();
+    // Something else wrote a string where the key's account hash lives: the script fails on
+    // every op of that key (WRONGTYPE), and on no other key.
+    let bad_tag = format!("aura:{{{}}}", KeyId::of(bad));
+    redis::cmd("SET")
+        .arg(&bad_tag)
+        .arg("not a hash")
+        .query::<()>(&mut valkey.connection())
+        .unwrap();
+    let journal = journal("refused", driver);
+    let aura = on_valkey(&mock, &valkey, driver, &journal, &[]).start();
+    // Failing open, the refused key is still served; the other key is unaffected.
+    assert_eq!(post(&aura, bad, CHAT, &[], WHOLE), 200);
+    assert_eq!(post(&aura, good, CHAT, &[], WHOLE), 200);
+    let requests = mock.requests();
+    let (p, c) = mock_usage(&requests[1]);
+    wait_for_store_spend(&valkey, good, cost(p, c, MINI_IN, MINI_OUT));
+    wait_for_metric_line_above(&aura, "aura_ledger_rejected_ops_total", 0.0);
+    let rejected = journal.with_extension("rejected");
+    let text = std::fs::read_to_string(&rejected).unwrap();
+    assert!(text.contains(&KeyId::of(bad).to_string()), "{text}");
+    assert!(
+        !text.contains(bad),
+        "the key itself is never written: {text}"
+    );
+    // Nothing was applied to the clobbered key.
+    let kind: String = redis::cmd("TYPE")
+        .arg(&bad_tag)
+        .query(&mut valkey.connection())
+        .unwrap();
+    assert_eq!(kind, "string");
+    let _ = std::fs::remove_file(rejected);
+}
+
+/// Waits until the sample `name` in `/metrics` is above `floor`.
+fn wait_for_metric_line_above(aura: &Aura, name: &str, floor: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = aura.client().get("/metrics").text();
+        let value = text
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok());
+        if value.is_some_and(|v| v > floor) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} never above {floor}:\n{text}"
+        );
+        std::thread::park_timeout(Duration::from_millis(20));
+    }
 }

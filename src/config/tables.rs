@@ -101,6 +101,15 @@ pub fn parse(file: &toml::Table) -> Result<Tables, Vec<String>> {
     }
     let mut seen = std::collections::HashSet::new();
     for k in &tables.keys {
+        // An alias stands for its key in the admin API and in metric labels: it must not read
+        // as a key id (16 hex digits) or as the label of keys past the series cap.
+        let looks_like_id = k.alias.len() == 16 && k.alias.bytes().all(|b| b.is_ascii_hexdigit());
+        if looks_like_id || k.alias == "other" {
+            errors.push(format!(
+                "config file: `keys.{}`: an alias may not be `other` or 16 hex digits (a key id)",
+                k.alias
+            ));
+        }
         if !seen.insert(k.key.expose()) {
             errors.push(format!(
                 "config file: `keys.{}` repeats another entry's key",
@@ -276,12 +285,23 @@ mod tests {
             key = "same"
             [keys.c]
             key = "same"
+            [keys.other]
+            key = "k-other"
+            [keys.0123456789abcdef]
+            key = "k-hex"
             [prices.m]
             input_dollars_per_million = 1.0
             "#,
         )
         .unwrap_err();
-        assert_eq!(errors.len(), 5, "{errors:#?}");
+        assert_eq!(errors.len(), 7, "{errors:#?}");
+        assert_eq!(
+            errors
+                .iter()
+                .filter(|e| e.contains("may not be `other`"))
+                .count(),
+            2
+        );
         assert!(errors.iter().any(|e| e.contains("`keys.a` needs `key`")));
         assert!(errors.iter().any(|e| e.contains("unknown field `colour`")));
         assert!(errors

@@ -98,7 +98,8 @@ if holder ~= '' then
     redis.call('HSET', KEYS[4], holder, seq)
     redis.call('HSET', KEYS[5], holder, granted)
     redis.call('HSET', KEYS[6], holder, now)
-    if redis.call('HLEN', KEYS[6]) > tonumber(ARGV[11]) then
+    -- Only when a new holder appears (a node started): the scan is O(holders).
+    if last == 0 and redis.call('HLEN', KEYS[6]) > tonumber(ARGV[11]) then
       local seen = redis.call('HGETALL', KEYS[6])
       for i = 1, #seen, 2 do
         if tonumber(seen[i + 1]) < now - tonumber(ARGV[12])
@@ -212,15 +213,14 @@ impl ValkeyStore {
                 .and_then(|_| call(connection));
         }
         result.map_err(|e| {
-            let unavailable = e.is_io_error()
-                || e.is_timeout()
-                || e.is_connection_dropped()
-                || e.is_unrecoverable_error();
-            if unavailable {
+            if refuses_the_op(&e) {
+                StoreError::Protocol(e.to_string())
+            } else {
+                // Down, failing over (READONLY, CLUSTERDOWN, TRYAGAIN, LOADING), busy, out of
+                // memory, or misconfigured (NOPERM): all pass or can be fixed, and nothing may
+                // be lost meanwhile. Start again on a fresh connection.
                 *slot = None;
                 StoreError::Unavailable(e.to_string())
-            } else {
-                StoreError::Protocol(e.to_string())
             }
         })
     }
@@ -340,6 +340,37 @@ impl ValkeyStore {
             .map(|a| a.account)
             .ok_or_else(|| StoreError::Protocol("no answer".into()))
     }
+}
+
+/// Whether the store refused an op itself: its script failed on the op's data (WRONGTYPE on a
+/// clobbered key, say), or it answered in a shape this version does not read. Such an op would
+/// fail forever. Anything else (down, failing over, busy, out of memory, not allowed) passes or
+/// can be fixed by an operator, and nothing may be set aside for it.
+fn refuses_the_op(e: &RedisError) -> bool {
+    const PASSING: [&str; 13] = [
+        "OOM",
+        "BUSY",
+        "READONLY",
+        "MASTERDOWN",
+        "LOADING",
+        "TRYAGAIN",
+        "CLUSTERDOWN",
+        "NOREPLICAS",
+        "MISCONF",
+        "MOVED",
+        "ASK",
+        "NOPERM",
+        "NOAUTH",
+    ];
+    if e.kind() == redis::ErrorKind::UnexpectedReturnType {
+        return true;
+    }
+    e.clone().into_server_errors().is_some_and(|errors| {
+        errors.iter().any(|(_, error)| {
+            let in_script = error.details().is_some_and(|d| d.contains("script"));
+            in_script && !PASSING.contains(&error.code())
+        })
+    })
 }
 
 /// Every `aura:{K}` account on one server, or on one node of a cluster (`node`).
