@@ -90,6 +90,8 @@ struct Lease {
     /// When the store last answered an op of this worker for the key, renewing the lease
     /// there; a lease the store has not confirmed for a while may have lapsed.
     confirmed: Option<Instant>,
+    /// Another worker was refused a lease while this one held some: hand back what is unused.
+    squeezed: bool,
 }
 
 impl Lease {
@@ -118,6 +120,9 @@ pub struct Shard {
     keys: RefCell<KeyIdMap<Lease>>,
     /// Requests waiting for a lease answer.
     waiters: RefCell<Vec<Waker>>,
+    /// How long a request refused while other workers hold the key's budget waits for them to
+    /// hand it back before asking once more (zero: it does not wait).
+    squeeze_wait: Duration,
 }
 
 impl Shard {
@@ -135,7 +140,15 @@ impl Shard {
             fail_open,
             keys: RefCell::new(KeyIdMap::default()),
             waiters: RefCell::new(Vec::new()),
+            squeeze_wait: Duration::ZERO,
         }
+    }
+
+    /// A request refused while other workers hold the key's budget waits `wait` (a couple of
+    /// flush intervals: holders hand back unused lease at their next flush), then asks again.
+    pub fn with_squeeze_wait(mut self, wait: Duration) -> Shard {
+        self.squeeze_wait = wait;
+        self
     }
 
     pub fn ledger(&self) -> &Ledger {
@@ -156,7 +169,7 @@ impl Shard {
         let mut mine: Option<u64> = None;
         let mut asks = 0;
         loop {
-            let ask = {
+            let next = {
                 let mut keys = self.keys.borrow_mut();
                 let lease = keys.entry(key).or_default();
                 let lapsing = self.lease_ttl.is_some() && self.lapsing(lease, Instant::now());
@@ -167,51 +180,68 @@ impl Shard {
                     return self.unreachable(lease, key, estimate);
                 }
                 let my_answer = mine.and_then(|m| lease.answered.filter(|(seq, _)| *seq == m));
-                match (lease.asking, my_answer) {
-                    // My ask was answered and others took the grant, or there was none.
-                    (None, Some((_, granted))) if granted == 0 || asks >= MAX_ASKS => {
-                        return Err(Refusal::Denied {
-                            remaining_nano: lease.known.map_or(0, |a| a.remaining()),
-                            estimate_nano: estimate,
-                        });
+                let others_hold = lease.known.is_some_and(|a| a.leased > lease.held);
+                if lease.asking.is_none()
+                    && my_answer.is_some_and(|(_, granted)| granted == 0)
+                    && others_hold
+                    && asks < MAX_ASKS
+                    && !self.squeeze_wait.is_zero()
+                {
+                    // Refused while other workers hold the budget: the store asked them to hand
+                    // back their unused lease at their next flush; ask again after it.
+                    Next::AskAgainLater
+                } else {
+                    match (lease.asking, my_answer) {
+                        // My ask was answered and others took the grant, or there was none.
+                        (None, Some((_, granted))) if granted == 0 || asks >= MAX_ASKS => {
+                            return Err(Refusal::Denied {
+                                remaining_nano: lease.known.map_or(0, |a| a.remaining()),
+                                estimate_nano: estimate,
+                            });
+                        }
+                        (None, _) => {
+                            let seq = self.seq();
+                            lease.asking = Some(seq);
+                            lease.unreachable = false;
+                            mine = Some(seq);
+                            asks += 1;
+                            // A lease that may have lapsed is handed back in the same op, so the
+                            // store's count and this worker's agree again whichever it was.
+                            let returned = if lapsing {
+                                std::mem::take(&mut lease.held)
+                            } else {
+                                0
+                            };
+                            Next::Ask(Op {
+                                holder: self.holder.clone(),
+                                seq,
+                                key,
+                                settle: Settlement {
+                                    returned,
+                                    ..Settlement::default()
+                                },
+                                ask: Some(Ask {
+                                    need: estimate - lease.free(),
+                                    parts: self.slice_parts,
+                                }),
+                            })
+                        }
+                        (Some(_), _)
+                            if lease.unreachable
+                                || deadline.is_some_and(|d| Instant::now() >= d) =>
+                        {
+                            return self.unreachable(lease, key, estimate);
+                        }
+                        (Some(_), _) => Next::WaitForAnswer,
                     }
-                    (None, _) => {
-                        let seq = self.seq();
-                        lease.asking = Some(seq);
-                        lease.unreachable = false;
-                        mine = Some(seq);
-                        asks += 1;
-                        // A lease that may have lapsed is handed back in the same op, so the
-                        // store's count and this worker's agree again whichever it was.
-                        let returned = if lapsing {
-                            std::mem::take(&mut lease.held)
-                        } else {
-                            0
-                        };
-                        Some(Op {
-                            holder: self.holder.clone(),
-                            seq,
-                            key,
-                            settle: Settlement {
-                                returned,
-                                ..Settlement::default()
-                            },
-                            ask: Some(Ask {
-                                need: estimate - lease.free(),
-                                parts: self.slice_parts,
-                            }),
-                        })
-                    }
-                    (Some(_), _)
-                        if lease.unreachable || deadline.is_some_and(|d| Instant::now() >= d) =>
-                    {
-                        return self.unreachable(lease, key, estimate);
-                    }
-                    (Some(_), _) => None,
                 }
             };
-            match ask {
-                Some(op) => match self.ledger.submit(vec![op.clone()]) {
+            match next {
+                Next::AskAgainLater => {
+                    monoio::time::sleep(self.squeeze_wait).await;
+                    mine = None;
+                }
+                Next::Ask(op) => match self.ledger.submit(vec![op.clone()]) {
                     Submitted::Applied(applied) => {
                         for (op, applied) in std::iter::once(op).zip(applied) {
                             self.answer(op, applied);
@@ -230,7 +260,7 @@ impl Shard {
                         return self.unreachable(lease, key, estimate);
                     }
                 },
-                None => {
+                Next::WaitForAnswer => {
                     let until =
                         *deadline.get_or_insert_with(|| Instant::now() + self.ledger.wait());
                     self.wait_until(until).await;
@@ -335,6 +365,7 @@ impl Shard {
             lease.held += applied.granted;
             lease.last_grant = applied.granted;
         }
+        lease.squeezed = applied.squeezed;
         if op.ask.is_some() && lease.asking == Some(op.seq) {
             lease.asking = None;
             lease.unreachable = false;
@@ -397,7 +428,7 @@ impl Shard {
                     RETURN_ALL
                 } else if last || self.lapsing(lease, now) {
                     lease.held
-                } else if idle {
+                } else if idle || lease.squeezed {
                     lease.free()
                 } else {
                     0
@@ -407,10 +438,11 @@ impl Shard {
                     ..lease.pending
                 };
                 let low = lease.last_grant > 0 && lease.free() < lease.last_grant / 4;
-                let ask = (!idle && !last && low && lease.asking.is_none()).then_some(Ask {
-                    need: 0,
-                    parts: self.slice_parts,
-                });
+                let ask = (!idle && !last && !lease.squeezed && low && lease.asking.is_none())
+                    .then_some(Ask {
+                        need: 0,
+                        parts: self.slice_parts,
+                    });
                 let renew = lease.held > 0
                     && lease
                         .renewed
@@ -484,6 +516,16 @@ impl Shard {
         }
         self.flush_with(now + IDLE_RETURN, true);
     }
+}
+
+/// What a waiting reservation does next.
+enum Next {
+    /// Send this lease ask.
+    Ask(Op),
+    /// An ask is in flight: wait for its answer.
+    WaitForAnswer,
+    /// Refused while other workers hold the budget: wait for them to hand it back, then ask.
+    AskAgainLater,
 }
 
 /// Reserves `estimate` in `lease` for one request.

@@ -334,7 +334,9 @@ fn run_worker(
             budget.holder,
             budget.shards,
             budget.fail_open,
-        );
+        )
+        // Holders hand back unused lease at their next flush; a refused request waits for it.
+        .with_squeeze_wait(config.budgets.flush_interval * 3);
         let proxy = Rc::new(Proxy::new(
             upstream,
             &config,

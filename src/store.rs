@@ -86,6 +86,9 @@ pub struct Op {
 pub struct Applied {
     pub granted: u64,
     pub account: Account,
+    /// A worker was refused a lease lately while others held the key's budget: holders should
+    /// hand back what they are not using (so the last dollars are not stranded in busy workers).
+    pub squeezed: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -142,6 +145,8 @@ struct Entry {
     account: Account,
     /// The budget period the spend belongs to.
     period: u64,
+    /// Until then, holders are asked to hand back their unused lease.
+    squeeze_until: Option<std::time::Instant>,
 }
 
 impl MemoryStore {
@@ -180,6 +185,7 @@ impl MemoryStore {
                 ..Account::default()
             },
             period: now,
+            squeeze_until: None,
         });
         if entry.period != now {
             // A new day or month: spend starts again; leases in workers stay theirs.
@@ -187,6 +193,21 @@ impl MemoryStore {
             entry.period = now;
         }
         f(&mut entry.account)
+    }
+}
+
+impl MemoryStore {
+    /// Starts a squeeze of `key` if `refused` while workers hold some of its budget; whether
+    /// the key is being squeezed.
+    fn squeeze(&self, key: KeyId, refused: bool, now: std::time::Instant) -> bool {
+        let mut accounts = self.lock();
+        let Some(entry) = accounts.get_mut(&key) else {
+            return false;
+        };
+        if refused && entry.account.leased > 0 {
+            entry.squeeze_until = Some(now + valkey::SQUEEZE);
+        }
+        entry.squeeze_until.is_some_and(|until| now < until)
     }
 }
 
@@ -277,20 +298,23 @@ impl MemoryStore {
 impl Store for MemoryStore {
     fn apply(&self, ops: &[Op]) -> Result<Vec<Applied>, StoreError> {
         // One process: no retries, so no sequence numbers to check, and no holder outlives it.
+        let now = std::time::Instant::now();
         Ok(ops
             .iter()
             .map(|op| {
-                let account = self.settle(op.key, op.settle);
-                match op.ask {
-                    Some(ask) => {
-                        let (granted, account) = self.lease(op.key, ask.need, ask.parts);
-                        Applied { granted, account }
-                    }
-                    None => Applied {
-                        granted: 0,
-                        account,
-                    },
+                let mut applied = Applied {
+                    granted: 0,
+                    account: self.settle(op.key, op.settle),
+                    squeezed: false,
+                };
+                if let Some(ask) = op.ask {
+                    let (granted, account) = self.lease(op.key, ask.need, ask.parts);
+                    applied.granted = granted;
+                    applied.account = account;
                 }
+                applied.squeezed =
+                    self.squeeze(op.key, op.ask.is_some() && applied.granted == 0, now);
+                applied
             })
             .collect())
     }

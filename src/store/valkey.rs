@@ -37,6 +37,9 @@ pub const LEASE_TTL: Duration = Duration::from_secs(30);
 const HOLDERS_KEPT: u64 = 64;
 const FORGET_AFTER_MS: u64 = 7 * 24 * 3600 * 1000;
 
+/// How long a refused ask keeps asking the key's other holders to hand back their unused lease.
+pub const SQUEEZE: Duration = Duration::from_millis(500);
+
 /// Ops per pipelined round trip.
 const BATCH: usize = 256;
 
@@ -84,6 +87,9 @@ if holder ~= '' then
       local unleased = limit - tonumber(redis.call('HGET', KEYS[1], 'spent')) - leased
       if unleased >= need then
         granted = need + math.floor((unleased - need) / parts)
+      elseif leased > held then
+        -- Other workers hold what this ask needs: ask them to hand back what they do not use.
+        redis.call('HSET', KEYS[1], 'squeeze', now + tonumber(ARGV[13]))
       end
     end
     held = held + granted
@@ -115,7 +121,11 @@ if holder ~= '' then
   end
 end
 local spent = tonumber(redis.call('HGET', KEYS[1], 'spent')) or 0
-return {granted, limit, spent, leased}
+local squeezed = 0
+if (tonumber(redis.call('HGET', KEYS[1], 'squeeze')) or 0) > now then
+  squeezed = 1
+end
+return {granted, limit, spent, leased, squeezed}
 "#;
 
 /// A connection to one server, or to a cluster (found by asking the configured server).
@@ -291,12 +301,13 @@ impl ValkeyStore {
             .arg(ask.map_or(0, |a| a.parts.max(1)))
             .arg(self.lease_ttl.as_millis() as u64)
             .arg(HOLDERS_KEPT)
-            .arg(FORGET_AFTER_MS);
+            .arg(FORGET_AFTER_MS)
+            .arg(SQUEEZE.as_millis() as u64);
         cmd
     }
 
     fn run(&self, cmds: &[redis::Cmd]) -> Result<Vec<Applied>, StoreError> {
-        let replies: Vec<(u64, u64, u64, u64)> = self.with_connection(|link| match link {
+        let replies: Vec<(u64, u64, u64, u64, u64)> = self.with_connection(|link| match link {
             Link::Single(connection) => {
                 let mut pipe = redis::pipe();
                 for cmd in cmds {
@@ -322,13 +333,14 @@ impl ValkeyStore {
         }
         Ok(replies
             .into_iter()
-            .map(|(granted, limit, spent, leased)| Applied {
+            .map(|(granted, limit, spent, leased, squeezed)| Applied {
                 granted,
                 account: Account {
                     limit,
                     spent,
                     leased,
                 },
+                squeezed: squeezed == 1,
             })
             .collect())
     }
