@@ -75,6 +75,7 @@ pub const ADMIN_TOKEN: &str = "AURA_ADMIN_TOKEN";
 pub const BUDGET_PERIOD: &str = "AURA_BUDGET_PERIOD";
 pub const STORE: &str = "AURA_STORE";
 pub const VALKEY_URL: &str = "AURA_VALKEY_URL";
+pub const VALKEY_CA_FILE: &str = "AURA_VALKEY_CA_FILE";
 pub const STORE_FAILURE: &str = "AURA_STORE_FAILURE";
 pub const STORE_TIMEOUT_MS: &str = "AURA_STORE_TIMEOUT_MS";
 pub const NODE_ID: &str = "AURA_NODE_ID";
@@ -115,7 +116,8 @@ pub const SETTINGS: &[Setting] = &[
     Setting { key: "max_drains_per_worker", env: &[MAX_DRAINS_PER_WORKER], help: "responses a worker keeps reading after their client left, to bill their usage; past it, a left response is billed its whole reservation [default: 64]" },
     Setting { key: "budget_flush_interval_ms", env: &[BUDGET_FLUSH_INTERVAL_MS], help: "how often each worker flushes settled spend to the budget store [default: 50]" },
     Setting { key: "store", env: &[STORE], help: "where budgets live: memory (this node only) or valkey (a fleet sharing one Valkey/Redis) [default: memory]" },
-    Setting { key: "valkey_url", env: &[VALKEY_URL], help: "the Valkey or Redis server of the valkey store, redis://[user:password@]host:port/[db] [default: redis://127.0.0.1:6379/]" },
+    Setting { key: "valkey_url", env: &[VALKEY_URL], help: "the Valkey or Redis server of the valkey store (any node of a cluster), redis://[user:password@]host:port/[db], or rediss:// for TLS [default: redis://127.0.0.1:6379/]" },
+    Setting { key: "valkey_ca_file", env: &[VALKEY_CA_FILE], help: "PEM file of the CA certificates trusted for a rediss:// valkey_url, instead of the system's [default: none]" },
     Setting { key: "store_failure", env: &[STORE_FAILURE], help: "with the store unreachable: open admits on the leases in hand, then on the last known spend; closed answers 503 once a key's lease is spent [default: open]" },
     Setting { key: "store_timeout_ms", env: &[STORE_TIMEOUT_MS], help: "longest wait for the valkey store: connect, each call, and a request waiting for a lease [default: 500]" },
     Setting { key: "node_id", env: &[NODE_ID], help: "this node's name in the valkey store (leases and exactly-once sequences are kept per node and worker); unique per node, stable across restarts [default: the host name]" },
@@ -258,6 +260,8 @@ pub enum StoreKind {
 pub struct ValkeySettings {
     /// May hold a password: never logged.
     pub url: Secret,
+    /// CA certificates for a `rediss://` URL, instead of the system's.
+    pub ca_file: Option<PathBuf>,
     pub timeout: Duration,
     pub node_id: String,
     pub journal: PathBuf,
@@ -453,13 +457,15 @@ impl Parser<'_> {
             .get("valkey_url")
             .map_or("redis://127.0.0.1:6379/", |u| u.trim())
             .to_string();
-        if !(url.starts_with("redis://") || url.starts_with("valkey://")) {
+        let schemes = ["redis://", "rediss://", "valkey://", "valkeys://"];
+        if !schemes.iter().any(|s| url.starts_with(s)) {
             // Not echoed: the URL may carry a password.
             self.errors.push(format!(
-                "valkey_url ({}) must start with redis:// or valkey://",
+                "valkey_url ({}) must start with redis://, rediss://, valkey:// or valkeys://",
                 env_names("valkey_url")
             ));
         }
+        let ca_file = self.values.get("valkey_ca_file").map(PathBuf::from);
         let timeout = self.millis("store_timeout_ms", 500);
         let node_id = self
             .values
@@ -481,9 +487,13 @@ impl Parser<'_> {
         if !valkey {
             return StoreKind::Memory;
         }
+        // The valkey schemes are the redis protocol; the redis crate knows only the redis ones.
+        let url = url
+            .replacen("valkeys://", "rediss://", 1)
+            .replacen("valkey://", "redis://", 1);
         StoreKind::Valkey(ValkeySettings {
-            // The valkey:// scheme is the redis protocol; the redis crate knows only redis://.
-            url: Secret::new(url.replacen("valkey://", "redis://", 1)),
+            url: Secret::new(url),
+            ca_file,
             timeout,
             node_id,
             journal,

@@ -34,6 +34,8 @@ const CHANNEL_DEPTH: usize = 1024;
 const DELIVER_AT_ONCE: usize = 1024;
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// An idle ledger asks the store whether it answers this often.
+const PING_EVERY: Duration = Duration::from_secs(5);
 
 /// What the ledger thread sends back to a worker.
 #[derive(Debug)]
@@ -291,6 +293,10 @@ impl LedgerThread {
             one_at_a_time: false,
             last_known,
             pruned_at: Instant::now(),
+            // The first loop asks the store at once.
+            heard_at: Instant::now()
+                .checked_sub(PING_EVERY)
+                .unwrap_or_else(Instant::now),
         };
         state.replay_journal();
         let thread = std::thread::Builder::new()
@@ -350,6 +356,8 @@ struct Thread {
     one_at_a_time: bool,
     last_known: Arc<LastKnown>,
     pruned_at: Instant,
+    /// When the store last answered (or was last asked while idle).
+    heard_at: Instant,
 }
 
 impl Thread {
@@ -387,6 +395,7 @@ impl Thread {
             }
             if self.retry_at.is_none_or(|at| Instant::now() >= at) {
                 self.deliver();
+                self.ping_when_idle();
             }
             if let Some(deadline) = finish_by {
                 if self.queue.is_empty() || Instant::now() >= deadline {
@@ -401,6 +410,26 @@ impl Thread {
                     return;
                 }
             }
+        }
+    }
+
+    /// With nothing to send for a while, asks the store whether it answers, so `aura_store_up`
+    /// tells the truth on an idle node and an outage is seen before traffic needs the store.
+    fn ping_when_idle(&mut self) {
+        let now = Instant::now();
+        if !self.queue.is_empty() || now.saturating_duration_since(self.heard_at) < PING_EVERY {
+            return;
+        }
+        self.heard_at = now;
+        match self.store.ping() {
+            Ok(()) => {
+                if self.retry_at.take().is_some() {
+                    tracing::info!("budget store reachable again");
+                }
+                self.backoff = FIRST_BACKOFF;
+                self.stats.up.store(1, Ordering::Relaxed);
+            }
+            Err(error) => self.failed(&error),
         }
     }
 
@@ -465,6 +494,7 @@ impl Thread {
                     }
                     self.backoff = FIRST_BACKOFF;
                     self.stats.up.store(1, Ordering::Relaxed);
+                    self.heard_at = Instant::now();
                 }
                 Err(StoreError::Protocol(message)) if n > 1 => {
                     // The store answered, but refused something in the batch: find it.
@@ -869,6 +899,7 @@ mod tests {
             one_at_a_time: false,
             last_known: Arc::new(LastKnown::default()),
             pruned_at: Instant::now(),
+            heard_at: Instant::now(),
         };
         (thread, receivers)
     }

@@ -169,14 +169,30 @@ pub fn start(config: &Config, resolver: Resolver) -> Result<Running, StartError>
             (None, inline)
         }
         StoreKind::Valkey(valkey) => {
-            let store = ValkeyStore::new(
-                valkey.url.expose(),
-                valkey.timeout,
-                budgets.default_limit_nano,
-                limits,
-                budgets.period,
-                system_clock(),
-            )
+            let store = match &valkey.ca_file {
+                None => ValkeyStore::new(
+                    valkey.url.expose(),
+                    valkey.timeout,
+                    budgets.default_limit_nano,
+                    limits,
+                    budgets.period,
+                    system_clock(),
+                ),
+                Some(path) => {
+                    let pem = std::fs::read(path).map_err(|e| {
+                        StartError::Store(format!("valkey_ca_file {}: {e}", path.display()))
+                    })?;
+                    ValkeyStore::with_ca(
+                        valkey.url.expose(),
+                        pem,
+                        valkey.timeout,
+                        budgets.default_limit_nano,
+                        limits,
+                        budgets.period,
+                        system_clock(),
+                    )
+                }
+            }
             .map_err(|e| StartError::Store(e.to_string()))?;
             let (thread, handles) = LedgerThread::start(
                 Arc::new(store),

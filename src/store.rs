@@ -119,6 +119,10 @@ pub trait Store: Send + Sync {
     fn accounts(&self) -> Result<Vec<(KeyId, Account)>, StoreError>;
     /// Whether the store holds the key (it has been used, or given a limit).
     fn holds(&self, key: KeyId) -> Result<bool, StoreError>;
+    /// Whether the store answers at all (the ledger asks while it has nothing else to send).
+    fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// Seconds since the Unix epoch; a parameter so tests can move time.

@@ -32,6 +32,8 @@ on_both_drivers!(
     a_request_cut_at_shutdown_is_billed_its_reservation,
     a_cluster_keeps_each_key_in_its_slot_and_spend_exact,
     an_op_the_store_refuses_is_set_aside_and_holds_up_nothing,
+    the_store_speaks_tls_and_trusts_only_its_ca,
+    an_idle_node_reports_whether_its_store_answers,
 );
 
 fn store(valkey: &Valkey, limit: u64) -> ValkeyStore {
@@ -743,4 +745,51 @@ fn wait_for_metric_line_above(aura: &Aura, name: &str, floor: f64) {
         );
         std::thread::park_timeout(Duration::from_millis(20));
     }
+}
+
+fn the_store_speaks_tls_and_trusts_only_its_ca(driver: Driver) {
+    let key = "sk-test-valkey-tls-000001";
+    let mock = start_mock(MockOptions::default());
+    let valkey = Valkey::start_tls();
+    let ca = valkey.tls_ca.clone().unwrap();
+    let journal = journal("tls", driver);
+    let aura = on_valkey(&mock, &valkey, driver, &journal, &[])
+        .arg("--valkey-ca-file")
+        .arg(ca.to_str().unwrap())
+        .start();
+    assert!(valkey.url().starts_with("rediss://"));
+    assert_eq!(post(&aura, key, CHAT, &[], STREAM), 200);
+    assert_eq!(post(&aura, key, CHAT, &[], WHOLE), 200);
+    wait_for_store_spend(&valkey, key, mock_spend(&mock));
+    wait_for_metric_line(&aura, "aura_store_up 1");
+    // Without the CA, the system's roots do not trust the test certificate: no store.
+    let untrusting = journal.with_extension("untrusting");
+    let other = on_valkey(&mock, &valkey, driver, &untrusting, &[]).start();
+    assert_eq!(post(&other, key, CHAT, &[], WHOLE), 200, "fail-open serves");
+    wait_for_metric_line_above(&other, "aura_store_errors_total", 0.0);
+    wait_for_metric_line(&other, "aura_store_up 0");
+    let _ = std::fs::remove_file(untrusting);
+}
+
+fn an_idle_node_reports_whether_its_store_answers(driver: Driver) {
+    let mock = start_mock(MockOptions::default());
+    let mut valkey = Valkey::start();
+    let journal = journal("idle", driver);
+    let aura = on_valkey(&mock, &valkey, driver, &journal, &[]).start();
+    // No request at all: the ledger asks the store itself.
+    wait_for_metric_line(&aura, "aura_store_up 1");
+    valkey.stop();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let text = aura.client().get("/metrics").text();
+        if text.lines().any(|l| l == "aura_store_up 0") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the outage was never seen:\n{text}"
+        );
+        std::thread::park_timeout(Duration::from_millis(100));
+    }
+    assert!(mock.requests().is_empty());
 }

@@ -146,6 +146,9 @@ impl Link {
 
 pub struct ValkeyStore {
     client: redis::Client,
+    /// The CA a `rediss://` connection trusts, when not the system's (the cluster client needs
+    /// it again).
+    certs: Option<redis::TlsCertificates>,
     /// One connection, made on first use and again after any failure.
     connection: Mutex<Option<Link>>,
     apply: redis::Script,
@@ -171,8 +174,57 @@ impl ValkeyStore {
         // The URL may hold a password: the error names only what is wrong with it.
         let client = redis::Client::open(url)
             .map_err(|e| StoreError::Protocol(format!("valkey_url: {:?}", e.kind())))?;
-        Ok(ValkeyStore {
+        Ok(ValkeyStore::with_client(
             client,
+            None,
+            timeout,
+            default_limit,
+            limits,
+            period,
+            clock,
+        ))
+    }
+
+    /// A store over TLS (`rediss://`) that trusts the CA certificates in `ca_pem` instead of the
+    /// system's.
+    pub fn with_ca(
+        url: &str,
+        ca_pem: Vec<u8>,
+        timeout: Duration,
+        default_limit: u64,
+        limits: HashMap<KeyId, u64>,
+        period: Period,
+        clock: Clock,
+    ) -> Result<ValkeyStore, StoreError> {
+        let certs = || redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(ca_pem.clone()),
+        };
+        let client = redis::Client::build_with_tls(url, certs())
+            .map_err(|e| StoreError::Protocol(format!("valkey_url or CA file: {:?}", e.kind())))?;
+        Ok(ValkeyStore::with_client(
+            client,
+            Some(certs()),
+            timeout,
+            default_limit,
+            limits,
+            period,
+            clock,
+        ))
+    }
+
+    fn with_client(
+        client: redis::Client,
+        certs: Option<redis::TlsCertificates>,
+        timeout: Duration,
+        default_limit: u64,
+        limits: HashMap<KeyId, u64>,
+        period: Period,
+        clock: Clock,
+    ) -> ValkeyStore {
+        ValkeyStore {
+            client,
+            certs,
             connection: Mutex::new(None),
             apply: redis::Script::new(APPLY),
             timeout,
@@ -181,7 +233,7 @@ impl ValkeyStore {
             period,
             clock,
             lease_ttl: LEASE_TTL,
-        })
+        }
     }
 
     /// How long a lease lives without its holder touching the key (tests shorten it).
@@ -254,9 +306,14 @@ impl ValkeyStore {
             .query(&mut single)
             .map_err(unavailable)?;
         let mut link = if info.contains("cluster_enabled:1") {
-            let cluster = ClusterClient::builder(vec![self.client.get_connection_info().clone()])
-                .connection_timeout(self.timeout)
-                .response_timeout(self.timeout)
+            let mut builder =
+                ClusterClient::builder(vec![self.client.get_connection_info().clone()])
+                    .connection_timeout(self.timeout)
+                    .response_timeout(self.timeout);
+            if let Some(certs) = &self.certs {
+                builder = builder.certs(certs.clone());
+            }
+            let cluster = builder
                 .build()
                 .and_then(|client| client.get_connection())
                 .map_err(unavailable)?;
@@ -528,6 +585,11 @@ impl Store for ValkeyStore {
         keys.sort();
         keys.dedup();
         keys.into_iter().map(|k| Ok((k, self.read(k)?))).collect()
+    }
+
+    fn ping(&self) -> Result<(), StoreError> {
+        self.with_connection(|c| redis::cmd("PING").query::<String>(c.as_dyn()))
+            .map(|_| ())
     }
 
     fn holds(&self, key: KeyId) -> Result<bool, StoreError> {

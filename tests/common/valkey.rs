@@ -12,6 +12,8 @@ pub struct Valkey {
     child: Option<Child>,
     pub port: u16,
     pub dir: PathBuf,
+    /// Serving TLS only, with a certificate for `localhost` signed by this CA (PEM file).
+    pub tls_ca: Option<PathBuf>,
 }
 
 fn server_binary() -> String {
@@ -42,7 +44,34 @@ impl Valkey {
             child: None,
             port,
             dir,
+            tls_ca: None,
         };
+        valkey.restart();
+        valkey
+    }
+
+    /// A fresh server that speaks only TLS, with a test CA (`tls_ca`) and a `localhost`
+    /// certificate it signs.
+    pub fn start_tls() -> Valkey {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+        let mut valkey = Valkey::stopped();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let leaf_key = KeyPair::generate().unwrap();
+        let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+        let leaf = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&leaf_key, &issuer)
+            .unwrap();
+        let ca = valkey.dir.join("ca.pem");
+        std::fs::write(&ca, ca_cert.pem()).unwrap();
+        std::fs::write(valkey.dir.join("server.pem"), leaf.pem()).unwrap();
+        std::fs::write(valkey.dir.join("server.key"), leaf_key.serialize_pem()).unwrap();
+        valkey.tls_ca = Some(ca);
         valkey.restart();
         valkey
     }
@@ -56,22 +85,31 @@ impl Valkey {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        match self.tls_ca {
+            Some(_) => format!("rediss://localhost:{}/", self.port),
+            None => format!("redis://127.0.0.1:{}/", self.port),
+        }
     }
 
     /// Starts (again) on the same port and directory; returns once it answers PING.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
-        let child = Command::new(server_binary())
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-            ])
+        let mut cmd = Command::new(server_binary());
+        match &self.tls_ca {
+            None => cmd.args(["--port", &self.port.to_string()]),
+            Some(ca) => cmd
+                .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .args(["--tls-auth-clients", "no"])
+                .arg("--tls-cert-file")
+                .arg(self.dir.join("server.pem"))
+                .arg("--tls-key-file")
+                .arg(self.dir.join("server.key"))
+                .arg("--tls-ca-cert-file")
+                .arg(ca),
+        };
+        let child = cmd
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
+            .args(["--appendfsync", "always"])
             .arg("--dir")
             .arg(&self.dir)
             .stdout(Stdio::null())
@@ -111,7 +149,17 @@ impl Valkey {
     }
 
     fn try_connection(&self) -> redis::RedisResult<redis::Connection> {
-        redis::Client::open(self.url())?.get_connection_with_timeout(Duration::from_secs(1))
+        let client = match &self.tls_ca {
+            None => redis::Client::open(self.url())?,
+            Some(ca) => redis::Client::build_with_tls(
+                self.url(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(std::fs::read(ca).unwrap()),
+                },
+            )?,
+        };
+        client.get_connection_with_timeout(Duration::from_secs(1))
     }
 
     pub fn connection(&self) -> redis::Connection {
@@ -181,6 +229,7 @@ impl ValkeyCluster {
                     child: Some(child),
                     port,
                     dir,
+                    tls_ca: None,
                 };
                 node.wait_for_ping();
                 node
