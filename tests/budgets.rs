@@ -123,9 +123,6 @@ fn concurrent_clients_never_spend_past_the_limit(driver: Driver) {
             .flat_map(|h| h.join().unwrap())
             .collect()
     });
-    let admitted = statuses.iter().filter(|&&s| s == 200).count();
-    let refused = statuses.iter().filter(|&&s| s == 402).count();
-    assert_eq!(admitted + refused, CLIENTS * EACH, "{statuses:?}");
     let want: u64 = mock
         .requests()
         .iter()
@@ -135,22 +132,13 @@ fn concurrent_clients_never_spend_past_the_limit(driver: Driver) {
         })
         .sum();
     let usage = wait_for_spend(&aura, key, want);
-    let spent = nano(&usage["usage_dollars"]);
-    let overshoot = spent.saturating_sub(limit_nano);
-    println!(
-        "{CLIENTS} clients × {EACH}: {admitted} admitted, {refused} refused (402); spent {spent} of {limit_nano} nano-dollars, overshoot {overshoot}"
-    );
-    assert!(
-        admitted > 0 && refused > 0,
-        "{admitted} admitted, {refused} refused"
-    );
-    assert_eq!(overshoot, 0, "spent {spent} past the limit {limit_nano}");
-    // A refused request waits for the other worker to hand back its unused lease and asks
-    // again: without that, 26,750 was left stranded (3 requests' worth).
-    let stranded = limit_nano - spent;
-    assert!(
-        stranded < 20_000,
-        "{stranded} nano-dollars stranded in leases"
+    // Without the squeeze, 26,750 was left stranded (3 requests' worth).
+    check_concurrent_spend(
+        "1 node × 2 workers",
+        &statuses,
+        nano(&usage["usage_dollars"]),
+        limit_nano,
+        20_000,
     );
 }
 

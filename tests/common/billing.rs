@@ -108,3 +108,32 @@ pub fn leave_mid_stream(aura: &Aura, key: &str) {
     assert_eq!(status, 200);
     client.read_until(b"\n\n");
 }
+
+/// The concurrency tests' verdict on 64 clients × 3 requests against a small limit: every
+/// request was admitted (200) or refused (402), some of each; nothing was spent past the limit;
+/// and less than `stranded_below` was left unspent in other workers' leases.
+pub fn check_concurrent_spend(
+    label: &str,
+    statuses: &[u16],
+    spent: u64,
+    limit_nano: u64,
+    stranded_below: u64,
+) {
+    let admitted = statuses.iter().filter(|&&s| s == 200).count();
+    let refused = statuses.iter().filter(|&&s| s == 402).count();
+    assert_eq!(admitted + refused, statuses.len(), "{statuses:?}");
+    let overshoot = spent.saturating_sub(limit_nano);
+    println!(
+        "{label}, 64 clients × 3: {admitted} admitted, {refused} refused (402); spent {spent} of {limit_nano} nano-dollars, overshoot {overshoot}"
+    );
+    assert!(
+        admitted > 0 && refused > 0,
+        "{admitted} admitted, {refused} refused"
+    );
+    assert_eq!(overshoot, 0, "spent {spent} past the limit {limit_nano}");
+    let stranded = limit_nano - spent;
+    assert!(
+        stranded < stranded_below,
+        "{stranded} nano-dollars stranded in leases"
+    );
+}
