@@ -180,7 +180,13 @@ impl Shard {
                     return self.unreachable(lease, key, estimate);
                 }
                 let my_answer = mine.and_then(|m| lease.answered.filter(|(seq, _)| *seq == m));
-                let others_hold = lease.known.is_some_and(|a| a.leased > lease.held);
+                // The store counts this worker's lease as what it holds plus what it spent from
+                // it since its last flush; the rest is other workers'. Waiting helps only if
+                // the key has the estimate left once they hand theirs back.
+                let mine_in_store = lease.held + lease.pending.from_lease;
+                let others_hold = lease
+                    .known
+                    .is_some_and(|a| a.leased > mine_in_store && a.remaining() >= estimate);
                 if lease.asking.is_none()
                     && my_answer.is_some_and(|(_, granted)| granted == 0)
                     && others_hold
@@ -240,6 +246,8 @@ impl Shard {
                 Next::AskAgainLater => {
                     monoio::time::sleep(self.squeeze_wait).await;
                     mine = None;
+                    // The next ask gets the whole store timeout again.
+                    deadline = None;
                 }
                 Next::Ask(op) => match self.ledger.submit(vec![op.clone()]) {
                     Submitted::Applied(applied) => {
@@ -428,7 +436,8 @@ impl Shard {
                     RETURN_ALL
                 } else if last || self.lapsing(lease, now) {
                     lease.held
-                } else if idle || lease.squeezed {
+                } else if idle || (lease.squeezed && lease.asking.is_none()) {
+                    // (Not while an ask of its own is out: its need counted on the free part.)
                     lease.free()
                 } else {
                     0
@@ -730,6 +739,46 @@ mod tests {
             shard.settle(second, 0, Instant::now());
         });
         thread.finish(Instant::now() + Duration::from_secs(1));
+    }
+
+    /// Near the limit, a request refused while another worker holds unused lease waits for
+    /// that worker to hear of the squeeze (in the answer to its next flush) and hand its lease
+    /// back, then is admitted; without a squeeze wait it is refused at once.
+    #[test]
+    fn a_refused_request_is_admitted_once_another_worker_hands_back_its_lease() {
+        let store = store(1_000);
+        let wait = Duration::from_millis(30);
+        let a = std::rc::Rc::new(shard(store.clone(), 2).with_squeeze_wait(wait));
+        let b = std::rc::Rc::new(shard(store.clone(), 2).with_squeeze_wait(wait));
+        let impatient = shard(store.clone(), 2);
+        let mut runtime = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            // A leases 600 + a quarter of the 400 left, and spends 10 of it.
+            let r = a.reserve(key(), 600).await.unwrap();
+            a.settle(r, 10, Instant::now());
+            assert_eq!(store.account(key()).leased, 700);
+            // Only 300 is not leased: 400 cannot be had without A's unused lease.
+            assert!(matches!(
+                impatient.reserve(key(), 400).await,
+                Err(Refusal::Denied { .. })
+            ));
+            let waiting = monoio::spawn({
+                let b = b.clone();
+                async move { b.reserve(key(), 400).await }
+            });
+            monoio::time::sleep(Duration::from_millis(5)).await;
+            // A's flush hears of the squeeze; its next one hands back what it does not use.
+            a.flush(Instant::now());
+            a.flush(Instant::now());
+            let admitted = waiting.await.unwrap();
+            let account = store.account(key());
+            assert_eq!(account.spent, 10);
+            assert!(account.spent + account.leased <= account.limit);
+            b.settle(admitted, 0, Instant::now());
+        });
     }
 
     #[test]

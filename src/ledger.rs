@@ -463,7 +463,7 @@ impl Thread {
                 refusals: 0,
             });
         }
-        if self.retry_at.is_some() {
+        if self.retry_at.is_some_and(|at| Instant::now() < at) {
             // The store is down: tell new askers now rather than after the back-off.
             self.tell_askers();
         }

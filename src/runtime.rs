@@ -182,6 +182,12 @@ pub fn start(config: &Config, resolver: Resolver) -> Result<Running, StartError>
                     let pem = std::fs::read(path).map_err(|e| {
                         StartError::Store(format!("valkey_ca_file {}: {e}", path.display()))
                     })?;
+                    if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+                        return Err(StartError::Store(format!(
+                            "valkey_ca_file {}: no PEM certificate in it",
+                            path.display()
+                        )));
+                    }
                     ValkeyStore::with_ca(
                         valkey.url.expose(),
                         pem,

@@ -316,8 +316,9 @@ impl Store for MemoryStore {
                     applied.granted = granted;
                     applied.account = account;
                 }
-                applied.squeezed =
-                    self.squeeze(op.key, op.ask.is_some() && applied.granted == 0, now);
+                // A top-up (need 0) granted nothing is no refusal: nobody is waiting on it.
+                let refused = op.ask.is_some_and(|a| a.need > 0) && applied.granted == 0;
+                applied.squeezed = self.squeeze(op.key, refused, now);
                 applied
             })
             .collect())

@@ -87,7 +87,7 @@ if holder ~= '' then
       local unleased = limit - tonumber(redis.call('HGET', KEYS[1], 'spent')) - leased
       if unleased >= need then
         granted = need + math.floor((unleased - need) / parts)
-      elseif leased > held then
+      elseif need > 0 and leased > held then
         -- Other workers hold what this ask needs: ask them to hand back what they do not use.
         redis.call('HSET', KEYS[1], 'squeeze', now + tonumber(ARGV[13]))
       end
