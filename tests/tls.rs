@@ -13,7 +13,6 @@ use std::sync::Arc;
 
 use aura::mock::{MockOptions, MockUpstream};
 use common::{Driver, Launch, STREAM};
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
 on_both_drivers!(
@@ -29,17 +28,7 @@ struct TlsMock {
 
 /// A CA, a `localhost` certificate it signs, and the mock serving TLS with it.
 fn tls_mock(options: MockOptions) -> TlsMock {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["localhost".to_string()])
-        .unwrap()
-        .signed_by(&leaf_key, &issuer)
-        .unwrap();
+    let certs = common::test_ca::TestCa::new();
 
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let server = rustls::ServerConfig::builder_with_provider(provider)
@@ -47,15 +36,15 @@ fn tls_mock(options: MockOptions) -> TlsMock {
         .unwrap()
         .with_no_client_auth()
         .with_single_cert(
-            vec![leaf.der().clone()],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
+            vec![certs.leaf_der.into()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certs.key_der)),
         )
         .unwrap();
     let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
     let mock = MockUpstream::start_tls(listen, options, Arc::new(server)).unwrap();
     let dir = TempDir::new();
     let ca_file = dir.0.join("ca.pem");
-    std::fs::write(&ca_file, ca_cert.pem()).unwrap();
+    std::fs::write(&ca_file, certs.ca_pem).unwrap();
     TlsMock {
         mock,
         ca_file,

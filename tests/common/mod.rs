@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 pub use aura::mock::{MockOptions, MockUpstream, Recorded};
 
 pub mod billing;
+pub mod test_ca;
 pub mod valkey;
 
 /// How long `aura` may take to print its listening line, or to exit when it must.

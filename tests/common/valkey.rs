@@ -53,24 +53,12 @@ impl Valkey {
     /// A fresh server that speaks only TLS, with a test CA (`tls_ca`) and a `localhost`
     /// certificate it signs.
     pub fn start_tls() -> Valkey {
-        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
         let mut valkey = Valkey::stopped();
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = Issuer::new(ca_params, ca_key);
-        let leaf_key = KeyPair::generate().unwrap();
-        let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
-        let leaf = CertificateParams::new(names)
-            .unwrap()
-            .signed_by(&leaf_key, &issuer)
-            .unwrap();
+        let certs = super::test_ca::TestCa::new();
         let ca = valkey.dir.join("ca.pem");
-        std::fs::write(&ca, ca_cert.pem()).unwrap();
-        std::fs::write(valkey.dir.join("server.pem"), leaf.pem()).unwrap();
-        std::fs::write(valkey.dir.join("server.key"), leaf_key.serialize_pem()).unwrap();
+        std::fs::write(&ca, certs.ca_pem).unwrap();
+        std::fs::write(valkey.dir.join("server.pem"), certs.leaf_pem).unwrap();
+        std::fs::write(valkey.dir.join("server.key"), certs.key_pem).unwrap();
         valkey.tls_ca = Some(ca);
         valkey.restart();
         valkey
