@@ -6,9 +6,7 @@
 #[macro_use]
 mod common;
 
-use std::time::{Duration, Instant};
-
-use common::{start_mock, Aura, Driver, MockOptions, CHAT, STREAM, WHOLE};
+use common::{sample, scrape_until, start_mock, Aura, Driver, MockOptions, CHAT, STREAM, WHOLE};
 
 const SECRET_KEY: &str = "sk-proj-metrics-test-secret-0123456789";
 
@@ -17,35 +15,6 @@ on_both_drivers!(
     each_worker_reports_its_driver_and_no_key_appears,
     spend_is_exported_per_key_id_and_priced_model,
 );
-
-/// The value of the sample `series` (name with its labels, exactly as exported).
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
-
-/// Scrapes until `done` holds, or fails after 10 s with the last scrape.
-fn scrape_until(aura: &Aura, done: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = aura.client().get("/metrics");
-        assert_eq!(r.status, 200);
-        assert_eq!(
-            r.header("content-type"),
-            Some("text/plain; version=0.0.4; charset=utf-8")
-        );
-        let text = r.text();
-        if done(&text) {
-            return text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "metrics never got there:\n{text}"
-        );
-        // A pause between scrapes, not a wait for state: the loop checks the state itself.
-        std::thread::park_timeout(Duration::from_millis(50));
-    }
-}
 
 fn requests_tokens_and_ttft_overhead_are_counted_over_all_workers(driver: Driver) {
     let mock = start_mock(MockOptions::default());

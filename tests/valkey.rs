@@ -20,7 +20,10 @@ use aura::store::valkey::ValkeyStore;
 use aura::store::{system_clock, Ask, Holder, Op, Settlement, Store};
 use common::billing::*;
 use common::valkey::{Valkey, ValkeyCluster};
-use common::{start_mock, Aura, Driver, Launch, MockOptions, MockUpstream, CHAT, STREAM, WHOLE};
+use common::{
+    sample, scrape_until, scrape_within, start_mock, Driver, Launch, MockOptions, MockUpstream,
+    CHAT, STREAM, WHOLE,
+};
 
 on_both_drivers!(
     spend_is_exact_in_valkey_and_sigterm_returns_every_lease,
@@ -681,7 +684,9 @@ fn an_op_the_store_refuses_is_set_aside_and_holds_up_nothing(driver: Driver) {
     let requests = mock.requests();
     let (p, c) = mock_usage(&requests[1]);
     wait_for_store_spend(&valkey, good, cost(p, c, MINI_IN, MINI_OUT));
-    wait_for_metric_line_above(&aura, "aura_ledger_rejected_ops_total", 0.0);
+    scrape_until(&aura, |t| {
+        sample(t, "aura_ledger_rejected_ops_total").is_some_and(|n| n > 0.0)
+    });
     let rejected = journal.with_extension("rejected");
     let text = std::fs::read_to_string(&rejected).unwrap();
     assert!(text.contains(&KeyId::of(bad).to_string()), "{text}");
@@ -696,25 +701,6 @@ fn an_op_the_store_refuses_is_set_aside_and_holds_up_nothing(driver: Driver) {
         .unwrap();
     assert_eq!(kind, "string");
     let _ = std::fs::remove_file(rejected);
-}
-
-/// Waits until the sample `name` in `/metrics` is above `floor`.
-fn wait_for_metric_line_above(aura: &Aura, name: &str, floor: f64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = aura.client().get("/metrics").text();
-        let value = text
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok());
-        if value.is_some_and(|v| v > floor) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name} never above {floor}:\n{text}"
-        );
-        std::thread::park_timeout(Duration::from_millis(20));
-    }
 }
 
 fn the_store_speaks_tls_and_trusts_only_its_ca(driver: Driver) {
@@ -736,7 +722,9 @@ fn the_store_speaks_tls_and_trusts_only_its_ca(driver: Driver) {
     let untrusting = journal.with_extension("untrusting");
     let other = on_valkey(&mock, &valkey, driver, &untrusting, &[]).start();
     assert_eq!(post(&other, key, CHAT, &[], WHOLE), 200, "fail-open serves");
-    wait_for_metric_line_above(&other, "aura_store_errors_total", 0.0);
+    scrape_until(&other, |t| {
+        sample(t, "aura_store_errors_total").is_some_and(|n| n > 0.0)
+    });
     wait_for_metric(&other, "aura_store_up 0");
     let _ = std::fs::remove_file(untrusting);
 }
@@ -749,17 +737,9 @@ fn an_idle_node_reports_whether_its_store_answers(driver: Driver) {
     // No request at all: the ledger asks the store itself.
     wait_for_metric(&aura, "aura_store_up 1");
     valkey.stop();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let text = aura.client().get("/metrics").text();
-        if text.lines().any(|l| l == "aura_store_up 0") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the outage was never seen:\n{text}"
-        );
-        std::thread::park_timeout(Duration::from_millis(100));
-    }
+    // The next idle ping (every 5 s) finds it gone.
+    scrape_within(&aura, Duration::from_secs(15), |t| {
+        t.lines().any(|l| l == "aura_store_up 0")
+    });
     assert!(mock.requests().is_empty());
 }

@@ -72,15 +72,7 @@ pub fn wait_for_spend(aura: &Aura, key: &str, want: u64) -> Value {
 
 /// Waits until `/metrics` has the sample `line` (workers publish every 250 ms).
 pub fn wait_for_metric(aura: &Aura, line: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = aura.client().get("/metrics").text();
-        if text.lines().any(|l| l == line) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "no `{line}` in\n{text}");
-        std::thread::park_timeout(Duration::from_millis(20));
-    }
+    super::scrape_until(aura, |text| text.lines().any(|l| l == line));
 }
 
 pub fn post(aura: &Aura, key: &str, target: &str, headers: &[(&str, &str)], body: &str) -> u16 {

@@ -857,3 +857,38 @@ fn decode_chunks(raw: &[u8], out: &mut Vec<u8>) -> (usize, bool) {
 pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
+
+/// The value of the sample `series` in a scrape (name with its labels, exactly as exported).
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Scrapes `/metrics` until `done` holds, or fails after 10 s with the last scrape.
+pub fn scrape_until(aura: &Aura, done: impl Fn(&str) -> bool) -> String {
+    scrape_within(aura, Duration::from_secs(10), done)
+}
+
+/// Scrapes `/metrics` (checking its status and content type) until `done` holds, or fails
+/// after `limit` with the last scrape.
+pub fn scrape_within(aura: &Aura, limit: Duration, done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        let r = aura.client().get("/metrics");
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            r.header("content-type"),
+            Some("text/plain; version=0.0.4; charset=utf-8")
+        );
+        let text = r.text();
+        if done(&text) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "metrics never got there:\n{text}"
+        );
+        // A pause between scrapes, not a wait for state: the loop checks the state itself.
+        std::thread::park_timeout(Duration::from_millis(50));
+    }
+}
