@@ -562,6 +562,14 @@ mod tests {
         Shard::new(Ledger::Inline(store), Holder::from("test/0"), workers, true)
     }
 
+    /// A runtime for the tests that wait (a remote ledger, a squeeze).
+    fn runtime() -> monoio::Runtime<monoio::time::TimeDriver<monoio::LegacyDriver>> {
+        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap()
+    }
+
     /// The in-memory ledger answers in place: a reservation is ready at the first poll.
     fn reserve(shard: &Shard, key: KeyId, estimate: u64) -> Result<Reservation, Refusal> {
         let mut future = std::pin::pin!(shard.reserve(key, estimate));
@@ -711,10 +719,7 @@ mod tests {
         .unwrap();
         let (ledger, mut inbox) = handles.remove(0);
         let shard = std::rc::Rc::new(Shard::new(ledger, Holder::from("test/remote/0"), 1, false));
-        let mut runtime = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-            .enable_timer()
-            .build()
-            .unwrap();
+        let mut runtime = runtime();
         runtime.block_on(async {
             let pump = shard.clone();
             monoio::spawn(async move {
@@ -751,10 +756,7 @@ mod tests {
         let a = std::rc::Rc::new(shard(store.clone(), 2).with_squeeze_wait(wait));
         let b = std::rc::Rc::new(shard(store.clone(), 2).with_squeeze_wait(wait));
         let impatient = shard(store.clone(), 2);
-        let mut runtime = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-            .enable_timer()
-            .build()
-            .unwrap();
+        let mut runtime = runtime();
         runtime.block_on(async {
             // A leases 600 + a quarter of the 400 left, and spends 10 of it.
             let r = a.reserve(key(), 600).await.unwrap();

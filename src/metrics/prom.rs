@@ -213,46 +213,46 @@ fn escape(value: &str) -> String {
 /// The ledger thread's health (the Valkey store only).
 pub fn encode_ledger(out: &mut String, stats: &crate::ledger::LedgerStats) {
     use std::sync::atomic::Ordering::Relaxed;
-    let gauges = [
+    let series = [
         (
             "aura_store_up",
+            "gauge",
             "1 while the last budget store call succeeded.",
             stats.up.load(Relaxed),
         ),
         (
             "aura_ledger_queue_ops",
+            "gauge",
             "Budget ops waiting for the store.",
             stats.queued.load(Relaxed),
         ),
         (
             "aura_ledger_journal_ops",
+            "gauge",
             "Budget ops held in the journal file until the store takes them.",
             stats.journaled.load(Relaxed),
         ),
-    ];
-    for (name, help, value) in gauges {
-        header(out, name, "gauge", help);
-        let _ = writeln!(out, "{name} {value}");
-    }
-    let counters = [
         (
             "aura_store_errors_total",
+            "counter",
             "Budget store calls that failed.",
             stats.errors.load(Relaxed),
         ),
         (
             "aura_ledger_applied_ops_total",
+            "counter",
             "Budget ops the store applied.",
             stats.applied.load(Relaxed),
         ),
         (
             "aura_ledger_rejected_ops_total",
+            "counter",
             "Budget ops the store refused repeatedly, set aside in the rejected file.",
             stats.rejected.load(Relaxed),
         ),
     ];
-    for (name, help, value) in counters {
-        header(out, name, "counter", help);
+    for (name, kind, help, value) in series {
+        header(out, name, kind, help);
         let _ = writeln!(out, "{name} {value}");
     }
     // A summary without quantiles: the mean flush round trip is sum / count.

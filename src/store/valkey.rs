@@ -295,11 +295,10 @@ impl ValkeyStore {
             .client
             .get_connection_with_timeout(self.timeout)
             .map_err(unavailable)?;
+        let timeout = Some(self.timeout);
         single
-            .set_read_timeout(Some(self.timeout))
-            .map_err(unavailable)?;
-        single
-            .set_write_timeout(Some(self.timeout))
+            .set_read_timeout(timeout)
+            .and_then(|()| single.set_write_timeout(timeout))
             .map_err(unavailable)?;
         let info: String = redis::cmd("INFO")
             .arg("cluster")
@@ -318,10 +317,8 @@ impl ValkeyStore {
                 .and_then(|client| client.get_connection())
                 .map_err(unavailable)?;
             cluster
-                .set_read_timeout(Some(self.timeout))
-                .map_err(unavailable)?;
-            cluster
-                .set_write_timeout(Some(self.timeout))
+                .set_read_timeout(timeout)
+                .and_then(|()| cluster.set_write_timeout(timeout))
                 .map_err(unavailable)?;
             Link::Cluster(Box::new(cluster))
         } else {
