@@ -164,16 +164,17 @@ impl PriceTable {
 
     /// The price of `model`, and how it was matched.
     pub fn lookup(&self, model: &str) -> (Price, Match) {
-        match self.find(model) {
-            Some((_, price, matched)) => (*price, matched),
-            None => (self.default, Match::Default),
-        }
+        let (price, matched, _) = self.resolve(model);
+        (price, matched)
     }
 
-    /// The table's name for `model` (exact, or its base name), if it has a price: a bounded
-    /// label for metrics.
-    pub fn priced_name(&self, model: &str) -> Option<&Arc<str>> {
-        self.find(model).map(|(name, _, _)| name)
+    /// The price of `model`, how it was matched, and the table's name for it (exact, or its
+    /// base name; none for the default price): a bounded label for metrics.
+    pub fn resolve(&self, model: &str) -> (Price, Match, Option<&Arc<str>>) {
+        match self.find(model) {
+            Some((name, price, matched)) => (*price, matched, Some(name)),
+            None => (self.default, Match::Default, None),
+        }
     }
 
     fn find(&self, model: &str) -> Option<(&Arc<str>, &Price, Match)> {

@@ -653,10 +653,11 @@ impl Proxy {
         }
         let charge = outcome.bill.take().map(|bill| {
             let succeeded = outcome.status.is_some_and(|s| s.is_success());
-            let (cost, basis, matched) = billing::settle_cost(
-                &self.prices,
+            let (price, matched, model) =
+                self.prices.resolve(outcome.model.as_deref().unwrap_or(""));
+            let (cost, basis) = billing::settle_cost(
+                &price,
                 &bill,
-                outcome.model.as_deref(),
                 outcome.usage.as_ref(),
                 succeeded,
                 outcome.response_bytes,
@@ -666,6 +667,7 @@ impl Proxy {
             self.budget.settle(bill.reservation, cost, Instant::now());
             Charge {
                 key,
+                model,
                 cost_nano: cost,
                 basis,
                 matched,
@@ -681,13 +683,7 @@ impl Proxy {
             usage_missing: charge.is_some_and(|c| c.basis == Basis::Estimated),
             cost_nano: charge.map_or(0, |c| c.cost_nano),
             default_price: charge.is_some_and(|c| c.matched == Match::Default),
-            billed: charge.map(|c| {
-                let model = outcome
-                    .model
-                    .as_deref()
-                    .and_then(|m| self.prices.priced_name(m));
-                (c.key, model)
-            }),
+            billed: charge.map(|c| (c.key, c.model)),
         });
         log_access(outcome, charge, error, started);
     }
@@ -782,8 +778,10 @@ impl Drop for InFlight<'_> {
 
 /// What settle charged a billable request.
 #[derive(Debug, Clone, Copy)]
-struct Charge {
+struct Charge<'p> {
     key: KeyId,
+    /// The price table's name for the model (none: the default price).
+    model: Option<&'p Arc<str>>,
     cost_nano: u64,
     basis: Basis,
     matched: Match,

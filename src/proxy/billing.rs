@@ -9,7 +9,7 @@ use http::Method;
 use serde::Deserialize;
 
 use crate::budget::Reservation;
-use crate::pricing::{Match, Price, PriceTable};
+use crate::pricing::Price;
 use crate::usage::Usage;
 
 /// Bytes per token for estimates: English text runs about 4 bytes a token.
@@ -126,22 +126,20 @@ pub enum Basis {
     Failed,
 }
 
-/// The settled cost of a request, in nano-dollars, how it was found, and how its model priced.
+/// The settled cost of a request at `price` (its model's), in nano-dollars, and how it was found.
 pub fn settle_cost(
-    prices: &PriceTable,
+    price: &Price,
     bill: &Bill,
-    model: Option<&str>,
     usage: Option<&Usage>,
     succeeded: bool,
     response_bytes: u64,
     abandoned: bool,
-) -> (u64, Basis, Match) {
-    let (price, matched) = prices.lookup(model.unwrap_or(""));
+) -> (u64, Basis) {
     match usage {
-        Some(u) => (price.cost_nano(u), Basis::Reported, matched),
+        Some(u) => (price.cost_nano(u), Basis::Reported),
         // The client left and the rest was not read: the upstream still generates it all, so
         // the whole upper estimate is billed.
-        None if abandoned => (bill.reservation.amount_nano(), Basis::Estimated, matched),
+        None if abandoned => (bill.reservation.amount_nano(), Basis::Estimated),
         None if succeeded => {
             let estimate = Usage {
                 prompt_tokens: bill.request_bytes.div_ceil(BYTES_PER_TOKEN),
@@ -151,9 +149,9 @@ pub fn settle_cost(
             let cost = price
                 .cost_nano(&estimate)
                 .min(bill.reservation.amount_nano());
-            (cost, Basis::Estimated, matched)
+            (cost, Basis::Estimated)
         }
-        None => (0, Basis::Failed, matched),
+        None => (0, Basis::Failed),
     }
 }
 
