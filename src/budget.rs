@@ -1,12 +1,15 @@
 //! A worker's budget shard: per active key, a lease (a slice of the key's budget granted by the
 //! store), the part of it reserved by requests in flight, and spend settled since the last flush.
 //! Admission is a local check against the lease: no lock, no shared atomic, no store call,
-//! unless the lease cannot cover the request (then one store call, which grants the need plus a
-//! slice of what is left, sized so the last dollars are not stranded in one worker).
+//! unless the lease cannot cover the request (then one lease ask through the ledger, which
+//! grants the need plus a slice of what is left, sized so the last dollars are not stranded in
+//! one worker; near the limit, other workers are asked to hand back what they do not use).
 //! Reserve, then settle: a request reserves its upper cost estimate before it is forwarded and
 //! settles to its real cost at the end (0 when it failed), so concurrent requests cannot spend
 //! beyond the limit except by their estimates' error. `flush` (every flush interval, off the
-//! request path) hands settled spend to the store and returns leases of keys gone idle.
+//! request path) hands settled spend to the ledger, returns leases of keys gone idle and renews
+//! held ones. With the store unreachable, the failure mode decides: admit on what is known
+//! (open) or refuse (closed).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
