@@ -227,10 +227,10 @@ fn metrics(c: &mut Criterion) {
 /// lease already held (the common case), and pricing a usage.
 fn budget(c: &mut Criterion) {
     use aura::auth::KeyId;
+    use aura::budget::store::{system_clock, MemoryStore};
     use aura::budget::Shard;
     use aura::config::Period;
     use aura::pricing::{Price, PriceTable};
-    use aura::store::{system_clock, MemoryStore};
     use std::collections::HashMap;
     use std::future::Future;
     use std::sync::Arc;
@@ -243,8 +243,8 @@ fn budget(c: &mut Criterion) {
         system_clock(),
     ));
     let shard = Shard::new(
-        aura::ledger::Ledger::Inline(store),
-        aura::store::Holder::from("bench/0"),
+        aura::budget::ledger::Ledger::Inline(store),
+        aura::budget::Holder::from("bench/0"),
         2,
         true,
     );

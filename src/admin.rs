@@ -18,11 +18,11 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::auth::{self, Directory, KeyId};
+use crate::budget::ledger::Ledger;
+use crate::budget::Account;
 use crate::config::Secret;
 use crate::error::Error;
-use crate::ledger::Ledger;
 use crate::pricing::{dollars_to_nano, nano_to_dollars};
-use crate::store::Account;
 
 pub struct Admin<'a> {
     pub ledger: &'a Ledger,

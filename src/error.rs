@@ -152,14 +152,6 @@ impl Error {
     }
 }
 
-impl From<crate::store::StoreError> for Error {
-    /// The cause is the ledger's to log (it sees every store failure); a client learns only
-    /// that the store is unavailable.
-    fn from(_: crate::store::StoreError) -> Error {
-        Error::StoreUnavailable
-    }
-}
-
 /// An OpenAI-style error body from parts (also used for errors Aura relays but did not raise).
 pub fn error_body(message: &str, kind: &str, code: &str) -> Vec<u8> {
     let body = serde_json::json!({

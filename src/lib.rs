@@ -15,7 +15,6 @@ pub mod config;
 // L1: per-worker state.
 pub mod budget;
 pub mod buffers;
-pub mod ledger;
 pub mod metrics;
 // L2/L3/L4: IO.
 pub mod admin;
@@ -24,5 +23,4 @@ pub mod net;
 pub mod proxy;
 pub mod runtime;
 pub mod server;
-pub mod store;
 pub mod upstream;

@@ -298,7 +298,7 @@ pub struct Registry {
     /// Configured keys' aliases, their label in the per-key series.
     aliases: std::sync::OnceLock<HashMap<KeyId, String>>,
     /// The ledger thread's counters, when budgets live in Valkey.
-    ledger: std::sync::OnceLock<Arc<crate::ledger::LedgerStats>>,
+    ledger: std::sync::OnceLock<Arc<crate::budget::ledger::LedgerStats>>,
 }
 
 #[derive(Debug, Default)]
@@ -327,11 +327,11 @@ impl Registry {
             .unwrap_or_else(|| NONE.get_or_init(HashMap::new))
     }
 
-    pub fn set_ledger(&self, stats: Arc<crate::ledger::LedgerStats>) {
+    pub fn set_ledger(&self, stats: Arc<crate::budget::ledger::LedgerStats>) {
         let _ = self.ledger.set(stats);
     }
 
-    pub fn ledger(&self) -> Option<&crate::ledger::LedgerStats> {
+    pub fn ledger(&self) -> Option<&crate::budget::ledger::LedgerStats> {
         self.ledger.get().map(|s| s.as_ref())
     }
 

@@ -17,6 +17,7 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent};
 
 use crate::admin::Admin;
 use crate::auth::{self, Directory, KeyId};
+use crate::budget::estimate::{self, Basis, Billable};
 use crate::budget::{self, Refusal};
 use crate::buffers::BufPool;
 use crate::config::{Config, KeyMode, Limits, Secret, Timeouts};
@@ -29,7 +30,7 @@ use crate::rewrite;
 use crate::server::{self, Handler, Persist, Request};
 use crate::upstream::{Conn, Upstream};
 use crate::usage::Usage;
-use billing::{Basis, Bill, Billable};
+use billing::Bill;
 use relay::{BodyKind, Drains, Relay, RelayEnd};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -187,7 +188,7 @@ impl Proxy {
     }
 
     /// An answer from the ledger thread (the Valkey store) for this worker's shard.
-    pub fn ledger_reply(&self, reply: crate::ledger::Reply) {
+    pub fn ledger_reply(&self, reply: crate::budget::ledger::Reply) {
         self.budget.on_reply(reply);
     }
 
@@ -224,7 +225,7 @@ impl Proxy {
     ) -> Result<(), Error> {
         let key = self.authorize(request, outcome)?;
         let (price, _) = self.prices.lookup(model.unwrap_or(""));
-        let estimate = billing::upper_estimate(
+        let estimate = estimate::upper_estimate(
             &price,
             kind,
             request.body.len(),
@@ -655,9 +656,10 @@ impl Proxy {
             let succeeded = outcome.status.is_some_and(|s| s.is_success());
             let (price, matched, model) =
                 self.prices.resolve(outcome.model.as_deref().unwrap_or(""));
-            let (cost, basis) = billing::settle_cost(
+            let (cost, basis) = estimate::settle_cost(
                 &price,
-                &bill,
+                bill.reservation.amount_nano(),
+                bill.request_bytes,
                 outcome.usage.as_ref(),
                 succeeded,
                 outcome.response_bytes,

@@ -22,15 +22,16 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::auth::{Directory, KeyId};
 use crate::budget;
+use crate::budget::ledger::{Inbox, Ledger, LedgerThread};
+use crate::budget::store::valkey::ValkeyStore;
+use crate::budget::store::{system_clock, MemoryStore, Store};
+use crate::budget::Holder;
 use crate::config::{Config, Limits, StoreKind, Timeouts};
-use crate::ledger::{Inbox, Ledger, LedgerThread};
 use crate::metrics::{self, Registry};
 use crate::pricing::dollars_to_nano;
 use crate::pricing::PriceTable;
 use crate::proxy::Proxy;
 use crate::server;
-use crate::store::valkey::ValkeyStore;
-use crate::store::{system_clock, Holder, MemoryStore, Store};
 use crate::upstream::{Resolver, Upstream};
 
 #[derive(Debug, thiserror::Error)]
@@ -204,7 +205,7 @@ pub fn start(config: &Config, resolver: Resolver) -> Result<Running, StartError>
                 Arc::new(store),
                 shard_count,
                 valkey.timeout,
-                crate::store::valkey::LEASE_TTL,
+                crate::budget::store::valkey::LEASE_TTL,
                 valkey.journal.clone(),
             )
             .map_err(StartError::Thread)?;

@@ -15,9 +15,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use aura::auth::KeyId;
+use aura::budget::store::valkey::ValkeyStore;
+use aura::budget::store::{system_clock, Store, StoreError};
+use aura::budget::{Ask, Holder, Op, Settlement};
 use aura::config::Period;
-use aura::store::valkey::ValkeyStore;
-use aura::store::{system_clock, Ask, Holder, Op, Settlement, Store};
 use common::billing::*;
 use common::valkey::{Valkey, ValkeyCluster};
 use common::{
@@ -220,7 +221,7 @@ fn a_store_that_is_down_is_unavailable_and_picked_up_again() {
     let key = KeyId::of("sk-valkey-down");
     assert!(matches!(
         store.account(key),
-        Err(aura::store::StoreError::Unavailable(_))
+        Err(StoreError::Unavailable(_))
     ));
     valkey.restart();
     assert_eq!(store.account(key).unwrap().limit, 1_000);

@@ -211,7 +211,7 @@ fn escape(value: &str) -> String {
 }
 
 /// The ledger thread's health (the Valkey store only).
-pub fn encode_ledger(out: &mut String, stats: &crate::ledger::LedgerStats) {
+pub fn encode_ledger(out: &mut String, stats: &crate::budget::ledger::LedgerStats) {
     use std::sync::atomic::Ordering::Relaxed;
     let series = [
         (

@@ -1,140 +1,13 @@
-//! The budget stores: per key id, its limit, what it has spent, and how much of the rest is
-//! leased out to workers. [`MemoryStore`] serves one node (the default); [`valkey::ValkeyStore`]
-//! serves a fleet sharing one Valkey/Redis. Workers never call a store on the request path: their
-//! shards (budget.rs) call it to take a lease and to flush, through the ledger (ledger.rs).
-
-pub mod valkey;
+//! The single-node store: every key's totals in a map behind one mutex, touched only at lease,
+//! flush and admin time (never on the request path).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
+use super::{Clock, Store, StoreError};
 use crate::auth::KeyId;
+use crate::budget::op::{period_of, Account, Applied, Op, Settlement};
 use crate::config::Period;
-
-/// One key's totals, in nano-dollars.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Account {
-    pub limit: u64,
-    pub spent: u64,
-    /// Granted to workers and not yet spent or returned.
-    pub leased: u64,
-}
-
-impl Account {
-    /// Neither spent nor leased.
-    pub fn unleased(&self) -> u64 {
-        self.limit
-            .saturating_sub(self.spent.saturating_add(self.leased))
-    }
-
-    /// What the key may still spend, leases included.
-    pub fn remaining(&self) -> u64 {
-        self.limit.saturating_sub(self.spent)
-    }
-}
-
-/// A worker's flush for one key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Settlement {
-    /// Spend since the last flush.
-    pub spent: u64,
-    /// The part of `spent` that came out of the worker's lease (the rest overran it).
-    pub from_lease: u64,
-    /// Unused lease handed back.
-    pub returned: u64,
-}
-
-impl Settlement {
-    pub fn is_empty(&self) -> bool {
-        *self == Settlement::default()
-    }
-
-    /// Two flushes' worth as one (both not yet applied).
-    pub fn merge(&mut self, other: Settlement) {
-        self.spent = self.spent.saturating_add(other.spent);
-        self.from_lease = self.from_lease.saturating_add(other.from_lease);
-        self.returned = self.returned.saturating_add(other.returned);
-    }
-}
-
-/// Who holds a lease: one worker of one node, `node/worker`. The Valkey store keeps leases and
-/// exactly-once sequence numbers per holder.
-pub type Holder = Arc<str>;
-
-/// A lease asked for: `need` nano-dollars (all or nothing: a partial lease would strand budget
-/// in a worker that cannot use it) plus at most a `parts`-th of what is left beyond it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ask {
-    pub need: u64,
-    pub parts: u64,
-}
-
-/// One worker's change to one key: a settlement, then optionally a lease. The store applies it
-/// atomically, and only if `seq` is newer than the last one it applied for this holder and key,
-/// so a retry or a journal replay cannot apply it twice. An empty op renews the holder's lease.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Op {
-    pub holder: Holder,
-    pub seq: u64,
-    pub key: KeyId,
-    pub settle: Settlement,
-    pub ask: Option<Ask>,
-}
-
-/// What an op did: the lease granted (0 when the need was not there) and the key's new totals.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Applied {
-    pub granted: u64,
-    pub account: Account,
-    /// A worker was refused a lease lately while others held the key's budget: holders should
-    /// hand back what they are not using (so the last dollars are not stranded in busy workers).
-    pub squeezed: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum StoreError {
-    /// The store did not answer (down, unreachable, timed out); nothing is known of the call.
-    #[error("budget store unavailable: {0}")]
-    Unavailable(String),
-    /// The store answered with something this version does not understand.
-    #[error("budget store answered unexpectedly: {0}")]
-    Protocol(String),
-}
-
-/// A budget store. Every call is atomic per key, and together the calls keep
-/// `spent + leased <= limit`, apart from spend beyond a lease (a request that cost more than its
-/// estimate). Calls may block (a network round trip): workers make them only through the ledger.
-pub trait Store: Send + Sync {
-    /// Applies ops in order; one answer per op.
-    fn apply(&self, ops: &[Op]) -> Result<Vec<Applied>, StoreError>;
-    /// The key's totals (a key never seen has its configured or the default limit).
-    fn account(&self, key: KeyId) -> Result<Account, StoreError>;
-    /// Admin: sets the key's limit.
-    fn set_limit(&self, key: KeyId, limit: u64) -> Result<Account, StoreError>;
-    /// Admin: the key's spend back to zero.
-    fn reset(&self, key: KeyId) -> Result<Account, StoreError>;
-    /// Admin: forgets the key's limit and spend (back to its configured or the default limit).
-    fn remove(&self, key: KeyId) -> Result<(), StoreError>;
-    /// Every key the store holds, with its totals.
-    fn accounts(&self) -> Result<Vec<(KeyId, Account)>, StoreError>;
-    /// Whether the store holds the key (it has been used, or given a limit).
-    fn holds(&self, key: KeyId) -> Result<bool, StoreError>;
-    /// Whether the store answers at all (the ledger asks while it has nothing else to send).
-    fn ping(&self) -> Result<(), StoreError> {
-        Ok(())
-    }
-}
-
-/// Seconds since the Unix epoch; a parameter so tests can move time.
-pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
-
-pub fn system_clock() -> Clock {
-    Arc::new(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs())
-    })
-}
 
 /// The single-node store: a map behind one mutex, touched only at lease, flush and admin time.
 pub struct MemoryStore {
@@ -209,39 +82,11 @@ impl MemoryStore {
             return false;
         };
         if refused && entry.account.leased > 0 {
-            entry.squeeze_until = Some(now + valkey::SQUEEZE);
+            entry.squeeze_until = Some(now + super::valkey::SQUEEZE);
         }
         entry.squeeze_until.is_some_and(|until| now < until)
     }
-}
 
-/// Which budget period `unix_secs` falls in: 0 always, the day number, or the month number.
-pub fn period_of(period: Period, unix_secs: u64) -> u64 {
-    let days = unix_secs / 86_400;
-    match period {
-        Period::Never => 0,
-        Period::Daily => days,
-        Period::Monthly => {
-            let (year, month) = civil_year_month(days);
-            year * 12 + month
-        }
-    }
-}
-
-/// Year and month (1-12) of a day count since 1970-01-01 (Howard Hinnant's civil_from_days).
-fn civil_year_month(days: u64) -> (u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z % 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
-    (year, month)
-}
-
-impl MemoryStore {
     /// Leases `need` plus a `slice_parts`-th of what is left beyond it, or nothing.
     pub fn lease(&self, key: KeyId, need: u64, slice_parts: u64) -> (u64, Account) {
         self.with(key, |a| {
@@ -353,6 +198,8 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::budget::store::system_clock;
+    use std::sync::Arc;
 
     fn key(n: u8) -> KeyId {
         KeyId::of(&format!("sk-test-{n}"))
@@ -404,17 +251,6 @@ mod tests {
         now.fetch_add(86_400, Ordering::Relaxed);
         assert_eq!(daily.account(key(9)).spent, 0);
         assert_eq!(monthly.account(key(9)).spent, 7);
-    }
-
-    #[test]
-    fn months_are_calendar_months() {
-        let month = |secs| period_of(Period::Monthly, secs);
-        assert_eq!(civil_year_month(0), (1970, 1));
-        // 2024-02-29 (a leap day) and 2024-03-01.
-        assert_eq!(civil_year_month(19_782), (2024, 2));
-        assert_eq!(civil_year_month(19_783), (2024, 3));
-        assert_ne!(month(1_769_903_940), month(1_769_903_940 + 120));
-        assert_eq!(period_of(Period::Never, 1_769_903_940), 0);
     }
 
     #[test]

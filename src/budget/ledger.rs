@@ -25,8 +25,9 @@ use std::time::{Duration, Instant};
 use futures_channel::{mpsc as async_mpsc, oneshot};
 use serde::{Deserialize, Serialize};
 
+use super::op::{Account, Applied, Holder, Op, Settlement};
+use super::store::{Store, StoreError};
 use crate::auth::KeyId;
-use crate::store::{Account, Applied, Holder, Op, Settlement, Store, StoreError};
 
 /// Messages a worker may have queued for the thread before it must merge instead.
 const CHANNEL_DEPTH: usize = 1024;
@@ -867,8 +868,8 @@ fn sync_dir(path: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::budget::store::{system_clock, MemoryStore};
     use crate::config::Period;
-    use crate::store::{system_clock, MemoryStore};
 
     fn thread(workers: usize) -> (Thread, Vec<Inbox>) {
         let store = Arc::new(MemoryStore::new(
@@ -917,7 +918,7 @@ mod tests {
         }
     }
 
-    use crate::store::Ask;
+    use crate::budget::op::Ask;
 
     #[test]
     fn a_batch_holds_one_op_per_holder_and_key() {
