@@ -43,7 +43,7 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 
 # A fixed numeric uid/gid, so orchestrators can check runAsNonRoot and volumes can be chowned
-# from outside. /var/lib/aura holds the ledger journal (AURA_LEDGER_JOURNAL): created here owned
+# from outside. /var/lib/aura holds the journal (Aura's default AURA_JOURNAL_DIR): created here owned
 # by aura, so a named volume mounted there starts with that owner too.
 RUN groupadd --system --gid 10001 aura \
  && useradd --system --uid 10001 --gid aura --home-dir /var/lib/aura --no-create-home \

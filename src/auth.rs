@@ -51,6 +51,15 @@ impl KeyId {
 }
 
 impl KeyId {
+    /// Its 8 bytes, as the journal keeps them.
+    pub fn to_bytes(self) -> [u8; 8] {
+        self.0
+    }
+
+    pub fn from_bytes(bytes: [u8; 8]) -> KeyId {
+        KeyId(bytes)
+    }
+
     /// From its 16 hex digits, as shown.
     pub fn parse(hex: &str) -> Option<KeyId> {
         if hex.len() != 16 {

@@ -80,6 +80,8 @@ pub const STORE_FAILURE: &str = "AURA_STORE_FAILURE";
 pub const STORE_TIMEOUT_MS: &str = "AURA_STORE_TIMEOUT_MS";
 pub const NODE_ID: &str = "AURA_NODE_ID";
 pub const LEDGER_JOURNAL: &str = "AURA_LEDGER_JOURNAL";
+pub const JOURNAL_DIR: &str = "AURA_JOURNAL_DIR";
+pub const JOURNAL_FSYNC_INTERVAL_MS: &str = "AURA_JOURNAL_FSYNC_INTERVAL_MS";
 pub const SHUTDOWN_GRACE_MS: &str = "AURA_SHUTDOWN_GRACE_MS";
 
 pub const SETTINGS: &[Setting] = &[
@@ -121,7 +123,9 @@ pub const SETTINGS: &[Setting] = &[
     Setting { key: "store_failure", env: &[STORE_FAILURE], help: "with the store unreachable: open admits on the leases in hand, then on the last known spend; closed answers 503 once a key's lease is spent [default: open]" },
     Setting { key: "store_timeout_ms", env: &[STORE_TIMEOUT_MS], help: "longest wait for the valkey store: connect, each call, and a request waiting for a lease [default: 500]" },
     Setting { key: "node_id", env: &[NODE_ID], help: "this node's name in the valkey store (leases and exactly-once sequences are kept per node and worker); unique per node, stable across restarts [default: the host name]" },
-    Setting { key: "ledger_journal", env: &[LEDGER_JOURNAL], help: "file holding spend the valkey store has not yet taken (written while it is unreachable, replayed at start) [default: aura-ledger.journal]" },
+    Setting { key: "journal_dir", env: &[JOURNAL_DIR], help: "directory of the journal: every settled cost is written there before it can be lost to a kill, until the valkey store has it; replayed at the next start; locked by one Aura at a time [default: /var/lib/aura where writable, else $XDG_STATE_HOME/aura or ~/.local/state/aura]" },
+    Setting { key: "journal_fsync_interval_ms", env: &[JOURNAL_FSYNC_INTERVAL_MS], help: "how often the journal is flushed to disk: a power loss (not a kill) can lose at most this much settled spend [default: 1000]" },
+    Setting { key: "ledger_journal", env: &[LEDGER_JOURNAL], help: "replaced by journal_dir (a directory): setting it is an error" },
     Setting { key: "shutdown_grace_ms", env: &[SHUTDOWN_GRACE_MS], help: "on SIGTERM or SIGINT, how long requests in flight may take to finish before spend is flushed and Aura exits (a request cut then is billed its reservation) [default: 20000]" },
 ];
 
@@ -264,7 +268,10 @@ pub struct ValkeySettings {
     pub ca_file: Option<PathBuf>,
     pub timeout: Duration,
     pub node_id: String,
-    pub journal: PathBuf,
+    /// None: the default directory (chosen at start: it depends on what is writable).
+    pub journal_dir: Option<PathBuf>,
+    /// How often the journal is flushed to disk.
+    pub fsync_every: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -479,11 +486,23 @@ impl Parser<'_> {
                 env_names("node_id")
             ));
         }
-        let journal = PathBuf::from(
-            self.values
-                .get("ledger_journal")
-                .map_or("aura-ledger.journal", |j| j.as_str()),
-        );
+        if self.values.contains_key("ledger_journal") {
+            self.errors.push(format!(
+                "ledger_journal ({}) is replaced by journal_dir ({JOURNAL_DIR}), a directory",
+                env_names("ledger_journal")
+            ));
+        }
+        let journal_dir = self
+            .values
+            .get("journal_dir")
+            .map(|d| PathBuf::from(d.trim()))
+            .filter(|d| !d.as_os_str().is_empty());
+        if journal_dir.as_ref().is_some_and(|d| d.is_relative()) {
+            self.errors.push(format!(
+                "journal_dir ({JOURNAL_DIR}) must be an absolute path (a relative one moves with the working directory)"
+            ));
+        }
+        let fsync_every = self.millis("journal_fsync_interval_ms", 1_000);
         if !valkey {
             return StoreKind::Memory;
         }
@@ -496,7 +515,8 @@ impl Parser<'_> {
             ca_file,
             timeout,
             node_id,
-            journal,
+            journal_dir,
+            fsync_every,
         })
     }
 
@@ -511,6 +531,18 @@ impl Parser<'_> {
             return default;
         }
         v
+    }
+
+    /// A limit in dollars, as nano-dollars: at most what a store can hold exactly.
+    fn limit(&mut self, key: &'static str, default: f64) -> u64 {
+        let dollars = self.dollars(key, default);
+        match pricing::limit_nano(dollars) {
+            Ok(nano) => nano,
+            Err(e) => {
+                self.errors.push(format!("{key} ({}): {e}", env_names(key)));
+                pricing::dollars_to_nano(default)
+            }
+        }
     }
 
     fn millis(&mut self, key: &'static str, default: u64) -> Duration {
@@ -578,9 +610,7 @@ impl Parser<'_> {
             inject_stream_usage: self.bool("inject_stream_usage", true),
             log_format,
             budgets: Budgets {
-                default_limit_nano: pricing::dollars_to_nano(
-                    self.dollars("default_limit_dollars", 10.0),
-                ),
+                default_limit_nano: self.limit("default_limit_dollars", 10.0),
                 price_file: self.values.get("price_file").map(PathBuf::from),
                 unknown_model_price: {
                     let input = self.dollars("unknown_model_input_dollars_per_million", 5.0);

@@ -76,6 +76,28 @@ pub fn dollars_to_nano(dollars: f64) -> u64 {
     (dollars * 1e9).round() as u64
 }
 
+/// The largest limit a key may have: $4,000,000. Every total a store keeps (spend, leases, their
+/// sums) then stays below 2^53 nano-dollars, where the Valkey store's Lua numbers (doubles) are
+/// still exact integers; config and the admin API refuse anything larger.
+pub const MAX_LIMIT_NANO: u64 = 4_000_000 * NANO_PER_DOLLAR;
+
+/// A limit in dollars that Aura cannot hold exactly.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("a limit must be between $0 and ${max} (got {got})", max = MAX_LIMIT_NANO / NANO_PER_DOLLAR)]
+pub struct LimitOutOfRange {
+    pub got: f64,
+}
+
+/// A limit in dollars, as nano-dollars, refused when it is not a number between 0 and
+/// [`MAX_LIMIT_NANO`].
+pub fn limit_nano(dollars: f64) -> Result<u64, LimitOutOfRange> {
+    if dollars.is_finite() && dollars >= 0.0 && dollars_to_nano(dollars) <= MAX_LIMIT_NANO {
+        Ok(dollars_to_nano(dollars))
+    } else {
+        Err(LimitOutOfRange { got: dollars })
+    }
+}
+
 /// Nano-dollars to dollars, for answers.
 pub fn nano_to_dollars(nano: u64) -> f64 {
     nano as f64 / 1e9
@@ -393,6 +415,18 @@ mod tests {
             table.merge_litellm(r#"{"m": {"input_cost_per_token": -1}}"#),
             Err(PriceFileError::BadCost(_))
         ));
+    }
+
+    #[test]
+    fn limits_that_cannot_be_held_exactly_are_refused() {
+        assert_eq!(limit_nano(4_000_000.0), Ok(MAX_LIMIT_NANO));
+        assert_eq!(limit_nano(0.0), Ok(0));
+        for bad in [4_000_000.01, 1e10, -1.0, f64::NAN, f64::INFINITY] {
+            let e = limit_nano(bad).unwrap_err();
+            assert!(e.to_string().contains("$4000000"), "{e}");
+        }
+        // Sums of two totals stay exact in doubles.
+        const { assert!(MAX_LIMIT_NANO < 1 << 52) };
     }
 
     #[test]

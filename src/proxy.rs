@@ -98,8 +98,9 @@ pub struct Proxy {
     stopping: Cell<bool>,
 }
 
-/// Everything settle needs to know about one request.
-struct Outcome {
+/// Everything settle needs to know about one request. `'p` is the proxy's: a reservation
+/// borrows its worker's budget shard.
+struct Outcome<'p> {
     route: Route,
     status: Option<StatusCode>,
     model: Option<String>,
@@ -114,8 +115,10 @@ struct Outcome {
     error: Option<Error>,
     /// The caller's key id, once authorized.
     key: Option<KeyId>,
-    /// A billable request's reservation, until settle.
-    bill: Option<Bill>,
+    /// A billable request's reservation, until it is billed.
+    bill: Option<Bill<'p>>,
+    /// What billing charged (set once, before the response's last bytes reach the client).
+    charge: Option<Charge<'p>>,
     /// A virtual key's upstream key: sent instead of the client's.
     upstream_key: Option<Secret>,
     /// De-framed response body bytes relayed.
@@ -124,8 +127,8 @@ struct Outcome {
     abandoned: bool,
 }
 
-impl Outcome {
-    fn new(route: Route) -> Outcome {
+impl<'p> Outcome<'p> {
+    fn new(route: Route) -> Outcome<'p> {
         Outcome {
             route,
             status: None,
@@ -138,6 +141,7 @@ impl Outcome {
             error: None,
             key: None,
             bill: None,
+            charge: None,
             upstream_key: None,
             response_bytes: 0,
             abandoned: false,
@@ -174,7 +178,7 @@ impl Proxy {
     }
 
     /// Who the caller is; a virtual key's upstream key is kept for the upstream request.
-    fn authorize(&self, request: &Request, outcome: &mut Outcome) -> Result<KeyId, Error> {
+    fn authorize(&self, request: &Request, outcome: &mut Outcome<'_>) -> Result<KeyId, Error> {
         let caller = self.directory.authorize(&request.head.headers)?;
         outcome.key = Some(caller.id);
         outcome.upstream_key = caller.upstream_key.cloned();
@@ -214,14 +218,14 @@ impl Proxy {
 
     /// Authorize and admit: the caller's key id reserves the upper estimate of the request's
     /// cost, which settle turns into the real cost.
-    async fn admit(
-        &self,
+    async fn admit<'p>(
+        &'p self,
         request: &Request,
         kind: Billable,
         model: Option<&str>,
         max_tokens: Option<u64>,
         choices: u64,
-        outcome: &mut Outcome,
+        outcome: &mut Outcome<'p>,
     ) -> Result<(), Error> {
         let key = self.authorize(request, outcome)?;
         let (price, _) = self.prices.lookup(model.unwrap_or(""));
@@ -260,7 +264,7 @@ impl Proxy {
         request: &Request,
         keep_alive: bool,
         client: &mut S,
-        outcome: &mut Outcome,
+        outcome: &mut Outcome<'_>,
     ) -> Persist {
         let id = match self.authorize(request, outcome) {
             Ok(id) => id,
@@ -309,12 +313,12 @@ impl Proxy {
         Some(snapshot)
     }
 
-    async fn chat<S: AsyncWriteRent>(
-        &self,
+    async fn chat<'p, S: AsyncWriteRent>(
+        &'p self,
         request: Request,
         keep_alive: bool,
         client: &mut S,
-        outcome: &mut Outcome,
+        outcome: &mut Outcome<'p>,
         started: Instant,
     ) -> Persist {
         if let Some(encoding) = request.head.headers.get(header::CONTENT_ENCODING) {
@@ -371,13 +375,13 @@ impl Proxy {
             .await
     }
 
-    async fn forward<S: AsyncWriteRent>(
-        &self,
+    async fn forward<'p, S: AsyncWriteRent>(
+        &'p self,
         request: Request,
         keep_alive: bool,
         client: &mut S,
         strip_usage_event: bool,
-        outcome: &mut Outcome,
+        outcome: &mut Outcome<'p>,
         started: Instant,
     ) -> Persist {
         let upstream_request = self.upstream_request(&request, outcome.upstream_key.as_ref());
@@ -412,18 +416,17 @@ impl Proxy {
                 },
                 self.timeouts,
                 started,
+                &mut |end: &RelayEnd| {
+                    take_body(end, outcome);
+                    self.bill(outcome);
+                },
             )
             .await;
         self.settle_relay(conn, end, outcome)
     }
 
-    fn settle_relay(&self, conn: Conn, end: RelayEnd, outcome: &mut Outcome) -> Persist {
-        outcome.usage = end.usage.map(|found| {
-            if outcome.model.is_none() || found.model.is_some() {
-                outcome.model = found.model.clone();
-            }
-            found.usage
-        });
+    fn settle_relay(&self, conn: Conn, end: RelayEnd, outcome: &mut Outcome<'_>) -> Persist {
+        take_body(&end, outcome);
         outcome.ttft_overhead = end.first_byte_overhead;
         outcome.ttft = end.ttft;
         outcome.response_bytes = end.body_bytes;
@@ -481,7 +484,7 @@ impl Proxy {
     async fn exchange(
         &self,
         request: Vec<u8>,
-        outcome: &mut Outcome,
+        outcome: &mut Outcome<'_>,
         started: Instant,
     ) -> Result<(Conn, ResponseHead, Vec<u8>), Error> {
         let mut request = request;
@@ -510,12 +513,16 @@ impl Proxy {
         &self,
         mut conn: Conn,
         request: Vec<u8>,
-        outcome: &mut Outcome,
+        outcome: &mut Outcome<'_>,
         started: Instant,
     ) -> Attempt {
         let (written, request) = net::write_all(&mut conn, request).await;
         if written.is_err() {
             return Attempt::DeadBeforeAnswer(request);
+        }
+        // From now on the upstream may be generating (and billing) an answer.
+        if let Some(bill) = outcome.bill.as_mut() {
+            bill.reservation.mark_sent();
         }
         outcome.to_upstream = Some(started.elapsed());
         let mut buf = self.buffers.take();
@@ -558,7 +565,7 @@ impl Proxy {
         client: &mut S,
         error: Error,
         keep_alive: bool,
-        outcome: &mut Outcome,
+        outcome: &mut Outcome<'_>,
     ) -> Persist {
         outcome.status = Some(error.status());
         let written = server::write_error(client, &error, keep_alive).await;
@@ -648,33 +655,12 @@ impl<S: AsyncReadRent + AsyncWriteRent> Handler<S> for Proxy {
 impl Proxy {
     /// The end of every request: its bill (the reservation becomes the real cost), its metrics,
     /// and one access-log record. Health checks and scrapes are neither counted nor logged.
-    fn settle(&self, outcome: &mut Outcome, error: Option<&Error>, started: Instant) {
+    fn settle<'p>(&'p self, outcome: &mut Outcome<'p>, error: Option<&Error>, started: Instant) {
         if matches!(outcome.route, Route::Health | Route::Metrics) {
             return;
         }
-        let charge = outcome.bill.take().map(|bill| {
-            let succeeded = outcome.status.is_some_and(|s| s.is_success());
-            let (price, matched, model) =
-                self.prices.resolve(outcome.model.as_deref().unwrap_or(""));
-            let (cost, basis) = estimate::settle_cost(
-                &price,
-                bill.reservation.amount_nano(),
-                bill.request_bytes,
-                outcome.usage.as_ref(),
-                succeeded,
-                outcome.response_bytes,
-                outcome.abandoned,
-            );
-            let key = bill.reservation.key();
-            self.budget.settle(bill.reservation, cost, Instant::now());
-            Charge {
-                key,
-                model,
-                cost_nano: cost,
-                basis,
-                matched,
-            }
-        });
+        self.bill(outcome);
+        let charge = outcome.charge;
         self.metrics.record(&metrics::Record {
             route: outcome.route.label(),
             status: outcome.status.map(|s| s.as_u16()).unwrap_or(0),
@@ -690,13 +676,48 @@ impl Proxy {
         log_access(outcome, charge, error, started);
     }
 
+    /// A billable request's reservation becomes its cost: the usage reported, priced at the
+    /// response's model, or an estimate. Runs once: before the response's last bytes reach the
+    /// client when the relay completes (so a kill after the client has its answer cannot lose
+    /// the spend), else at the end. A key the upstream refused (401/403) leaves nothing behind.
+    fn bill<'p>(&'p self, outcome: &mut Outcome<'p>) {
+        let Some(bill) = outcome.bill.take() else {
+            return;
+        };
+        let status = outcome.status.map(|s| s.as_u16());
+        if matches!(status, Some(401 | 403)) {
+            bill.reservation.settle_refused_key();
+            return;
+        }
+        let succeeded = outcome.status.is_some_and(|s| s.is_success());
+        let (price, matched, model) = self.prices.resolve(outcome.model.as_deref().unwrap_or(""));
+        let (cost, basis) = estimate::settle_cost(
+            &price,
+            bill.reservation.amount_nano(),
+            bill.request_bytes,
+            outcome.usage.as_ref(),
+            succeeded,
+            outcome.response_bytes,
+            outcome.abandoned,
+        );
+        let key = bill.reservation.key();
+        bill.reservation.settle(cost);
+        outcome.charge = Some(Charge {
+            key,
+            model,
+            cost_nano: cost,
+            basis,
+            matched,
+        });
+    }
+
     /// Any other `/v1/*` route; the ones that report usage are admitted and billed.
-    async fn pass_through<S: AsyncWriteRent>(
-        &self,
+    async fn pass_through<'p, S: AsyncWriteRent>(
+        &'p self,
         request: Request,
         keep_alive: bool,
         client: &mut S,
-        outcome: &mut Outcome,
+        outcome: &mut Outcome<'p>,
         started: Instant,
     ) -> Persist {
         let path = request.head.target.split('?').next().unwrap_or_default();
@@ -732,7 +753,7 @@ impl Proxy {
         request: &Request,
         keep_alive: bool,
         client: &mut S,
-        outcome: &mut Outcome,
+        outcome: &mut Outcome<'_>,
     ) -> Persist {
         let path = request.head.target.split('?').next().unwrap_or_default();
         let answer = match &self.admin_token {
@@ -760,6 +781,17 @@ impl Proxy {
             Err(e) => self.fail(client, e, keep_alive, outcome).await,
         }
     }
+}
+
+/// What the response body told: its usage (and the model that answered), and its size.
+fn take_body(end: &RelayEnd, outcome: &mut Outcome<'_>) {
+    outcome.usage = end.usage.as_ref().map(|found| {
+        if outcome.model.is_none() || found.model.is_some() {
+            outcome.model.clone_from(&found.model);
+        }
+        found.usage
+    });
+    outcome.response_bytes = end.body_bytes;
 }
 
 /// Counts one request in flight while it lives.

@@ -21,12 +21,14 @@ use monoio::net::TcpListener;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::auth::{Directory, KeyId};
-use crate::budget;
-use crate::budget::ledger::{Inbox, Ledger, LedgerThread};
-use crate::budget::store::valkey::ValkeyStore;
-use crate::budget::store::{system_clock, MemoryStore, Store};
+use crate::budget::journal::{self, Journal, WorkerJournal};
+use crate::budget::ledger::{Inbox, Ledger, LedgerSettings, LedgerThread};
+use crate::budget::op::{period_of, KeyLimits};
+use crate::budget::shard::{Shard, ShardSettings};
+use crate::budget::store::valkey::{self, ValkeyStore};
+use crate::budget::store::{system_clock, Clock, MemoryStore, Store};
 use crate::budget::Holder;
-use crate::config::{Config, Limits, StoreKind, Timeouts};
+use crate::config::{Config, Limits, Period, ProcessEnv, StoreKind, Timeouts, ValkeySettings};
 use crate::metrics::{self, Registry};
 use crate::pricing::dollars_to_nano;
 use crate::pricing::PriceTable;
@@ -48,6 +50,8 @@ pub enum StartError {
     PriceFile(String, String),
     #[error("budget store: {0}")]
     Store(String),
+    #[error("{0}")]
+    Journal(#[from] journal::JournalError),
 }
 
 /// The built-in price table, with the configured price file on top.
@@ -146,78 +150,16 @@ pub fn start(config: &Config, resolver: Resolver) -> Result<Running, StartError>
     let registry = Registry::new(listeners.len());
     let prices = Arc::new(load_prices(config)?);
     let budgets = &config.budgets;
-    let limits: HashMap<KeyId, u64> = budgets
+    let per_key: HashMap<KeyId, u64> = budgets
         .keys
         .iter()
         .filter_map(|k| Some((KeyId::of(k.key.expose()), dollars_to_nano(k.limit_dollars?))))
         .collect();
+    let limits = Arc::new(KeyLimits::new(budgets.default_limit_nano, per_key));
     let directory = Arc::new(Directory::new(budgets.key_mode, &budgets.keys));
     registry.set_aliases(directory.aliases());
     let shard_count = listeners.len();
-    let (ledger, mut ledgers): (Option<LedgerThread>, Vec<(Ledger, Option<Inbox>)>) = match &budgets
-        .store
-    {
-        StoreKind::Memory => {
-            let store: Arc<dyn Store> = Arc::new(MemoryStore::new(
-                budgets.default_limit_nano,
-                limits,
-                budgets.period,
-                system_clock(),
-            ));
-            let inline = (0..shard_count)
-                .map(|_| (Ledger::Inline(store.clone()), None))
-                .collect();
-            (None, inline)
-        }
-        StoreKind::Valkey(valkey) => {
-            let store = match &valkey.ca_file {
-                None => ValkeyStore::new(
-                    valkey.url.expose(),
-                    valkey.timeout,
-                    budgets.default_limit_nano,
-                    limits,
-                    budgets.period,
-                    system_clock(),
-                ),
-                Some(path) => {
-                    let pem = std::fs::read(path).map_err(|e| {
-                        StartError::Store(format!("valkey_ca_file {}: {e}", path.display()))
-                    })?;
-                    if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
-                        return Err(StartError::Store(format!(
-                            "valkey_ca_file {}: no PEM certificate in it",
-                            path.display()
-                        )));
-                    }
-                    ValkeyStore::with_ca(
-                        valkey.url.expose(),
-                        pem,
-                        valkey.timeout,
-                        budgets.default_limit_nano,
-                        limits,
-                        budgets.period,
-                        system_clock(),
-                    )
-                }
-            }
-            .map_err(|e| StartError::Store(e.to_string()))?;
-            let (thread, handles) = LedgerThread::start(
-                Arc::new(store),
-                shard_count,
-                valkey.timeout,
-                crate::budget::store::valkey::LEASE_TTL,
-                valkey.journal.clone(),
-            )
-            .map_err(StartError::Thread)?;
-            registry.set_ledger(thread.stats.clone());
-            tracing::info!(node = valkey.node_id.as_str(), journal = %valkey.journal.display(), "budgets in valkey");
-            let remote = handles
-                .into_iter()
-                .map(|(l, inbox)| (l, Some(inbox)))
-                .collect();
-            (Some(thread), remote)
-        }
-    };
+    let clock = system_clock();
     // Holders are `node/boot/worker`: new at every start, so a restarted node neither renews
     // the leases of its previous run (they lapse) nor depends on its clock for sequence
     // numbers, and two nodes given one name by mistake still cannot skip each other's ops.
@@ -228,19 +170,56 @@ pub fn start(config: &Config, resolver: Resolver) -> Result<Running, StartError>
     let boot = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros());
-    let node = format!("{node}/{boot:x}");
+    let boot = format!("{boot:x}");
+    let node = format!("{node}/{boot}");
+    let (ledger, mut ledgers, journal): (_, Vec<(Ledger, Option<Inbox>)>, _) = match &budgets.store
+    {
+        StoreKind::Memory => {
+            let store: Arc<dyn Store> = Arc::new(MemoryStore::new(
+                limits.clone(),
+                budgets.period,
+                clock.clone(),
+            ));
+            let inline = (0..shard_count)
+                .map(|_| (Ledger::Inline(store.clone()), None))
+                .collect();
+            (None, inline, None)
+        }
+        StoreKind::Valkey(settings) => {
+            let (thread, handles, journal) = start_ledger(
+                settings,
+                limits.clone(),
+                budgets.period,
+                clock.clone(),
+                shard_count,
+                Holder::from(format!("{node}/ledger")),
+            )?;
+            registry.set_ledger(thread.stats.clone());
+            let remote = handles
+                .into_iter()
+                .map(|(l, inbox)| (l, Some(inbox)))
+                .collect();
+            (Some(thread), remote, Some(journal))
+        }
+    };
     let shutdown = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::with_capacity(workers);
     for (id, listener) in listeners.into_iter().enumerate() {
         let registry = registry.clone();
         let (ledger, inbox) = ledgers.remove(0);
+        let holder = Holder::from(format!("{node}/{id}"));
         let budget = Budget {
             ledger,
             inbox,
-            holder: Holder::from(format!("{node}/{id}")),
+            journal: journal
+                .as_ref()
+                .map(|j| j.worker(holder.clone(), &format!("{boot}-w{id}"))),
+            holder,
             fail_open: budgets.fail_open,
             prices: prices.clone(),
             directory: directory.clone(),
+            limits: limits.clone(),
+            clock: clock.clone(),
             shards: shard_count,
         };
         let shutdown = shutdown.clone();
@@ -352,14 +331,21 @@ fn run_worker(
                 return;
             }
         };
-        let shard = budget::Shard::new(
+        let shard = Shard::new(
             budget.ledger,
-            budget.holder,
-            budget.shards,
-            budget.fail_open,
-        )
-        // Holders hand back unused lease at their next flush; a refused request waits for it.
-        .with_squeeze_wait(config.budgets.flush_interval * 3);
+            ShardSettings {
+                holder: budget.holder,
+                workers: budget.shards,
+                fail_open: budget.fail_open,
+                period: config.budgets.period,
+                clock: budget.clock,
+                limits: budget.limits,
+                // Holders hand back unused lease at their next flush; a refused request waits
+                // for it.
+                squeeze_wait: config.budgets.flush_interval * 3,
+                journal: budget.journal,
+            },
+        );
         let proxy = Rc::new(Proxy::new(
             upstream,
             &config,
@@ -473,11 +459,85 @@ struct Budget {
     ledger: Ledger,
     /// Answers from the ledger thread (the Valkey store).
     inbox: Option<Inbox>,
+    /// Where settled spend goes first (the Valkey store).
+    journal: Option<WorkerJournal>,
     holder: Holder,
     fail_open: bool,
     prices: Arc<PriceTable>,
     directory: Arc<Directory>,
+    limits: Arc<KeyLimits>,
+    clock: Clock,
     shards: usize,
+}
+
+type LedgerParts = (LedgerThread, Vec<(Ledger, Inbox)>, Arc<Journal>);
+
+/// The Valkey store: its connections (one for ops, one for admin calls), the journal
+/// directory (locked; what an earlier run left there is replayed first), and the ledger thread.
+fn start_ledger(
+    settings: &ValkeySettings,
+    limits: Arc<KeyLimits>,
+    period: Period,
+    clock: Clock,
+    workers: usize,
+    holder: Holder,
+) -> Result<LedgerParts, StartError> {
+    let store = match &settings.ca_file {
+        None => ValkeyStore::new(
+            settings.url.expose(),
+            settings.timeout,
+            limits,
+            period,
+            clock.clone(),
+        ),
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|e| {
+                StartError::Store(format!("valkey_ca_file {}: {e}", path.display()))
+            })?;
+            if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+                return Err(StartError::Store(format!(
+                    "valkey_ca_file {}: no PEM certificate in it",
+                    path.display()
+                )));
+            }
+            ValkeyStore::with_ca(
+                settings.url.expose(),
+                pem,
+                settings.timeout,
+                limits,
+                period,
+                clock.clone(),
+            )
+        }
+    }
+    .map_err(|e| StartError::Store(e.to_string()))?;
+    let dir = settings
+        .journal_dir
+        .clone()
+        .unwrap_or_else(|| journal::default_dir(&ProcessEnv));
+    let journal = Arc::new(Journal::open(&dir)?);
+    let (segments, unreadable) = journal
+        .leftovers()
+        .map_err(|e| StartError::Journal(journal::JournalError::Dir(dir.clone(), e)))?;
+    let mut replay = journal::plan_replay(segments, period_of(period, clock()));
+    replay.unreadable = unreadable;
+    let admin = store.second_connection();
+    let (thread, handles) = LedgerThread::start(LedgerSettings {
+        store: Arc::new(store),
+        admin: Arc::new(admin),
+        workers,
+        timeout: settings.timeout,
+        lease_ttl: valkey::LEASE_TTL,
+        journal: Some(journal.clone()),
+        replay,
+        period,
+        clock,
+        fsync_every: settings.fsync_every,
+        holder,
+    })
+    .map_err(StartError::Thread)?;
+    tracing::info!(node = settings.node_id.as_str(), journal = %dir.display(), "budgets in valkey");
+    Ok((thread, handles, journal))
 }
 
 async fn accept_loop(listener: TcpListener, proxy: Rc<Proxy>, limits: Limits, timeouts: Timeouts) {

@@ -10,14 +10,13 @@
 #[macro_use]
 mod common;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use aura::auth::KeyId;
 use aura::budget::store::valkey::ValkeyStore;
 use aura::budget::store::{system_clock, Store, StoreError};
-use aura::budget::{Ask, Holder, Op, Settlement};
+use aura::budget::{Ask, Holder, KeyLimits, Op, Settlement, Spend};
 use aura::config::Period;
 use common::billing::*;
 use common::valkey::{Valkey, ValkeyCluster};
@@ -40,12 +39,15 @@ on_both_drivers!(
     an_idle_node_reports_whether_its_store_answers,
 );
 
+fn limits(default: u64, keys: &[(KeyId, u64)]) -> std::sync::Arc<KeyLimits> {
+    std::sync::Arc::new(KeyLimits::new(default, keys.iter().copied().collect()))
+}
+
 fn store(valkey: &Valkey, limit: u64) -> ValkeyStore {
     ValkeyStore::new(
         &valkey.url(),
         Duration::from_secs(2),
-        limit,
-        HashMap::new(),
+        limits(limit, &[]),
         Period::Never,
         system_clock(),
     )
@@ -53,18 +55,15 @@ fn store(valkey: &Valkey, limit: u64) -> ValkeyStore {
 }
 
 fn op(holder: &str, seq: u64, key: KeyId, settle: Settlement, ask: Option<Ask>) -> Op {
-    Op {
-        holder: Holder::from(holder),
-        seq,
-        key,
-        settle,
-        ask,
-    }
+    let mut op = Op::new(Holder::from(holder), seq, key, 0);
+    op.settle = settle;
+    op.ask = ask;
+    op
 }
 
 fn spend(spent: u64) -> Settlement {
     Settlement {
-        spent,
+        spent: Spend::of(0, spent),
         ..Settlement::default()
     }
 }
@@ -113,7 +112,7 @@ fn a_retried_lease_ask_gets_its_grant_once() {
     assert_eq!(again.account.leased, 5_500, "and nothing more is leased");
     // Spend from the lease and the rest handed back.
     let settle = Settlement {
-        spent: 1_200,
+        spent: Spend::of(0, 1_200),
         from_lease: 1_200,
         returned: 4_300,
     };
@@ -186,8 +185,7 @@ fn admin_operations_and_configured_limits() {
     let store = ValkeyStore::new(
         &valkey.url(),
         Duration::from_secs(2),
-        1_000,
-        HashMap::from([(configured, 99)]),
+        limits(1_000, &[(configured, 99)]),
         Period::Never,
         system_clock(),
     )
@@ -196,6 +194,9 @@ fn admin_operations_and_configured_limits() {
     assert_eq!(store.account(configured).unwrap().limit, 99);
     assert!(store.holds(configured).unwrap());
     store.apply(&[op("a/0", 1, key, spend(300), None)]).unwrap();
+    store
+        .apply(&[op("a/0", 1, configured, spend(1), None)])
+        .unwrap();
     assert_eq!(store.set_limit(key, 5_000).unwrap().remaining(), 4_700);
     assert_eq!(store.reset(key).unwrap().spent, 0);
     let ids: Vec<KeyId> = store
@@ -233,8 +234,7 @@ fn on_a_cluster_one_batch_reaches_every_slot_and_every_node_is_listed() {
     let store = ValkeyStore::new(
         &cluster.url(),
         Duration::from_secs(2),
-        1_000_000,
-        HashMap::new(),
+        limits(1_000_000, &[]),
         Period::Never,
         system_clock(),
     )
@@ -273,13 +273,33 @@ fn on_a_cluster_one_batch_reaches_every_slot_and_every_node_is_listed() {
 
 // --- the aura binary on Valkey ---
 
+/// A fresh journal directory for one test.
 fn journal(name: &str, driver: Driver) -> PathBuf {
     let path = std::env::temp_dir().join(format!(
         "aura-journal-{}-{name}-{driver:?}",
         std::process::id()
     ));
-    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_dir_all(&path);
     path
+}
+
+/// The spend a journal directory holds (what a replay would apply, were none of it applied).
+fn journaled(dir: &std::path::Path) -> u64 {
+    aura::budget::journal::inspect(dir, 0)
+        .map(|r| r.ops.iter().map(|op| op.settle.spent.total()).sum())
+        .unwrap_or(0)
+}
+
+/// The journal segments in a directory.
+fn segments(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |entries| {
+        entries
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.path().to_string_lossy().ends_with(".seg"))
+            })
+            .count()
+    })
 }
 
 fn on_valkey(
@@ -294,7 +314,7 @@ fn on_valkey(
         .arg("valkey")
         .arg("--valkey-url")
         .arg(&valkey.url())
-        .arg("--ledger-journal")
+        .arg("--journal-dir")
         .arg(journal.to_str().unwrap());
     for (flag, value) in flags {
         launch = launch.arg(flag).arg(value);
@@ -371,7 +391,7 @@ fn spend_is_exact_in_valkey_and_sigterm_returns_every_lease(driver: Driver) {
     let (spent, leased) = valkey.totals(key);
     assert_eq!(spent, want, "spend in the store after SIGTERM");
     assert_eq!(leased, 0, "every lease returned at SIGTERM");
-    assert!(!journal.exists(), "nothing left to journal");
+    assert_eq!(segments(&journal), 0, "nothing left in the journal");
     // The next node sees the same budget.
     let aura = on_valkey(&mock, &valkey, driver, &journal, &[]).start();
     let usage = usage_of(&aura, key);
@@ -439,8 +459,9 @@ fn a_store_outage_loses_no_spend_when_failing_open(driver: Driver) {
         assert_eq!(post(&aura, key, CHAT, &[], STREAM), 200);
     }
     wait_for_store_spend(&valkey, key, mock_spend(&mock));
+    let valkey_spent_before = mock_spend(&mock);
     valkey.stop();
-    // Admitted on the leases in hand, and for a key never seen, on nothing known: open.
+    // Admitted on the leases in hand, and for a key never seen, on its configured limit.
     for _ in 0..4 {
         assert_eq!(post(&aura, key, CHAT, &[], STREAM), 200);
         assert_eq!(post(&aura, key, CHAT, &[], WHOLE), 200);
@@ -448,32 +469,28 @@ fn a_store_outage_loses_no_spend_when_failing_open(driver: Driver) {
     assert_eq!(post(&aura, fresh, CHAT, &[], WHOLE), 200);
     wait_for_metric(&aura, "aura_store_up 0");
     // The undelivered spend is in the journal while the store is away.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !journal.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "no journal at {}",
-            journal.display()
-        );
-        std::thread::park_timeout(Duration::from_millis(20));
-    }
+    let undelivered = mock_spend(&mock) - valkey_spent_before;
+    assert!(
+        journaled(&journal) >= undelivered,
+        "the journal holds {} of the {undelivered} undelivered",
+        journaled(&journal)
+    );
     let usage = aura
         .client()
         .request("GET", "/v1/usage", &[("authorization", &bearer(key))], b"");
     let body = usage.assert_openai_error(503);
     assert_eq!(body["error"]["code"], "budget_store_unavailable");
     valkey.restart();
-    // Every nano-dollar arrives once the store is back, and the journal is cleared.
+    // Every nano-dollar arrives once the store is back.
     let want_fresh = cost(WHOLE.len() as u64 / 4, 5, MINI_IN, MINI_OUT);
     let want = mock_spend(&mock) - want_fresh;
     wait_for_store_spend(&valkey, key, want);
     wait_for_store_spend(&valkey, fresh, want_fresh);
     wait_for_metric(&aura, "aura_store_up 1");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while journal.exists() {
-        assert!(Instant::now() < deadline, "journal never cleared");
-        std::thread::park_timeout(Duration::from_millis(20));
-    }
+    // And a clean stop leaves no journal behind.
+    let mut aura = aura;
+    assert!(aura.terminate(Duration::from_secs(20)).success());
+    assert_eq!(segments(&journal), 0, "the journal is gone once delivered");
     println!(
         "valkey outage: {want} + {want_fresh} nano-dollars delivered after the store came back"
     );
@@ -526,33 +543,14 @@ fn a_killed_nodes_journal_is_replayed_at_its_next_start(driver: Driver) {
         assert_eq!(post(&aura, key, CHAT, &[], WHOLE), 200);
     }
     let want = mock_spend(&mock);
-    // Wait until all of it is journaled, then kill the node without a chance to flush.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let journaled: u64 = std::fs::read_to_string(&journal)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| {
-                serde_json::from_str::<serde_json::Value>(l).unwrap()["spent"]
-                    .as_u64()
-                    .unwrap()
-            })
-            .sum();
-        if journaled == want {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "journal holds {journaled} of {want}"
-        );
-        std::thread::park_timeout(Duration::from_millis(20));
-    }
+    // Each answer was journaled before its client had it all: kill at once, no flush.
+    assert_eq!(journaled(&journal), want, "the journal holds every answer");
     drop(aura); // SIGKILL
     valkey.restart();
     let _next = node(&valkey);
     wait_for_store_spend(&valkey, key, want);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while journal.exists() {
+    while segments(&journal) > 0 {
         assert!(Instant::now() < deadline, "journal never cleared");
         std::thread::park_timeout(Duration::from_millis(20));
     }
@@ -627,7 +625,7 @@ fn a_cluster_keeps_each_key_in_its_slot_and_spend_exact(driver: Driver) {
         .arg("valkey")
         .arg("--valkey-url")
         .arg(&cluster.url())
-        .arg("--ledger-journal")
+        .arg("--journal-dir")
         .arg(journal.to_str().unwrap())
         .start();
     let keys: Vec<String> = (0..6)
@@ -688,7 +686,7 @@ fn an_op_the_store_refuses_is_set_aside_and_holds_up_nothing(driver: Driver) {
     scrape_until(&aura, |t| {
         sample(t, "aura_ledger_rejected_ops_total").is_some_and(|n| n > 0.0)
     });
-    let rejected = journal.with_extension("rejected");
+    let rejected = journal.join(aura::budget::journal::REJECTED_FILE);
     let text = std::fs::read_to_string(&rejected).unwrap();
     assert!(text.contains(&KeyId::of(bad).to_string()), "{text}");
     assert!(
@@ -701,7 +699,7 @@ fn an_op_the_store_refuses_is_set_aside_and_holds_up_nothing(driver: Driver) {
         .query(&mut valkey.connection())
         .unwrap();
     assert_eq!(kind, "string");
-    let _ = std::fs::remove_file(rejected);
+    let _ = std::fs::remove_dir_all(journal);
 }
 
 fn the_store_speaks_tls_and_trusts_only_its_ca(driver: Driver) {
@@ -720,14 +718,14 @@ fn the_store_speaks_tls_and_trusts_only_its_ca(driver: Driver) {
     wait_for_store_spend(&valkey, key, mock_spend(&mock));
     wait_for_metric(&aura, "aura_store_up 1");
     // Without the CA, the system's roots do not trust the test certificate: no store.
-    let untrusting = journal.with_extension("untrusting");
+    let untrusting = journal.join("untrusting");
     let other = on_valkey(&mock, &valkey, driver, &untrusting, &[]).start();
     assert_eq!(post(&other, key, CHAT, &[], WHOLE), 200, "fail-open serves");
     scrape_until(&other, |t| {
         sample(t, "aura_store_errors_total").is_some_and(|n| n > 0.0)
     });
     wait_for_metric(&other, "aura_store_up 0");
-    let _ = std::fs::remove_file(untrusting);
+    let _ = std::fs::remove_dir_all(journal);
 }
 
 fn an_idle_node_reports_whether_its_store_answers(driver: Driver) {

@@ -213,7 +213,7 @@ pub fn aura(
 /// Aura as [`aura`] starts it, with its budgets in a Valkey store: `server` (valkey-server or
 /// redis-server) started first on a free loopback port, no persistence, under the same
 /// `taskset -c CPUS` as Aura when `cpus` is given (it competes with Aura for those cores).
-/// Aura's ledger journal and the server's log go to `dir`, the journal fresh each run.
+/// Aura's journal directory and the server's log go to `dir`, the journal fresh each run.
 #[allow(clippy::too_many_arguments)]
 pub fn aura_valkey(
     bin: &Path,
@@ -227,8 +227,8 @@ pub fn aura_valkey(
     std::fs::create_dir_all(dir)?;
     let dir = std::fs::canonicalize(dir)?;
     let store = valkey(server, &dir, cpus)?;
-    let journal = dir.join("ledger.journal");
-    match std::fs::remove_file(&journal) {
+    let journal = dir.join("journal");
+    match std::fs::remove_dir_all(&journal) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
@@ -252,14 +252,14 @@ pub fn aura_valkey(
     Ok(target)
 }
 
-/// Aura's flags for a Valkey store at `addr`, its ledger journal at `journal`.
+/// Aura's flags for a Valkey store at `addr`, its journal in the directory `journal`.
 pub fn valkey_flags(addr: SocketAddr, journal: &Path) -> Vec<OsString> {
     vec![
         "--store".into(),
         "valkey".into(),
         "--valkey-url".into(),
         format!("redis://{addr}/").into(),
-        "--ledger-journal".into(),
+        "--journal-dir".into(),
         journal.as_os_str().to_owned(),
     ]
 }
@@ -561,7 +561,7 @@ mod tests {
     fn aura_is_pointed_at_the_store_and_the_journal() {
         let flags = valkey_flags(
             "127.0.0.1:6390".parse().unwrap(),
-            Path::new("/tmp/x/ledger.journal"),
+            Path::new("/tmp/x/journal"),
         );
         let flags: Vec<_> = flags.iter().map(|f| f.to_str().unwrap()).collect();
         assert_eq!(
@@ -571,8 +571,8 @@ mod tests {
                 "valkey",
                 "--valkey-url",
                 "redis://127.0.0.1:6390/",
-                "--ledger-journal",
-                "/tmp/x/ledger.journal"
+                "--journal-dir",
+                "/tmp/x/journal"
             ]
         );
     }

@@ -5,38 +5,49 @@
 //! which owns the connection, and get the answers back in their inbox. The thread
 //! - applies ops in the order each worker sent them, pipelined, exactly once (the store checks
 //!   each op's sequence number, so resending after a timeout is harmless);
-//! - keeps undelivered ops queued while the store is down, retries with back-off, and keeps a
-//!   journal file of the spend they carry, replayed at the next start;
+//! - first replays what an earlier run's journal holds (journal.rs), then deletes it;
+//! - keeps undelivered ops queued while the store is down, retries with back-off, and pings
+//!   the store meanwhile so workers learn at once when it is back (they keep their spend,
+//!   journaled, while it is away);
 //! - tells a worker at once when the lease it waits for cannot be had, so the worker can apply
 //!   its failure mode (open or closed) instead of waiting;
-//! - returns a lease granted to a worker that no longer exists.
+//! - notices a store that lost its data (restarted empty) and re-establishes what this node
+//!   knows: the spend it last heard of each key, and (through the workers) their leases;
+//! - fsyncs the workers' journal segments every `journal_fsync_interval_ms`.
 //!
-//! A worker never blocks on the thread: a full channel leaves the spend in the worker, merged
-//! into its next flush.
+//! Admin calls (the admin API, `/v1/usage`) go to a thread of their own with its own
+//! connection, so a long listing never delays a lease ask. A worker never blocks on either
+//! thread: a full channel leaves the spend in the worker, merged into its next flush.
 
-use std::collections::{HashMap, VecDeque};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_channel::{mpsc as async_mpsc, oneshot};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use super::op::{Account, Applied, Holder, Op, Settlement};
-use super::store::{Store, StoreError};
+use super::journal::{Journal, Replay};
+use super::op::{period_of, Account, Applied, Holder, Op, PeriodSpend, Restore};
+use super::store::{Clock, Store, StoreError};
 use crate::auth::KeyId;
+use crate::config::Period;
 
 /// Messages a worker may have queued for the thread before it must merge instead.
 const CHANNEL_DEPTH: usize = 1024;
+/// Admin calls waiting for the admin thread before a new one is refused.
+const ADMIN_DEPTH: usize = 64;
 /// Ops per store call.
 const DELIVER_AT_ONCE: usize = 1024;
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// An idle ledger asks the store whether it answers this often.
 const PING_EVERY: Duration = Duration::from_secs(5);
+/// After a store was found to have lost its data, more answers saying so within this long are
+/// the same loss (every holder of every key finds it once).
+const LOSS_WINDOW: Duration = Duration::from_secs(10);
 
 /// What the ledger thread sends back to a worker.
 #[derive(Debug)]
@@ -63,46 +74,82 @@ pub enum Ledger {
 pub struct Remote {
     worker: usize,
     to_thread: SyncSender<Message>,
+    to_admin: SyncSender<Call>,
     timeout: Duration,
     lease_ttl: Duration,
     last_known: Arc<LastKnown>,
+    stats: Arc<LedgerStats>,
 }
 
 /// The store's last word on each key's totals, from any worker's op on this node: a worker that
-/// has not touched a key itself starts its failure mode from it rather than from nothing.
-/// Written by the ledger thread, read by a worker only while the store is unreachable.
+/// has not touched a key itself starts its failure mode from it rather than from nothing, and a
+/// store that lost its data gets it back. Written by the ledger thread; spend only grows within
+/// a period, so an answer that shows less (a store that came back empty) does not replace it.
 #[derive(Debug, Default)]
-pub struct LastKnown(std::sync::Mutex<HashMap<KeyId, (Account, Instant)>>);
+pub struct LastKnown(std::sync::Mutex<HashMap<KeyId, Known>>);
+
+#[derive(Debug, Clone, Copy)]
+struct Known {
+    account: Account,
+    period: u64,
+    at: Instant,
+}
 
 /// A key not heard of for this long is dropped from [`LastKnown`].
 const FORGET_KNOWN_AFTER: Duration = Duration::from_secs(3600);
 
 impl LastKnown {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<KeyId, (Account, Instant)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<KeyId, Known>> {
         match self.0.lock() {
             Ok(map) => map,
             Err(poisoned) => poisoned.into_inner(),
         }
     }
 
-    pub fn get(&self, key: KeyId) -> Option<Account> {
-        self.lock().get(&key).map(|(account, _)| *account)
+    /// The key's totals and the period their spend is of.
+    pub fn get(&self, key: KeyId) -> Option<(Account, u64)> {
+        self.lock().get(&key).map(|k| (k.account, k.period))
     }
 
-    fn set(&self, key: KeyId, account: Account, now: Instant) {
-        self.lock().insert(key, (account, now));
+    fn set(&self, key: KeyId, account: Account, period: u64, now: Instant) {
+        let mut map = self.lock();
+        let entry = map.entry(key).or_insert(Known {
+            account,
+            period,
+            at: now,
+        });
+        let spent = if entry.period == period {
+            entry.account.spent.max(account.spent)
+        } else if entry.period > period {
+            // An op of an older period (a replay) says nothing of the current one.
+            return;
+        } else {
+            account.spent
+        };
+        *entry = Known {
+            account: Account { spent, ..account },
+            period,
+            at: now,
+        };
     }
 
-    fn add_spent(&self, key: KeyId, spent: u64, now: Instant) {
-        if let Some((account, at)) = self.lock().get_mut(&key) {
-            account.spent = account.spent.saturating_add(spent);
-            *at = now;
+    fn add_spent(&self, key: KeyId, spent: &super::op::Spend, now: Instant) {
+        if let Some(known) = self.lock().get_mut(&key) {
+            known.account.spent = known
+                .account
+                .spent
+                .saturating_add(spent.in_period(known.period));
+            known.at = now;
         }
     }
 
     fn forget_older_than(&self, age: Duration, now: Instant) {
         self.lock()
-            .retain(|_, (_, at)| now.saturating_duration_since(*at) < age);
+            .retain(|_, k| now.saturating_duration_since(k.at) < age);
+    }
+
+    fn all(&self) -> Vec<(KeyId, Known)> {
+        self.lock().iter().map(|(k, v)| (*k, *v)).collect()
     }
 }
 
@@ -116,15 +163,19 @@ pub enum Submitted {
     Full,
 }
 
-/// A store call from a worker: run with the store, or with `None` while the store is known to
-/// be unreachable (it then answers unavailable at once); returns the failure that marks the
-/// store unreachable, if it hit one.
-type Call = Box<dyn FnOnce(Option<&dyn Store>) -> Option<StoreError> + Send>;
+/// An admin call from a worker, run on the admin thread.
+type Call = Box<dyn FnOnce(&dyn Store) + Send>;
 
 enum Message {
-    Ops { worker: usize, ops: Vec<Op> },
-    Call(Call),
-    Finish { deadline: Instant },
+    /// `last`: the worker's final flush; it sends nothing after.
+    Ops {
+        worker: usize,
+        ops: Vec<Op>,
+        last: bool,
+    },
+    Finish {
+        deadline: Instant,
+    },
 }
 
 impl Ledger {
@@ -138,7 +189,7 @@ impl Ledger {
         self.hand_over(ops, true)
     }
 
-    fn hand_over(&self, ops: Vec<Op>, wait_for_room: bool) -> Submitted {
+    fn hand_over(&self, ops: Vec<Op>, last: bool) -> Submitted {
         match self {
             Ledger::Inline(store) => match store.apply(&ops) {
                 Ok(applied) => Submitted::Applied(applied),
@@ -149,8 +200,9 @@ impl Ledger {
                 let message = Message::Ops {
                     worker: remote.worker,
                     ops,
+                    last,
                 };
-                let sent = if wait_for_room {
+                let sent = if last {
                     remote.to_thread.send(message).is_ok()
                 } else {
                     match remote.to_thread.try_send(message) {
@@ -167,7 +219,8 @@ impl Ledger {
         }
     }
 
-    /// Runs `call` on the store: in place, or on the ledger thread within the store timeout.
+    /// Runs an admin call on the store: in place, or on the admin thread (its own connection)
+    /// within the store timeout.
     pub async fn call<T: Send + 'static>(
         &self,
         call: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
@@ -177,22 +230,10 @@ impl Ledger {
             Ledger::Remote(remote) => {
                 let (tx, rx) = oneshot::channel();
                 let job: Call = Box::new(move |store| {
-                    let result = match store {
-                        Some(store) => call(store),
-                        None => Err(StoreError::Unavailable("unreachable, retrying".into())),
-                    };
-                    let failure = match &result {
-                        Err(e @ StoreError::Unavailable(_)) => Some(e.clone()),
-                        _ => None,
-                    };
-                    let _ = tx.send(result);
-                    failure
+                    let _ = tx.send(call(store));
                 });
-                let busy = || StoreError::Unavailable("the ledger is busy".into());
-                remote
-                    .to_thread
-                    .try_send(Message::Call(job))
-                    .map_err(|_| busy())?;
+                let busy = || StoreError::Unavailable("the admin connection is busy".into());
+                remote.to_admin.try_send(job).map_err(|_| busy())?;
                 match monoio::time::timeout(remote.timeout, rx).await {
                     Ok(Ok(answer)) => answer,
                     Ok(Err(_canceled)) => Err(busy()),
@@ -210,8 +251,9 @@ impl Ledger {
         }
     }
 
-    /// The store's last word on `key` from any worker of this node (remote stores only).
-    pub fn last_known(&self, key: KeyId) -> Option<Account> {
+    /// The store's last word on `key` from any worker of this node, and the period of its
+    /// spend (remote stores only).
+    pub fn last_known(&self, key: KeyId) -> Option<(Account, u64)> {
         match self {
             Ledger::Inline(_) => None,
             Ledger::Remote(remote) => remote.last_known.get(key),
@@ -225,6 +267,23 @@ impl Ledger {
             Ledger::Remote(remote) => remote.timeout,
         }
     }
+
+    /// Whether the store answered last time it was asked.
+    pub fn reachable(&self) -> bool {
+        match self {
+            Ledger::Inline(_) => true,
+            Ledger::Remote(remote) => remote.stats.up.load(Ordering::Relaxed) == 1,
+        }
+    }
+
+    /// How many times the store was found to have lost its data (workers then re-establish
+    /// their leases there).
+    pub fn losses(&self) -> u64 {
+        match self {
+            Ledger::Inline(_) => 0,
+            Ledger::Remote(remote) => remote.stats.losses.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// The ledger's health, read by `/metrics`.
@@ -235,62 +294,105 @@ pub struct LedgerStats {
     pub errors: AtomicU64,
     /// Ops waiting for the store.
     pub queued: AtomicU64,
-    /// Ops in the journal file.
-    pub journaled: AtomicU64,
+    /// Ops of an earlier run's journal not yet applied.
+    pub replaying: AtomicU64,
     pub applied: AtomicU64,
     /// Ops the store refused again and again (set aside in the rejected file).
     pub rejected: AtomicU64,
+    /// Times the store was found to have lost its data.
+    pub losses: AtomicU64,
+    /// Accounts found lost (each holder of each key finds it once).
+    pub lost_accounts: AtomicU64,
     /// Sum and count of store round trips, for a mean flush latency.
     pub call_nanos: AtomicU64,
     pub calls: AtomicU64,
+    /// Journal write failures (from the journal).
+    pub journal: std::sync::OnceLock<Arc<Journal>>,
+}
+
+impl LedgerStats {
+    pub fn journal_errors(&self) -> u64 {
+        self.journal
+            .get()
+            .map_or(0, |j| j.errors.load(Ordering::Relaxed))
+    }
+}
+
+/// What the ledger thread is started with.
+pub struct LedgerSettings {
+    /// The store ops go to.
+    pub store: Arc<dyn Store>,
+    /// The same store on a connection of its own, for admin calls.
+    pub admin: Arc<dyn Store>,
+    pub workers: usize,
+    pub timeout: Duration,
+    pub lease_ttl: Duration,
+    /// The workers' journals (their directory), fsynced and cleared by the thread.
+    pub journal: Option<Arc<Journal>>,
+    /// An earlier run's journal, to apply first.
+    pub replay: Replay,
+    pub period: Period,
+    pub clock: Clock,
+    pub fsync_every: Duration,
+    /// The thread's own name in the store (for the ops that re-establish spend after a loss).
+    pub holder: Holder,
 }
 
 /// The running ledger thread.
 pub struct LedgerThread {
     to_thread: SyncSender<Message>,
     thread: std::thread::JoinHandle<()>,
+    admin: std::thread::JoinHandle<()>,
     pub stats: Arc<LedgerStats>,
 }
 
 impl LedgerThread {
-    /// Starts the thread; `workers` inboxes are made, one per worker, returned with their
-    /// handles. Spend journaled by an earlier run is queued first.
+    /// Starts the thread and the admin thread; `workers` inboxes are made, one per worker,
+    /// returned with their handles. Ops of an earlier run's journal are queued first.
     pub fn start(
-        store: Arc<dyn Store>,
-        workers: usize,
-        timeout: Duration,
-        lease_ttl: Duration,
-        journal: PathBuf,
+        settings: LedgerSettings,
     ) -> std::io::Result<(LedgerThread, Vec<(Ledger, Inbox)>)> {
         let (to_thread, from_workers) = mpsc::sync_channel(CHANNEL_DEPTH);
+        let (to_admin, admin_calls) = mpsc::sync_channel::<Call>(ADMIN_DEPTH);
         let last_known = Arc::new(LastKnown::default());
-        let mut inboxes = Vec::with_capacity(workers);
-        let mut handles = Vec::with_capacity(workers);
-        for worker in 0..workers {
+        let stats = Arc::new(LedgerStats::default());
+        if let Some(journal) = &settings.journal {
+            let _ = stats.journal.set(journal.clone());
+        }
+        let mut inboxes = Vec::with_capacity(settings.workers);
+        let mut handles = Vec::with_capacity(settings.workers);
+        for worker in 0..settings.workers {
             let (tx, rx) = async_mpsc::unbounded();
             inboxes.push(tx);
             let ledger = Ledger::Remote(Remote {
                 worker,
                 to_thread: to_thread.clone(),
-                timeout,
-                lease_ttl,
+                to_admin: to_admin.clone(),
+                timeout: settings.timeout,
+                lease_ttl: settings.lease_ttl,
                 last_known: last_known.clone(),
+                stats: stats.clone(),
             });
             handles.push((ledger, rx));
         }
-        let stats = Arc::new(LedgerStats::default());
+        let admin_store = settings.admin;
+        let admin = std::thread::Builder::new()
+            .name("aura-admin".into())
+            .spawn(move || {
+                for call in admin_calls {
+                    call(admin_store.as_ref());
+                }
+            })?;
         let mut state = Thread {
-            store,
+            store: settings.store,
             inboxes,
             queue: VecDeque::new(),
-            last_seq: HashMap::new(),
             retry_at: None,
             backoff: FIRST_BACKOFF,
-            journal: Journal::new(journal),
+            journal: settings.journal,
+            replay_files: Vec::new(),
             stats: stats.clone(),
             last_warning: None,
-            orphans: Vec::new(),
-            finishing: false,
             one_at_a_time: false,
             last_known,
             pruned_at: Instant::now(),
@@ -298,8 +400,17 @@ impl LedgerThread {
             heard_at: Instant::now()
                 .checked_sub(PING_EVERY)
                 .unwrap_or_else(Instant::now),
+            period: settings.period,
+            clock: settings.clock,
+            fsync_every: settings.fsync_every,
+            synced_at: Instant::now(),
+            holder: settings.holder,
+            next_seq: 0,
+            last_loss: None,
+            workers: settings.workers,
+            closed: HashSet::new(),
         };
-        state.replay_journal();
+        state.replay(settings.replay);
         let thread = std::thread::Builder::new()
             .name("aura-ledger".into())
             .spawn(move || state.run(from_workers))?;
@@ -307,23 +418,27 @@ impl LedgerThread {
             LedgerThread {
                 to_thread,
                 thread,
+                admin,
                 stats,
             },
             handles,
         ))
     }
 
-    /// Delivers what is queued, until `deadline` at the latest (then it is journaled), and
-    /// stops the thread. Call after the workers flushed for the last time.
+    /// Delivers what is queued, until `deadline` at the latest (what is left stays in the
+    /// journal), and stops the threads. Call after the workers flushed for the last time.
     pub fn finish(self, deadline: Instant) {
         if self.to_thread.send(Message::Finish { deadline }).is_ok() {
             let _ = self.thread.join();
         }
+        // The admin thread ends once every handle (and so every sender) is gone.
+        drop(self.to_thread);
+        let _ = self.admin;
     }
 }
 
 struct Queued {
-    /// `None` for ops replayed from the journal: their worker is gone.
+    /// `None` for the thread's own ops (a replay, a re-establishment).
     worker: Option<usize>,
     op: Op,
     /// Handed to the store at least once, so it may have been applied: never merged.
@@ -332,6 +447,8 @@ struct Queued {
     told: bool,
     /// Times the store refused this op alone as malformed.
     refusals: u32,
+    /// Part of the replay of an earlier run's journal.
+    replayed: bool,
 }
 
 /// Times the store may refuse one op on its own before it is set aside.
@@ -341,37 +458,48 @@ struct Thread {
     store: Arc<dyn Store>,
     inboxes: Vec<async_mpsc::UnboundedSender<Reply>>,
     queue: VecDeque<Queued>,
-    /// The newest sequence number seen per holder, to return leases of gone workers after it.
-    last_seq: HashMap<Holder, u64>,
     /// Set after a failed delivery: no store call before then.
     retry_at: Option<Instant>,
     backoff: Duration,
-    journal: Journal,
+    journal: Option<Arc<Journal>>,
+    /// The replayed journal's files, deleted once its last op is applied.
+    replay_files: Vec<PathBuf>,
     stats: Arc<LedgerStats>,
     last_warning: Option<Instant>,
-    /// Grants whose worker is gone: returned once every worker has sent its last op.
-    orphans: Vec<(Holder, KeyId, u64)>,
-    /// Every worker has stopped (its last flush is queued).
-    finishing: bool,
     /// After the store refused a batch: ops go one by one to find the one it refuses.
     one_at_a_time: bool,
     last_known: Arc<LastKnown>,
     pruned_at: Instant,
     /// When the store last answered (or was last asked while idle).
     heard_at: Instant,
+    period: Period,
+    clock: Clock,
+    fsync_every: Duration,
+    synced_at: Instant,
+    holder: Holder,
+    next_seq: u64,
+    /// When the store was last found to have lost its data.
+    last_loss: Option<Instant>,
+    workers: usize,
+    /// Workers whose last flush arrived.
+    closed: HashSet<usize>,
 }
 
 impl Thread {
     fn run(mut self, from_workers: Receiver<Message>) {
         let mut finish_by: Option<Instant> = None;
         loop {
+            let now = Instant::now();
             let mut wait = match (self.queue.is_empty(), self.retry_at) {
-                (true, _) => Duration::from_secs(1),
+                (true, None) => Duration::from_secs(1),
                 (false, None) => Duration::ZERO,
-                (false, Some(at)) => at.saturating_duration_since(Instant::now()),
+                (_, Some(at)) => at.saturating_duration_since(now),
             };
+            if self.journal.is_some() {
+                wait = wait.min((self.synced_at + self.fsync_every).saturating_duration_since(now));
+            }
             if let Some(deadline) = finish_by {
-                wait = wait.min(deadline.saturating_duration_since(Instant::now()));
+                wait = wait.min(deadline.saturating_duration_since(now));
             }
             let first = match from_workers.recv_timeout(wait) {
                 Ok(message) => Some(message),
@@ -383,85 +511,128 @@ impl Thread {
             };
             for message in first.into_iter().chain(from_workers.try_iter()) {
                 match message {
-                    Message::Ops { worker, ops } => self.enqueue(Some(worker), ops),
-                    Message::Call(call) => self.call(call),
-                    Message::Finish { deadline } => {
-                        finish_by = Some(deadline);
-                        self.finishing = true;
+                    Message::Ops { worker, ops, last } => {
+                        self.enqueue(Some(worker), ops, false);
+                        if last {
+                            self.closed.insert(worker);
+                        }
                     }
+                    Message::Finish { deadline } => finish_by = Some(deadline),
                 }
-            }
-            if self.finishing {
-                self.return_orphans();
             }
             if self.retry_at.is_none_or(|at| Instant::now() >= at) {
                 self.deliver();
                 self.ping_when_idle();
             }
+            self.sync_journal(false);
             if let Some(deadline) = finish_by {
                 if self.queue.is_empty() || Instant::now() >= deadline {
-                    self.journal_queue();
-                    if !self.queue.is_empty() {
-                        tracing::warn!(
-                            ops = self.queue.len(),
-                            journal = %self.journal.path.display(),
-                            "budget store unreachable at shutdown: spend kept in the journal"
-                        );
-                    }
+                    self.sync_journal(true);
+                    self.finish();
                     return;
                 }
             }
         }
     }
 
-    /// With nothing to send for a while, asks the store whether it answers, so `aura_store_up`
-    /// tells the truth on an idle node and an outage is seen before traffic needs the store.
+    /// The end: with everything delivered and every worker's last flush in, this run's
+    /// journal is no longer needed; otherwise it stays for the next start.
+    fn finish(&mut self) {
+        let Some(journal) = &self.journal else {
+            return;
+        };
+        if self.queue.is_empty() && self.closed.len() == self.workers {
+            journal.remove_live();
+        } else {
+            tracing::warn!(
+                ops = self.queue.len(),
+                journal = %journal.dir().display(),
+                "budget store unreachable at shutdown: spend kept in the journal, replayed at the next start"
+            );
+        }
+    }
+
+    fn sync_journal(&mut self, now_anyway: bool) {
+        let Some(journal) = &self.journal else {
+            return;
+        };
+        if now_anyway || self.synced_at.elapsed() >= self.fsync_every {
+            journal.sync();
+            self.synced_at = Instant::now();
+        }
+    }
+
+    fn period_now(&self) -> u64 {
+        period_of(self.period, (self.clock)())
+    }
+
+    /// Queues an earlier run's journal ahead of everything else.
+    fn replay(&mut self, replay: Replay) {
+        for path in &replay.unreadable {
+            tracing::error!(file = %path.display(), "journal segment unreadable (not Aura's, or damaged): left in place");
+        }
+        if replay.ops.is_empty() {
+            if let Some(journal) = &self.journal {
+                journal.remove(&replay.files);
+            }
+            return;
+        }
+        let spent: u64 = replay.ops.iter().map(|op| op.settle.spent.total()).sum();
+        tracing::info!(
+            ops = replay.ops.len(),
+            spent_nano = spent,
+            files = replay.files.len(),
+            "replaying the journal of an earlier run"
+        );
+        self.replay_files = replay.files;
+        self.stats
+            .replaying
+            .store(replay.ops.len() as u64, Ordering::Relaxed);
+        self.enqueue(None, replay.ops, true);
+    }
+
+    /// With nothing to send for a while, or while the store is away, asks the store whether it
+    /// answers, so `aura_store_up` tells the truth on an idle node, an outage is seen before
+    /// traffic needs the store, and workers hand their spend over as soon as it is back.
     fn ping_when_idle(&mut self) {
         let now = Instant::now();
-        if !self.queue.is_empty() || now.saturating_duration_since(self.heard_at) < PING_EVERY {
+        let down = self.retry_at.is_some();
+        if !self.queue.is_empty()
+            || (!down && now.saturating_duration_since(self.heard_at) < PING_EVERY)
+        {
             return;
         }
         self.heard_at = now;
         match self.store.ping() {
-            Ok(()) => {
-                if self.retry_at.take().is_some() {
-                    tracing::info!("budget store reachable again");
-                }
-                self.backoff = FIRST_BACKOFF;
-                self.stats.up.store(1, Ordering::Relaxed);
-            }
+            Ok(()) => self.reachable_again(),
             Err(error) => self.failed(&error),
         }
     }
 
-    /// Runs a worker's store call, unless the store is known to be down (back-off running):
-    /// then it is answered unavailable at once, so calls cannot hold up the queue.
-    fn call(&mut self, call: Call) {
-        let down = self.retry_at.is_some_and(|at| Instant::now() < at);
-        if down {
-            call(None);
-        } else if let Some(error) = call(Some(self.store.as_ref())) {
-            self.failed(&error);
+    fn reachable_again(&mut self) {
+        if self.retry_at.take().is_some() {
+            tracing::info!("budget store reachable again");
         }
+        self.backoff = FIRST_BACKOFF;
+        self.stats.up.store(1, Ordering::Relaxed);
+        self.heard_at = Instant::now();
     }
 
-    fn enqueue(&mut self, worker: Option<usize>, ops: Vec<Op>) {
-        // Replayed ops may have been applied before the journal was written: never merged.
-        let sent = worker.is_none();
+    fn enqueue(&mut self, worker: Option<usize>, ops: Vec<Op>, replayed: bool) {
         let now = Instant::now();
         for op in ops {
-            if op.settle.spent > 0 {
+            if !replayed && !op.settle.spent.is_empty() {
                 // Spend on its way counts now in what this node knows of the key.
-                self.last_known.add_spent(op.key, op.settle.spent, now);
+                self.last_known.add_spent(op.key, &op.settle.spent, now);
             }
-            let last = self.last_seq.entry(op.holder.clone()).or_default();
-            *last = (*last).max(op.seq);
             self.queue.push_back(Queued {
                 worker,
                 op,
-                sent,
+                // Replayed ops may have been applied before: never merged.
+                sent: replayed,
                 told: false,
                 refusals: 0,
+                replayed,
             });
         }
         if self.retry_at.is_some_and(|at| Instant::now() < at) {
@@ -490,12 +661,7 @@ impl Thread {
                     for (queued, applied) in done.into_iter().zip(applied) {
                         self.answer(queued, applied);
                     }
-                    if self.retry_at.take().is_some() {
-                        tracing::info!("budget store reachable again");
-                    }
-                    self.backoff = FIRST_BACKOFF;
-                    self.stats.up.store(1, Ordering::Relaxed);
-                    self.heard_at = Instant::now();
+                    self.reachable_again();
                 }
                 Err(StoreError::Protocol(message)) if n > 1 => {
                     // The store answered, but refused something in the batch: find it.
@@ -525,12 +691,6 @@ impl Thread {
         }
         self.one_at_a_time = false;
         self.stats.queued.store(0, Ordering::Relaxed);
-        if self.journal.written {
-            match self.journal.clear() {
-                Ok(()) => self.stats.journaled.store(0, Ordering::Relaxed),
-                Err(e) => tracing::error!(error = %e, "cannot clear the ledger journal"),
-            }
-        }
     }
 
     /// How many ops from the head go in one store call: at most one per holder and key, so a
@@ -540,7 +700,7 @@ impl Thread {
         if self.one_at_a_time {
             return 1;
         }
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = HashSet::new();
         self.queue
             .iter()
             .take(DELIVER_AT_ONCE)
@@ -553,82 +713,117 @@ impl Thread {
     /// kept in the rejected file for an operator, so the ops behind it are not held up.
     fn set_aside(&mut self, refused: Queued, message: &str) {
         self.stats.rejected.fetch_add(1, Ordering::Relaxed);
-        let entry = JournalEntry::of(&refused.op);
-        let path = self.journal.path.with_extension("rejected");
+        let entry = SetAside::of(&refused.op);
         tracing::error!(
             %message,
             key_id = %refused.op.key,
-            spent_nano = entry.spent,
-            file = %path.display(),
+            spent_nano = refused.op.settle.spent.total(),
             "budget store refused an op repeatedly; set aside"
         );
         let line = serde_json::to_string(&entry).unwrap_or_default();
-        let written = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .and_then(|mut f| writeln!(f, "{line}").and_then(|()| f.sync_data()));
+        let written = match &self.journal {
+            Some(journal) => journal.set_aside(&line),
+            None => Err(std::io::Error::other("no journal directory")),
+        };
         if let Err(e) = written {
             tracing::error!(error = %e, %line, "cannot write the rejected op; it is in this log line only");
+        }
+        if refused.replayed {
+            self.replayed_one();
         }
         if let Some(inbox) = refused.worker.and_then(|w| self.inboxes.get(w)) {
             let _ = inbox.unbounded_send(Reply::Dropped { op: refused.op });
         }
     }
 
+    /// One op of the replay is done; the last one lets its files go.
+    fn replayed_one(&mut self) {
+        let left = self
+            .stats
+            .replaying
+            .load(Ordering::Relaxed)
+            .saturating_sub(1);
+        self.stats.replaying.store(left, Ordering::Relaxed);
+        if left == 0 {
+            if let Some(journal) = &self.journal {
+                journal.remove(&self.replay_files);
+                tracing::info!(files = self.replay_files.len(), "journal replayed");
+            }
+            self.replay_files.clear();
+        }
+    }
+
     fn answer(&mut self, queued: Queued, applied: Applied) {
         let now = Instant::now();
-        self.last_known.set(queued.op.key, applied.account, now);
+        if applied.lost {
+            self.store_lost_data(now);
+        } else {
+            self.last_known
+                .set(queued.op.key, applied.account, queued.op.period, now);
+        }
         if now.saturating_duration_since(self.pruned_at) >= Duration::from_secs(60) {
             self.pruned_at = now;
             self.last_known.forget_older_than(FORGET_KNOWN_AFTER, now);
         }
+        if queued.replayed {
+            self.replayed_one();
+        }
         let Some(worker) = queued.worker else {
             return;
         };
-        let granted = applied.granted;
-        let holder = queued.op.holder.clone();
-        let key = queued.op.key;
         let reply = Reply::Applied {
             op: queued.op,
             applied,
         };
-        let delivered = self
-            .inboxes
-            .get(worker)
-            .is_some_and(|inbox| inbox.unbounded_send(reply).is_ok());
-        if !delivered && granted > 0 {
-            // The worker is gone: its grant goes back, after its last flush.
-            self.orphans.push((holder, key, granted));
-            if self.finishing {
-                self.return_orphans();
+        // A worker that is gone closed its leases in its last op.
+        if let Some(inbox) = self.inboxes.get(worker) {
+            if inbox.unbounded_send(reply).is_err() {
+                tracing::debug!(worker, "an answer for a worker that has stopped");
             }
         }
     }
 
-    /// Returns the grants of gone workers, numbered after each worker's last op. Only once
-    /// every worker has stopped: before, a worker's last flush could still be on its way
-    /// with the same sequence number.
-    fn return_orphans(&mut self) {
-        for (holder, key, granted) in std::mem::take(&mut self.orphans) {
-            let last = self.last_seq.entry(holder.clone()).or_default();
-            *last += 1;
-            let op = Op {
-                holder,
-                seq: *last,
-                key,
-                settle: Settlement {
-                    returned: granted,
-                    ..Settlement::default()
-                },
-                ask: None,
-            };
+    /// The store answered an op as if it had never heard of a holder that it had: it lost its
+    /// data (restarted without persistence, flushed). Said loudly once per loss; what this node
+    /// knows goes back: the spend it last heard of each key (the store keeps the largest floor
+    /// any node gives it, plus what was spent since), the limits it last heard, and, through
+    /// the workers (who watch `losses`), their leases.
+    fn store_lost_data(&mut self, now: Instant) {
+        self.stats.lost_accounts.fetch_add(1, Ordering::Relaxed);
+        if self
+            .last_loss
+            .is_some_and(|t| now.saturating_duration_since(t) < LOSS_WINDOW)
+        {
+            return;
+        }
+        self.last_loss = Some(now);
+        self.stats.losses.fetch_add(1, Ordering::Relaxed);
+        let known = self.last_known.all();
+        tracing::error!(
+            keys = known.len(),
+            "BUDGET STORE LOST ITS DATA (restarted without persistence, or flushed): spend, leases and admin limits were gone; re-establishing what this node knows. Configure Valkey persistence (appendonly yes) to avoid this"
+        );
+        let period = self.period_now();
+        for (key, known) in known {
+            self.next_seq += 1;
+            let mut op = Op::new(self.holder.clone(), self.next_seq, key, period);
+            op.restore = Some(Restore {
+                held: None,
+                floor: (known.period == period).then_some(PeriodSpend {
+                    period,
+                    nano: known.account.spent,
+                }),
+                limit: Some(known.account.limit),
+            });
+            // The thread's own name holds no lease: its ops close nothing that exists.
+            op.close = true;
             self.queue.push_back(Queued {
                 worker: None,
                 op,
                 sent: false,
                 told: false,
                 refusals: 0,
+                replayed: false,
             });
         }
     }
@@ -650,7 +845,6 @@ impl Thread {
         self.retry_at = Some(now + self.backoff);
         self.tell_askers();
         self.coalesce();
-        self.journal_queue();
         self.stats
             .queued
             .store(self.queue.len() as u64, Ordering::Relaxed);
@@ -671,254 +865,109 @@ impl Thread {
         }
     }
 
-    /// While the store is down, settlements never sent merge per holder and key into the
-    /// newest one (which keeps its newer sequence number), so the queue stays as small as the
-    /// set of active keys however long the outage lasts.
+    /// While the store is down, plain settlements never sent merge per holder and key into the
+    /// next one (which keeps its newer sequence number), so the queue stays as small as the set
+    /// of active keys. Only an unbroken run of such ops merges: one carried past another op of
+    /// the same holder and key (an ask, a close) would be applied after an op numbered above it,
+    /// and a journal replay would then skip its spend as already applied.
     fn coalesce(&mut self) {
-        let mergeable = |q: &Queued| !q.sent && q.op.ask.is_none();
-        let mut newest: HashMap<(Holder, KeyId), usize> = HashMap::new();
-        for (i, q) in self.queue.iter().enumerate() {
-            if mergeable(q) {
-                newest.insert((q.op.holder.clone(), q.op.key), i);
-            }
-        }
-        let mut carried: HashMap<(Holder, KeyId), Settlement> = HashMap::new();
+        let mergeable = |q: &Queued| {
+            !q.sent && q.op.ask.is_none() && q.op.restore.is_none() && !q.op.close && !q.op.forget
+        };
         let queue = std::mem::take(&mut self.queue);
-        for (i, mut q) in queue.into_iter().enumerate() {
+        let mut merged: Vec<Option<Queued>> = Vec::with_capacity(queue.len());
+        // The position in `merged` of the latest op of each holder and key.
+        let mut latest: HashMap<(Holder, KeyId), usize> = HashMap::new();
+        for mut q in queue {
+            let id = (q.op.holder.clone(), q.op.key);
             if mergeable(&q) {
-                let id = (q.op.holder.clone(), q.op.key);
-                if newest.get(&id) != Some(&i) {
-                    carried.entry(id).or_default().merge(q.op.settle);
-                    continue;
-                }
-                if let Some(earlier) = carried.remove(&id) {
-                    q.op.settle.merge(earlier);
-                }
-            }
-            self.queue.push_back(q);
-        }
-    }
-
-    /// Writes the spend of every queued op to the journal (replacing it).
-    fn journal_queue(&mut self) {
-        let entries: Vec<JournalEntry> = self
-            .queue
-            .iter()
-            .filter(|q| !q.op.settle.is_empty())
-            .map(|q| JournalEntry::of(&q.op))
-            .collect();
-        if entries.is_empty() && !self.journal.written {
-            return;
-        }
-        match self.journal.write(&entries) {
-            Ok(()) => self
-                .stats
-                .journaled
-                .store(entries.len() as u64, Ordering::Relaxed),
-            Err(e) => tracing::error!(
-                error = %e,
-                journal = %self.journal.path.display(),
-                "cannot write the ledger journal: undelivered spend is only in memory"
-            ),
-        }
-    }
-
-    fn replay_journal(&mut self) {
-        match self.journal.read() {
-            Ok((ops, bad)) => {
-                if bad > 0 {
-                    tracing::error!(lines = bad, "ledger journal lines unreadable, skipped");
-                }
-                if !ops.is_empty() {
-                    tracing::info!(ops = ops.len(), "replaying the ledger journal");
-                    self.journal.written = true;
-                    self.stats
-                        .journaled
-                        .store(ops.len() as u64, Ordering::Relaxed);
-                    self.enqueue(None, ops);
+                let earlier = latest
+                    .get(&id)
+                    .and_then(|&at| merged.get_mut(at))
+                    .filter(|slot| slot.as_ref().is_some_and(mergeable))
+                    .and_then(Option::take);
+                if let Some(earlier) = earlier {
+                    q.op.settle.merge(&earlier.op.settle);
                 }
             }
-            Err(e) => tracing::error!(
-                error = %e,
-                journal = %self.journal.path.display(),
-                "cannot read the ledger journal"
-            ),
+            latest.insert(id, merged.len());
+            merged.push(Some(q));
         }
+        self.queue = merged.into_iter().flatten().collect();
     }
 }
 
-/// Spend not yet in the store, one JSON object per line; the whole file is rewritten (through a
-/// temporary file and a rename) so it always holds exactly the undelivered queue.
-struct Journal {
-    path: PathBuf,
-    /// The file exists with entries the store may not have.
-    written: bool,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct JournalEntry {
+/// An op set aside, as the rejected file keeps it (key id and amounts, never the key).
+#[derive(Debug, Serialize)]
+struct SetAside {
     holder: String,
     seq: u64,
     key: String,
-    spent: u64,
+    spent: Vec<(u64, u64)>,
     from_lease: u64,
     returned: u64,
 }
 
-impl JournalEntry {
-    fn of(op: &Op) -> JournalEntry {
-        JournalEntry {
+impl SetAside {
+    fn of(op: &Op) -> SetAside {
+        SetAside {
             holder: op.holder.to_string(),
             seq: op.seq,
             key: op.key.to_string(),
-            spent: op.settle.spent,
+            spent: op.settle.spent.iter().map(|p| (p.period, p.nano)).collect(),
             from_lease: op.settle.from_lease,
             returned: op.settle.returned,
         }
-    }
-
-    fn op(self) -> Option<Op> {
-        Some(Op {
-            holder: Holder::from(self.holder),
-            seq: self.seq,
-            key: KeyId::parse(&self.key)?,
-            settle: Settlement {
-                spent: self.spent,
-                from_lease: self.from_lease,
-                returned: self.returned,
-            },
-            ask: None,
-        })
-    }
-}
-
-impl Journal {
-    fn new(path: PathBuf) -> Journal {
-        Journal {
-            path,
-            written: false,
-        }
-    }
-
-    fn write(&mut self, entries: &[JournalEntry]) -> std::io::Result<()> {
-        let tmp = self.path.with_extension("tmp");
-        {
-            let mut file = std::fs::File::create(&tmp)?;
-            let mut text = String::new();
-            for entry in entries {
-                text.push_str(&serde_json::to_string(entry).map_err(std::io::Error::other)?);
-                text.push('\n');
-            }
-            file.write_all(text.as_bytes())?;
-            file.sync_data()?;
-        }
-        std::fs::rename(&tmp, &self.path)?;
-        sync_dir(&self.path);
-        self.written = !entries.is_empty();
-        if !self.written {
-            std::fs::remove_file(&self.path)?;
-        }
-        Ok(())
-    }
-
-    fn clear(&mut self) -> std::io::Result<()> {
-        match std::fs::remove_file(&self.path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        sync_dir(&self.path);
-        self.written = false;
-        Ok(())
-    }
-
-    /// The journaled ops and how many lines could not be read.
-    fn read(&self) -> std::io::Result<(Vec<Op>, usize)> {
-        let text = match std::fs::read_to_string(&self.path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
-            Err(e) => return Err(e),
-        };
-        let mut ops = Vec::new();
-        let mut bad = 0;
-        for line in text.lines().filter(|l| !l.trim().is_empty()) {
-            match serde_json::from_str::<JournalEntry>(line)
-                .ok()
-                .and_then(JournalEntry::op)
-            {
-                Some(op) => ops.push(op),
-                None => bad += 1,
-            }
-        }
-        Ok((ops, bad))
-    }
-}
-
-/// Makes a rename or removal durable (best effort: some filesystems refuse a directory fsync).
-fn sync_dir(path: &Path) {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    if let Ok(dir) = std::fs::File::open(dir) {
-        let _ = dir.sync_all();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::budget::op::{Ask, KeyLimits, Spend};
     use crate::budget::store::{system_clock, MemoryStore};
-    use crate::config::Period;
 
     fn thread(workers: usize) -> (Thread, Vec<Inbox>) {
         let store = Arc::new(MemoryStore::new(
-            1_000_000,
-            HashMap::new(),
+            Arc::new(KeyLimits::new(1_000_000, HashMap::new())),
             Period::Never,
             system_clock(),
         ));
         let (senders, receivers): (Vec<_>, Vec<_>) =
             (0..workers).map(|_| async_mpsc::unbounded()).unzip();
-        let path = std::env::temp_dir().join(format!(
-            "aura-ledger-test-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
         let thread = Thread {
             store,
             inboxes: senders,
             queue: VecDeque::new(),
-            last_seq: HashMap::new(),
             retry_at: None,
             backoff: FIRST_BACKOFF,
-            journal: Journal::new(path),
+            journal: None,
+            replay_files: Vec::new(),
             stats: Arc::new(LedgerStats::default()),
             last_warning: None,
-            orphans: Vec::new(),
-            finishing: false,
             one_at_a_time: false,
             last_known: Arc::new(LastKnown::default()),
             pruned_at: Instant::now(),
             heard_at: Instant::now(),
+            period: Period::Never,
+            clock: system_clock(),
+            fsync_every: Duration::from_secs(1),
+            synced_at: Instant::now(),
+            holder: Holder::from("n/b/ledger"),
+            next_seq: 0,
+            last_loss: None,
+            workers,
+            closed: HashSet::new(),
         };
         (thread, receivers)
     }
 
     fn op(holder: &str, seq: u64, key: &str, spent: u64, ask: Option<Ask>) -> Op {
-        Op {
-            holder: Holder::from(holder),
-            seq,
-            key: KeyId::of(key),
-            settle: Settlement {
-                spent,
-                ..Settlement::default()
-            },
-            ask,
-        }
+        let mut op = Op::new(Holder::from(holder), seq, KeyId::of(key), 0);
+        op.settle.spent = Spend::of(0, spent);
+        op.ask = ask;
+        op
     }
-
-    use crate::budget::op::Ask;
 
     #[test]
     fn a_batch_holds_one_op_per_holder_and_key() {
@@ -933,6 +982,7 @@ mod tests {
                 // The same holder and key again: a retried batch must not hold both.
                 op("n/0", 3, "sk-a", 3, None),
             ],
+            false,
         );
         assert_eq!(t.batch_len(), 3);
         t.one_at_a_time = true;
@@ -943,69 +993,106 @@ mod tests {
     fn unsent_spend_merges_into_the_newest_op_but_replayed_or_sent_ops_never_merge() {
         let (mut t, _inboxes) = thread(1);
         // Replayed from a journal: may have been applied already.
-        t.enqueue(None, vec![op("n/0", 1, "sk-a", 100, None)]);
+        t.enqueue(None, vec![op("n/0", 1, "sk-a", 100, None)], true);
         t.enqueue(
             Some(0),
             vec![
                 op("n/0", 2, "sk-a", 10, None),
                 op("n/0", 3, "sk-a", 20, None),
             ],
+            false,
         );
         t.coalesce();
         let left: Vec<(u64, u64)> = t
             .queue
             .iter()
-            .map(|q| (q.op.seq, q.op.settle.spent))
+            .map(|q| (q.op.seq, q.op.settle.spent.total()))
             .collect();
         assert_eq!(left, vec![(1, 100), (3, 30)]);
     }
 
+    /// Spend carried past an ask of the same holder and key would be applied after an op
+    /// numbered above it: a replay after a kill would skip it as applied.
     #[test]
-    fn a_gone_workers_grant_is_returned_after_its_last_op() {
-        let (mut t, inboxes) = thread(1);
-        drop(inboxes);
-        let ask = Some(Ask { need: 5, parts: 1 });
-        t.enqueue(Some(0), vec![op("n/0", 7, "sk-a", 0, ask)]);
-        t.deliver();
-        assert!(
-            t.queue.is_empty(),
-            "the grant waits until every worker has stopped"
-        );
-        assert_eq!(t.orphans.len(), 1);
-        // The worker's last flush arrives after the grant was answered.
-        t.enqueue(Some(0), vec![op("n/0", 8, "sk-a", 4, None)]);
-        t.finishing = true;
-        t.return_orphans();
-        let seqs: Vec<u64> = t.queue.iter().map(|q| q.op.seq).collect();
-        assert_eq!(
-            seqs,
-            vec![8, 9],
-            "the return is numbered after the last flush"
-        );
-        t.deliver();
-        let account = t.store.account(KeyId::of("sk-a")).unwrap();
-        assert_eq!((account.spent, account.leased), (4, 0));
-    }
-
-    #[test]
-    fn the_journal_holds_exactly_the_undelivered_spend_and_reads_back() {
+    fn spend_never_merges_past_another_op_of_its_key() {
         let (mut t, _inboxes) = thread(1);
+        let ask = Some(Ask { need: 5, parts: 2 });
         t.enqueue(
             Some(0),
             vec![
-                op("n/0", 1, "sk-a", 10, None),
-                op("n/0", 2, "sk-b", 0, None),
+                op("n/0", 5, "sk-a", 10, None),
+                op("n/0", 6, "sk-b", 1, None),
+                op("n/0", 7, "sk-a", 0, ask),
+                op("n/0", 8, "sk-a", 20, None),
+                op("n/0", 9, "sk-a", 30, None),
+                op("n/0", 10, "sk-b", 2, None),
             ],
+            false,
         );
-        t.journal_queue();
-        let (ops, bad) = t.journal.read().unwrap();
-        assert_eq!(bad, 0);
+        t.coalesce();
+        let left: Vec<(u64, u64)> = t
+            .queue
+            .iter()
+            .map(|q| (q.op.seq, q.op.settle.spent.total()))
+            .collect();
+        assert_eq!(left, vec![(5, 10), (7, 0), (9, 50), (10, 3)]);
+    }
+
+    #[test]
+    fn what_a_node_last_heard_does_not_shrink_within_a_period() {
+        let known = LastKnown::default();
+        let key = KeyId::of("sk-a");
+        let now = Instant::now();
+        let account = |spent| Account {
+            limit: 100,
+            spent,
+            leased: 0,
+        };
+        known.set(key, account(50), 7, now);
+        // A store that came back empty answers less: the node keeps what it knew.
+        known.set(key, account(3), 7, now);
+        assert_eq!(known.get(key), Some((account(50), 7)));
+        // An older period's answer (a replay) says nothing of the current one.
+        known.set(key, account(99), 6, now);
+        assert_eq!(known.get(key), Some((account(50), 7)));
+        known.set(key, account(1), 8, now);
+        assert_eq!(known.get(key), Some((account(1), 8)));
+    }
+
+    #[test]
+    fn a_store_that_lost_its_data_gets_back_what_the_node_heard() {
+        let (mut t, _inboxes) = thread(1);
+        let key = KeyId::of("sk-a");
+        let now = Instant::now();
+        t.last_known.set(
+            key,
+            Account {
+                limit: 500,
+                spent: 40,
+                leased: 0,
+            },
+            0,
+            now,
+        );
+        t.store_lost_data(now);
+        t.store_lost_data(now);
         assert_eq!(
-            ops,
-            vec![op("n/0", 1, "sk-a", 10, None)],
-            "empty ops are not kept"
+            t.stats.losses.load(Ordering::Relaxed),
+            1,
+            "one loss, counted once"
         );
-        t.deliver();
-        assert!(!t.journal.path.exists(), "cleared once delivered");
+        assert_eq!(t.stats.lost_accounts.load(Ordering::Relaxed), 2);
+        let restores: Vec<Option<Restore>> = t.queue.iter().map(|q| q.op.restore).collect();
+        assert_eq!(
+            restores,
+            vec![Some(Restore {
+                held: None,
+                floor: Some(PeriodSpend {
+                    period: 0,
+                    nano: 40
+                }),
+                limit: Some(500),
+            })]
+        );
     }
 }

@@ -2,17 +2,45 @@
 //! settlement, a lease ask, the op that carries them, the store's answer, and the budget period
 //! a time falls in. Pure: no IO, no clocks, no logging.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::auth::KeyId;
 use crate::config::Period;
 
-/// One key's totals, in nano-dollars.
+/// Budget periods of spend a store keeps before the current one (shown by the admin API).
+pub const HISTORY_PERIODS: u64 = 3;
+
+/// The configured limits: the default, and each key's own from the config file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyLimits {
+    default: u64,
+    keys: HashMap<KeyId, u64>,
+}
+
+impl KeyLimits {
+    pub fn new(default: u64, keys: HashMap<KeyId, u64>) -> KeyLimits {
+        KeyLimits { default, keys }
+    }
+
+    /// The key's configured limit (its own, or the default).
+    pub fn of(&self, key: KeyId) -> u64 {
+        self.keys.get(&key).copied().unwrap_or(self.default)
+    }
+
+    /// Whether the config file names the key.
+    pub fn names(&self, key: KeyId) -> bool {
+        self.keys.contains_key(&key)
+    }
+}
+
+/// One key's totals in one budget period, in nano-dollars.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Account {
     pub limit: u64,
+    /// Spent in the period asked about.
     pub spent: u64,
-    /// Granted to workers and not yet spent or returned.
+    /// Granted to workers and not yet spent or returned (leases do not belong to a period).
     pub leased: u64,
 }
 
@@ -29,11 +57,76 @@ impl Account {
     }
 }
 
+/// Spend in one budget period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeriodSpend {
+    pub period: u64,
+    pub nano: u64,
+}
+
+/// Spend by the budget period in which it was settled. Almost always one period; two or more
+/// only when a flush (or an outage) spans a period's end, and then each stays in its own.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Spend {
+    /// Inline, so the common case never allocates on the request path.
+    first: Option<PeriodSpend>,
+    later: Vec<PeriodSpend>,
+}
+
+impl Spend {
+    pub fn of(period: u64, nano: u64) -> Spend {
+        let mut spend = Spend::default();
+        spend.add(period, nano);
+        spend
+    }
+
+    /// Adds `nano` to `period`'s spend (a clock stepped back finds its period's entry again).
+    pub fn add(&mut self, period: u64, nano: u64) {
+        if nano == 0 {
+            return;
+        }
+        match &mut self.first {
+            None => self.first = Some(PeriodSpend { period, nano }),
+            Some(first) if first.period == period => first.nano = first.nano.saturating_add(nano),
+            Some(_) => match self.later.iter_mut().find(|p| p.period == period) {
+                Some(entry) => entry.nano = entry.nano.saturating_add(nano),
+                None => self.later.push(PeriodSpend { period, nano }),
+            },
+        }
+    }
+
+    pub fn merge(&mut self, other: &Spend) {
+        for p in other.iter() {
+            self.add(p.period, p.nano);
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = PeriodSpend> + '_ {
+        self.first.iter().chain(self.later.iter()).copied()
+    }
+
+    /// All periods together.
+    pub fn total(&self) -> u64 {
+        self.iter().fold(0, |sum, p| sum.saturating_add(p.nano))
+    }
+
+    /// The spend of one period.
+    pub fn in_period(&self, period: u64) -> u64 {
+        self.iter()
+            .filter(|p| p.period == period)
+            .fold(0, |sum, p| sum.saturating_add(p.nano))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.first.is_none()
+    }
+}
+
 /// A worker's flush for one key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Settlement {
-    /// Spend since the last flush.
-    pub spent: u64,
+    /// Spend since the last flush, by period.
+    pub spent: Spend,
     /// The part of `spent` that came out of the worker's lease (the rest overran it).
     pub from_lease: u64,
     /// Unused lease handed back.
@@ -42,19 +135,19 @@ pub struct Settlement {
 
 impl Settlement {
     pub fn is_empty(&self) -> bool {
-        *self == Settlement::default()
+        self.spent.is_empty() && self.from_lease == 0 && self.returned == 0
     }
 
     /// Two flushes' worth as one (both not yet applied).
-    pub fn merge(&mut self, other: Settlement) {
-        self.spent = self.spent.saturating_add(other.spent);
+    pub fn merge(&mut self, other: &Settlement) {
+        self.spent.merge(&other.spent);
         self.from_lease = self.from_lease.saturating_add(other.from_lease);
         self.returned = self.returned.saturating_add(other.returned);
     }
 }
 
-/// Who holds a lease: one worker of one node, `node/worker`. The Valkey store keeps leases and
-/// exactly-once sequence numbers per holder.
+/// Who holds a lease: one worker of one run of one node, `node/boot/worker`. The Valkey store
+/// keeps leases and exactly-once sequence numbers per holder.
 pub type Holder = Arc<str>;
 
 /// A lease asked for: `need` nano-dollars (all or nothing: a partial lease would strand budget
@@ -65,26 +158,76 @@ pub struct Ask {
     pub parts: u64,
 }
 
-/// One worker's change to one key: a settlement, then optionally a lease. The store applies it
-/// atomically, and only if `seq` is newer than the last one it applied for this holder and key,
-/// so a retry or a journal replay cannot apply it twice. An empty op renews the holder's lease.
+/// What a holder re-establishes in a store that lost the key's data (restarted empty).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Restore {
+    /// The holder's lease, as it holds it: set, not added.
+    pub held: Option<u64>,
+    /// The spend of `floor.period` the node last heard from the store: the store's spend for
+    /// that period becomes at least this plus what was spent since it came back.
+    pub floor: Option<PeriodSpend>,
+    /// The limit the store last answered (kept by the store only if it is not the configured one,
+    /// that is, if the admin API had set it).
+    pub limit: Option<u64>,
+}
+
+/// One holder's change to one key: a settlement, then optionally a lease ask. The store applies
+/// it atomically, and only if `seq` is newer than the last one it applied for this holder and
+/// key, so a retry or a journal replay cannot apply it twice. An empty op renews the holder's
+/// lease. Every op of a holder for a key carries all the spend the holder settled for that key
+/// before it (the journal's replay depends on it: an applied op covers every older record).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Op {
     pub holder: Holder,
     pub seq: u64,
     pub key: KeyId,
+    /// The budget period the holder is in: a lease is granted against this period's spend, and
+    /// the totals answered are this period's.
+    pub period: u64,
     pub settle: Settlement,
     pub ask: Option<Ask>,
+    /// The store has applied an op of this holder for this key before; a store that has no
+    /// trace of it lost its data.
+    pub known: bool,
+    /// The holder is gone after this op (a journal replay, a worker's last flush): the store
+    /// drops whatever lease it still counts for it, applied or not, and never re-arms it.
+    pub close: bool,
+    /// The key was refused by the upstream (401/403): the store forgets the account if nothing
+    /// is left in it (no spend, no admin limit, no lease).
+    pub forget: bool,
+    pub restore: Option<Restore>,
+}
+
+impl Op {
+    /// An op with only the essentials set.
+    pub fn new(holder: Holder, seq: u64, key: KeyId, period: u64) -> Op {
+        Op {
+            holder,
+            seq,
+            key,
+            period,
+            settle: Settlement::default(),
+            ask: None,
+            known: false,
+            close: false,
+            forget: false,
+            restore: None,
+        }
+    }
 }
 
 /// What an op did: the lease granted (0 when the need was not there) and the key's new totals.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Applied {
     pub granted: u64,
+    /// In the op's period.
     pub account: Account,
     /// A worker was refused a lease lately while others held the key's budget: holders should
     /// hand back what they are not using (so the last dollars are not stranded in busy workers).
     pub squeezed: bool,
+    /// The op was `known`, but the store had no trace of its holder for the key: it lost its
+    /// data (restarted empty, flushed) and holders must re-establish what they know.
+    pub lost: bool,
 }
 
 /// Which budget period `unix_secs` falls in: 0 always, the day number, or the month number.
@@ -100,17 +243,41 @@ pub fn period_of(period: Period, unix_secs: u64) -> u64 {
     }
 }
 
-/// Year and month (1-12) of a day count since 1970-01-01 (Howard Hinnant's civil_from_days).
+/// How a period is shown: `2026-11-30` (a day), `2026-11` (a month), `all` (no period).
+pub fn period_label(period: Period, p: u64) -> String {
+    match period {
+        Period::Never => "all".to_string(),
+        Period::Daily => {
+            let (year, month, day) = civil_date(p);
+            format!("{year:04}-{month:02}-{day:02}")
+        }
+        Period::Monthly => {
+            // `period_of` counts months as year × 12 + month (1-12).
+            let (year, month) = ((p - 1) / 12, (p - 1) % 12 + 1);
+            format!("{year:04}-{month:02}")
+        }
+    }
+}
+
+/// Year and month (1-12) of a day count since 1970-01-01.
 fn civil_year_month(days: u64) -> (u64, u64) {
+    let (year, month, _) = civil_date(days);
+    (year, month)
+}
+
+/// Year, month (1-12) and day (1-31) of a day count since 1970-01-01 (Howard Hinnant's
+/// civil_from_days).
+fn civil_date(days: u64) -> (u64, u64, u64) {
     let z = days + 719_468;
     let era = z / 146_097;
     let doe = z % 146_097;
     let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
     let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
     let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + u64::from(month <= 2);
-    (year, month)
+    (year, month, day)
 }
 
 #[cfg(test)]
@@ -126,5 +293,55 @@ mod tests {
         assert_eq!(civil_year_month(19_783), (2024, 3));
         assert_ne!(month(1_769_903_940), month(1_769_903_940 + 120));
         assert_eq!(period_of(Period::Never, 1_769_903_940), 0);
+    }
+
+    #[test]
+    fn periods_are_shown_as_dates() {
+        // 2026-01-31 23:59:00 UTC, and two minutes later.
+        let before = 1_769_903_940;
+        let after = before + 120;
+        assert_eq!(
+            period_label(Period::Daily, period_of(Period::Daily, before)),
+            "2026-01-31"
+        );
+        assert_eq!(
+            period_label(Period::Daily, period_of(Period::Daily, after)),
+            "2026-02-01"
+        );
+        assert_eq!(
+            period_label(Period::Monthly, period_of(Period::Monthly, before)),
+            "2026-01"
+        );
+        assert_eq!(
+            period_label(Period::Monthly, period_of(Period::Monthly, after)),
+            "2026-02"
+        );
+        assert_eq!(period_label(Period::Never, 0), "all");
+    }
+
+    #[test]
+    fn spend_keeps_each_period_apart() {
+        let mut spend = Spend::default();
+        spend.add(7, 10);
+        spend.add(7, 5);
+        spend.add(8, 1);
+        // A clock stepped back finds its period again.
+        spend.add(7, 1);
+        spend.add(9, 0);
+        assert_eq!(
+            spend.iter().collect::<Vec<_>>(),
+            vec![
+                PeriodSpend {
+                    period: 7,
+                    nano: 16
+                },
+                PeriodSpend { period: 8, nano: 1 }
+            ]
+        );
+        assert_eq!((spend.total(), spend.in_period(8)), (17, 1));
+        let mut other = Spend::of(8, 2);
+        other.merge(&spend);
+        assert_eq!((other.in_period(7), other.in_period(8)), (16, 3));
+        assert!(Spend::of(3, 0).is_empty());
     }
 }

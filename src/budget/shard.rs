@@ -4,53 +4,99 @@
 //! unless the lease cannot cover the request (then one lease ask through the ledger, which
 //! grants the need plus a slice of what is left, sized so the last dollars are not stranded in
 //! one worker; near the limit, other workers are asked to hand back what they do not use).
+//!
 //! Reserve, then settle: a request reserves its upper cost estimate before it is forwarded and
 //! settles to its real cost at the end (0 when it failed), so concurrent requests cannot spend
-//! beyond the limit except by their estimates' error. `flush` (every flush interval, off the
-//! request path) hands settled spend to the ledger, returns leases of keys gone idle and renews
-//! held ones. With the store unreachable, the failure mode decides: admit on what is known
-//! (open) or refuse (closed).
+//! beyond the limit except by their estimates' error. A [`Reservation`] settles even when its
+//! request is dropped half-way (a drop guard). With a remote store every settled cost is first
+//! written to this worker's journal (journal.rs), stamped with the budget period it was settled
+//! in, so a kill at any instant loses none of it.
+//!
+//! `flush` (every flush interval, off the request path) hands settled spend to the ledger,
+//! returns leases of keys gone idle and renews held ones; while the store is unreachable it
+//! keeps spend here (journaled) and the failure mode decides: admit on what is known (open) or
+//! refuse (closed).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
+use super::journal::{Appended, Record, WorkerJournal};
 use super::ledger::{Ledger, Reply, Submitted};
-use super::op::{Account, Applied, Ask, Holder, Op, Settlement};
+use super::op::{
+    period_of, Account, Applied, Ask, Holder, KeyLimits, Op, Restore, Settlement, Spend,
+};
+use super::store::Clock;
 use crate::auth::{KeyId, KeyIdMap};
+use crate::config::Period;
 
 /// An idle key's lease goes back to the store after this long without a request.
 pub const IDLE_RETURN: Duration = Duration::from_secs(1);
 /// A held lease is renewed every third of its store's lifetime.
 const RENEWALS_PER_LIFETIME: u32 = 3;
-/// A worker's last flush to a remote store returns this much of each lease: all of it, even a
-/// grant the worker has not read yet. The Valkey script clamps at what the worker holds; the
-/// in-memory store (one total per key) never sees it.
-const RETURN_ALL: u64 = u64::MAX;
-
 /// Lease asks one request may make before it is refused (others may take each grant first).
 const MAX_ASKS: u32 = 3;
 /// A lease unconfirmed for two thirds of its store's lifetime is no longer admitted on: the
 /// store may give it back to the key's budget soon (the worker is cut off from the store).
 const LAPSE_AFTER_PARTS: u32 = 3;
 
-/// The budget held for one request between admission and settle. Settle or release it
-/// exactly once.
-#[derive(Debug)]
+/// The budget held for one request between admission and settle. Settle it with
+/// [`Reservation::settle`]; one dropped unsettled (its request was cut) is billed in full if
+/// the request reached the upstream, else released.
 #[must_use = "a reservation holds budget until it is settled"]
-pub struct Reservation {
+pub struct Reservation<'s> {
+    shard: &'s Shard,
     key: KeyId,
     amount: u64,
+    sent: bool,
+    settled: bool,
 }
 
-impl Reservation {
+impl Reservation<'_> {
     pub fn key(&self) -> KeyId {
         self.key
     }
 
     pub fn amount_nano(&self) -> u64 {
         self.amount
+    }
+
+    /// The request has gone upstream: from now on it may cost money.
+    pub fn mark_sent(&mut self) {
+        self.sent = true;
+    }
+
+    /// Ends the request: the reservation becomes its real cost (0 releases it).
+    pub fn settle(mut self, cost: u64) {
+        self.settled = true;
+        self.shard.settle(self.key, self.amount, cost, false);
+    }
+
+    /// The upstream refused the key (401/403): nothing is spent, and once its requests are done
+    /// nothing of the key is kept, here or in the store.
+    pub fn settle_refused_key(mut self) {
+        self.settled = true;
+        self.shard.settle(self.key, self.amount, 0, true);
+    }
+}
+
+impl std::fmt::Debug for Reservation<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reservation")
+            .field("key", &self.key)
+            .field("amount", &self.amount)
+            .field("sent", &self.sent)
+            .finish()
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            let cost = if self.sent { self.amount } else { 0 };
+            self.shard.settle(self.key, self.amount, cost, false);
+        }
     }
 }
 
@@ -73,7 +119,13 @@ struct Lease {
     /// Reserved by requests in flight (may exceed `held` for requests admitted fail-open).
     reserved: u64,
     in_flight: u32,
+    /// Settled and not handed over yet, by period.
     pending: Settlement,
+    /// The sequence number of the newest journal record in `pending`.
+    pending_seq: u64,
+    /// Ops handed to the ledger with spend the store has not confirmed: their sequence number
+    /// and spend (what a journal snapshot must still carry).
+    unconfirmed: Vec<(u64, Spend)>,
     last_used: Option<Instant>,
     /// The last grant: a free lease below a quarter of it is topped up at flush.
     last_grant: u64,
@@ -85,8 +137,10 @@ struct Lease {
     unreachable: bool,
     /// The ask with this sequence number was refused by the store and set aside.
     dropped: Option<u64>,
-    /// The store's last word on the key's totals.
-    known: Option<Account>,
+    /// The store's last word on the key, and the period its spend is of.
+    known: Option<(Account, u64)>,
+    /// The store has applied an op of this worker for the key.
+    in_store: bool,
     /// When this worker last sent the store an op for the key (renewals are due from it).
     renewed: Option<Instant>,
     /// When the store last answered an op of this worker for the key, renewing the lease
@@ -94,6 +148,10 @@ struct Lease {
     confirmed: Option<Instant>,
     /// Another worker was refused a lease while this one held some: hand back what is unused.
     squeezed: bool,
+    /// The upstream refused the key: forget it once its requests are done.
+    refused: bool,
+    /// The store lost its data: the next op re-establishes this worker's lease there.
+    restore: bool,
 }
 
 impl Lease {
@@ -110,6 +168,26 @@ impl Lease {
     }
 }
 
+/// How a shard is set up.
+pub struct ShardSettings {
+    /// This worker's name in the store.
+    pub holder: Holder,
+    /// How many shards share the store (each lease takes at most half a share of what is left).
+    pub workers: usize,
+    /// With the store unreachable: admit on what is known, or refuse.
+    pub fail_open: bool,
+    pub period: Period,
+    /// Unix seconds (tests move it).
+    pub clock: Clock,
+    /// Configured limits: what a key never heard of may spend while the store is unreachable.
+    pub limits: std::sync::Arc<KeyLimits>,
+    /// How long a request refused while other workers hold the key's budget waits for them to
+    /// hand it back before asking once more (zero: it does not wait).
+    pub squeeze_wait: Duration,
+    /// Where settled spend goes first (remote stores only).
+    pub journal: Option<WorkerJournal>,
+}
+
 pub struct Shard {
     ledger: Ledger,
     /// How long the store keeps a lease its holder does not renew (none: forever).
@@ -119,38 +197,40 @@ pub struct Shard {
     /// A lease takes at most 1/slice_parts of a key's unleased budget beyond its need.
     slice_parts: u64,
     fail_open: bool,
+    period: Period,
+    clock: Clock,
+    limits: std::sync::Arc<KeyLimits>,
+    squeeze_wait: Duration,
+    journal: Option<RefCell<WorkerJournal>>,
     keys: RefCell<KeyIdMap<Lease>>,
     /// Requests waiting for a lease answer.
     waiters: RefCell<Vec<Waker>>,
-    /// How long a request refused while other workers hold the key's budget waits for them to
-    /// hand it back before asking once more (zero: it does not wait).
-    squeeze_wait: Duration,
+    /// The store losses the ledger has seen, as of this shard's last flush.
+    losses_seen: Cell<u64>,
+    /// `close` has run: everything was billed and handed over.
+    closed: Cell<bool>,
 }
 
 impl Shard {
-    /// `workers`: how many shards share the store (each takes at most half its share).
-    /// `holder`: this worker's name in the store; `fail_open`: admit on what is known while the
-    /// store cannot be reached, or refuse.
-    pub fn new(ledger: Ledger, holder: Holder, workers: usize, fail_open: bool) -> Shard {
+    pub fn new(ledger: Ledger, settings: ShardSettings) -> Shard {
         // The holder is new at every start (runtime.rs), so its sequence starts anew too.
         Shard {
             lease_ttl: ledger.lease_ttl(),
+            losses_seen: Cell::new(ledger.losses()),
             ledger,
-            holder,
+            holder: settings.holder,
             next_seq: Cell::new(0),
-            slice_parts: 2 * workers.max(1) as u64,
-            fail_open,
+            slice_parts: 2 * settings.workers.max(1) as u64,
+            fail_open: settings.fail_open,
+            period: settings.period,
+            clock: settings.clock,
+            limits: settings.limits,
+            squeeze_wait: settings.squeeze_wait,
+            journal: settings.journal.map(RefCell::new),
             keys: RefCell::new(KeyIdMap::default()),
             waiters: RefCell::new(Vec::new()),
-            squeeze_wait: Duration::ZERO,
+            closed: Cell::new(false),
         }
-    }
-
-    /// A request refused while other workers hold the key's budget waits `wait` (a couple of
-    /// flush intervals: holders hand back unused lease at their next flush), then asks again.
-    pub fn with_squeeze_wait(mut self, wait: Duration) -> Shard {
-        self.squeeze_wait = wait;
-        self
     }
 
     pub fn ledger(&self) -> &Ledger {
@@ -163,114 +243,94 @@ impl Shard {
         seq
     }
 
+    /// The budget period this worker's clock is in.
+    fn period_now(&self) -> u64 {
+        period_of(self.period, (self.clock)())
+    }
+
     /// Reserves `estimate` nano-dollars for one request of `key`: from the lease when it
     /// covers it (no store call), else after one lease ask.
-    pub async fn reserve(&self, key: KeyId, estimate: u64) -> Result<Reservation, Refusal> {
+    pub async fn reserve(&self, key: KeyId, estimate: u64) -> Result<Reservation<'_>, Refusal> {
         // Computed only if the request has to wait: reading the clock is not free.
         let mut deadline: Option<Instant> = None;
-        let mut mine: Option<u64> = None;
-        let mut asks = 0;
+        let mut waiting = Waiting {
+            mine: None,
+            asks: 0,
+            timed_out: false,
+        };
         loop {
+            if self.closed.get() {
+                // Shutdown handed everything over: nothing more may be leased.
+                return Err(Refusal::Unavailable);
+            }
             let next = {
                 let mut keys = self.keys.borrow_mut();
                 let lease = keys.entry(key).or_default();
                 let lapsing = self.lease_ttl.is_some() && self.lapsing(lease, Instant::now());
-                if !lapsing && lease.free() >= estimate {
-                    return Ok(take(lease, key, estimate));
-                }
-                if mine.is_some() && lease.dropped == mine {
-                    return self.unreachable(lease, key, estimate);
-                }
-                let my_answer = mine.and_then(|m| lease.answered.filter(|(seq, _)| *seq == m));
-                // The store counts this worker's lease as what it holds plus what it spent from
-                // it since its last flush; the rest is other workers'. Waiting helps only if
-                // the key has the estimate left once they hand theirs back.
-                let mine_in_store = lease.held + lease.pending.from_lease;
-                let others_hold = lease
-                    .known
-                    .is_some_and(|a| a.leased > mine_in_store && a.remaining() >= estimate);
-                if lease.asking.is_none()
-                    && my_answer.is_some_and(|(_, granted)| granted == 0)
-                    && others_hold
-                    && asks < MAX_ASKS
-                    && !self.squeeze_wait.is_zero()
-                {
-                    // Refused while other workers hold the budget: the store asked them to hand
-                    // back their unused lease at their next flush; ask again after it.
-                    Next::AskAgainLater
-                } else {
-                    match (lease.asking, my_answer) {
-                        // My ask was answered and others took the grant, or there was none.
-                        (None, Some((_, granted))) if granted == 0 || asks >= MAX_ASKS => {
-                            return Err(Refusal::Denied {
-                                remaining_nano: lease.known.map_or(0, |a| a.remaining()),
-                                estimate_nano: estimate,
-                            });
-                        }
-                        (None, _) => {
-                            let seq = self.seq();
-                            lease.asking = Some(seq);
-                            lease.unreachable = false;
-                            mine = Some(seq);
-                            asks += 1;
-                            // A lease that may have lapsed is handed back in the same op, so the
-                            // store's count and this worker's agree again whichever it was.
-                            let returned = if lapsing {
-                                std::mem::take(&mut lease.held)
-                            } else {
-                                0
-                            };
-                            Next::Ask(Op {
-                                holder: self.holder.clone(),
-                                seq,
-                                key,
-                                settle: Settlement {
-                                    returned,
-                                    ..Settlement::default()
-                                },
-                                ask: Some(Ask {
-                                    need: estimate - lease.free(),
-                                    parts: self.slice_parts,
-                                }),
-                            })
-                        }
-                        (Some(_), _)
-                            if lease.unreachable
-                                || deadline.is_some_and(|d| Instant::now() >= d) =>
-                        {
-                            return self.unreachable(lease, key, estimate);
-                        }
-                        (Some(_), _) => Next::WaitForAnswer,
+                waiting.timed_out = deadline.is_some_and(|d| Instant::now() >= d);
+                match next_step(&view(lease, lapsing, estimate), &waiting, self.rules()) {
+                    Step::Admit => return Ok(self.take(lease, key, estimate)),
+                    Step::FailureMode => return self.unreachable(lease, key, estimate),
+                    Step::Refuse => {
+                        return Err(Refusal::Denied {
+                            remaining_nano: self.known_remaining(lease),
+                            estimate_nano: estimate,
+                        })
+                    }
+                    Step::Wait => Next::Wait,
+                    Step::AskAgainLater => Next::AskAgainLater,
+                    Step::Ask => {
+                        let seq = self.seq();
+                        waiting.mine = Some(seq);
+                        waiting.asks += 1;
+                        // A lease that may have lapsed is handed back in the same op, so the
+                        // store's count and this worker's agree again whichever it was.
+                        let (returned, free) = if lapsing {
+                            (lease.held, 0)
+                        } else {
+                            (0, lease.free())
+                        };
+                        let mut op = self.op_for(key, lease, seq, self.period_now());
+                        op.settle.returned += returned;
+                        op.ask = Some(Ask {
+                            need: estimate - free.min(estimate),
+                            parts: self.slice_parts,
+                        });
+                        Next::Ask(op)
                     }
                 }
             };
             match next {
                 Next::AskAgainLater => {
                     monoio::time::sleep(self.squeeze_wait).await;
-                    mine = None;
+                    waiting.mine = None;
                     // The next ask gets the whole store timeout again.
                     deadline = None;
                 }
-                Next::Ask(op) => match self.ledger.submit(vec![op.clone()]) {
-                    Submitted::Applied(applied) => {
-                        for (op, applied) in std::iter::once(op).zip(applied) {
-                            self.answer(op, applied);
+                Next::Ask(op) => {
+                    // Written down before the ask leaves: a replay closes the lease it may get.
+                    self.journal_append(Record::Lease { key });
+                    match self.ledger.submit(vec![op.clone()]) {
+                        Submitted::Applied(applied) => {
+                            self.commit(std::slice::from_ref(&op), Instant::now());
+                            for (op, applied) in std::iter::once(op).zip(applied) {
+                                self.answer(op, applied);
+                            }
+                        }
+                        Submitted::Queued => {
+                            self.commit(std::slice::from_ref(&op), Instant::now());
+                            let until = *deadline
+                                .get_or_insert_with(|| Instant::now() + self.ledger.wait());
+                            self.wait_until(until).await;
+                        }
+                        Submitted::Full => {
+                            let mut keys = self.keys.borrow_mut();
+                            let lease = keys.entry(key).or_default();
+                            return self.unreachable(lease, key, estimate);
                         }
                     }
-                    Submitted::Queued => {
-                        let until =
-                            *deadline.get_or_insert_with(|| Instant::now() + self.ledger.wait());
-                        self.wait_until(until).await;
-                    }
-                    Submitted::Full => {
-                        let mut keys = self.keys.borrow_mut();
-                        let lease = keys.entry(key).or_default();
-                        lease.asking = None;
-                        lease.held += op.settle.returned;
-                        return self.unreachable(lease, key, estimate);
-                    }
-                },
-                Next::WaitForAnswer => {
+                }
+                Next::Wait => {
                     let until =
                         *deadline.get_or_insert_with(|| Instant::now() + self.ledger.wait());
                     self.wait_until(until).await;
@@ -279,33 +339,75 @@ impl Shard {
         }
     }
 
+    fn rules(&self) -> Rules {
+        Rules {
+            max_asks: MAX_ASKS,
+            squeeze_waits: !self.squeeze_wait.is_zero(),
+        }
+    }
+
+    /// Reserves `estimate` in `lease` for one request.
+    fn take(&self, lease: &mut Lease, key: KeyId, estimate: u64) -> Reservation<'_> {
+        lease.reserved = lease.reserved.saturating_add(estimate);
+        lease.in_flight += 1;
+        Reservation {
+            shard: self,
+            key,
+            amount: estimate,
+            sent: false,
+            settled: false,
+        }
+    }
+
+    /// What the key may still spend as this worker knows it, in the current period.
+    fn known_remaining(&self, lease: &Lease) -> u64 {
+        let now = self.period_now();
+        lease.known.map_or(0, |(account, period)| {
+            let spent = if period == now { account.spent } else { 0 };
+            account.limit.saturating_sub(spent)
+        })
+    }
+
     /// The failure mode, when no lease can be had from the store: open admits on the last
-    /// known state (everything, for a key never seen); closed refuses.
+    /// known state (a key never heard of: its configured limit); closed refuses.
     fn unreachable(
         &self,
         lease: &mut Lease,
         key: KeyId,
         estimate: u64,
-    ) -> Result<Reservation, Refusal> {
+    ) -> Result<Reservation<'_>, Refusal> {
         if !self.fail_open {
             return Err(Refusal::Unavailable);
         }
+        let now = self.period_now();
         if lease.known.is_none() {
             // This worker has not touched the key: start from what the node last heard of it.
             lease.known = self.ledger.last_known(key);
         }
+        let known = match lease.known {
+            Some((account, period)) if period == now => account,
+            // The period turned since: its spend starts from zero.
+            Some((account, _)) => Account {
+                spent: 0,
+                ..account
+            },
+            None => Account {
+                limit: self.limits.of(key),
+                spent: 0,
+                leased: 0,
+            },
+        };
         let spent_here = lease
             .pending
             .spent
+            .in_period(now)
             .saturating_add(lease.reserved.saturating_sub(lease.held));
-        match lease.known {
-            Some(account) if account.remaining().saturating_sub(spent_here) < estimate => {
-                Err(Refusal::Denied {
-                    remaining_nano: account.remaining().saturating_sub(spent_here),
-                    estimate_nano: estimate,
-                })
-            }
-            _ => Ok(take(lease, key, estimate)),
+        match fail_open_admits(known, spent_here, estimate) {
+            Ok(()) => Ok(self.take(lease, key, estimate)),
+            Err(remaining_nano) => Err(Refusal::Denied {
+                remaining_nano,
+                estimate_nano: estimate,
+            }),
         }
     }
 
@@ -349,11 +451,12 @@ impl Shard {
             Reply::Dropped { op } => {
                 let mut keys = self.keys.borrow_mut();
                 let lease = keys.entry(op.key).or_default();
-                // Never applied. Its spend is in the ledger's rejected file for an operator (sent
-                // again, it would be refused and recorded again); the lease it handed back is
-                // still this worker's in the store; a request waiting on the ask gets the
-                // failure mode.
+                // Never applied. Its spend is in the journal directory's rejected file for an
+                // operator (sent again, it would be refused and recorded again); the lease it
+                // handed back is still this worker's in the store; a request waiting on the
+                // ask gets the failure mode.
                 lease.held = lease.held.saturating_add(op.settle.returned);
+                lease.unconfirmed.retain(|(seq, _)| *seq != op.seq);
                 if lease.asking == Some(op.seq) {
                     lease.asking = None;
                     lease.dropped = Some(op.seq);
@@ -369,13 +472,19 @@ impl Shard {
         let mut keys = self.keys.borrow_mut();
         // A grant for a key this shard forgot is held again, and returned when idle.
         let lease = keys.entry(op.key).or_default();
-        lease.known = Some(applied.account);
+        lease.known = Some((applied.account, op.period));
         lease.confirmed = Some(Instant::now());
+        lease.in_store = true;
+        // Ops of one key are applied in order: this one confirms every older one.
+        lease.unconfirmed.retain(|(seq, _)| *seq > op.seq);
         if applied.granted > 0 {
             lease.held += applied.granted;
             lease.last_grant = applied.granted;
         }
         lease.squeezed = applied.squeezed;
+        if applied.lost {
+            lease.restore = true;
+        }
         if op.ask.is_some() && lease.asking == Some(op.seq) {
             lease.asking = None;
             lease.unreachable = false;
@@ -383,39 +492,126 @@ impl Shard {
         }
     }
 
-    /// What each active key may still spend, as the store last answered, less this worker's
-    /// spend not yet handed over; at most `max` keys.
+    /// What each active key may still spend in the current period, as the store last answered,
+    /// less this worker's spend not yet handed over; at most `max` keys.
     pub fn remaining(&self, max: usize) -> HashMap<KeyId, u64> {
+        let now = self.period_now();
         self.keys
             .borrow()
             .iter()
-            .filter_map(|(&key, lease)| {
-                let known = lease.known?;
-                Some((key, known.remaining().saturating_sub(lease.pending.spent)))
+            .filter(|(_, lease)| lease.known.is_some())
+            .map(|(&key, lease)| {
+                let pending = lease.pending.spent.in_period(now);
+                (key, self.known_remaining(lease).saturating_sub(pending))
             })
             .take(max)
             .collect()
     }
 
-    /// Ends a request: its reservation is replaced by its real cost (0 releases it).
-    pub fn settle(&self, reservation: Reservation, cost: u64, now: Instant) {
-        let mut keys = self.keys.borrow_mut();
-        let lease = keys.entry(reservation.key).or_default();
-        lease.reserved = lease.reserved.saturating_sub(reservation.amount);
-        lease.in_flight = lease.in_flight.saturating_sub(1);
-        // A cost above the estimate overruns the lease; the store counts it as spend all the same.
-        let from_lease = cost.min(lease.held);
-        lease.held -= from_lease;
-        lease.pending.spent = lease.pending.spent.saturating_add(cost);
-        lease.pending.from_lease += from_lease;
-        lease.last_used = Some(now);
+    /// Ends a request of `key` that reserved `amount`: its real cost replaces the reservation.
+    /// With a journal, the cost is written there first.
+    fn settle(&self, key: KeyId, amount: u64, cost: u64, refused: bool) {
+        if self.closed.get() {
+            // `close` billed every request still in flight.
+            return;
+        }
+        let period = self.period_now();
+        let seq = (cost > 0 && self.journal.is_some()).then(|| self.seq());
+        {
+            let mut keys = self.keys.borrow_mut();
+            let lease = keys.entry(key).or_default();
+            lease.reserved = lease.reserved.saturating_sub(amount);
+            lease.in_flight = lease.in_flight.saturating_sub(1);
+            // A cost above the estimate overruns the lease; the store counts it as spend all
+            // the same.
+            let from_lease = cost.min(lease.held);
+            lease.held -= from_lease;
+            lease.pending.spent.add(period, cost);
+            lease.pending.from_lease += from_lease;
+            if let Some(seq) = seq {
+                lease.pending_seq = seq;
+            }
+            lease.last_used = Some(Instant::now());
+            if refused && lease.in_flight == 0 {
+                lease.refused = true;
+            }
+        }
+        if let Some(seq) = seq {
+            self.journal_append(Record::Spend {
+                seq,
+                key,
+                period,
+                nano: cost,
+            });
+        }
+    }
+
+    /// Writes `record` to the journal; a full segment is replaced by one that starts with a
+    /// snapshot of everything the store has not confirmed (which covers `record`: the state is
+    /// updated before it is written).
+    fn journal_append(&self, record: Record) {
+        let Some(journal) = &self.journal else {
+            return;
+        };
+        let appended = journal.borrow_mut().append(record);
+        if appended == Appended::Full {
+            let snapshot = self.snapshot();
+            journal.borrow_mut().rotate(&snapshot);
+        }
+    }
+
+    /// Every record a new journal segment must start with: the spend of each op the store has
+    /// not confirmed (under that op's sequence number), each key's spend not handed over (under
+    /// its newest record's), and each lease this worker may hold.
+    fn snapshot(&self) -> Vec<Record> {
+        let keys = self.keys.borrow();
+        let mut records = Vec::new();
+        for (&key, lease) in keys.iter() {
+            let spends = lease
+                .unconfirmed
+                .iter()
+                .map(|(seq, spend)| (*seq, spend))
+                .chain(std::iter::once((lease.pending_seq, &lease.pending.spent)));
+            for (seq, spend) in spends {
+                records.extend(spend.iter().map(|p| Record::Spend {
+                    seq,
+                    key,
+                    period: p.period,
+                    nano: p.nano,
+                }));
+            }
+            if lease.held > 0 || lease.asking.is_some() || lease.reserved > 0 {
+                records.push(Record::Lease { key });
+            }
+        }
+        records
+    }
+
+    /// The op that carries everything this worker has for `key` now: its pending spend, and
+    /// the re-establishment of its lease after a store lost its data.
+    fn op_for(&self, key: KeyId, lease: &Lease, seq: u64, period: u64) -> Op {
+        let mut op = Op::new(self.holder.clone(), seq, key, period);
+        op.settle = lease.pending.clone();
+        op.known = lease.in_store;
+        if lease.restore && lease.asking.is_none() {
+            op.restore = Some(Restore {
+                held: Some(lease.held),
+                ..Restore::default()
+            });
+        }
+        op
     }
 
     /// Hands settled spend to the store, returns the leases of keys idle since `IDLE_RETURN`
-    /// (and of keys whose lease may have lapsed), tops up the leases of busy keys running low
-    /// (so their requests need not wait for the store), and renews held leases. Nothing changes
-    /// here unless the ledger took the ops.
+    /// (and of keys whose lease may have lapsed, or that the upstream refused), tops up the
+    /// leases of busy keys running low (so their requests need not wait for the store), renews
+    /// held leases, and re-establishes them in a store that lost its data. Nothing changes here
+    /// unless the ledger took the ops; nothing is handed over while the store is unreachable
+    /// (it stays here, journaled, for the failure mode to count).
     pub fn flush(&self, now: Instant) {
+        if !self.ledger.reachable() {
+            return;
+        }
         self.flush_with(now, false);
     }
 
@@ -424,19 +620,19 @@ impl Shard {
         let renew_every = self
             .lease_ttl
             .map_or(Duration::from_secs(60), |ttl| ttl / RENEWALS_PER_LIFETIME);
+        let losses = self.ledger.losses();
+        let store_lost_data = losses != self.losses_seen.get();
+        let period = self.period_now();
         let ops = {
-            let keys = self.keys.borrow();
+            let mut keys = self.keys.borrow_mut();
             let mut ops = Vec::new();
-            for (&key, lease) in keys.iter() {
+            for (&key, lease) in keys.iter_mut() {
+                if store_lost_data && lease.held > 0 {
+                    lease.restore = true;
+                }
                 let idle = lease.idle(now);
-                let returned = if last
-                    && self.lease_ttl.is_some()
-                    && (lease.held > 0 || lease.asking.is_some())
-                {
-                    // A grant may still sit unread in the inbox: hand back whatever the store
-                    // holds for this worker (it clamps at what it holds).
-                    RETURN_ALL
-                } else if last || self.lapsing(lease, now) {
+                let forget = lease.refused && lease.in_flight == 0 && !last;
+                let returned = if last || forget || self.lapsing(lease, now) {
                     lease.held
                 } else if idle || (lease.squeezed && lease.asking.is_none()) {
                     // (Not while an ask of its own is out: its need counted on the free part.)
@@ -444,33 +640,42 @@ impl Shard {
                 } else {
                     0
                 };
-                let settle = Settlement {
-                    returned,
-                    ..lease.pending
-                };
                 let low = lease.last_grant > 0 && lease.free() < lease.last_grant / 4;
-                let ask = (!idle && !last && !lease.squeezed && low && lease.asking.is_none())
-                    .then_some(Ask {
-                        need: 0,
-                        parts: self.slice_parts,
-                    });
+                let ask =
+                    (!idle && !last && !forget && !lease.squeezed && low && lease.asking.is_none())
+                        .then_some(Ask {
+                            need: 0,
+                            parts: self.slice_parts,
+                        });
                 let renew = lease.held > 0
                     && lease
                         .renewed
                         .is_none_or(|t| now.saturating_duration_since(t) >= renew_every);
-                if !settle.is_empty() || ask.is_some() || renew {
-                    ops.push(Op {
-                        holder: self.holder.clone(),
-                        seq: self.seq(),
-                        key,
-                        settle,
-                        ask,
-                    });
+                let restore = lease.restore && lease.asking.is_none();
+                let close = last && self.lease_ttl.is_some();
+                if lease.pending.is_empty()
+                    && returned == 0
+                    && ask.is_none()
+                    && !renew
+                    && !restore
+                    && !forget
+                    && !(close && lease.asking.is_some())
+                {
+                    continue;
                 }
+                let mut op = self.op_for(key, lease, self.seq(), period);
+                op.settle.returned = returned;
+                op.ask = ask;
+                op.forget = forget;
+                // A worker's last op: whatever the store still counts for it goes back, even a
+                // grant it has not read yet (its ask was applied before this op).
+                op.close = close;
+                ops.push(op);
             }
             ops
         };
-        if !ops.is_empty() {
+        // The last flush always goes, even empty: the ledger learns this worker is done.
+        if !ops.is_empty() || last {
             let taken = if last {
                 self.ledger.submit_last(ops.clone())
             } else {
@@ -486,25 +691,42 @@ impl Shard {
                 self.answer(op, applied);
             }
         }
-        self.keys
-            .borrow_mut()
-            .retain(|_, lease| !(lease.idle(now) && lease.held == 0 && lease.pending.is_empty()));
+        self.losses_seen.set(losses);
+        self.keys.borrow_mut().retain(|_, lease| {
+            let forgotten = lease.refused && lease.in_flight == 0 && lease.asking.is_none();
+            let done = lease.idle(now) && lease.held == 0 && lease.pending.is_empty();
+            !(forgotten || done) || !lease.unconfirmed.is_empty()
+        });
     }
 
-    /// The ledger took `ops`: the spend and returns they carry leave this shard. Until the
-    /// store answers, its last known spend for the key counts them (the failure mode's limit).
+    /// The ledger took `ops`: the spend and returns they carry leave this shard (the spend stays
+    /// in `unconfirmed` until the store answers, for the journal's snapshots). Until the store
+    /// answers, its last known spend for the key counts them (the failure mode's limit).
     fn commit(&self, ops: &[Op], now: Instant) {
         let mut keys = self.keys.borrow_mut();
+        let journaled = self.journal.is_some();
         for op in ops {
             if let Some(lease) = keys.get_mut(&op.key) {
                 lease.pending = Settlement::default();
                 lease.held = lease.held.saturating_sub(op.settle.returned);
                 lease.renewed = Some(now);
-                if let Some(known) = lease.known.as_mut() {
-                    known.spent = known.spent.saturating_add(op.settle.spent);
+                if op.restore.is_some() {
+                    lease.restore = false;
+                }
+                if journaled && !op.settle.spent.is_empty() {
+                    lease.unconfirmed.push((op.seq, op.settle.spent.clone()));
+                }
+                if let Some((known, period)) = lease.known.as_mut() {
+                    known.spent = known
+                        .spent
+                        .saturating_add(op.settle.spent.in_period(*period));
                 }
                 if op.ask.is_some() {
                     lease.asking = Some(op.seq);
+                    lease.unreachable = false;
+                }
+                if op.forget {
+                    lease.refused = true;
                 }
             }
         }
@@ -512,19 +734,24 @@ impl Shard {
 
     /// At shutdown: requests still in flight (past the grace) are billed what they reserved,
     /// then all spend is handed over and every lease returned, waiting for room in the
-    /// ledger's queue if need be.
+    /// ledger's queue if need be. Requests dropped after this settle nothing more.
     pub fn close(&self, now: Instant) {
-        for lease in self.keys.borrow_mut().values_mut() {
-            if lease.in_flight > 0 {
-                let cut = std::mem::take(&mut lease.reserved);
-                let from_lease = cut.min(lease.held);
-                lease.held -= from_lease;
-                lease.pending.spent = lease.pending.spent.saturating_add(cut);
-                lease.pending.from_lease += from_lease;
-                lease.in_flight = 0;
-                lease.last_used = None;
-            }
+        let cut: Vec<(KeyId, u64)> = self
+            .keys
+            .borrow_mut()
+            .iter_mut()
+            .filter(|(_, lease)| lease.in_flight > 0)
+            .map(|(&key, lease)| {
+                let reserved = lease.reserved;
+                // `settle` below takes these back off, as for each request.
+                lease.in_flight = 1;
+                (key, reserved)
+            })
+            .collect();
+        for (key, reserved) in cut {
+            self.settle(key, reserved, reserved, false);
         }
+        self.closed.set(true);
         self.flush_with(now + IDLE_RETURN, true);
     }
 }
@@ -534,18 +761,113 @@ enum Next {
     /// Send this lease ask.
     Ask(Op),
     /// An ask is in flight: wait for its answer.
-    WaitForAnswer,
+    Wait,
     /// Refused while other workers hold the budget: wait for them to hand it back, then ask.
     AskAgainLater,
 }
 
-/// Reserves `estimate` in `lease` for one request.
-fn take(lease: &mut Lease, key: KeyId, estimate: u64) -> Reservation {
-    lease.reserved = lease.reserved.saturating_add(estimate);
-    lease.in_flight += 1;
-    Reservation {
-        key,
-        amount: estimate,
+/// What a reservation sees of its key's lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LeaseView {
+    /// The lease covers the estimate and has not lapsed.
+    covers: bool,
+    asking: Option<u64>,
+    answered: Option<(u64, u64)>,
+    dropped: Option<u64>,
+    unreachable: bool,
+    /// Other workers hold part of the key's budget, and the estimate fits in what is left once
+    /// they hand it back.
+    others_hold: bool,
+}
+
+fn view(lease: &Lease, lapsing: bool, estimate: u64) -> LeaseView {
+    // The store counts this worker's lease as what it holds plus what it spent from it since
+    // its last flush; the rest is other workers'.
+    let mine_in_store = lease.held + lease.pending.from_lease;
+    LeaseView {
+        covers: !lapsing && lease.free() >= estimate,
+        asking: lease.asking,
+        answered: lease.answered,
+        dropped: lease.dropped,
+        unreachable: lease.unreachable,
+        others_hold: lease
+            .known
+            .is_some_and(|(a, _)| a.leased > mine_in_store && a.remaining() >= estimate),
+    }
+}
+
+/// The state of one reservation's wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Waiting {
+    /// The sequence number of this request's own ask.
+    mine: Option<u64>,
+    asks: u32,
+    /// Its wait for the store's answer is over.
+    timed_out: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Rules {
+    max_asks: u32,
+    /// Whether a refused request may wait for other workers to hand back their lease.
+    squeeze_waits: bool,
+}
+
+/// What a reservation does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Admit,
+    /// Ask the store for a lease.
+    Ask,
+    /// An ask is out: wait for its answer.
+    Wait,
+    /// Refused while other workers hold the budget: wait for them to hand it back, then ask.
+    AskAgainLater,
+    Refuse,
+    /// The store cannot be reached: the failure mode decides.
+    FailureMode,
+}
+
+/// The admission decision, pure: admit from the lease; else ask the store (once at a time per
+/// key, up to `max_asks`); a refusal while other workers hold the budget waits for them once
+/// they were squeezed; a store that cannot be reached (or set the ask aside, or did not answer
+/// in time) leaves it to the failure mode.
+fn next_step(lease: &LeaseView, waiting: &Waiting, rules: Rules) -> Step {
+    if lease.covers {
+        return Step::Admit;
+    }
+    if waiting.mine.is_some() && lease.dropped == waiting.mine {
+        return Step::FailureMode;
+    }
+    let my_grant = waiting
+        .mine
+        .and_then(|m| lease.answered.filter(|(seq, _)| *seq == m))
+        .map(|(_, granted)| granted);
+    if lease.asking.is_none()
+        && my_grant == Some(0)
+        && lease.others_hold
+        && waiting.asks < rules.max_asks
+        && rules.squeeze_waits
+    {
+        return Step::AskAgainLater;
+    }
+    match (lease.asking, my_grant) {
+        // My ask was answered and others took the grant, or there was none.
+        (None, Some(granted)) if granted == 0 || waiting.asks >= rules.max_asks => Step::Refuse,
+        (None, _) => Step::Ask,
+        (Some(_), _) if lease.unreachable || waiting.timed_out => Step::FailureMode,
+        (Some(_), _) => Step::Wait,
+    }
+}
+
+/// Fail-open admission, pure: the key's last known totals (for the current period) less what
+/// this worker spent since must cover the estimate; else the refusal says what is left.
+fn fail_open_admits(known: Account, spent_here: u64, estimate: u64) -> Result<(), u64> {
+    let left = known.remaining().saturating_sub(spent_here);
+    if left >= estimate {
+        Ok(())
+    } else {
+        Err(left)
     }
 }
 
@@ -560,8 +882,21 @@ mod tests {
         KeyId::of("sk-budget-test")
     }
 
+    fn settings(holder: &str, workers: usize) -> ShardSettings {
+        ShardSettings {
+            holder: Holder::from(holder),
+            workers,
+            fail_open: true,
+            period: Period::Never,
+            clock: system_clock(),
+            limits: Arc::new(KeyLimits::new(1_000, HashMap::new())),
+            squeeze_wait: Duration::ZERO,
+            journal: None,
+        }
+    }
+
     fn shard(store: Arc<MemoryStore>, workers: usize) -> Shard {
-        Shard::new(Ledger::Inline(store), Holder::from("test/0"), workers, true)
+        Shard::new(Ledger::Inline(store), settings("test/0", workers))
     }
 
     /// A runtime for the tests that wait (a remote ledger, a squeeze).
@@ -573,7 +908,7 @@ mod tests {
     }
 
     /// The in-memory ledger answers in place: a reservation is ready at the first poll.
-    fn reserve(shard: &Shard, key: KeyId, estimate: u64) -> Result<Reservation, Refusal> {
+    fn reserve(shard: &Shard, key: KeyId, estimate: u64) -> Result<Reservation<'_>, Refusal> {
         let mut future = std::pin::pin!(shard.reserve(key, estimate));
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         match future.as_mut().poll(&mut cx) {
@@ -584,9 +919,8 @@ mod tests {
 
     fn store(limit: u64) -> Arc<MemoryStore> {
         Arc::new(MemoryStore::new(
-            limit,
-            HashMap::new(),
-            crate::config::Period::Never,
+            Arc::new(KeyLimits::new(limit, HashMap::new())),
+            Period::Never,
             system_clock(),
         ))
     }
@@ -597,7 +931,7 @@ mod tests {
         let shard = shard(store.clone(), 1);
         let now = Instant::now();
         let r = reserve(&shard, key(), 300).unwrap();
-        shard.settle(r, 120, now);
+        r.settle(120);
         assert_eq!(
             store.account(key()).spent,
             0,
@@ -606,7 +940,7 @@ mod tests {
         shard.flush(now);
         assert_eq!(store.account(key()).spent, 120);
         // Idle long enough: the rest of the lease goes back.
-        shard.flush(now + IDLE_RETURN);
+        shard.flush(Instant::now() + IDLE_RETURN);
         assert_eq!(
             store.account(key()),
             Account {
@@ -614,6 +948,21 @@ mod tests {
                 spent: 120,
                 leased: 0
             }
+        );
+    }
+
+    #[test]
+    fn a_dropped_reservation_is_billed_if_it_went_upstream_and_released_if_not() {
+        let store = store(1_000);
+        let shard = shard(store.clone(), 1);
+        drop(reserve(&shard, key(), 300).unwrap());
+        let mut sent = reserve(&shard, key(), 200).unwrap();
+        sent.mark_sent();
+        drop(sent);
+        shard.flush(Instant::now() + IDLE_RETURN);
+        assert_eq!(
+            (store.account(key()).spent, store.account(key()).leased),
+            (200, 0)
         );
     }
 
@@ -626,8 +975,8 @@ mod tests {
         assert_eq!(leased, 100 + 900 / 2);
         let second = reserve(&shard, key(), 100).unwrap();
         assert_eq!(store.account(key()).leased, leased, "no second store call");
-        shard.settle(first, 0, Instant::now());
-        shard.settle(second, 0, Instant::now());
+        first.settle(0);
+        second.settle(0);
     }
 
     #[test]
@@ -639,17 +988,16 @@ mod tests {
         for i in 0..100 {
             if let Ok(r) = reserve(&shards[i % 4], key(), 70) {
                 admitted += 70;
-                held.push((i % 4, r));
+                held.push(r);
             }
         }
         assert!(admitted <= 1_000, "admitted {admitted}");
         // Every admitted request costs its full estimate: spend reaches but never passes 1000.
-        let now = Instant::now();
-        for (s, r) in held {
-            shards[s].settle(r, 70, now);
+        for r in held {
+            r.settle(70);
         }
         for s in &shards {
-            s.flush(now + IDLE_RETURN);
+            s.flush(Instant::now() + IDLE_RETURN);
         }
         let account = store.account(key());
         assert_eq!(account.spent, admitted);
@@ -669,7 +1017,7 @@ mod tests {
         let first = reserve(&shard, key(), 1_000).unwrap();
         assert_eq!(store.account(key()).leased, 5_500);
         let second = reserve(&shard, key(), 4_200).unwrap();
-        shard.settle(first, 1_000, now);
+        first.settle(1_000);
         // 300 free, below a quarter of the 5500 granted; the key is still busy.
         shard.flush(now);
         let account = store.account(key());
@@ -677,7 +1025,7 @@ mod tests {
         // Topped up by half of the 4500 neither spent nor leased.
         assert_eq!(account.leased, 4_500 + 2_250);
         assert!(account.spent + account.leased <= account.limit);
-        shard.settle(second, 0, now);
+        second.settle(0);
     }
 
     #[test]
@@ -692,7 +1040,7 @@ mod tests {
             }
         );
         let r = reserve(&shard, key(), 100).unwrap();
-        shard.settle(r, 100, Instant::now());
+        r.settle(100);
         shard.flush(Instant::now());
         assert!(matches!(
             reserve(&shard, key(), 1),
@@ -703,6 +1051,168 @@ mod tests {
         ));
     }
 
+    /// The decision table of `next_step`.
+    #[test]
+    fn the_admission_decision() {
+        let idle = LeaseView {
+            covers: false,
+            asking: None,
+            answered: None,
+            dropped: None,
+            unreachable: false,
+            others_hold: false,
+        };
+        let fresh = Waiting {
+            mine: None,
+            asks: 0,
+            timed_out: false,
+        };
+        let asked = Waiting {
+            mine: Some(7),
+            asks: 1,
+            timed_out: false,
+        };
+        let rules = Rules {
+            max_asks: 3,
+            squeeze_waits: true,
+        };
+        let cases = [
+            (
+                LeaseView {
+                    covers: true,
+                    ..idle
+                },
+                fresh,
+                Step::Admit,
+            ),
+            (idle, fresh, Step::Ask),
+            (
+                LeaseView {
+                    asking: Some(7),
+                    ..idle
+                },
+                asked,
+                Step::Wait,
+            ),
+            (
+                LeaseView {
+                    asking: Some(7),
+                    unreachable: true,
+                    ..idle
+                },
+                asked,
+                Step::FailureMode,
+            ),
+            (
+                LeaseView {
+                    asking: Some(7),
+                    ..idle
+                },
+                Waiting {
+                    timed_out: true,
+                    ..asked
+                },
+                Step::FailureMode,
+            ),
+            (
+                LeaseView {
+                    dropped: Some(7),
+                    ..idle
+                },
+                asked,
+                Step::FailureMode,
+            ),
+            // Answered with nothing: refused, unless others hold budget to squeeze out.
+            (
+                LeaseView {
+                    answered: Some((7, 0)),
+                    ..idle
+                },
+                asked,
+                Step::Refuse,
+            ),
+            (
+                LeaseView {
+                    answered: Some((7, 0)),
+                    others_hold: true,
+                    ..idle
+                },
+                asked,
+                Step::AskAgainLater,
+            ),
+            (
+                LeaseView {
+                    answered: Some((7, 0)),
+                    others_hold: true,
+                    ..idle
+                },
+                Waiting { asks: 3, ..asked },
+                Step::Refuse,
+            ),
+            // Granted, but others took it first: ask again, up to the limit.
+            (
+                LeaseView {
+                    answered: Some((7, 50)),
+                    ..idle
+                },
+                asked,
+                Step::Ask,
+            ),
+            (
+                LeaseView {
+                    answered: Some((7, 50)),
+                    ..idle
+                },
+                Waiting { asks: 3, ..asked },
+                Step::Refuse,
+            ),
+            // Another request's answer is not mine.
+            (
+                LeaseView {
+                    answered: Some((6, 0)),
+                    ..idle
+                },
+                asked,
+                Step::Ask,
+            ),
+        ];
+        for (lease, waiting, want) in cases {
+            assert_eq!(
+                next_step(&lease, &waiting, rules),
+                want,
+                "{lease:?} {waiting:?}"
+            );
+        }
+        let impatient = Rules {
+            squeeze_waits: false,
+            ..rules
+        };
+        assert_eq!(
+            next_step(
+                &LeaseView {
+                    answered: Some((7, 0)),
+                    others_hold: true,
+                    ..idle
+                },
+                &asked,
+                impatient
+            ),
+            Step::Refuse
+        );
+    }
+
+    #[test]
+    fn failing_open_admits_what_the_last_known_totals_leave() {
+        let known = Account {
+            limit: 1_000,
+            spent: 600,
+            leased: 0,
+        };
+        assert_eq!(fail_open_admits(known, 100, 300), Ok(()));
+        assert_eq!(fail_open_admits(known, 101, 300), Err(299));
+        assert_eq!(fail_open_admits(known, 2_000, 1), Err(0));
+    }
+
     /// With a remote store, a lease the store has not confirmed for two thirds of its
     /// lifetime is not admitted on: the next request asks again and hands the old lease back in
     /// the same op, so the store's count and the worker's agree whether or not it lapsed there.
@@ -710,17 +1220,25 @@ mod tests {
     fn a_lease_unconfirmed_for_most_of_its_lifetime_is_handed_back_not_spent() {
         let store = store(1_000_000);
         let ttl = Duration::from_millis(300);
-        let journal = std::env::temp_dir().join(format!("aura-budget-test-{}", std::process::id()));
-        let (thread, mut handles) = crate::budget::ledger::LedgerThread::start(
-            store.clone(),
-            1,
-            Duration::from_secs(2),
-            ttl,
-            journal,
-        )
-        .unwrap();
+        let (thread, mut handles) =
+            crate::budget::ledger::LedgerThread::start(crate::budget::ledger::LedgerSettings {
+                store: store.clone(),
+                admin: store.clone(),
+                workers: 1,
+                timeout: Duration::from_secs(2),
+                lease_ttl: ttl,
+                journal: None,
+                replay: Default::default(),
+                period: Period::Never,
+                clock: system_clock(),
+                fsync_every: Duration::from_secs(1),
+                holder: Holder::from("test/remote/ledger"),
+            })
+            .unwrap();
         let (ledger, mut inbox) = handles.remove(0);
-        let shard = std::rc::Rc::new(Shard::new(ledger, Holder::from("test/remote/0"), 1, false));
+        let mut settings = settings("test/remote/0", 1);
+        settings.fail_open = false;
+        let shard = std::rc::Rc::new(Shard::new(ledger, settings));
         let mut runtime = runtime();
         runtime.block_on(async {
             let pump = shard.clone();
@@ -732,7 +1250,7 @@ mod tests {
             let first = shard.reserve(key(), 1_000).await.unwrap();
             let granted = store.account(key()).leased;
             assert_eq!(granted, 1_000 + 999_000 / 2);
-            shard.settle(first, 0, Instant::now());
+            first.settle(0);
             // Nothing renews the lease (no flush) for longer than two thirds of its life.
             monoio::time::sleep(ttl - ttl / 4).await;
             let second = shard.reserve(key(), 3_000).await.unwrap();
@@ -743,7 +1261,7 @@ mod tests {
                 3_000 + (1_000_000 - 3_000) / 2,
                 "the old lease was handed back as the new one was granted"
             );
-            shard.settle(second, 0, Instant::now());
+            second.settle(0);
         });
         thread.finish(Instant::now() + Duration::from_secs(1));
     }
@@ -755,14 +1273,19 @@ mod tests {
     fn a_refused_request_is_admitted_once_another_worker_hands_back_its_lease() {
         let store = store(1_000);
         let wait = Duration::from_millis(30);
-        let a = std::rc::Rc::new(shard(store.clone(), 2).with_squeeze_wait(wait));
-        let b = std::rc::Rc::new(shard(store.clone(), 2).with_squeeze_wait(wait));
+        let patient = |holder| {
+            let mut settings = settings(holder, 2);
+            settings.squeeze_wait = wait;
+            std::rc::Rc::new(Shard::new(Ledger::Inline(store.clone()), settings))
+        };
+        let a = patient("a");
+        let b = patient("b");
         let impatient = shard(store.clone(), 2);
         let mut runtime = runtime();
         runtime.block_on(async {
             // A leases 600 + a quarter of the 400 left, and spends 10 of it.
             let r = a.reserve(key(), 600).await.unwrap();
-            a.settle(r, 10, Instant::now());
+            r.settle(10);
             assert_eq!(store.account(key()).leased, 700);
             // Only 300 is not leased: 400 cannot be had without A's unused lease.
             assert!(matches!(
@@ -771,17 +1294,16 @@ mod tests {
             ));
             let waiting = monoio::spawn({
                 let b = b.clone();
-                async move { b.reserve(key(), 400).await }
+                async move { b.reserve(key(), 400).await.map(|r| r.settle(0)) }
             });
             monoio::time::sleep(Duration::from_millis(5)).await;
             // A's flush hears of the squeeze; its next one hands back what it does not use.
             a.flush(Instant::now());
             a.flush(Instant::now());
-            let admitted = waiting.await.unwrap();
+            assert!(waiting.await.is_ok());
             let account = store.account(key());
             assert_eq!(account.spent, 10);
             assert!(account.spent + account.leased <= account.limit);
-            b.settle(admitted, 0, Instant::now());
         });
     }
 
@@ -790,9 +1312,53 @@ mod tests {
         let store = store(100);
         let shard = shard(store.clone(), 1);
         let r = reserve(&shard, key(), 50).unwrap();
-        shard.settle(r, 130, Instant::now());
+        r.settle(130);
         shard.flush(Instant::now() + IDLE_RETURN);
         let account = store.account(key());
         assert_eq!((account.spent, account.leased), (130, 0));
+    }
+
+    #[test]
+    fn a_key_the_upstream_refused_leaves_nothing_in_the_store() {
+        let store = store(1_000);
+        let shard = shard(store.clone(), 1);
+        let r = reserve(&shard, key(), 100).unwrap();
+        assert!(store.holds(key()));
+        r.settle_refused_key();
+        shard.flush(Instant::now());
+        assert!(!store.holds(key()), "the account is gone");
+        assert!(shard.remaining(10).is_empty(), "and so is the lease here");
+    }
+
+    #[test]
+    fn spend_is_stamped_with_the_period_it_was_settled_in() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        // 2026-01-31 23:59:59 UTC.
+        let now = Arc::new(AtomicU64::new(1_769_903_999));
+        let clock: Clock = {
+            let now = now.clone();
+            Arc::new(move || now.load(Ordering::Relaxed))
+        };
+        let limits = Arc::new(KeyLimits::new(1_000, HashMap::new()));
+        let store = Arc::new(MemoryStore::new(
+            limits.clone(),
+            Period::Daily,
+            clock.clone(),
+        ));
+        let mut settings = settings("test/0", 1);
+        settings.period = Period::Daily;
+        settings.clock = clock;
+        let shard = Shard::new(Ledger::Inline(store.clone()), settings);
+        let before = reserve(&shard, key(), 100).unwrap();
+        before.settle(40);
+        // Midnight passes before the flush: each cost stays in its own day.
+        now.fetch_add(2, Ordering::Relaxed);
+        let after = reserve(&shard, key(), 100).unwrap();
+        after.settle(7);
+        shard.flush(Instant::now());
+        let day = period_of(Period::Daily, 1_769_903_999);
+        assert_eq!(store.spent_in(key(), day), 40);
+        assert_eq!(store.spent_in(key(), day + 1), 7);
+        assert_eq!(store.account(key()).spent, 7);
     }
 }

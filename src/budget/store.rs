@@ -8,7 +8,7 @@ pub mod valkey;
 
 use std::sync::Arc;
 
-use super::op::{Account, Applied, Op};
+use super::op::{Account, Applied, Op, PeriodSpend};
 use crate::auth::KeyId;
 
 pub use memory::MemoryStore;
@@ -29,11 +29,13 @@ pub enum StoreError {
 pub trait Store: Send + Sync {
     /// Applies ops in order; one answer per op.
     fn apply(&self, ops: &[Op]) -> Result<Vec<Applied>, StoreError>;
-    /// The key's totals (a key never seen has its configured or the default limit).
+    /// The key's totals in the current period (a key never seen has its configured limit).
     fn account(&self, key: KeyId) -> Result<Account, StoreError>;
+    /// The key's spend in each period the store keeps, oldest first.
+    fn history(&self, key: KeyId) -> Result<Vec<PeriodSpend>, StoreError>;
     /// Admin: sets the key's limit.
     fn set_limit(&self, key: KeyId, limit: u64) -> Result<Account, StoreError>;
-    /// Admin: the key's spend back to zero.
+    /// Admin: the key's spend in the current period back to zero.
     fn reset(&self, key: KeyId) -> Result<Account, StoreError>;
     /// Admin: forgets the key's limit and spend (back to its configured or the default limit).
     fn remove(&self, key: KeyId) -> Result<(), StoreError>;

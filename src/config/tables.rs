@@ -128,6 +128,9 @@ fn key_entry(alias: &str, f: &mut Fields) -> Option<KeyEntry> {
     f.only(&["key", "limit_dollars", "upstream_key"]);
     let key = f.string("key", true);
     let limit_dollars = f.dollars("limit_dollars");
+    if let Some(Err(e)) = limit_dollars.map(crate::pricing::limit_nano) {
+        f.error(&format!("`limit_dollars`: {e}"));
+    }
     let upstream_key = f.string("upstream_key", false);
     Some(KeyEntry {
         alias: alias.to_string(),

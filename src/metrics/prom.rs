@@ -227,10 +227,28 @@ pub fn encode_ledger(out: &mut String, stats: &crate::budget::ledger::LedgerStat
             stats.queued.load(Relaxed),
         ),
         (
-            "aura_ledger_journal_ops",
+            "aura_ledger_replay_ops",
             "gauge",
-            "Budget ops held in the journal file until the store takes them.",
-            stats.journaled.load(Relaxed),
+            "Ops of an earlier run's journal (a kill, an outage at shutdown) not yet applied.",
+            stats.replaying.load(Relaxed),
+        ),
+        (
+            "aura_journal_errors_total",
+            "counter",
+            "Journal writes that failed (a full disk): that settled spend was in memory only.",
+            stats.journal_errors(),
+        ),
+        (
+            "aura_store_data_lost_total",
+            "counter",
+            "Times the budget store was found to have lost its data (restarted without persistence, flushed); what this node knew was re-established.",
+            stats.losses.load(Relaxed),
+        ),
+        (
+            "aura_store_lost_accounts_total",
+            "counter",
+            "Accounts the store answered for as if it had never seen them, though it had.",
+            stats.lost_accounts.load(Relaxed),
         ),
         (
             "aura_store_errors_total",

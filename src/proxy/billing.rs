@@ -73,8 +73,8 @@ pub fn bounds_of(body: &[u8]) -> Bounds {
 
 /// A reservation, and what settle needs to price the request.
 #[derive(Debug)]
-pub struct Bill {
-    pub reservation: Reservation,
+pub struct Bill<'s> {
+    pub reservation: Reservation<'s>,
     pub request_bytes: u64,
 }
 

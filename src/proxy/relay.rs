@@ -176,7 +176,10 @@ impl Relay {
     }
 
     /// Pumps the body. `buffered` holds body bytes read together with the response head; it and
-    /// every buffer the relay needs come from, and go back to, the worker's pool.
+    /// every buffer the relay needs come from, and go back to, the worker's pool. When the body
+    /// is complete, `before_last_write` sees its usage before the client gets the last bytes
+    /// (billing happens there, so a client that has its whole answer was billed for it).
+    #[allow(clippy::too_many_arguments)]
     pub async fn run<U, S>(
         mut self,
         upstream: &mut U,
@@ -185,6 +188,7 @@ impl Relay {
         worker: Worker<'_>,
         timeouts: Timeouts,
         started: Instant,
+        before_last_write: &mut dyn FnMut(&RelayEnd),
     ) -> RelayEnd
     where
         U: AsyncReadRent,
@@ -259,6 +263,14 @@ impl Relay {
             };
             input.clear();
 
+            // The last read is observed first: the request is billed before its client has it
+            // all (every other read is written first, observed second).
+            if done {
+                self.observe(&payload, &mut scanner, &mut json, &mut end);
+                end.usage = self.usage_found(&mut scanner, &mut json, true);
+                before_last_write(&end);
+            }
+
             // 2. Forward: one write per upstream read, head included the first time.
             if client_alive {
                 take_if_lent(&mut out, pool);
@@ -298,18 +310,11 @@ impl Relay {
                 }
             }
 
-            // 3. Observe the same bytes.
-            end.body_bytes += payload.len() as u64;
-            match self.kind {
-                BodyKind::EventStream => scanner.feed(&payload),
-                BodyKind::Json if json.len() + payload.len() <= JSON_USAGE_MAX_BYTES => {
-                    json.extend_from_slice(&payload)
-                }
-                BodyKind::Json | BodyKind::Other => {}
-            }
             if done {
                 break;
             }
+            // 3. Observe the same bytes.
+            self.observe(&payload, &mut scanner, &mut json, &mut end);
             if !client_alive {
                 drained_bytes += payload.len();
                 if drain_slot.is_none()
@@ -353,14 +358,9 @@ impl Relay {
         }
         drop(drain_slot);
         let complete = end.error.is_none();
-        end.usage = match self.kind {
-            BodyKind::EventStream => {
-                scanner.finish();
-                scanner.found().cloned()
-            }
-            BodyKind::Json if complete => usage::from_body_json(&mut json),
-            BodyKind::Json | BodyKind::Other => None,
-        };
+        if !complete {
+            end.usage = self.usage_found(&mut scanner, &mut json, false);
+        }
         for buf in [input, out, payload, stripped, json] {
             pool.give(buf);
         }
@@ -374,6 +374,44 @@ impl Relay {
             Persist::Close
         };
         end
+    }
+}
+
+impl Relay {
+    /// Feeds one read's payload to whatever reads the usage.
+    fn observe(
+        &self,
+        payload: &[u8],
+        scanner: &mut UsageScanner,
+        json: &mut Vec<u8>,
+        end: &mut RelayEnd,
+    ) {
+        end.body_bytes += payload.len() as u64;
+        match self.kind {
+            BodyKind::EventStream => scanner.feed(payload),
+            BodyKind::Json if json.len() + payload.len() <= JSON_USAGE_MAX_BYTES => {
+                json.extend_from_slice(payload)
+            }
+            BodyKind::Json | BodyKind::Other => {}
+        }
+    }
+
+    /// The usage the body carried: a stream's last usage event (even if the stream broke
+    /// after it), a JSON body's `usage` (only once the body is complete).
+    fn usage_found(
+        &self,
+        scanner: &mut UsageScanner,
+        json: &mut [u8],
+        complete: bool,
+    ) -> Option<Found> {
+        match self.kind {
+            BodyKind::EventStream => {
+                scanner.finish();
+                scanner.found().cloned()
+            }
+            BodyKind::Json if complete => usage::from_body_json(json),
+            BodyKind::Json | BodyKind::Other => None,
+        }
     }
 }
 

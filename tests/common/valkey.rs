@@ -162,11 +162,12 @@ impl Valkey {
             .unwrap()
     }
 
-    /// `(spent, leased)` of an API key, straight from the store.
+    /// `(spent, leased)` of an API key, straight from the store: spend of every period the
+    /// store keeps.
     pub fn totals(&self, api_key: &str) -> (u64, u64) {
         let id = aura::auth::KeyId::of(api_key);
         let account = self.hash(&format!("aura:{{{id}}}"));
-        let spent = account.get("spent").map_or(0, |s| s.parse().unwrap());
+        let spent = spent_fields(&account);
         let leased = self
             .hash(&format!("aura:{{{id}}}:lease"))
             .values()
@@ -174,6 +175,15 @@ impl Valkey {
             .sum();
         (spent, leased)
     }
+}
+
+/// The sum of an account hash's `spent:<period>` fields.
+pub fn spent_fields(account: &HashMap<String, String>) -> u64 {
+    account
+        .iter()
+        .filter(|(field, _)| field.starts_with("spent:"))
+        .map(|(_, v)| v.parse::<u64>().unwrap())
+        .sum()
 }
 
 impl Drop for Valkey {
@@ -274,15 +284,14 @@ impl ValkeyCluster {
             .unwrap()
     }
 
-    /// `spent` of an API key, from whichever node owns its slot.
+    /// The spend of an API key (every period), from whichever node owns its slot.
     pub fn spent(&self, api_key: &str) -> u64 {
         let id = aura::auth::KeyId::of(api_key);
-        let spent: Option<u64> = redis::cmd("HGET")
+        let account: HashMap<String, String> = redis::cmd("HGETALL")
             .arg(format!("aura:{{{id}}}"))
-            .arg("spent")
             .query(&mut self.connection())
             .unwrap();
-        spent.unwrap_or(0)
+        spent_fields(&account)
     }
 
     /// Which node holds the account of `api_key`.

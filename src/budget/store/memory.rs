@@ -1,41 +1,80 @@
 //! The single-node store: every key's totals in a map behind one mutex, touched only at lease,
-//! flush and admin time (never on the request path).
+//! flush and admin time (never on the request path). One process: no holders to keep apart,
+//! no retries, so no sequence numbers, and nothing to lose but the process itself.
+//!
+//! Spend is kept per budget period (the current one and `HISTORY_PERIODS` before it). An entry
+//! with no spend, no admin limit and no lease is dropped at once: a million keys seen once
+//! cost nothing after their leases return.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use super::{Clock, Store, StoreError};
 use crate::auth::KeyId;
-use crate::budget::op::{period_of, Account, Applied, Op, Settlement};
+use crate::budget::op::{period_of, Account, Applied, KeyLimits, Op, PeriodSpend, HISTORY_PERIODS};
 use crate::config::Period;
 
-/// The single-node store: a map behind one mutex, touched only at lease, flush and admin time.
 pub struct MemoryStore {
-    default_limit: u64,
-    limits: HashMap<KeyId, u64>,
+    limits: Arc<KeyLimits>,
     period: Period,
     clock: Clock,
     accounts: Mutex<HashMap<KeyId, Entry>>,
 }
 
+#[derive(Debug, Default)]
 struct Entry {
-    account: Account,
-    /// The budget period the spend belongs to.
-    period: u64,
+    /// Set by the admin API; none: the configured limit.
+    limit: Option<u64>,
+    /// Spend per period, oldest first.
+    spent: Vec<PeriodSpend>,
+    /// Granted to workers and not yet spent or returned.
+    leased: u64,
     /// Until then, holders are asked to hand back their unused lease.
     squeeze_until: Option<std::time::Instant>,
 }
 
+impl Entry {
+    fn spent_in(&self, period: u64) -> u64 {
+        self.spent
+            .iter()
+            .find(|p| p.period == period)
+            .map_or(0, |p| p.nano)
+    }
+
+    fn add(&mut self, period: u64, nano: u64) {
+        match self.spent.iter_mut().find(|p| p.period == period) {
+            Some(p) => p.nano = p.nano.saturating_add(nano),
+            None => {
+                self.spent.push(PeriodSpend { period, nano });
+                self.spent.sort_by_key(|p| p.period);
+            }
+        }
+    }
+
+    /// Forgets spend older than the history kept before `period`.
+    fn prune(&mut self, period: u64) {
+        self.spent
+            .retain(|p| p.period + HISTORY_PERIODS >= period && p.nano > 0);
+    }
+
+    /// Nothing in it that a fresh entry would not have.
+    fn idle(&self) -> bool {
+        self.limit.is_none() && self.leased == 0 && self.spent.iter().all(|p| p.nano == 0)
+    }
+
+    fn account(&self, configured: u64, period: u64) -> Account {
+        Account {
+            limit: self.limit.unwrap_or(configured),
+            spent: self.spent_in(period),
+            leased: self.leased,
+        }
+    }
+}
+
 impl MemoryStore {
-    /// `limits` override `default_limit` for their keys; spend resets each `period`.
-    pub fn new(
-        default_limit: u64,
-        limits: HashMap<KeyId, u64>,
-        period: Period,
-        clock: Clock,
-    ) -> MemoryStore {
+    /// `limits`: the configured ones; spend is kept per `period`.
+    pub fn new(limits: Arc<KeyLimits>, period: Period, clock: Clock) -> MemoryStore {
         MemoryStore {
-            default_limit,
             limits,
             period,
             clock,
@@ -52,142 +91,122 @@ impl MemoryStore {
         }
     }
 
-    fn with<T>(&self, key: KeyId, f: impl FnOnce(&mut Account) -> T) -> T {
-        let now = period_of(self.period, (self.clock)());
-        let mut accounts = self.lock();
-        let limit = self.limits.get(&key).copied().unwrap_or(self.default_limit);
-        let entry = accounts.entry(key).or_insert(Entry {
-            account: Account {
-                limit,
-                ..Account::default()
-            },
-            period: now,
-            squeeze_until: None,
-        });
-        if entry.period != now {
-            // A new day or month: spend starts again; leases in workers stay theirs.
-            entry.account.spent = 0;
-            entry.period = now;
-        }
-        f(&mut entry.account)
-    }
-}
-
-impl MemoryStore {
-    /// Starts a squeeze of `key` if `refused` while workers hold some of its budget; whether
-    /// the key is being squeezed.
-    fn squeeze(&self, key: KeyId, refused: bool, now: std::time::Instant) -> bool {
-        let mut accounts = self.lock();
-        let Some(entry) = accounts.get_mut(&key) else {
-            return false;
-        };
-        if refused && entry.account.leased > 0 {
-            entry.squeeze_until = Some(now + super::valkey::SQUEEZE);
-        }
-        entry.squeeze_until.is_some_and(|until| now < until)
+    fn period_now(&self) -> u64 {
+        period_of(self.period, (self.clock)())
     }
 
-    /// Leases `need` plus a `slice_parts`-th of what is left beyond it, or nothing.
-    pub fn lease(&self, key: KeyId, need: u64, slice_parts: u64) -> (u64, Account) {
-        self.with(key, |a| {
-            let unleased = a.unleased();
-            if unleased < need {
-                return (0, *a);
+    /// Runs `f` on the key's entry (made if missing), then drops the entry if it is idle.
+    fn with<T>(&self, key: KeyId, f: impl FnOnce(&mut Entry) -> T) -> T {
+        let mut accounts = self.lock();
+        let entry = accounts.entry(key).or_default();
+        let out = f(entry);
+        if entry.idle() {
+            accounts.remove(&key);
+        }
+        out
+    }
+
+    /// One op: spend by period, the lease it gives back, then the lease it asks for (the need
+    /// plus a `parts`-th of what is left beyond it, or nothing).
+    fn apply_one(&self, op: &Op, now: std::time::Instant) -> Applied {
+        let configured = self.limits.of(op.key);
+        self.with(op.key, |entry| {
+            for p in op.settle.spent.iter() {
+                entry.add(p.period, p.nano);
             }
-            let slice = (unleased - need) / slice_parts.max(1);
-            let granted = need + slice;
-            a.leased += granted;
-            (granted, *a)
-        })
-    }
-
-    pub fn settle(&self, key: KeyId, s: Settlement) -> Account {
-        self.with(key, |a| {
-            a.spent = a.spent.saturating_add(s.spent);
-            a.leased = a
+            entry.prune(op.period);
+            entry.leased = entry
                 .leased
-                .saturating_sub(s.from_lease.saturating_add(s.returned));
-            *a
+                .saturating_sub(op.settle.from_lease.saturating_add(op.settle.returned));
+            let mut granted = 0;
+            if let Some(ask) = op.ask {
+                let unleased = entry.account(configured, op.period).unleased();
+                if unleased >= ask.need {
+                    granted = ask.need + (unleased - ask.need) / ask.parts.max(1);
+                    entry.leased += granted;
+                }
+            }
+            // A top-up (need 0) granted nothing is no refusal: nobody is waiting on it.
+            let refused = op.ask.is_some_and(|a| a.need > 0) && granted == 0;
+            if refused && entry.leased > 0 {
+                entry.squeeze_until = Some(now + super::valkey::SQUEEZE);
+            }
+            Applied {
+                granted,
+                account: entry.account(configured, op.period),
+                squeezed: entry.squeeze_until.is_some_and(|until| now < until),
+                lost: false,
+            }
         })
     }
 
     pub fn account(&self, key: KeyId) -> Account {
-        self.with(key, |a| *a)
+        let period = self.period_now();
+        let configured = self.limits.of(key);
+        self.with(key, |e| e.account(configured, period))
     }
 
-    pub fn set_limit(&self, key: KeyId, limit: u64) -> Account {
-        self.with(key, |a| {
-            a.limit = limit;
-            *a
-        })
-    }
-
-    pub fn reset(&self, key: KeyId) -> Account {
-        self.with(key, |a| {
-            a.spent = 0;
-            *a
-        })
+    /// The key's spend in `period`.
+    pub fn spent_in(&self, key: KeyId, period: u64) -> u64 {
+        self.lock().get(&key).map_or(0, |e| e.spent_in(period))
     }
 
     pub fn holds(&self, key: KeyId) -> bool {
-        self.lock().contains_key(&key) || self.limits.contains_key(&key)
-    }
-
-    pub fn remove(&self, key: KeyId) {
-        self.lock().remove(&key);
-    }
-
-    pub fn accounts(&self) -> Vec<(KeyId, Account)> {
-        let keys: Vec<KeyId> = self.lock().keys().copied().collect();
-        // Through `with`, so a period that ended shows as reset.
-        keys.into_iter().map(|k| (k, self.account(k))).collect()
+        self.lock().contains_key(&key) || self.limits.names(key)
     }
 }
 
 impl Store for MemoryStore {
     fn apply(&self, ops: &[Op]) -> Result<Vec<Applied>, StoreError> {
-        // One process: no retries, so no sequence numbers to check, and no holder outlives it.
         let now = std::time::Instant::now();
-        Ok(ops
-            .iter()
-            .map(|op| {
-                let mut applied = Applied {
-                    granted: 0,
-                    account: self.settle(op.key, op.settle),
-                    squeezed: false,
-                };
-                if let Some(ask) = op.ask {
-                    let (granted, account) = self.lease(op.key, ask.need, ask.parts);
-                    applied.granted = granted;
-                    applied.account = account;
-                }
-                // A top-up (need 0) granted nothing is no refusal: nobody is waiting on it.
-                let refused = op.ask.is_some_and(|a| a.need > 0) && applied.granted == 0;
-                applied.squeezed = self.squeeze(op.key, refused, now);
-                applied
-            })
-            .collect())
+        Ok(ops.iter().map(|op| self.apply_one(op, now)).collect())
     }
 
     fn account(&self, key: KeyId) -> Result<Account, StoreError> {
         Ok(MemoryStore::account(self, key))
     }
 
+    fn history(&self, key: KeyId) -> Result<Vec<PeriodSpend>, StoreError> {
+        Ok(self
+            .lock()
+            .get(&key)
+            .map(|e| e.spent.clone())
+            .unwrap_or_default())
+    }
+
     fn set_limit(&self, key: KeyId, limit: u64) -> Result<Account, StoreError> {
-        Ok(MemoryStore::set_limit(self, key, limit))
+        let period = self.period_now();
+        Ok(self.with(key, |e| {
+            e.limit = Some(limit);
+            e.account(limit, period)
+        }))
     }
 
     fn reset(&self, key: KeyId) -> Result<Account, StoreError> {
-        Ok(MemoryStore::reset(self, key))
+        let period = self.period_now();
+        let configured = self.limits.of(key);
+        Ok(self.with(key, |e| {
+            e.spent.retain(|p| p.period != period);
+            e.account(configured, period)
+        }))
     }
 
     fn remove(&self, key: KeyId) -> Result<(), StoreError> {
-        MemoryStore::remove(self, key);
+        // Leases stay: they belong to workers that will spend or return them.
+        self.with(key, |e| {
+            e.limit = None;
+            e.spent.clear();
+        });
         Ok(())
     }
 
     fn accounts(&self) -> Result<Vec<(KeyId, Account)>, StoreError> {
-        Ok(MemoryStore::accounts(self))
+        let period = self.period_now();
+        Ok(self
+            .lock()
+            .iter()
+            .map(|(k, e)| (*k, e.account(self.limits.of(*k), period)))
+            .collect())
     }
 
     fn holds(&self, key: KeyId) -> Result<bool, StoreError> {
@@ -198,19 +217,38 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::budget::op::{Ask, Holder, Spend};
     use crate::budget::store::system_clock;
-    use std::sync::Arc;
 
     fn key(n: u8) -> KeyId {
         KeyId::of(&format!("sk-test-{n}"))
     }
 
     fn memory(limit: u64) -> MemoryStore {
-        MemoryStore::new(limit, HashMap::new(), Period::Never, system_clock())
+        MemoryStore::new(
+            Arc::new(KeyLimits::new(limit, HashMap::new())),
+            Period::Never,
+            system_clock(),
+        )
+    }
+
+    fn op(k: KeyId, period: u64, spent: u64, from_lease: u64, returned: u64) -> Op {
+        let mut op = Op::new(Holder::from("t/0"), 1, k, period);
+        op.settle.spent = Spend::of(period, spent);
+        op.settle.from_lease = from_lease;
+        op.settle.returned = returned;
+        op
+    }
+
+    fn lease(store: &MemoryStore, k: KeyId, need: u64, parts: u64) -> (u64, Account) {
+        let mut ask = Op::new(Holder::from("t/0"), 1, k, 0);
+        ask.ask = Some(Ask { need, parts });
+        let applied = store.apply(&[ask]).unwrap().remove(0);
+        (applied.granted, applied.account)
     }
 
     #[test]
-    fn spend_resets_when_the_period_turns() {
+    fn spend_is_kept_per_period_and_the_current_one_is_answered() {
         use std::sync::atomic::{AtomicU64, Ordering};
         // 2026-01-31 23:59:00 UTC.
         let now = Arc::new(AtomicU64::new(1_769_903_940));
@@ -218,57 +256,52 @@ mod tests {
             let now = now.clone();
             Arc::new(move || now.load(Ordering::Relaxed))
         };
-        let daily = MemoryStore::new(1_000, HashMap::new(), Period::Daily, clock.clone());
-        let monthly = MemoryStore::new(1_000, HashMap::new(), Period::Monthly, clock);
-        for store in [&daily, &monthly] {
-            store.lease(key(9), 400, 1);
-            let s = Settlement {
-                spent: 400,
-                from_lease: 400,
-                returned: 0,
-            };
-            assert_eq!(store.settle(key(9), s).spent, 400);
-        }
-        // Two minutes later: 2026-02-01, a new day and a new month.
+        let limits = Arc::new(KeyLimits::new(1_000, HashMap::new()));
+        let daily = MemoryStore::new(limits.clone(), Period::Daily, clock.clone());
+        let day = period_of(Period::Daily, 1_769_903_940);
+        daily.apply(&[op(key(9), day, 400, 0, 0)]).unwrap();
+        assert_eq!(daily.account(key(9)).spent, 400);
+        // Two minutes later: a new day. Spend settled before midnight but delivered after
+        // still lands in the old day.
         now.fetch_add(120, Ordering::Relaxed);
         assert_eq!(daily.account(key(9)).spent, 0);
-        assert_eq!(monthly.account(key(9)).spent, 0);
-        daily.settle(
-            key(9),
-            Settlement {
-                spent: 7,
-                ..Settlement::default()
-            },
+        daily.apply(&[op(key(9), day, 5, 0, 0)]).unwrap();
+        daily.apply(&[op(key(9), day + 1, 7, 0, 0)]).unwrap();
+        assert_eq!(
+            (daily.spent_in(key(9), day), daily.account(key(9)).spent),
+            (405, 7)
         );
-        monthly.settle(
-            key(9),
-            Settlement {
-                spent: 7,
-                ..Settlement::default()
-            },
+        assert_eq!(
+            daily.history(key(9)).unwrap(),
+            vec![
+                PeriodSpend {
+                    period: day,
+                    nano: 405
+                },
+                PeriodSpend {
+                    period: day + 1,
+                    nano: 7
+                }
+            ]
         );
-        // A day later: the daily budget resets again, the monthly one does not.
-        now.fetch_add(86_400, Ordering::Relaxed);
-        assert_eq!(daily.account(key(9)).spent, 0);
-        assert_eq!(monthly.account(key(9)).spent, 7);
+        // History goes back HISTORY_PERIODS periods, no further.
+        daily
+            .apply(&[op(key(9), day + 1 + HISTORY_PERIODS, 1, 0, 0)])
+            .unwrap();
+        assert_eq!(daily.spent_in(key(9), day), 0);
+        assert_eq!(daily.spent_in(key(9), day + 1), 7);
     }
 
     #[test]
     fn admin_operations() {
         let store = memory(1_000);
-        store.settle(
-            key(6),
-            Settlement {
-                spent: 300,
-                ..Settlement::default()
-            },
-        );
-        assert_eq!(store.set_limit(key(6), 5_000).remaining(), 4_700);
-        assert_eq!(store.reset(key(6)).spent, 0);
-        assert_eq!(store.accounts().len(), 1);
+        store.apply(&[op(key(6), 0, 300, 0, 0)]).unwrap();
+        assert_eq!(store.set_limit(key(6), 5_000).unwrap().remaining(), 4_700);
+        assert_eq!(store.reset(key(6)).unwrap().spent, 0);
+        assert_eq!(store.accounts().unwrap().len(), 1);
         assert!(store.holds(key(6)));
-        store.remove(key(6));
-        assert!(store.accounts().is_empty());
+        store.remove(key(6)).unwrap();
+        assert!(store.accounts().unwrap().is_empty());
         assert!(!store.holds(key(6)));
         assert_eq!(store.account(key(6)).limit, 1_000);
     }
@@ -276,14 +309,14 @@ mod tests {
     #[test]
     fn leases_never_exceed_the_limit() {
         let store = memory(1_000);
-        let (a, _) = store.lease(key(1), 100, 4);
+        let (a, _) = lease(&store, key(1), 100, 4);
         // 100 needed + a quarter of the 900 left.
         assert_eq!(a, 100 + 225);
-        let (b, account) = store.lease(key(1), 600, 4);
+        let (b, account) = lease(&store, key(1), 600, 4);
         assert_eq!(b, 600 + (1_000 - 325 - 600) / 4);
         assert!(account.spent + account.leased <= account.limit);
         // Not enough left for the need: nothing is granted.
-        let (c, account) = store.lease(key(1), 500, 4);
+        let (c, account) = lease(&store, key(1), 500, 4);
         assert_eq!(c, 0);
         assert_eq!(account.leased, a + b);
     }
@@ -291,16 +324,9 @@ mod tests {
     #[test]
     fn settling_moves_lease_to_spend_and_returns_the_rest() {
         let store = memory(1_000);
-        let (granted, _) = store.lease(key(2), 300, 1);
+        let (granted, _) = lease(&store, key(2), 300, 1);
         assert_eq!(granted, 1_000);
-        let account = store.settle(
-            key(2),
-            Settlement {
-                spent: 250,
-                from_lease: 250,
-                returned: 750,
-            },
-        );
+        let account = store.apply(&[op(key(2), 0, 250, 250, 750)]).unwrap()[0].account;
         assert_eq!(
             account,
             Account {
@@ -315,31 +341,36 @@ mod tests {
     #[test]
     fn spend_beyond_a_lease_is_counted_and_never_underflows() {
         let store = memory(100);
-        store.lease(key(3), 100, 1);
-        let account = store.settle(
-            key(3),
-            Settlement {
-                spent: 130,
-                from_lease: 100,
-                returned: 0,
-            },
-        );
+        lease(&store, key(3), 100, 1);
+        let account = store.apply(&[op(key(3), 0, 130, 100, 0)]).unwrap()[0].account;
         assert_eq!(
             (account.spent, account.leased, account.remaining()),
             (130, 0, 0)
         );
-        assert_eq!(store.lease(key(3), 1, 1).0, 0);
+        assert_eq!(lease(&store, key(3), 1, 1).0, 0);
     }
 
     #[test]
     fn configured_limits_override_the_default() {
         let store = MemoryStore::new(
-            10,
-            HashMap::from([(key(4), 99)]),
+            Arc::new(KeyLimits::new(10, HashMap::from([(key(4), 99)]))),
             Period::Never,
             system_clock(),
         );
         assert_eq!(store.account(key(4)).limit, 99);
         assert_eq!(store.account(key(5)).limit, 10);
+    }
+
+    #[test]
+    fn an_entry_with_nothing_in_it_is_not_kept() {
+        let store = memory(1_000);
+        let (granted, _) = lease(&store, key(7), 10, 1);
+        assert!(store.holds(key(7)));
+        store.apply(&[op(key(7), 0, 0, 0, granted)]).unwrap();
+        assert!(
+            !store.holds(key(7)),
+            "no spend, no limit, no lease: dropped"
+        );
+        assert!(store.accounts().unwrap().is_empty());
     }
 }

@@ -1,24 +1,26 @@
 //! The fleet store: budgets in Valkey (or Redis), shared by every Aura node pointed at it.
 //!
-//! Per key id `K`, five hashes, all with the hash tag `{K}` so a script touches one slot:
+//! Per key id `K`, six hashes, all with the hash tag `{K}` so a script touches one slot:
 //!
 //! | key | fields |
 //! |---|---|
-//! | `aura:{K}` | `spent`, `period` (the budget period `spent` belongs to), `limit` (set by the admin API; absent: the configured or default limit) |
-//! | `aura:{K}:lease` | holder (`node/worker`) → nano-dollars leased to it |
+//! | `aura:{K}` | `spent:<period>` (spend settled in that budget period: the current one and a few before it), `limit` (set by the admin API; absent: the configured or default limit), `base:<period>` (after a loss: the largest spend floor a node gave back), `squeeze` |
+//! | `aura:{K}:lease` | holder (`node/boot/worker`) → nano-dollars leased to it |
 //! | `aura:{K}:until` | holder → when its lease lapses (ms, the server's clock) |
 //! | `aura:{K}:seq` | holder → the last sequence number applied |
 //! | `aura:{K}:grant` | holder → what that sequence granted (answered again to a retry) |
 //! | `aura:{K}:seen` | holder → when its last op was applied (ms); a holder silent for 7 days is forgotten |
 //!
-//! Every op is one script run (EVALSHA, pipelined: one round trip per batch). The script applies
-//! an op only if its sequence is newer than the holder's last, so a retry after a timeout or a
-//! journal replay is harmless. A lease lapses `LEASE_TTL` after its holder last touched the key
-//! (workers renew theirs well before), so a node that died does not strand budget for long.
-//! Money is integers: Lua holds them as doubles, exact below 2^53 nano-dollars (9 million dollars).
+//! Every op is one script run (apply.lua, EVALSHA, pipelined: one round trip per batch). The
+//! script applies an op only if its sequence is newer than the holder's last, so a retry after
+//! a timeout or a journal replay is harmless. A lease lapses `LEASE_TTL` after its holder last
+//! touched the key (workers renew theirs well before), so a node that died does not strand
+//! budget for long. An account with no spend, no admin limit and no lease expires after
+//! `IDLE_TTL`. Reads (read.lua) are a script flagged `no-writes`, on the admin connection.
+//! Money is integers: amounts reach `HINCRBY` as strings (exact); the script's sums are
+//! doubles, exact below 2^53 nano-dollars, which `MAX_LIMIT_NANO` keeps every total under.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::cluster::{ClusterClient, ClusterConnection};
@@ -27,7 +29,7 @@ use redis::{Connection, ConnectionLike, RedisError};
 
 use super::{Clock, Store, StoreError};
 use crate::auth::KeyId;
-use crate::budget::op::{Account, Applied, Op};
+use crate::budget::op::{period_of, Account, Applied, KeyLimits, Op, PeriodSpend, HISTORY_PERIODS};
 use crate::config::Period;
 
 /// A lease not renewed for this long goes back to the key's budget.
@@ -44,8 +46,14 @@ pub const SQUEEZE: Duration = Duration::from_millis(500);
 /// Ops per pipelined round trip.
 const BATCH: usize = 256;
 
+/// An account with nothing in it (no spend, no admin limit, no lease) is dropped after this
+/// long without an op.
+pub const IDLE_TTL: Duration = Duration::from_secs(600);
+
 /// The op script: see apply.lua for what it does, step by step.
 const APPLY: &str = include_str!("valkey/apply.lua");
+/// The read-only script of admin reads.
+const READ: &str = include_str!("valkey/read.lua");
 
 /// A connection to one server, or to a cluster (found by asking the configured server).
 enum Link {
@@ -71,9 +79,9 @@ pub struct ValkeyStore {
     /// One connection, made on first use and again after any failure.
     connection: Mutex<Option<Link>>,
     apply: redis::Script,
+    read: redis::Script,
     timeout: Duration,
-    default_limit: u64,
-    limits: HashMap<KeyId, u64>,
+    limits: Arc<KeyLimits>,
     period: Period,
     clock: Clock,
     lease_ttl: Duration,
@@ -85,8 +93,7 @@ impl ValkeyStore {
     pub fn new(
         url: &str,
         timeout: Duration,
-        default_limit: u64,
-        limits: HashMap<KeyId, u64>,
+        limits: Arc<KeyLimits>,
         period: Period,
         clock: Clock,
     ) -> Result<ValkeyStore, StoreError> {
@@ -94,13 +101,7 @@ impl ValkeyStore {
         let client = redis::Client::open(url)
             .map_err(|e| StoreError::Protocol(format!("valkey_url: {:?}", e.kind())))?;
         Ok(ValkeyStore::with_client(
-            client,
-            None,
-            timeout,
-            default_limit,
-            limits,
-            period,
-            clock,
+            client, None, timeout, limits, period, clock,
         ))
     }
 
@@ -110,8 +111,7 @@ impl ValkeyStore {
         url: &str,
         ca_pem: Vec<u8>,
         timeout: Duration,
-        default_limit: u64,
-        limits: HashMap<KeyId, u64>,
+        limits: Arc<KeyLimits>,
         period: Period,
         clock: Clock,
     ) -> Result<ValkeyStore, StoreError> {
@@ -125,7 +125,6 @@ impl ValkeyStore {
             client,
             Some(certs()),
             timeout,
-            default_limit,
             limits,
             period,
             clock,
@@ -136,8 +135,7 @@ impl ValkeyStore {
         client: redis::Client,
         certs: Option<redis::TlsCertificates>,
         timeout: Duration,
-        default_limit: u64,
-        limits: HashMap<KeyId, u64>,
+        limits: Arc<KeyLimits>,
         period: Period,
         clock: Clock,
     ) -> ValkeyStore {
@@ -146,12 +144,27 @@ impl ValkeyStore {
             certs,
             connection: Mutex::new(None),
             apply: redis::Script::new(APPLY),
+            read: redis::Script::new(READ),
             timeout,
-            default_limit,
             limits,
             period,
             clock,
             lease_ttl: LEASE_TTL,
+        }
+    }
+
+    /// The same store on a connection of its own (for admin calls, so they never wait behind
+    /// the ledger's ops, nor the ops behind them).
+    pub fn second_connection(&self) -> ValkeyStore {
+        ValkeyStore {
+            connection: Mutex::new(None),
+            apply: redis::Script::new(APPLY),
+            read: redis::Script::new(READ),
+            client: self.client.clone(),
+            certs: self.certs.clone(),
+            limits: self.limits.clone(),
+            clock: self.clock.clone(),
+            ..*self
         }
     }
 
@@ -161,12 +174,8 @@ impl ValkeyStore {
         self
     }
 
-    fn limit_of(&self, key: KeyId) -> u64 {
-        self.limits.get(&key).copied().unwrap_or(self.default_limit)
-    }
-
     fn period_now(&self) -> u64 {
-        crate::budget::op::period_of(self.period, (self.clock)())
+        period_of(self.period, (self.clock)())
     }
 
     /// Runs `call` on the connection, connecting first if needed. A failure drops the
@@ -189,9 +198,8 @@ impl ValkeyStore {
         if matches!(&result, Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
         {
             result = self
-                .apply
-                .load(connection.as_dyn())
-                .and_then(|_| call(connection));
+                .load_scripts(connection)
+                .and_then(|()| call(connection));
         }
         result.map_err(|e| {
             if refuses_the_op(&e) {
@@ -204,6 +212,12 @@ impl ValkeyStore {
                 StoreError::Unavailable(e.to_string())
             }
         })
+    }
+
+    fn load_scripts(&self, link: &mut Link) -> Result<(), RedisError> {
+        self.apply.load(link.as_dyn())?;
+        self.read.load(link.as_dyn())?;
+        Ok(())
     }
 
     /// Connects to the configured server; if it is part of a cluster, to the whole cluster
@@ -244,43 +258,63 @@ impl ValkeyStore {
             Link::Single(single)
         };
         // Loaded up front (on every primary of a cluster) so the first EVALSHA is not NOSCRIPT.
-        self.apply.load(link.as_dyn()).map_err(unavailable)?;
+        self.load_scripts(&mut link).map_err(unavailable)?;
         Ok(link)
     }
 
-    /// One script run for `op`, or a read when `op` is `None`.
-    fn script_args(&self, key: KeyId, op: Option<&Op>) -> redis::Cmd {
+    /// The six hashes of one key, as the scripts take them.
+    fn keys_of(cmd: &mut redis::Cmd, key: KeyId) {
         let tag = key_tag(key);
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.apply.get_hash()).arg(6);
-        cmd.arg(&tag)
-            .arg(format!("{tag}:lease"))
+        cmd.arg(format!("{tag}:lease"))
             .arg(format!("{tag}:until"))
             .arg(format!("{tag}:seq"))
             .arg(format!("{tag}:grant"))
             .arg(format!("{tag}:seen"));
-        let (holder, seq, settle, ask) = match op {
-            Some(op) => (op.holder.as_ref(), op.seq, op.settle, op.ask),
-            None => ("", 0, Default::default(), None),
-        };
-        cmd.arg(holder)
-            .arg(seq)
-            .arg(self.limit_of(key))
-            .arg(self.period_now())
-            .arg(settle.spent)
-            .arg(settle.from_lease)
-            .arg(settle.returned)
-            .arg(ask.map_or(0, |a| a.need))
-            .arg(ask.map_or(0, |a| a.parts.max(1)))
+    }
+
+    /// One run of the op script (see apply.lua for the arguments).
+    fn op_command(&self, op: &Op) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.apply.get_hash()).arg(6).arg(key_tag(op.key));
+        ValkeyStore::keys_of(&mut cmd, op.key);
+        let flag = |on: bool| if on { 1 } else { 0 };
+        let restore = op.restore.unwrap_or_default();
+        let floor = restore.floor.unwrap_or(PeriodSpend { period: 0, nano: 0 });
+        let signed = |v: Option<u64>| v.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX));
+        cmd.arg(op.holder.as_ref())
+            .arg(op.seq)
+            .arg(self.limits.of(op.key))
+            .arg(op.period)
+            .arg(op.settle.from_lease)
+            .arg(op.settle.returned)
+            .arg(op.ask.map_or(0, |a| a.need))
+            .arg(op.ask.map_or(0, |a| a.parts.max(1)))
             .arg(self.lease_ttl.as_millis() as u64)
             .arg(HOLDERS_KEPT)
             .arg(FORGET_AFTER_MS)
-            .arg(SQUEEZE.as_millis() as u64);
+            .arg(SQUEEZE.as_millis() as u64)
+            .arg(flag(op.known))
+            .arg(flag(op.close))
+            .arg(flag(op.forget))
+            .arg(signed(restore.held))
+            .arg(floor.period)
+            .arg(signed(restore.floor.map(|f| f.nano)))
+            .arg(signed(restore.limit))
+            .arg(HISTORY_PERIODS)
+            .arg(IDLE_TTL.as_millis() as u64);
+        let spends: Vec<PeriodSpend> = op.settle.spent.iter().collect();
+        cmd.arg(spends.len());
+        for p in spends {
+            cmd.arg(p.period).arg(p.nano);
+        }
         cmd
     }
 
-    fn run(&self, cmds: &[redis::Cmd]) -> Result<Vec<Applied>, StoreError> {
-        let replies: Vec<(u64, u64, u64, u64, u64)> = self.with_connection(|link| match link {
+    fn pipeline<T: redis::FromRedisValue>(
+        &self,
+        cmds: &[redis::Cmd],
+    ) -> Result<Vec<T>, StoreError> {
+        let replies: Vec<T> = self.with_connection(|link| match link {
             Link::Single(connection) => {
                 let mut pipe = redis::pipe();
                 for cmd in cmds {
@@ -304,9 +338,14 @@ impl ValkeyStore {
                 cmds.len()
             )));
         }
+        Ok(replies)
+    }
+
+    fn run(&self, cmds: &[redis::Cmd]) -> Result<Vec<Applied>, StoreError> {
+        let replies: Vec<(u64, u64, u64, u64, u64, u64)> = self.pipeline(cmds)?;
         Ok(replies
             .into_iter()
-            .map(|(granted, limit, spent, leased, squeezed)| Applied {
+            .map(|(granted, limit, spent, leased, squeezed, lost)| Applied {
                 granted,
                 account: Account {
                     limit,
@@ -314,16 +353,61 @@ impl ValkeyStore {
                     leased,
                 },
                 squeezed: squeezed == 1,
+                lost: lost == 1,
             })
             .collect())
     }
 
-    fn read(&self, key: KeyId) -> Result<Account, StoreError> {
-        let mut answers = self.run(&[self.script_args(key, None)])?;
-        answers
-            .pop()
-            .map(|a| a.account)
-            .ok_or_else(|| StoreError::Protocol("no answer".into()))
+    /// The key's totals in the current period and its spend per period, read only.
+    fn read(&self, key: KeyId) -> Result<(Account, Vec<PeriodSpend>), StoreError> {
+        let tag = key_tag(key);
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.read.get_hash())
+            .arg(3)
+            .arg(&tag)
+            .arg(format!("{tag}:lease"))
+            .arg(format!("{tag}:until"))
+            .arg(self.limits.of(key))
+            .arg(self.period_now());
+        let mut replies: Vec<Vec<redis::Value>> = self.pipeline(&[cmd])?;
+        let reply = replies.pop().unwrap_or_default();
+        let number = |v: Option<&redis::Value>| -> Result<u64, StoreError> {
+            v.and_then(|v| redis::from_redis_value::<u64>(v.clone()).ok())
+                .ok_or_else(|| StoreError::Protocol("a read answered no number".into()))
+        };
+        let account = Account {
+            limit: number(reply.first())?,
+            spent: number(reply.get(1))?,
+            leased: number(reply.get(2))?,
+        };
+        let fields: Vec<String> = reply
+            .iter()
+            .skip(3)
+            .filter_map(|v| redis::from_redis_value::<String>(v.clone()).ok())
+            .collect();
+        let mut history: Vec<PeriodSpend> = fields
+            .chunks_exact(2)
+            .filter_map(|pair| {
+                let period = pair[0].strip_prefix("spent:")?.parse().ok()?;
+                let nano = pair[1].parse().ok()?;
+                Some(PeriodSpend { period, nano })
+            })
+            .collect();
+        history.sort_by_key(|p| p.period);
+        Ok((account, history))
+    }
+
+    /// Runs admin writes on the key's hashes, then lifts any idle expiry (an account an admin
+    /// touched is kept).
+    fn admin_write(&self, key: KeyId, write: redis::Cmd) -> Result<(), StoreError> {
+        let tag = key_tag(key);
+        let mut cmds = vec![write];
+        for suffix in ["", ":lease", ":until", ":seq", ":grant", ":seen"] {
+            let mut persist = redis::cmd("PERSIST");
+            persist.arg(format!("{tag}{suffix}"));
+            cmds.push(persist);
+        }
+        self.pipeline::<redis::Value>(&cmds).map(|_| ())
     }
 }
 
@@ -435,42 +519,38 @@ impl Store for ValkeyStore {
     fn apply(&self, ops: &[Op]) -> Result<Vec<Applied>, StoreError> {
         let mut applied = Vec::with_capacity(ops.len());
         for batch in ops.chunks(BATCH) {
-            let cmds: Vec<redis::Cmd> = batch
-                .iter()
-                .map(|op| self.script_args(op.key, Some(op)))
-                .collect();
+            let cmds: Vec<redis::Cmd> = batch.iter().map(|op| self.op_command(op)).collect();
             applied.extend(self.run(&cmds)?);
         }
         Ok(applied)
     }
 
     fn account(&self, key: KeyId) -> Result<Account, StoreError> {
-        self.read(key)
+        Ok(self.read(key)?.0)
+    }
+
+    fn history(&self, key: KeyId) -> Result<Vec<PeriodSpend>, StoreError> {
+        Ok(self.read(key)?.1)
     }
 
     fn set_limit(&self, key: KeyId, limit: u64) -> Result<Account, StoreError> {
-        self.with_connection(|c| {
-            redis::cmd("HSET")
-                .arg(key_tag(key))
-                .arg("limit")
-                .arg(limit)
-                .query::<()>(c.as_dyn())
-        })?;
-        self.read(key)
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg(key_tag(key)).arg("limit").arg(limit);
+        self.admin_write(key, cmd)?;
+        self.account(key)
     }
 
     fn reset(&self, key: KeyId) -> Result<Account, StoreError> {
         let period = self.period_now();
-        self.with_connection(|c| {
-            redis::cmd("HSET")
-                .arg(key_tag(key))
-                .arg("spent")
-                .arg(0)
-                .arg("period")
-                .arg(period)
-                .query::<()>(c.as_dyn())
-        })?;
-        self.read(key)
+        let mut cmd = redis::cmd("HDEL");
+        cmd.arg(key_tag(key))
+            .arg(format!("spent:{period}"))
+            .arg(format!("base:{period}"))
+            // The layout before spend was kept per period.
+            .arg("spent")
+            .arg("period");
+        self.admin_write(key, cmd)?;
+        self.account(key)
     }
 
     fn remove(&self, key: KeyId) -> Result<(), StoreError> {
@@ -500,7 +580,9 @@ impl Store for ValkeyStore {
             .collect();
         keys.sort();
         keys.dedup();
-        keys.into_iter().map(|k| Ok((k, self.read(k)?))).collect()
+        keys.into_iter()
+            .map(|k| Ok((k, self.account(k)?)))
+            .collect()
     }
 
     fn ping(&self) -> Result<(), StoreError> {
@@ -511,6 +593,6 @@ impl Store for ValkeyStore {
     fn holds(&self, key: KeyId) -> Result<bool, StoreError> {
         let exists: bool =
             self.with_connection(|c| redis::cmd("EXISTS").arg(key_tag(key)).query(c.as_dyn()))?;
-        Ok(exists || self.limits.contains_key(&key))
+        Ok(exists || self.limits.names(key))
     }
 }
