@@ -5,7 +5,7 @@
 //! |---|---|
 //! | `GET /admin/keys` | every key the store holds |
 //! | `POST /admin/keys` `{"key": "...", "limit_dollars": 5}` | sets a key's limit (creates it) |
-//! | `GET /admin/keys/{id}` | one key |
+//! | `GET /admin/keys/{id}` | one key, with its spend in each budget period the store keeps |
 //! | `PATCH /admin/keys/{id}` `{"limit_dollars": 7.5}` | updates its limit |
 //! | `POST /admin/keys/{id}/reset` | its spend back to zero |
 //! | `DELETE /admin/keys/{id}` | forgets its limit and spend |
@@ -19,15 +19,18 @@ use serde_json::{json, Value};
 
 use crate::auth::{self, Directory, KeyId};
 use crate::budget::ledger::Ledger;
-use crate::budget::Account;
-use crate::config::Secret;
+use crate::budget::op::period_label;
+use crate::budget::{Account, PeriodSpend};
+use crate::config::{Period, Secret};
 use crate::error::Error;
-use crate::pricing::{dollars_to_nano, nano_to_dollars};
+use crate::pricing::{self, nano_to_dollars};
 
 pub struct Admin<'a> {
     pub ledger: &'a Ledger,
     pub directory: &'a Directory,
     pub token: &'a Secret,
+    /// How periods are shown.
+    pub period: Period,
 }
 
 impl Admin<'_> {
@@ -48,7 +51,7 @@ impl Admin<'_> {
         let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
         let answer = match (method, parts.as_slice()) {
             (&Method::GET, []) => {
-                let mut keys = self.ledger.call(|s| s.accounts()).await?;
+                let mut keys = self.ledger.admin_call(|s| s.accounts()).await?;
                 keys.sort_by_key(|(id, _)| *id);
                 let keys: Vec<Value> = keys.iter().map(|(id, a)| self.show(*id, a)).collect();
                 (StatusCode::OK, json!({ "keys": keys }))
@@ -60,29 +63,40 @@ impl Admin<'_> {
                 }
                 let id = KeyId::of(create.key.trim());
                 let limit = limit_nano(create.limit_dollars)?;
-                let account = self.ledger.call(move |s| s.set_limit(id, limit)).await?;
+                let account = self
+                    .ledger
+                    .admin_call(move |s| s.set_limit(id, limit))
+                    .await?;
                 (StatusCode::CREATED, self.show(id, &account))
             }
             (&Method::GET, [id]) => {
                 let id = self.resolve(id).await?.ok_or_else(not_found)?;
-                let account = self.ledger.call(move |s| s.account(id)).await?;
-                (StatusCode::OK, self.show(id, &account))
+                let (account, history) = self
+                    .ledger
+                    .admin_call(move |s| Ok((s.account(id)?, s.history(id)?)))
+                    .await?;
+                let mut shown = self.show(id, &account);
+                shown["periods"] = self.periods(&history);
+                (StatusCode::OK, shown)
             }
             (&Method::PATCH, [id]) => {
                 let id = self.resolve(id).await?.ok_or_else(not_found)?;
                 let update: Update = parse(body)?;
                 let limit = limit_nano(update.limit_dollars)?;
-                let account = self.ledger.call(move |s| s.set_limit(id, limit)).await?;
+                let account = self
+                    .ledger
+                    .admin_call(move |s| s.set_limit(id, limit))
+                    .await?;
                 (StatusCode::OK, self.show(id, &account))
             }
             (&Method::POST, [id, "reset"]) => {
                 let id = self.resolve(id).await?.ok_or_else(not_found)?;
-                let account = self.ledger.call(move |s| s.reset(id)).await?;
+                let account = self.ledger.admin_call(move |s| s.reset(id)).await?;
                 (StatusCode::OK, self.show(id, &account))
             }
             (&Method::DELETE, [id]) => {
                 let id = self.resolve(id).await?.ok_or_else(not_found)?;
-                self.ledger.call(move |s| s.remove(id)).await?;
+                self.ledger.admin_call(move |s| s.remove(id)).await?;
                 (
                     StatusCode::OK,
                     json!({ "key_id": id.to_string(), "deleted": true }),
@@ -97,11 +111,26 @@ impl Admin<'_> {
     /// A key the store holds or the config names, by id or alias.
     async fn resolve(&self, id_or_alias: &str) -> Result<Option<KeyId>, Error> {
         if let Some(id) = KeyId::parse(id_or_alias) {
-            if self.directory.alias(id).is_some() || self.ledger.call(move |s| s.holds(id)).await? {
+            if self.directory.alias(id).is_some()
+                || self.ledger.admin_call(move |s| s.holds(id)).await?
+            {
                 return Ok(Some(id));
             }
         }
         Ok(self.directory.by_alias(id_or_alias))
+    }
+
+    /// Spend per period, oldest first, with the period as a date (`2026-11-30`, `2026-11`).
+    fn periods(&self, history: &[PeriodSpend]) -> Value {
+        history
+            .iter()
+            .map(|p| {
+                json!({
+                    "period": period_label(self.period, p.period),
+                    "usage_dollars": nano_to_dollars(p.nano),
+                })
+            })
+            .collect()
     }
 
     fn show(&self, id: KeyId, a: &Account) -> Value {
@@ -133,11 +162,5 @@ fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Error> {
 }
 
 fn limit_nano(dollars: f64) -> Result<u64, Error> {
-    if dollars.is_finite() && dollars >= 0.0 {
-        Ok(dollars_to_nano(dollars))
-    } else {
-        Err(Error::MalformedBody(
-            "`limit_dollars` must be a non-negative number".into(),
-        ))
-    }
+    pricing::limit_nano(dollars).map_err(|e| Error::MalformedBody(format!("`limit_dollars`: {e}")))
 }

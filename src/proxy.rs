@@ -20,7 +20,7 @@ use crate::auth::{self, Directory, KeyId};
 use crate::budget::estimate::{self, Basis, Billable};
 use crate::budget::{self, Refusal};
 use crate::buffers::BufPool;
-use crate::config::{Config, KeyMode, Limits, Secret, Timeouts};
+use crate::config::{Config, KeyMode, Limits, Period, Secret, Timeouts};
 use crate::error::Error;
 use crate::http::{self as h1, ResponseHead};
 use crate::metrics::{self, Registry};
@@ -89,6 +89,8 @@ pub struct Proxy {
     budget: budget::Shard,
     prices: Arc<PriceTable>,
     default_max_output_tokens: u64,
+    /// Budget periods, as the admin API shows them.
+    period: Period,
     directory: Arc<Directory>,
     admin_token: Option<Secret>,
     drains: Drains,
@@ -169,6 +171,7 @@ impl Proxy {
             budget,
             prices,
             default_max_output_tokens: config.budgets.default_max_output_tokens,
+            period: config.budgets.period,
             directory,
             admin_token: config.budgets.admin_token.clone(),
             drains: Drains::new(config.budgets.max_drains_per_worker),
@@ -763,6 +766,7 @@ impl Proxy {
                     ledger: self.budget.ledger(),
                     directory: &self.directory,
                     token,
+                    period: self.period,
                 }
                 .handle(
                     &request.head.method,

@@ -39,6 +39,9 @@ use crate::config::Period;
 const CHANNEL_DEPTH: usize = 1024;
 /// Admin calls waiting for the admin thread before a new one is refused.
 const ADMIN_DEPTH: usize = 64;
+/// How long an admin API call may take (a listing reads every account): far longer than a
+/// request may wait for the store, and off the request path.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Ops per store call.
 const DELIVER_AT_ONCE: usize = 1024;
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
@@ -81,17 +84,22 @@ pub struct Remote {
     stats: Arc<LedgerStats>,
 }
 
-/// The store's last word on each key's totals, from any worker's op on this node: a worker that
-/// has not touched a key itself starts its failure mode from it rather than from nothing, and a
-/// store that lost its data gets it back. Written by the ledger thread; spend only grows within
-/// a period, so an answer that shows less (a store that came back empty) does not replace it.
+/// The store's last word on each key's totals, from any worker's op on this node, and the spend
+/// handed over since: a worker that has not touched a key itself starts its failure mode from
+/// both rather than from nothing, and a store that lost its data gets back the first (what it
+/// had confirmed; the spend on its way reaches it anyway). Written by the ledger thread; spend
+/// only grows within a period, so an answer that shows less (a store that came back empty)
+/// does not replace it.
 #[derive(Debug, Default)]
 pub struct LastKnown(std::sync::Mutex<HashMap<KeyId, Known>>);
 
 #[derive(Debug, Clone, Copy)]
 struct Known {
+    /// As the store last answered.
     account: Account,
     period: u64,
+    /// Spend of `period` handed to the ledger and not yet answered.
+    on_its_way: u64,
     at: Instant,
 }
 
@@ -106,38 +114,47 @@ impl LastKnown {
         }
     }
 
-    /// The key's totals and the period their spend is of.
+    /// The key's totals, spend on its way included, and the period their spend is of.
     pub fn get(&self, key: KeyId) -> Option<(Account, u64)> {
-        self.lock().get(&key).map(|k| (k.account, k.period))
+        self.lock().get(&key).map(|k| {
+            let spent = k.account.spent.saturating_add(k.on_its_way);
+            (Account { spent, ..k.account }, k.period)
+        })
     }
 
-    fn set(&self, key: KeyId, account: Account, period: u64, now: Instant) {
+    /// The store answered an op carrying `carried` of this period's spend.
+    fn set(&self, key: KeyId, account: Account, period: u64, carried: u64, now: Instant) {
         let mut map = self.lock();
         let entry = map.entry(key).or_insert(Known {
             account,
             period,
+            on_its_way: 0,
             at: now,
         });
-        let spent = if entry.period == period {
-            entry.account.spent.max(account.spent)
-        } else if entry.period > period {
+        if entry.period > period {
             // An op of an older period (a replay) says nothing of the current one.
             return;
+        }
+        let (spent, on_its_way) = if entry.period == period {
+            (
+                entry.account.spent.max(account.spent),
+                entry.on_its_way.saturating_sub(carried),
+            )
         } else {
-            account.spent
+            (account.spent, 0)
         };
         *entry = Known {
             account: Account { spent, ..account },
             period,
+            on_its_way,
             at: now,
         };
     }
 
     fn add_spent(&self, key: KeyId, spent: &super::op::Spend, now: Instant) {
         if let Some(known) = self.lock().get_mut(&key) {
-            known.account.spent = known
-                .account
-                .spent
+            known.on_its_way = known
+                .on_its_way
                 .saturating_add(spent.in_period(known.period));
             known.at = now;
         }
@@ -148,8 +165,12 @@ impl LastKnown {
             .retain(|_, k| now.saturating_duration_since(k.at) < age);
     }
 
-    fn all(&self) -> Vec<(KeyId, Known)> {
-        self.lock().iter().map(|(k, v)| (*k, *v)).collect()
+    /// Each key's totals as the store last answered them (spend on its way left out).
+    fn confirmed(&self) -> Vec<(KeyId, Account, u64)> {
+        self.lock()
+            .iter()
+            .map(|(k, v)| (*k, v.account, v.period))
+            .collect()
     }
 }
 
@@ -219,10 +240,30 @@ impl Ledger {
         }
     }
 
-    /// Runs an admin call on the store: in place, or on the admin thread (its own connection)
-    /// within the store timeout.
+    /// Runs a read for a client (`/v1/usage`) on the store: in place, or on the admin thread
+    /// (its own connection) within the store timeout.
     pub async fn call<T: Send + 'static>(
         &self,
+        call: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let timeout = match self {
+            Ledger::Inline(_) => Duration::ZERO,
+            Ledger::Remote(remote) => remote.timeout,
+        };
+        self.call_within(timeout, call).await
+    }
+
+    /// Runs an admin API call: as [`Ledger::call`], with the admin API's longer deadline.
+    pub async fn admin_call<T: Send + 'static>(
+        &self,
+        call: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.call_within(ADMIN_TIMEOUT, call).await
+    }
+
+    async fn call_within<T: Send + 'static>(
+        &self,
+        timeout: Duration,
         call: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         match self {
@@ -234,7 +275,7 @@ impl Ledger {
                 });
                 let busy = || StoreError::Unavailable("the admin connection is busy".into());
                 remote.to_admin.try_send(job).map_err(|_| busy())?;
-                match monoio::time::timeout(remote.timeout, rx).await {
+                match monoio::time::timeout(timeout, rx).await {
                     Ok(Ok(answer)) => answer,
                     Ok(Err(_canceled)) => Err(busy()),
                     Err(_elapsed) => Err(StoreError::Unavailable("timed out".into())),
@@ -758,8 +799,14 @@ impl Thread {
         if applied.lost {
             self.store_lost_data(now);
         } else {
-            self.last_known
-                .set(queued.op.key, applied.account, queued.op.period, now);
+            let carried = queued.op.settle.spent.in_period(queued.op.period);
+            self.last_known.set(
+                queued.op.key,
+                applied.account,
+                queued.op.period,
+                carried,
+                now,
+            );
         }
         if now.saturating_duration_since(self.pruned_at) >= Duration::from_secs(60) {
             self.pruned_at = now;
@@ -798,22 +845,22 @@ impl Thread {
         }
         self.last_loss = Some(now);
         self.stats.losses.fetch_add(1, Ordering::Relaxed);
-        let known = self.last_known.all();
+        let known = self.last_known.confirmed();
         tracing::error!(
             keys = known.len(),
             "BUDGET STORE LOST ITS DATA (restarted without persistence, or flushed): spend, leases and admin limits were gone; re-establishing what this node knows. Configure Valkey persistence (appendonly yes) to avoid this"
         );
         let period = self.period_now();
-        for (key, known) in known {
+        for (key, account, known_period) in known {
             self.next_seq += 1;
             let mut op = Op::new(self.holder.clone(), self.next_seq, key, period);
             op.restore = Some(Restore {
                 held: None,
-                floor: (known.period == period).then_some(PeriodSpend {
+                floor: (known_period == period).then_some(PeriodSpend {
                     period,
-                    nano: known.account.spent,
+                    nano: account.spent,
                 }),
-                limit: Some(known.account.limit),
+                limit: Some(account.limit),
             });
             // The thread's own name holds no lease: its ops close nothing that exists.
             op.close = true;
@@ -1048,14 +1095,20 @@ mod tests {
             spent,
             leased: 0,
         };
-        known.set(key, account(50), 7, now);
+        known.set(key, account(50), 7, 0, now);
         // A store that came back empty answers less: the node keeps what it knew.
-        known.set(key, account(3), 7, now);
+        known.set(key, account(3), 7, 0, now);
         assert_eq!(known.get(key), Some((account(50), 7)));
         // An older period's answer (a replay) says nothing of the current one.
-        known.set(key, account(99), 6, now);
+        known.set(key, account(99), 6, 0, now);
         assert_eq!(known.get(key), Some((account(50), 7)));
-        known.set(key, account(1), 8, now);
+        // Spend on its way counts for the failure mode, not as what the store confirmed.
+        known.add_spent(key, &Spend::of(7, 5), now);
+        assert_eq!(known.get(key), Some((account(55), 7)));
+        assert_eq!(known.confirmed(), vec![(key, account(50), 7)]);
+        known.set(key, account(55), 7, 5, now);
+        assert_eq!(known.get(key), Some((account(55), 7)));
+        known.set(key, account(1), 8, 0, now);
         assert_eq!(known.get(key), Some((account(1), 8)));
     }
 
@@ -1071,6 +1124,7 @@ mod tests {
                 spent: 40,
                 leased: 0,
             },
+            0,
             0,
             now,
         );

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 pub use aura::mock::{MockOptions, MockUpstream, Recorded};
 
 pub mod billing;
+pub mod load;
 pub mod test_ca;
 pub mod valkey;
 
@@ -250,6 +251,12 @@ impl Aura {
             );
             std::thread::park_timeout(Duration::from_millis(10));
         }
+    }
+
+    /// SIGKILL: no signal handler runs, nothing is flushed; waits for the process to be gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// The captured log; panics unless started with [`Launch::capture_stderr`].

@@ -136,6 +136,21 @@ impl Valkey {
         }
     }
 
+    /// Stops the server, deletes everything it kept on disk, and starts it again: a store that
+    /// restarted without persistence.
+    pub fn restart_empty(&mut self) {
+        self.stop();
+        for entry in std::fs::read_dir(&self.dir).unwrap() {
+            let path = entry.unwrap().path();
+            let keep = path.extension().is_some_and(|e| e == "pem" || e == "key");
+            if !keep {
+                let _ = std::fs::remove_dir_all(&path);
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        self.restart();
+    }
+
     fn try_connection(&self) -> redis::RedisResult<redis::Connection> {
         let client = match &self.tls_ca {
             None => redis::Client::open(self.url())?,

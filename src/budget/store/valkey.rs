@@ -358,8 +358,8 @@ impl ValkeyStore {
             .collect())
     }
 
-    /// The key's totals in the current period and its spend per period, read only.
-    fn read(&self, key: KeyId) -> Result<(Account, Vec<PeriodSpend>), StoreError> {
+    /// One run of the read-only script for `key`.
+    fn read_command(&self, key: KeyId) -> redis::Cmd {
         let tag = key_tag(key);
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(self.read.get_hash())
@@ -369,32 +369,13 @@ impl ValkeyStore {
             .arg(format!("{tag}:until"))
             .arg(self.limits.of(key))
             .arg(self.period_now());
-        let mut replies: Vec<Vec<redis::Value>> = self.pipeline(&[cmd])?;
-        let reply = replies.pop().unwrap_or_default();
-        let number = |v: Option<&redis::Value>| -> Result<u64, StoreError> {
-            v.and_then(|v| redis::from_redis_value::<u64>(v.clone()).ok())
-                .ok_or_else(|| StoreError::Protocol("a read answered no number".into()))
-        };
-        let account = Account {
-            limit: number(reply.first())?,
-            spent: number(reply.get(1))?,
-            leased: number(reply.get(2))?,
-        };
-        let fields: Vec<String> = reply
-            .iter()
-            .skip(3)
-            .filter_map(|v| redis::from_redis_value::<String>(v.clone()).ok())
-            .collect();
-        let mut history: Vec<PeriodSpend> = fields
-            .chunks_exact(2)
-            .filter_map(|pair| {
-                let period = pair[0].strip_prefix("spent:")?.parse().ok()?;
-                let nano = pair[1].parse().ok()?;
-                Some(PeriodSpend { period, nano })
-            })
-            .collect();
-        history.sort_by_key(|p| p.period);
-        Ok((account, history))
+        cmd
+    }
+
+    /// The key's totals in the current period and its spend per period, read only.
+    fn read(&self, key: KeyId) -> Result<(Account, Vec<PeriodSpend>), StoreError> {
+        let mut replies: Vec<Vec<redis::Value>> = self.pipeline(&[self.read_command(key)])?;
+        parse_read(&replies.pop().unwrap_or_default())
     }
 
     /// Runs admin writes on the key's hashes, then lifts any idle expiry (an account an admin
@@ -409,6 +390,34 @@ impl ValkeyStore {
         }
         self.pipeline::<redis::Value>(&cmds).map(|_| ())
     }
+}
+
+/// What read.lua answers: `{limit, spent, leased, the account's fields...}`.
+fn parse_read(reply: &[redis::Value]) -> Result<(Account, Vec<PeriodSpend>), StoreError> {
+    let number = |v: Option<&redis::Value>| -> Result<u64, StoreError> {
+        v.and_then(|v| redis::from_redis_value::<u64>(v.clone()).ok())
+            .ok_or_else(|| StoreError::Protocol("a read answered no number".into()))
+    };
+    let account = Account {
+        limit: number(reply.first())?,
+        spent: number(reply.get(1))?,
+        leased: number(reply.get(2))?,
+    };
+    let fields: Vec<String> = reply
+        .iter()
+        .skip(3)
+        .filter_map(|v| redis::from_redis_value::<String>(v.clone()).ok())
+        .collect();
+    let mut history: Vec<PeriodSpend> = fields
+        .chunks_exact(2)
+        .filter_map(|pair| {
+            let period = pair[0].strip_prefix("spent:")?.parse().ok()?;
+            let nano = pair[1].parse().ok()?;
+            Some(PeriodSpend { period, nano })
+        })
+        .collect();
+    history.sort_by_key(|p| p.period);
+    Ok((account, history))
 }
 
 /// Whether the store refused an op itself: its script failed on the op's data (WRONGTYPE on a
