@@ -111,9 +111,11 @@ impl Directory {
     }
 
     /// The caller of a request with these headers. Passthrough mode takes any bearer key;
-    /// virtual mode only keys of the config that have an upstream key.
+    /// virtual mode only keys of the config that have an upstream key. One credential only:
+    /// the key billed is exactly the key forwarded.
     pub fn authorize(&self, headers: &HeaderMap) -> Result<Caller<'_>, Error> {
-        let id = KeyId::of(bearer(headers).ok_or(Error::MissingKey)?);
+        let key = single_credential(headers)?.ok_or(Error::MissingKey)?;
+        let id = KeyId::of(key);
         let known = self.known.get(&id);
         let upstream_key = known.and_then(|k| k.upstream_key.as_ref());
         if self.mode == KeyMode::Virtual && upstream_key.is_none() {
@@ -158,6 +160,28 @@ impl fmt::Display for KeyId {
         }
         Ok(())
     }
+}
+
+/// Headers that carry a credential to some upstream: OpenAI's, Azure's, Anthropic's.
+const CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "api-key", "x-api-key"];
+
+/// The request's one credential, as a bearer key (None: there is none, or it is not a bearer
+/// key). Two credentials (two `Authorization` headers, or one with `api-key` or `x-api-key`),
+/// or a bearer value that is not one token (`Bearer a, Bearer b`), are refused: an upstream
+/// could use another one than the one Aura bills.
+pub fn single_credential(headers: &HeaderMap) -> Result<Option<&str>, Error> {
+    let count: usize = CREDENTIAL_HEADERS
+        .iter()
+        .map(|name| headers.get_all(*name).iter().count())
+        .sum();
+    if count > 1 {
+        return Err(Error::AmbiguousCredentials);
+    }
+    let key = bearer(headers);
+    if key.is_some_and(|k| k.bytes().any(|b| b.is_ascii_whitespace() || b == b',')) {
+        return Err(Error::AmbiguousCredentials);
+    }
+    Ok(key)
 }
 
 /// The key of `Authorization: Bearer <key>`; None when absent, another scheme, or empty.
@@ -225,6 +249,44 @@ mod tests {
         assert_eq!(with("Basic abc"), None);
         assert_eq!(with("Bearer "), None);
         assert_eq!(bearer(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn one_credential_per_request() {
+        let headers = |pairs: &[(&str, &str)]| {
+            let mut h = HeaderMap::new();
+            for (name, value) in pairs {
+                h.append(
+                    http::header::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                    HeaderValue::from_str(value).unwrap(),
+                );
+            }
+            h
+        };
+        assert_eq!(
+            single_credential(&headers(&[("authorization", "Bearer sk-1")])).unwrap(),
+            Some("sk-1")
+        );
+        assert_eq!(single_credential(&headers(&[])).unwrap(), None);
+        for ambiguous in [
+            &[
+                ("authorization", "Bearer sk-1"),
+                ("authorization", "Bearer sk-2"),
+            ][..],
+            &[("authorization", "Bearer sk-1"), ("api-key", "sk-2")],
+            &[("authorization", "Bearer sk-1"), ("x-api-key", "sk-2")],
+            &[("api-key", "sk-1"), ("x-api-key", "sk-2")],
+            &[("authorization", "Bearer sk-1, Bearer sk-2")],
+            &[("authorization", "Bearer sk-1 sk-2")],
+        ] {
+            assert!(
+                matches!(
+                    single_credential(&headers(ambiguous)),
+                    Err(Error::AmbiguousCredentials)
+                ),
+                "{ambiguous:?}"
+            );
+        }
     }
 
     #[test]

@@ -81,6 +81,7 @@ pub const STORE_TIMEOUT_MS: &str = "AURA_STORE_TIMEOUT_MS";
 pub const NODE_ID: &str = "AURA_NODE_ID";
 pub const LEDGER_JOURNAL: &str = "AURA_LEDGER_JOURNAL";
 pub const JOURNAL_DIR: &str = "AURA_JOURNAL_DIR";
+pub const ALLOW_UNPRICED_ROUTES: &str = "AURA_ALLOW_UNPRICED_ROUTES";
 pub const JOURNAL_FSYNC_INTERVAL_MS: &str = "AURA_JOURNAL_FSYNC_INTERVAL_MS";
 pub const SHUTDOWN_GRACE_MS: &str = "AURA_SHUTDOWN_GRACE_MS";
 
@@ -113,6 +114,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting { key: "unknown_model_output_dollars_per_million", env: &[UNKNOWN_MODEL_OUTPUT_DOLLARS_PER_MILLION], help: "price of completion tokens of a model with no price [default: 15.00]" },
     Setting { key: "default_max_output_tokens", env: &[DEFAULT_MAX_OUTPUT_TOKENS], help: "completion tokens reserved for a request that sets no max_tokens, for a model with no known output limit [default: 4096]" },
     Setting { key: "key_mode", env: &[KEY_MODE], help: "passthrough: the client's key goes upstream and is its budget identity; virtual: only keys of the [keys] table are accepted, each sent upstream as its upstream_key [default: passthrough]" },
+    Setting { key: "allow_unpriced_routes", env: &[ALLOW_UNPRICED_ROUTES], help: "forward, for virtual keys too, routes that cost money Aura cannot price (batches, fine-tuning, assistant runs, realtime sessions, vector stores, unknown POST routes); they are never billed [default: false]" },
     Setting { key: "admin_token", env: &[ADMIN_TOKEN], help: "bearer token of the /admin/keys API; unset, the admin API is off [default: none]" },
     Setting { key: "budget_period", env: &[BUDGET_PERIOD], help: "none, daily or monthly: spend resets at the start of each UTC day or month [default: none]" },
     Setting { key: "max_drains_per_worker", env: &[MAX_DRAINS_PER_WORKER], help: "responses a worker keeps reading after their client left, to bill their usage; past it, a left response is billed its whole reservation [default: 64]" },
@@ -250,6 +252,8 @@ pub struct Budgets {
     pub store: StoreKind,
     /// With the store unreachable: admit on what is known (true) or refuse with 503.
     pub fail_open: bool,
+    /// Virtual keys may use routes Aura cannot price (never billed).
+    pub allow_unpriced_routes: bool,
 }
 
 /// Where budgets live.
@@ -646,6 +650,7 @@ impl Parser<'_> {
                 prices: Vec::new(),
                 store: StoreKind::Memory,
                 fail_open: self.choice("store_failure", &[("open", true), ("closed", false)], true),
+                allow_unpriced_routes: self.bool("allow_unpriced_routes", false),
             },
             shutdown_grace: self.millis("shutdown_grace_ms", 20_000),
         };

@@ -28,6 +28,12 @@ pub enum Error {
     Unsupported(&'static str),
     #[error("no route for {0}")]
     NotFound(String),
+    #[error("request path refused: {0}")]
+    BadPath(crate::route::TargetError),
+    #[error("more than one credential: send exactly one `Authorization: Bearer <key>` (and no api-key or x-api-key)")]
+    AmbiguousCredentials,
+    #[error("{0} costs money Aura cannot price; the operator has not allowed such routes (allow_unpriced_routes)")]
+    UnpricedRoute(String),
     #[error("missing API key: send `Authorization: Bearer <key>`")]
     MissingKey,
     #[error("unknown API key")]
@@ -72,6 +78,9 @@ impl Error {
             | Error::MalformedBody(_)
             | Error::Unsupported(_)
             | Error::NotFound(_)
+            | Error::BadPath(_)
+            | Error::AmbiguousCredentials
+            | Error::UnpricedRoute(_)
             | Error::MissingKey
             | Error::InvalidKey
             | Error::AdminToken
@@ -88,7 +97,11 @@ impl Error {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            Error::MalformedHead(_) | Error::MalformedBody(_) => StatusCode::BAD_REQUEST,
+            Error::MalformedHead(_)
+            | Error::MalformedBody(_)
+            | Error::BadPath(_)
+            | Error::AmbiguousCredentials => StatusCode::BAD_REQUEST,
+            Error::UnpricedRoute(_) => StatusCode::FORBIDDEN,
             Error::HeadTooLarge { .. } | Error::TooManyHeaders { .. } => {
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
             }
@@ -131,6 +144,9 @@ impl Error {
             Error::MalformedBody(_) => "invalid_body",
             Error::Unsupported(_) => "unsupported",
             Error::NotFound(_) => "not_found",
+            Error::BadPath(_) => "invalid_path",
+            Error::AmbiguousCredentials => "ambiguous_credentials",
+            Error::UnpricedRoute(_) => "route_not_priced",
             Error::MissingKey => "missing_api_key",
             Error::InvalidKey => "invalid_api_key",
             Error::AdminToken => "invalid_admin_token",

@@ -8,6 +8,7 @@ pub mod error;
 pub mod http;
 pub mod pricing;
 pub mod rewrite;
+pub mod route;
 pub mod sse;
 pub mod usage;
 // Config is pure too (the environment is read through a trait).

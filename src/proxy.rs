@@ -27,6 +27,7 @@ use crate::metrics::{self, Registry};
 use crate::net::{self, Timed};
 use crate::pricing::{self, Match, PriceTable};
 use crate::rewrite;
+use crate::route::{self, Billing};
 use crate::server::{self, Handler, Persist, Request};
 use crate::upstream::{Conn, Upstream};
 use crate::usage::Usage;
@@ -42,23 +43,26 @@ pub enum Route {
     /// `/admin/keys…`: the admin API (admin.rs).
     Admin,
     ChatCompletions,
-    /// Any other `/v1/*` path: method, headers and body go through unchanged.
-    PassThrough,
+    /// Any other `/v1` route, and how it is billed (route.rs).
+    Api(Billing),
     NotFound,
-    /// Refused before routing: the request head or body could not be read.
+    /// Refused before routing: the request head or body could not be read, or its path could
+    /// not be made canonical.
     Unparsed,
 }
 
 impl Route {
-    pub fn of(method: &Method, target: &str) -> Route {
-        let path = target.split('?').next().unwrap_or_default();
+    /// The route of `method` on a canonical path (route.rs).
+    pub fn of(method: &Method, path: &str) -> Route {
         match path {
             "/healthz" => Route::Health,
             "/metrics" if method == Method::GET => Route::Metrics,
             "/v1/usage" if method == Method::GET => Route::Usage,
-            _ if path.starts_with("/admin/") => Route::Admin,
-            "/v1/chat/completions" if method == Method::POST => Route::ChatCompletions,
-            _ if path.starts_with("/v1/") => Route::PassThrough,
+            _ if path == "/admin" || path.starts_with("/admin/") => Route::Admin,
+            _ if path.starts_with("/v1/") => match route::billing(method, path) {
+                Billing::Chat => Route::ChatCompletions,
+                billing => Route::Api(billing),
+            },
             _ => Route::NotFound,
         }
     }
@@ -70,7 +74,7 @@ impl Route {
             Route::Usage => "usage",
             Route::Admin => "admin",
             Route::ChatCompletions => "chat_completions",
-            Route::PassThrough => "passthrough",
+            Route::Api(_) => "passthrough",
             Route::NotFound => "not_found",
             Route::Unparsed => "unparsed",
         }
@@ -91,6 +95,8 @@ pub struct Proxy {
     default_max_output_tokens: u64,
     /// Budget periods, as the admin API shows them.
     period: Period,
+    /// Forward routes Aura cannot price for virtual keys too.
+    allow_unpriced: bool,
     directory: Arc<Directory>,
     admin_token: Option<Secret>,
     drains: Drains,
@@ -172,6 +178,7 @@ impl Proxy {
             prices,
             default_max_output_tokens: config.budgets.default_max_output_tokens,
             period: config.budgets.period,
+            allow_unpriced: config.budgets.allow_unpriced_routes,
             directory,
             admin_token: config.budgets.admin_token.clone(),
             drains: Drains::new(config.budgets.max_drains_per_worker),
@@ -594,7 +601,24 @@ impl<S: AsyncReadRent + AsyncWriteRent> Handler<S> for Proxy {
         let _in_flight = InFlight::enter(&self.in_flight);
         // Stopping: this answer closes its connection, so keep-alive clients move elsewhere.
         let keep_alive = keep_alive && !self.stopping.get();
-        let route = Route::of(&request.head.method, &request.head.target);
+        // Routed on its canonical path, and that path is the one forwarded.
+        let mut request = request;
+        let target = match route::canonical(&request.head.target) {
+            Ok(target) if route::forwardable(&request.head.method) => target,
+            refused => {
+                let mut outcome = Outcome::new(Route::Unparsed);
+                let error = match refused {
+                    Ok(_) => Error::MethodNotAllowed,
+                    Err(e) => Error::BadPath(e),
+                };
+                let persist = self.fail(client, error, keep_alive, &mut outcome).await;
+                let error = outcome.error.take();
+                self.settle(&mut outcome, error.as_ref(), started);
+                return persist;
+            }
+        };
+        request.head.target = target.origin_form();
+        let route = Route::of(&request.head.method, &target.path);
         let mut outcome = Outcome::new(route);
         let persist = match route {
             Route::Health => {
@@ -623,11 +647,11 @@ impl<S: AsyncReadRent + AsyncWriteRent> Handler<S> for Proxy {
             }
             Route::Usage => self.usage(&request, keep_alive, client, &mut outcome).await,
             Route::Admin => self.admin(&request, keep_alive, client, &mut outcome).await,
-            Route::PassThrough => {
-                self.pass_through(request, keep_alive, client, &mut outcome, started)
+            Route::Api(billing) => {
+                self.pass_through(billing, request, keep_alive, client, &mut outcome, started)
                     .await
             }
-            // `of` never yields Unparsed: the server refuses those before a handler sees them.
+            // `of` never yields Unparsed: it is refused above, or by the server.
             Route::NotFound | Route::Unparsed => {
                 let error = Error::NotFound(
                     request
@@ -714,37 +738,57 @@ impl Proxy {
         });
     }
 
-    /// Any other `/v1/*` route; the ones that report usage are admitted and billed.
+    /// Any other `/v1` route, by how it is billed: by its usage (admitted and billed like chat
+    /// completions), free (forwarded; a virtual key is checked and swapped), or unpriced (it
+    /// costs money Aura cannot price: refused in virtual mode unless the operator allows it).
+    /// Every forwarded request carries one credential at most: the one billed.
     async fn pass_through<'p, S: AsyncWriteRent>(
         &'p self,
+        billing: Billing,
         request: Request,
         keep_alive: bool,
         client: &mut S,
         outcome: &mut Outcome<'p>,
         started: Instant,
     ) -> Persist {
-        let path = request.head.target.split('?').next().unwrap_or_default();
-        if let Some(kind) = billing::billable_passthrough(&request.head.method, path) {
-            let bounds = billing::bounds_of(&request.body);
-            if let Err(e) = self
-                .admit(
-                    &request,
-                    kind,
-                    bounds.model.as_deref(),
-                    bounds.max_tokens,
-                    bounds.choices,
-                    outcome,
-                )
-                .await
+        let admitted = match billing {
+            Billing::Usage(kind) => {
+                let bounds = billing::bounds_of(&request.body);
+                let admitted = self
+                    .admit(
+                        &request,
+                        kind,
+                        bounds.model.as_deref(),
+                        bounds.max_tokens,
+                        bounds.choices,
+                        outcome,
+                    )
+                    .await;
+                outcome.model = bounds.model;
+                admitted
+            }
+            // Not priced yet: treated as any route Aura cannot price.
+            Billing::Unpriced | Billing::Images | Billing::Speech | Billing::Transcription
+                if self.directory.mode() == KeyMode::Virtual && !self.allow_unpriced =>
             {
-                return self.fail(client, e, keep_alive, outcome).await;
+                Err(Error::UnpricedRoute(format!(
+                    "{} {}",
+                    request.head.method,
+                    request.head.target.split('?').next().unwrap_or_default()
+                )))
             }
-            outcome.model = bounds.model;
-        } else if self.directory.mode() == KeyMode::Virtual {
-            // Nothing to bill, but a virtual key is still checked and swapped.
-            if let Err(e) = self.authorize(&request, outcome) {
-                return self.fail(client, e, keep_alive, outcome).await;
-            }
+            Billing::Chat
+            | Billing::Free
+            | Billing::Unpriced
+            | Billing::Images
+            | Billing::Speech
+            | Billing::Transcription => match self.directory.mode() {
+                KeyMode::Virtual => self.authorize(&request, outcome).map(|_| ()),
+                KeyMode::Passthrough => auth::single_credential(&request.head.headers).map(|_| ()),
+            },
+        };
+        if let Err(e) = admitted {
+            return self.fail(client, e, keep_alive, outcome).await;
         }
         self.forward(request, keep_alive, client, false, outcome, started)
             .await
@@ -882,26 +926,31 @@ mod tests {
 
     #[test]
     fn routes() {
+        use crate::budget::estimate::Billable;
         let cases = [
             (Method::POST, "/v1/chat/completions", Route::ChatCompletions),
             (
-                Method::POST,
-                "/v1/chat/completions?x=1",
-                Route::ChatCompletions,
+                Method::GET,
+                "/v1/chat/completions",
+                Route::Api(Billing::Free),
             ),
-            (Method::GET, "/v1/chat/completions", Route::PassThrough),
-            (Method::GET, "/v1/models", Route::PassThrough),
+            (Method::GET, "/v1/models", Route::Api(Billing::Free)),
+            (
+                Method::POST,
+                "/v1/embeddings",
+                Route::Api(Billing::Usage(Billable::Embeds)),
+            ),
             (Method::GET, "/healthz", Route::Health),
             (Method::GET, "/metrics", Route::Metrics),
             (Method::GET, "/v1/usage", Route::Usage),
-            (Method::POST, "/v1/usage", Route::PassThrough),
+            (Method::POST, "/v1/usage", Route::Api(Billing::Unpriced)),
             (Method::DELETE, "/admin/keys/x", Route::Admin),
             (Method::POST, "/metrics", Route::NotFound),
             (Method::GET, "/v2/x", Route::NotFound),
             (Method::GET, "/v1", Route::NotFound),
         ];
-        for (method, target, route) in cases {
-            assert_eq!(Route::of(&method, target), route, "{method} {target}");
+        for (method, path, route) in cases {
+            assert_eq!(Route::of(&method, path), route, "{method} {path}");
         }
     }
 }

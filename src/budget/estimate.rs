@@ -7,19 +7,11 @@
 //! Pure: no IO, no clocks.
 
 use crate::pricing::Price;
+pub use crate::route::Billable;
 use crate::usage::Usage;
 
 /// Bytes per token for estimates: English text runs about 4 bytes a token.
 const BYTES_PER_TOKEN: u64 = 4;
-
-/// How a billable request is bounded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Billable {
-    /// Answers with completion tokens: chat completions, completions, responses.
-    Generates,
-    /// Prompt tokens only: embeddings.
-    Embeds,
-}
 
 /// The most a request can cost: every body byte a prompt token (a token is at least a byte),
 /// and each of its `choices` bounded by the request, else the model's output limit, else `cap`.

@@ -861,6 +861,7 @@ impl Thread {
                     nano: account.spent,
                 }),
                 limit: Some(account.limit),
+                always: true,
             });
             // The thread's own name holds no lease: its ops close nothing that exists.
             op.close = true;
@@ -1146,6 +1147,7 @@ mod tests {
                     nano: 40
                 }),
                 limit: Some(500),
+                always: true,
             })]
         );
     }

@@ -158,17 +158,20 @@ pub struct Ask {
     pub parts: u64,
 }
 
-/// What a holder re-establishes in a store that lost the key's data (restarted empty).
+/// What a holder knows of a key, for a store that lost its data (restarted empty): the store
+/// applies it when it finds it no longer knows the holder (before it grants anything), or
+/// always when `always` is set (a re-establishment after a loss found elsewhere).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Restore {
-    /// The holder's lease, as it holds it: set, not added.
+    /// The holder's lease as the store should count it before this op: set, not added.
     pub held: Option<u64>,
-    /// The spend of `floor.period` the node last heard from the store: the store's spend for
+    /// The spend of `floor.period` the holder last heard from the store: the store's spend for
     /// that period becomes at least this plus what was spent since it came back.
     pub floor: Option<PeriodSpend>,
     /// The limit the store last answered (kept by the store only if it is not the configured one,
     /// that is, if the admin API had set it).
     pub limit: Option<u64>,
+    pub always: bool,
 }
 
 /// One holder's change to one key: a settlement, then optionally a lease ask. The store applies

@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 use super::journal::{Appended, Record, WorkerJournal};
 use super::ledger::{Ledger, Reply, Submitted};
 use super::op::{
-    period_of, Account, Applied, Ask, Holder, KeyLimits, Op, Restore, Settlement, Spend,
+    period_of, Account, Applied, Ask, Holder, KeyLimits, Op, PeriodSpend, Restore, Settlement,
+    Spend,
 };
 use super::store::Clock;
 use crate::auth::{KeyId, KeyIdMap};
@@ -139,6 +140,8 @@ struct Lease {
     dropped: Option<u64>,
     /// The store's last word on the key, and the period its spend is of.
     known: Option<(Account, u64)>,
+    /// Spend of that period handed to the ledger since, not yet answered.
+    on_its_way: u64,
     /// The store has applied an op of this worker for the key.
     in_store: bool,
     /// When this worker last sent the store an op for the key (renewals are due from it).
@@ -155,6 +158,15 @@ struct Lease {
 }
 
 impl Lease {
+    /// The key's totals as this worker counts them: the store's last word plus the spend on
+    /// its way there.
+    fn seen(&self) -> Option<(Account, u64)> {
+        self.known.map(|(account, period)| {
+            let spent = account.spent.saturating_add(self.on_its_way);
+            (Account { spent, ..account }, period)
+        })
+    }
+
     fn free(&self) -> u64 {
         self.held.saturating_sub(self.reserved)
     }
@@ -362,7 +374,7 @@ impl Shard {
     /// What the key may still spend as this worker knows it, in the current period.
     fn known_remaining(&self, lease: &Lease) -> u64 {
         let now = self.period_now();
-        lease.known.map_or(0, |(account, period)| {
+        lease.seen().map_or(0, |(account, period)| {
             let spent = if period == now { account.spent } else { 0 };
             account.limit.saturating_sub(spent)
         })
@@ -384,7 +396,7 @@ impl Shard {
             // This worker has not touched the key: start from what the node last heard of it.
             lease.known = self.ledger.last_known(key);
         }
-        let known = match lease.known {
+        let known = match lease.seen() {
             Some((account, period)) if period == now => account,
             // The period turned since: its spend starts from zero.
             Some((account, _)) => Account {
@@ -472,6 +484,11 @@ impl Shard {
         let mut keys = self.keys.borrow_mut();
         // A grant for a key this shard forgot is held again, and returned when idle.
         let lease = keys.entry(op.key).or_default();
+        let carried = match lease.known {
+            Some((_, period)) if period == op.period => op.settle.spent.in_period(period),
+            _ => 0,
+        };
+        lease.on_its_way = lease.on_its_way.saturating_sub(carried);
         lease.known = Some((applied.account, op.period));
         lease.confirmed = Some(Instant::now());
         lease.in_store = true;
@@ -588,15 +605,27 @@ impl Shard {
     }
 
     /// The op that carries everything this worker has for `key` now: its pending spend, and
-    /// the re-establishment of its lease after a store lost its data.
+    /// what it knows of the key for a store that lost its data (applied by the store only
+    /// then, or always when this worker was told the store lost it).
     fn op_for(&self, key: KeyId, lease: &Lease, seq: u64, period: u64) -> Op {
         let mut op = Op::new(self.holder.clone(), seq, key, period);
         op.settle = lease.pending.clone();
         op.known = lease.in_store;
-        if lease.restore && lease.asking.is_none() {
+        let always = lease.restore && lease.asking.is_none();
+        if lease.in_store || always {
             op.restore = Some(Restore {
-                held: Some(lease.held),
-                ..Restore::default()
+                // As the store counts it: what this worker holds plus what it spent from it
+                // since (this op's `from_lease` takes that off again).
+                held: Some(lease.held + lease.pending.from_lease),
+                floor: lease
+                    .known
+                    .filter(|(_, p)| *p == period)
+                    .map(|(account, _)| PeriodSpend {
+                        period,
+                        nano: account.spent,
+                    }),
+                limit: lease.known.map(|(account, _)| account.limit),
+                always,
             });
         }
         op
@@ -710,16 +739,16 @@ impl Shard {
                 lease.pending = Settlement::default();
                 lease.held = lease.held.saturating_sub(op.settle.returned);
                 lease.renewed = Some(now);
-                if op.restore.is_some() {
+                if op.restore.is_some_and(|r| r.always) {
                     lease.restore = false;
                 }
                 if journaled && !op.settle.spent.is_empty() {
                     lease.unconfirmed.push((op.seq, op.settle.spent.clone()));
                 }
-                if let Some((known, period)) = lease.known.as_mut() {
-                    known.spent = known
-                        .spent
-                        .saturating_add(op.settle.spent.in_period(*period));
+                if let Some((_, period)) = lease.known {
+                    lease.on_its_way = lease
+                        .on_its_way
+                        .saturating_add(op.settle.spent.in_period(period));
                 }
                 if op.ask.is_some() {
                     lease.asking = Some(op.seq);
@@ -791,7 +820,7 @@ fn view(lease: &Lease, lapsing: bool, estimate: u64) -> LeaseView {
         dropped: lease.dropped,
         unreachable: lease.unreachable,
         others_hold: lease
-            .known
+            .seen()
             .is_some_and(|(a, _)| a.leased > mine_in_store && a.remaining() >= estimate),
     }
 }

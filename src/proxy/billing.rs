@@ -1,23 +1,9 @@
-//! Which routes are billed, and the fields of a request body that bound its cost (the
+//! The fields of a request body that bound its cost (which routes are billed is route.rs; the
 //! estimate itself is budget/estimate.rs).
 
-use http::Method;
 use serde::Deserialize;
 
-use crate::budget::estimate::Billable;
 use crate::budget::Reservation;
-
-/// The pass-through routes that report usage, and so are billed like chat completions.
-pub fn billable_passthrough(method: &Method, path: &str) -> Option<Billable> {
-    if method != Method::POST {
-        return None;
-    }
-    match path.strip_prefix("/v1")? {
-        "/completions" | "/responses" => Some(Billable::Generates),
-        "/embeddings" => Some(Billable::Embeds),
-        _ => None,
-    }
-}
 
 /// The fields of a pass-through request body that bound its cost.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,25 +67,6 @@ pub struct Bill<'s> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_usage_reporting_posts_are_billable_pass_throughs() {
-        let post = Method::POST;
-        assert_eq!(
-            billable_passthrough(&post, "/v1/embeddings"),
-            Some(Billable::Embeds)
-        );
-        assert_eq!(
-            billable_passthrough(&post, "/v1/completions"),
-            Some(Billable::Generates)
-        );
-        assert_eq!(
-            billable_passthrough(&post, "/v1/responses"),
-            Some(Billable::Generates)
-        );
-        assert_eq!(billable_passthrough(&Method::GET, "/v1/models"), None);
-        assert_eq!(billable_passthrough(&post, "/v1/files"), None);
-    }
 
     #[test]
     fn bounds_are_read_from_any_json_body() {

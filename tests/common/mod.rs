@@ -84,6 +84,7 @@ const FORCE_LEGACY: &str = "MONOIO_FORCE_LEGACY_DRIVER";
 pub struct Launch {
     upstream_url: String,
     port: u16,
+    workers: usize,
     driver: Driver,
     args: Vec<String>,
     env: Vec<(String, String)>,
@@ -96,6 +97,7 @@ impl Launch {
         Launch {
             upstream_url: upstream_url.to_string(),
             port: 0,
+            workers: 2,
             driver,
             args: Vec::new(),
             env: Vec::new(),
@@ -105,6 +107,12 @@ impl Launch {
 
     pub fn port(mut self, port: u16) -> Launch {
         self.port = port;
+        self
+    }
+
+    /// Worker threads (2 unless set).
+    pub fn workers(mut self, workers: usize) -> Launch {
+        self.workers = workers;
         self
     }
 
@@ -127,6 +135,7 @@ impl Launch {
     fn command(&self) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_aura"));
         let port = self.port.to_string();
+        let workers = self.workers.to_string();
         cmd.args([
             "--port",
             &port,
@@ -135,7 +144,7 @@ impl Launch {
             "--upstream-url",
             &self.upstream_url,
             "--workers",
-            "2",
+            &workers,
             "--pin-workers",
             "false",
         ]);

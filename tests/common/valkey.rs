@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 
 pub struct Valkey {
     child: Option<Child>,
+    /// One connection for the helpers' reads (tests poll: a connection per poll would use up
+    /// the loopback's ports), made again after a restart.
+    reader: std::sync::Mutex<Option<redis::Connection>>,
     pub port: u16,
     pub dir: PathBuf,
     /// Serving TLS only, with a certificate for `localhost` signed by this CA (PEM file).
@@ -42,6 +45,7 @@ impl Valkey {
         std::fs::create_dir_all(&dir).unwrap();
         let mut valkey = Valkey {
             child: None,
+            reader: std::sync::Mutex::new(None),
             port,
             dir,
             tls_ca: None,
@@ -127,6 +131,7 @@ impl Valkey {
 
     /// Stops the server (its data is on disk); Aura sees its store go away.
     pub fn stop(&mut self) {
+        *self.reader.lock().unwrap() = None;
         if let Some(mut child) = self.child.take() {
             if let Ok(mut c) = self.try_connection() {
                 let _ = redis::cmd("SHUTDOWN").query::<()>(&mut c);
@@ -171,10 +176,20 @@ impl Valkey {
 
     /// A hash, as the store keeps it.
     pub fn hash(&self, key: &str) -> HashMap<String, String> {
-        redis::cmd("HGETALL")
-            .arg(key)
-            .query(&mut self.connection())
-            .unwrap()
+        let mut reader = self.reader.lock().unwrap();
+        let mut retried = false;
+        loop {
+            let connection = reader.get_or_insert_with(|| self.connection());
+            match redis::cmd("HGETALL").arg(key).query(connection) {
+                Ok(hash) => return hash,
+                // A server restarted under the connection: once more on a new one.
+                Err(_) if !retried => {
+                    retried = true;
+                    *reader = None;
+                }
+                Err(e) => panic!("HGETALL {key}: {e}"),
+            }
+        }
     }
 
     /// `(spent, leased)` of an API key, straight from the store: spend of every period the
@@ -240,6 +255,7 @@ impl ValkeyCluster {
                     .expect("start a cluster node");
                 let node = Valkey {
                     child: Some(child),
+                    reader: std::sync::Mutex::new(None),
                     port,
                     dir,
                     tls_ca: None,

@@ -301,7 +301,8 @@ impl ValkeyStore {
             .arg(signed(restore.floor.map(|f| f.nano)))
             .arg(signed(restore.limit))
             .arg(HISTORY_PERIODS)
-            .arg(IDLE_TTL.as_millis() as u64);
+            .arg(IDLE_TTL.as_millis() as u64)
+            .arg(flag(restore.always));
         let spends: Vec<PeriodSpend> = op.settle.spent.iter().collect();
         cmd.arg(spends.len());
         for p in spends {

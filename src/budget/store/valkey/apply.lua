@@ -10,7 +10,8 @@
 --       15 forget (1: drop the account if nothing is left in it)
 --       16 restore held (-1: none)  17 restore floor period  18 restore floor (-1: none)
 --       19 restore limit (-1: none) 20 periods of history kept  21 idle ttl ms
---       22 n, then n pairs (period, spent)
+--       22 restore always (1; else only when the store lost the holder)
+--       23 n, then n pairs (period, spent)
 -- Returns {granted, limit, spent in ARGV[4]'s period, leased, squeezed, lost}.
 --
 -- Amounts reach HINCRBY as the strings they came in, so spend is exact to 2^63; sums and
@@ -55,11 +56,15 @@ if ARGV[13] == '1' and last == 0 then
 end
 local new_period = false
 
+-- What the holder knows goes back before anything is granted: when the store lost it, or when
+-- the holder was told to re-establish it.
+local restoring = lost == 1 or ARGV[22] == '1'
+
 if seq > last then
-  local n = tonumber(ARGV[22])
+  local n = tonumber(ARGV[23])
   for i = 0, n - 1 do
-    local p = ARGV[23 + 2 * i]
-    local amount = ARGV[24 + 2 * i]
+    local p = ARGV[24 + 2 * i]
+    local amount = ARGV[25 + 2 * i]
     if tonumber(amount) > 0 then
       if redis.call('HEXISTS', KEYS[1], 'spent:' .. p) == 0 then
         new_period = true
@@ -68,12 +73,12 @@ if seq > last then
     end
   end
   -- Re-establishing what a store that lost its data should know.
-  if tonumber(ARGV[19]) >= 0 and tonumber(ARGV[19]) ~= tonumber(ARGV[3])
+  if restoring and tonumber(ARGV[19]) >= 0 and tonumber(ARGV[19]) ~= tonumber(ARGV[3])
       and redis.call('HEXISTS', KEYS[1], 'limit') == 0 then
     redis.call('HSET', KEYS[1], 'limit', ARGV[19])
     limit = tonumber(ARGV[19])
   end
-  if tonumber(ARGV[18]) >= 0 then
+  if restoring and tonumber(ARGV[18]) >= 0 then
     -- Spend since the loss plus the largest floor any node gave: floors never add up.
     local fp = ARGV[17]
     local floor = tonumber(ARGV[18])
@@ -84,10 +89,11 @@ if seq > last then
     end
   end
   local before = tonumber(redis.call('HGET', KEYS[2], holder)) or 0
-  local held = math.max(before - tonumber(ARGV[5]) - tonumber(ARGV[6]), 0)
-  if tonumber(ARGV[16]) >= 0 then
-    held = tonumber(ARGV[16])
+  local counted = before
+  if restoring and tonumber(ARGV[16]) >= 0 then
+    counted = tonumber(ARGV[16])
   end
+  local held = math.max(counted - tonumber(ARGV[5]) - tonumber(ARGV[6]), 0)
   leased = leased - before + held
   local parts = tonumber(ARGV[8])
   if parts > 0 then
