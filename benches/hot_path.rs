@@ -184,6 +184,7 @@ fn metrics(c: &mut Criterion) {
         to_upstream: Some(Duration::from_nanos(40_000 + (i % 991) * 17)),
         usage: Some(&usage),
         usage_missing: false,
+        usage_implausible: false,
         cost_nano: 1_234,
         default_price: false,
         billed: Some((key, Some(&model))),

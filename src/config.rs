@@ -82,6 +82,7 @@ pub const NODE_ID: &str = "AURA_NODE_ID";
 pub const LEDGER_JOURNAL: &str = "AURA_LEDGER_JOURNAL";
 pub const JOURNAL_DIR: &str = "AURA_JOURNAL_DIR";
 pub const ALLOW_UNPRICED_ROUTES: &str = "AURA_ALLOW_UNPRICED_ROUTES";
+pub const MAX_USAGE_TOKENS: &str = "AURA_MAX_USAGE_TOKENS";
 pub const JOURNAL_FSYNC_INTERVAL_MS: &str = "AURA_JOURNAL_FSYNC_INTERVAL_MS";
 pub const SHUTDOWN_GRACE_MS: &str = "AURA_SHUTDOWN_GRACE_MS";
 
@@ -114,6 +115,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting { key: "unknown_model_output_dollars_per_million", env: &[UNKNOWN_MODEL_OUTPUT_DOLLARS_PER_MILLION], help: "price of completion tokens of a model with no price [default: 15.00]" },
     Setting { key: "default_max_output_tokens", env: &[DEFAULT_MAX_OUTPUT_TOKENS], help: "completion tokens reserved for a request that sets no max_tokens, for a model with no known output limit [default: 4096]" },
     Setting { key: "key_mode", env: &[KEY_MODE], help: "passthrough: the client's key goes upstream and is its budget identity; virtual: only keys of the [keys] table are accepted, each sent upstream as its upstream_key [default: passthrough]" },
+    Setting { key: "max_usage_tokens", env: &[MAX_USAGE_TOKENS], help: "the most prompt or completion tokens an upstream may report for one request; beyond it, or beyond the model's context window or output limit, the usage is not believed and the request is billed its reservation [default: 10000000]" },
     Setting { key: "allow_unpriced_routes", env: &[ALLOW_UNPRICED_ROUTES], help: "forward, for virtual keys too, routes that cost money Aura cannot price (batches, fine-tuning, assistant runs, realtime sessions, vector stores, unknown POST routes); they are never billed [default: false]" },
     Setting { key: "admin_token", env: &[ADMIN_TOKEN], help: "bearer token of the /admin/keys API; unset, the admin API is off [default: none]" },
     Setting { key: "budget_period", env: &[BUDGET_PERIOD], help: "none, daily or monthly: spend resets at the start of each UTC day or month [default: none]" },
@@ -254,6 +256,8 @@ pub struct Budgets {
     pub fail_open: bool,
     /// Virtual keys may use routes Aura cannot price (never billed).
     pub allow_unpriced_routes: bool,
+    /// The most tokens a usage may report.
+    pub max_usage_tokens: u64,
 }
 
 /// Where budgets live.
@@ -651,6 +655,7 @@ impl Parser<'_> {
                 store: StoreKind::Memory,
                 fail_open: self.choice("store_failure", &[("open", true), ("closed", false)], true),
                 allow_unpriced_routes: self.bool("allow_unpriced_routes", false),
+                max_usage_tokens: self.positive("max_usage_tokens", 10_000_000),
             },
             shutdown_grace: self.millis("shutdown_grace_ms", 20_000),
         };

@@ -111,6 +111,8 @@ pub struct Record<'a> {
     pub usage: Option<&'a Usage>,
     /// A billable request succeeded without usage: its cost was estimated from bytes.
     pub usage_missing: bool,
+    /// The usage reported was beyond what the model can do: billed the reservation.
+    pub usage_implausible: bool,
     /// What the request was billed, in nano-dollars.
     pub cost_nano: u64,
     /// Its model had no price: billed at the default price.
@@ -130,10 +132,13 @@ pub struct Spend {
 
 impl Spend {
     fn add(&mut self, other: &Spend) {
-        self.requests += other.requests;
-        self.prompt_tokens += other.prompt_tokens;
-        self.completion_tokens += other.completion_tokens;
-        self.cost_nano += other.cost_nano;
+        // Counters saturate: a Prometheus counter that wraps reads as a reset.
+        self.requests = self.requests.saturating_add(other.requests);
+        self.prompt_tokens = self.prompt_tokens.saturating_add(other.prompt_tokens);
+        self.completion_tokens = self
+            .completion_tokens
+            .saturating_add(other.completion_tokens);
+        self.cost_nano = self.cost_nano.saturating_add(other.cost_nano);
     }
 }
 
@@ -150,6 +155,7 @@ pub struct Snapshot {
     pub completion_tokens: u64,
     pub cached_prompt_tokens: u64,
     pub usage_missing: u64,
+    pub usage_implausible: u64,
     pub cost_nano: u64,
     pub default_priced: u64,
     /// Key (`None`: past `MAX_KEY_SERIES`) → model → spend.
@@ -163,7 +169,7 @@ pub struct Snapshot {
 
 fn bump<K: PartialEq + Copy>(counts: &mut Vec<(K, u64)>, key: K, by: u64) {
     match counts.iter_mut().find(|(k, _)| *k == key) {
-        Some((_, n)) => *n += by,
+        Some((_, n)) => *n = n.saturating_add(by),
         None => counts.push((key, by)),
     }
 }
@@ -191,13 +197,17 @@ impl Snapshot {
         if let Some(d) = r.to_upstream {
             self.to_upstream.record(d);
         }
+        // Counters saturate: a Prometheus counter that wraps reads as a reset.
         if let Some(u) = r.usage {
-            self.prompt_tokens += u.prompt_tokens;
-            self.completion_tokens += u.completion_tokens;
-            self.cached_prompt_tokens += u.cached_prompt_tokens;
+            self.prompt_tokens = self.prompt_tokens.saturating_add(u.prompt_tokens);
+            self.completion_tokens = self.completion_tokens.saturating_add(u.completion_tokens);
+            self.cached_prompt_tokens = self
+                .cached_prompt_tokens
+                .saturating_add(u.cached_prompt_tokens);
         }
         self.usage_missing += u64::from(r.usage_missing);
-        self.cost_nano += r.cost_nano;
+        self.usage_implausible += u64::from(r.usage_implausible);
+        self.cost_nano = self.cost_nano.saturating_add(r.cost_nano);
         self.default_priced += u64::from(r.default_price);
         if let Some((key, model)) = r.billed {
             let key = (self.by_key.contains_key(&Some(key)) || self.by_key.len() < MAX_KEY_SERIES)
@@ -228,12 +238,19 @@ impl Snapshot {
         }
         self.ttft_overhead.merge(&other.ttft_overhead);
         self.to_upstream.merge(&other.to_upstream);
-        self.prompt_tokens += other.prompt_tokens;
-        self.completion_tokens += other.completion_tokens;
-        self.cached_prompt_tokens += other.cached_prompt_tokens;
-        self.usage_missing += other.usage_missing;
-        self.cost_nano += other.cost_nano;
-        self.default_priced += other.default_priced;
+        self.prompt_tokens = self.prompt_tokens.saturating_add(other.prompt_tokens);
+        self.completion_tokens = self
+            .completion_tokens
+            .saturating_add(other.completion_tokens);
+        self.cached_prompt_tokens = self
+            .cached_prompt_tokens
+            .saturating_add(other.cached_prompt_tokens);
+        self.usage_missing = self.usage_missing.saturating_add(other.usage_missing);
+        self.usage_implausible = self
+            .usage_implausible
+            .saturating_add(other.usage_implausible);
+        self.cost_nano = self.cost_nano.saturating_add(other.cost_nano);
+        self.default_priced = self.default_priced.saturating_add(other.default_priced);
         // The cap holds for the merge too: keys past it fold into `other`.
         for (key, models) in &other.by_key {
             let key = (self.by_key.contains_key(key) || self.by_key.len() < MAX_KEY_SERIES)
@@ -381,6 +398,7 @@ mod tests {
             to_upstream: None,
             usage: None,
             usage_missing: false,
+            usage_implausible: false,
             cost_nano: 0,
             default_price: false,
             billed: None,

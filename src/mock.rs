@@ -34,6 +34,10 @@ pub const STATUS_HEADER: &str = "x-mock-status";
 pub const RESET_AFTER_HEADER: &str = "x-mock-reset-after";
 /// `1`: ignore `stream_options`, like a provider that does not honour it.
 pub const NO_USAGE_HEADER: &str = "x-mock-no-usage";
+/// Chat completions: answer as this model (an upstream that serves another model than asked).
+pub const MODEL_HEADER: &str = "x-mock-model";
+/// Chat completions: report `PROMPT,COMPLETION` tokens, whatever was sent (a lying upstream).
+pub const USAGE_HEADER: &str = "x-mock-usage";
 
 /// `created` of every answer: fixed so answers are byte-for-byte reproducible.
 const CREATED: u64 = 1_732_000_000;
@@ -222,6 +226,10 @@ struct Control {
     status: Option<StatusCode>,
     reset_after: Option<usize>,
     honour_stream_options: bool,
+    /// The answer's model, JSON-escaped, when not the mock's own.
+    model: Option<String>,
+    /// (prompt, completion) tokens to report instead of the real counts.
+    usage: Option<(u64, u64)>,
 }
 
 impl Control {
@@ -237,12 +245,19 @@ impl Control {
             .headers
             .get(NO_USAGE_HEADER)
             .is_some_and(|v| !matches!(v.as_bytes(), b"0" | b"false"));
+        let text = |name: &str| head.headers.get(name)?.to_str().ok().map(str::trim);
+        let usage = text(USAGE_HEADER).and_then(|v| {
+            let (prompt, completion) = v.split_once(',')?;
+            Some((prompt.trim().parse().ok()?, completion.trim().parse().ok()?))
+        });
         Control {
             chunks: number(CHUNKS_HEADER).map_or(options.chunks, |n| n as usize),
             delay: number(DELAY_MS_HEADER).map_or(options.delay, Duration::from_millis),
             status,
             reset_after: number(RESET_AFTER_HEADER).map(|n| n as usize),
             honour_stream_options: options.honour_stream_options && !no_usage,
+            model: text(MODEL_HEADER).map(|m| Value::String(m.to_string()).to_string()),
+            usage,
         }
     }
 }
@@ -331,16 +346,19 @@ impl MockHandler {
         keep_alive: bool,
         client: &mut S,
     ) -> Persist {
-        let completion_tokens = control.chunks as u64;
+        let (prompt_tokens, completion_tokens) = control
+            .usage
+            .unwrap_or((prompt_tokens, control.chunks as u64));
+        let model = control.model.as_deref().unwrap_or(&self.model);
         if request.get("stream") != Some(&Value::Bool(true)) {
             sleep(control.delay).await;
-            let answer = self.completion(control.chunks, prompt_tokens);
+            let answer = self.completion(control.chunks, model, (prompt_tokens, completion_tokens));
             return server::write_json(client, StatusCode::OK, &answer, keep_alive).await;
         }
         let asked = request.pointer("/stream_options/include_usage") == Some(&Value::Bool(true));
         let usage =
             (asked && control.honour_stream_options).then_some((prompt_tokens, completion_tokens));
-        let events = self.stream_events(control.chunks, usage);
+        let events = self.stream_events(control.chunks, model, usage);
         write_stream(&events, control, keep_alive, client).await
     }
 
@@ -464,7 +482,7 @@ impl MockHandler {
     /// content chunks, a finish chunk, the usage-only chunk when `usage` is (prompt, completion)
     /// tokens, and `[DONE]`. With usage on, every earlier chunk carries `"usage":null`, as
     /// OpenAI sends it.
-    fn stream_events(&self, chunks: usize, usage: Option<(u64, u64)>) -> Vec<Vec<u8>> {
+    fn stream_events(&self, chunks: usize, model: &str, usage: Option<(u64, u64)>) -> Vec<Vec<u8>> {
         let null_usage = if usage.is_some() {
             r#","usage":null"#
         } else {
@@ -472,8 +490,7 @@ impl MockHandler {
         };
         let chunk = |choices: &str, tail: &str| -> Vec<u8> {
             format!(
-                r#"data: {{"id":"{CHAT_ID}","object":"chat.completion.chunk","created":{CREATED},"model":{},"system_fingerprint":"{FINGERPRINT}","choices":[{choices}]{tail}}}"#,
-                self.model
+                r#"data: {{"id":"{CHAT_ID}","object":"chat.completion.chunk","created":{CREATED},"model":{model},"system_fingerprint":"{FINGERPRINT}","choices":[{choices}]{tail}}}"#,
             )
             .into_bytes()
             .into_iter()
@@ -494,7 +511,7 @@ impl MockHandler {
             null_usage,
         ));
         if let Some((prompt, completion)) = usage {
-            let total = prompt + completion;
+            let total = prompt.saturating_add(completion);
             let usage = format!(
                 r#","usage":{{"prompt_tokens":{prompt},"completion_tokens":{completion},"total_tokens":{total},"prompt_tokens_details":{{"cached_tokens":0}}}}"#
             );
@@ -504,11 +521,11 @@ impl MockHandler {
         events
     }
 
-    /// A whole `chat.completion` answer.
-    fn completion(&self, chunks: usize, prompt_tokens: u64) -> Vec<u8> {
+    /// A whole `chat.completion` answer from `model` (JSON-escaped), reporting `usage`.
+    fn completion(&self, chunks: usize, model: &str, usage: (u64, u64)) -> Vec<u8> {
         let content: String = (0..chunks).map(token).collect();
-        let completion = chunks as u64;
-        let total = prompt_tokens + completion;
+        let (prompt_tokens, completion) = usage;
+        let total = prompt_tokens.saturating_add(completion);
         format!(
             concat!(
                 r#"{{"id":"{id}","object":"chat.completion","created":{created},"model":{model},"system_fingerprint":"{fp}","#,
@@ -518,7 +535,7 @@ impl MockHandler {
             ),
             id = CHAT_ID,
             created = CREATED,
-            model = self.model,
+            model = model,
             fp = FINGERPRINT,
             content = Value::String(content),
             prompt = prompt_tokens,
@@ -631,7 +648,7 @@ mod tests {
 
     #[test]
     fn stream_without_usage_has_no_usage_fields() {
-        let events = events_text(&handler().stream_events(3, None));
+        let events = events_text(&handler().stream_events(3, &handler().model, None));
         assert_eq!(events.len(), 3 + 3);
         assert!(events
             .iter()
@@ -645,7 +662,7 @@ mod tests {
 
     #[test]
     fn stream_with_usage_is_openai_shaped() {
-        let events = events_text(&handler().stream_events(2, Some((7, 2))));
+        let events = events_text(&handler().stream_events(2, &handler().model, Some((7, 2))));
         assert_eq!(events.len(), 2 + 4);
         for e in &events[..4] {
             assert!(e.contains(r#""usage":null}"#), "{e}");
@@ -668,7 +685,8 @@ mod tests {
 
     #[test]
     fn whole_answer_is_json_with_usage() {
-        let v: Value = serde_json::from_slice(&handler().completion(3, 10)).unwrap();
+        let v: Value =
+            serde_json::from_slice(&handler().completion(3, &handler().model, (10, 3))).unwrap();
         assert_eq!(v["object"], "chat.completion");
         assert_eq!(v["choices"][0]["message"]["content"], "tok0 tok1 tok2 ");
         assert_eq!(v["usage"]["prompt_tokens"], 10);

@@ -23,6 +23,8 @@ pub struct Price {
     pub cached_input_pico: u64,
     /// The model's output limit, the upper bound of a request without `max_tokens`.
     pub max_output_tokens: Option<u64>,
+    /// The model's context window: a usage reporting more prompt tokens is not believed.
+    pub max_input_tokens: Option<u64>,
 }
 
 impl Price {
@@ -33,12 +35,26 @@ impl Price {
             output_pico: dollars_per_million_to_pico(output),
             cached_input_pico: dollars_per_million_to_pico(cached_input),
             max_output_tokens: None,
+            max_input_tokens: None,
         }
     }
 
-    fn with_max_output(mut self, tokens: u64) -> Price {
-        self.max_output_tokens = Some(tokens);
+    fn with_limits(mut self, max_input: u64, max_output: u64) -> Price {
+        self.max_input_tokens = (max_input > 0).then_some(max_input);
+        self.max_output_tokens = (max_output > 0).then_some(max_output);
         self
+    }
+
+    /// Each field the larger of the two: what a request reserves when it may be answered at
+    /// either price.
+    pub fn max(self, other: Price) -> Price {
+        Price {
+            input_pico: self.input_pico.max(other.input_pico),
+            output_pico: self.output_pico.max(other.output_pico),
+            cached_input_pico: self.cached_input_pico.max(other.cached_input_pico),
+            max_output_tokens: self.max_output_tokens.max(other.max_output_tokens),
+            max_input_tokens: self.max_input_tokens.max(other.max_input_tokens),
+        }
     }
 
     /// The cost of `usage`, in nano-dollars, rounded up.
@@ -128,30 +144,34 @@ pub struct PriceTable {
     /// `Arc` names: a metric label is a clone of the table's name, not a new string.
     by_name: HashMap<Arc<str>, Price>,
     default: Price,
+    /// Per name, the most any of its dated variants costs (made by [`PriceTable::seal`]).
+    ceilings: HashMap<Arc<str>, Price>,
 }
 
 /// Aura's own table: common OpenAI, Groq and open models, in dollars per million tokens
-/// (input, output, cached input) and output limits, from the providers' price pages (2026).
-const BUILTIN: &[(&str, f64, f64, f64, u64)] = &[
-    ("gpt-4o", 2.50, 10.00, 1.25, 16_384),
-    ("gpt-4o-mini", 0.15, 0.60, 0.075, 16_384),
-    ("gpt-4.1", 2.00, 8.00, 0.50, 32_768),
-    ("gpt-4.1-mini", 0.40, 1.60, 0.10, 32_768),
-    ("gpt-4.1-nano", 0.10, 0.40, 0.025, 32_768),
-    ("o3-mini", 1.10, 4.40, 0.55, 100_000),
-    ("gpt-3.5-turbo", 0.50, 1.50, 0.50, 4_096),
-    ("text-embedding-3-small", 0.02, 0.0, 0.02, 0),
-    ("text-embedding-3-large", 0.13, 0.0, 0.13, 0),
-    ("llama-3.1-8b-instant", 0.05, 0.08, 0.05, 131_072),
-    ("llama-3.3-70b-versatile", 0.59, 0.79, 0.59, 32_768),
+/// (input, output, cached input), context window and output limit, from the providers' pages
+/// (2026).
+const BUILTIN: &[(&str, f64, f64, f64, u64, u64)] = &[
+    ("gpt-4o", 2.50, 10.00, 1.25, 128_000, 16_384),
+    ("gpt-4o-mini", 0.15, 0.60, 0.075, 128_000, 16_384),
+    ("gpt-4.1", 2.00, 8.00, 0.50, 1_047_576, 32_768),
+    ("gpt-4.1-mini", 0.40, 1.60, 0.10, 1_047_576, 32_768),
+    ("gpt-4.1-nano", 0.10, 0.40, 0.025, 1_047_576, 32_768),
+    ("o3-mini", 1.10, 4.40, 0.55, 200_000, 100_000),
+    ("gpt-3.5-turbo", 0.50, 1.50, 0.50, 16_385, 4_096),
+    ("text-embedding-3-small", 0.02, 0.0, 0.02, 8_191, 0),
+    ("text-embedding-3-large", 0.13, 0.0, 0.13, 8_191, 0),
+    ("llama-3.1-8b-instant", 0.05, 0.08, 0.05, 131_072, 131_072),
+    ("llama-3.3-70b-versatile", 0.59, 0.79, 0.59, 131_072, 32_768),
     (
         "meta-llama/Llama-3.1-8B-Instruct",
         0.05,
         0.08,
         0.05,
         131_072,
+        131_072,
     ),
-    ("mixtral-8x7b-32768", 0.24, 0.24, 0.24, 32_768),
+    ("mixtral-8x7b-32768", 0.24, 0.24, 0.24, 32_768, 32_768),
 ];
 
 impl PriceTable {
@@ -159,17 +179,40 @@ impl PriceTable {
     pub fn builtin(default: Price) -> PriceTable {
         let by_name = BUILTIN
             .iter()
-            .map(|&(name, input, output, cached, max_out)| {
-                let price = Price::per_million(input, output, cached);
-                let price = if max_out > 0 {
-                    price.with_max_output(max_out)
-                } else {
-                    price
-                };
+            .map(|&(name, input, output, cached, max_in, max_out)| {
+                let price = Price::per_million(input, output, cached).with_limits(max_in, max_out);
                 (Arc::from(name), price)
             })
             .collect();
-        PriceTable { by_name, default }
+        PriceTable {
+            by_name,
+            default,
+            ceilings: HashMap::new(),
+        }
+    }
+
+    /// Done adding prices: each name's ceiling over its dated variants is worked out once
+    /// (`gpt-4o` reserves at the most any `gpt-4o-YYYY-MM-DD` in the table costs).
+    pub fn seal(&mut self) {
+        let mut ceilings: HashMap<Arc<str>, Price> = HashMap::new();
+        for (name, price) in &self.by_name {
+            let Some(base) = base_name(name) else {
+                continue;
+            };
+            if let Some((base, base_price)) = self.by_name.get_key_value(base) {
+                let ceiling = ceilings.entry(base.clone()).or_insert(*base_price);
+                *ceiling = ceiling.max(*price);
+            }
+        }
+        self.ceilings = ceilings;
+    }
+
+    /// The price a request for `model` reserves at: its own, or the most one of its dated
+    /// variants costs when more (an upstream may answer `gpt-4o` as any `gpt-4o-…`).
+    pub fn reserving(&self, model: &str) -> Price {
+        let (price, _, name) = self.resolve(model);
+        name.and_then(|n| self.ceilings.get(n))
+            .map_or(price, |ceiling| ceiling.max(price))
     }
 
     pub fn insert(&mut self, model: &str, price: Price) {
@@ -251,6 +294,9 @@ impl PriceTable {
                 output_pico: dollars_to_pico(output.unwrap_or(0.0)),
                 cached_input_pico: dollars_to_pico(cached),
                 max_output_tokens: max_output,
+                max_input_tokens: spec
+                    .get("max_input_tokens")
+                    .and_then(serde_json::Value::as_u64),
             };
             added.push((name.clone(), price));
         }
@@ -317,6 +363,7 @@ mod tests {
             output_pico: 0,
             cached_input_pico: 20,
             max_output_tokens: None,
+            max_input_tokens: None,
         };
         assert_eq!(tiny.cost_nano(&usage(1, 0, 0)), 1);
         assert_eq!(tiny.cost_nano(&usage(0, 0, 0)), 0);
@@ -343,6 +390,22 @@ mod tests {
             let (price, matched) = table.lookup(model);
             assert_eq!((matched, price.input_pico), (how, input_pico), "{model}");
         }
+    }
+
+    #[test]
+    fn a_model_reserves_at_the_most_its_dated_variants_cost() {
+        let mut table = PriceTable::builtin(default_price());
+        table.insert("gpt-4o-2024-05-13", Price::per_million(5.0, 15.0, 5.0));
+        table.seal();
+        let reserved = table.reserving("gpt-4o");
+        assert_eq!(
+            (reserved.input_pico, reserved.output_pico),
+            (5_000_000, 15_000_000)
+        );
+        assert_eq!(reserved.max_output_tokens, Some(16_384));
+        // gpt-4o-mini is another model, not a variant of gpt-4o: its own price.
+        assert_eq!(table.reserving("gpt-4o-mini").input_pico, 150_000);
+        assert_eq!(table.reserving("nothing-known").input_pico, 5_000_000);
     }
 
     #[test]
@@ -373,6 +436,7 @@ mod tests {
         let mut table = PriceTable {
             by_name: HashMap::new(),
             default: default_price(),
+            ceilings: HashMap::new(),
         };
         assert_eq!(table.merge_litellm(json).unwrap(), 3);
         let (gpt4o, how) = table.lookup("gpt-4o-2024-08-06");
@@ -384,6 +448,7 @@ mod tests {
                 output_pico: 10_000_000,
                 cached_input_pico: 1_250_000,
                 max_output_tokens: Some(16_384),
+                max_input_tokens: None,
             }
         );
         let (groq, how) = table.lookup("llama3-8b-8192");

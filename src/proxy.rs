@@ -9,6 +9,7 @@ pub mod billing;
 pub mod relay;
 
 use std::cell::Cell;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,7 +26,7 @@ use crate::error::Error;
 use crate::http::{self as h1, ResponseHead};
 use crate::metrics::{self, Registry};
 use crate::net::{self, Timed};
-use crate::pricing::{self, Match, PriceTable};
+use crate::pricing::{self, Match, Price, PriceTable};
 use crate::rewrite;
 use crate::route::{self, Billing};
 use crate::server::{self, Handler, Persist, Request};
@@ -97,6 +98,10 @@ pub struct Proxy {
     period: Period,
     /// Forward routes Aura cannot price for virtual keys too.
     allow_unpriced: bool,
+    /// The most tokens a usage may report (beyond: not believed).
+    max_usage_tokens: u64,
+    /// Per model asked for, the price answers to it came at when more than it reserved at.
+    answered_as: std::cell::RefCell<HashMap<String, Price>>,
     directory: Arc<Directory>,
     admin_token: Option<Secret>,
     drains: Drains,
@@ -105,6 +110,9 @@ pub struct Proxy {
     /// Shutdown has begun: answers close their connections.
     stopping: Cell<bool>,
 }
+
+/// Models whose answer price a worker remembers (bounded: model names come from clients).
+const MAX_LEARNED_MODELS: usize = 256;
 
 /// Everything settle needs to know about one request. `'p` is the proxy's: a reservation
 /// borrows its worker's budget shard.
@@ -179,6 +187,8 @@ impl Proxy {
             default_max_output_tokens: config.budgets.default_max_output_tokens,
             period: config.budgets.period,
             allow_unpriced: config.budgets.allow_unpriced_routes,
+            max_usage_tokens: config.budgets.max_usage_tokens,
+            answered_as: std::cell::RefCell::new(HashMap::new()),
             directory,
             admin_token: config.budgets.admin_token.clone(),
             drains: Drains::new(config.budgets.max_drains_per_worker),
@@ -238,7 +248,7 @@ impl Proxy {
         outcome: &mut Outcome<'p>,
     ) -> Result<(), Error> {
         let key = self.authorize(request, outcome)?;
-        let (price, _) = self.prices.lookup(model.unwrap_or(""));
+        let price = self.reserving(model.unwrap_or(""));
         let estimate = estimate::upper_estimate(
             &price,
             kind,
@@ -264,8 +274,39 @@ impl Proxy {
         outcome.bill = Some(Bill {
             reservation,
             request_bytes: request.body.len() as u64,
+            choices,
+            requested: model.map(str::to_owned),
+            reserved_at: price,
         });
         Ok(())
+    }
+
+    /// The price a request for `model` reserves at: the most its dated variants cost, or
+    /// what this worker saw an answer to it cost when that was more. An upstream that answers
+    /// with another, pricier model than asked is reserved for from its first such answer on;
+    /// only requests already in flight on this worker then can cost more than they reserved.
+    fn reserving(&self, model: &str) -> Price {
+        let price = self.prices.reserving(model);
+        match self.answered_as.borrow().get(model) {
+            Some(seen) => price.max(*seen),
+            None => price,
+        }
+    }
+
+    /// An answer to `requested` came priced at `answered`: later requests for it reserve at it
+    /// when it is more than they did.
+    fn learn_answer_price(&self, requested: &str, reserved_at: &Price, answered: &Price) {
+        let pricier = answered.input_pico > reserved_at.input_pico
+            || answered.output_pico > reserved_at.output_pico
+            || answered.cached_input_pico > reserved_at.cached_input_pico;
+        if !pricier {
+            return;
+        }
+        let mut seen = self.answered_as.borrow_mut();
+        if seen.len() < MAX_LEARNED_MODELS || seen.contains_key(requested) {
+            let entry = seen.entry(requested.to_string()).or_insert(*answered);
+            *entry = entry.max(*answered);
+        }
     }
 
     /// `/v1/usage`: the caller's own key, masked, and its budget in dollars.
@@ -694,8 +735,13 @@ impl Proxy {
             error: error.map(Error::label),
             ttft_overhead: outcome.ttft_overhead,
             to_upstream: outcome.to_upstream,
-            usage: outcome.usage.as_ref(),
+            // Usage that was not believed is not counted as tokens either.
+            usage: outcome
+                .usage
+                .as_ref()
+                .filter(|_| charge.is_none_or(|c| c.basis != Basis::Implausible)),
             usage_missing: charge.is_some_and(|c| c.basis == Basis::Estimated),
+            usage_implausible: charge.is_some_and(|c| c.basis == Basis::Implausible),
             cost_nano: charge.map_or(0, |c| c.cost_nano),
             default_price: charge.is_some_and(|c| c.matched == Match::Default),
             billed: charge.map(|c| (c.key, c.model)),
@@ -716,17 +762,33 @@ impl Proxy {
             bill.reservation.settle_refused_key();
             return;
         }
-        let succeeded = outcome.status.is_some_and(|s| s.is_success());
         let (price, matched, model) = self.prices.resolve(outcome.model.as_deref().unwrap_or(""));
-        let (cost, basis) = estimate::settle_cost(
-            &price,
-            bill.reservation.amount_nano(),
-            bill.request_bytes,
-            outcome.usage.as_ref(),
-            succeeded,
-            outcome.response_bytes,
-            outcome.abandoned,
-        );
+        let reserved = estimate::Reserved {
+            nano: bill.reservation.amount_nano(),
+            request_bytes: bill.request_bytes,
+            choices: bill.choices,
+            ceiling: self.max_usage_tokens,
+        };
+        let answer = estimate::Answer {
+            usage: outcome.usage.as_ref(),
+            succeeded: outcome.status.is_some_and(|s| s.is_success()),
+            response_bytes: outcome.response_bytes,
+            abandoned: outcome.abandoned,
+        };
+        let (cost, basis) = estimate::settle_cost(&price, &reserved, &answer);
+        if basis == Basis::Reported {
+            if let Some(requested) = &bill.requested {
+                self.learn_answer_price(requested, &bill.reserved_at, &price);
+            }
+        }
+        if basis == Basis::Implausible {
+            tracing::warn!(
+                key_id = %bill.reservation.key(),
+                model = outcome.model.as_deref().unwrap_or(""),
+                usage = ?outcome.usage,
+                "the upstream reported usage beyond what the model can do: billed the reservation"
+            );
+        }
         let key = bill.reservation.key();
         bill.reservation.settle(cost);
         outcome.charge = Some(Charge {
@@ -886,6 +948,7 @@ fn log_access(outcome: &Outcome, charge: Option<Charge>, error: Option<&Error>, 
     };
     let usage = match charge.map(|c| c.basis) {
         Some(Basis::Estimated) => "estimated",
+        Some(Basis::Implausible) => "implausible",
         _ => usage,
     };
     let key_id = outcome.key.map(|k| k.to_string()).unwrap_or_default();

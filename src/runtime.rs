@@ -70,6 +70,7 @@ pub fn load_prices(config: &Config) -> Result<PriceTable, StartError> {
     for entry in &budgets.prices {
         prices.insert(&entry.model, entry.price);
     }
+    prices.seal();
     Ok(prices)
 }
 

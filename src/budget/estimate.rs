@@ -40,32 +40,66 @@ pub enum Basis {
     Reported,
     /// No usage in a successful answer: estimated from bytes.
     Estimated,
+    /// The usage reported is beyond any the model could have: billed the reservation.
+    Implausible,
     /// The request failed: nothing to bill.
     Failed,
 }
 
+/// Whether `usage` is one the model could have produced: no more prompt tokens than its
+/// context window, no more completion tokens than its output limit for each of `choices`, and
+/// neither beyond `ceiling` (the configured most for any model); cached within the prompt.
+pub fn plausible(usage: &Usage, price: &Price, choices: u64, ceiling: u64) -> bool {
+    let prompt_max = price.max_input_tokens.map_or(ceiling, |m| m.min(ceiling));
+    let completion_max = price
+        .max_output_tokens
+        .map_or(ceiling, |m| m.saturating_mul(choices.max(1)).min(ceiling));
+    usage.prompt_tokens <= prompt_max
+        && usage.completion_tokens <= completion_max
+        && usage.cached_prompt_tokens <= usage.prompt_tokens
+}
+
+/// What a request reserved, and what bounds the usage it may report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reserved {
+    pub nano: u64,
+    pub request_bytes: u64,
+    /// `n` of the request: each choice may reach the output limit.
+    pub choices: u64,
+    /// The most tokens any usage may report (`max_usage_tokens`).
+    pub ceiling: u64,
+}
+
+/// What came back for a request.
+#[derive(Debug, Clone, Copy)]
+pub struct Answer<'u> {
+    pub usage: Option<&'u Usage>,
+    pub succeeded: bool,
+    /// De-framed body bytes received.
+    pub response_bytes: u64,
+    /// The client left and the response was not read to its end.
+    pub abandoned: bool,
+}
+
 /// The settled cost of a request at `price` (its model's), in nano-dollars, and how it was found.
-pub fn settle_cost(
-    price: &Price,
-    reserved_nano: u64,
-    request_bytes: u64,
-    usage: Option<&Usage>,
-    succeeded: bool,
-    response_bytes: u64,
-    abandoned: bool,
-) -> (u64, Basis) {
-    match usage {
-        Some(u) => (price.cost_nano(u), Basis::Reported),
+pub fn settle_cost(price: &Price, reserved: &Reserved, answer: &Answer) -> (u64, Basis) {
+    match answer.usage {
+        Some(u) if plausible(u, price, reserved.choices, reserved.ceiling) => {
+            (price.cost_nano(u), Basis::Reported)
+        }
+        // An upstream that reports more than the model can do (a bug, or a lie): the
+        // reservation, not a cost that would spend the key for ever.
+        Some(_) => (reserved.nano, Basis::Implausible),
         // The client left and the rest was not read: the upstream still generates it all, so
         // the whole upper estimate is billed.
-        None if abandoned => (reserved_nano, Basis::Estimated),
-        None if succeeded => {
+        None if answer.abandoned => (reserved.nano, Basis::Estimated),
+        None if answer.succeeded => {
             let estimate = Usage {
-                prompt_tokens: request_bytes.div_ceil(BYTES_PER_TOKEN),
-                completion_tokens: response_bytes.div_ceil(BYTES_PER_TOKEN),
+                prompt_tokens: reserved.request_bytes.div_ceil(BYTES_PER_TOKEN),
+                completion_tokens: answer.response_bytes.div_ceil(BYTES_PER_TOKEN),
                 cached_prompt_tokens: 0,
             };
-            let cost = price.cost_nano(&estimate).min(reserved_nano);
+            let cost = price.cost_nano(&estimate).min(reserved.nano);
             (cost, Basis::Estimated)
         }
         None => (0, Basis::Failed),
@@ -75,6 +109,51 @@ pub fn settle_cost(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn usage_beyond_what_the_model_can_do_is_billed_the_reservation() {
+        let mut price = Price::per_million(1.0, 2.0, 1.0);
+        price.max_input_tokens = Some(128_000);
+        price.max_output_tokens = Some(16_384);
+        let usage = |prompt, completion| Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            cached_prompt_tokens: 0,
+        };
+        let settle = |u: Usage, choices| {
+            let reserved = Reserved {
+                nano: 5_000,
+                request_bytes: 100,
+                choices,
+                ceiling: 10_000_000,
+            };
+            let answer = Answer {
+                usage: Some(&u),
+                succeeded: true,
+                response_bytes: 0,
+                abandoned: false,
+            };
+            settle_cost(&price, &reserved, &answer)
+        };
+        assert_eq!(settle(usage(1_000, 100), 1), (1_200_000, Basis::Reported));
+        assert_eq!(
+            settle(usage(u64::MAX, u64::MAX), 1),
+            (5_000, Basis::Implausible)
+        );
+        assert_eq!(settle(usage(128_001, 1), 1), (5_000, Basis::Implausible));
+        assert_eq!(settle(usage(1, 16_385), 1), (5_000, Basis::Implausible));
+        // Two choices may each reach the output limit.
+        assert_eq!(settle(usage(1, 32_768), 2).1, Basis::Reported);
+        // A model with no known limits: the configured ceiling.
+        let unknown = Price::per_million(1.0, 2.0, 1.0);
+        assert!(plausible(
+            &usage(9_000_000, 9_000_000),
+            &unknown,
+            1,
+            10_000_000
+        ));
+        assert!(!plausible(&usage(10_000_001, 0), &unknown, 1, 10_000_000));
+    }
 
     #[test]
     fn estimates_bound_the_completion_by_request_then_model_then_cap() {

@@ -81,6 +81,13 @@ pub fn encode(
     let _ = writeln!(out, "aura_usage_missing_total {}", s.usage_missing);
     header(
         &mut out,
+        "aura_usage_implausible_total",
+        "counter",
+        "Answers whose usage was beyond what the model can do (more tokens than its context or output limit, or max_usage_tokens): billed their reservation, their tokens not counted.",
+    );
+    let _ = writeln!(out, "aura_usage_implausible_total {}", s.usage_implausible);
+    header(
+        &mut out,
         "aura_cost_dollars_total",
         "counter",
         "What requests were billed, in dollars.",
@@ -323,6 +330,7 @@ mod tests {
                 to_upstream: None,
                 usage: None,
                 usage_missing: us == 2_000,
+                usage_implausible: false,
                 cost_nano: 1_500_000_000,
                 default_price: us == 3,
                 billed: (us == 40).then_some((KeyId::of("sk-prom-a"), Some(&mini))),
@@ -336,6 +344,7 @@ mod tests {
             to_upstream: None,
             usage: None,
             usage_missing: false,
+            usage_implausible: false,
             cost_nano: 250_000_000,
             default_price: true,
             billed: Some((KeyId::of("sk-prom-b"), None)),

@@ -4,6 +4,7 @@
 use serde::Deserialize;
 
 use crate::budget::Reservation;
+use crate::pricing::Price;
 
 /// The fields of a pass-through request body that bound its cost.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +63,11 @@ pub fn bounds_of(body: &[u8]) -> Bounds {
 pub struct Bill<'s> {
     pub reservation: Reservation<'s>,
     pub request_bytes: u64,
+    /// `n` of the request.
+    pub choices: u64,
+    /// The model asked for (the answer may name another), and the price it reserved at.
+    pub requested: Option<String>,
+    pub reserved_at: Price,
 }
 
 #[cfg(test)]
