@@ -141,6 +141,16 @@ impl Valkey {
         }
     }
 
+    /// Kills the server (SIGKILL: no shutdown, no last write); its append-only file, written
+    /// with `appendfsync always`, keeps every write it acknowledged.
+    pub fn kill(&mut self) {
+        *self.reader.lock().unwrap() = None;
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Stops the server, deletes everything it kept on disk, and starts it again: a store that
     /// restarted without persistence.
     pub fn restart_empty(&mut self) {
