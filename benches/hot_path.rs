@@ -173,6 +173,7 @@ fn metrics(c: &mut Criterion) {
         prompt_tokens: 30,
         completion_tokens: 20,
         cached_prompt_tokens: 0,
+        ..aura::usage::Usage::default()
     };
     let key = aura::auth::KeyId::of("sk-bench-metrics-key-0001");
     let model: std::sync::Arc<str> = std::sync::Arc::from("gpt-4o-mini");
@@ -308,6 +309,7 @@ fn budget(c: &mut Criterion) {
         prompt_tokens: 60,
         completion_tokens: 20,
         cached_prompt_tokens: 0,
+        ..aura::usage::Usage::default()
     };
     group.bench_function("price_lookup_dated_name_and_cost", |b| {
         b.iter(|| {

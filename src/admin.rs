@@ -92,11 +92,13 @@ impl Admin<'_> {
             (&Method::POST, [id, "reset"]) => {
                 let id = self.resolve(id).await?.ok_or_else(not_found)?;
                 let account = self.ledger.admin_call(move |s| s.reset(id)).await?;
+                self.ledger.forget_known(id);
                 (StatusCode::OK, self.show(id, &account))
             }
             (&Method::DELETE, [id]) => {
                 let id = self.resolve(id).await?.ok_or_else(not_found)?;
                 self.ledger.admin_call(move |s| s.remove(id)).await?;
+                self.ledger.forget_known(id);
                 (
                     StatusCode::OK,
                     json!({ "key_id": id.to_string(), "deleted": true }),

@@ -413,6 +413,7 @@ mod tests {
             prompt_tokens: 10,
             completion_tokens: 5,
             cached_prompt_tokens: 0,
+            ..Usage::default()
         };
         for i in 0..MAX_KEY_SERIES + 5 {
             let key = KeyId::of(&format!("sk-series-{i}"));
@@ -463,6 +464,7 @@ mod tests {
             prompt_tokens: 7,
             completion_tokens: 5,
             cached_prompt_tokens: 2,
+            ..Usage::default()
         };
         b.record(&Record {
             usage: Some(&usage),

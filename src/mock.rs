@@ -34,6 +34,9 @@ pub const STATUS_HEADER: &str = "x-mock-status";
 pub const RESET_AFTER_HEADER: &str = "x-mock-reset-after";
 /// `1`: ignore `stream_options`, like a provider that does not honour it.
 pub const NO_USAGE_HEADER: &str = "x-mock-no-usage";
+/// Streaming: milliseconds between the last event (`[DONE]`) and the body's end (an upstream
+/// that ends its chunked body late: its client already has the whole answer).
+pub const END_DELAY_MS_HEADER: &str = "x-mock-end-delay-ms";
 /// Chat completions: answer as this model (an upstream that serves another model than asked).
 pub const MODEL_HEADER: &str = "x-mock-model";
 /// Chat completions: report `PROMPT,COMPLETION` tokens, whatever was sent (a lying upstream).
@@ -230,6 +233,8 @@ struct Control {
     model: Option<String>,
     /// (prompt, completion) tokens to report instead of the real counts.
     usage: Option<(u64, u64)>,
+    /// Before the body's last chunk.
+    end_delay: Duration,
 }
 
 impl Control {
@@ -258,6 +263,7 @@ impl Control {
             honour_stream_options: options.honour_stream_options && !no_usage,
             model: text(MODEL_HEADER).map(|m| Value::String(m.to_string()).to_string()),
             usage,
+            end_delay: number(END_DELAY_MS_HEADER).map_or(Duration::ZERO, Duration::from_millis),
         }
     }
 }
@@ -469,6 +475,7 @@ async fn write_stream<S: AsyncWriteRent>(
     if control.reset_after == Some(events.len()) {
         return Persist::Close;
     }
+    sleep(control.end_delay).await;
     out.clear();
     out.extend_from_slice(LAST_CHUNK);
     match net::write_all(client, out).await.0 {

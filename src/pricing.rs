@@ -25,6 +25,33 @@ pub struct Price {
     pub max_output_tokens: Option<u64>,
     /// The model's context window: a usage reporting more prompt tokens is not believed.
     pub max_input_tokens: Option<u64>,
+    /// Prices of what is not text tokens (images, audio, characters, seconds).
+    pub units: Units,
+}
+
+/// What a model charges beyond text tokens; none set for a text model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Units {
+    /// An image or audio input token (the part of the prompt a usage reports as
+    /// `image_tokens` / `audio_tokens`); none: the text input price.
+    pub media_input_pico: Option<u64>,
+    /// One image generated, for models whose answers carry no usage.
+    pub per_image_nano: Option<u64>,
+    /// One character of text to speech.
+    pub per_character_pico: Option<u64>,
+    /// One second of audio (transcriptions whose usage is a duration).
+    pub per_second_pico: Option<u64>,
+}
+
+impl Units {
+    fn max(self, other: Units) -> Units {
+        Units {
+            media_input_pico: self.media_input_pico.max(other.media_input_pico),
+            per_image_nano: self.per_image_nano.max(other.per_image_nano),
+            per_character_pico: self.per_character_pico.max(other.per_character_pico),
+            per_second_pico: self.per_second_pico.max(other.per_second_pico),
+        }
+    }
 }
 
 impl Price {
@@ -36,6 +63,7 @@ impl Price {
             cached_input_pico: dollars_per_million_to_pico(cached_input),
             max_output_tokens: None,
             max_input_tokens: None,
+            units: Units::default(),
         }
     }
 
@@ -54,23 +82,46 @@ impl Price {
             cached_input_pico: self.cached_input_pico.max(other.cached_input_pico),
             max_output_tokens: self.max_output_tokens.max(other.max_output_tokens),
             max_input_tokens: self.max_input_tokens.max(other.max_input_tokens),
+            units: self.units.max(other.units),
         }
     }
 
-    /// The cost of `usage`, in nano-dollars, rounded up.
-    pub fn cost_nano(&self, usage: &Usage) -> u64 {
+    /// The price of an image or audio input token.
+    fn media_input_pico(&self) -> u64 {
+        self.units.media_input_pico.unwrap_or(self.input_pico)
+    }
+
+    /// The cost of `usage`, in nano-dollars, rounded up; none when it counts something this
+    /// price has no price for (seconds of audio without a per-second price).
+    pub fn cost_nano(&self, usage: &Usage) -> Option<u64> {
+        let seconds = match (usage.seconds, self.units.per_second_pico) {
+            (0, _) => 0,
+            (s, Some(per_second)) => u128::from(s) * u128::from(per_second),
+            (_, None) => return None,
+        };
         let cached = usage.cached_prompt_tokens.min(usage.prompt_tokens);
-        let pico = u128::from(usage.prompt_tokens - cached) * u128::from(self.input_pico)
+        let media = usage.media_prompt_tokens.min(usage.prompt_tokens - cached);
+        let text = usage.prompt_tokens - cached - media;
+        let pico = u128::from(text) * u128::from(self.input_pico)
+            + u128::from(media) * u128::from(self.media_input_pico())
             + u128::from(cached) * u128::from(self.cached_input_pico)
-            + u128::from(usage.completion_tokens) * u128::from(self.output_pico);
+            + u128::from(usage.completion_tokens) * u128::from(self.output_pico)
+            + seconds;
+        Some(pico_to_nano_up(pico))
+    }
+
+    /// The most `prompt_tokens` in and `completion_tokens` out can cost (no cache discount;
+    /// prompt tokens at the dearer of the text and media input prices).
+    pub fn upper_bound_nano(&self, prompt_tokens: u64, completion_tokens: u64) -> u64 {
+        let input = self.input_pico.max(self.media_input_pico());
+        let pico = u128::from(prompt_tokens) * u128::from(input)
+            + u128::from(completion_tokens) * u128::from(self.output_pico);
         pico_to_nano_up(pico)
     }
 
-    /// The most `prompt_tokens` in and `completion_tokens` out can cost (no cache discount).
-    pub fn upper_bound_nano(&self, prompt_tokens: u64, completion_tokens: u64) -> u64 {
-        let pico = u128::from(prompt_tokens) * u128::from(self.input_pico)
-            + u128::from(completion_tokens) * u128::from(self.output_pico);
-        pico_to_nano_up(pico)
+    /// `count` of something priced in pico-dollars each, in nano-dollars rounded up.
+    pub fn units_nano(count: u64, pico_each: u64) -> u64 {
+        pico_to_nano_up(u128::from(count) * u128::from(pico_each))
     }
 }
 
@@ -78,7 +129,7 @@ fn pico_to_nano_up(pico: u128) -> u64 {
     u64::try_from(pico.div_ceil(PICO_PER_NANO)).unwrap_or(u64::MAX)
 }
 
-fn dollars_to_pico(dollars: f64) -> u64 {
+pub fn dollars_to_pico(dollars: f64) -> u64 {
     // `as` saturates: NaN → 0, negative → 0 (rejected by callers before), huge → u64::MAX.
     (dollars * 1e12).round() as u64
 }
@@ -174,16 +225,43 @@ const BUILTIN: &[(&str, f64, f64, f64, u64, u64)] = &[
     ("mixtral-8x7b-32768", 0.24, 0.24, 0.24, 32_768, 32_768),
 ];
 
+/// Aura's own prices of image and audio models (2026), in dollars: per million text input,
+/// image or audio input and output tokens, per image, per million characters, per minute of
+/// audio (0: none).
+const BUILTIN_MEDIA: &[(&str, f64, f64, f64, f64, f64, f64)] = &[
+    ("gpt-image-1", 5.00, 10.00, 40.00, 0.0, 0.0, 0.0),
+    ("gpt-image-1-mini", 2.00, 2.50, 8.00, 0.0, 0.0, 0.0),
+    ("gpt-image-1.5", 5.00, 8.00, 32.00, 0.0, 0.0, 0.0),
+    ("tts-1", 0.0, 0.0, 0.0, 0.0, 15.00, 0.0),
+    ("tts-1-hd", 0.0, 0.0, 0.0, 0.0, 30.00, 0.0),
+    ("whisper-1", 0.0, 0.0, 0.0, 0.0, 0.0, 0.006),
+    ("gpt-4o-transcribe", 2.50, 6.00, 10.00, 0.0, 0.0, 0.006),
+    ("gpt-4o-mini-transcribe", 1.25, 3.00, 5.00, 0.0, 0.0, 0.003),
+];
+
 impl PriceTable {
     /// The built-in table, with `default` for models not in it.
     pub fn builtin(default: Price) -> PriceTable {
-        let by_name = BUILTIN
+        let text = BUILTIN
             .iter()
             .map(|&(name, input, output, cached, max_in, max_out)| {
                 let price = Price::per_million(input, output, cached).with_limits(max_in, max_out);
                 (Arc::from(name), price)
-            })
-            .collect();
+            });
+        let media = BUILTIN_MEDIA.iter().map(
+            |&(name, input, media, output, per_image, per_million_chars, per_minute)| {
+                let mut price = Price::per_million(input, output, input);
+                let some = |v: f64| (v > 0.0).then_some(v);
+                price.units = Units {
+                    media_input_pico: some(media).map(dollars_per_million_to_pico),
+                    per_image_nano: some(per_image).map(dollars_to_nano),
+                    per_character_pico: some(per_million_chars).map(dollars_per_million_to_pico),
+                    per_second_pico: some(per_minute).map(|m| dollars_to_pico(m / 60.0)),
+                };
+                (Arc::from(name), price)
+            },
+        );
+        let by_name = text.chain(media).collect();
         PriceTable {
             by_name,
             default,
@@ -281,7 +359,18 @@ impl PriceTable {
                 cost("input_cost_per_token")?,
                 cost("output_cost_per_token")?,
             );
-            if input.is_none() && output.is_none() {
+            let media = cost("input_cost_per_image_token")?.or(cost("input_cost_per_audio_token")?);
+            // gpt-image lists its per-image price as an input cost, DALL·E as an output one.
+            let per_image = cost("output_cost_per_image")?.or(cost("input_cost_per_image")?);
+            let per_character = cost("input_cost_per_character")?;
+            let per_second = cost("input_cost_per_second")?;
+            let units = Units {
+                media_input_pico: media.map(dollars_to_pico),
+                per_image_nano: per_image.map(dollars_to_nano),
+                per_character_pico: per_character.map(dollars_to_pico),
+                per_second_pico: per_second.map(dollars_to_pico),
+            };
+            if input.is_none() && output.is_none() && units == Units::default() {
                 continue;
             }
             let input = input.unwrap_or(0.0);
@@ -297,6 +386,7 @@ impl PriceTable {
                 max_input_tokens: spec
                     .get("max_input_tokens")
                     .and_then(serde_json::Value::as_u64),
+                units,
             };
             added.push((name.clone(), price));
         }
@@ -344,6 +434,7 @@ mod tests {
             prompt_tokens: prompt,
             completion_tokens: completion,
             cached_prompt_tokens: cached,
+            ..Usage::default()
         }
     }
 
@@ -356,7 +447,7 @@ mod tests {
         let gpt4o = Price::per_million(2.50, 10.00, 1.25);
         // 1000 prompt (200 cached) and 500 completion tokens, per token 2.5e6, 1.25e6 and 1e7
         // pico: 800 × 2.5e6 + 200 × 1.25e6 + 500 × 1e7 = 7.25e9 pico = 7_250_000 nano ($0.00725).
-        assert_eq!(gpt4o.cost_nano(&usage(1000, 500, 200)), 7_250_000);
+        assert_eq!(gpt4o.cost_nano(&usage(1000, 500, 200)), Some(7_250_000));
         // A token priced below a nano-dollar (20 pico) still costs 1 nano-dollar, never 0.
         let tiny = Price {
             input_pico: 20,
@@ -364,13 +455,39 @@ mod tests {
             cached_input_pico: 20,
             max_output_tokens: None,
             max_input_tokens: None,
+            units: Units::default(),
         };
-        assert_eq!(tiny.cost_nano(&usage(1, 0, 0)), 1);
-        assert_eq!(tiny.cost_nano(&usage(0, 0, 0)), 0);
+        assert_eq!(tiny.cost_nano(&usage(1, 0, 0)), Some(1));
+        assert_eq!(tiny.cost_nano(&usage(0, 0, 0)), Some(0));
         // A cached count above the prompt count (a bad upstream) is capped, never underflows.
-        assert_eq!(gpt4o.cost_nano(&usage(10, 0, 50)), 12_500);
+        assert_eq!(gpt4o.cost_nano(&usage(10, 0, 50)), Some(12_500));
         assert_eq!(gpt4o.upper_bound_nano(1000, 500), 7_500_000);
         assert_eq!(gpt4o.upper_bound_nano(u64::MAX, u64::MAX), u64::MAX);
+    }
+
+    #[test]
+    fn images_audio_and_characters_have_their_own_prices() {
+        let table = PriceTable::builtin(default_price());
+        let (image, _) = table.lookup("gpt-image-1");
+        // 50 text and 100 image input tokens, 4160 image output tokens: 50 × 5e6 + 100 × 1e7
+        // + 4160 × 4e7 pico.
+        let usage = Usage {
+            prompt_tokens: 150,
+            completion_tokens: 4_160,
+            media_prompt_tokens: 100,
+            ..Usage::default()
+        };
+        assert_eq!(image.cost_nano(&usage), Some(167_650_000));
+        let (whisper, _) = table.lookup("whisper-1");
+        let minute = Usage {
+            seconds: 60,
+            ..Usage::default()
+        };
+        assert_eq!(whisper.cost_nano(&minute), Some(6_000_000));
+        // Seconds a model has no price for: not priced (never free).
+        assert_eq!(image.cost_nano(&minute), None);
+        let (tts, _) = table.lookup("tts-1");
+        assert_eq!(tts.units.per_character_pico, Some(15_000_000));
     }
 
     #[test]
@@ -431,6 +548,10 @@ mod tests {
             "groq/llama3-8b-8192": {"input_cost_per_token": 5e-08, "output_cost_per_token": 8e-08,
                                     "max_tokens": 8192},
             "dall-e-3": {"mode": "image_generation", "output_cost_per_image": 0.04},
+            "tts-1": {"mode": "audio_speech", "input_cost_per_character": 1.5e-05},
+            "whisper-1": {"mode": "audio_transcription", "input_cost_per_second": 0.0001},
+            "gpt-image-1": {"input_cost_per_token": 5e-06, "input_cost_per_image_token": 1e-05,
+                            "output_cost_per_token": 4e-05},
             "text-embedding-3-small": {"input_cost_per_token": 2e-08, "mode": "embedding"}
         }"#;
         let mut table = PriceTable {
@@ -438,7 +559,7 @@ mod tests {
             default: default_price(),
             ceilings: HashMap::new(),
         };
-        assert_eq!(table.merge_litellm(json).unwrap(), 3);
+        assert_eq!(table.merge_litellm(json).unwrap(), 7);
         let (gpt4o, how) = table.lookup("gpt-4o-2024-08-06");
         assert_eq!(how, Match::Base);
         assert_eq!(
@@ -449,6 +570,7 @@ mod tests {
                 cached_input_pico: 1_250_000,
                 max_output_tokens: Some(16_384),
                 max_input_tokens: None,
+                units: Units::default(),
             }
         );
         let (groq, how) = table.lookup("llama3-8b-8192");
@@ -462,7 +584,12 @@ mod tests {
             (embed.input_pico, embed.cached_input_pico),
             (20_000, 20_000)
         );
-        assert_eq!(table.lookup("dall-e-3").1, Match::Default);
+        // Prices that are not per text token: per image, per character, per second, media input.
+        let unit = |m: &str| table.lookup(m).0.units;
+        assert_eq!(unit("dall-e-3").per_image_nano, Some(40_000_000));
+        assert_eq!(unit("tts-1").per_character_pico, Some(15_000_000));
+        assert_eq!(unit("whisper-1").per_second_pico, Some(100_000_000));
+        assert_eq!(unit("gpt-image-1").media_input_pico, Some(10_000_000));
     }
 
     #[test]

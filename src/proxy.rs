@@ -114,6 +114,18 @@ pub struct Proxy {
 /// Models whose answer price a worker remembers (bounded: model names come from clients).
 const MAX_LEARNED_MODELS: usize = 256;
 
+/// What a request reserves, and what its bill needs.
+struct Admission {
+    estimate: u64,
+    /// The model asked for.
+    model: Option<String>,
+    choices: u64,
+    /// The price it reserves at.
+    price: Price,
+    /// What a successful answer costs whatever it says (text to speech).
+    fixed: Option<u64>,
+}
+
 /// Everything settle needs to know about one request. `'p` is the proxy's: a reservation
 /// borrows its worker's budget shard.
 struct Outcome<'p> {
@@ -241,44 +253,93 @@ impl Proxy {
     async fn admit<'p>(
         &'p self,
         request: &Request,
+        admission: Admission,
+        outcome: &mut Outcome<'p>,
+    ) -> Result<(), Error> {
+        let key = self.authorize(request, outcome)?;
+        let reservation = self.budget.reserve(key, admission.estimate).await.map_err(
+            |refusal| match refusal {
+                Refusal::Denied {
+                    remaining_nano,
+                    estimate_nano,
+                } => Error::BudgetExhausted {
+                    remaining_nano,
+                    estimate_nano,
+                },
+                Refusal::Unavailable => Error::StoreUnavailable,
+            },
+        )?;
+        outcome.bill = Some(Bill {
+            reservation,
+            request_bytes: request.body.len() as u64,
+            choices: admission.choices,
+            requested: admission.model,
+            reserved_at: admission.price,
+            fixed: admission.fixed,
+        });
+        Ok(())
+    }
+
+    /// What a request billed by its usage reserves: every body byte a prompt token, each
+    /// choice up to `max_tokens` (else the model's output limit).
+    fn usage_admission(
+        &self,
+        request: &Request,
         kind: Billable,
         model: Option<&str>,
         max_tokens: Option<u64>,
         choices: u64,
-        outcome: &mut Outcome<'p>,
-    ) -> Result<(), Error> {
-        let key = self.authorize(request, outcome)?;
+    ) -> Admission {
         let price = self.reserving(model.unwrap_or(""));
-        let estimate = estimate::upper_estimate(
-            &price,
-            kind,
-            request.body.len(),
-            max_tokens,
+        Admission {
+            estimate: estimate::upper_estimate(
+                &price,
+                kind,
+                request.body.len(),
+                max_tokens,
+                choices,
+                self.default_max_output_tokens,
+            ),
+            model: model.map(str::to_owned),
             choices,
-            self.default_max_output_tokens,
-        );
-        let reservation =
-            self.budget
-                .reserve(key, estimate)
-                .await
-                .map_err(|refusal| match refusal {
-                    Refusal::Denied {
-                        remaining_nano,
-                        estimate_nano,
-                    } => Error::BudgetExhausted {
-                        remaining_nano,
-                        estimate_nano,
-                    },
-                    Refusal::Unavailable => Error::StoreUnavailable,
-                })?;
-        outcome.bill = Some(Bill {
-            reservation,
-            request_bytes: request.body.len() as u64,
-            choices,
-            requested: model.map(str::to_owned),
-            reserved_at: price,
-        });
-        Ok(())
+            price,
+            fixed: None,
+        }
+    }
+
+    /// What an images, speech or transcription request reserves; none when Aura cannot price
+    /// it (text to speech by a model without a price per character).
+    fn media_admission(&self, billing: Billing, request: &Request) -> Option<Admission> {
+        let content_type = request
+            .head
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok());
+        let bounds = billing::media_bounds(content_type, &request.body);
+        let price = self.reserving(bounds.model.as_deref().unwrap_or(""));
+        let bytes = request.body.len();
+        let (estimate, fixed) = match billing {
+            Billing::Images => (
+                estimate::images_estimate(&price, bytes, bounds.images),
+                None,
+            ),
+            Billing::Speech => {
+                let cost = estimate::speech_cost(&price, bounds.characters)?;
+                (cost, Some(cost))
+            }
+            Billing::Transcription => (
+                estimate::transcription_estimate(&price, bytes, self.default_max_output_tokens),
+                None,
+            ),
+            Billing::Chat | Billing::Usage(_) | Billing::Free | Billing::Unpriced => return None,
+        };
+        Some(Admission {
+            estimate,
+            model: bounds.model,
+            choices: bounds.images,
+            price,
+            fixed,
+        })
     }
 
     /// The price a request for `model` reserves at: the most its dated variants cost, or
@@ -398,17 +459,14 @@ impl Proxy {
             }
         };
         let chat = rewrite.request;
-        if let Err(e) = self
-            .admit(
-                &request,
-                Billable::Generates,
-                chat.model.as_deref(),
-                chat.max_tokens,
-                chat.choices,
-                outcome,
-            )
-            .await
-        {
+        let admission = self.usage_admission(
+            &request,
+            Billable::Generates,
+            chat.model.as_deref(),
+            chat.max_tokens,
+            chat.choices,
+        );
+        if let Err(e) = self.admit(&request, admission, outcome).await {
             return self.fail(client, e, keep_alive, outcome).await;
         }
         outcome.model = chat.model;
@@ -768,6 +826,7 @@ impl Proxy {
             request_bytes: bill.request_bytes,
             choices: bill.choices,
             ceiling: self.max_usage_tokens,
+            fixed: bill.fixed,
         };
         let answer = estimate::Answer {
             usage: outcome.usage.as_ref(),
@@ -813,47 +872,73 @@ impl Proxy {
         outcome: &mut Outcome<'p>,
         started: Instant,
     ) -> Persist {
+        let virtual_key = self.directory.mode() == KeyMode::Virtual;
         let admitted = match billing {
             Billing::Usage(kind) => {
                 let bounds = billing::bounds_of(&request.body);
-                let admitted = self
-                    .admit(
-                        &request,
-                        kind,
-                        bounds.model.as_deref(),
-                        bounds.max_tokens,
-                        bounds.choices,
-                        outcome,
-                    )
-                    .await;
+                let admission = self.usage_admission(
+                    &request,
+                    kind,
+                    bounds.model.as_deref(),
+                    bounds.max_tokens,
+                    bounds.choices,
+                );
+                let admitted = self.admit(&request, admission, outcome).await;
                 outcome.model = bounds.model;
                 admitted
             }
-            // Not priced yet: treated as any route Aura cannot price.
-            Billing::Unpriced | Billing::Images | Billing::Speech | Billing::Transcription
-                if self.directory.mode() == KeyMode::Virtual && !self.allow_unpriced =>
-            {
-                Err(Error::UnpricedRoute(format!(
-                    "{} {}",
-                    request.head.method,
-                    request.head.target.split('?').next().unwrap_or_default()
-                )))
+            Billing::Images | Billing::Speech | Billing::Transcription => {
+                match self.media_admission(billing, &request) {
+                    Some(admission) => {
+                        let model = admission.model.clone();
+                        let admitted = self.admit(&request, admission, outcome).await;
+                        outcome.model = model;
+                        admitted
+                    }
+                    None => self.unpriced(&request, outcome, virtual_key),
+                }
             }
-            Billing::Chat
-            | Billing::Free
-            | Billing::Unpriced
-            | Billing::Images
-            | Billing::Speech
-            | Billing::Transcription => match self.directory.mode() {
-                KeyMode::Virtual => self.authorize(&request, outcome).map(|_| ()),
-                KeyMode::Passthrough => auth::single_credential(&request.head.headers).map(|_| ()),
-            },
+            Billing::Unpriced => self.unpriced(&request, outcome, virtual_key),
+            Billing::Chat | Billing::Free => self.forwarded_as_is(&request, outcome, virtual_key),
         };
         if let Err(e) = admitted {
             return self.fail(client, e, keep_alive, outcome).await;
         }
         self.forward(request, keep_alive, client, false, outcome, started)
             .await
+    }
+
+    /// A route that costs money Aura cannot price: refused for a virtual key unless the
+    /// operator allowed such routes; forwarded otherwise (never billed).
+    fn unpriced(
+        &self,
+        request: &Request,
+        outcome: &mut Outcome<'_>,
+        virtual_key: bool,
+    ) -> Result<(), Error> {
+        if virtual_key && !self.allow_unpriced {
+            return Err(Error::UnpricedRoute(format!(
+                "{} {}",
+                request.head.method,
+                request.head.target.split('?').next().unwrap_or_default()
+            )));
+        }
+        self.forwarded_as_is(request, outcome, virtual_key)
+    }
+
+    /// Forwarded unbilled: a virtual key is checked and swapped; a passthrough request may
+    /// carry one credential at most.
+    fn forwarded_as_is(
+        &self,
+        request: &Request,
+        outcome: &mut Outcome<'_>,
+        virtual_key: bool,
+    ) -> Result<(), Error> {
+        if virtual_key {
+            self.authorize(request, outcome).map(|_| ())
+        } else {
+            auth::single_credential(&request.head.headers).map(|_| ())
+        }
     }
 
     /// `/admin/keys…`: 404 unless an admin token is configured.

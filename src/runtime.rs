@@ -168,10 +168,14 @@ pub fn start(config: &Config, resolver: Resolver) -> Result<Running, StartError>
         StoreKind::Valkey(valkey) => valkey.node_id.clone(),
         StoreKind::Memory => "local".to_string(),
     };
+    // The clock, and random bits in case it stepped back (a holder name used twice would have
+    // its new ops taken for replays of old ones and skipped).
     let boot = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros());
-    let boot = format!("{boot:x}");
+    let mut random = [0u8; 4];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut random);
+    let boot = format!("{boot:x}{:08x}", u32::from_le_bytes(random));
     let node = format!("{node}/{boot}");
     let (ledger, mut ledgers, journal): (_, Vec<(Ledger, Option<Inbox>)>, _) = match &budgets.store
     {

@@ -355,6 +355,7 @@ mod tests {
             prompt_tokens: p,
             completion_tokens: e["completion"].as_u64().unwrap(),
             cached_prompt_tokens: e["cached"].as_u64().unwrap_or(0),
+            ..Usage::default()
         });
         (usage, e["usage_only_event"].as_bool().unwrap())
     }
@@ -431,6 +432,7 @@ mod tests {
                     prompt_tokens: count("prompt_tokens", "input_tokens").unwrap(),
                     completion_tokens: count("completion_tokens", "output_tokens").unwrap_or(0),
                     cached_prompt_tokens: cached.unwrap_or(0),
+                    ..Usage::default()
                 },
                 model: model.filter(|m| !m.is_empty()).map(str::to_owned),
             });
@@ -562,6 +564,7 @@ mod tests {
             prompt_tokens: p,
             completion_tokens: c,
             cached_prompt_tokens: 0,
+            ..Usage::default()
         })
     }
 

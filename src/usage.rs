@@ -14,6 +14,10 @@ pub struct Usage {
     pub completion_tokens: u64,
     /// The part of `prompt_tokens` served from the provider's prompt cache.
     pub cached_prompt_tokens: u64,
+    /// The part of `prompt_tokens` that is image or audio (`image_tokens`, `audio_tokens`).
+    pub media_prompt_tokens: u64,
+    /// Seconds of audio, for a usage that is a duration (transcriptions).
+    pub seconds: u64,
 }
 
 /// Usage + the `model` field of the same JSON object (the response's model, e.g.
@@ -64,17 +68,35 @@ pub fn from_body_json(json: &mut [u8]) -> Option<Found> {
 /// string counts as absent.
 pub fn from_value(root: &Value) -> Option<Found> {
     let response = root.get("response");
-    let usage = non_null(root.get("usage"))
-        .or_else(|| non_null(root.get("x_groq")?.get("usage")))
-        .or_else(|| non_null(response?.get("usage")))?;
     let model = root
         .get_str("model")
         .or_else(|| response?.get_str("model"))
-        .filter(|m| !m.is_empty());
-    Some(Found {
-        usage: counts(usage)?,
-        model: model.map(str::to_owned),
-    })
+        .filter(|m| !m.is_empty())
+        .map(str::to_owned);
+    let usage = non_null(root.get("usage"))
+        .or_else(|| non_null(root.get("x_groq")?.get("usage")))
+        .or_else(|| non_null(response?.get("usage")));
+    let usage = match usage {
+        Some(usage) => counts(usage)?,
+        // A transcription in `verbose_json` without a usage: its `duration`.
+        None => Usage {
+            seconds: seconds(root.get("duration"))?,
+            ..Usage::default()
+        },
+    };
+    Some(Found { usage, model })
+}
+
+/// Seconds of audio, rounded up: a non-negative number.
+fn seconds(v: Option<&Value>) -> Option<u64> {
+    let v = v?;
+    match v.as_u64() {
+        Some(s) => Some(s),
+        None => v
+            .as_f64()
+            .filter(|s| s.is_finite() && *s >= 0.0 && *s < 1e12)
+            .map(|s| s.ceil() as u64),
+    }
 }
 
 fn non_null<'v, 'de>(v: Option<&'v Value<'de>>) -> Option<&'v Value<'de>> {
@@ -88,6 +110,13 @@ fn counts(usage: &Value) -> Option<Usage> {
     if !usage.is_object() {
         return None;
     }
+    // Transcriptions billed by the second: `{"type":"duration","seconds":9}`.
+    if usage.get_str("type") == Some("duration") {
+        return Some(Usage {
+            seconds: seconds(usage.get("seconds"))?,
+            ..Usage::default()
+        });
+    }
     let (prompt, completion, details) = if usage.contains_key("prompt_tokens") {
         (
             "prompt_tokens",
@@ -97,12 +126,14 @@ fn counts(usage: &Value) -> Option<Usage> {
     } else {
         ("input_tokens", "output_tokens", "input_tokens_details")
     };
+    let detail = |name: &str| optional_count(usage.get(details).and_then(|d| d.get(name)));
     Some(Usage {
         prompt_tokens: usage.get(prompt)?.as_u64()?,
         completion_tokens: optional_count(usage.get(completion))?,
-        cached_prompt_tokens: optional_count(
-            usage.get(details).and_then(|d| d.get("cached_tokens")),
-        )?,
+        cached_prompt_tokens: detail("cached_tokens")?,
+        // Images and transcriptions name the input kinds; chat audio models too.
+        media_prompt_tokens: detail("image_tokens")?.saturating_add(detail("audio_tokens")?),
+        seconds: 0,
     })
 }
 
@@ -126,6 +157,7 @@ mod tests {
             prompt_tokens: p,
             completion_tokens: c,
             cached_prompt_tokens: cached,
+            ..Usage::default()
         }
     }
 

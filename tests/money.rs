@@ -33,6 +33,11 @@ const SMALL: &str =
     r#"{"model":"gpt-4o-mini","max_tokens":50,"messages":[{"role":"user","content":"Say hello"}]}"#;
 
 on_both_drivers!(
+    a_sigkill_after_done_before_the_body_ends_loses_nothing,
+    a_lease_asked_for_by_a_request_cut_by_a_sigkill_is_closed_at_replay,
+    a_retried_refused_key_makes_no_store_loss,
+    a_store_that_lost_one_account_restores_that_one_only,
+    two_nodes_finding_a_loss_at_different_times_count_nothing_twice,
     a_sigkill_under_load_loses_no_spend_its_clients_received,
     a_sigkill_in_an_outage_loses_nothing_and_the_replay_frees_the_dead_nodes_leases,
     a_second_aura_cannot_share_a_journal_directory,
@@ -165,6 +170,208 @@ fn a_sigkill_under_load_loses_no_spend_its_clients_received(driver: Driver) {
         complete,
         &in_flight,
         answered,
+    );
+}
+
+/// Bug: billing waited for the end of the HTTP body, but an SSE client has its whole answer at
+/// `data: [DONE]`; an upstream that ends its body late left a window where a SIGKILL lost it.
+fn a_sigkill_after_done_before_the_body_ends_loses_nothing(driver: Driver) {
+    let mock = start_mock(MockOptions::default());
+    let valkey = Valkey::start();
+    let journal = journal_dir("done-gap", driver);
+    let key = "sk-test-money-done-gap-01";
+    let node = || {
+        on_valkey(&mock, &valkey, driver, &journal, &[])
+            .arg("--node-id")
+            .arg("done-node")
+            .start()
+    };
+    let mut aura = node();
+    let mut client = aura.client();
+    let request = format!(
+        "POST {CHAT} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\nx-mock-end-delay-ms: 5000\r\ncontent-length: {}\r\n\r\n{}",
+        common::STREAM.len(),
+        common::STREAM
+    );
+    client.send(request.as_bytes());
+    // The client has its whole answer; the upstream's body has not ended yet.
+    client.read_until(b"data: [DONE]");
+    aura.kill();
+    let want = mock_spend_from(&mock, 0);
+    let _next = node();
+    wait_until(
+        "the answer's spend replayed",
+        Duration::from_secs(15),
+        || valkey.totals(key).0 == want,
+    );
+}
+
+/// Bug: the Lease record of a worker's first ask started its journal segment and was not
+/// written: a node killed before any spend left that lease open at replay.
+fn a_lease_asked_for_by_a_request_cut_by_a_sigkill_is_closed_at_replay(driver: Driver) {
+    let mock = start_mock(MockOptions::default());
+    let valkey = Valkey::start();
+    let journal = journal_dir("first-lease", driver);
+    let key = "sk-test-money-first-lease-1";
+    let node = || {
+        on_valkey(&mock, &valkey, driver, &journal, &[])
+            .arg("--node-id")
+            .arg("lease-node")
+            .start()
+    };
+    let mut aura = node();
+    let mut client = aura.client();
+    let request = format!(
+        "POST {CHAT} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\nx-mock-chunks: 50\r\nx-mock-delay-ms: 100\r\ncontent-length: {}\r\n\r\n{}",
+        common::STREAM.len(),
+        common::STREAM
+    );
+    client.send(request.as_bytes());
+    client.read_until(b"\n\n");
+    let dead = lease_holders(&valkey, key);
+    assert_eq!(dead.len(), 1, "the request's worker holds a lease");
+    aura.kill();
+    let next = node();
+    scrape_until(&next, |t| sample(t, "aura_ledger_replay_ops") == Some(0.0));
+    assert!(
+        lease_holders(&valkey, key)
+            .iter()
+            .all(|h| !dead.contains(h)),
+        "the dead node's lease was closed at replay, not left to lapse"
+    );
+}
+
+/// Bug: a client retrying a key the upstream refused (401) made the store look as if it had
+/// lost its data, and every key the node knew had its spend counted again.
+fn a_retried_refused_key_makes_no_store_loss(driver: Driver) {
+    let mock = start_mock(MockOptions::default());
+    let valkey = Valkey::start();
+    let journal = journal_dir("retried-401", driver);
+    let aura = on_valkey(&mock, &valkey, driver, &journal, &[])
+        .workers(1)
+        .start();
+    let paying = "sk-test-money-paying-0002";
+    for _ in 0..3 {
+        assert_eq!(post(&aura, paying, CHAT, &[], WHOLE), 200);
+    }
+    let spent = mock_spend_from(&mock, 0);
+    wait_until("spend in the store", Duration::from_secs(10), || {
+        valkey.totals(paying).0 == spent
+    });
+    let refused = "sk-test-money-revoked-0001";
+    for _ in 0..30 {
+        assert_eq!(
+            post(&aura, refused, CHAT, &[("x-mock-status", "401")], WHOLE),
+            401
+        );
+        std::thread::park_timeout(Duration::from_millis(20));
+    }
+    assert_eq!(post(&aura, paying, CHAT, &[], WHOLE), 200);
+    let spent = mock_spend_from(&mock, 0) - mock_spend_from(&mock, 3) + mock_spend_of(&mock, 34);
+    wait_until(
+        "the new spend in the store",
+        Duration::from_secs(10),
+        || valkey.totals(paying).0 == spent,
+    );
+    let text = scrape_until(&aura, |t| sample(t, "aura_store_data_lost_total").is_some());
+    assert_eq!(sample(&text, "aura_store_data_lost_total"), Some(0.0));
+    assert_eq!(valkey.totals(paying).0, spent, "counted once");
+}
+
+/// Bug: a loss found on one account sent every known key its spend floor, and an account that
+/// had kept its data took it on top of its spend: every other key was doubled.
+fn a_store_that_lost_one_account_restores_that_one_only(driver: Driver) {
+    let mock = start_mock(MockOptions::default());
+    let valkey = Valkey::start();
+    let journal = journal_dir("partial-loss", driver);
+    let aura = on_valkey(&mock, &valkey, driver, &journal, &[])
+        .workers(1)
+        .start();
+    let (kept, lost) = ("sk-test-money-kept-00001", "sk-test-money-lost-00001");
+    for key in [kept, kept, lost, lost] {
+        assert_eq!(post(&aura, key, CHAT, &[], SMALL), 200);
+    }
+    let each = mock_spend_of(&mock, 1);
+    wait_until("spend in the store", Duration::from_secs(10), || {
+        valkey.totals(kept).0 == 2 * each && valkey.totals(lost).0 == 2 * each
+    });
+    // One account's hashes go (an eviction, a shard that came back empty).
+    let id = KeyId::of(lost);
+    let mut c = valkey.connection();
+    for suffix in ["", ":lease", ":until", ":seq", ":grant", ":seen"] {
+        redis::cmd("DEL")
+            .arg(format!("aura:{{{id}}}{suffix}"))
+            .query::<()>(&mut c)
+            .unwrap();
+    }
+    assert_eq!(post(&aura, lost, CHAT, &[], SMALL), 200);
+    scrape_until(&aura, |t| {
+        sample(t, "aura_store_data_lost_total").is_some_and(|n| n >= 1.0)
+    });
+    wait_until("the lost account restored", Duration::from_secs(10), || {
+        valkey.totals(lost).0 == 3 * each
+    });
+    // Whatever restores the ledger sent, the account that kept its data took none of them.
+    std::thread::park_timeout(Duration::from_millis(300));
+    assert_eq!(
+        valkey.totals(kept).0,
+        2 * each,
+        "the kept account was not touched"
+    );
+    assert_eq!(valkey.totals(lost).0, 3 * each);
+}
+
+/// Bug: after a store restarted empty, a node that found it late gave back a spend floor that
+/// already held what was spent since the first node restored it: that spend counted twice.
+fn two_nodes_finding_a_loss_at_different_times_count_nothing_twice(driver: Driver) {
+    let mock = start_mock(MockOptions::default());
+    let mut valkey = Valkey::start();
+    let node = |name: &str| {
+        on_valkey(&mock, &valkey, driver, &journal_dir(name, driver), &[])
+            .workers(1)
+            .arg("--node-id")
+            .arg(name)
+            .start()
+    };
+    let (one, two) = (node("loss-one"), node("loss-two"));
+    let (shared, other) = ("sk-test-money-shared-0001", "sk-test-money-other-00001");
+    for aura in [&one, &two, &one, &two] {
+        assert_eq!(post(aura, shared, CHAT, &[], SMALL), 200);
+    }
+    assert_eq!(post(&two, other, CHAT, &[], SMALL), 200);
+    let before = mock_spend_from(&mock, 0) - mock_spend_from(&mock, 4);
+    wait_until("spend in the store", Duration::from_secs(10), || {
+        valkey.totals(shared).0 == before && valkey.totals(other).0 > 0
+    });
+    valkey.restart_empty();
+    // Node one finds the loss at once; node two serves the shared key for a while, then finds
+    // the loss through the other key.
+    for aura in [&one, &one, &two, &two, &two] {
+        assert_eq!(post(aura, shared, CHAT, &[], SMALL), 200);
+    }
+    assert_eq!(post(&two, other, CHAT, &[], SMALL), 200);
+    for aura in [&one, &two] {
+        scrape_until(aura, |t| {
+            sample(t, "aura_store_data_lost_total").is_some_and(|n| n >= 1.0)
+        });
+    }
+    let requests = mock.requests();
+    let shared_spend: u64 = requests
+        .iter()
+        .filter(|r| r.header("authorization") == Some(&format!("Bearer {shared}")))
+        .map(|r| {
+            let (p, c) = mock_usage(r);
+            cost(p, c, MINI_IN, MINI_OUT)
+        })
+        .sum();
+    wait_until("the shared key restored", Duration::from_secs(15), || {
+        valkey.totals(shared).0 >= shared_spend
+    });
+    std::thread::park_timeout(Duration::from_millis(300));
+    assert_eq!(
+        valkey.totals(shared).0,
+        shared_spend,
+        "what the nodes knew plus what was spent since, nothing twice"
     );
 }
 

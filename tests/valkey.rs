@@ -103,11 +103,14 @@ fn a_retried_lease_ask_gets_its_grant_once() {
     let store = store(&valkey, 10_000);
     let key = KeyId::of("sk-valkey-lease");
     let asking = op("node-a/1", 100, key, Settlement::default(), ask(1_000, 2));
-    let granted = store.apply(std::slice::from_ref(&asking)).unwrap()[0];
+    let granted = store
+        .apply(std::slice::from_ref(&asking))
+        .unwrap()
+        .remove(0);
     // 1000 needed + half of the 9000 left.
     assert_eq!(granted.granted, 5_500);
     assert_eq!(granted.account.leased, 5_500);
-    let again = store.apply(&[asking]).unwrap()[0];
+    let again = store.apply(&[asking]).unwrap().remove(0);
     assert_eq!(again.granted, 5_500, "the retry is told its grant");
     assert_eq!(again.account.leased, 5_500, "and nothing more is leased");
     // Spend from the lease and the rest handed back.
@@ -138,7 +141,8 @@ fn leases_across_holders_never_pass_the_limit_and_a_need_is_all_or_nothing() {
                 Settlement::default(),
                 ask(150, 4),
             )])
-            .unwrap()[0];
+            .unwrap()
+            .remove(0);
         leased += answer.granted;
         assert_eq!(answer.account.leased, leased);
         assert!(answer.account.spent + answer.account.leased <= 1_000);
@@ -152,7 +156,8 @@ fn leases_across_holders_never_pass_the_limit_and_a_need_is_all_or_nothing() {
             Settlement::default(),
             ask(1_000 - leased + 1, 4),
         )])
-        .unwrap()[0];
+        .unwrap()
+        .remove(0);
     assert_eq!(refused.granted, 0);
     assert_eq!(refused.account.leased, leased);
 }

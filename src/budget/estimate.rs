@@ -33,11 +33,52 @@ pub fn upper_estimate(
     price.upper_bound_nano(body_bytes as u64, completion)
 }
 
+/// The most output tokens one generated image can take (gpt-image-1 at high quality and its
+/// largest size: 6,240, plus partial images).
+pub const IMAGE_OUTPUT_TOKENS: u64 = 6_600;
+
+/// Audio is never thinner than this (8 kbit/s): an upload's seconds are at most its bytes over
+/// it.
+pub const AUDIO_BYTES_PER_SECOND_MIN: u64 = 1_000;
+
+/// The most `n` images can cost: per image where the model has a per-image price, and in
+/// tokens (every body byte an input token, each image its most output tokens), whichever is more.
+pub fn images_estimate(price: &Price, body_bytes: usize, n: u64) -> u64 {
+    let n = n.max(1);
+    let per_image = price
+        .units
+        .per_image_nano
+        .map_or(0, |each| each.saturating_mul(n));
+    let tokens = price.upper_bound_nano(body_bytes as u64, IMAGE_OUTPUT_TOKENS.saturating_mul(n));
+    per_image.max(tokens)
+}
+
+/// What `characters` of text to speech cost, exactly (none: the model has no such price).
+pub fn speech_cost(price: &Price, characters: u64) -> Option<u64> {
+    let each = price.units.per_character_pico?;
+    Some(Price::units_nano(characters, each))
+}
+
+/// The most a transcription of an upload of `body_bytes` can cost: by the second (at most the
+/// bytes over the thinnest audio) where the model has a per-second price, and in tokens (every
+/// byte an input token, the model's output limit or `cap` out), whichever is more.
+pub fn transcription_estimate(price: &Price, body_bytes: usize, cap: u64) -> u64 {
+    let seconds = (body_bytes as u64).div_ceil(AUDIO_BYTES_PER_SECOND_MIN);
+    let by_time = price
+        .units
+        .per_second_pico
+        .map_or(0, |each| Price::units_nano(seconds, each));
+    let output = price.max_output_tokens.unwrap_or(cap);
+    by_time.max(price.upper_bound_nano(body_bytes as u64, output))
+}
+
 /// How the settled cost was found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Basis {
     /// The usage the upstream reported.
     Reported,
+    /// Known before the answer (text to speech: its characters).
+    Fixed,
     /// No usage in a successful answer: estimated from bytes.
     Estimated,
     /// The usage reported is beyond any the model could have: billed the reservation.
@@ -57,6 +98,8 @@ pub fn plausible(usage: &Usage, price: &Price, choices: u64, ceiling: u64) -> bo
     usage.prompt_tokens <= prompt_max
         && usage.completion_tokens <= completion_max
         && usage.cached_prompt_tokens <= usage.prompt_tokens
+        && usage.media_prompt_tokens <= usage.prompt_tokens
+        && usage.seconds <= ceiling
 }
 
 /// What a request reserved, and what bounds the usage it may report.
@@ -68,6 +111,8 @@ pub struct Reserved {
     pub choices: u64,
     /// The most tokens any usage may report (`max_usage_tokens`).
     pub ceiling: u64,
+    /// What a successful answer costs whatever it says (text to speech).
+    pub fixed: Option<u64>,
 }
 
 /// What came back for a request.
@@ -85,11 +130,18 @@ pub struct Answer<'u> {
 pub fn settle_cost(price: &Price, reserved: &Reserved, answer: &Answer) -> (u64, Basis) {
     match answer.usage {
         Some(u) if plausible(u, price, reserved.choices, reserved.ceiling) => {
-            (price.cost_nano(u), Basis::Reported)
+            match price.cost_nano(u) {
+                Some(cost) => (cost, Basis::Reported),
+                // Seconds of audio and no per-second price: the reservation bounds it.
+                None => (reserved.nano, Basis::Estimated),
+            }
         }
         // An upstream that reports more than the model can do (a bug, or a lie): the
         // reservation, not a cost that would spend the key for ever.
         Some(_) => (reserved.nano, Basis::Implausible),
+        None if answer.succeeded && reserved.fixed.is_some() => {
+            (reserved.fixed.unwrap_or(reserved.nano), Basis::Fixed)
+        }
         // The client left and the rest was not read: the upstream still generates it all, so
         // the whole upper estimate is billed.
         None if answer.abandoned => (reserved.nano, Basis::Estimated),
@@ -97,9 +149,11 @@ pub fn settle_cost(price: &Price, reserved: &Reserved, answer: &Answer) -> (u64,
             let estimate = Usage {
                 prompt_tokens: reserved.request_bytes.div_ceil(BYTES_PER_TOKEN),
                 completion_tokens: answer.response_bytes.div_ceil(BYTES_PER_TOKEN),
-                cached_prompt_tokens: 0,
+                ..Usage::default()
             };
-            let cost = price.cost_nano(&estimate).min(reserved.nano);
+            let cost = price
+                .cost_nano(&estimate)
+                .map_or(reserved.nano, |c| c.min(reserved.nano));
             (cost, Basis::Estimated)
         }
         None => (0, Basis::Failed),
@@ -118,7 +172,7 @@ mod tests {
         let usage = |prompt, completion| Usage {
             prompt_tokens: prompt,
             completion_tokens: completion,
-            cached_prompt_tokens: 0,
+            ..Usage::default()
         };
         let settle = |u: Usage, choices| {
             let reserved = Reserved {
@@ -126,6 +180,7 @@ mod tests {
                 request_bytes: 100,
                 choices,
                 ceiling: 10_000_000,
+                fixed: None,
             };
             let answer = Answer {
                 usage: Some(&u),

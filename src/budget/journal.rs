@@ -55,6 +55,9 @@ pub enum Record {
     },
     /// The holder asked for, or holds, a lease on `key`.
     Lease { key: KeyId },
+    /// The store applied the holder's op `seq` for `key`, and so every record of the key up to
+    /// it: a replay need not (must not, after a store loss) apply them again.
+    Confirmed { seq: u64, key: KeyId },
     /// The snapshot at the head of its segment is complete.
     SnapshotEnd,
 }
@@ -62,6 +65,7 @@ pub enum Record {
 const KIND_SPEND: u8 = 1;
 const KIND_LEASE: u8 = 2;
 const KIND_SNAPSHOT_END: u8 = 3;
+const KIND_CONFIRMED: u8 = 4;
 
 impl Record {
     /// `seq, key, period, nano, kind` then a CRC-32 of the bytes before it: a record a kill or a
@@ -76,6 +80,7 @@ impl Record {
                 nano,
             } => (seq, key.to_bytes(), period, nano, KIND_SPEND),
             Record::Lease { key } => (0, key.to_bytes(), 0, 0, KIND_LEASE),
+            Record::Confirmed { seq, key } => (seq, key.to_bytes(), 0, 0, KIND_CONFIRMED),
             Record::SnapshotEnd => (0, [0; 8], 0, 0, KIND_SNAPSHOT_END),
         };
         out[0..8].copy_from_slice(&seq.to_le_bytes());
@@ -106,6 +111,7 @@ impl Record {
                 nano: word(24)?,
             }),
             KIND_LEASE => Some(Record::Lease { key }),
+            KIND_CONFIRMED => Some(Record::Confirmed { seq: word(0)?, key }),
             KIND_SNAPSHOT_END => Some(Record::SnapshotEnd),
             _ => None,
         }
@@ -227,8 +233,10 @@ pub fn plan_replay(segments: Vec<Segment>, period: u64) -> Replay {
         segments.sort_by_key(|s| s.generation);
         let start = segments.iter().rposition(|s| s.snapshot).unwrap_or(0);
         let holder = Holder::from(holder);
-        // key → seq → spend of that op, and the keys with a lease.
+        // key → seq → spend of that op, and the keys with a lease; per key, the newest op the
+        // store confirmed (everything up to it is applied already).
         let mut spends: BTreeMap<KeyId, BTreeMap<u64, Spend>> = BTreeMap::new();
+        let mut confirmed: BTreeMap<KeyId, u64> = BTreeMap::new();
         for record in segments[start.min(segments.len())..]
             .iter()
             .flat_map(|s| s.records.iter())
@@ -248,7 +256,16 @@ pub fn plan_replay(segments: Vec<Segment>, period: u64) -> Replay {
                 Record::Lease { key } => {
                     spends.entry(key).or_default();
                 }
+                Record::Confirmed { seq, key } => {
+                    let newest = confirmed.entry(key).or_default();
+                    *newest = (*newest).max(seq);
+                }
                 Record::SnapshotEnd => {}
+            }
+        }
+        for (key, ops) in &mut spends {
+            if let Some(&newest) = confirmed.get(key) {
+                ops.retain(|seq, _| *seq > newest);
             }
         }
         for (key, ops) in spends {
@@ -276,6 +293,8 @@ pub struct Journal {
     _lock: File,
     /// This run's segments, for the periodic fdatasync and the final clean-up.
     live: Mutex<Vec<(PathBuf, Arc<File>)>>,
+    /// Segments a snapshot replaced: deleted once the snapshot is on disk (the next sync).
+    superseded: Mutex<Vec<PathBuf>>,
     /// Journal write failures (a full disk): spend then stays in memory only.
     pub errors: std::sync::atomic::AtomicU64,
 }
@@ -327,6 +346,7 @@ impl Journal {
             dir: dir.to_path_buf(),
             _lock: lock,
             live: Mutex::new(Vec::new()),
+            superseded: Mutex::new(Vec::new()),
             errors: std::sync::atomic::AtomicU64::new(0),
         })
     }
@@ -352,18 +372,34 @@ impl Journal {
         }
     }
 
-    /// Flushes every live segment to the disk (the power-loss bound).
+    /// Flushes every live segment to the disk (the power-loss bound), then deletes the
+    /// segments their snapshots replaced: never before the snapshot itself is on disk.
     pub fn sync(&self) {
+        let superseded = std::mem::take(&mut *lock(&self.superseded));
         let files: Vec<Arc<File>> = self.lock_live().iter().map(|(_, f)| f.clone()).collect();
+        let mut synced = true;
         for file in files {
             if let Err(e) = file.sync_data() {
+                synced = false;
                 self.failed(&e, "cannot fsync a journal segment");
             }
+        }
+        if !synced {
+            lock(&self.superseded).extend(superseded);
+            return;
+        }
+        if !superseded.is_empty() {
+            sync_dir(&self.dir);
+            self.remove(&superseded);
         }
     }
 
     /// At a clean shutdown, once the store has everything: this run's segments go.
     pub fn remove_live(&self) {
+        let superseded = std::mem::take(&mut *lock(&self.superseded));
+        for path in superseded {
+            let _ = std::fs::remove_file(path);
+        }
         for (path, _) in self.lock_live().drain(..) {
             let _ = std::fs::remove_file(path);
         }
@@ -393,10 +429,7 @@ impl Journal {
     }
 
     fn lock_live(&self) -> std::sync::MutexGuard<'_, Vec<(PathBuf, Arc<File>)>> {
-        match self.live.lock() {
-            Ok(live) => live,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        lock(&self.live)
     }
 
     fn failed(&self, error: &io::Error, what: &str) {
@@ -407,6 +440,13 @@ impl Journal {
         if n.is_multiple_of(1000) {
             tracing::error!(error = %error, dir = %self.dir.display(), "{what}");
         }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match mutex.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
     }
 }
 
@@ -532,11 +572,13 @@ impl WorkerJournal {
         let mut live = self.journal.lock_live();
         live.push((path, file));
         if let Some(old) = old {
-            // The snapshot is complete and covers everything in the old segment.
+            // The snapshot is complete and covers everything in the old segment, which goes once
+            // the snapshot is on disk (the ledger's next sync): a power loss before then finds
+            // the old segment still there.
             live.retain(|(p, _)| *p != old.path);
             drop(live);
             drop(old.map);
-            std::fs::remove_file(&old.path)?;
+            lock(&self.journal.superseded).push(old.path);
         }
         Ok(())
     }
@@ -639,6 +681,10 @@ mod tests {
         for record in [
             spend(7, 1, 20_000, 123),
             Record::Lease { key: key(2) },
+            Record::Confirmed {
+                seq: 9,
+                key: key(3),
+            },
             Record::SnapshotEnd,
         ] {
             let bytes = record.encode();
@@ -684,8 +730,11 @@ mod tests {
             vec![spend(1, 1, 5, 10), spend(2, 1, 5, 20)]
         );
         assert!(!segments[0].snapshot);
-        // Rotate: the old segment goes, the new one starts with the snapshot.
+        // Rotate: the new segment starts with the snapshot; the old one goes once the snapshot
+        // is on disk.
         assert_eq!(worker.rotate(&[spend(2, 1, 5, 30)]), Appended::Written);
+        assert_eq!(journal.leftovers().unwrap().0.len(), 2);
+        journal.sync();
         let (segments, _) = journal.leftovers().unwrap();
         assert_eq!(segments.len(), 1);
         assert_eq!(
@@ -752,6 +801,38 @@ mod tests {
         want.sort_by_key(|(_, seq, key, _, _)| (*key, *seq));
         assert_eq!(got, want);
         assert!(replay.ops.iter().all(|op| op.period == 6));
+    }
+
+    /// Records the store confirmed are not replayed: after a store that lost its data, they
+    /// would be counted twice (the nodes give that spend back themselves).
+    #[test]
+    fn what_the_store_confirmed_is_not_replayed() {
+        let replay = plan_replay(
+            vec![segment(
+                "n/b/0",
+                1,
+                false,
+                vec![
+                    spend(3, 1, 5, 10),
+                    spend(4, 1, 5, 20),
+                    Record::Confirmed {
+                        seq: 6,
+                        key: key(1),
+                    },
+                    spend(7, 1, 5, 30),
+                    spend(5, 2, 5, 40),
+                ],
+            )],
+            5,
+        );
+        let ops: Vec<(u64, KeyId, u64)> = replay
+            .ops
+            .iter()
+            .map(|op| (op.seq, op.key, op.settle.spent.total()))
+            .collect();
+        assert!(ops.contains(&(7, key(1), 30)));
+        assert!(ops.contains(&(5, key(2), 40)));
+        assert_eq!(ops.len(), 2, "{ops:?}");
     }
 
     #[test]

@@ -30,7 +30,7 @@ use futures_channel::{mpsc as async_mpsc, oneshot};
 use serde::Serialize;
 
 use super::journal::{Journal, Replay};
-use super::op::{period_of, Account, Applied, Holder, Op, PeriodSpend, Restore};
+use super::op::{period_of, Account, Applied, Epoch, Holder, Op, PeriodSpend, Restore};
 use super::store::{Clock, Store, StoreError};
 use crate::auth::KeyId;
 use crate::config::Period;
@@ -93,10 +93,12 @@ pub struct Remote {
 #[derive(Debug, Default)]
 pub struct LastKnown(std::sync::Mutex<HashMap<KeyId, Known>>);
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Known {
     /// As the store last answered.
     account: Account,
+    /// The account's epoch when it answered so.
+    epoch: Option<Epoch>,
     period: u64,
     /// Spend of `period` handed to the ledger and not yet answered.
     on_its_way: u64,
@@ -122,11 +124,15 @@ impl LastKnown {
         })
     }
 
-    /// The store answered an op carrying `carried` of this period's spend.
-    fn set(&self, key: KeyId, account: Account, period: u64, carried: u64, now: Instant) {
+    /// The store answered an op carrying `carried` of this period's spend. Within one epoch of
+    /// the account spend only grows: the largest answer is kept. An answer from a new epoch
+    /// (the store lost the account) replaces what was known only once it shows at least as
+    /// much: until then the old knowledge, and its epoch, are what a restore must give back.
+    fn set(&self, key: KeyId, answer: &Applied, period: u64, carried: u64, now: Instant) {
         let mut map = self.lock();
         let entry = map.entry(key).or_insert(Known {
-            account,
+            account: answer.account,
+            epoch: answer.epoch.clone(),
             period,
             on_its_way: 0,
             at: now,
@@ -135,20 +141,39 @@ impl LastKnown {
             // An op of an older period (a replay) says nothing of the current one.
             return;
         }
-        let (spent, on_its_way) = if entry.period == period {
-            (
-                entry.account.spent.max(account.spent),
-                entry.on_its_way.saturating_sub(carried),
-            )
+        let on_its_way = if entry.period == period {
+            entry.on_its_way.saturating_sub(carried)
         } else {
-            (account.spent, 0)
+            0
+        };
+        let same_epoch = entry.epoch.is_none() || entry.epoch == answer.epoch;
+        let (spent, epoch) = if entry.period != period {
+            (answer.account.spent, answer.epoch.clone())
+        } else if same_epoch {
+            (
+                entry.account.spent.max(answer.account.spent),
+                answer.epoch.clone(),
+            )
+        } else if answer.account.spent >= entry.account.spent {
+            (answer.account.spent, answer.epoch.clone())
+        } else {
+            (entry.account.spent, entry.epoch.clone())
         };
         *entry = Known {
-            account: Account { spent, ..account },
+            account: Account {
+                spent,
+                ..answer.account
+            },
+            epoch,
             period,
             on_its_way,
             at: now,
         };
+    }
+
+    /// Forgets `key` (an admin changed it: what this node heard is no longer so).
+    pub fn forget(&self, key: KeyId) {
+        self.lock().remove(&key);
     }
 
     fn add_spent(&self, key: KeyId, spent: &super::op::Spend, now: Instant) {
@@ -165,11 +190,12 @@ impl LastKnown {
             .retain(|_, k| now.saturating_duration_since(k.at) < age);
     }
 
-    /// Each key's totals as the store last answered them (spend on its way left out).
-    fn confirmed(&self) -> Vec<(KeyId, Account, u64)> {
+    /// Each key's totals as the store last answered them (spend on its way left out), the
+    /// period of that spend, and the epoch it was heard in.
+    fn confirmed(&self) -> Vec<(KeyId, Account, u64, Option<Epoch>)> {
         self.lock()
             .iter()
-            .map(|(k, v)| (*k, v.account, v.period))
+            .map(|(k, v)| (*k, v.account, v.period, v.epoch.clone()))
             .collect()
     }
 }
@@ -298,6 +324,13 @@ impl Ledger {
         match self {
             Ledger::Inline(_) => None,
             Ledger::Remote(remote) => remote.last_known.get(key),
+        }
+    }
+
+    /// Forgets what this node heard of `key` (an admin changed the account).
+    pub fn forget_known(&self, key: KeyId) {
+        if let Ledger::Remote(remote) = self {
+            remote.last_known.forget(key);
         }
     }
 
@@ -797,17 +830,17 @@ impl Thread {
     fn answer(&mut self, queued: Queued, applied: Applied) {
         let now = Instant::now();
         if applied.lost {
+            // Before this answer is taken in: the restores carry what was heard before it.
             self.store_lost_data(now);
-        } else {
-            let carried = queued.op.settle.spent.in_period(queued.op.period);
-            self.last_known.set(
-                queued.op.key,
-                applied.account,
-                queued.op.period,
-                carried,
-                now,
-            );
         }
+        // Replayed spend never counted as on its way.
+        let carried = if queued.replayed {
+            0
+        } else {
+            queued.op.settle.spent.in_period(queued.op.period)
+        };
+        self.last_known
+            .set(queued.op.key, &applied, queued.op.period, carried, now);
         if now.saturating_duration_since(self.pruned_at) >= Duration::from_secs(60) {
             self.pruned_at = now;
             self.last_known.forget_older_than(FORGET_KNOWN_AFTER, now);
@@ -851,9 +884,15 @@ impl Thread {
             "BUDGET STORE LOST ITS DATA (restarted without persistence, or flushed): spend, leases and admin limits were gone; re-establishing what this node knows. Configure Valkey persistence (appendonly yes) to avoid this"
         );
         let period = self.period_now();
-        for (key, account, known_period) in known {
+        for (key, account, known_period, epoch) in known {
+            // Applied only where the account's epoch is no longer the one heard: accounts the
+            // store kept are left as they are.
+            let Some(epoch) = epoch else {
+                continue;
+            };
             self.next_seq += 1;
             let mut op = Op::new(self.holder.clone(), self.next_seq, key, period);
+            op.epoch = Some(epoch);
             op.restore = Some(Restore {
                 held: None,
                 floor: (known_period == period).then_some(PeriodSpend {
@@ -861,7 +900,6 @@ impl Thread {
                     nano: account.spent,
                 }),
                 limit: Some(account.limit),
-                always: true,
             });
             // The thread's own name holds no lease: its ops close nothing that exists.
             op.close = true;
@@ -1086,49 +1124,68 @@ mod tests {
         assert_eq!(left, vec![(5, 10), (7, 0), (9, 50), (10, 3)]);
     }
 
-    #[test]
-    fn what_a_node_last_heard_does_not_shrink_within_a_period() {
-        let known = LastKnown::default();
-        let key = KeyId::of("sk-a");
-        let now = Instant::now();
-        let account = |spent| Account {
-            limit: 100,
-            spent,
-            leased: 0,
-        };
-        known.set(key, account(50), 7, 0, now);
-        // A store that came back empty answers less: the node keeps what it knew.
-        known.set(key, account(3), 7, 0, now);
-        assert_eq!(known.get(key), Some((account(50), 7)));
-        // An older period's answer (a replay) says nothing of the current one.
-        known.set(key, account(99), 6, 0, now);
-        assert_eq!(known.get(key), Some((account(50), 7)));
-        // Spend on its way counts for the failure mode, not as what the store confirmed.
-        known.add_spent(key, &Spend::of(7, 5), now);
-        assert_eq!(known.get(key), Some((account(55), 7)));
-        assert_eq!(known.confirmed(), vec![(key, account(50), 7)]);
-        known.set(key, account(55), 7, 5, now);
-        assert_eq!(known.get(key), Some((account(55), 7)));
-        known.set(key, account(1), 8, 0, now);
-        assert_eq!(known.get(key), Some((account(1), 8)));
+    fn answer(spent: u64, epoch: &str) -> Applied {
+        Applied {
+            account: Account {
+                limit: 100,
+                spent,
+                leased: 0,
+            },
+            epoch: Some(Epoch::from(epoch)),
+            ..Applied::default()
+        }
     }
 
     #[test]
-    fn a_store_that_lost_its_data_gets_back_what_the_node_heard() {
-        let (mut t, _inboxes) = thread(1);
+    fn what_a_node_last_heard_does_not_shrink_within_an_epoch() {
+        let known = LastKnown::default();
         let key = KeyId::of("sk-a");
         let now = Instant::now();
-        t.last_known.set(
-            key,
-            Account {
-                limit: 500,
-                spent: 40,
-                leased: 0,
-            },
-            0,
-            0,
-            now,
+        let seen = |spent| {
+            Some((
+                Account {
+                    limit: 100,
+                    spent,
+                    leased: 0,
+                },
+                7,
+            ))
+        };
+        known.set(key, &answer(50, "e1"), 7, 0, now);
+        known.set(key, &answer(30, "e1"), 7, 0, now);
+        assert_eq!(
+            known.get(key),
+            seen(50),
+            "an answer behind another keeps the larger"
         );
+        // An older period's answer (a replay) says nothing of the current one.
+        known.set(key, &answer(99, "e1"), 6, 0, now);
+        assert_eq!(known.get(key), seen(50));
+        // Spend on its way counts for the failure mode, not as what the store confirmed.
+        known.add_spent(key, &Spend::of(7, 5), now);
+        assert_eq!(known.get(key), seen(55));
+        known.set(key, &answer(55, "e1"), 7, 5, now);
+        assert_eq!(known.get(key), seen(55));
+        // The store lost the account: a smaller answer from the new epoch does not replace
+        // what a restore must give back, and the epoch it was heard in stays with it.
+        known.set(key, &answer(3, "e2"), 7, 0, now);
+        assert_eq!(known.get(key), seen(55));
+        assert_eq!(known.confirmed()[0].3.as_deref(), Some("e1"));
+        // Once the new epoch shows at least as much, it is what is known.
+        known.set(key, &answer(60, "e2"), 7, 0, now);
+        assert_eq!(known.get(key), seen(60));
+        assert_eq!(known.confirmed()[0].3.as_deref(), Some("e2"));
+        known.set(key, &answer(1, "e2"), 8, 0, now);
+        assert_eq!(known.get(key).map(|(a, p)| (a.spent, p)), Some((1, 8)));
+    }
+
+    #[test]
+    fn a_store_that_lost_its_data_gets_back_what_the_node_heard_in_its_epoch() {
+        let (mut t, _inboxes) = thread(1);
+        let now = Instant::now();
+        let mut heard = answer(40, "e1");
+        heard.account.limit = 500;
+        t.last_known.set(KeyId::of("sk-a"), &heard, 0, 0, now);
         t.store_lost_data(now);
         t.store_lost_data(now);
         assert_eq!(
@@ -1137,18 +1194,24 @@ mod tests {
             "one loss, counted once"
         );
         assert_eq!(t.stats.lost_accounts.load(Ordering::Relaxed), 2);
-        let restores: Vec<Option<Restore>> = t.queue.iter().map(|q| q.op.restore).collect();
+        let restores: Vec<(Option<&str>, Option<Restore>)> = t
+            .queue
+            .iter()
+            .map(|q| (q.op.epoch.as_deref(), q.op.restore))
+            .collect();
         assert_eq!(
             restores,
-            vec![Some(Restore {
-                held: None,
-                floor: Some(PeriodSpend {
-                    period: 0,
-                    nano: 40
-                }),
-                limit: Some(500),
-                always: true,
-            })]
+            vec![(
+                Some("e1"),
+                Some(Restore {
+                    held: None,
+                    floor: Some(PeriodSpend {
+                        period: 0,
+                        nano: 40
+                    }),
+                    limit: Some(500),
+                })
+            )]
         );
     }
 }

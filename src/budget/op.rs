@@ -158,26 +158,31 @@ pub struct Ask {
     pub parts: u64,
 }
 
-/// What a holder knows of a key, for a store that lost its data (restarted empty): the store
-/// applies it when it finds it no longer knows the holder (before it grants anything), or
-/// always when `always` is set (a re-establishment after a loss found elsewhere).
+/// An account's incarnation in the store: made when the account is created, the same for as
+/// long as it lives. An account found with another epoch than a holder last heard was lost
+/// (a store restarted empty, flushed, evicted, a cluster shard that came back empty) and made
+/// anew since.
+pub type Epoch = Arc<str>;
+
+/// What a holder knows of a key, for a store that lost it: applied by the store only when the
+/// account's epoch is not the one the holder heard (before it grants anything), so it can never
+/// add to an account that kept its data, nor be counted twice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Restore {
-    /// The holder's lease as the store should count it before this op: set, not added.
+    /// The holder's lease as the store counted it before this op: set, not added.
     pub held: Option<u64>,
-    /// The spend of `floor.period` the holder last heard from the store: the store's spend for
-    /// that period becomes at least this plus what was spent since it came back.
+    /// The spend of `floor.period` the holder heard: the store's spend for that period becomes
+    /// at least this plus what was spent since it came back (the largest floor any holder gives).
     pub floor: Option<PeriodSpend>,
-    /// The limit the store last answered (kept by the store only if it is not the configured one,
-    /// that is, if the admin API had set it).
+    /// The limit the store last answered (kept only if it is not the configured one, that is,
+    /// if the admin API had set it).
     pub limit: Option<u64>,
-    pub always: bool,
 }
 
 /// One holder's change to one key: a settlement, then optionally a lease ask. The store applies
 /// it atomically, and only if `seq` is newer than the last one it applied for this holder and
 /// key, so a retry or a journal replay cannot apply it twice. An empty op renews the holder's
-/// lease. Every op of a holder for a key carries all the spend the holder settled for that key
+/// lease. Every op a holder builds for a key carries all the spend it settled for that key
 /// before it (the journal's replay depends on it: an applied op covers every older record).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Op {
@@ -189,16 +194,16 @@ pub struct Op {
     pub period: u64,
     pub settle: Settlement,
     pub ask: Option<Ask>,
-    /// The store has applied an op of this holder for this key before; a store that has no
-    /// trace of it lost its data.
-    pub known: bool,
+    /// The account's epoch as the holder last heard it (none: it has not heard of it).
+    pub epoch: Option<Epoch>,
+    /// What the holder knows, for an account found with another epoch.
+    pub restore: Option<Restore>,
     /// The holder is gone after this op (a journal replay, a worker's last flush): the store
     /// drops whatever lease it still counts for it, applied or not, and never re-arms it.
     pub close: bool,
     /// The key was refused by the upstream (401/403): the store forgets the account if nothing
     /// is left in it (no spend, no admin limit, no lease).
     pub forget: bool,
-    pub restore: Option<Restore>,
 }
 
 impl Op {
@@ -211,16 +216,16 @@ impl Op {
             period,
             settle: Settlement::default(),
             ask: None,
-            known: false,
+            epoch: None,
+            restore: None,
             close: false,
             forget: false,
-            restore: None,
         }
     }
 }
 
 /// What an op did: the lease granted (0 when the need was not there) and the key's new totals.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Applied {
     pub granted: u64,
     /// In the op's period.
@@ -228,8 +233,10 @@ pub struct Applied {
     /// A worker was refused a lease lately while others held the key's budget: holders should
     /// hand back what they are not using (so the last dollars are not stranded in busy workers).
     pub squeezed: bool,
-    /// The op was `known`, but the store had no trace of its holder for the key: it lost its
-    /// data (restarted empty, flushed) and holders must re-establish what they know.
+    /// The account's epoch after the op (none: it is gone, forgotten by this op).
+    pub epoch: Option<Epoch>,
+    /// The op's epoch was not the account's: the store had lost the account and made it anew;
+    /// what the holder knew was restored.
     pub lost: bool,
 }
 
@@ -244,6 +251,29 @@ pub fn period_of(period: Period, unix_secs: u64) -> u64 {
             year * 12 + month
         }
     }
+}
+
+/// When period `p` begins, in unix seconds (0 for spend that has no period).
+pub fn period_start(period: Period, p: u64) -> u64 {
+    match period {
+        Period::Never => 0,
+        Period::Daily => p * 86_400,
+        Period::Monthly => {
+            let (year, month) = ((p - 1) / 12, (p - 1) % 12 + 1);
+            days_from_civil(year, month, 1) * 86_400
+        }
+    }
+}
+
+/// Days since 1970-01-01 of a date (Howard Hinnant's days_from_civil).
+fn days_from_civil(year: u64, month: u64, day: u64) -> u64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year / 400;
+    let yoe = year - era * 400;
+    let mp = if month > 2 { month - 3 } else { month + 9 };
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
 /// How a period is shown: `2026-11-30` (a day), `2026-11` (a month), `all` (no period).
@@ -320,6 +350,16 @@ mod tests {
             "2026-02"
         );
         assert_eq!(period_label(Period::Never, 0), "all");
+        // A period begins where the one before it ends.
+        for kind in [Period::Daily, Period::Monthly] {
+            let p = period_of(kind, after);
+            assert_eq!(period_of(kind, period_start(kind, p)), p);
+            assert_eq!(period_of(kind, period_start(kind, p) - 1), p - 1);
+        }
+        assert_eq!(
+            period_start(Period::Daily, period_of(Period::Daily, after)),
+            1_769_904_000
+        );
     }
 
     #[test]

@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 use super::journal::{Appended, Record, WorkerJournal};
 use super::ledger::{Ledger, Reply, Submitted};
 use super::op::{
-    period_of, Account, Applied, Ask, Holder, KeyLimits, Op, PeriodSpend, Restore, Settlement,
-    Spend,
+    period_of, Account, Applied, Ask, Epoch, Holder, KeyLimits, Op, PeriodSpend, Restore,
+    Settlement, Spend,
 };
 use super::store::Clock;
 use crate::auth::{KeyId, KeyIdMap};
@@ -142,8 +142,8 @@ struct Lease {
     known: Option<(Account, u64)>,
     /// Spend of that period handed to the ledger since, not yet answered.
     on_its_way: u64,
-    /// The store has applied an op of this worker for the key.
-    in_store: bool,
+    /// The account's epoch as the store last answered (none: not heard, or forgotten).
+    epoch: Option<Epoch>,
     /// When this worker last sent the store an op for the key (renewals are due from it).
     renewed: Option<Instant>,
     /// When the store last answered an op of this worker for the key, renewing the lease
@@ -153,8 +153,9 @@ struct Lease {
     squeezed: bool,
     /// The upstream refused the key: forget it once its requests are done.
     refused: bool,
-    /// The store lost its data: the next op re-establishes this worker's lease there.
-    restore: bool,
+    /// The store lost data somewhere: the next flush sends this key an op, so the store can
+    /// tell whether it lost this account too (and take back what this worker knows).
+    renew_now: bool,
 }
 
 impl Lease {
@@ -308,7 +309,7 @@ impl Shard {
                             need: estimate - free.min(estimate),
                             parts: self.slice_parts,
                         });
-                        Next::Ask(op)
+                        Next::Ask(Box::new(op))
                     }
                 }
             };
@@ -320,6 +321,7 @@ impl Shard {
                     deadline = None;
                 }
                 Next::Ask(op) => {
+                    let op = *op;
                     // Written down before the ask leaves: a replay closes the lease it may get.
                     self.journal_append(Record::Lease { key });
                     match self.ledger.submit(vec![op.clone()]) {
@@ -468,7 +470,8 @@ impl Shard {
                 // handed back is still this worker's in the store; a request waiting on the
                 // ask gets the failure mode.
                 lease.held = lease.held.saturating_add(op.settle.returned);
-                lease.unconfirmed.retain(|(seq, _)| *seq != op.seq);
+                // Ops merged into it went with it (their spend is in the rejected file too).
+                lease.unconfirmed.retain(|(seq, _)| *seq > op.seq);
                 if lease.asking == Some(op.seq) {
                     lease.asking = None;
                     lease.dropped = Some(op.seq);
@@ -482,8 +485,16 @@ impl Shard {
 
     fn answer(&self, op: Op, applied: Applied) {
         let mut keys = self.keys.borrow_mut();
-        // A grant for a key this shard forgot is held again, and returned when idle.
-        let lease = keys.entry(op.key).or_default();
+        // A grant for a key this shard forgot is held again (and returned when idle); any other
+        // answer for it is about an account this worker no longer follows.
+        let lease = if applied.granted > 0 {
+            keys.entry(op.key).or_default()
+        } else {
+            match keys.get_mut(&op.key) {
+                Some(lease) => lease,
+                None => return,
+            }
+        };
         let carried = match lease.known {
             Some((_, period)) if period == op.period => op.settle.spent.in_period(period),
             _ => 0,
@@ -491,21 +502,28 @@ impl Shard {
         lease.on_its_way = lease.on_its_way.saturating_sub(carried);
         lease.known = Some((applied.account, op.period));
         lease.confirmed = Some(Instant::now());
-        lease.in_store = true;
+        lease.epoch = applied.epoch;
         // Ops of one key are applied in order: this one confirms every older one.
+        let confirmed = lease.unconfirmed.len();
         lease.unconfirmed.retain(|(seq, _)| *seq > op.seq);
         if applied.granted > 0 {
             lease.held += applied.granted;
             lease.last_grant = applied.granted;
         }
         lease.squeezed = applied.squeezed;
-        if applied.lost {
-            lease.restore = true;
-        }
         if op.ask.is_some() && lease.asking == Some(op.seq) {
             lease.asking = None;
             lease.unreachable = false;
             lease.answered = Some((op.seq, applied.granted));
+        }
+        let confirmed_spend = confirmed > lease.unconfirmed.len();
+        drop(keys);
+        if confirmed_spend {
+            // The journal need not carry this spend to a replay any more.
+            self.journal_append(Record::Confirmed {
+                seq: op.seq,
+                key: op.key,
+            });
         }
     }
 
@@ -563,9 +581,9 @@ impl Shard {
         }
     }
 
-    /// Writes `record` to the journal; a full segment is replaced by one that starts with a
-    /// snapshot of everything the store has not confirmed (which covers `record`: the state is
-    /// updated before it is written).
+    /// Writes `record` to the journal. A full segment is replaced by one that starts with a
+    /// snapshot of everything the store has not confirmed: it covers a spend record (the state
+    /// is updated before the record is written); any other record is written after it.
     fn journal_append(&self, record: Record) {
         let Some(journal) = &self.journal else {
             return;
@@ -573,7 +591,12 @@ impl Shard {
         let appended = journal.borrow_mut().append(record);
         if appended == Appended::Full {
             let snapshot = self.snapshot();
-            journal.borrow_mut().rotate(&snapshot);
+            let mut journal = journal.borrow_mut();
+            if journal.rotate(&snapshot) == Appended::Written
+                && !matches!(record, Record::Spend { .. })
+            {
+                journal.append(record);
+            }
         }
     }
 
@@ -605,17 +628,16 @@ impl Shard {
     }
 
     /// The op that carries everything this worker has for `key` now: its pending spend, and
-    /// what it knows of the key for a store that lost its data (applied by the store only
-    /// then, or always when this worker was told the store lost it).
+    /// what it knows of the account, which the store takes back only if it finds it lost the
+    /// account since (another epoch than the one this worker heard).
     fn op_for(&self, key: KeyId, lease: &Lease, seq: u64, period: u64) -> Op {
         let mut op = Op::new(self.holder.clone(), seq, key, period);
         op.settle = lease.pending.clone();
-        op.known = lease.in_store;
-        let always = lease.restore && lease.asking.is_none();
-        if lease.in_store || always {
+        op.epoch = lease.epoch.clone();
+        if op.epoch.is_some() {
             op.restore = Some(Restore {
                 // As the store counts it: what this worker holds plus what it spent from it
-                // since (this op's `from_lease` takes that off again).
+                // since (this op's `from_lease` and `returned` take their part off again).
                 held: Some(lease.held + lease.pending.from_lease),
                 floor: lease
                     .known
@@ -625,7 +647,6 @@ impl Shard {
                         nano: account.spent,
                     }),
                 limit: lease.known.map(|(account, _)| account.limit),
-                always,
             });
         }
         op
@@ -657,48 +678,35 @@ impl Shard {
             let mut ops = Vec::new();
             for (&key, lease) in keys.iter_mut() {
                 if store_lost_data && lease.held > 0 {
-                    lease.restore = true;
+                    lease.renew_now = true;
                 }
-                let idle = lease.idle(now);
-                let forget = lease.refused && lease.in_flight == 0 && !last;
-                let returned = if last || forget || self.lapsing(lease, now) {
-                    lease.held
-                } else if idle || (lease.squeezed && lease.asking.is_none()) {
-                    // (Not while an ask of its own is out: its need counted on the free part.)
-                    lease.free()
-                } else {
-                    0
+                let facts = FlushFacts {
+                    held: lease.held,
+                    free: lease.free(),
+                    idle: lease.idle(now),
+                    lapsing: self.lapsing(lease, now),
+                    squeezed: lease.squeezed,
+                    asking: lease.asking.is_some(),
+                    refused_and_done: lease.refused && lease.in_flight == 0,
+                    low: lease.last_grant > 0 && lease.free() < lease.last_grant / 4,
+                    renew_due: lease.renew_now
+                        || lease
+                            .renewed
+                            .is_none_or(|t| now.saturating_duration_since(t) >= renew_every),
+                    pending: !lease.pending.is_empty(),
                 };
-                let low = lease.last_grant > 0 && lease.free() < lease.last_grant / 4;
-                let ask =
-                    (!idle && !last && !forget && !lease.squeezed && low && lease.asking.is_none())
-                        .then_some(Ask {
-                            need: 0,
-                            parts: self.slice_parts,
-                        });
-                let renew = lease.held > 0
-                    && lease
-                        .renewed
-                        .is_none_or(|t| now.saturating_duration_since(t) >= renew_every);
-                let restore = lease.restore && lease.asking.is_none();
-                let close = last && self.lease_ttl.is_some();
-                if lease.pending.is_empty()
-                    && returned == 0
-                    && ask.is_none()
-                    && !renew
-                    && !restore
-                    && !forget
-                    && !(close && lease.asking.is_some())
-                {
+                let plan = flush_plan(&facts, last, self.lease_ttl.is_some());
+                if !plan.send {
                     continue;
                 }
                 let mut op = self.op_for(key, lease, self.seq(), period);
-                op.settle.returned = returned;
-                op.ask = ask;
-                op.forget = forget;
-                // A worker's last op: whatever the store still counts for it goes back, even a
-                // grant it has not read yet (its ask was applied before this op).
-                op.close = close;
+                op.settle.returned = plan.returned;
+                op.ask = plan.ask.then_some(Ask {
+                    need: 0,
+                    parts: self.slice_parts,
+                });
+                op.forget = plan.forget;
+                op.close = plan.close;
                 ops.push(op);
             }
             ops
@@ -722,7 +730,11 @@ impl Shard {
         }
         self.losses_seen.set(losses);
         self.keys.borrow_mut().retain(|_, lease| {
-            let forgotten = lease.refused && lease.in_flight == 0 && lease.asking.is_none();
+            let forgotten = lease.refused
+                && lease.in_flight == 0
+                && lease.asking.is_none()
+                && lease.held == 0
+                && lease.pending.is_empty();
             let done = lease.idle(now) && lease.held == 0 && lease.pending.is_empty();
             !(forgotten || done) || !lease.unconfirmed.is_empty()
         });
@@ -739,9 +751,7 @@ impl Shard {
                 lease.pending = Settlement::default();
                 lease.held = lease.held.saturating_sub(op.settle.returned);
                 lease.renewed = Some(now);
-                if op.restore.is_some_and(|r| r.always) {
-                    lease.restore = false;
-                }
+                lease.renew_now = false;
                 if journaled && !op.settle.spent.is_empty() {
                     lease.unconfirmed.push((op.seq, op.settle.spent.clone()));
                 }
@@ -787,8 +797,8 @@ impl Shard {
 
 /// What a waiting reservation does next.
 enum Next {
-    /// Send this lease ask.
-    Ask(Op),
+    /// Send this lease ask (boxed: an op is large, and asks are rare).
+    Ask(Box<Op>),
     /// An ask is in flight: wait for its answer.
     Wait,
     /// Refused while other workers hold the budget: wait for them to hand it back, then ask.
@@ -886,6 +896,66 @@ fn next_step(lease: &LeaseView, waiting: &Waiting, rules: Rules) -> Step {
         (None, _) => Step::Ask,
         (Some(_), _) if lease.unreachable || waiting.timed_out => Step::FailureMode,
         (Some(_), _) => Step::Wait,
+    }
+}
+
+/// What a flush knows of one key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct FlushFacts {
+    held: u64,
+    /// Held and not reserved by a request in flight.
+    free: u64,
+    /// No request in flight, no ask out, unused since `IDLE_RETURN`.
+    idle: bool,
+    /// The store has not confirmed the lease for most of its lifetime.
+    lapsing: bool,
+    squeezed: bool,
+    asking: bool,
+    /// The upstream refused the key and its requests are done.
+    refused_and_done: bool,
+    /// Busy, with less than a quarter of the last grant free.
+    low: bool,
+    /// A renewal is due (or the store lost data somewhere and this key should be checked).
+    renew_due: bool,
+    /// Spend settled and not handed over.
+    pending: bool,
+}
+
+/// What a flush sends for one key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct FlushPlan {
+    send: bool,
+    returned: u64,
+    /// A top-up ask (need 0).
+    ask: bool,
+    forget: bool,
+    close: bool,
+}
+
+/// The flush decision, pure. The last flush (`last`, at shutdown) returns everything and, with
+/// a remote store, closes the lease. A key the upstream refused returns everything and is
+/// forgotten. A lease that may have lapsed is handed back whole; an idle one (or a squeezed one
+/// without an ask of its own) its free part. A busy key running low is topped up. A held lease
+/// is renewed when due. An op goes when it carries anything of this.
+fn flush_plan(key: &FlushFacts, last: bool, remote: bool) -> FlushPlan {
+    let forget = key.refused_and_done && !last;
+    let returned = if last || forget || key.lapsing {
+        key.held
+    } else if key.idle || (key.squeezed && !key.asking) {
+        // (Not while an ask of its own is out: its need counted on the free part.)
+        key.free
+    } else {
+        0
+    };
+    let ask = !key.idle && !last && !forget && !key.squeezed && key.low && !key.asking;
+    let renew = key.held > 0 && key.renew_due;
+    let close = last && remote;
+    FlushPlan {
+        send: key.pending || returned > 0 || ask || renew || forget || (close && key.asking),
+        returned,
+        ask,
+        forget,
+        close,
     }
 }
 
@@ -1227,6 +1297,144 @@ mod tests {
                 impatient
             ),
             Step::Refuse
+        );
+    }
+
+    /// The decision table of `flush_plan`.
+    #[test]
+    fn the_flush_decision() {
+        let busy = FlushFacts {
+            held: 100,
+            free: 60,
+            ..FlushFacts::default()
+        };
+        let plan = |facts: FlushFacts, last: bool| flush_plan(&facts, last, true);
+        // A busy key with nothing to say: no op.
+        assert_eq!(plan(busy, false), FlushPlan::default());
+        // Spend to hand over.
+        assert!(
+            plan(
+                FlushFacts {
+                    pending: true,
+                    ..busy
+                },
+                false
+            )
+            .send
+        );
+        // Idle: the free part goes back.
+        let idle = plan(FlushFacts { idle: true, ..busy }, false);
+        assert_eq!((idle.send, idle.returned), (true, 60));
+        // Squeezed: the free part goes back, unless an ask of its own is out.
+        assert_eq!(
+            plan(
+                FlushFacts {
+                    squeezed: true,
+                    ..busy
+                },
+                false
+            )
+            .returned,
+            60
+        );
+        assert_eq!(
+            plan(
+                FlushFacts {
+                    squeezed: true,
+                    asking: true,
+                    ..busy
+                },
+                false
+            )
+            .returned,
+            0
+        );
+        // Lapsing: all of it.
+        assert_eq!(
+            plan(
+                FlushFacts {
+                    lapsing: true,
+                    ..busy
+                },
+                false
+            )
+            .returned,
+            100
+        );
+        // Running low and busy: a top-up; not when squeezed or asking already.
+        assert!(plan(FlushFacts { low: true, ..busy }, false).ask);
+        assert!(
+            !plan(
+                FlushFacts {
+                    low: true,
+                    squeezed: true,
+                    ..busy
+                },
+                false
+            )
+            .ask
+        );
+        assert!(
+            !plan(
+                FlushFacts {
+                    low: true,
+                    asking: true,
+                    ..busy
+                },
+                false
+            )
+            .ask
+        );
+        // A renewal when due, only with a lease.
+        assert!(
+            plan(
+                FlushFacts {
+                    renew_due: true,
+                    ..busy
+                },
+                false
+            )
+            .send
+        );
+        assert!(
+            !plan(
+                FlushFacts {
+                    renew_due: true,
+                    held: 0,
+                    free: 0,
+                    ..busy
+                },
+                false
+            )
+            .send
+        );
+        // Refused by the upstream: everything back, and forgotten.
+        let refused = plan(
+            FlushFacts {
+                refused_and_done: true,
+                ..busy
+            },
+            false,
+        );
+        assert_eq!((refused.returned, refused.forget), (100, true));
+        // The last flush: everything back and, remote, closed; an ask out still gets a close.
+        let last = plan(busy, true);
+        assert_eq!((last.returned, last.close, last.forget), (100, true, false));
+        assert!(
+            plan(
+                FlushFacts {
+                    held: 0,
+                    free: 0,
+                    asking: true,
+                    ..busy
+                },
+                true
+            )
+            .send
+        );
+        assert!(
+            !flush_plan(&busy, true, false).close,
+            "in memory: nothing to close"
         );
     }
 

@@ -16,7 +16,7 @@
 
 use std::fmt;
 
-use crate::pricing::Price;
+use crate::pricing::{self, Price, Units};
 
 /// A secret string whose `Debug` never shows it.
 #[derive(Clone, PartialEq, Eq)]
@@ -145,20 +145,42 @@ fn price_entry(f: &mut Fields) -> Option<Price> {
         "input_dollars_per_million",
         "output_dollars_per_million",
         "cached_input_dollars_per_million",
+        "media_input_dollars_per_million",
+        "dollars_per_image",
+        "dollars_per_million_characters",
+        "dollars_per_audio_minute",
         "max_output_tokens",
+        "max_input_tokens",
     ]);
     let input = f.dollars("input_dollars_per_million");
     let output = f.dollars("output_dollars_per_million");
-    if input.is_none() || output.is_none() {
-        f.error("needs input_dollars_per_million and output_dollars_per_million");
+    let units = Units {
+        media_input_pico: f
+            .dollars("media_input_dollars_per_million")
+            .map(|d| pricing::dollars_to_pico(d / 1e6)),
+        per_image_nano: f.dollars("dollars_per_image").map(pricing::dollars_to_nano),
+        per_character_pico: f
+            .dollars("dollars_per_million_characters")
+            .map(|d| pricing::dollars_to_pico(d / 1e6)),
+        per_second_pico: f
+            .dollars("dollars_per_audio_minute")
+            .map(|d| pricing::dollars_to_pico(d / 60.0)),
+    };
+    let unit_priced = units != Units::default();
+    if (input.is_none() || output.is_none()) && !unit_priced {
+        f.error(
+            "needs input_dollars_per_million and output_dollars_per_million (or a price per image, character or audio minute)",
+        );
         return None;
     }
-    let (input, output) = (input?, output?);
+    let (input, output) = (input.unwrap_or(0.0), output.unwrap_or(0.0));
     let cached = f
         .dollars("cached_input_dollars_per_million")
         .unwrap_or(input);
     let mut price = Price::per_million(input, output, cached);
     price.max_output_tokens = f.count("max_output_tokens");
+    price.max_input_tokens = f.count("max_input_tokens");
+    price.units = units;
     Some(price)
 }
 

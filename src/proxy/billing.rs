@@ -58,6 +58,108 @@ pub fn bounds_of(body: &[u8]) -> Bounds {
     }
 }
 
+/// The fields of an images or audio request that bound its cost, from a JSON body or a
+/// `multipart/form-data` one (edits, variations, transcriptions upload files).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaBounds {
+    pub model: Option<String>,
+    /// Images asked for (`n`, at least 1).
+    pub images: u64,
+    /// Characters of text to speak (`input`).
+    pub characters: u64,
+}
+
+/// Reads [`MediaBounds`] from a body of `content_type`; what cannot be read is absent (`n` 1,
+/// no characters), so a body Aura cannot read is bounded by its model's limits.
+pub fn media_bounds(content_type: Option<&str>, body: &[u8]) -> MediaBounds {
+    let fields: Vec<(String, String)> = match content_type {
+        Some(ct)
+            if ct
+                .trim()
+                .to_ascii_lowercase()
+                .starts_with("multipart/form-data") =>
+        {
+            form_fields(ct, body)
+        }
+        _ => match serde_json::from_slice::<serde_json::Value>(body) {
+            Ok(serde_json::Value::Object(map)) => map
+                .into_iter()
+                .filter_map(|(k, v)| match v {
+                    serde_json::Value::String(s) => Some((k, s)),
+                    serde_json::Value::Number(n) => Some((k, n.to_string())),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        },
+    };
+    let field = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v);
+    MediaBounds {
+        model: field("model").cloned(),
+        images: field("n")
+            .and_then(|n| n.trim().parse().ok())
+            .filter(|n| *n > 0)
+            .unwrap_or(1),
+        characters: field("input").map_or(0, |text| text.chars().count() as u64),
+    }
+}
+
+/// The text fields of a `multipart/form-data` body (its parts without a filename, up to 4 KiB
+/// each); none when the boundary is missing.
+fn form_fields(content_type: &str, body: &[u8]) -> Vec<(String, String)> {
+    const MAX_FIELD: usize = 4 * 1024;
+    let Some(boundary) = content_type.split(';').find_map(|p| {
+        let (name, value) = p.trim().split_once('=')?;
+        name.trim()
+            .eq_ignore_ascii_case("boundary")
+            .then(|| value.trim().trim_matches('"').to_string())
+    }) else {
+        return Vec::new();
+    };
+    let delimiter = format!("--{boundary}");
+    let mut fields = Vec::new();
+    for part in split(body, delimiter.as_bytes()).into_iter().skip(1) {
+        let Some(head_end) = memchr::memmem::find(part, b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&part[..head_end]).to_ascii_lowercase();
+        let Some(disposition) = head
+            .lines()
+            .find(|l| l.trim_start().starts_with("content-disposition:"))
+        else {
+            continue;
+        };
+        if disposition.contains("filename") {
+            continue;
+        }
+        let Some(name) = disposition.split(';').find_map(|p| {
+            p.trim()
+                .strip_prefix("name=")
+                .map(|n| n.trim_matches('"').to_string())
+        }) else {
+            continue;
+        };
+        let value = &part[head_end + 4..];
+        let value = value.strip_suffix(b"\r\n").unwrap_or(value);
+        if value.len() <= MAX_FIELD {
+            fields.push((name, String::from_utf8_lossy(value).into_owned()));
+        }
+    }
+    fields
+}
+
+/// `body` cut at each `delimiter`.
+fn split<'b>(body: &'b [u8], delimiter: &[u8]) -> Vec<&'b [u8]> {
+    let mut parts = Vec::new();
+    let mut rest = body;
+    while let Some(at) = memchr::memmem::find(rest, delimiter) {
+        parts.push(&rest[..at]);
+        rest = &rest[at + delimiter.len()..];
+    }
+    parts.push(rest);
+    parts
+}
+
 /// A reservation, and what settle needs to price the request.
 #[derive(Debug)]
 pub struct Bill<'s> {
@@ -68,11 +170,31 @@ pub struct Bill<'s> {
     /// The model asked for (the answer may name another), and the price it reserved at.
     pub requested: Option<String>,
     pub reserved_at: Price,
+    /// What a successful answer costs whatever it says (text to speech).
+    pub fixed: Option<u64>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn media_bounds_come_from_json_or_a_form() {
+        let json = media_bounds(
+            Some("application/json"),
+            br#"{"model":"gpt-image-1","n":3,"size":"1024x1024","prompt":"a cat"}"#,
+        );
+        assert_eq!(json.model.as_deref(), Some("gpt-image-1"));
+        assert_eq!(json.images, 3);
+        let speech = media_bounds(None, r#"{"model":"tts-1","input":"héllo"}"#.as_bytes());
+        assert_eq!(speech.characters, 5);
+        let form = b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.mp3\"\r\nContent-Type: audio/mpeg\r\n\r\nID3\x00\x01binary\r\n--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--XyZ\r\nContent-Disposition: form-data; name=\"n\"\r\n\r\n2\r\n--XyZ--\r\n";
+        let bounds = media_bounds(Some("multipart/form-data; boundary=XyZ"), form);
+        assert_eq!(bounds.model.as_deref(), Some("whisper-1"));
+        assert_eq!(bounds.images, 2);
+        let unreadable = media_bounds(Some("multipart/form-data"), form);
+        assert_eq!((unreadable.model, unreadable.images), (None, 1));
+    }
 
     #[test]
     fn bounds_are_read_from_any_json_body() {

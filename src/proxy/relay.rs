@@ -176,9 +176,10 @@ impl Relay {
     }
 
     /// Pumps the body. `buffered` holds body bytes read together with the response head; it and
-    /// every buffer the relay needs come from, and go back to, the worker's pool. When the body
-    /// is complete, `before_last_write` sees its usage before the client gets the last bytes
-    /// (billing happens there, so a client that has its whole answer was billed for it).
+    /// every buffer the relay needs come from, and go back to, the worker's pool. When the
+    /// answer ends (the body's end, or a stream's `[DONE]` / `response.completed`, where an SSE
+    /// client stops reading), `before_last_write` sees its usage before the client gets those
+    /// bytes: billing happens there, so a client that has its whole answer was billed for it.
     #[allow(clippy::too_many_arguments)]
     pub async fn run<U, S>(
         mut self,
@@ -233,6 +234,8 @@ impl Relay {
         let mut drain_deadline = None;
         let mut trailing_garbage = false;
         let mut closed_by_upstream = false;
+        // `before_last_write` has run.
+        let mut billed = false;
         loop {
             // 1. De-frame what came in.
             take_if_lent(&mut payload, pool);
@@ -263,14 +266,6 @@ impl Relay {
             };
             input.clear();
 
-            // The last read is observed first: the request is billed before its client has it
-            // all (every other read is written first, observed second).
-            if done {
-                self.observe(&payload, &mut scanner, &mut json, &mut end);
-                end.usage = self.usage_found(&mut scanner, &mut json, true);
-                before_last_write(&end);
-            }
-
             // 2. Forward: one write per upstream read, head included the first time.
             if client_alive {
                 take_if_lent(&mut out, pool);
@@ -295,18 +290,50 @@ impl Relay {
                     }
                     ClientFraming::AsIs | ClientFraming::Close => out.extend_from_slice(forward),
                 }
-                if !out.is_empty() {
-                    let (written, back) = net::write_all(client, std::mem::take(&mut out)).await;
-                    out = back;
-                    out.clear();
-                    if written.is_err() {
-                        client_alive = false;
-                        drain_deadline = Some(Instant::now() + DRAIN_MAX_TIME);
-                        drain_slot = drains.begin();
-                    } else if end.first_byte_overhead.is_none() && !payload.is_empty() {
-                        end.first_byte_overhead = Some(read_at.elapsed());
-                        end.ttft = Some(started.elapsed());
-                    }
+            }
+
+            // The read that ends the answer (the body's end; for a stream, its `[DONE]` or its
+            // `response.completed`, which is where an SSE client stops reading) is observed before
+            // it is written: the request is billed before its client has it all. Every other
+            // read is written first and observed second.
+            let mut observed = false;
+            let ending = if done {
+                Ending::Body
+            } else if self.kind == BodyKind::EventStream && !billed {
+                ending_of(&payload)
+            } else {
+                Ending::Not
+            };
+            if ending != Ending::Not {
+                self.observe(&payload, &mut scanner, &mut json, &mut end);
+                observed = true;
+                let usage = match ending {
+                    Ending::Body => self.usage_found(&mut scanner, &mut json, true),
+                    _ => scanner.found().cloned(),
+                };
+                // A `response.completed` split across reads is not in `usage` yet: the body's
+                // end (or a later read) bills it.
+                let ready = ending != Ending::Completed || usage.is_some();
+                if ready {
+                    end.usage = usage;
+                }
+                if ready && !billed {
+                    before_last_write(&end);
+                    billed = true;
+                }
+            }
+
+            if client_alive && !out.is_empty() {
+                let (written, back) = net::write_all(client, std::mem::take(&mut out)).await;
+                out = back;
+                out.clear();
+                if written.is_err() {
+                    client_alive = false;
+                    drain_deadline = Some(Instant::now() + DRAIN_MAX_TIME);
+                    drain_slot = drains.begin();
+                } else if end.first_byte_overhead.is_none() && !payload.is_empty() {
+                    end.first_byte_overhead = Some(read_at.elapsed());
+                    end.ttft = Some(started.elapsed());
                 }
             }
 
@@ -314,7 +341,9 @@ impl Relay {
                 break;
             }
             // 3. Observe the same bytes.
-            self.observe(&payload, &mut scanner, &mut json, &mut end);
+            if !observed {
+                self.observe(&payload, &mut scanner, &mut json, &mut end);
+            }
             if !client_alive {
                 drained_bytes += payload.len();
                 if drain_slot.is_none()
@@ -415,6 +444,44 @@ impl Relay {
     }
 }
 
+/// Where a read stands in the answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    Not,
+    /// The body ends with it.
+    Body,
+    /// A stream's `data: [DONE]`: an SSE client stops reading there.
+    Done,
+    /// A Responses API stream's `response.completed` event (its last, with the usage).
+    Completed,
+}
+
+/// Whether an event-stream payload carries the end of the answer: a line `data: [DONE]` or
+/// `event: response.completed`. A line, not text: what a model writes sits inside a JSON string,
+/// where a raw line break cannot follow it.
+fn ending_of(payload: &[u8]) -> Ending {
+    if has_line(payload, b"[DONE]", b"data:") {
+        Ending::Done
+    } else if has_line(payload, b"response.completed", b"event:") {
+        Ending::Completed
+    } else {
+        Ending::Not
+    }
+}
+
+/// Whether `payload` has a line `FIELD VALUE` (`FIELD` then optional spaces, then `value`),
+/// ended by a line break.
+fn has_line(payload: &[u8], value: &[u8], field: &[u8]) -> bool {
+    memchr::memmem::find_iter(payload, value).any(|at| {
+        let ended = matches!(payload.get(at + value.len()), Some(b'\n' | b'\r'));
+        let before = payload[..at].trim_ascii_end();
+        let line_start = before.len().checked_sub(field.len()).is_some_and(|start| {
+            &before[start..] == field && (start == 0 || matches!(before[start - 1], b'\n' | b'\r'))
+        });
+        ended && line_start
+    })
+}
+
 /// A buffer given back to the pool while the relay waited is taken again before use; one still
 /// held (the first write's, which starts with the response head) is left as it is.
 fn take_if_lent(buf: &mut Vec<u8>, pool: &BufPool) {
@@ -432,5 +499,34 @@ fn write_empty_body_length(head: &ResponseHead, out: &mut Vec<u8>) {
     match head.headers.get(header::CONTENT_LENGTH) {
         Some(v) => h1::write_header("content-length", v.as_bytes(), out),
         None => h1::write_header("content-length", b"0", out),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_end_of_a_stream_is_a_line_not_text() {
+        assert_eq!(ending_of(b"data: {}\n\ndata: [DONE]\n\n"), Ending::Done);
+        assert_eq!(ending_of(b"data:[DONE]\r\n\r\n"), Ending::Done);
+        assert_eq!(
+            ending_of(b"event: response.completed\ndata: {\"type\":\"response.completed\"}\n\n"),
+            Ending::Completed
+        );
+        // A model that writes the words: inside a JSON string, no raw line break follows.
+        for text in [
+            &b"data: {\"choices\":[{\"delta\":{\"content\":\"data: [DONE]\"}}]}\n\n"[..],
+            b"data: {\"type\":\"response.completed\"}\n\n",
+            b"[DONE]\"}}]}\n\n",
+            b"data: x [DONE]\n",
+        ] {
+            assert_eq!(
+                ending_of(text),
+                Ending::Not,
+                "{}",
+                String::from_utf8_lossy(text)
+            );
+        }
     }
 }

@@ -136,6 +136,8 @@ impl MemoryStore {
                 account: entry.account(configured, op.period),
                 squeezed: entry.squeeze_until.is_some_and(|until| now < until),
                 lost: false,
+                // One process: an account cannot be lost while holders remember it.
+                epoch: None,
             }
         })
     }

@@ -29,7 +29,9 @@ use redis::{Connection, ConnectionLike, RedisError};
 
 use super::{Clock, Store, StoreError};
 use crate::auth::KeyId;
-use crate::budget::op::{period_of, Account, Applied, KeyLimits, Op, PeriodSpend, HISTORY_PERIODS};
+use crate::budget::op::{
+    period_of, period_start, Account, Applied, Epoch, KeyLimits, Op, PeriodSpend, HISTORY_PERIODS,
+};
 use crate::config::Period;
 
 /// A lease not renewed for this long goes back to the key's budget.
@@ -293,7 +295,7 @@ impl ValkeyStore {
             .arg(HOLDERS_KEPT)
             .arg(FORGET_AFTER_MS)
             .arg(SQUEEZE.as_millis() as u64)
-            .arg(flag(op.known))
+            .arg(op.epoch.as_deref().unwrap_or(""))
             .arg(flag(op.close))
             .arg(flag(op.forget))
             .arg(signed(restore.held))
@@ -302,7 +304,7 @@ impl ValkeyStore {
             .arg(signed(restore.limit))
             .arg(HISTORY_PERIODS)
             .arg(IDLE_TTL.as_millis() as u64)
-            .arg(flag(restore.always));
+            .arg(period_start(self.period, op.period));
         let spends: Vec<PeriodSpend> = op.settle.spent.iter().collect();
         cmd.arg(spends.len());
         for p in spends {
@@ -343,19 +345,22 @@ impl ValkeyStore {
     }
 
     fn run(&self, cmds: &[redis::Cmd]) -> Result<Vec<Applied>, StoreError> {
-        let replies: Vec<(u64, u64, u64, u64, u64, u64)> = self.pipeline(cmds)?;
+        let replies: Vec<(u64, u64, u64, u64, u64, u64, String)> = self.pipeline(cmds)?;
         Ok(replies
             .into_iter()
-            .map(|(granted, limit, spent, leased, squeezed, lost)| Applied {
-                granted,
-                account: Account {
-                    limit,
-                    spent,
-                    leased,
+            .map(
+                |(granted, limit, spent, leased, squeezed, lost, epoch)| Applied {
+                    granted,
+                    account: Account {
+                        limit,
+                        spent,
+                        leased,
+                    },
+                    squeezed: squeezed == 1,
+                    lost: lost == 1,
+                    epoch: (!epoch.is_empty()).then(|| Epoch::from(epoch)),
                 },
-                squeezed: squeezed == 1,
-                lost: lost == 1,
-            })
+            )
             .collect())
     }
 
@@ -564,8 +569,21 @@ impl Store for ValkeyStore {
     }
 
     fn remove(&self, key: KeyId) -> Result<(), StoreError> {
-        // Leases stay: they belong to workers that will settle or return them.
-        self.with_connection(|c| redis::cmd("DEL").arg(key_tag(key)).query::<()>(c.as_dyn()))
+        // Limit and spend go; leases stay (they belong to workers that will settle or return
+        // them), and so does the epoch: the account was emptied on purpose, not lost.
+        let tag = key_tag(key);
+        let account = self.with_connection(|c| {
+            redis::cmd("HKEYS")
+                .arg(&tag)
+                .query::<Vec<String>>(c.as_dyn())
+        })?;
+        let fields: Vec<&String> = account.iter().filter(|f| *f != "epoch").collect();
+        if fields.is_empty() {
+            return Ok(());
+        }
+        let mut cmd = redis::cmd("HDEL");
+        cmd.arg(&tag).arg(fields);
+        self.admin_write(key, cmd)
     }
 
     fn accounts(&self) -> Result<Vec<(KeyId, Account)>, StoreError> {
@@ -601,8 +619,12 @@ impl Store for ValkeyStore {
     }
 
     fn holds(&self, key: KeyId) -> Result<bool, StoreError> {
-        let exists: bool =
-            self.with_connection(|c| redis::cmd("EXISTS").arg(key_tag(key)).query(c.as_dyn()))?;
-        Ok(exists || self.limits.names(key))
+        // Spend or an admin limit: an account emptied by the admin API keeps only its epoch.
+        let fields: Vec<String> =
+            self.with_connection(|c| redis::cmd("HKEYS").arg(key_tag(key)).query(c.as_dyn()))?;
+        let held = fields
+            .iter()
+            .any(|f| f == "limit" || f.starts_with("spent:") || f == "spent");
+        Ok(held || self.limits.names(key))
     }
 }

@@ -1,28 +1,46 @@
 -- One op of one holder on one key, applied atomically (see valkey.rs for the key layout).
 --
--- KEYS: 1 aura:{K} (limit, spent:<period>, base:<period>, squeeze), 2 :lease, 3 :until,
---       4 :seq, 5 :grant, 6 :seen (holder -> value, each).
+-- KEYS: 1 aura:{K} (epoch, limit, spent:<period>, base:<period>, squeeze), 2 :lease,
+--       3 :until, 4 :seq, 5 :grant, 6 :seen (holder -> value, each).
 -- ARGV:  1 holder          2 seq             3 configured limit   4 period (the holder's)
 --        5 from_lease      6 returned        7 need               8 parts (0: no ask)
 --        9 lease ttl ms   10 holders kept   11 forget holders after ms
---       12 squeeze ms     13 known (1: the holder has had an op applied here before)
+--       12 squeeze ms     13 the account's epoch as the holder heard it ('': none)
 --       14 close (1: drop the holder's lease after this op, whatever it was)
 --       15 forget (1: drop the account if nothing is left in it)
 --       16 restore held (-1: none)  17 restore floor period  18 restore floor (-1: none)
 --       19 restore limit (-1: none) 20 periods of history kept  21 idle ttl ms
---       22 restore always (1; else only when the store lost the holder)
+--       22 when the holder's period began (unix seconds; 0: spend has no period)
 --       23 n, then n pairs (period, spent)
--- Returns {granted, limit, spent in ARGV[4]'s period, leased, squeezed, lost}.
+-- Returns {granted, limit, spent in ARGV[4]'s period, leased, squeezed, lost, epoch}.
 --
--- Amounts reach HINCRBY as the strings they came in, so spend is exact to 2^63; sums and
--- comparisons use Lua numbers (doubles), exact below 2^53 nano-dollars, which Aura's largest
--- limit keeps every total under.
+-- Spend reaches HINCRBY as the strings it came in (exact to 2^63); sums and comparisons use
+-- Lua numbers (doubles), exact below 2^53 nano-dollars, which Aura's largest limit keeps every
+-- total under.
 
 local holder = ARGV[1]
 local seq = tonumber(ARGV[2])
 local period = tonumber(ARGV[4])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+-- Every key is read before anything is written: a key another program clobbered (WRONGTYPE)
+-- fails the op before it changed anything, so a refused op was not half applied.
+for i = 1, 6 do
+  redis.call('HEXISTS', KEYS[i], '')
+end
+
+-- The account's epoch: made with the account. A holder that heard another one holds
+-- knowledge of an account the store lost: it is restored before anything is granted.
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = t[1] .. '.' .. t[2]
+  redis.call('HSET', KEYS[1], 'epoch', epoch)
+end
+local lost = 0
+if ARGV[13] ~= '' and ARGV[13] ~= epoch then
+  lost = 1
+end
 
 -- The layout before spend was kept per period: one 'spent' and its 'period'.
 local old = redis.call('HGET', KEYS[1], 'spent')
@@ -49,16 +67,25 @@ end
 local limit = tonumber(redis.call('HGET', KEYS[1], 'limit')) or tonumber(ARGV[3])
 local granted = 0
 local last = tonumber(redis.call('HGET', KEYS[4], holder)) or 0
--- A holder that had ops applied here, unknown to the store: the store lost its data.
-local lost = 0
-if ARGV[13] == '1' and last == 0 then
-  lost = 1
-end
 local new_period = false
+local restoring = lost == 1
 
--- What the holder knows goes back before anything is granted: when the store lost it, or when
--- the holder was told to re-establish it.
-local restoring = lost == 1 or ARGV[22] == '1'
+-- An account the store lost gets back what the holder knew (idempotent: a limit only where
+-- none is set, a spend floor only above the largest one given so far, floors never adding up).
+if restoring and tonumber(ARGV[19]) >= 0 and tonumber(ARGV[19]) ~= tonumber(ARGV[3])
+    and redis.call('HEXISTS', KEYS[1], 'limit') == 0 then
+  redis.call('HSET', KEYS[1], 'limit', ARGV[19])
+  limit = tonumber(ARGV[19])
+end
+if restoring and tonumber(ARGV[18]) >= 0 then
+  local fp = ARGV[17]
+  local floor = tonumber(ARGV[18])
+  local base = tonumber(redis.call('HGET', KEYS[1], 'base:' .. fp)) or 0
+  if floor > base then
+    redis.call('HINCRBY', KEYS[1], 'spent:' .. fp, floor - base)
+    redis.call('HSET', KEYS[1], 'base:' .. fp, floor)
+  end
+end
 
 if seq > last then
   local n = tonumber(ARGV[23])
@@ -70,22 +97,6 @@ if seq > last then
         new_period = true
       end
       redis.call('HINCRBY', KEYS[1], 'spent:' .. p, amount)
-    end
-  end
-  -- Re-establishing what a store that lost its data should know.
-  if restoring and tonumber(ARGV[19]) >= 0 and tonumber(ARGV[19]) ~= tonumber(ARGV[3])
-      and redis.call('HEXISTS', KEYS[1], 'limit') == 0 then
-    redis.call('HSET', KEYS[1], 'limit', ARGV[19])
-    limit = tonumber(ARGV[19])
-  end
-  if restoring and tonumber(ARGV[18]) >= 0 then
-    -- Spend since the loss plus the largest floor any node gave: floors never add up.
-    local fp = ARGV[17]
-    local floor = tonumber(ARGV[18])
-    local base = tonumber(redis.call('HGET', KEYS[1], 'base:' .. fp)) or 0
-    if floor > base then
-      redis.call('HINCRBY', KEYS[1], 'spent:' .. fp, floor - base)
-      redis.call('HSET', KEYS[1], 'base:' .. fp, floor)
     end
   end
   local before = tonumber(redis.call('HGET', KEYS[2], holder)) or 0
@@ -144,8 +155,10 @@ if ARGV[14] == '1' then
   redis.call('HDEL', KEYS[3], holder)
 end
 
--- Spend older than the history kept goes, when a new period's spend first appears.
-if new_period then
+-- Spend older than the history kept goes, when a new period's spend first appears, and only
+-- if the server's clock agrees the holder's period has begun (a clock far ahead must not take
+-- today's spend with it).
+if new_period and tonumber(ARGV[22]) > 0 and tonumber(t[1]) + 3600 >= tonumber(ARGV[22]) then
   local oldest = period - tonumber(ARGV[20])
   local fields = redis.call('HKEYS', KEYS[1])
   for i = 1, #fields do
@@ -175,6 +188,7 @@ if idle then
 end
 if idle and ARGV[15] == '1' then
   redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+  epoch = ''
 elseif idle then
   for i = 1, 6 do
     redis.call('PEXPIRE', KEYS[i], ARGV[21])
@@ -185,4 +199,4 @@ elseif redis.call('PTTL', KEYS[4]) >= 0 then
   end
 end
 
-return {granted, limit, spent, math.max(leased, 0), squeezed, lost}
+return {granted, limit, spent, math.max(leased, 0), squeezed, lost, epoch}
