@@ -331,8 +331,21 @@ impl<S: AsyncWriteRent> Handler<S> for MockHandler {
                     .await
             };
         }
+        if *method == Method::POST && path.ends_with("/audio/speech") {
+            // Binary audio, no usage: what text to speech answers.
+            sleep(control.delay).await;
+            let audio = vec![0x49u8; 256];
+            return server::write_body(client, StatusCode::OK, "audio/mpeg", &audio, keep_alive)
+                .await;
+        }
         let (status, body) = if *method == Method::POST && path.ends_with("/embeddings") {
             embeddings(&request.body)
+        } else if *method == Method::POST && path.contains("/images/") {
+            (StatusCode::OK, images(&request))
+        } else if *method == Method::POST
+            && (path.ends_with("/audio/transcriptions") || path.ends_with("/audio/translations"))
+        {
+            (StatusCode::OK, transcription(&request))
         } else if *method == Method::GET && path.ends_with("/models") {
             (StatusCode::OK, self.models())
         } else {
@@ -602,6 +615,53 @@ fn embeddings(body: &[u8]) -> (StatusCode, Vec<u8>) {
         "usage": { "prompt_tokens": prompt, "total_tokens": prompt },
     });
     (StatusCode::OK, answer.to_string().into_bytes())
+}
+
+/// Images, as gpt-image answers them: `n` images (from a JSON body's `n`, else 1) and a usage
+/// of input tokens (a quarter of the body's bytes, 40 of them image tokens) and 4160 output
+/// tokens per image (one high-quality square image).
+fn images(request: &Request) -> Vec<u8> {
+    let n = serde_json::from_slice::<Value>(&request.body)
+        .ok()
+        .and_then(|v| v.get("n").and_then(Value::as_u64))
+        .unwrap_or(1);
+    let input = prompt_tokens(&request.body);
+    let output = 4_160 * n;
+    let data: Vec<Value> = (0..n).map(|_| json!({ "b64_json": "aW1hZ2U=" })).collect();
+    json!({
+        "created": CREATED,
+        "data": data,
+        "usage": {
+            "input_tokens": input,
+            "input_tokens_details": { "text_tokens": input.saturating_sub(40), "image_tokens": 40.min(input) },
+            "output_tokens": output,
+            "total_tokens": input + output,
+        },
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// A transcription: with `x-mock-seconds: N`, a usage by duration (whisper-1), else by tokens
+/// (gpt-4o-transcribe: a quarter of the upload's bytes in, all of them audio, 20 out).
+fn transcription(request: &Request) -> Vec<u8> {
+    let seconds = request
+        .head
+        .headers
+        .get("x-mock-seconds")
+        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+    let usage = match seconds {
+        Some(seconds) => json!({ "type": "duration", "seconds": seconds }),
+        None => {
+            let input = prompt_tokens(&request.body);
+            json!({ "type": "tokens", "input_tokens": input, "output_tokens": 20,
+                    "total_tokens": input + 20,
+                    "input_token_details": { "text_tokens": 0, "audio_tokens": input } })
+        }
+    };
+    json!({ "text": "hello there", "usage": usage })
+        .to_string()
+        .into_bytes()
 }
 
 fn echo(request: &Request) -> Vec<u8> {

@@ -126,7 +126,11 @@ fn counts(usage: &Value) -> Option<Usage> {
     } else {
         ("input_tokens", "output_tokens", "input_tokens_details")
     };
-    let detail = |name: &str| optional_count(usage.get(details).and_then(|d| d.get(name)));
+    // Transcriptions name their details `input_token_details`.
+    let details = usage
+        .get(details)
+        .or_else(|| usage.get("input_token_details"));
+    let detail = |name: &str| optional_count(details.and_then(|d| d.get(name)));
     Some(Usage {
         prompt_tokens: usage.get(prompt)?.as_u64()?,
         completion_tokens: optional_count(usage.get(completion))?,
@@ -143,6 +147,43 @@ fn optional_count(v: Option<&Value>) -> Option<u64> {
         None => Some(0),
         Some(v) if v.is_null() => Some(0),
         Some(v) => v.as_u64(),
+    }
+}
+
+#[cfg(test)]
+mod media_tests {
+    use super::*;
+
+    fn parse(json: &str) -> Option<Usage> {
+        let mut copy = json.as_bytes().to_vec();
+        from_body_json(&mut copy).map(|f| f.usage)
+    }
+
+    #[test]
+    fn images_and_transcriptions_report_their_media_tokens_and_seconds() {
+        let image = parse(
+            r#"{"data":[],"usage":{"input_tokens":50,"input_tokens_details":{"text_tokens":10,"image_tokens":40},"output_tokens":4160,"total_tokens":4210}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                image.prompt_tokens,
+                image.media_prompt_tokens,
+                image.completion_tokens
+            ),
+            (50, 40, 4160)
+        );
+        let tokens = parse(
+            r#"{"text":"hi","usage":{"type":"tokens","input_tokens":14,"output_tokens":45,"total_tokens":59,"input_token_details":{"text_tokens":0,"audio_tokens":14}}}"#,
+        )
+        .unwrap();
+        assert_eq!((tokens.prompt_tokens, tokens.media_prompt_tokens), (14, 14));
+        let duration = parse(r#"{"text":"hi","usage":{"type":"duration","seconds":9}}"#).unwrap();
+        assert_eq!((duration.seconds, duration.prompt_tokens), (9, 0));
+        // verbose_json without a usage: its duration, rounded up.
+        let verbose = parse(r#"{"text":"hi","duration":9.12,"segments":[]}"#).unwrap();
+        assert_eq!(verbose.seconds, 10);
+        assert_eq!(parse(r#"{"text":"hi","duration":-1}"#), None);
     }
 }
 
