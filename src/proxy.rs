@@ -223,6 +223,11 @@ impl Proxy {
         self.budget.flush(Instant::now());
     }
 
+    /// Reads the clock for the budget (between flushes).
+    pub fn tick_budget(&self) {
+        self.budget.tick();
+    }
+
     /// An answer from the ledger thread (the Valkey store) for this worker's shard.
     pub fn ledger_reply(&self, reply: crate::budget::ledger::Reply) {
         self.budget.on_reply(reply);

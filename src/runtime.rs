@@ -429,11 +429,20 @@ async fn publish_metrics(id: usize, proxy: Rc<Proxy>, registry: Arc<Registry>) {
     }
 }
 
-/// Flushes this worker's settled spend to the store every interval, off the request path.
+/// Flushes this worker's settled spend to the store every interval, off the request path, and
+/// keeps its budget clock ticking in between (however long the interval).
 async fn flush_budget(proxy: Rc<Proxy>, every: std::time::Duration) {
+    let tick = every.min(crate::budget::shard::TICK);
+    let mut since_flush = Duration::ZERO;
     loop {
-        monoio::time::sleep(every).await;
-        proxy.flush_budget();
+        monoio::time::sleep(tick).await;
+        since_flush += tick;
+        if since_flush >= every {
+            since_flush = Duration::ZERO;
+            proxy.flush_budget();
+        } else {
+            proxy.tick_budget();
+        }
     }
 }
 

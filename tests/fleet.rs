@@ -133,7 +133,15 @@ fn five_thousand_mixed_requests_survive_a_store_kill_and_a_node_sigkill_exactly(
         "stored {} more than expected, not the cost of some requests in flight: counted twice?",
         stored - expected
     );
-    assert_eq!(leased, 0, "every lease returned or closed");
+    let held: Vec<_> = keys
+        .iter()
+        .map(|k| valkey.hash(&format!("aura:{{{}}}:lease", aura::auth::KeyId::of(k))))
+        .filter(|leases| !leases.is_empty())
+        .collect();
+    assert_eq!(
+        leased, 0,
+        "every lease returned or closed; still held: {held:?}"
+    );
     let _ = std::fs::remove_dir_all(journal_a);
     let _ = std::fs::remove_dir_all(journal_b);
 }

@@ -126,6 +126,41 @@ fn a_retried_lease_ask_gets_its_grant_once() {
     assert_eq!((account.spent, account.leased), (1_200, 0));
 }
 
+/// A batch of an ask and a newer op of the same holder and key, applied, its answers lost (the
+/// store killed before it replied): the retried ask is older than the last op applied and is
+/// answered 0, but every answer says what the store counts as the holder's lease.
+#[test]
+fn an_answer_lost_for_a_grant_still_tells_the_holder_its_lease() {
+    let valkey = Valkey::start();
+    let store = store(&valkey, 10_000);
+    let key = KeyId::of("sk-valkey-lost-grant");
+    let asking = op("node-a/0", 20, key, Settlement::default(), ask(1_000, 2));
+    let settle = Settlement {
+        spent: Spend::of(0, 300),
+        from_lease: 300,
+        returned: 0,
+    };
+    let newer = op("node-a/0", 21, key, settle, None);
+    let lost = store.apply(&[asking.clone(), newer.clone()]).unwrap();
+    assert_eq!(lost[0].granted, 5_500);
+    assert_eq!(lost[1].held, Some(5_200));
+    let retried = store.apply(&[asking, newer]).unwrap();
+    assert_eq!(
+        retried[0].granted, 0,
+        "an op older than the last applied grants nothing"
+    );
+    assert_eq!(
+        retried[1].held,
+        Some(5_200),
+        "the holder's lease, as the store counts it"
+    );
+    let other = store
+        .apply(&[op("node-b/0", 1, key, Settlement::default(), None)])
+        .unwrap();
+    assert_eq!(other[0].held, Some(0), "each holder is told its own lease");
+    assert_eq!(store.account(key).unwrap().spent, 300, "applied once");
+}
+
 #[test]
 fn leases_across_holders_never_pass_the_limit_and_a_need_is_all_or_nothing() {
     let valkey = Valkey::start();

@@ -14,8 +14,9 @@
 //!
 //! At start, segments left by an earlier run (a kill, an outage at shutdown) are turned into
 //! ops of their holders (`plan_replay`): every spend record is an op with its own sequence
-//! number, so the store applies exactly what it had not applied before, in the period it was
-//! settled in, and the holder's leases are dropped (it is gone). The directory is locked for the
+//! number, so the store applies exactly what it had not applied before (it keeps each holder's
+//! last sequence number per key: see `store/valkey.rs` for when it forgets one), in the period
+//! it was settled in, and the holder's leases are dropped (it is gone). The directory is locked for the
 //! life of the process: a second Aura pointed at it refuses to start.
 
 use std::collections::BTreeMap;
@@ -32,7 +33,8 @@ use crate::auth::KeyId;
 pub const RECORD_BYTES: usize = 48;
 const HEADER_BYTES: usize = 512;
 const MAGIC: &[u8; 8] = b"AURAJNL1";
-const VERSION: u32 = 1;
+/// 2: XXH3 checksums (1 had CRC-32s).
+const VERSION: u32 = 2;
 /// Records per segment before a worker starts the next one: 384 KiB.
 pub const SEGMENT_RECORDS: usize = 8192;
 /// Longest holder name a segment header keeps (`node/boot/worker`).
@@ -67,9 +69,14 @@ const KIND_LEASE: u8 = 2;
 const KIND_SNAPSHOT_END: u8 = 3;
 const KIND_CONFIRMED: u8 = 4;
 
+fn checksum(bytes: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(bytes)
+}
+
 impl Record {
-    /// `seq, key, period, nano, kind` then a CRC-32 of the bytes before it: a record a kill or a
-    /// power loss tore (or the zeros past the last one) does not check out.
+    /// `seq, key, period, nano, kind` then a 64-bit checksum (XXH3) of the bytes before it: a
+    /// record a kill or a power loss tore (or the zeros past the last one) does not check out.
+    /// XXH3 rather than a CRC: on 40 bytes it costs a third as much, on every settled request.
     fn encode(&self) -> [u8; RECORD_BYTES] {
         let mut out = [0u8; RECORD_BYTES];
         let (seq, key, period, nano, kind) = match *self {
@@ -88,15 +95,15 @@ impl Record {
         out[16..24].copy_from_slice(&period.to_le_bytes());
         out[24..32].copy_from_slice(&nano.to_le_bytes());
         out[32] = kind;
-        let crc = crc32fast::hash(&out[..40]);
-        out[40..44].copy_from_slice(&crc.to_le_bytes());
+        let sum = checksum(&out[..40]);
+        out[40..48].copy_from_slice(&sum.to_le_bytes());
         out
     }
 
     fn decode(bytes: &[u8]) -> Option<Record> {
         let bytes: &[u8; RECORD_BYTES] = bytes.try_into().ok()?;
-        let crc = u32::from_le_bytes(bytes[40..44].try_into().ok()?);
-        if crc != crc32fast::hash(&bytes[..40]) {
+        let sum = u64::from_le_bytes(bytes[40..48].try_into().ok()?);
+        if sum != checksum(&bytes[..40]) {
             return None;
         }
         let word = |at: usize| -> Option<u64> {
@@ -140,15 +147,15 @@ impl Header {
         let len = holder.len().min(MAX_HOLDER_BYTES);
         out[28..30].copy_from_slice(&(len as u16).to_le_bytes());
         out[30..30 + len].copy_from_slice(&holder[..len]);
-        let crc = crc32fast::hash(&out[..HEADER_BYTES - 4]);
-        out[HEADER_BYTES - 4..].copy_from_slice(&crc.to_le_bytes());
+        let sum = checksum(&out[..HEADER_BYTES - 8]);
+        out[HEADER_BYTES - 8..].copy_from_slice(&sum.to_le_bytes());
         out
     }
 
     fn decode(bytes: &[u8]) -> Option<Header> {
         let bytes = bytes.get(..HEADER_BYTES)?;
-        let crc = u32::from_le_bytes(bytes[HEADER_BYTES - 4..].try_into().ok()?);
-        if &bytes[0..8] != MAGIC || crc != crc32fast::hash(&bytes[..HEADER_BYTES - 4]) {
+        let sum = u64::from_le_bytes(bytes[HEADER_BYTES - 8..].try_into().ok()?);
+        if &bytes[0..8] != MAGIC || sum != checksum(&bytes[..HEADER_BYTES - 8]) {
             return None;
         }
         let u32_at = |at: usize| -> Option<u32> {
@@ -624,7 +631,10 @@ fn sync_dir(dir: &Path) {
 /// state directory (`$XDG_STATE_HOME/aura`, `~/.local/state/aura`), else a directory under the
 /// system's temporary directory named after the user.
 pub fn default_dir(env: &dyn crate::config::Source) -> PathBuf {
-    let system = Path::new("/var/lib/aura");
+    default_dir_with(Path::new("/var/lib/aura"), env)
+}
+
+fn default_dir_with(system: &Path, env: &dyn crate::config::Source) -> PathBuf {
     if writable(system) {
         return system.to_path_buf();
     }
@@ -869,5 +879,40 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![(1, vec![(5, 10)]), (2, vec![(5, 5)])]
         );
+    }
+
+    #[test]
+    fn the_default_directory_is_the_system_one_where_writable_else_the_users() {
+        use std::collections::HashMap;
+        let env = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let system = dir("default-system");
+        std::fs::create_dir_all(&system).unwrap();
+        let user = env(&[("XDG_STATE_HOME", "/state"), ("HOME", "/home/ann")]);
+        assert_eq!(default_dir_with(&system, &user), system);
+        // A directory no one may create (under a file): the user's state directory.
+        let unwritable = system.join("a-file");
+        std::fs::write(&unwritable, b"").unwrap();
+        let unwritable = unwritable.join("aura");
+        assert_eq!(
+            default_dir_with(&unwritable, &user),
+            PathBuf::from("/state/aura")
+        );
+        // A relative XDG_STATE_HOME is ignored, as the spec says.
+        let relative = env(&[("XDG_STATE_HOME", "state"), ("HOME", "/home/ann")]);
+        assert_eq!(
+            default_dir_with(&unwritable, &relative),
+            PathBuf::from("/home/ann/.local/state/aura")
+        );
+        let bare = env(&[("USER", "ann")]);
+        assert_eq!(
+            default_dir_with(&unwritable, &bare),
+            std::env::temp_dir().join("aura-ann")
+        );
+        let _ = std::fs::remove_dir_all(&system);
     }
 }

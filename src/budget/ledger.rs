@@ -951,7 +951,7 @@ impl Thread {
         }
     }
 
-    /// While the store is down, plain settlements never sent merge per holder and key into the
+    /// While the store is down (or after any failed call), plain settlements never sent merge per holder and key into the
     /// next one (which keeps its newer sequence number), so the queue stays as small as the set
     /// of active keys. Only an unbroken run of such ops merges: one carried past another op of
     /// the same holder and key (an ask, a close) would be applied after an op numbered above it,

@@ -182,8 +182,9 @@ pub struct Restore {
 /// One holder's change to one key: a settlement, then optionally a lease ask. The store applies
 /// it atomically, and only if `seq` is newer than the last one it applied for this holder and
 /// key, so a retry or a journal replay cannot apply it twice. An empty op renews the holder's
-/// lease. Every op a holder builds for a key carries all the spend it settled for that key
-/// before it (the journal's replay depends on it: an applied op covers every older record).
+/// lease. Every op of a holder's that the store applies carries all the spend that holder
+/// settled for that key before it (the journal's replay depends on it: an applied op covers
+/// every older record); an op set aside or never sent leaves its number unused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Op {
     pub holder: Holder,
@@ -238,6 +239,10 @@ pub struct Applied {
     /// The op's epoch was not the account's: the store had lost the account and made it anew;
     /// what the holder knew was restored.
     pub lost: bool,
+    /// The holder's lease on the key as the store counts it after the op (stores that keep one
+    /// per holder). A grant whose answer was lost shows here: a retried ask answered after a
+    /// newer op of the same holder and key was applied is answered 0.
+    pub held: Option<u64>,
 }
 
 /// Which budget period `unix_secs` falls in: 0 always, the day number, or the month number.

@@ -34,6 +34,10 @@ use crate::config::Period;
 
 /// An idle key's lease goes back to the store after this long without a request.
 pub const IDLE_RETURN: Duration = Duration::from_secs(1);
+/// How often a worker reads the clock for its shard (`tick`), and so the most its idea of the
+/// time (a cost's period, a key's last use) may lag: a clock read costs more than the rest of a
+/// request's reserve and settle.
+pub const TICK: Duration = Duration::from_millis(50);
 /// A held lease is renewed every third of its store's lifetime.
 const RENEWALS_PER_LIFETIME: u32 = 3;
 /// Lease asks one request may make before it is refused (others may take each grant first).
@@ -142,6 +146,8 @@ struct Lease {
     known: Option<(Account, u64)>,
     /// Spend of that period handed to the ledger since, not yet answered.
     on_its_way: u64,
+    /// The sequence number of the newest op handed to the ledger for the key.
+    last_sent: u64,
     /// The account's epoch as the store last answered (none: not heard, or forgotten).
     epoch: Option<Epoch>,
     /// When this worker last sent the store an op for the key (renewals are due from it).
@@ -222,6 +228,25 @@ pub struct Shard {
     losses_seen: Cell<u64>,
     /// `close` has run: everything was billed and handed over.
     closed: Cell<bool>,
+    /// The time as of the last `tick`.
+    ticked: Cell<Ticked>,
+}
+
+/// The time as a worker last read it.
+#[derive(Clone, Copy)]
+struct Ticked {
+    at: Instant,
+    /// The budget period it falls in.
+    period: u64,
+}
+
+impl Ticked {
+    fn read(period: Period, clock: &Clock) -> Ticked {
+        Ticked {
+            at: Instant::now(),
+            period: period_of(period, clock()),
+        }
+    }
 }
 
 impl Shard {
@@ -235,15 +260,21 @@ impl Shard {
             next_seq: Cell::new(0),
             slice_parts: 2 * settings.workers.max(1) as u64,
             fail_open: settings.fail_open,
-            period: settings.period,
-            clock: settings.clock,
             limits: settings.limits,
             squeeze_wait: settings.squeeze_wait,
             journal: settings.journal.map(RefCell::new),
             keys: RefCell::new(KeyIdMap::default()),
             waiters: RefCell::new(Vec::new()),
             closed: Cell::new(false),
+            ticked: Cell::new(Ticked::read(settings.period, &settings.clock)),
+            period: settings.period,
+            clock: settings.clock,
         }
+    }
+
+    /// Reads the clock: the worker calls it every `TICK` (and each flush does).
+    pub fn tick(&self) {
+        self.ticked.set(Ticked::read(self.period, &self.clock));
     }
 
     pub fn ledger(&self) -> &Ledger {
@@ -256,9 +287,9 @@ impl Shard {
         seq
     }
 
-    /// The budget period this worker's clock is in.
+    /// The budget period as of the last tick.
     fn period_now(&self) -> u64 {
-        period_of(self.period, (self.clock)())
+        self.ticked.get().period
     }
 
     /// Reserves `estimate` nano-dollars for one request of `key`: from the lease when it
@@ -279,7 +310,9 @@ impl Shard {
             let next = {
                 let mut keys = self.keys.borrow_mut();
                 let lease = keys.entry(key).or_default();
-                let lapsing = self.lease_ttl.is_some() && self.lapsing(lease, Instant::now());
+                // The ticked time may be up to a tick late: judged as if a tick later.
+                let lapsing =
+                    self.lease_ttl.is_some() && self.lapsing(lease, self.ticked.get().at + TICK);
                 waiting.timed_out = deadline.is_some_and(|d| Instant::now() >= d);
                 match next_step(&view(lease, lapsing, estimate), &waiting, self.rules()) {
                     Step::Admit => return Ok(self.take(lease, key, estimate)),
@@ -485,16 +518,14 @@ impl Shard {
 
     fn answer(&self, op: Op, applied: Applied) {
         let mut keys = self.keys.borrow_mut();
-        // A grant for a key this shard forgot is held again (and returned when idle); any other
+        // A lease for a key this shard forgot is held again (and returned when idle); any other
         // answer for it is about an account this worker no longer follows.
-        let lease = if applied.granted > 0 {
-            keys.entry(op.key).or_default()
-        } else {
-            match keys.get_mut(&op.key) {
-                Some(lease) => lease,
-                None => return,
-            }
-        };
+        let store_held = applied.held.unwrap_or(0);
+        let forgotten = !keys.contains_key(&op.key);
+        if forgotten && applied.granted == 0 && store_held == 0 {
+            return;
+        }
+        let lease = keys.entry(op.key).or_default();
         let carried = match lease.known {
             Some((_, period)) if period == op.period => op.settle.spent.in_period(period),
             _ => 0,
@@ -515,6 +546,15 @@ impl Shard {
             lease.asking = None;
             lease.unreachable = false;
             lease.answered = Some((op.seq, applied.granted));
+        }
+        // With nothing else of the key on its way, what the store counts as this worker's
+        // lease is what it holds plus what it spent from it since: more means a grant whose
+        // answer was lost (a retried ask answered after a newer op was applied). It is this
+        // worker's to use, and to return; never less (a lapse is `lapsing`'s to judge).
+        let newest = forgotten || (op.seq == lease.last_sent && lease.asking.is_none());
+        if newest {
+            let mine = lease.held + lease.pending.from_lease;
+            lease.held += store_held.saturating_sub(mine);
         }
         let confirmed_spend = confirmed > lease.unconfirmed.len();
         drop(keys);
@@ -566,7 +606,7 @@ impl Shard {
             if let Some(seq) = seq {
                 lease.pending_seq = seq;
             }
-            lease.last_used = Some(Instant::now());
+            lease.last_used = Some(self.ticked.get().at);
             if refused && lease.in_flight == 0 {
                 lease.refused = true;
             }
@@ -659,6 +699,7 @@ impl Shard {
     /// unless the ledger took the ops; nothing is handed over while the store is unreachable
     /// (it stays here, journaled, for the failure mode to count).
     pub fn flush(&self, now: Instant) {
+        self.tick();
         if !self.ledger.reachable() {
             return;
         }
@@ -752,6 +793,7 @@ impl Shard {
                 lease.held = lease.held.saturating_sub(op.settle.returned);
                 lease.renewed = Some(now);
                 lease.renew_now = false;
+                lease.last_sent = op.seq;
                 if journaled && !op.settle.spent.is_empty() {
                     lease.unconfirmed.push((op.seq, op.settle.spent.clone()));
                 }
@@ -775,6 +817,7 @@ impl Shard {
     /// then all spend is handed over and every lease returned, waiting for room in the
     /// ledger's queue if need be. Requests dropped after this settle nothing more.
     pub fn close(&self, now: Instant) {
+        self.tick();
         let cut: Vec<(KeyId, u64)> = self
             .keys
             .borrow_mut()
@@ -973,7 +1016,8 @@ fn fail_open_admits(known: Account, spent_here: u64, estimate: u64) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::budget::store::{system_clock, MemoryStore};
+    use crate::budget::op::PeriodSpend;
+    use crate::budget::store::{system_clock, MemoryStore, Store, StoreError};
     use std::future::Future;
     use std::sync::Arc;
 
@@ -1490,6 +1534,8 @@ mod tests {
             first.settle(0);
             // Nothing renews the lease (no flush) for longer than two thirds of its life.
             monoio::time::sleep(ttl - ttl / 4).await;
+            // The worker reads the clock every tick.
+            shard.tick();
             let second = shard.reserve(key(), 3_000).await.unwrap();
             let account = store.account(key());
             // Spent from the old lease: 500,500 leased still. Asked on top of it: 751,750.
@@ -1590,6 +1636,7 @@ mod tests {
         before.settle(40);
         // Midnight passes before the flush: each cost stays in its own day.
         now.fetch_add(2, Ordering::Relaxed);
+        shard.tick();
         let after = reserve(&shard, key(), 100).unwrap();
         after.settle(7);
         shard.flush(Instant::now());
@@ -1597,5 +1644,67 @@ mod tests {
         assert_eq!(store.spent_in(key(), day), 40);
         assert_eq!(store.spent_in(key(), day + 1), 7);
         assert_eq!(store.account(key()).spent, 7);
+    }
+
+    /// A store whose answer to the first ask was lost: the ask was applied (its lease is this
+    /// holder's in the store), and the retry, coming after a newer op, was answered 0.
+    struct LostFirstGrant {
+        inner: Arc<MemoryStore>,
+        lost: std::sync::atomic::AtomicBool,
+    }
+
+    impl Store for LostFirstGrant {
+        fn apply(&self, ops: &[Op]) -> Result<Vec<Applied>, StoreError> {
+            let mut applied = self.inner.apply(ops)?;
+            for (op, answer) in ops.iter().zip(applied.iter_mut()) {
+                // One holder: the key's leased total is its lease.
+                answer.held = Some(self.inner.account(op.key).leased);
+                if op.ask.is_some() && !self.lost.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    answer.granted = 0;
+                }
+            }
+            Ok(applied)
+        }
+        fn account(&self, key: KeyId) -> Result<Account, StoreError> {
+            Store::account(&*self.inner, key)
+        }
+        fn history(&self, key: KeyId) -> Result<Vec<PeriodSpend>, StoreError> {
+            self.inner.history(key)
+        }
+        fn set_limit(&self, key: KeyId, limit: u64) -> Result<Account, StoreError> {
+            self.inner.set_limit(key, limit)
+        }
+        fn reset(&self, key: KeyId) -> Result<Account, StoreError> {
+            self.inner.reset(key)
+        }
+        fn remove(&self, key: KeyId) -> Result<(), StoreError> {
+            self.inner.remove(key)
+        }
+        fn accounts(&self) -> Result<Vec<(KeyId, Account)>, StoreError> {
+            self.inner.accounts()
+        }
+        fn holds(&self, key: KeyId) -> Result<bool, StoreError> {
+            Store::holds(&*self.inner, key)
+        }
+    }
+
+    #[test]
+    fn a_grant_whose_answer_was_lost_is_held_used_and_returned() {
+        let inner = store(1_000_000);
+        let lossy = Arc::new(LostFirstGrant {
+            inner: inner.clone(),
+            lost: Default::default(),
+        });
+        let shard = Shard::new(Ledger::Inline(lossy), settings("test/0", 1));
+        let request = reserve(&shard, key(), 1_000)
+            .expect("admitted on the lease the store counts as this worker's");
+        request.settle(400);
+        shard.close(Instant::now());
+        let account = inner.account(key());
+        assert_eq!(
+            (account.spent, account.leased),
+            (400, 0),
+            "spent once, nothing stranded"
+        );
     }
 }

@@ -138,6 +138,8 @@ impl MemoryStore {
                 lost: false,
                 // One process: an account cannot be lost while holders remember it.
                 epoch: None,
+                // Answered in place: no answer is ever lost.
+                held: None,
             }
         })
     }

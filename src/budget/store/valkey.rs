@@ -9,7 +9,7 @@
 //! | `aura:{K}:until` | holder → when its lease lapses (ms, the server's clock) |
 //! | `aura:{K}:seq` | holder → the last sequence number applied |
 //! | `aura:{K}:grant` | holder → what that sequence granted (answered again to a retry) |
-//! | `aura:{K}:seen` | holder → when its last op was applied (ms); a holder silent for 7 days is forgotten |
+//! | `aura:{K}:seen` | holder → when its last op was applied (ms); once more than 64 holders are listed, a new one makes the script forget those silent for 7 days (their `:seq` too) |
 //!
 //! Every op is one script run (apply.lua, EVALSHA, pipelined: one round trip per batch). The
 //! script applies an op only if its sequence is newer than the holder's last, so a retry after
@@ -345,11 +345,12 @@ impl ValkeyStore {
     }
 
     fn run(&self, cmds: &[redis::Cmd]) -> Result<Vec<Applied>, StoreError> {
-        let replies: Vec<(u64, u64, u64, u64, u64, u64, String)> = self.pipeline(cmds)?;
+        type Reply = (u64, u64, u64, u64, u64, u64, String, u64);
+        let replies: Vec<Reply> = self.pipeline(cmds)?;
         Ok(replies
             .into_iter()
             .map(
-                |(granted, limit, spent, leased, squeezed, lost, epoch)| Applied {
+                |(granted, limit, spent, leased, squeezed, lost, epoch, held)| Applied {
                     granted,
                     account: Account {
                         limit,
@@ -359,6 +360,7 @@ impl ValkeyStore {
                     squeezed: squeezed == 1,
                     lost: lost == 1,
                     epoch: (!epoch.is_empty()).then(|| Epoch::from(epoch)),
+                    held: Some(held),
                 },
             )
             .collect())

@@ -12,7 +12,8 @@
 --       19 restore limit (-1: none) 20 periods of history kept  21 idle ttl ms
 --       22 when the holder's period began (unix seconds; 0: spend has no period)
 --       23 n, then n pairs (period, spent)
--- Returns {granted, limit, spent in ARGV[4]'s period, leased, squeezed, lost, epoch}.
+-- Returns {granted, limit, spent in ARGV[4]'s period, leased, squeezed, lost, epoch, the
+-- holder's lease after the op}.
 --
 -- Spend reaches HINCRBY as the strings it came in (exact to 2^63); sums and comparisons use
 -- Lua numbers (doubles), exact below 2^53 nano-dollars, which Aura's largest limit keeps every
@@ -199,4 +200,5 @@ elseif redis.call('PTTL', KEYS[4]) >= 0 then
   end
 end
 
-return {granted, limit, spent, math.max(leased, 0), squeezed, lost, epoch}
+local mine = tonumber(redis.call('HGET', KEYS[2], holder)) or 0
+return {granted, limit, spent, math.max(leased, 0), squeezed, lost, epoch, mine}
