@@ -128,6 +128,13 @@ fn heads(c: &mut Criterion) {
     group.bench_function("parse_response_openai_14_headers", |b| {
         b.iter(|| black_box(aura::http::parse_response(black_box(response), 100).unwrap()))
     });
+    // Every request: its target made canonical, then its route's billing looked up.
+    group.bench_function("route_canonical_and_billing_chat", |b| {
+        b.iter(|| {
+            let target = aura::route::canonical(black_box("/v1/chat/completions")).unwrap();
+            black_box(aura::route::billing(&http::Method::POST, &target.path))
+        })
+    });
     group.finish();
 }
 

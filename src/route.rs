@@ -10,6 +10,8 @@
 //! Every `/v1` route is in [`API`] with how it is billed; a route not in it that could cost
 //! money is unpriced (refused in virtual mode unless the operator allows it).
 
+use std::collections::HashMap;
+
 use http::Method;
 
 /// How a request billed by its usage is bounded before it is forwarded.
@@ -90,18 +92,13 @@ pub fn canonical(target: &str) -> Result<Target, TargetError> {
     if in_v1 {
         path.push_str("/v1");
         let rest = &segments[1..];
-        match known_spelling(rest) {
-            Some(spelled) => {
-                for s in spelled {
-                    path.push('/');
-                    path.push_str(&s);
-                }
-            }
-            None => {
-                for s in rest {
-                    path.push('/');
-                    path.push_str(s);
-                }
+        // The literal segments of a known route in its spelling; ids, and unknown paths, as sent.
+        let route = best_match(None, rest, true);
+        for (i, s) in rest.iter().enumerate() {
+            path.push('/');
+            match route.map(|r| r.parts[i]) {
+                Some(literal) if literal != "*" => path.push_str(literal),
+                _ => path.push_str(s),
             }
         }
     } else {
@@ -121,6 +118,13 @@ pub fn canonical(target: &str) -> Result<Target, TargetError> {
 /// `#` or control character are refused.
 fn decode_unreserved(path: &str) -> Result<String, TargetError> {
     let bytes = path.as_bytes();
+    // The common case: nothing to decode or refuse.
+    if !bytes
+        .iter()
+        .any(|&b| matches!(b, b'%' | b';' | b'\\' | b'#') || b < 0x20 || b == 0x7f)
+    {
+        return Ok(path.to_string());
+    }
     let mut out = String::with_capacity(path.len());
     let mut i = 0;
     while i < bytes.len() {
@@ -193,78 +197,142 @@ impl Billing {
 
 /// A `/v1` route: its method, its path after `/v1` (`*` stands for one id segment), and how
 /// it is billed. Routes not listed: GET/HEAD/DELETE/OPTIONS are free, anything else unpriced.
-pub const API: &[(&str, &str, Billing)] = &[
-    ("POST", "/chat/completions", Billing::Chat),
-    ("POST", "/completions", Billing::Usage(Billable::Generates)),
-    ("POST", "/responses", Billing::Usage(Billable::Generates)),
+pub const API: &[(Method, &str, Billing)] = &[
+    (Method::POST, "/chat/completions", Billing::Chat),
     (
-        "POST",
+        Method::POST,
+        "/completions",
+        Billing::Usage(Billable::Generates),
+    ),
+    (
+        Method::POST,
+        "/responses",
+        Billing::Usage(Billable::Generates),
+    ),
+    (
+        Method::POST,
         "/responses/compact",
         Billing::Usage(Billable::Generates),
     ),
-    ("POST", "/embeddings", Billing::Usage(Billable::Embeds)),
-    ("POST", "/images/generations", Billing::Images),
-    ("POST", "/images/edits", Billing::Images),
-    ("POST", "/images/variations", Billing::Images),
-    ("POST", "/audio/speech", Billing::Speech),
-    ("POST", "/audio/transcriptions", Billing::Transcription),
-    ("POST", "/audio/translations", Billing::Transcription),
-    ("POST", "/moderations", Billing::Free),
-    ("POST", "/responses/input_tokens", Billing::Free),
-    ("POST", "/responses/*/cancel", Billing::Free),
-    ("POST", "/files", Billing::Free),
-    ("POST", "/uploads", Billing::Free),
-    ("POST", "/uploads/*/parts", Billing::Free),
-    ("POST", "/uploads/*/complete", Billing::Free),
-    ("POST", "/uploads/*/cancel", Billing::Free),
-    ("POST", "/batches/*/cancel", Billing::Free),
-    ("POST", "/fine_tuning/jobs/*/cancel", Billing::Free),
-    ("POST", "/fine_tuning/jobs/*/pause", Billing::Free),
-    ("POST", "/assistants", Billing::Free),
-    ("POST", "/assistants/*", Billing::Free),
-    ("POST", "/threads", Billing::Free),
-    ("POST", "/threads/*", Billing::Free),
-    ("POST", "/threads/*/messages", Billing::Free),
-    ("POST", "/threads/*/messages/*", Billing::Free),
-    ("POST", "/threads/*/runs/*/cancel", Billing::Free),
-    ("POST", "/conversations", Billing::Free),
-    ("POST", "/conversations/*", Billing::Free),
-    ("POST", "/conversations/*/items", Billing::Free),
-    ("POST", "/chat/completions/*", Billing::Free),
-    ("POST", "/batches", Billing::Unpriced),
-    ("POST", "/fine_tuning/jobs", Billing::Unpriced),
-    ("POST", "/fine_tuning/jobs/*/resume", Billing::Unpriced),
-    ("POST", "/threads/runs", Billing::Unpriced),
-    ("POST", "/threads/*/runs", Billing::Unpriced),
     (
-        "POST",
+        Method::POST,
+        "/embeddings",
+        Billing::Usage(Billable::Embeds),
+    ),
+    (Method::POST, "/images/generations", Billing::Images),
+    (Method::POST, "/images/edits", Billing::Images),
+    (Method::POST, "/images/variations", Billing::Images),
+    (Method::POST, "/audio/speech", Billing::Speech),
+    (
+        Method::POST,
+        "/audio/transcriptions",
+        Billing::Transcription,
+    ),
+    (Method::POST, "/audio/translations", Billing::Transcription),
+    (Method::POST, "/moderations", Billing::Free),
+    (Method::POST, "/responses/input_tokens", Billing::Free),
+    (Method::POST, "/responses/*/cancel", Billing::Free),
+    (Method::POST, "/files", Billing::Free),
+    (Method::POST, "/uploads", Billing::Free),
+    (Method::POST, "/uploads/*/parts", Billing::Free),
+    (Method::POST, "/uploads/*/complete", Billing::Free),
+    (Method::POST, "/uploads/*/cancel", Billing::Free),
+    (Method::POST, "/batches/*/cancel", Billing::Free),
+    (Method::POST, "/fine_tuning/jobs/*/cancel", Billing::Free),
+    (Method::POST, "/fine_tuning/jobs/*/pause", Billing::Free),
+    (Method::POST, "/assistants", Billing::Free),
+    (Method::POST, "/assistants/*", Billing::Free),
+    (Method::POST, "/threads", Billing::Free),
+    (Method::POST, "/threads/*", Billing::Free),
+    (Method::POST, "/threads/*/messages", Billing::Free),
+    (Method::POST, "/threads/*/messages/*", Billing::Free),
+    (Method::POST, "/threads/*/runs/*/cancel", Billing::Free),
+    (Method::POST, "/conversations", Billing::Free),
+    (Method::POST, "/conversations/*", Billing::Free),
+    (Method::POST, "/conversations/*/items", Billing::Free),
+    (Method::POST, "/chat/completions/*", Billing::Free),
+    (Method::POST, "/batches", Billing::Unpriced),
+    (Method::POST, "/fine_tuning/jobs", Billing::Unpriced),
+    (
+        Method::POST,
+        "/fine_tuning/jobs/*/resume",
+        Billing::Unpriced,
+    ),
+    (Method::POST, "/threads/runs", Billing::Unpriced),
+    (Method::POST, "/threads/*/runs", Billing::Unpriced),
+    (
+        Method::POST,
         "/threads/*/runs/*/submit_tool_outputs",
         Billing::Unpriced,
     ),
-    ("POST", "/vector_stores", Billing::Unpriced),
-    ("POST", "/realtime/sessions", Billing::Unpriced),
-    ("POST", "/realtime/client_secrets", Billing::Unpriced),
+    (Method::POST, "/vector_stores", Billing::Unpriced),
+    (Method::POST, "/realtime/sessions", Billing::Unpriced),
+    (Method::POST, "/realtime/client_secrets", Billing::Unpriced),
     (
-        "POST",
+        Method::POST,
         "/realtime/transcription_sessions",
         Billing::Unpriced,
     ),
-    ("POST", "/containers", Billing::Unpriced),
-    ("POST", "/videos", Billing::Unpriced),
+    (Method::POST, "/containers", Billing::Unpriced),
+    (Method::POST, "/videos", Billing::Unpriced),
     // Reads of a model list and of objects: free, and listed for their spelling.
-    ("GET", "/models", Billing::Free),
-    ("GET", "/models/*", Billing::Free),
-    ("GET", "/files", Billing::Free),
-    ("GET", "/files/*", Billing::Free),
-    ("GET", "/files/*/content", Billing::Free),
-    ("GET", "/batches", Billing::Free),
-    ("GET", "/batches/*", Billing::Free),
-    ("GET", "/responses/*", Billing::Free),
-    ("GET", "/fine_tuning/jobs", Billing::Free),
-    ("GET", "/fine_tuning/jobs/*", Billing::Free),
+    (Method::GET, "/models", Billing::Free),
+    (Method::GET, "/models/*", Billing::Free),
+    (Method::GET, "/files", Billing::Free),
+    (Method::GET, "/files/*", Billing::Free),
+    (Method::GET, "/files/*/content", Billing::Free),
+    (Method::GET, "/batches", Billing::Free),
+    (Method::GET, "/batches/*", Billing::Free),
+    (Method::GET, "/responses/*", Billing::Free),
+    (Method::GET, "/fine_tuning/jobs", Billing::Free),
+    (Method::GET, "/fine_tuning/jobs/*", Billing::Free),
     // A WebSocket session (GET + Upgrade) costs money; Aura does not forward upgrades.
-    ("GET", "/realtime", Billing::Unpriced),
+    (Method::GET, "/realtime", Billing::Unpriced),
 ];
+
+/// A route of [`API`], split once: routing runs on every request.
+struct Route {
+    method: Method,
+    /// The segments after `/v1`; `*` is one id.
+    parts: Vec<&'static str>,
+    /// How many are not `*`: the most literal route that matches wins.
+    literals: usize,
+    billing: Billing,
+}
+
+/// The routes by their first segment (a literal in every route).
+static ROUTES: std::sync::LazyLock<HashMap<&'static str, Vec<Route>>> =
+    std::sync::LazyLock::new(|| {
+        let mut routes: HashMap<&'static str, Vec<Route>> = HashMap::new();
+        for (method, pattern, billing) in API {
+            let parts: Vec<&'static str> = pattern.trim_start_matches('/').split('/').collect();
+            routes.entry(parts[0]).or_default().push(Route {
+                method: method.clone(),
+                literals: parts.iter().filter(|p| **p != "*").count(),
+                parts,
+                billing: *billing,
+            });
+        }
+        routes
+    });
+
+/// Longer than any route's first segment.
+const MAX_FIRST_SEGMENT: usize = 32;
+
+/// More segments than any route has: such a path matches none.
+const MAX_SEGMENTS: usize = 8;
+
+/// The segments of `rest` (a path after `/v1`, from its `/`), on the stack; none when there are
+/// more than any route has.
+fn segments_of(rest: &str) -> Option<([&str; MAX_SEGMENTS], usize)> {
+    let mut segments = [""; MAX_SEGMENTS];
+    let mut n = 0;
+    for segment in rest.trim_start_matches('/').split('/') {
+        *segments.get_mut(n)? = segment;
+        n += 1;
+    }
+    Some((segments, n))
+}
 
 /// The most specific route of [`API`] (most literal segments) that `segments` match, of
 /// `method` (any method when none); literals compared without regard to case when `any_case`.
@@ -272,45 +340,43 @@ fn best_match(
     method: Option<&Method>,
     segments: &[&str],
     any_case: bool,
-) -> Option<&'static (&'static str, &'static str, Billing)> {
-    API.iter()
-        .filter(|(m, _, _)| method.is_none_or(|method| *m == method.as_str()))
-        .filter(|(_, pattern, _)| {
-            let parts: Vec<&str> = pattern.trim_start_matches('/').split('/').collect();
-            parts.len() == segments.len()
-                && parts
+) -> Option<&'static Route> {
+    let first = *segments.first()?;
+    let mut lower = [0u8; MAX_FIRST_SEGMENT];
+    let first = if any_case {
+        let lower = lower.get_mut(..first.len())?;
+        lower.copy_from_slice(first.as_bytes());
+        lower.make_ascii_lowercase();
+        std::str::from_utf8(lower).ok()?
+    } else {
+        first
+    };
+    ROUTES
+        .get(first)?
+        .iter()
+        .filter(|route| {
+            let part_matches =
+                |p: &str, s: &str| p == "*" || p == s || (any_case && p.eq_ignore_ascii_case(s));
+            route.parts.len() == segments.len()
+                && method.is_none_or(|method| route.method == method)
+                && route
+                    .parts
                     .iter()
                     .zip(segments)
-                    .all(|(p, s)| *p == "*" || (any_case && p.eq_ignore_ascii_case(s)) || p == s)
+                    .skip(1)
+                    .all(|(p, s)| part_matches(p, s))
         })
-        .max_by_key(|(_, pattern, _)| pattern.split('/').filter(|p| *p != "*").count())
-}
-
-/// The segments after `/v1` in the spelling of the known route they match (literals as the
-/// route has them, ids as sent); none if no route has this shape.
-fn known_spelling(segments: &[&str]) -> Option<Vec<String>> {
-    let (_, pattern, _) = best_match(None, segments, true)?;
-    let parts = pattern.trim_start_matches('/').split('/');
-    Some(
-        parts
-            .zip(segments)
-            .map(|(p, s)| {
-                if p == "*" {
-                    s.to_string()
-                } else {
-                    p.to_string()
-                }
-            })
-            .collect(),
-    )
+        .max_by_key(|route| route.literals)
 }
 
 /// How `method` on the canonical `/v1` path `path` is billed.
 pub fn billing(method: &Method, path: &str) -> Billing {
     let rest = path.strip_prefix("/v1").unwrap_or(path);
-    let segments: Vec<&str> = rest.trim_start_matches('/').split('/').collect();
-    match best_match(Some(method), &segments, false) {
-        Some((_, _, billing)) => *billing,
+    let matched = segments_of(rest)
+        .and_then(|(segments, n)| best_match(Some(method), &segments[..n], false))
+        .map(|route| route.billing);
+    match matched {
+        Some(billing) => billing,
         None if matches!(
             *method,
             Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
