@@ -5,6 +5,7 @@
 //! is the fast upstream itself (started by the other two). `scripts/perf` is the one command.
 
 mod bench;
+mod keys;
 mod load;
 mod procstat;
 mod report;
@@ -68,6 +69,17 @@ enum Cmd {
         scale: f64,
         #[arg(long, default_value_t = 1)]
         load_threads: usize,
+    },
+    /// What a distinct API key costs in memory: the in-memory store in this process, and a
+    /// Valkey server's accounts.
+    Keys {
+        /// Distinct keys fed to the in-memory store (a tenth of it to Valkey).
+        #[arg(long, default_value_t = 1_000_000)]
+        count: usize,
+        #[arg(long)]
+        valkey_server: Option<String>,
+        #[arg(long, default_value = "perf/out")]
+        out: PathBuf,
     },
     /// Scenario (b) against Aura alone at each worker count, pinned: requests/s per worker.
     Scaling {
@@ -137,6 +149,16 @@ fn main() -> ExitCode {
             common,
             workers_list,
         } => scaling(&common, &workers_list),
+        Cmd::Keys {
+            count,
+            valkey_server,
+            out,
+        } => targets::find_valkey_server(valkey_server.as_deref())
+            .map_or_else(
+                || keys::run(count, None, &out.join("keys")),
+                |server| keys::run(count, Some(&server), &out.join("keys")),
+            )
+            .map(|report| print!("{report}")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
