@@ -129,7 +129,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting { key: "node_id", env: &[NODE_ID], help: "this node's name in the valkey store (leases and exactly-once sequences are kept per node and worker); unique per node, stable across restarts [default: the host name]" },
     Setting { key: "journal_dir", env: &[JOURNAL_DIR], help: "directory of the journal: every settled cost is written there before it can be lost to a kill, until the valkey store has it; replayed at the next start; locked by one Aura at a time [default: /var/lib/aura where writable, else $XDG_STATE_HOME/aura or ~/.local/state/aura]" },
     Setting { key: "journal_fsync_interval_ms", env: &[JOURNAL_FSYNC_INTERVAL_MS], help: "how often the journal is flushed to disk: a power loss (not a kill) can lose at most this much settled spend [default: 1000]" },
-    Setting { key: "ledger_journal", env: &[LEDGER_JOURNAL], help: "replaced by journal_dir (a directory): setting it is an error" },
+    Setting { key: "ledger_journal", env: &[LEDGER_JOURNAL], help: "the journal file of an Aura from before journal_dir: replayed once at start (spend it kept when it stopped without the store), then deleted [default: aura-ledger.journal, where it exists]" },
     Setting { key: "shutdown_grace_ms", env: &[SHUTDOWN_GRACE_MS], help: "on SIGTERM or SIGINT, how long requests in flight may take to finish before spend is flushed and Aura exits (a request cut then is billed its reservation) [default: 20000]" },
 ];
 
@@ -280,6 +280,8 @@ pub struct ValkeySettings {
     pub journal_dir: Option<PathBuf>,
     /// How often the journal is flushed to disk.
     pub fsync_every: Duration,
+    /// An earlier Aura's journal file, replayed once where it exists.
+    pub legacy_journal: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -494,12 +496,11 @@ impl Parser<'_> {
                 env_names("node_id")
             ));
         }
-        if self.values.contains_key("ledger_journal") {
-            self.errors.push(format!(
-                "ledger_journal ({}) is replaced by journal_dir ({JOURNAL_DIR}), a directory",
-                env_names("ledger_journal")
-            ));
-        }
+        let legacy_journal = PathBuf::from(
+            self.values
+                .get("ledger_journal")
+                .map_or("aura-ledger.journal", |p| p.trim()),
+        );
         let journal_dir = self
             .values
             .get("journal_dir")
@@ -525,6 +526,7 @@ impl Parser<'_> {
             node_id,
             journal_dir,
             fsync_every,
+            legacy_journal,
         })
     }
 

@@ -432,13 +432,19 @@ async fn publish_metrics(id: usize, proxy: Rc<Proxy>, registry: Arc<Registry>) {
 /// Flushes this worker's settled spend to the store every interval, off the request path, and
 /// keeps its budget clock ticking in between (however long the interval).
 async fn flush_budget(proxy: Rc<Proxy>, every: std::time::Duration) {
-    let tick = every.min(crate::budget::shard::TICK);
-    let mut since_flush = Duration::ZERO;
+    // Ticks of at most TICK that add up to the interval exactly.
+    let ticks_per_flush = every
+        .as_nanos()
+        .div_ceil(crate::budget::shard::TICK.as_nanos().max(1))
+        .max(1);
+    let ticks_per_flush = u32::try_from(ticks_per_flush).unwrap_or(u32::MAX);
+    let tick = every / ticks_per_flush;
+    let mut ticks = 0;
     loop {
         monoio::time::sleep(tick).await;
-        since_flush += tick;
-        if since_flush >= every {
-            since_flush = Duration::ZERO;
+        ticks += 1;
+        if ticks >= ticks_per_flush {
+            ticks = 0;
             proxy.flush_budget();
         } else {
             proxy.tick_budget();
@@ -535,6 +541,18 @@ fn start_ledger(
         .map_err(|e| StartError::Journal(journal::JournalError::Dir(dir.clone(), e)))?;
     let mut replay = journal::plan_replay(segments, period_of(period, clock()));
     replay.unreadable = unreadable;
+    let legacy = &settings.legacy_journal;
+    let legacy_ops = journal::legacy::read(legacy, period_of(period, clock()))
+        .map_err(|e| StartError::Journal(journal::JournalError::Legacy(e)))?;
+    if let Some(ops) = legacy_ops {
+        tracing::info!(
+            ops = ops.len(),
+            file = %legacy.display(),
+            "replaying an earlier Aura's journal"
+        );
+        replay.ops.splice(0..0, ops);
+        replay.files.push(legacy.clone());
+    }
     let admin = store.second_connection();
     let (thread, handles) = LedgerThread::start(LedgerSettings {
         store: Arc::new(store),

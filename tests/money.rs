@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use aura::auth::KeyId;
 use common::billing::*;
 use common::load::{is_subset_sum, mock_costs, Got, Load, Rng, Sent};
-use common::valkey::Valkey;
+use common::valkey::{spent_fields, Valkey};
 use common::{sample, scrape_until, start_mock, Driver, Launch, MockOptions, MockUpstream};
 use common::{CHAT, WHOLE};
 
@@ -44,6 +44,7 @@ on_both_drivers!(
     a_store_that_restarts_empty_gets_back_what_the_nodes_knew,
     keys_the_upstream_refuses_leave_nothing_and_empty_accounts_expire,
     admin_reads_write_nothing_and_never_hold_up_a_lease_ask,
+    an_earlier_auras_journal_is_replayed_once,
 );
 
 /// A fresh journal directory for one test.
@@ -473,6 +474,48 @@ fn a_second_aura_cannot_share_a_journal_directory(driver: Driver) {
         "{}",
         relative.output()
     );
+}
+
+/// Bug: the journal of the Aura before `journal_dir` (JSON lines in its `ledger_journal` file,
+/// written when it stopped without its store) was ignored after an upgrade: that spend was never
+/// billed.
+fn an_earlier_auras_journal_is_replayed_once(driver: Driver) {
+    let mock = start_mock(MockOptions::default());
+    let valkey = Valkey::start();
+    let journal = journal_dir("legacy", driver);
+    let legacy = journal.with_extension("ledger.journal");
+    let key = KeyId::of("sk-test-money-legacy-0001");
+    let text = format!(
+        "{{\"holder\":\"old/node/0\",\"seq\":4,\"key\":\"{key}\",\"spent\":1500,\"from_lease\":0,\"returned\":0}}\n\
+         {{\"holder\":\"old/node/0\",\"seq\":5,\"key\":\"{key}\",\"spent\":2500,\"from_lease\":0,\"returned\":0}}\n"
+    );
+    let flags = [("--ledger-journal", legacy.to_str().unwrap())];
+    for start in 0..2 {
+        // The second start finds the same file again (an operator's copy): nothing twice.
+        std::fs::write(&legacy, &text).unwrap();
+        let mut aura = on_valkey(&mock, &valkey, driver, &journal, &flags).start();
+        wait_until(
+            "the earlier journal replayed and deleted",
+            Duration::from_secs(10),
+            || !legacy.exists(),
+        );
+        let account = valkey.hash(&format!("aura:{{{key}}}"));
+        assert_eq!(spent_fields(&account), 4_000, "start {start}: {account:?}");
+        assert!(aura.terminate(Duration::from_secs(10)).success());
+    }
+    // A file that does not read stops the start: its spend would be lost.
+    std::fs::write(&legacy, "{\"holder\":\"old/node/0\"}\n").unwrap();
+    let refused = on_valkey(&mock, &valkey, driver, &journal, &flags).run_to_exit();
+    assert!(!refused.status.success());
+    assert!(
+        refused
+            .stderr
+            .contains("an earlier Aura's journal, not replayed"),
+        "{}",
+        refused.output()
+    );
+    let _ = std::fs::remove_file(&legacy);
+    let _ = std::fs::remove_dir_all(&journal);
 }
 
 /// Bug: a store that restarted without persistence went unnoticed: spend, sequences, leases and

@@ -19,6 +19,8 @@
 //! it was settled in, and the holder's leases are dropped (it is gone). The directory is locked for the
 //! life of the process: a second Aura pointed at it refuses to start.
 
+pub mod legacy;
+
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -187,6 +189,24 @@ pub struct Segment {
 impl Segment {
     fn read(path: &Path) -> io::Result<Option<Segment>> {
         let bytes = std::fs::read(path)?;
+        // Another version's segment may hold spend not yet in the store: never skipped.
+        if let Some(version) = bytes
+            .get(8..12)
+            .filter(|_| bytes.starts_with(MAGIC))
+            .and_then(|v| v.try_into().ok())
+            .map(u32::from_le_bytes)
+            .filter(|v| *v != VERSION)
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{} was written by another version of Aura (journal format {version}; this \
+                     one reads {VERSION}): start the version that wrote it once, so it replays \
+                     it, then this one",
+                    path.display()
+                ),
+            ));
+        }
         let Some(header) = Header::decode(&bytes) else {
             return Ok(None);
         };
@@ -320,6 +340,9 @@ pub enum JournalError {
         "journal directory {dir} is in use by another Aura (pid {pid}); give each Aura its own --journal-dir"
     )]
     Locked { dir: PathBuf, pid: String },
+    /// An earlier Aura's journal file that cannot be replayed whole.
+    #[error("{0}")]
+    Legacy(io::Error),
 }
 
 impl Journal {
@@ -754,6 +777,26 @@ mod tests {
         journal.sync();
         journal.remove_live();
         assert!(journal.leftovers().unwrap().0.is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn another_versions_segment_is_never_skipped() {
+        let dir = dir("version");
+        let journal = Arc::new(Journal::open(&dir).unwrap());
+        let mut worker = journal.worker(Holder::from("n/b/0"), "b-w0");
+        assert_eq!(worker.append(spend(1, 1, 5, 10)), Appended::Full);
+        assert_eq!(worker.rotate(&[spend(1, 1, 5, 10)]), Appended::Written);
+        drop(worker);
+        let path = journal.leftovers().unwrap().0[0].path.clone();
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        let error = journal.leftovers().unwrap_err().to_string();
+        assert!(
+            error.contains("written by another version of Aura (journal format 1"),
+            "{error}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 

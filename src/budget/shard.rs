@@ -146,8 +146,11 @@ struct Lease {
     known: Option<(Account, u64)>,
     /// Spend of that period handed to the ledger since, not yet answered.
     on_its_way: u64,
-    /// The sequence number of the newest op handed to the ledger for the key.
+    /// The sequence number of the newest op handed to the ledger for the key, and of the newest
+    /// answered (or set aside): a key is not forgotten while an op of it is unanswered, so a
+    /// late answer is never taken for news about a key this worker no longer follows.
     last_sent: u64,
+    last_answered: u64,
     /// The account's epoch as the store last answered (none: not heard, or forgotten).
     epoch: Option<Epoch>,
     /// When this worker last sent the store an op for the key (renewals are due from it).
@@ -503,6 +506,7 @@ impl Shard {
                 // handed back is still this worker's in the store; a request waiting on the
                 // ask gets the failure mode.
                 lease.held = lease.held.saturating_add(op.settle.returned);
+                lease.last_answered = lease.last_answered.max(op.seq);
                 // Ops merged into it went with it (their spend is in the rejected file too).
                 lease.unconfirmed.retain(|(seq, _)| *seq > op.seq);
                 if lease.asking == Some(op.seq) {
@@ -518,14 +522,17 @@ impl Shard {
 
     fn answer(&self, op: Op, applied: Applied) {
         let mut keys = self.keys.borrow_mut();
-        // A lease for a key this shard forgot is held again (and returned when idle); any other
-        // answer for it is about an account this worker no longer follows.
-        let store_held = applied.held.unwrap_or(0);
-        let forgotten = !keys.contains_key(&op.key);
-        if forgotten && applied.granted == 0 && store_held == 0 {
-            return;
-        }
-        let lease = keys.entry(op.key).or_default();
+        // A key is forgotten only once all its ops are answered: this answer repeats one. A
+        // grant in it is held again (and returned when idle); anything else is old news.
+        let lease = if applied.granted > 0 {
+            keys.entry(op.key).or_default()
+        } else {
+            match keys.get_mut(&op.key) {
+                Some(lease) => lease,
+                None => return,
+            }
+        };
+        lease.last_answered = lease.last_answered.max(op.seq);
         let carried = match lease.known {
             Some((_, period)) if period == op.period => op.settle.spent.in_period(period),
             _ => 0,
@@ -547,14 +554,15 @@ impl Shard {
             lease.unreachable = false;
             lease.answered = Some((op.seq, applied.granted));
         }
-        // With nothing else of the key on its way, what the store counts as this worker's
-        // lease is what it holds plus what it spent from it since: more means a grant whose
-        // answer was lost (a retried ask answered after a newer op was applied). It is this
-        // worker's to use, and to return; never less (a lapse is `lapsing`'s to judge).
-        let newest = forgotten || (op.seq == lease.last_sent && lease.asking.is_none());
-        if newest {
-            let mine = lease.held + lease.pending.from_lease;
-            lease.held += store_held.saturating_sub(mine);
+        // Answered for its newest op, with nothing else of the key on its way, the store counts
+        // as this worker's lease what it holds plus what it spent from it since: more means a
+        // lease whose answer was lost. It is this worker's to use, and to return; never less (a
+        // lapse is `lapsing`'s to judge).
+        if let Some(store_held) = applied.held {
+            if op.seq == lease.last_sent && lease.asking.is_none() {
+                let mine = lease.held + lease.pending.from_lease;
+                lease.held += store_held.saturating_sub(mine);
+            }
         }
         let confirmed_spend = confirmed > lease.unconfirmed.len();
         drop(keys);
@@ -700,7 +708,9 @@ impl Shard {
     /// (it stays here, journaled, for the failure mode to count).
     pub fn flush(&self, now: Instant) {
         self.tick();
-        if !self.ledger.reachable() {
+        // After `close` handed everything over, nothing more goes to the store (the worker's
+        // flush task may run once more before the worker ends).
+        if self.closed.get() || !self.ledger.reachable() {
             return;
         }
         self.flush_with(now, false);
@@ -777,7 +787,8 @@ impl Shard {
                 && lease.held == 0
                 && lease.pending.is_empty();
             let done = lease.idle(now) && lease.held == 0 && lease.pending.is_empty();
-            !(forgotten || done) || !lease.unconfirmed.is_empty()
+            let unanswered = lease.last_sent > lease.last_answered;
+            !(forgotten || done) || !lease.unconfirmed.is_empty() || unanswered
         });
     }
 
@@ -808,6 +819,9 @@ impl Shard {
                 }
                 if op.forget {
                     lease.refused = true;
+                    // The store may drop the account: an op sent before the answer must not
+                    // take the account made anew for a lost one.
+                    lease.epoch = None;
                 }
             }
         }
@@ -1040,6 +1054,45 @@ mod tests {
 
     fn shard(store: Arc<MemoryStore>, workers: usize) -> Shard {
         Shard::new(Ledger::Inline(store), settings("test/0", workers))
+    }
+
+    /// A ledger thread on `store` for one worker (leases lapsing after `ttl`): the thread, the
+    /// worker's ledger, and its inbox for `pump`.
+    fn remote(
+        store: Arc<dyn Store>,
+        ttl: Duration,
+    ) -> (
+        crate::budget::ledger::LedgerThread,
+        Ledger,
+        crate::budget::ledger::Inbox,
+    ) {
+        let (thread, mut handles) =
+            crate::budget::ledger::LedgerThread::start(crate::budget::ledger::LedgerSettings {
+                store: store.clone(),
+                admin: store,
+                workers: 1,
+                timeout: Duration::from_secs(2),
+                lease_ttl: ttl,
+                journal: None,
+                replay: Default::default(),
+                period: Period::Never,
+                clock: system_clock(),
+                fsync_every: Duration::from_secs(1),
+                holder: Holder::from("test/remote/ledger"),
+            })
+            .unwrap();
+        let (ledger, inbox) = handles.remove(0);
+        (thread, ledger, inbox)
+    }
+
+    /// Delivers the ledger's answers to `shard` (inside its runtime).
+    fn pump(shard: &std::rc::Rc<Shard>, mut inbox: crate::budget::ledger::Inbox) {
+        let shard = shard.clone();
+        monoio::spawn(async move {
+            while let Ok(reply) = inbox.recv().await {
+                shard.on_reply(reply);
+            }
+        });
     }
 
     /// A runtime for the tests that wait (a remote ledger, a squeeze).
@@ -1501,33 +1554,13 @@ mod tests {
     fn a_lease_unconfirmed_for_most_of_its_lifetime_is_handed_back_not_spent() {
         let store = store(1_000_000);
         let ttl = Duration::from_millis(300);
-        let (thread, mut handles) =
-            crate::budget::ledger::LedgerThread::start(crate::budget::ledger::LedgerSettings {
-                store: store.clone(),
-                admin: store.clone(),
-                workers: 1,
-                timeout: Duration::from_secs(2),
-                lease_ttl: ttl,
-                journal: None,
-                replay: Default::default(),
-                period: Period::Never,
-                clock: system_clock(),
-                fsync_every: Duration::from_secs(1),
-                holder: Holder::from("test/remote/ledger"),
-            })
-            .unwrap();
-        let (ledger, mut inbox) = handles.remove(0);
+        let (thread, ledger, inbox) = remote(store.clone(), ttl);
         let mut settings = settings("test/remote/0", 1);
         settings.fail_open = false;
         let shard = std::rc::Rc::new(Shard::new(ledger, settings));
         let mut runtime = runtime();
         runtime.block_on(async {
-            let pump = shard.clone();
-            monoio::spawn(async move {
-                while let Ok(reply) = inbox.recv().await {
-                    pump.on_reply(reply);
-                }
-            });
+            pump(&shard, inbox);
             let first = shard.reserve(key(), 1_000).await.unwrap();
             let granted = store.account(key()).leased;
             assert_eq!(granted, 1_000 + 999_000 / 2);
@@ -1646,20 +1679,40 @@ mod tests {
         assert_eq!(store.account(key()).spent, 7);
     }
 
-    /// A store whose answer to the first ask was lost: the ask was applied (its lease is this
-    /// holder's in the store), and the retry, coming after a newer op, was answered 0.
-    struct LostFirstGrant {
+    /// The in-memory store, answering each op with the holder's lease as Valkey does (one
+    /// holder per key here: the key's leased total), that can lose the answer to its first ask
+    /// (the retry of an applied ask, answered 0), and be slow (every call waits while `gate` is
+    /// held and `gated` is set).
+    struct Reporting {
         inner: Arc<MemoryStore>,
+        lose_first_grant: bool,
         lost: std::sync::atomic::AtomicBool,
+        gate: std::sync::Mutex<()>,
+        gated: std::sync::atomic::AtomicBool,
     }
 
-    impl Store for LostFirstGrant {
+    impl Reporting {
+        fn new(inner: Arc<MemoryStore>, lose_first_grant: bool) -> Reporting {
+            Reporting {
+                inner,
+                lose_first_grant,
+                lost: Default::default(),
+                gate: Default::default(),
+                gated: Default::default(),
+            }
+        }
+    }
+
+    impl Store for Reporting {
         fn apply(&self, ops: &[Op]) -> Result<Vec<Applied>, StoreError> {
+            use std::sync::atomic::Ordering::SeqCst;
+            if self.gated.load(SeqCst) {
+                drop(self.gate.lock());
+            }
             let mut applied = self.inner.apply(ops)?;
             for (op, answer) in ops.iter().zip(applied.iter_mut()) {
-                // One holder: the key's leased total is its lease.
                 answer.held = Some(self.inner.account(op.key).leased);
-                if op.ask.is_some() && !self.lost.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                if self.lose_first_grant && op.ask.is_some() && !self.lost.swap(true, SeqCst) {
                     answer.granted = 0;
                 }
             }
@@ -1691,10 +1744,7 @@ mod tests {
     #[test]
     fn a_grant_whose_answer_was_lost_is_held_used_and_returned() {
         let inner = store(1_000_000);
-        let lossy = Arc::new(LostFirstGrant {
-            inner: inner.clone(),
-            lost: Default::default(),
-        });
+        let lossy = Arc::new(Reporting::new(inner.clone(), true));
         let shard = Shard::new(Ledger::Inline(lossy), settings("test/0", 1));
         let request = reserve(&shard, key(), 1_000)
             .expect("admitted on the lease the store counts as this worker's");
@@ -1706,5 +1756,80 @@ mod tests {
             (400, 0),
             "spent once, nothing stranded"
         );
+    }
+
+    /// A renewal held up in a slow store, then the key idle: the next flush hands its whole lease
+    /// back. The renewal's late answer (the lease as it was) must not bring back a lease the
+    /// store no longer counts.
+    #[test]
+    // The gate holds up the ledger thread, not this runtime: holding it across a sleep is the
+    // point.
+    #[allow(clippy::await_holding_lock)]
+    fn a_late_answer_never_brings_back_a_returned_lease() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let inner = store(1_000_000);
+        let slow = Arc::new(Reporting::new(inner.clone(), false));
+        let (thread, ledger, inbox) = remote(slow.clone(), Duration::from_secs(30));
+        let shard = std::rc::Rc::new(Shard::new(ledger, settings("test/remote/0", 1)));
+        let other = Shard::new(Ledger::Inline(inner.clone()), settings("test/other/0", 1));
+        runtime().block_on(async {
+            pump(&shard, inbox);
+            let request = shard.reserve(key(), 1_000).await.unwrap();
+            assert_eq!(inner.account(key()).leased, 500_500);
+            // The store is slow: a renewal (no spend) waits in the ledger.
+            let gate = slow.gate.lock().unwrap();
+            slow.gated.store(true, SeqCst);
+            shard.flush(Instant::now() + Duration::from_secs(11));
+            monoio::time::sleep(Duration::from_millis(20)).await;
+            request.settle(0);
+            // Idle: the whole lease goes back, behind the renewal.
+            shard.flush(Instant::now() + Duration::from_secs(12));
+            slow.gated.store(false, SeqCst);
+            drop(gate);
+            monoio::time::sleep(Duration::from_millis(200)).await;
+            assert_eq!(
+                inner.account(key()).leased,
+                0,
+                "the store took the lease back"
+            );
+            // This worker must ask again; another takes the whole budget first.
+            let theirs = reserve(&other, key(), 1_000_000).expect("the store has it all");
+            theirs.settle(1_000_000);
+            other.flush(Instant::now());
+            let mine = shard.reserve(key(), 500_000).await;
+            assert!(
+                mine.is_err(),
+                "admitted on a lease the store does not count"
+            );
+            assert_eq!(inner.account(key()).spent, 1_000_000);
+        });
+        thread.finish(Instant::now() + Duration::from_secs(1));
+    }
+
+    /// The worker's flush task may run once more after `close`: with the close's ops still on
+    /// their way, it must not ask for a lease (nothing would ever hand it back).
+    #[test]
+    fn nothing_goes_to_the_store_after_close() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let inner = store(1_000_000);
+        let slow = Arc::new(Reporting::new(inner.clone(), false));
+        let (thread, ledger, inbox) = remote(slow.clone(), Duration::from_secs(30));
+        let shard = std::rc::Rc::new(Shard::new(ledger, settings("test/remote/0", 1)));
+        runtime().block_on(async {
+            pump(&shard, inbox);
+            let request = shard.reserve(key(), 1_000).await.unwrap();
+            request.settle(900);
+            let gate = slow.gate.lock().unwrap();
+            slow.gated.store(true, SeqCst);
+            shard.close(Instant::now());
+            // A busy key running low: a flush would top its lease up.
+            shard.flush(Instant::now());
+            slow.gated.store(false, SeqCst);
+            drop(gate);
+            monoio::time::sleep(Duration::from_millis(200)).await;
+            let account = inner.account(key());
+            assert_eq!((account.spent, account.leased), (900, 0));
+        });
+        thread.finish(Instant::now() + Duration::from_secs(1));
     }
 }
