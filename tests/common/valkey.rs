@@ -255,6 +255,8 @@ impl ValkeyCluster {
                     .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
                     .args(["--save", "", "--appendonly", "no"])
                     .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "5000"])
+                    // Its bus port, free too (by default port + 10000: taken, or past 65535).
+                    .args(["--cluster-port", &super::dead_port().to_string()])
                     .arg("--cluster-config-file")
                     .arg(dir.join("nodes.conf"))
                     .arg("--dir")
