@@ -9,7 +9,7 @@
 mod common;
 
 use common::billing::*;
-use common::valkey::Valkey;
+use common::valkey::{journal_dir, on_valkey, Valkey};
 use common::{sample, scrape_until, start_mock, Driver, Launch, MockOptions, CHAT, WHOLE};
 
 on_both_drivers!(
@@ -36,17 +36,8 @@ fn nano_of(prompt: u64, completion: u64, input_pico: u64, output_pico: u64) -> u
 fn a_key_never_seen_is_held_to_its_configured_limit_while_the_store_is_away(driver: Driver) {
     let mock = start_mock(MockOptions::default());
     let valkey = Valkey::stopped();
-    let journal = std::env::temp_dir().join(format!(
-        "aura-bounds-{}-unseen-{driver:?}",
-        std::process::id()
-    ));
-    let aura = Launch::new(&mock.url(), driver)
-        .arg("--store")
-        .arg("valkey")
-        .arg("--valkey-url")
-        .arg(&valkey.url())
-        .arg("--journal-dir")
-        .arg(journal.to_str().unwrap())
+    let journal = journal_dir("bounds-unseen", driver);
+    let aura = on_valkey(&mock, &valkey, driver, &journal, &[])
         .arg("--default-limit-dollars")
         .arg("0.0002")
         .start();
@@ -131,17 +122,8 @@ fn limits_a_store_cannot_hold_exactly_are_refused(driver: Driver) {
     );
     // In the admin API: refused with what is accepted; $4,000,000 itself is held exactly.
     let valkey = Valkey::start();
-    let journal = std::env::temp_dir().join(format!(
-        "aura-bounds-{}-limits-{driver:?}",
-        std::process::id()
-    ));
-    let aura = Launch::new(&mock.url(), driver)
-        .arg("--store")
-        .arg("valkey")
-        .arg("--valkey-url")
-        .arg(&valkey.url())
-        .arg("--journal-dir")
-        .arg(journal.to_str().unwrap())
+    let journal = journal_dir("bounds-limits", driver);
+    let aura = on_valkey(&mock, &valkey, driver, &journal, &[])
         .arg("--admin-token")
         .arg(TOKEN)
         .start();

@@ -10,40 +10,17 @@
 #[macro_use]
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::load::{is_subset_sum, mock_costs, Got, Kind, Load, Rng, Sent};
-use common::valkey::Valkey;
-use common::{start_mock, Aura, Driver, Launch, MockOptions, MockUpstream};
+use common::valkey::{journal_dir, on_valkey, Valkey};
+use common::{start_mock, Driver, MockOptions};
 
 on_both_drivers!(five_thousand_mixed_requests_survive_a_store_kill_and_a_node_sigkill_exactly);
 
 const REQUESTS: usize = 5_000;
-
-fn journal_dir(name: &str, driver: Driver) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "aura-fleet-{}-{name}-{driver:?}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
-fn node(mock: &MockUpstream, valkey: &Valkey, driver: Driver, name: &str, journal: &Path) -> Aura {
-    Launch::new(&mock.url(), driver)
-        .arg("--store")
-        .arg("valkey")
-        .arg("--valkey-url")
-        .arg(&valkey.url())
-        .arg("--node-id")
-        .arg(name)
-        .arg("--journal-dir")
-        .arg(journal.to_str().unwrap())
-        .start()
-}
 
 /// Waits until the loads have had `n` answers between them.
 fn wait_for(loads: &[&Load], n: usize) {
@@ -64,8 +41,12 @@ fn five_thousand_mixed_requests_survive_a_store_kill_and_a_node_sigkill_exactly(
         .map(|i| format!("sk-test-fleet-key-{i:04}"))
         .collect();
     let (journal_a, journal_b) = (journal_dir("a", driver), journal_dir("b", driver));
-    let mut a = node(&mock, &valkey, driver, "fleet-a", &journal_a);
-    let mut b = node(&mock, &valkey, driver, "fleet-b", &journal_b);
+    let mut a = on_valkey(&mock, &valkey, driver, &journal_a, &[])
+        .node_id("fleet-a")
+        .start();
+    let mut b = on_valkey(&mock, &valkey, driver, &journal_b, &[])
+        .node_id("fleet-b")
+        .start();
     let ids = Arc::new(AtomicU64::new(1));
     let mut rng = Rng::seeded();
     let load_a = Load::mixed(a.addr, &keys, 6, ids.clone(), &Kind::ALL);
@@ -80,7 +61,9 @@ fn five_thousand_mixed_requests_survive_a_store_kill_and_a_node_sigkill_exactly(
     wait_for(&[&load_a, &load_b], 2_400 + rng.below(600) as usize);
     b.kill();
     let sent_b = load_b.finish();
-    let mut b = node(&mock, &valkey, driver, "fleet-b", &journal_b);
+    let mut b = on_valkey(&mock, &valkey, driver, &journal_b, &[])
+        .node_id("fleet-b")
+        .start();
     let load_b2 = Load::mixed(b.addr, &keys, 6, ids.clone(), &Kind::ALL);
     let before = sent_b.len();
     wait_for(&[&load_a, &load_b2], REQUESTS - before);

@@ -16,7 +16,7 @@
 #[macro_use]
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,9 +24,9 @@ use std::time::{Duration, Instant};
 use aura::auth::KeyId;
 use common::billing::*;
 use common::load::{is_subset_sum, mock_costs, Got, Load, Rng, Sent};
-use common::valkey::{spent_fields, Valkey};
+use common::valkey::{journal_dir, on_valkey, spent_fields, Valkey};
+use common::{raw_stream_request, CHAT, WHOLE};
 use common::{sample, scrape_until, start_mock, Driver, Launch, MockOptions, MockUpstream};
-use common::{CHAT, WHOLE};
 
 /// A whole chat completion bounded by `max_tokens`: its estimate fits a small limit.
 const SMALL: &str =
@@ -46,36 +46,6 @@ on_both_drivers!(
     admin_reads_write_nothing_and_never_hold_up_a_lease_ask,
     an_earlier_auras_journal_is_replayed_once,
 );
-
-/// A fresh journal directory for one test.
-fn journal_dir(name: &str, driver: Driver) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "aura-money-{}-{name}-{driver:?}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
-fn on_valkey(
-    mock: &MockUpstream,
-    valkey: &Valkey,
-    driver: Driver,
-    journal: &Path,
-    flags: &[(&str, &str)],
-) -> Launch {
-    let mut launch = Launch::new(&mock.url(), driver)
-        .arg("--store")
-        .arg("valkey")
-        .arg("--valkey-url")
-        .arg(&valkey.url())
-        .arg("--journal-dir")
-        .arg(journal.to_str().unwrap());
-    for (flag, value) in flags {
-        launch = launch.arg(flag).arg(value);
-    }
-    launch
-}
 
 fn keys(name: &str, n: usize) -> Vec<String> {
     (0..n)
@@ -149,8 +119,7 @@ fn a_sigkill_under_load_loses_no_spend_its_clients_received(driver: Driver) {
     let keys = keys("sigkill", 4);
     let node = || {
         on_valkey(&mock, &valkey, driver, &journal, &[])
-            .arg("--node-id")
-            .arg("kill-node")
+            .node_id("kill-node")
             .start()
     };
     let mut aura = node();
@@ -183,17 +152,12 @@ fn a_sigkill_after_done_before_the_body_ends_loses_nothing(driver: Driver) {
     let key = "sk-test-money-done-gap-01";
     let node = || {
         on_valkey(&mock, &valkey, driver, &journal, &[])
-            .arg("--node-id")
-            .arg("done-node")
+            .node_id("done-node")
             .start()
     };
     let mut aura = node();
     let mut client = aura.client();
-    let request = format!(
-        "POST {CHAT} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\nx-mock-end-delay-ms: 5000\r\ncontent-length: {}\r\n\r\n{}",
-        common::STREAM.len(),
-        common::STREAM
-    );
+    let request = raw_stream_request(key, &[("x-mock-end-delay-ms", "5000")]);
     client.send(request.as_bytes());
     // The client has its whole answer; the upstream's body has not ended yet.
     client.read_until(b"data: [DONE]");
@@ -216,17 +180,12 @@ fn a_lease_asked_for_by_a_request_cut_by_a_sigkill_is_closed_at_replay(driver: D
     let key = "sk-test-money-first-lease-1";
     let node = || {
         on_valkey(&mock, &valkey, driver, &journal, &[])
-            .arg("--node-id")
-            .arg("lease-node")
+            .node_id("lease-node")
             .start()
     };
     let mut aura = node();
     let mut client = aura.client();
-    let request = format!(
-        "POST {CHAT} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\nx-mock-chunks: 50\r\nx-mock-delay-ms: 100\r\ncontent-length: {}\r\n\r\n{}",
-        common::STREAM.len(),
-        common::STREAM
-    );
+    let request = raw_stream_request(key, &[("x-mock-chunks", "50"), ("x-mock-delay-ms", "100")]);
     client.send(request.as_bytes());
     client.read_until(b"\n\n");
     let dead = lease_holders(&valkey, key);
@@ -330,8 +289,7 @@ fn two_nodes_finding_a_loss_at_different_times_count_nothing_twice(driver: Drive
     let node = |name: &str| {
         on_valkey(&mock, &valkey, driver, &journal_dir(name, driver), &[])
             .workers(1)
-            .arg("--node-id")
-            .arg(name)
+            .node_id(name)
             .start()
     };
     let (one, two) = (node("loss-one"), node("loss-two"));
@@ -395,8 +353,7 @@ fn a_sigkill_in_an_outage_loses_nothing_and_the_replay_frees_the_dead_nodes_leas
     let keys = keys("outage-kill", 3);
     let node = |valkey: &Valkey| {
         on_valkey(&mock, valkey, driver, &journal, &[])
-            .arg("--node-id")
-            .arg("outage-node")
+            .node_id("outage-node")
             .start()
     };
     let mut aura = node(&valkey);

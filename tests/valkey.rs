@@ -10,7 +10,6 @@
 #[macro_use]
 mod common;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use aura::auth::KeyId;
@@ -19,10 +18,10 @@ use aura::budget::store::{system_clock, Store, StoreError};
 use aura::budget::{Ask, Holder, KeyLimits, Op, Settlement, Spend};
 use aura::config::Period;
 use common::billing::*;
-use common::valkey::{Valkey, ValkeyCluster};
+use common::valkey::{journal_dir, on_valkey, Valkey, ValkeyCluster};
 use common::{
-    sample, scrape_until, scrape_within, start_mock, Driver, Launch, MockOptions, MockUpstream,
-    CHAT, STREAM, WHOLE,
+    raw_stream_request, sample, scrape_until, scrape_within, start_mock, Driver, Launch,
+    MockOptions, MockUpstream, CHAT, STREAM, WHOLE,
 };
 
 on_both_drivers!(
@@ -313,16 +312,6 @@ fn on_a_cluster_one_batch_reaches_every_slot_and_every_node_is_listed() {
 
 // --- the aura binary on Valkey ---
 
-/// A fresh journal directory for one test.
-fn journal(name: &str, driver: Driver) -> PathBuf {
-    let path = std::env::temp_dir().join(format!(
-        "aura-journal-{}-{name}-{driver:?}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&path);
-    path
-}
-
 /// The spend a journal directory holds (what a replay would apply, were none of it applied).
 fn journaled(dir: &std::path::Path) -> u64 {
     aura::budget::journal::inspect(dir, 0)
@@ -340,26 +329,6 @@ fn segments(dir: &std::path::Path) -> usize {
             })
             .count()
     })
-}
-
-fn on_valkey(
-    mock: &MockUpstream,
-    valkey: &Valkey,
-    driver: Driver,
-    journal: &std::path::Path,
-    flags: &[(&str, &str)],
-) -> Launch {
-    let mut launch = Launch::new(&mock.url(), driver)
-        .arg("--store")
-        .arg("valkey")
-        .arg("--valkey-url")
-        .arg(&valkey.url())
-        .arg("--journal-dir")
-        .arg(journal.to_str().unwrap());
-    for (flag, value) in flags {
-        launch = launch.arg(flag).arg(value);
-    }
-    launch
 }
 
 /// What the mock's answers so far cost (chat and completions at gpt-4o-mini prices).
@@ -393,7 +362,7 @@ fn spend_is_exact_in_valkey_and_sigterm_returns_every_lease(driver: Driver) {
     let key = "sk-test-valkey-exact-000001";
     let mock = start_mock(MockOptions::default());
     let valkey = Valkey::start();
-    let journal = journal("exact", driver);
+    let journal = journal_dir("exact", driver);
     let mut aura = on_valkey(&mock, &valkey, driver, &journal, &[]).start();
     for i in 0..4 {
         let chunks = (i + 2).to_string();
@@ -417,11 +386,7 @@ fn spend_is_exact_in_valkey_and_sigterm_returns_every_lease(driver: Driver) {
     assert!(leased > 0, "the workers hold leases while running");
     // A stream in flight when SIGTERM arrives is finished, then everything is handed back.
     let mut client = aura.client();
-    let request = format!(
-        "POST {CHAT} HTTP/1.1\r\nhost: x\r\nauthorization: {}\r\ncontent-type: application/json\r\nx-mock-chunks: 8\r\nx-mock-delay-ms: 40\r\ncontent-length: {}\r\n\r\n{STREAM}",
-        bearer(key),
-        STREAM.len()
-    );
+    let request = raw_stream_request(key, &[("x-mock-chunks", "8"), ("x-mock-delay-ms", "40")]);
     client.send(request.as_bytes());
     assert_eq!(client.read_head().0, 200);
     let status = aura.terminate(Duration::from_secs(20));
@@ -447,16 +412,14 @@ fn two_nodes_share_one_budget_and_never_spend_past_it(driver: Driver) {
     let mock = start_mock(MockOptions::default());
     let valkey = Valkey::start();
     let flags = [("--default-limit-dollars", "0.0002")];
-    let journal_a = journal("fleet-a", driver);
-    let journal_b = journal("fleet-b", driver);
+    let journal_a = journal_dir("fleet-a", driver);
+    let journal_b = journal_dir("fleet-b", driver);
     let nodes = [
         on_valkey(&mock, &valkey, driver, &journal_a, &flags)
-            .arg("--node-id")
-            .arg("node-a")
+            .node_id("node-a")
             .start(),
         on_valkey(&mock, &valkey, driver, &journal_b, &flags)
-            .arg("--node-id")
-            .arg("node-b")
+            .node_id("node-b")
             .start(),
     ];
     // max_tokens equals the mock's 5 chunks: the estimate bounds the real cost.
@@ -493,7 +456,7 @@ fn a_store_outage_loses_no_spend_when_failing_open(driver: Driver) {
     let fresh = "sk-test-valkey-outage-new1";
     let mock = start_mock(MockOptions::default());
     let mut valkey = Valkey::start();
-    let journal = journal("outage", driver);
+    let journal = journal_dir("outage", driver);
     let aura = on_valkey(&mock, &valkey, driver, &journal, &[]).start();
     for _ in 0..3 {
         assert_eq!(post(&aura, key, CHAT, &[], STREAM), 200);
@@ -540,7 +503,7 @@ fn failing_closed_refuses_with_503_until_the_store_is_back(driver: Driver) {
     let key = "sk-test-valkey-closed-0001";
     let mock = start_mock(MockOptions::default());
     let mut valkey = Valkey::stopped();
-    let journal = journal("closed", driver);
+    let journal = journal_dir("closed", driver);
     let flags = [("--store-failure", "closed"), ("--store-timeout-ms", "200")];
     let aura = on_valkey(&mock, &valkey, driver, &journal, &flags).start();
     let auth = bearer(key);
@@ -571,11 +534,10 @@ fn a_killed_nodes_journal_is_replayed_at_its_next_start(driver: Driver) {
     let key = "sk-test-valkey-journal-001";
     let mock = start_mock(MockOptions::default());
     let mut valkey = Valkey::stopped();
-    let journal = journal("replay", driver);
+    let journal = journal_dir("replay", driver);
     let node = |valkey: &Valkey| {
         on_valkey(&mock, valkey, driver, &journal, &[])
-            .arg("--node-id")
-            .arg("node-j")
+            .node_id("node-j")
             .start()
     };
     let aura = node(&valkey);
@@ -602,7 +564,7 @@ fn failing_open_still_refuses_once_the_last_known_spend_is_used_up(driver: Drive
     let limit_nano: u64 = 200_000;
     let mock = start_mock(MockOptions::default());
     let mut valkey = Valkey::start();
-    let journal = journal("open-bound", driver);
+    let journal = journal_dir("open-bound", driver);
     let flags = [("--default-limit-dollars", "0.0002")];
     let aura = on_valkey(&mock, &valkey, driver, &journal, &flags).start();
     let body = r#"{"model":"gpt-4o-mini","max_tokens":5,"messages":[{"role":"user","content":"Say hello"}],"stream":true}"#;
@@ -636,15 +598,11 @@ fn a_request_cut_at_shutdown_is_billed_its_reservation(driver: Driver) {
     let key = "sk-test-valkey-cut-000001";
     let mock = start_mock(MockOptions::default());
     let valkey = Valkey::start();
-    let journal = journal("cut", driver);
+    let journal = journal_dir("cut", driver);
     let flags = [("--shutdown-grace-ms", "300")];
     let mut aura = on_valkey(&mock, &valkey, driver, &journal, &flags).start();
     let mut client = aura.client();
-    let request = format!(
-        "POST {CHAT} HTTP/1.1\r\nhost: x\r\nauthorization: {}\r\ncontent-type: application/json\r\nx-mock-chunks: 100\r\nx-mock-delay-ms: 100\r\ncontent-length: {}\r\n\r\n{STREAM}",
-        bearer(key),
-        STREAM.len()
-    );
+    let request = raw_stream_request(key, &[("x-mock-chunks", "100"), ("x-mock-delay-ms", "100")]);
     client.send(request.as_bytes());
     assert_eq!(client.read_head().0, 200);
     // A 10 s stream outlives the 300 ms grace: it is cut, and billed what it reserved.
@@ -659,7 +617,7 @@ fn a_request_cut_at_shutdown_is_billed_its_reservation(driver: Driver) {
 fn a_cluster_keeps_each_key_in_its_slot_and_spend_exact(driver: Driver) {
     let mock = start_mock(MockOptions::default());
     let cluster = ValkeyCluster::start(3);
-    let journal = journal("cluster", driver);
+    let journal = journal_dir("cluster", driver);
     let aura = Launch::new(&mock.url(), driver)
         .arg("--store")
         .arg("valkey")
@@ -715,7 +673,7 @@ fn an_op_the_store_refuses_is_set_aside_and_holds_up_nothing(driver: Driver) {
         .arg("not a hash")
         .query::<()>(&mut valkey.connection())
         .unwrap();
-    let journal = journal("refused", driver);
+    let journal = journal_dir("refused", driver);
     let aura = on_valkey(&mock, &valkey, driver, &journal, &[]).start();
     // Failing open, the refused key is still served; the other key is unaffected.
     assert_eq!(post(&aura, bad, CHAT, &[], WHOLE), 200);
@@ -747,7 +705,7 @@ fn the_store_speaks_tls_and_trusts_only_its_ca(driver: Driver) {
     let mock = start_mock(MockOptions::default());
     let valkey = Valkey::start_tls();
     let ca = valkey.tls_ca.clone().unwrap();
-    let journal = journal("tls", driver);
+    let journal = journal_dir("tls", driver);
     let aura = on_valkey(&mock, &valkey, driver, &journal, &[])
         .arg("--valkey-ca-file")
         .arg(ca.to_str().unwrap())
@@ -771,7 +729,7 @@ fn the_store_speaks_tls_and_trusts_only_its_ca(driver: Driver) {
 fn an_idle_node_reports_whether_its_store_answers(driver: Driver) {
     let mock = start_mock(MockOptions::default());
     let mut valkey = Valkey::start();
-    let journal = journal("idle", driver);
+    let journal = journal_dir("idle", driver);
     let aura = on_valkey(&mock, &valkey, driver, &journal, &[]).start();
     // No request at all: the ledger asks the store itself.
     wait_for_metric(&aura, "aura_store_up 1");

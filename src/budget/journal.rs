@@ -747,13 +747,19 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    #[test]
-    fn what_a_worker_appends_reads_back_and_a_rotation_keeps_only_the_snapshot() {
-        let dir = dir("rotate");
-        let journal = Arc::new(Journal::open(&dir).unwrap());
+    /// A journal in `dir` and a worker whose first segment holds one spend record.
+    fn first_segment(dir: &Path) -> (Arc<Journal>, WorkerJournal) {
+        let journal = Arc::new(Journal::open(dir).unwrap());
         let mut worker = journal.worker(Holder::from("n/b/0"), "b-w0");
         assert_eq!(worker.append(spend(1, 1, 5, 10)), Appended::Full);
         assert_eq!(worker.rotate(&[spend(1, 1, 5, 10)]), Appended::Written);
+        (journal, worker)
+    }
+
+    #[test]
+    fn what_a_worker_appends_reads_back_and_a_rotation_keeps_only_the_snapshot() {
+        let dir = dir("rotate");
+        let (journal, mut worker) = first_segment(&dir);
         assert_eq!(worker.append(spend(2, 1, 5, 20)), Appended::Written);
         let (segments, unreadable) = journal.leftovers().unwrap();
         assert!(unreadable.is_empty());
@@ -783,10 +789,7 @@ mod tests {
     #[test]
     fn another_versions_segment_is_never_skipped() {
         let dir = dir("version");
-        let journal = Arc::new(Journal::open(&dir).unwrap());
-        let mut worker = journal.worker(Holder::from("n/b/0"), "b-w0");
-        assert_eq!(worker.append(spend(1, 1, 5, 10)), Appended::Full);
-        assert_eq!(worker.rotate(&[spend(1, 1, 5, 10)]), Appended::Written);
+        let (journal, worker) = first_segment(&dir);
         drop(worker);
         let path = journal.leftovers().unwrap().0[0].path.clone();
         let mut bytes = std::fs::read(&path).unwrap();

@@ -34,6 +34,19 @@ pub const CHAT: &str = "/v1/chat/completions";
 pub const STREAM: &str =
     r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}],"stream":true}"#;
 pub const STREAM_USAGE: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}],"stream":true,"stream_options":{"include_usage":true}}"#;
+
+/// A streamed chat completion for `key` as raw bytes on the wire, with extra `headers` (the
+/// mock's `x-mock-*` controls): for tests that read or cut the answer part way.
+pub fn raw_stream_request(key: &str, headers: &[(&str, &str)]) -> String {
+    let extra: String = headers
+        .iter()
+        .map(|(n, v)| format!("{n}: {v}\r\n"))
+        .collect();
+    format!(
+        "POST {CHAT} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\n{extra}content-length: {}\r\n\r\n{STREAM}",
+        STREAM.len()
+    )
+}
 pub const WHOLE: &str =
     r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}"#;
 
@@ -111,6 +124,11 @@ impl Launch {
     }
 
     /// Worker threads (2 unless set).
+    /// The node's name in a shared store (its journal holders and leases carry it).
+    pub fn node_id(self, id: &str) -> Launch {
+        self.arg("--node-id").arg(id)
+    }
+
     pub fn workers(mut self, workers: usize) -> Launch {
         self.workers = workers;
         self

@@ -352,3 +352,34 @@ impl ValkeyCluster {
             .map_or(0, |n| n.port)
     }
 }
+
+/// A journal directory of its own for this test process, `name` and `driver`, empty.
+pub fn journal_dir(name: &str, driver: super::Driver) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "aura-journal-{}-{name}-{driver:?}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// Aura in front of `mock` with its budgets in `valkey`, its journal in `journal`, and `flags`.
+pub fn on_valkey(
+    mock: &super::MockUpstream,
+    valkey: &Valkey,
+    driver: super::Driver,
+    journal: &std::path::Path,
+    flags: &[(&str, &str)],
+) -> super::Launch {
+    let mut launch = super::Launch::new(&mock.url(), driver)
+        .arg("--store")
+        .arg("valkey")
+        .arg("--valkey-url")
+        .arg(&valkey.url())
+        .arg("--journal-dir")
+        .arg(journal.to_str().unwrap());
+    for (flag, value) in flags {
+        launch = launch.arg(flag).arg(value);
+    }
+    launch
+}
