@@ -295,8 +295,8 @@ fn unreachable_upstream_is_502(driver: Driver) {
 /// connection and the listener, listens again on the same port (signalling `ready`), and answers
 /// one request there. Aura's pooled connection to the first is then dead.
 fn restarting_upstream(ready: mpsc::Sender<()>) -> u16 {
-    let first = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-    let port = first.local_addr().unwrap().port();
+    let port = common::restartable_port();
+    let first = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).unwrap();
     std::thread::spawn(move || {
         let conn = answer_one(&first, 1);
         drop(conn);

@@ -153,6 +153,9 @@ struct Lease {
     last_answered: u64,
     /// The account's epoch as the store last answered (none: not heard, or forgotten).
     epoch: Option<Epoch>,
+    /// The sequence number of the newest op that may have dropped the account: answers to
+    /// older ops tell of an account that may be gone, so their epoch is not taken.
+    forgot: u64,
     /// When this worker last sent the store an op for the key (renewals are due from it).
     renewed: Option<Instant>,
     /// When the store last answered an op of this worker for the key, renewing the lease
@@ -540,7 +543,9 @@ impl Shard {
         lease.on_its_way = lease.on_its_way.saturating_sub(carried);
         lease.known = Some((applied.account, op.period));
         lease.confirmed = Some(Instant::now());
-        lease.epoch = applied.epoch;
+        if op.seq >= lease.forgot {
+            lease.epoch = applied.epoch;
+        }
         // Ops of one key are applied in order: this one confirms every older one.
         let confirmed = lease.unconfirmed.len();
         lease.unconfirmed.retain(|(seq, _)| *seq > op.seq);
@@ -757,6 +762,12 @@ impl Shard {
                     parts: self.slice_parts,
                 });
                 op.forget = plan.forget;
+                if op.forget {
+                    // The op may drop the account: sent again after a late answer, it would
+                    // find none and take the epoch it carries for an account the store lost.
+                    op.epoch = None;
+                    op.restore = None;
+                }
                 op.close = plan.close;
                 ops.push(op);
             }
@@ -822,6 +833,7 @@ impl Shard {
                     // The store may drop the account: an op sent before the answer must not
                     // take the account made anew for a lost one.
                     lease.epoch = None;
+                    lease.forgot = op.seq;
                 }
             }
         }
@@ -1689,6 +1701,10 @@ mod tests {
         lost: std::sync::atomic::AtomicBool,
         gate: std::sync::Mutex<()>,
         gated: std::sync::atomic::AtomicBool,
+        /// The epoch every account is answered with (none: as the memory store answers).
+        epoch: Option<Epoch>,
+        /// Every op applied, in order.
+        seen: std::sync::Mutex<Vec<Op>>,
     }
 
     impl Reporting {
@@ -1699,6 +1715,8 @@ mod tests {
                 lost: Default::default(),
                 gate: Default::default(),
                 gated: Default::default(),
+                epoch: None,
+                seen: Default::default(),
             }
         }
     }
@@ -1710,8 +1728,12 @@ mod tests {
                 drop(self.gate.lock());
             }
             let mut applied = self.inner.apply(ops)?;
+            self.seen.lock().unwrap().extend(ops.iter().cloned());
             for (op, answer) in ops.iter().zip(applied.iter_mut()) {
                 answer.held = Some(self.inner.account(op.key).leased);
+                if !op.forget {
+                    answer.epoch = self.epoch.clone();
+                }
                 if self.lose_first_grant && op.ask.is_some() && !self.lost.swap(true, SeqCst) {
                     answer.granted = 0;
                 }
@@ -1829,6 +1851,53 @@ mod tests {
             monoio::time::sleep(Duration::from_millis(200)).await;
             let account = inner.account(key());
             assert_eq!((account.spent, account.leased), (900, 0));
+        });
+        thread.finish(Instant::now() + Duration::from_secs(1));
+    }
+
+    /// A settlement answered only after the op that drops the key's account was sent: its
+    /// epoch is of an account that may be gone, and an ask carrying it would be taken for
+    /// knowledge of an account the store lost.
+    #[test]
+    fn an_answer_older_than_a_drop_leaves_no_epoch_to_the_next_ask() {
+        let inner = store(1_000_000);
+        let mut epochs = Reporting::new(inner.clone(), false);
+        epochs.epoch = Some(Epoch::from("e1"));
+        let epochs = Arc::new(epochs);
+        let (thread, ledger, mut inbox) = remote(epochs.clone(), Duration::from_secs(30));
+        let shard = std::rc::Rc::new(Shard::new(ledger, settings("test/remote/0", 1)));
+        runtime().block_on(async {
+            // The first ask is answered in turn (its answer carries the epoch).
+            let first = {
+                let asking = shard.reserve(key(), 1_000);
+                let mut asking = std::pin::pin!(asking);
+                loop {
+                    let reply = monoio::select! {
+                        r = &mut asking => break r.unwrap(),
+                        reply = inbox.recv() => reply.unwrap(),
+                    };
+                    shard.on_reply(reply);
+                }
+            };
+            first.settle(10);
+            // A settlement, then the drop of a key the upstream refused: both sent, neither
+            // answer taken in yet.
+            shard.flush(Instant::now());
+            let refused = reserve(&shard, key(), 1_000).unwrap();
+            refused.settle_refused_key();
+            shard.flush(Instant::now());
+            let settlement = inbox.recv().await.unwrap();
+            shard.on_reply(settlement);
+            // A request before the drop's answer: its ask must carry no epoch.
+            let next = shard.clone();
+            monoio::spawn(async move {
+                let _ = next.reserve(key(), 1_000).await;
+            });
+            monoio::time::sleep(Duration::from_millis(100)).await;
+            let ops = epochs.seen.lock().unwrap().clone();
+            let ask = ops.last().unwrap();
+            assert!(ask.ask.is_some(), "{ops:?}");
+            assert_eq!(ask.epoch, None, "the ask after the drop heard no epoch");
         });
         thread.finish(Instant::now() + Duration::from_secs(1));
     }

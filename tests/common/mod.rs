@@ -82,6 +82,27 @@ pub fn dead_port() -> u16 {
     listener.local_addr().unwrap().port()
 }
 
+/// A free loopback port below the kernel's ephemeral range, for a server that is stopped and
+/// started again on it: an ephemeral port may be taken meanwhile by any outgoing connection
+/// (another test's), one below the range only by a server that chose it.
+pub fn restartable_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (from, span) = (10_000u16, low.saturating_sub(10_000).max(1));
+    for _ in 0..200 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        let port = from + (h.finish() % u64::from(span)) as u16;
+        if std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            return port;
+        }
+    }
+    dead_port()
+}
+
 /// Which monoio driver the spawned `aura` uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Driver {

@@ -39,7 +39,7 @@ fn server_binary() -> String {
 impl Valkey {
     /// A fresh server on a free port.
     pub fn start() -> Valkey {
-        let port = super::dead_port();
+        let port = super::restartable_port();
         let dir = std::env::temp_dir().join(format!("aura-valkey-{}-{port}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -382,4 +382,100 @@ pub fn on_valkey(
         launch = launch.arg(flag).arg(value);
     }
     launch
+}
+
+/// A loopback relay in front of a server that can hold back its answers: what a store that
+/// applied a command and then went slow looks like to a client (a reply late past its timeout,
+/// so the client sends the command again). Each accepted connection is relayed on two threads;
+/// answers held when the client gives up are dropped with its connection.
+pub struct StallingRelay {
+    pub port: u16,
+    holding: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stopped: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl StallingRelay {
+    pub fn start(server_port: u16) -> StallingRelay {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering::SeqCst;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let holding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (hold, stop) = (holding.clone(), stopped.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                if stop.load(SeqCst) {
+                    return;
+                }
+                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", server_port)) else {
+                    continue;
+                };
+                let (mut up_in, mut up_out) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut up_in, &mut up_out);
+                    let _ = up_out.shutdown(std::net::Shutdown::Write);
+                });
+                let (mut down_in, mut down_out) = (server, client);
+                let hold = hold.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16 * 1024];
+                    let mut held: Vec<u8> = Vec::new();
+                    // A short read timeout, so held answers go out soon after the hold ends.
+                    let _ = down_in.set_read_timeout(Some(Duration::from_millis(10)));
+                    loop {
+                        match down_in.read(&mut buf) {
+                            Ok(0) => break,
+                            Ok(n) => held.extend_from_slice(&buf[..n]),
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                ) => {}
+                            Err(_) => break,
+                        }
+                        if !hold.load(SeqCst) && !held.is_empty() {
+                            if down_out.write_all(&held).is_err() {
+                                break;
+                            }
+                            held.clear();
+                        }
+                    }
+                    let _ = down_out.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        StallingRelay {
+            port,
+            holding,
+            stopped,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Answers are held back from now on (commands still reach the server and are applied).
+    pub fn hold(&self) {
+        self.holding
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn release(&self) {
+        self.holding
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for StallingRelay {
+    fn drop(&mut self) {
+        // The accept loop ends at its next connection: this one.
+        self.stopped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.release();
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+    }
 }
