@@ -1,7 +1,7 @@
 //! THE request phase sequence, and the only place that knows it:
 //! route → authorize and admit (billable routes: the bearer key's id reserves the request's
 //! upper cost estimate in this worker's budget shard, or 402) → rewrite (chat completions) →
-//! forward (pooled upstream, one retry on a dead pooled connection) → relay (proxy/relay.rs) →
+//! forward (pooled upstream; sent again only if it provably never left) → relay (proxy/relay.rs) →
 //! settle (the reservation becomes the real cost, metrics, one access-log record).
 //! API keys never reach a log line, a metric or the store: only their id does.
 
@@ -593,8 +593,10 @@ impl Proxy {
         out
     }
 
-    /// Sends the request and reads the response head. A pooled connection that turns out dead
-    /// before any response byte is retried once on a fresh connection.
+    /// Sends the request and reads the response head. The request is sent again, once, on a
+    /// fresh connection only when it provably did not reach the upstream: a pooled connection
+    /// refused its first write (nothing of the request was taken). Once any byte of it was
+    /// written, the upstream may have started (and charged for) the answer: no retry.
     async fn exchange(
         &self,
         request: Vec<u8>,
@@ -630,47 +632,52 @@ impl Proxy {
         outcome: &mut Outcome<'_>,
         started: Instant,
     ) -> Attempt {
-        let (written, request) = net::write_all(&mut conn, request).await;
-        if written.is_err() {
+        let (written, request) = send_request(&mut conn, request).await;
+        if let Sent::Nothing = written {
             return Attempt::DeadBeforeAnswer(request);
         }
         // From now on the upstream may be generating (and billing) an answer.
         if let Some(bill) = outcome.bill.as_mut() {
             bill.reservation.mark_sent();
         }
+        if let Sent::Part = written {
+            return Attempt::Failed(Error::UpstreamReset);
+        }
         outcome.to_upstream = Some(started.elapsed());
+        self.buffers.give(request);
         let mut buf = self.buffers.take();
         let mut limit = self.timeouts.upstream_first_byte;
         loop {
+            // What was read is parsed before reading again: an interim 1xx and the final head
+            // may come in one read.
+            while !buf.is_empty() {
+                match h1::parse_response(&buf, self.limits.max_headers) {
+                    Err(e) => return Attempt::Failed(e),
+                    Ok(None) if buf.len() > self.limits.max_head_bytes => {
+                        return Attempt::Failed(Error::UpstreamProtocol("response head too large"))
+                    }
+                    Ok(None) => break,
+                    // Interim 1xx responses (never 101: Aura does not forward Upgrade) are
+                    // skipped.
+                    Ok(Some(head)) if head.status.is_informational() => {
+                        buf.drain(..head.len);
+                    }
+                    Ok(Some(head)) => {
+                        // The body bytes that came with the head move to the front of their
+                        // buffer rather than to a new one.
+                        buf.drain(..head.len);
+                        return Attempt::Answered(conn, head, buf);
+                    }
+                }
+            }
             match net::read_more_within(&mut conn, &mut buf, relay::READ_BUF_BYTES, limit).await {
                 Timed::TimedOut => return Attempt::Failed(Error::UpstreamTimeout),
-                Timed::Done(Ok(0)) | Timed::Done(Err(_)) if buf.is_empty() => {
-                    return Attempt::DeadBeforeAnswer(request)
-                }
                 Timed::Done(Ok(0)) | Timed::Done(Err(_)) => {
                     return Attempt::Failed(Error::UpstreamReset)
                 }
                 Timed::Done(Ok(_)) => {}
             }
             limit = self.timeouts.upstream_read;
-            match h1::parse_response(&buf, self.limits.max_headers) {
-                Err(e) => return Attempt::Failed(e),
-                Ok(None) if buf.len() > self.limits.max_head_bytes => {
-                    return Attempt::Failed(Error::UpstreamProtocol("response head too large"))
-                }
-                Ok(None) => {}
-                // Interim 1xx responses (never 101: Aura does not forward Upgrade) are skipped.
-                Ok(Some(head)) if head.status.is_informational() => {
-                    buf.drain(..head.len);
-                }
-                Ok(Some(head)) => {
-                    // Kept until now for a retry; the body bytes that came with the head move
-                    // to the front of their buffer rather than to a new one.
-                    self.buffers.give(request);
-                    buf.drain(..head.len);
-                    return Attempt::Answered(conn, head, buf);
-                }
-            }
         }
     }
 
@@ -694,9 +701,38 @@ impl Proxy {
 
 enum Attempt {
     Answered(Conn, ResponseHead, Vec<u8>),
-    /// The connection died before any response byte; the request comes back for a retry.
+    /// The connection refused the request's first write: nothing of it reached the upstream,
+    /// and it comes back for a retry.
     DeadBeforeAnswer(Vec<u8>),
     Failed(Error),
+}
+
+/// How much of a request went to the upstream.
+enum Sent {
+    All,
+    /// Some of it: the upstream may have read it.
+    Part,
+    /// Not a byte: the connection refused the first write of a plain connection. (Over TLS
+    /// one write may send several records before failing: never `Nothing`.)
+    Nothing,
+}
+
+/// Writes the whole request, telling whether a failed write sent any of it.
+async fn send_request(conn: &mut Conn, request: Vec<u8>) -> (Sent, Vec<u8>) {
+    let tls = conn.is_tls();
+    let (first, request) = conn.write(request).await;
+    let n = match first {
+        Err(_) if tls => return (Sent::Part, request),
+        Err(_) => return (Sent::Nothing, request),
+        Ok(n) => n,
+    };
+    if n >= request.len() {
+        return (Sent::All, request);
+    }
+    match net::write_from(conn, request, n).await {
+        (Ok(()), request) => (Sent::All, request),
+        (Err(_), request) => (Sent::Part, request),
+    }
 }
 
 impl<S: AsyncReadRent + AsyncWriteRent> Handler<S> for Proxy {

@@ -8,6 +8,7 @@
 use std::cell::RefCell;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -106,24 +107,55 @@ pub fn tls_config(config: &Config) -> Result<Arc<rustls::ClientConfig>, String> 
     Ok(Arc::new(tls))
 }
 
-/// One upstream connection, plain or TLS.
+/// One upstream connection, plain or TLS (with its socket's descriptor, for the pool's check).
 pub enum Conn {
     Plain(TcpStream),
-    Tls(Box<monoio_rustls::ClientTlsStream<TcpStream>>),
+    Tls(Box<monoio_rustls::ClientTlsStream<TcpStream>>, RawFd),
+}
+
+impl Conn {
+    fn fd(&self) -> RawFd {
+        match self {
+            Conn::Plain(s) => s.as_raw_fd(),
+            Conn::Tls(_, fd) => *fd,
+        }
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Conn::Tls(..))
+    }
+}
+
+/// Whether an idle connection is quiet: no bytes and no close arrived while it sat in the pool.
+/// Bytes that came unasked (a late body, an idle `408`) belong to no request: on a reused
+/// connection they would be read as the next request's answer, another client's.
+fn quiet(fd: RawFd) -> bool {
+    // SAFETY: `fd` is the socket of a `Conn` the caller holds, so it stays open for this call;
+    // the borrow does not outlive it.
+    #[allow(unsafe_code)]
+    let socket = unsafe { BorrowedFd::borrow_raw(fd) };
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    match socket2::SockRef::from(&socket)
+        .recv_with_flags(&mut byte, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+    {
+        Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+        // 0: the upstream closed it; more: bytes nobody asked for.
+        Ok(_) => false,
+    }
 }
 
 impl AsyncReadRent for Conn {
     async fn read<T: IoBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
         match self {
             Conn::Plain(s) => s.read(buf).await,
-            Conn::Tls(s) => s.read(buf).await,
+            Conn::Tls(s, _) => s.read(buf).await,
         }
     }
 
     async fn readv<T: IoVecBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
         match self {
             Conn::Plain(s) => s.readv(buf).await,
-            Conn::Tls(s) => s.readv(buf).await,
+            Conn::Tls(s, _) => s.readv(buf).await,
         }
     }
 }
@@ -132,28 +164,28 @@ impl AsyncWriteRent for Conn {
     async fn write<T: IoBuf>(&mut self, buf: T) -> BufResult<usize, T> {
         match self {
             Conn::Plain(s) => s.write(buf).await,
-            Conn::Tls(s) => s.write(buf).await,
+            Conn::Tls(s, _) => s.write(buf).await,
         }
     }
 
     async fn writev<T: IoVecBuf>(&mut self, buf: T) -> BufResult<usize, T> {
         match self {
             Conn::Plain(s) => s.writev(buf).await,
-            Conn::Tls(s) => s.writev(buf).await,
+            Conn::Tls(s, _) => s.writev(buf).await,
         }
     }
 
     async fn flush(&mut self) -> io::Result<()> {
         match self {
             Conn::Plain(s) => s.flush().await,
-            Conn::Tls(s) => s.flush().await,
+            Conn::Tls(s, _) => s.flush().await,
         }
     }
 
     async fn shutdown(&mut self) -> io::Result<()> {
         match self {
             Conn::Plain(s) => s.shutdown().await,
-            Conn::Tls(s) => s.shutdown().await,
+            Conn::Tls(s, _) => s.shutdown().await,
         }
     }
 }
@@ -197,18 +229,20 @@ impl Upstream {
         })
     }
 
-    /// The most recently returned live-looking connection, if any.
+    /// The most recently returned connection that is still quiet (nothing arrived on it and it
+    /// was not closed while idle), if any; the others are closed.
     pub fn pooled(&self) -> Option<Conn> {
         let mut idle = self.idle.borrow_mut();
         while let Some((conn, since)) = idle.pop() {
-            if since.elapsed() < POOL_IDLE_LIMIT {
+            if since.elapsed() < POOL_IDLE_LIMIT && quiet(conn.fd()) {
                 return Some(conn);
             }
         }
         None
     }
 
-    /// Returns a connection whose last response was read completely.
+    /// Returns a connection whose last response ended exactly at its framing's end, with
+    /// nothing read past it.
     pub fn put_back(&self, conn: Conn) {
         let mut idle = self.idle.borrow_mut();
         if idle.len() < self.max_idle {
@@ -237,10 +271,11 @@ impl Upstream {
             };
             // Before the TLS handshake too: Nagle + delayed ACK cost ~40 ms per handshake.
             let _ = tcp.set_nodelay(true);
+            let fd = tcp.as_raw_fd();
             return match &self.tls {
                 None => Ok(Conn::Plain(tcp)),
                 Some((connector, name)) => match connector.connect(name.clone(), tcp).await {
-                    Ok(tls) => Ok(Conn::Tls(Box::new(tls))),
+                    Ok(tls) => Ok(Conn::Tls(Box::new(tls), fd)),
                     Err(e) => Err(Error::UpstreamUnreachable(format!(
                         "TLS with {}: {e}",
                         self.url.host

@@ -6,14 +6,14 @@
 #[macro_use]
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use common::{
-    dead_port, find, request, start_mock, Aura, Driver, Launch, MockOptions, MockUpstream,
-    Recorded, CHAT, READ_TIMEOUT, STREAM, STREAM_USAGE, WHOLE,
+    dead_port, request, start_mock, Aura, Driver, Launch, MockOptions, MockUpstream, Recorded,
+    CHAT, READ_TIMEOUT, STREAM, STREAM_USAGE, WHOLE,
 };
 use serde_json::json;
 
@@ -315,25 +315,7 @@ fn answer_one(listener: &TcpListener, n: u32) -> TcpStream {
     let (mut conn, _) = listener.accept().unwrap();
     conn.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
     let mut buf = Vec::new();
-    let mut tmp = [0u8; 4096];
-    let head_end = loop {
-        if let Some(end) = find(&buf, b"\r\n\r\n") {
-            break end + 4;
-        }
-        let got = conn.read(&mut tmp).unwrap();
-        assert!(got > 0, "aura closed before sending a request");
-        buf.extend_from_slice(&tmp[..got]);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
-    let length: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .map_or(0, |v| v.trim().parse().unwrap());
-    while buf.len() < head_end + length {
-        let got = conn.read(&mut tmp).unwrap();
-        assert!(got > 0, "aura closed mid-body");
-        buf.extend_from_slice(&tmp[..got]);
-    }
+    common::scripted::read_request(&mut conn, &mut buf).expect("a request before the close");
     let body = format!(
         r#"{{"id":"chatcmpl-{n}","object":"chat.completion","created":1,"model":"gpt-4o-mini","choices":[{{"index":0,"message":{{"role":"assistant","content":"hi"}},"finish_reason":"stop"}}],"usage":{{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}}}"#
     );

@@ -241,7 +241,12 @@ impl Relay {
             take_if_lent(&mut payload, pool);
             payload.clear();
             let done = match self.upstream_framing {
-                Framing::Empty => true,
+                Framing::Empty => {
+                    // A 204, a 304 or an answer to HEAD has no body: bytes after its head are not
+                    // this response's (and the connection must not serve another request).
+                    trailing_garbage |= !input.is_empty();
+                    true
+                }
                 Framing::Length(_) => {
                     let take = input.len().min(remaining as usize);
                     payload.extend_from_slice(&input[..take]);

@@ -22,6 +22,7 @@ pub use aura::mock::{MockOptions, MockUpstream, Recorded};
 
 pub mod billing;
 pub mod load;
+pub mod scripted;
 pub mod test_ca;
 pub mod valkey;
 
