@@ -49,6 +49,12 @@ impl Admin<'_> {
         let not_found = || Error::NotFound(path.to_string());
         let rest = path.strip_prefix("/admin/keys").ok_or_else(not_found)?;
         let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
+        // HEAD is GET without the body (the caller leaves the body out).
+        let method = if method == Method::HEAD {
+            &Method::GET
+        } else {
+            method
+        };
         let answer = match (method, parts.as_slice()) {
             (&Method::GET, []) => {
                 let mut keys = self.ledger.admin_call(|s| s.accounts()).await?;
@@ -104,7 +110,17 @@ impl Admin<'_> {
                     json!({ "key_id": id.to_string(), "deleted": true }),
                 )
             }
-            (_, [] | [_] | [_, "reset"]) => return Err(Error::MethodNotAllowed),
+            (_, []) => {
+                return Err(Error::MethodNotAllowed {
+                    allow: "GET, HEAD, POST",
+                })
+            }
+            (_, [_]) => {
+                return Err(Error::MethodNotAllowed {
+                    allow: "GET, HEAD, PATCH, DELETE",
+                })
+            }
+            (_, [_, "reset"]) => return Err(Error::MethodNotAllowed { allow: "POST" }),
             _ => return Err(not_found()),
         };
         Ok((answer.0, answer.1.to_string().into_bytes()))

@@ -54,6 +54,7 @@ pub const MAX_HEADERS: &str = "AURA_MAX_HEADERS";
 pub const MAX_BODY_BYTES: &str = "AURA_MAX_BODY_BYTES";
 pub const CLIENT_HEAD_TIMEOUT_MS: &str = "AURA_CLIENT_HEAD_TIMEOUT_MS";
 pub const IDLE_TIMEOUT_MS: &str = "AURA_IDLE_TIMEOUT_MS";
+pub const CLIENT_SEND_TIMEOUT_MS: &str = "AURA_CLIENT_SEND_TIMEOUT_MS";
 pub const UPSTREAM_CONNECT_TIMEOUT_MS: &str = "AURA_UPSTREAM_CONNECT_TIMEOUT_MS";
 pub const UPSTREAM_FIRST_BYTE_TIMEOUT_MS: &str = "AURA_UPSTREAM_FIRST_BYTE_TIMEOUT_MS";
 pub const UPSTREAM_READ_TIMEOUT_MS: &str = "AURA_UPSTREAM_READ_TIMEOUT_MS";
@@ -102,6 +103,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting { key: "max_body_bytes", env: &[MAX_BODY_BYTES], help: "largest request body accepted [default: 33554432]" },
     Setting { key: "client_head_timeout_ms", env: &[CLIENT_HEAD_TIMEOUT_MS], help: "time a client has to send a whole request head and body [default: 10000]" },
     Setting { key: "idle_timeout_ms", env: &[IDLE_TIMEOUT_MS], help: "keep-alive client connection idle timeout [default: 60000]" },
+    Setting { key: "client_send_timeout_ms", env: &[CLIENT_SEND_TIMEOUT_MS], help: "longest a client may leave a write to it unaccepted (a client that stops reading is cut; its stream is still read for its usage) [default: 60000]" },
     Setting { key: "upstream_connect_timeout_ms", env: &[UPSTREAM_CONNECT_TIMEOUT_MS], help: "upstream TCP+TLS connect timeout [default: 5000]" },
     Setting { key: "upstream_first_byte_timeout_ms", env: &[UPSTREAM_FIRST_BYTE_TIMEOUT_MS], help: "time from sending a request to the upstream's first response byte [default: 300000]" },
     Setting { key: "upstream_read_timeout_ms", env: &[UPSTREAM_READ_TIMEOUT_MS], help: "longest silence between two upstream reads mid-response [default: 300000]" },
@@ -311,8 +313,11 @@ pub struct Limits {
 
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
+    /// From a request's first byte to its last (head and body).
     pub client_head: Duration,
     pub idle: Duration,
+    /// Each write to a client (nginx's `send_timeout`).
+    pub client_send: Duration,
     pub upstream_connect: Duration,
     pub upstream_first_byte: Duration,
     pub upstream_read: Duration,
@@ -611,6 +616,7 @@ impl Parser<'_> {
             timeouts: Timeouts {
                 client_head: self.millis("client_head_timeout_ms", 10_000),
                 idle: self.millis("idle_timeout_ms", 60_000),
+                client_send: self.millis("client_send_timeout_ms", 60_000),
                 upstream_connect: self.millis("upstream_connect_timeout_ms", 5_000),
                 upstream_first_byte: self.millis("upstream_first_byte_timeout_ms", 300_000),
                 upstream_read: self.millis("upstream_read_timeout_ms", 300_000),

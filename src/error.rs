@@ -52,10 +52,17 @@ pub enum Error {
     /// The budget store cannot be reached and `store_failure` is closed (or a store read failed).
     #[error("the budget store is unavailable; try again shortly")]
     StoreUnavailable,
-    #[error("method not allowed")]
-    MethodNotAllowed,
+    #[error("method not allowed (allowed: {allow})")]
+    MethodNotAllowed { allow: &'static str },
     #[error("client sent no complete request in time")]
     ClientTimeout,
+    /// A write to the client was not accepted within `client_send_timeout_ms`: it stopped
+    /// reading. (Logged; the client gets nothing more.)
+    #[error("client did not read the response in time")]
+    ClientSendTimeout,
+    /// Still in flight when the shutdown grace ended. (Logged; the client gets nothing more.)
+    #[error("cut at the end of the shutdown grace")]
+    ShutdownCut,
     #[error("upstream unreachable: {0}")]
     UpstreamUnreachable(String),
     #[error("upstream did not answer in time")]
@@ -85,13 +92,14 @@ impl Error {
             | Error::InvalidKey
             | Error::AdminToken
             | Error::BudgetExhausted { .. }
-            | Error::MethodNotAllowed
-            | Error::ClientTimeout => Fault::Client,
+            | Error::MethodNotAllowed { .. }
+            | Error::ClientTimeout
+            | Error::ClientSendTimeout => Fault::Client,
             Error::UpstreamUnreachable(_)
             | Error::UpstreamTimeout
             | Error::UpstreamProtocol(_)
             | Error::UpstreamReset => Fault::Upstream,
-            Error::Internal(_) | Error::StoreUnavailable => Fault::Internal,
+            Error::Internal(_) | Error::StoreUnavailable | Error::ShutdownCut => Fault::Internal,
         }
     }
 
@@ -110,14 +118,14 @@ impl Error {
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::MissingKey | Error::InvalidKey | Error::AdminToken => StatusCode::UNAUTHORIZED,
             Error::BudgetExhausted { .. } => StatusCode::PAYMENT_REQUIRED,
-            Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Error::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
+            Error::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Error::ClientTimeout | Error::ClientSendTimeout => StatusCode::REQUEST_TIMEOUT,
             Error::UpstreamUnreachable(_) | Error::UpstreamProtocol(_) | Error::UpstreamReset => {
                 StatusCode::BAD_GATEWAY
             }
             Error::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            Error::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Error::StoreUnavailable | Error::ShutdownCut => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -151,8 +159,10 @@ impl Error {
             Error::InvalidKey => "invalid_api_key",
             Error::AdminToken => "invalid_admin_token",
             Error::BudgetExhausted { .. } => "insufficient_quota",
-            Error::MethodNotAllowed => "method_not_allowed",
+            Error::MethodNotAllowed { .. } => "method_not_allowed",
             Error::ClientTimeout => "client_timeout",
+            Error::ClientSendTimeout => "client_send_timeout",
+            Error::ShutdownCut => "shutdown_cut",
             Error::UpstreamUnreachable(_) => "upstream_unreachable",
             Error::UpstreamTimeout => "upstream_timeout",
             Error::UpstreamProtocol(_) => "upstream_protocol",

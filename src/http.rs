@@ -65,10 +65,17 @@ pub fn parse_request(buf: &[u8], max_headers: usize) -> Result<Option<RequestHea
         ));
     }
     let headers = header_map(req.headers).ok_or(Error::MalformedHead("invalid header"))?;
+    let minor_version = req.version.unwrap_or(1);
+    // RFC 9112 §3.2: an HTTP/1.1 request has exactly one Host; no request has two.
+    match headers.get_all(http::header::HOST).iter().count() {
+        0 if minor_version >= 1 => return Err(Error::MalformedHead("missing Host header")),
+        0 | 1 => {}
+        _ => return Err(Error::MalformedHead("more than one Host header")),
+    }
     Ok(Some(RequestHead {
         method,
         target,
-        minor_version: req.version.unwrap_or(1),
+        minor_version,
         headers,
         len,
     }))
@@ -264,22 +271,46 @@ pub fn write_status_line(status: StatusCode, out: &mut Vec<u8>) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// A complete response with a fixed body (errors, health checks, the mock's JSON replies).
+/// How a response Aura writes itself goes out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reply {
+    pub keep_alive: bool,
+    /// The answer to a HEAD request: the head says what the body would be; no body follows.
+    pub head_only: bool,
+}
+
+impl Reply {
+    pub fn new(keep_alive: bool) -> Reply {
+        Reply {
+            keep_alive,
+            head_only: false,
+        }
+    }
+}
+
+/// A complete response with a fixed body (errors, health checks, the mock's JSON replies), and
+/// any `extra` headers.
 pub fn write_simple_response(
     status: StatusCode,
     content_type: &str,
     body: &[u8],
-    keep_alive: bool,
+    extra: &[(&str, &[u8])],
+    reply: Reply,
     out: &mut Vec<u8>,
 ) {
     write_status_line(status, out);
     write_header("content-type", content_type.as_bytes(), out);
     write_header("content-length", body.len().to_string().as_bytes(), out);
-    if !keep_alive {
+    for (name, value) in extra {
+        write_header(name, value, out);
+    }
+    if !reply.keep_alive {
         write_header("connection", b"close", out);
     }
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(body);
+    if !reply.head_only {
+        out.extend_from_slice(body);
+    }
 }
 
 #[cfg(test)]
@@ -306,11 +337,11 @@ mod tests {
     #[test]
     fn refuses_smuggling_shapes_and_bad_heads() {
         let bad = [
-            "POST / HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: 1 2\r\n\r\n",
-            "POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1 2\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
         ];
         for raw in bad {
             let head = req(raw).unwrap().unwrap();
@@ -324,6 +355,15 @@ mod tests {
             req("G\0T / HTTP/1.1\r\n\r\n"),
             Err(Error::MalformedHead(_))
         ));
+        // RFC 9112 §3.2: Host exactly once in HTTP/1.1, at most once in HTTP/1.0.
+        for raw in [
+            "GET / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            "GET / HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n",
+        ] {
+            assert!(matches!(req(raw), Err(Error::MalformedHead(_))), "{raw:?}");
+        }
+        assert!(req("GET / HTTP/1.0\r\n\r\n").unwrap().is_some());
         let many: String = (0..20).map(|i| format!("h{i}: v\r\n")).collect();
         assert!(matches!(
             req(&format!("GET / HTTP/1.1\r\n{many}\r\n")),
@@ -334,8 +374,11 @@ mod tests {
     #[test]
     fn keep_alive_follows_version_and_connection_header() {
         let cases = [
-            ("GET / HTTP/1.1\r\n\r\n", true),
-            ("GET / HTTP/1.1\r\nConnection: close\r\n\r\n", false),
+            ("GET / HTTP/1.1\r\nHost: x\r\n\r\n", true),
+            (
+                "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                false,
+            ),
             ("GET / HTTP/1.0\r\n\r\n", false),
             ("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n", true),
         ];
@@ -380,7 +423,7 @@ mod tests {
 
     #[test]
     fn hop_by_hop_headers_are_not_forwarded() {
-        let head = req("GET / HTTP/1.1\r\nConnection: close, X-Secret-Hop\r\nX-Secret-Hop: 1\r\nKeep-Alive: 5\r\nAuthorization: Bearer k\r\nContent-Length: 0\r\nX-Kept: yes\r\n\r\n").unwrap().unwrap();
+        let head = req("GET / HTTP/1.1\r\nHost: x\r\nConnection: close, X-Secret-Hop\r\nX-Secret-Hop: 1\r\nKeep-Alive: 5\r\nAuthorization: Bearer k\r\nContent-Length: 0\r\nX-Kept: yes\r\n\r\n").unwrap().unwrap();
         let mut out = Vec::new();
         write_end_to_end_headers(&head.headers, &mut out);
         assert_eq!(

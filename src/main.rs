@@ -119,32 +119,76 @@ fn main() -> ExitCode {
     tracing::info!(addr = %running.addr, upstream = %config.upstream, workers = running.workers.len(), "listening");
     // A machine-readable line for scripts and tests.
     println!("aura listening on http://{}", running.addr);
-    match signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-    ]) {
+    let mut wanted = STOP_SIGNALS.to_vec();
+    wanted.extend_from_slice(IGNORED_SIGNALS);
+    match signal_hook::iterator::Signals::new(&wanted) {
         Ok(mut signals) => {
-            if let Some(signal) = signals.forever().next() {
-                tracing::info!(
-                    signal,
-                    "stopping: finishing requests in flight, then flushing spend"
-                );
+            for signal in signals.forever() {
+                if STOP_SIGNALS.contains(&signal) {
+                    tracing::info!(
+                        signal,
+                        "stopping: finishing requests in flight, then flushing spend"
+                    );
+                    break;
+                }
+                log_ignored(signal);
             }
-            // A second signal while stopping means now.
+            // A second stop signal while stopping means now.
             std::thread::spawn(move || {
-                if let Some(signal) = signals.forever().next() {
-                    tracing::warn!(signal, "second signal: exiting without waiting");
-                    #[allow(clippy::disallowed_methods)] // main.rs is the one place that exits
-                    std::process::exit(130);
+                for signal in signals.forever() {
+                    if STOP_SIGNALS.contains(&signal) {
+                        tracing::warn!(signal, "second signal: exiting without waiting");
+                        #[allow(clippy::disallowed_methods)] // main.rs is the one place that exits
+                        std::process::exit(130);
+                    }
+                    log_ignored(signal);
                 }
             });
             running.stop();
             tracing::info!("stopped");
         }
         Err(e) => {
-            tracing::error!(error = %e, "cannot handle SIGTERM; running until killed");
+            tracing::error!(error = %e, "cannot handle signals; running until killed");
             running.wait();
         }
     }
     ExitCode::SUCCESS
+}
+
+/// Signals that stop Aura the graceful way: requests in flight finish (up to the grace), spend
+/// is flushed, leases are returned.
+const STOP_SIGNALS: &[i32] = &[
+    signal_hook::consts::SIGTERM,
+    signal_hook::consts::SIGINT,
+    signal_hook::consts::SIGQUIT,
+];
+
+/// Signals whose default action would end Aura at once (streams cut, spend in memory lost):
+/// logged and ignored. SIGHUP does not reload the configuration (yet): a restart does.
+const IGNORED_SIGNALS: &[i32] = &[
+    signal_hook::consts::SIGHUP,
+    signal_hook::consts::SIGUSR1,
+    signal_hook::consts::SIGUSR2,
+    signal_hook::consts::SIGALRM,
+    signal_hook::consts::SIGVTALRM,
+    signal_hook::consts::SIGPROF,
+    signal_hook::consts::SIGIO,
+    libc::SIGPWR,
+    signal_hook::consts::SIGXCPU,
+    signal_hook::consts::SIGXFSZ,
+    libc::SIGSTKFLT,
+];
+
+fn log_ignored(signal: i32) {
+    if signal == signal_hook::consts::SIGHUP {
+        tracing::warn!(
+            signal,
+            "SIGHUP ignored: Aura does not reload its configuration; restart it (SIGTERM) to apply changes"
+        );
+    } else {
+        tracing::warn!(
+            signal,
+            "signal ignored (SIGTERM, SIGINT or SIGQUIT stop Aura)"
+        );
+    }
 }

@@ -22,7 +22,7 @@ use crate::config::{Limits, Timeouts};
 use crate::http::chunked::{encode_chunk, LAST_CHUNK};
 use crate::http::{self as h1, RequestHead};
 use crate::net;
-use crate::server::{self, Handler, Persist, Request};
+use crate::server::{self, Handler, Persist, Reply, Request};
 
 /// Content chunks per streamed answer.
 pub const CHUNKS_HEADER: &str = "x-mock-chunks";
@@ -56,6 +56,7 @@ const LIMITS: Limits = Limits {
 const TIMEOUTS: Timeouts = Timeouts {
     client_head: Duration::from_secs(10),
     idle: Duration::from_secs(60),
+    client_send: Duration::from_secs(60),
     upstream_connect: Duration::from_secs(10),
     upstream_first_byte: Duration::from_secs(10),
     upstream_read: Duration::from_secs(10),
@@ -311,7 +312,14 @@ impl<S: AsyncWriteRent> Handler<S> for MockHandler {
         self.record(&request);
         let control = Control::new(&request.head, &self.options);
         if let Some(status) = control.status {
-            return server::write_json(client, status, &error_body(status), keep_alive).await;
+            return server::write_json(
+                client,
+                status,
+                &error_body(status),
+                Reply::new(keep_alive),
+                TIMEOUTS.client_send,
+            )
+            .await;
         }
         let path = request.head.target.split('?').next().unwrap_or_default();
         let method = &request.head.method;
@@ -320,8 +328,14 @@ impl<S: AsyncWriteRent> Handler<S> for MockHandler {
         if *method == Method::POST && (chat || responses || path.ends_with("/v1/completions")) {
             let Ok(json) = serde_json::from_slice::<Value>(&request.body) else {
                 let body = openai_error("mock: request body is not JSON", "invalid_request_error");
-                return server::write_json(client, StatusCode::BAD_REQUEST, &body, keep_alive)
-                    .await;
+                return server::write_json(
+                    client,
+                    StatusCode::BAD_REQUEST,
+                    &body,
+                    Reply::new(keep_alive),
+                    TIMEOUTS.client_send,
+                )
+                .await;
             };
             let prompt = prompt_tokens(&request.body);
             return if chat {
@@ -335,8 +349,15 @@ impl<S: AsyncWriteRent> Handler<S> for MockHandler {
             // Binary audio, no usage: what text to speech answers.
             sleep(control.delay).await;
             let audio = vec![0x49u8; 256];
-            return server::write_body(client, StatusCode::OK, "audio/mpeg", &audio, keep_alive)
-                .await;
+            return server::write_body(
+                client,
+                StatusCode::OK,
+                "audio/mpeg",
+                &audio,
+                Reply::new(keep_alive),
+                TIMEOUTS.client_send,
+            )
+            .await;
         }
         let (status, body) = if *method == Method::POST && path.ends_with("/embeddings") {
             embeddings(&request.body)
@@ -352,7 +373,14 @@ impl<S: AsyncWriteRent> Handler<S> for MockHandler {
             (StatusCode::OK, echo(&request))
         };
         sleep(control.delay).await;
-        server::write_json(client, status, &body, keep_alive).await
+        server::write_json(
+            client,
+            status,
+            &body,
+            Reply::new(keep_alive),
+            TIMEOUTS.client_send,
+        )
+        .await
     }
 }
 
@@ -372,7 +400,14 @@ impl MockHandler {
         if request.get("stream") != Some(&Value::Bool(true)) {
             sleep(control.delay).await;
             let answer = self.completion(control.chunks, model, (prompt_tokens, completion_tokens));
-            return server::write_json(client, StatusCode::OK, &answer, keep_alive).await;
+            return server::write_json(
+                client,
+                StatusCode::OK,
+                &answer,
+                Reply::new(keep_alive),
+                TIMEOUTS.client_send,
+            )
+            .await;
         }
         let asked = request.pointer("/stream_options/include_usage") == Some(&Value::Bool(true));
         let usage =
@@ -407,7 +442,8 @@ impl MockHandler {
                 client,
                 StatusCode::OK,
                 answer.to_string().as_bytes(),
-                keep_alive,
+                Reply::new(keep_alive),
+                TIMEOUTS.client_send,
             )
             .await;
         }
@@ -426,7 +462,14 @@ impl MockHandler {
         if request.get("stream") != Some(&Value::Bool(true)) {
             sleep(control.delay).await;
             let answer = response("completed", usage).to_string();
-            return server::write_json(client, StatusCode::OK, answer.as_bytes(), keep_alive).await;
+            return server::write_json(
+                client,
+                StatusCode::OK,
+                answer.as_bytes(),
+                Reply::new(keep_alive),
+                TIMEOUTS.client_send,
+            )
+            .await;
         }
         let event =
             |kind: &str, data: Value| format!("event: {kind}\ndata: {data}\n\n").into_bytes();

@@ -54,6 +54,19 @@ pub async fn write_all<S: AsyncWriteRent>(
     (res.map(|_| ()), data)
 }
 
+/// Writes all of `data` within `limit`; the buffer comes back unless the write timed out (the
+/// cancelled write took it: a fresh one comes back).
+pub async fn write_all_within<S: AsyncWriteRent>(
+    stream: &mut S,
+    data: Vec<u8>,
+    limit: Duration,
+) -> (Timed<io::Result<()>>, Vec<u8>) {
+    match monoio::time::timeout(limit, write_all(stream, data)).await {
+        Ok((res, data)) => (Timed::Done(res), data),
+        Err(_) => (Timed::TimedOut, Vec::new()),
+    }
+}
+
 /// Writes `data[from..]`, handing the buffer back.
 pub async fn write_from<S: AsyncWriteRent>(
     stream: &mut S,

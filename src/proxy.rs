@@ -56,9 +56,10 @@ impl Route {
     /// The route of `method` on a canonical path (route.rs).
     pub fn of(method: &Method, path: &str) -> Route {
         match path {
+            // Aura's own: they answer GET and HEAD (405 otherwise, in `handle`).
             "/healthz" => Route::Health,
-            "/metrics" if method == Method::GET => Route::Metrics,
-            "/v1/usage" if method == Method::GET => Route::Usage,
+            "/metrics" => Route::Metrics,
+            "/v1/usage" => Route::Usage,
             _ if path == "/admin" || path.starts_with("/admin/") => Route::Admin,
             _ if path.starts_with("/v1/") => match route::billing(method, path) {
                 Billing::Chat => Route::ChatCompletions,
@@ -153,6 +154,8 @@ struct Outcome<'p> {
     response_bytes: u64,
     /// The client left and the response was not read to its end.
     abandoned: bool,
+    /// A HEAD request: what Aura answers itself has no body.
+    head_only: bool,
 }
 
 impl<'p> Outcome<'p> {
@@ -173,6 +176,15 @@ impl<'p> Outcome<'p> {
             upstream_key: None,
             response_bytes: 0,
             abandoned: false,
+            head_only: false,
+        }
+    }
+
+    /// How an answer Aura writes itself goes out on this request's connection.
+    fn reply(&self, keep_alive: bool) -> server::Reply {
+        server::Reply {
+            keep_alive,
+            head_only: self.head_only,
         }
     }
 }
@@ -408,7 +420,8 @@ impl Proxy {
             client,
             StatusCode::OK,
             body.to_string().as_bytes(),
-            keep_alive,
+            outcome.reply(keep_alive),
+            self.timeouts.client_send,
         )
         .await
     }
@@ -689,7 +702,13 @@ impl Proxy {
         outcome: &mut Outcome<'_>,
     ) -> Persist {
         outcome.status = Some(error.status());
-        let written = server::write_error(client, &error, keep_alive).await;
+        let written = server::write_error(
+            client,
+            &error,
+            outcome.reply(keep_alive),
+            self.timeouts.client_send,
+        )
+        .await;
         outcome.error = Some(error);
         if written && keep_alive {
             Persist::KeepAlive
@@ -741,29 +760,49 @@ impl<S: AsyncReadRent + AsyncWriteRent> Handler<S> for Proxy {
         let _in_flight = InFlight::enter(&self.in_flight);
         // Stopping: this answer closes its connection, so keep-alive clients move elsewhere.
         let keep_alive = keep_alive && !self.stopping.get();
+        let head_only = request.head.method == Method::HEAD;
         // Routed on its canonical path, and that path is the one forwarded.
         let mut request = request;
         let target = match route::canonical(&request.head.target) {
             Ok(target) if route::forwardable(&request.head.method) => target,
             refused => {
-                let mut outcome = Outcome::new(Route::Unparsed);
+                let mut settling = Settling::new(self, Route::Unparsed, head_only, started);
                 let error = match refused {
-                    Ok(_) => Error::MethodNotAllowed,
+                    Ok(_) => Error::MethodNotAllowed {
+                        allow: route::FORWARDED_METHODS,
+                    },
                     Err(e) => Error::BadPath(e),
                 };
-                let persist = self.fail(client, error, keep_alive, &mut outcome).await;
-                let error = outcome.error.take();
-                self.settle(&mut outcome, error.as_ref(), started);
+                let persist = self
+                    .fail(client, error, keep_alive, &mut settling.outcome)
+                    .await;
+                settling.done();
                 return persist;
             }
         };
         request.head.target = target.origin_form();
         let route = Route::of(&request.head.method, &target.path);
-        let mut outcome = Outcome::new(route);
+        let mut settling = Settling::new(self, route, head_only, started);
+        let outcome = &mut settling.outcome;
         let persist = match route {
+            Route::Health | Route::Metrics | Route::Usage
+                if !matches!(request.head.method, Method::GET | Method::HEAD) =>
+            {
+                let error = Error::MethodNotAllowed { allow: "GET, HEAD" };
+                self.fail(client, error, keep_alive, outcome).await
+            }
             Route::Health => {
                 outcome.status = Some(StatusCode::OK);
-                server::write_json(client, StatusCode::OK, br#"{"status":"ok"}"#, keep_alive).await
+                let reply = outcome.reply(keep_alive);
+                let body = br#"{"status":"ok"}"#;
+                server::write_json(
+                    client,
+                    StatusCode::OK,
+                    body,
+                    reply,
+                    self.timeouts.client_send,
+                )
+                .await
             }
             Route::Metrics => {
                 outcome.status = Some(StatusCode::OK);
@@ -777,18 +816,19 @@ impl<S: AsyncReadRent + AsyncWriteRent> Handler<S> for Proxy {
                     StatusCode::OK,
                     metrics::prom::CONTENT_TYPE,
                     text.as_bytes(),
-                    keep_alive,
+                    outcome.reply(keep_alive),
+                    self.timeouts.client_send,
                 )
                 .await
             }
             Route::ChatCompletions => {
-                self.chat(request, keep_alive, client, &mut outcome, started)
+                self.chat(request, keep_alive, client, outcome, started)
                     .await
             }
-            Route::Usage => self.usage(&request, keep_alive, client, &mut outcome).await,
-            Route::Admin => self.admin(&request, keep_alive, client, &mut outcome).await,
+            Route::Usage => self.usage(&request, keep_alive, client, outcome).await,
+            Route::Admin => self.admin(&request, keep_alive, client, outcome).await,
             Route::Api(billing) => {
-                self.pass_through(billing, request, keep_alive, client, &mut outcome, started)
+                self.pass_through(billing, request, keep_alive, client, outcome, started)
                     .await
             }
             // `of` never yields Unparsed: it is refused above, or by the server.
@@ -802,11 +842,10 @@ impl<S: AsyncReadRent + AsyncWriteRent> Handler<S> for Proxy {
                         .unwrap_or_default()
                         .to_string(),
                 );
-                self.fail(client, error, keep_alive, &mut outcome).await
+                self.fail(client, error, keep_alive, outcome).await
             }
         };
-        let error = outcome.error.take();
-        self.settle(&mut outcome, error.as_ref(), started);
+        settling.done();
         persist
     }
 
@@ -816,6 +855,57 @@ impl<S: AsyncReadRent + AsyncWriteRent> Handler<S> for Proxy {
             ..Outcome::new(Route::Unparsed)
         };
         self.settle(&mut outcome, Some(error), Instant::now());
+    }
+}
+
+/// A request's outcome until it is settled. Every request is settled exactly once: by `done`,
+/// or, for one whose handling was dropped (cut at the end of the shutdown grace), when this is
+/// dropped: its access-log record says so.
+struct Settling<'p> {
+    proxy: &'p Proxy,
+    outcome: Outcome<'p>,
+    started: Instant,
+    settled: bool,
+}
+
+impl<'p> Settling<'p> {
+    fn new(proxy: &'p Proxy, route: Route, head_only: bool, started: Instant) -> Settling<'p> {
+        let mut outcome = Outcome::new(route);
+        outcome.head_only = head_only;
+        Settling {
+            proxy,
+            outcome,
+            started,
+            settled: false,
+        }
+    }
+
+    fn done(mut self) {
+        self.settle();
+    }
+
+    fn settle(&mut self) {
+        if std::mem::replace(&mut self.settled, true) {
+            return;
+        }
+        let error = self.outcome.error.take();
+        self.proxy
+            .settle(&mut self.outcome, error.as_ref(), self.started);
+    }
+}
+
+impl Drop for Settling<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            // Its upstream may have generated (and charged) the whole answer: billed the
+            // reservation, as an answer whose client left.
+            self.outcome.abandoned = true;
+            self.outcome.error = Some(Error::ShutdownCut);
+            self.outcome
+                .status
+                .get_or_insert(Error::ShutdownCut.status());
+            self.settle();
+        }
     }
 }
 
@@ -1012,7 +1102,8 @@ impl Proxy {
         match answer {
             Ok((status, body)) => {
                 outcome.status = Some(status);
-                server::write_json(client, status, &body, keep_alive).await
+                let reply = outcome.reply(keep_alive);
+                server::write_json(client, status, &body, reply, self.timeouts.client_send).await
             }
             Err(e) => self.fail(client, e, keep_alive, outcome).await,
         }
@@ -1132,9 +1223,10 @@ mod tests {
             (Method::GET, "/healthz", Route::Health),
             (Method::GET, "/metrics", Route::Metrics),
             (Method::GET, "/v1/usage", Route::Usage),
-            (Method::POST, "/v1/usage", Route::Api(Billing::Unpriced)),
+            // Aura's own paths are Aura's whatever the method (a wrong one is a 405).
+            (Method::POST, "/v1/usage", Route::Usage),
             (Method::DELETE, "/admin/keys/x", Route::Admin),
-            (Method::POST, "/metrics", Route::NotFound),
+            (Method::POST, "/metrics", Route::Metrics),
             (Method::GET, "/v2/x", Route::NotFound),
             (Method::GET, "/v1", Route::NotFound),
         ];

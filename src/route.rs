@@ -391,6 +391,9 @@ pub fn billing(method: &Method, path: &str) -> Billing {
 /// Whether Aura forwards `method` at all: the methods of RFC 9110 an API uses. Anything else
 /// (an extension method, `post` in lower case, TRACE, CONNECT) could be read by an upstream as
 /// a billed call Aura did not route.
+/// The methods Aura forwards (its `Allow` for any other): never TRACE or CONNECT.
+pub const FORWARDED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
+
 pub fn forwardable(method: &Method) -> bool {
     matches!(
         *method,

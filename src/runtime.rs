@@ -29,6 +29,7 @@ use crate::budget::store::valkey::{self, ValkeyStore};
 use crate::budget::store::{system_clock, Clock, MemoryStore, Store};
 use crate::budget::Holder;
 use crate::config::{Config, Limits, Period, ProcessEnv, StoreKind, Timeouts, ValkeySettings};
+use crate::cut::CutSignal;
 use crate::metrics::{self, Registry};
 use crate::pricing::dollars_to_nano;
 use crate::pricing::PriceTable;
@@ -365,8 +366,9 @@ fn run_worker(
         monoio::spawn(publish_metrics(id, proxy.clone(), registry.clone()));
         monoio::spawn(flush_budget(proxy.clone(), config.budgets.flush_interval));
         monoio::spawn(trim_buffers(proxy.clone()));
+        let cut = Rc::new(CutSignal::default());
         monoio::select! {
-            _ = accept_loop(listener, proxy.clone(), config.limits, config.timeouts) => {}
+            _ = accept_loop(listener, proxy.clone(), cut.clone(), config.limits, config.timeouts) => {}
             _ = shutdown_requested(&shutdown) => {}
         }
         // The listener is closed: finish what is in flight, then hand over all spend.
@@ -381,6 +383,14 @@ fn run_worker(
                 requests = proxy.in_flight(),
                 "shutdown grace over; requests cut"
             );
+            // Each cut request is settled (billed, counted, logged) as its connection drops it.
+            cut.fire();
+            for _ in 0..100 {
+                if proxy.in_flight() == 0 {
+                    break;
+                }
+                monoio::time::sleep(Duration::from_millis(1)).await;
+            }
         }
         proxy.close_budget();
         if let Some(snapshot) = proxy.metrics_if_changed(&mut metrics::Seen::default()) {
@@ -572,14 +582,23 @@ fn start_ledger(
     Ok((thread, handles, journal))
 }
 
-async fn accept_loop(listener: TcpListener, proxy: Rc<Proxy>, limits: Limits, timeouts: Timeouts) {
+async fn accept_loop(
+    listener: TcpListener,
+    proxy: Rc<Proxy>,
+    cut: Rc<CutSignal>,
+    limits: Limits,
+    timeouts: Timeouts,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, _peer)) => {
                 let _ = stream.set_nodelay(true);
-                let proxy = proxy.clone();
+                let (proxy, cut) = (proxy.clone(), cut.clone());
                 monoio::spawn(async move {
-                    server::serve_connection(stream, proxy.as_ref(), limits, timeouts).await;
+                    monoio::select! {
+                        _ = server::serve_connection(stream, proxy.as_ref(), limits, timeouts) => {}
+                        _ = cut.fired() => {}
+                    }
                 });
             }
             Err(e) => {

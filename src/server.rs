@@ -6,12 +6,15 @@
 use std::future::Future;
 use std::time::Duration;
 
+use monoio::time::Instant;
+
 use http::StatusCode;
 use monoio::io::{AsyncReadRent, AsyncWriteRent};
 
 use crate::config::{Limits, Timeouts};
 use crate::error::Error;
 use crate::http::chunked::ChunkedDecoder;
+pub use crate::http::Reply;
 use crate::http::{self as h1, Framing, RequestHead};
 use crate::net::{self, Timed};
 
@@ -64,7 +67,7 @@ where
             Ok(None) => return,
             Err(error) => {
                 handler.refused(&error);
-                write_error(&mut stream, &error, false).await;
+                write_error(&mut stream, &error, Reply::new(false), timeouts.client_send).await;
                 return;
             }
         };
@@ -75,21 +78,30 @@ where
     }
 }
 
-/// Writes an error response; failures to write are moot (the connection is closing or broken).
+/// Writes an error response (with `Allow` for a 405), within `within`; whether it was written.
 pub async fn write_error<S: AsyncWriteRent>(
     stream: &mut S,
     error: &Error,
-    keep_alive: bool,
+    reply: Reply,
+    within: Duration,
 ) -> bool {
     let mut out = Vec::with_capacity(256);
+    let allow = match error {
+        Error::MethodNotAllowed { allow } => Some(("allow", allow.as_bytes())),
+        _ => None,
+    };
     h1::write_simple_response(
         error.status(),
         "application/json",
         &error.body(),
-        keep_alive,
+        allow.as_slice(),
+        reply,
         &mut out,
     );
-    net::write_all(stream, out).await.0.is_ok()
+    matches!(
+        net::write_all_within(stream, out, within).await.0,
+        Timed::Done(Ok(()))
+    )
 }
 
 /// Reads the next request. `Ok(None)`: the client closed or idled out between requests.
@@ -104,7 +116,7 @@ async fn read_request<S>(
 where
     S: AsyncReadRent + AsyncWriteRent,
 {
-    let Some(head) = read_head(stream, buf, limits, timeouts).await? else {
+    let Some((head, deadline)) = read_head(stream, buf, limits, timeouts).await? else {
         return Ok(None);
     };
     let framing = h1::request_framing(&head)?;
@@ -117,30 +129,31 @@ where
     }
     buf.drain(..head.len);
     if framing != Framing::Empty && buf.is_empty() && h1::expects_continue(&head) {
-        let (res, _) = net::write_all(stream, b"HTTP/1.1 100 Continue\r\n\r\n".to_vec()).await;
-        res.map_err(|_| Error::ClientTimeout)?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        let continue_ = b"HTTP/1.1 100 Continue\r\n\r\n".to_vec();
+        let (res, _) = net::write_all_within(stream, continue_, left).await;
+        if !matches!(res, Timed::Done(Ok(()))) {
+            return Err(Error::ClientTimeout);
+        }
     }
     let body = match framing {
         Framing::Empty | Framing::UntilClose => Vec::new(),
-        Framing::Length(n) => {
-            read_sized_body(stream, buf, n as usize, timeouts.client_head).await?
-        }
-        Framing::Chunked => {
-            read_chunked_body(stream, buf, limits.max_body_bytes, timeouts.client_head).await?
-        }
+        Framing::Length(n) => read_sized_body(stream, buf, n as usize, deadline).await?,
+        Framing::Chunked => read_chunked_body(stream, buf, limits.max_body_bytes, deadline).await?,
     };
     Ok(Some(Request { head, body }))
 }
 
+/// Reads a request head, and the deadline of the whole request: the first byte may take up to
+/// the idle timeout; from it, the head and the body must arrive within the head timeout
+/// (slow-loris bound, for a trickled body too).
 async fn read_head<S: AsyncReadRent>(
     stream: &mut S,
     buf: &mut Vec<u8>,
     limits: Limits,
     timeouts: Timeouts,
-) -> Result<Option<RequestHead>, Error> {
-    // The first byte may take up to the idle timeout; once it came, the whole head must
-    // arrive within the head timeout (slow-loris bound).
-    let mut deadline: Option<monoio::time::Instant> = None;
+) -> Result<Option<(RequestHead, Instant)>, Error> {
+    let mut deadline: Option<Instant> = None;
     loop {
         if !buf.is_empty() {
             let parsed = h1::parse_request(buf, limits.max_headers)?;
@@ -150,7 +163,9 @@ async fn read_head<S: AsyncReadRent>(
                         limit_bytes: limits.max_head_bytes,
                     });
                 }
-                return Ok(Some(head));
+                // Pipelined bytes: this request's first byte came with the last read.
+                let deadline = deadline.unwrap_or_else(|| Instant::now() + timeouts.client_head);
+                return Ok(Some((head, deadline)));
             }
             if buf.len() > limits.max_head_bytes {
                 return Err(Error::HeadTooLarge {
@@ -158,7 +173,7 @@ async fn read_head<S: AsyncReadRent>(
                 });
             }
         }
-        let now = monoio::time::Instant::now();
+        let now = Instant::now();
         let limit = match deadline {
             Some(d) => d.saturating_duration_since(now),
             None if buf.is_empty() => timeouts.idle,
@@ -177,7 +192,7 @@ async fn read_head<S: AsyncReadRent>(
             }
             Timed::Done(Ok(_)) => {
                 if deadline.is_none() {
-                    deadline = Some(monoio::time::Instant::now() + timeouts.client_head);
+                    deadline = Some(Instant::now() + timeouts.client_head);
                 }
             }
             Timed::TimedOut if between_requests => return Ok(None),
@@ -190,11 +205,12 @@ async fn read_sized_body<S: AsyncReadRent>(
     stream: &mut S,
     buf: &mut Vec<u8>,
     len: usize,
-    per_read: Duration,
+    deadline: Instant,
 ) -> Result<Vec<u8>, Error> {
     while buf.len() < len {
         let spare = (len - buf.len()).min(1 << 20);
-        match net::read_more_within(stream, buf, spare, per_read).await {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match net::read_more_within(stream, buf, spare, left).await {
             Timed::Done(Ok(0)) | Timed::Done(Err(_)) => {
                 return Err(Error::MalformedBody("connection closed mid-body".into()))
             }
@@ -210,7 +226,7 @@ async fn read_chunked_body<S: AsyncReadRent>(
     stream: &mut S,
     buf: &mut Vec<u8>,
     max_body_bytes: usize,
-    per_read: Duration,
+    deadline: Instant,
 ) -> Result<Vec<u8>, Error> {
     let mut decoder = ChunkedDecoder::default();
     let mut body = Vec::new();
@@ -227,7 +243,8 @@ async fn read_chunked_body<S: AsyncReadRent>(
         if decoded.done {
             return Ok(body);
         }
-        match net::read_more_within(stream, buf, BODY_READ_SPARE, per_read).await {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match net::read_more_within(stream, buf, BODY_READ_SPARE, left).await {
             Timed::Done(Ok(0)) | Timed::Done(Err(_)) => {
                 return Err(Error::MalformedBody("connection closed mid-body".into()))
             }
@@ -237,14 +254,15 @@ async fn read_chunked_body<S: AsyncReadRent>(
     }
 }
 
-/// A `GET /healthz`-style fixed JSON response.
+/// A `GET /healthz`-style fixed JSON response, written within `within`.
 pub async fn write_json<S: AsyncWriteRent>(
     stream: &mut S,
     status: StatusCode,
     body: &[u8],
-    keep_alive: bool,
+    reply: Reply,
+    within: Duration,
 ) -> Persist {
-    write_body(stream, status, "application/json", body, keep_alive).await
+    write_body(stream, status, "application/json", body, reply, within).await
 }
 
 pub async fn write_body<S: AsyncWriteRent>(
@@ -252,12 +270,13 @@ pub async fn write_body<S: AsyncWriteRent>(
     status: StatusCode,
     content_type: &str,
     body: &[u8],
-    keep_alive: bool,
+    reply: Reply,
+    within: Duration,
 ) -> Persist {
     let mut out = Vec::with_capacity(128 + body.len());
-    h1::write_simple_response(status, content_type, body, keep_alive, &mut out);
-    match net::write_all(stream, out).await.0 {
-        Ok(()) => Persist::KeepAlive,
-        Err(_) => Persist::Close,
+    h1::write_simple_response(status, content_type, body, &[], reply, &mut out);
+    match net::write_all_within(stream, out, within).await.0 {
+        Timed::Done(Ok(())) => Persist::KeepAlive,
+        Timed::Done(Err(_)) | Timed::TimedOut => Persist::Close,
     }
 }

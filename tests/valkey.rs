@@ -609,7 +609,9 @@ fn a_request_cut_at_shutdown_is_billed_its_reservation(driver: Driver) {
     let status = aura.terminate(Duration::from_secs(10));
     assert!(status.success(), "aura exited with {status:?}");
     let (spent, leased) = valkey.totals(key);
-    assert!(spent > 0, "the cut request was not billed");
+    // Every body byte a prompt token, and gpt-4o-mini's whole output limit.
+    let reserved = cost(STREAM.len() as u64, 16_384, MINI_IN, MINI_OUT);
+    assert_eq!(spent, reserved, "the cut request is billed its reservation");
     assert_eq!(leased, 0, "every lease returned");
     println!("a stream cut at shutdown was billed its reservation: {spent} nano-dollars");
 }

@@ -6,16 +6,26 @@
 #[macro_use]
 mod common;
 
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use common::billing::{
+    bearer, cost, mock_usage, wait_for_metric, wait_for_spend, MINI_IN, MINI_OUT,
+};
 use common::scripted::{json_answer, send, Asked, Scripted, Then};
-use common::{Aura, Driver, Launch};
+use common::{start_mock, Aura, Driver, Launch, MockOptions, CHAT};
 
 on_both_drivers!(
     stray_bytes_on_an_idle_upstream_connection_never_reach_another_client,
     an_interim_response_read_with_the_final_one_is_skipped,
     a_request_the_upstream_may_have_read_is_never_sent_twice,
+    a_request_body_sent_slowly_has_one_deadline,
+    a_client_that_stops_reading_is_cut_and_billed_its_usage,
+    head_gets_no_body_and_each_route_answers_its_own_methods,
+    a_request_without_one_host_is_400,
+    a_request_cut_at_the_end_of_the_grace_is_logged,
+    no_signal_but_a_stop_signal_ends_aura_and_that_one_gracefully,
 );
 
 /// A passthrough request (free: no budget involved) that names itself.
@@ -173,4 +183,222 @@ fn a_request_the_upstream_may_have_read_is_never_sent_twice(driver: Driver) {
     assert_eq!(times, 1, "the upstream was asked {times} times");
     // The connection it came on is not reused; the next request is answered.
     assert_eq!(id_of(&ask(&aura, "after")), "after");
+}
+
+/// Writes `head`, then `pieces` one every 200 ms while the connection takes them; returns the
+/// status line Aura answered with (empty if none) and when it came.
+fn trickle(aura: &Aura, head: &str, piece: &[u8], pieces: usize) -> (String, Duration) {
+    let mut stream = TcpStream::connect(aura.addr).unwrap();
+    stream.write_all(head.as_bytes()).unwrap();
+    let started = Instant::now();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    for _ in 0..pieces {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                answer.extend_from_slice(&buf[..n]);
+                break;
+            }
+            Err(_) => {}
+        }
+        if stream.write_all(piece).is_err() {
+            break;
+        }
+    }
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    if answer.is_empty() {
+        let n = stream.read(&mut buf).unwrap_or(0);
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&answer);
+    (
+        text.lines().next().unwrap_or_default().to_string(),
+        started.elapsed(),
+    )
+}
+
+/// Bug: the head timeout bounded each read, not the request: a body sent a byte every 200 ms
+/// (sized or chunked) held its connection open for as long as the client liked.
+fn a_request_body_sent_slowly_has_one_deadline(driver: Driver) {
+    let upstream = Scripted::start(|_, stream| {
+        send(stream, &json_answer("never"));
+        Then::Next
+    });
+    let aura = Launch::new(&upstream.url(), driver)
+        .arg("--client-head-timeout-ms")
+        .arg("1000")
+        .start();
+    let sized = "POST /v1/embeddings HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-test-wire\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n";
+    let chunked = "POST /v1/embeddings HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-test-wire\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+    for (head, piece) in [(sized, &b"x"[..]), (chunked, &b"1\r\nx\r\n"[..])] {
+        // 40 pieces would take 8 s: the request must be cut at its 1 s deadline.
+        let (status, after) = trickle(&aura, head, piece, 40);
+        assert!(status.contains(" 408 "), "{status:?} after {after:?}");
+        assert!(after < Duration::from_secs(3), "cut after {after:?}");
+    }
+    assert!(upstream.asked().is_empty(), "a cut request went upstream");
+}
+
+/// Bug: no write to a client had a deadline: a client that stopped reading held its stream,
+/// the upstream connection, the buffers and the reservation for as long as it kept the socket
+/// open. Cut after `client_send_timeout_ms`, the stream is drained and billed its real usage.
+fn a_client_that_stops_reading_is_cut_and_billed_its_usage(driver: Driver) {
+    let mock = start_mock(MockOptions::default());
+    let aura = Launch::new(&mock.url(), driver)
+        .arg("--client-send-timeout-ms")
+        .arg("1000")
+        .workers(1)
+        .start();
+    let key = "sk-test-wire-stops-reading";
+    // ~7 MB of events: more than the socket buffers between Aura and a client that reads
+    // nothing (its receive buffer kept small), less than what a drain reads after the cut.
+    // Three choices, so the model's output limit allows the 40,000 tokens.
+    let body = r#"{"model":"gpt-4o-mini","n":3,"messages":[{"role":"user","content":"Say hello"}],"stream":true}"#;
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&aura.addr.into()).unwrap();
+    let mut client: TcpStream = socket.into();
+    let request = format!(
+        "POST {CHAT} HTTP/1.1\r\nhost: x\r\nauthorization: {}\r\ncontent-type: application/json\r\nx-mock-chunks: 40000\r\ncontent-length: {}\r\n\r\n{body}",
+        bearer(key),
+        body.len()
+    );
+    client.write_all(request.as_bytes()).unwrap();
+    // The client holds the socket open and reads nothing.
+    wait_for_metric(&aura, "aura_errors_total{kind=\"client_send_timeout\"} 1");
+    let asked = mock.requests();
+    let (prompt, completion) = mock_usage(&asked[0]);
+    assert_eq!(completion, 40_000);
+    wait_for_spend(&aura, key, cost(prompt, completion, MINI_IN, MINI_OUT));
+    drop(client);
+}
+
+/// Bug: answers to HEAD carried a body (`/healthz`, errors), so the next response on the
+/// keep-alive connection could not be parsed; `/healthz` answered POST.
+fn head_gets_no_body_and_each_route_answers_its_own_methods(driver: Driver) {
+    let upstream = Scripted::start(|asked, stream| {
+        let id = asked.header("x-test-id").unwrap_or_default();
+        send(stream, &json_answer(&id));
+        Then::Next
+    });
+    let aura = Launch::new(&upstream.url(), driver).start();
+    // HEAD then GET on one connection: the GET's answer parses, so the HEAD's had no body.
+    let mut client = aura.client();
+    for path in ["/healthz", "/metrics", "/nowhere", "/v1/usage"] {
+        let head = client.request("HEAD", path, &[], b"");
+        assert!(head.body.is_empty(), "HEAD {path}: {}", head.text());
+        let get = client.request("GET", "/healthz", &[], b"");
+        assert_eq!(get.status, 200, "after HEAD {path}: {}", get.text());
+        assert_eq!(get.json()["status"], "ok");
+    }
+    for (method, path, allow) in [
+        ("POST", "/healthz", "GET, HEAD"),
+        ("DELETE", "/metrics", "GET, HEAD"),
+        ("PUT", "/v1/usage", "GET, HEAD"),
+        (
+            "TRACE",
+            "/v1/models",
+            "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS",
+        ),
+    ] {
+        let r = aura.client().request(method, path, &[], b"");
+        assert_eq!(r.status, 405, "{method} {path}: {}", r.text());
+        assert_eq!(r.header("allow"), Some(allow), "{method} {path}");
+        r.assert_openai_error(405);
+    }
+    assert!(upstream.asked().is_empty(), "TRACE went upstream");
+}
+
+/// Bug: an HTTP/1.1 request without Host, or with two, was served (RFC 9112 §3.2: 400).
+fn a_request_without_one_host_is_400(driver: Driver) {
+    let aura = Launch::new("http://127.0.0.1:9/v1", driver).start();
+    for head in [
+        "GET /healthz HTTP/1.1\r\n\r\n",
+        "GET /healthz HTTP/1.1\r\nhost: a\r\nhost: b\r\n\r\n",
+    ] {
+        let mut client = aura.client();
+        client.send(head.as_bytes());
+        let (status, _) = client.read_head();
+        assert_eq!(status, 400, "{head:?}");
+    }
+    let mut client = aura.client();
+    client.send(b"GET /healthz HTTP/1.0\r\n\r\n");
+    assert_eq!(client.read_head().0, 200, "HTTP/1.0 needs no Host");
+}
+
+/// Bug: a request still in flight when the shutdown grace ended left no access-log record.
+fn a_request_cut_at_the_end_of_the_grace_is_logged(driver: Driver) {
+    let mock = start_mock(MockOptions::default());
+    let mut aura = Launch::new(&mock.url(), driver)
+        .arg("--shutdown-grace-ms")
+        .arg("300")
+        .env("AURA_LOG", "info")
+        .capture_stderr()
+        .start();
+    let mut client = aura.client();
+    let request = common::raw_stream_request(
+        "sk-test-wire-cut",
+        &[("x-mock-chunks", "100"), ("x-mock-delay-ms", "100")],
+    );
+    client.send(request.as_bytes());
+    client.read_until(b"\n\n");
+    aura.terminate(Duration::from_secs(10));
+    let lines = aura.log().all_when_closed(Duration::from_secs(5));
+    let access: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("aura::access") && l.contains("chat_completions"))
+        .collect();
+    assert_eq!(access.len(), 1, "{}", lines.join("\n"));
+    assert!(access[0].contains("shutdown_cut"), "{}", access[0]);
+}
+
+fn signal(aura: &Aura, name: &str) {
+    let sent = std::process::Command::new("kill")
+        .args([&format!("-{name}"), &aura.pid().to_string()])
+        .status();
+    assert!(sent.is_ok_and(|s| s.success()), "kill -{name}");
+}
+
+/// Bug: SIGHUP and SIGUSR1 killed Aura at once: streams cut, spend in memory lost. Other
+/// signals are logged and ignored; SIGQUIT stops it as SIGTERM does.
+fn no_signal_but_a_stop_signal_ends_aura_and_that_one_gracefully(driver: Driver) {
+    let mock = start_mock(MockOptions::default());
+    let mut aura = Launch::new(&mock.url(), driver)
+        .env("AURA_LOG", "info")
+        .capture_stderr()
+        .start();
+    let key = "sk-test-wire-signals";
+    let mut client = aura.client();
+    let request =
+        common::raw_stream_request(key, &[("x-mock-chunks", "10"), ("x-mock-delay-ms", "30")]);
+    client.send(request.as_bytes());
+    client.read_until(b"\n\n");
+    for name in [
+        "HUP", "USR1", "USR2", "ALRM", "VTALRM", "PROF", "IO", "PWR", "XCPU", "XFSZ",
+    ] {
+        signal(&aura, name);
+    }
+    // The stream in flight ends whole, and Aura goes on serving.
+    client.read_until(b"data: [DONE]");
+    assert_eq!(aura.client().get("/healthz").status, 200);
+    aura.log()
+        .wait_for_count("signal ignored", 9, Duration::from_secs(5));
+    aura.log()
+        .wait_for_count("SIGHUP ignored", 1, Duration::from_secs(5));
+    // SIGQUIT: the graceful stop (a zero exit, after "stopped").
+    signal(&aura, "QUIT");
+    let status = aura.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+    let lines = aura.log().all_when_closed(Duration::from_secs(5));
+    assert!(
+        lines.iter().any(|l| l.contains("stopped")),
+        "{}",
+        lines.join("\n")
+    );
 }

@@ -234,6 +234,7 @@ impl Relay {
         let mut drain_deadline = None;
         let mut trailing_garbage = false;
         let mut closed_by_upstream = false;
+        let mut send_timed_out = false;
         // `before_last_write` has run.
         let mut billed = false;
         loop {
@@ -329,10 +330,15 @@ impl Relay {
             }
 
             if client_alive && !out.is_empty() {
-                let (written, back) = net::write_all(client, std::mem::take(&mut out)).await;
+                let (written, back) =
+                    net::write_all_within(client, std::mem::take(&mut out), timeouts.client_send)
+                        .await;
                 out = back;
                 out.clear();
-                if written.is_err() {
+                if !matches!(written, Timed::Done(Ok(()))) {
+                    // Gone, or not reading (a full socket for `client_send`): from here the
+                    // upstream is drained for the usage, and the client gets nothing more.
+                    send_timed_out |= matches!(written, Timed::TimedOut);
                     client_alive = false;
                     drain_deadline = Some(Instant::now() + DRAIN_MAX_TIME);
                     drain_slot = drains.begin();
@@ -394,6 +400,8 @@ impl Relay {
         let complete = end.error.is_none();
         if !complete {
             end.usage = self.usage_found(&mut scanner, &mut json, false);
+        } else if send_timed_out {
+            end.error = Some(Error::ClientSendTimeout);
         }
         for buf in [input, out, payload, stripped, json] {
             pool.give(buf);

@@ -289,6 +289,15 @@ impl Aura {
         let pid = self.child.id().to_string();
         let sent = Command::new("kill").args(["-TERM", &pid]).status();
         assert!(sent.is_ok_and(|s| s.success()), "kill -TERM {pid}");
+        self.wait_exit(limit)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits up to `limit` for the process to exit by itself.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -296,7 +305,7 @@ impl Aura {
             }
             assert!(
                 Instant::now() < deadline,
-                "aura did not exit within {limit:?} of SIGTERM"
+                "aura did not exit within {limit:?}"
             );
             std::thread::park_timeout(Duration::from_millis(10));
         }
