@@ -1,8 +1,11 @@
 //! Token usage read from one JSON object: the data of the SSE event the scanner picked (chat
 //! chunk, Groq `x_groq`, Responses API `response.completed`) or a whole non-streaming body.
-//! Pure L0: no IO, clocks, globals or logging; depends on simd-json and nothing else of Aura.
+//! Pure L0: no IO, clocks, globals or logging; depends on simd-json (and memchr) and nothing
+//! else of Aura. A non-streaming body is read as it streams by [`body::BodyUsage`].
 //! Called only for the rare objects that carry usage, on a scratch copy (simd-json parses in
 //! place); simd-json bounds nesting depth, so hostile input cannot drive deep recursion.
+
+pub mod body;
 
 use simd_json::prelude::*;
 use simd_json::BorrowedValue as Value;

@@ -26,6 +26,7 @@ on_both_drivers!(
     a_request_without_one_host_is_400,
     a_request_cut_at_the_end_of_the_grace_is_logged,
     no_signal_but_a_stop_signal_ends_aura_and_that_one_gracefully,
+    a_json_answer_past_8_mib_is_billed_its_usage,
 );
 
 /// A passthrough request (free: no budget involved) that names itself.
@@ -401,4 +402,42 @@ fn no_signal_but_a_stop_signal_ends_aura_and_that_one_gracefully(driver: Driver)
         "{}",
         lines.join("\n")
     );
+}
+
+/// Bug: a non-streaming JSON answer was kept whole (up to 8 MiB) to read its usage: memory for
+/// every large answer, and past 8 MiB the usage was not read at all (billed an estimate).
+fn a_json_answer_past_8_mib_is_billed_its_usage(driver: Driver) {
+    let upstream = Scripted::start(|_, stream| {
+        let text = "x".repeat(9 * 1024 * 1024);
+        let body = format!(
+            r#"{{"id":"chatcmpl-big","object":"chat.completion","model":"gpt-4o-mini","choices":[{{"index":0,"message":{{"role":"assistant","content":"{text}"}},"finish_reason":"stop"}}],"usage":{{"prompt_tokens":10,"completion_tokens":20,"total_tokens":30}}}}"#
+        );
+        send(
+            stream,
+            format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        );
+        for piece in body.as_bytes().chunks(64 * 1024) {
+            send(stream, piece);
+        }
+        Then::Next
+    });
+    let aura = Launch::new(&upstream.url(), driver).start();
+    let key = "sk-test-wire-big-json";
+    let body =
+        r#"{"model":"gpt-4o-mini","max_tokens":100,"messages":[{"role":"user","content":"hi"}]}"#;
+    let auth = bearer(key);
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+    ];
+    let r = aura
+        .client()
+        .request("POST", CHAT, &headers, body.as_bytes());
+    assert_eq!(r.status, 200);
+    assert!(r.body.len() > 9 * 1024 * 1024);
+    wait_for_spend(&aura, key, cost(10, 20, MINI_IN, MINI_OUT));
 }

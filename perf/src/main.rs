@@ -5,6 +5,7 @@
 //! is the fast upstream itself (started by the other two). `scripts/perf` is the one command.
 
 mod bench;
+mod burst;
 mod keys;
 mod load;
 mod procstat;
@@ -81,6 +82,15 @@ enum Cmd {
         #[arg(long, default_value = "perf/out")]
         out: PathBuf,
     },
+    /// Aura's resident memory under a burst of large non-streaming JSON answers.
+    JsonBurst {
+        #[arg(long, default_value = "target/release/aura")]
+        aura: PathBuf,
+        #[arg(long, default_value_t = 40)]
+        answers: usize,
+        #[arg(long, default_value_t = 7)]
+        answer_mib: usize,
+    },
     /// Scenario (b) against Aura alone at each worker count, pinned: requests/s per worker.
     Scaling {
         #[command(flatten)]
@@ -149,6 +159,11 @@ fn main() -> ExitCode {
             common,
             workers_list,
         } => scaling(&common, &workers_list),
+        Cmd::JsonBurst {
+            aura,
+            answers,
+            answer_mib,
+        } => burst::run(&aura, answers, answer_mib).map(|report| print!("{report}")),
         Cmd::Keys {
             count,
             valkey_server,

@@ -1,7 +1,7 @@
 //! The byte pump upstream → client. Each upstream read is de-framed, re-framed as the client's
 //! own response (chunked, or content-length when the body passes unchanged) and written at once:
 //! write first, observe second. The scanner then walks the same payload for the usage event; a
-//! JSON body is kept (bounded) to read its `usage` at the end. A client that leaves mid-stream
+//! JSON body's usage members are kept as they pass (usage/body.rs), read at its end. A client that leaves mid-stream
 //! stops getting writes, but the upstream is still read (bounded in bytes and time) so the
 //! usage that bills the request is not lost.
 
@@ -19,11 +19,10 @@ use crate::http::{self as h1, Framing, ResponseHead};
 use crate::net::{self, Timed};
 use crate::server::Persist;
 use crate::sse::{SharedParse, UsageOnlyStripper, UsageScanner};
-use crate::usage::{self, Found};
+use crate::usage::body::BodyUsage;
+use crate::usage::Found;
 
 pub const READ_BUF_BYTES: usize = 16 * 1024;
-/// Largest JSON response kept to read its `usage` from.
-const JSON_USAGE_MAX_BYTES: usize = 8 * 1024 * 1024;
 /// After the client left: how much more of the upstream response is read to reach the usage.
 const DRAIN_MAX_BYTES: usize = 8 * 1024 * 1024;
 const DRAIN_MAX_TIME: Duration = Duration::from_secs(30);
@@ -208,11 +207,7 @@ impl Relay {
             Some(shared) => UsageScanner::sharing(shared),
             None => UsageScanner::default(),
         };
-        let mut json = if self.kind == BodyKind::Json {
-            pool.take()
-        } else {
-            Vec::new()
-        };
+        let mut json = BodyUsage::default();
         let mut decoder = ChunkedDecoder::default();
         let mut remaining = match self.upstream_framing {
             Framing::Length(n) => n,
@@ -403,7 +398,7 @@ impl Relay {
         } else if send_timed_out {
             end.error = Some(Error::ClientSendTimeout);
         }
-        for buf in [input, out, payload, stripped, json] {
+        for buf in [input, out, payload, stripped] {
             pool.give(buf);
         }
         end.upstream_reusable = complete
@@ -425,16 +420,14 @@ impl Relay {
         &self,
         payload: &[u8],
         scanner: &mut UsageScanner,
-        json: &mut Vec<u8>,
+        json: &mut BodyUsage,
         end: &mut RelayEnd,
     ) {
         end.body_bytes += payload.len() as u64;
         match self.kind {
             BodyKind::EventStream => scanner.feed(payload),
-            BodyKind::Json if json.len() + payload.len() <= JSON_USAGE_MAX_BYTES => {
-                json.extend_from_slice(payload)
-            }
-            BodyKind::Json | BodyKind::Other => {}
+            BodyKind::Json => json.feed(payload),
+            BodyKind::Other => {}
         }
     }
 
@@ -443,7 +436,7 @@ impl Relay {
     fn usage_found(
         &self,
         scanner: &mut UsageScanner,
-        json: &mut [u8],
+        json: &mut BodyUsage,
         complete: bool,
     ) -> Option<Found> {
         match self.kind {
@@ -451,7 +444,7 @@ impl Relay {
                 scanner.finish();
                 scanner.found().cloned()
             }
-            BodyKind::Json if complete => usage::from_body_json(json),
+            BodyKind::Json if complete => json.finish(),
             BodyKind::Json | BodyKind::Other => None,
         }
     }
