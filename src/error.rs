@@ -60,6 +60,10 @@ pub enum Error {
     /// reading. (Logged; the client gets nothing more.)
     #[error("client did not read the response in time")]
     ClientSendTimeout,
+    /// The client closed its connection before the response ended, and the rest of the
+    /// response was not read (drain bounds). (Logged; nothing reaches the client.)
+    #[error("client closed the connection before the response ended")]
+    ClientGone,
     /// Still in flight when the shutdown grace ended. (Logged; the client gets nothing more.)
     #[error("cut at the end of the shutdown grace")]
     ShutdownCut,
@@ -94,7 +98,8 @@ impl Error {
             | Error::BudgetExhausted { .. }
             | Error::MethodNotAllowed { .. }
             | Error::ClientTimeout
-            | Error::ClientSendTimeout => Fault::Client,
+            | Error::ClientSendTimeout
+            | Error::ClientGone => Fault::Client,
             Error::UpstreamUnreachable(_)
             | Error::UpstreamTimeout
             | Error::UpstreamProtocol(_)
@@ -119,7 +124,9 @@ impl Error {
             Error::MissingKey | Error::InvalidKey | Error::AdminToken => StatusCode::UNAUTHORIZED,
             Error::BudgetExhausted { .. } => StatusCode::PAYMENT_REQUIRED,
             Error::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            Error::ClientTimeout | Error::ClientSendTimeout => StatusCode::REQUEST_TIMEOUT,
+            Error::ClientTimeout | Error::ClientSendTimeout | Error::ClientGone => {
+                StatusCode::REQUEST_TIMEOUT
+            }
             Error::UpstreamUnreachable(_) | Error::UpstreamProtocol(_) | Error::UpstreamReset => {
                 StatusCode::BAD_GATEWAY
             }
@@ -162,6 +169,7 @@ impl Error {
             Error::MethodNotAllowed { .. } => "method_not_allowed",
             Error::ClientTimeout => "client_timeout",
             Error::ClientSendTimeout => "client_send_timeout",
+            Error::ClientGone => "client_gone",
             Error::ShutdownCut => "shutdown_cut",
             Error::UpstreamUnreachable(_) => "upstream_unreachable",
             Error::UpstreamTimeout => "upstream_timeout",

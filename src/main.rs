@@ -121,6 +121,8 @@ fn main() -> ExitCode {
     println!("aura listening on http://{}", running.addr);
     let mut wanted = STOP_SIGNALS.to_vec();
     wanted.extend_from_slice(IGNORED_SIGNALS);
+    // Real-time signals end a process by default too.
+    wanted.extend(libc::SIGRTMIN()..=libc::SIGRTMAX());
     match signal_hook::iterator::Signals::new(&wanted) {
         Ok(mut signals) => {
             for signal in signals.forever() {

@@ -897,9 +897,13 @@ impl<'p> Settling<'p> {
 impl Drop for Settling<'_> {
     fn drop(&mut self) {
         if !self.settled {
-            // Its upstream may have generated (and charged) the whole answer: billed the
-            // reservation, as an answer whose client left.
-            self.outcome.abandoned = true;
+            // Sent, its upstream may have generated (and charged) the whole answer: billed the
+            // reservation, as an answer whose client left. Never sent, it cost nothing.
+            self.outcome.abandoned = self
+                .outcome
+                .bill
+                .as_ref()
+                .is_some_and(|bill| bill.reservation.is_sent());
             self.outcome.error = Some(Error::ShutdownCut);
             self.outcome
                 .status

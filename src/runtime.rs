@@ -383,13 +383,14 @@ fn run_worker(
                 requests = proxy.in_flight(),
                 "shutdown grace over; requests cut"
             );
-            // Each cut request is settled (billed, counted, logged) as its connection drops it.
-            cut.fire();
-            for _ in 0..100 {
-                if proxy.in_flight() == 0 {
-                    break;
-                }
-                monoio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // Every connection still open drops what it was doing: a request in flight is settled
+        // (billed, counted, logged), one half received is logged; idle ones just close.
+        cut.fire();
+        for _ in 0..100 {
+            monoio::time::sleep(Duration::from_millis(1)).await;
+            if proxy.in_flight() == 0 {
+                break;
             }
         }
         proxy.close_budget();

@@ -3,6 +3,7 @@
 //! and hands the whole request to a [`Handler`] that writes the response itself. Knows nothing of
 //! routes, budgets or SSE. Malformed or oversize requests get an OpenAI-style error and a close.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::time::Duration;
 
@@ -61,19 +62,55 @@ where
     H: Handler<S>,
 {
     let mut buf = Vec::with_capacity(READ_SPARE);
+    let receiving = Receiving {
+        handler,
+        started: Cell::new(false),
+        stream: std::marker::PhantomData,
+    };
     loop {
-        let request = match read_request(&mut stream, &mut buf, limits, timeouts).await {
+        // A HEAD request refused here gets its answer without a body too.
+        let mut head_only = false;
+        let read = read_request(
+            &mut stream,
+            &mut buf,
+            limits,
+            timeouts,
+            (&mut head_only, &receiving.started),
+        )
+        .await;
+        receiving.started.set(false);
+        let request = match read {
             Ok(Some(request)) => request,
             Ok(None) => return,
             Err(error) => {
                 handler.refused(&error);
-                write_error(&mut stream, &error, Reply::new(false), timeouts.client_send).await;
+                let reply = Reply {
+                    keep_alive: false,
+                    head_only: head_only || buf.starts_with(b"HEAD "),
+                };
+                write_error(&mut stream, &error, reply, timeouts.client_send).await;
                 return;
             }
         };
         let keep_alive = h1::keep_alive(request.head.minor_version, &request.head.headers);
         if handler.handle(request, keep_alive, &mut stream).await == Persist::Close || !keep_alive {
             return;
+        }
+    }
+}
+
+/// A request being received: one dropped part way (the connection cut at the end of the
+/// shutdown grace) is accounted for as refused, so it too leaves its one access-log record.
+struct Receiving<'h, H: Handler<S>, S> {
+    handler: &'h H,
+    started: Cell<bool>,
+    stream: std::marker::PhantomData<fn(S)>,
+}
+
+impl<H: Handler<S>, S> Drop for Receiving<'_, H, S> {
+    fn drop(&mut self) {
+        if self.started.get() {
+            self.handler.refused(&Error::ShutdownCut);
         }
     }
 }
@@ -112,13 +149,15 @@ async fn read_request<S>(
     buf: &mut Vec<u8>,
     limits: Limits,
     timeouts: Timeouts,
+    (head_only, started): (&mut bool, &Cell<bool>),
 ) -> Result<Option<Request>, Error>
 where
     S: AsyncReadRent + AsyncWriteRent,
 {
-    let Some((head, deadline)) = read_head(stream, buf, limits, timeouts).await? else {
+    let Some((head, deadline)) = read_head(stream, buf, limits, timeouts, started).await? else {
         return Ok(None);
     };
+    *head_only = head.method == http::Method::HEAD;
     let framing = h1::request_framing(&head)?;
     if let Framing::Length(n) = framing {
         if n > limits.max_body_bytes as u64 {
@@ -138,10 +177,22 @@ where
     }
     let body = match framing {
         Framing::Empty | Framing::UntilClose => Vec::new(),
-        Framing::Length(n) => read_sized_body(stream, buf, n as usize, deadline).await?,
+        Framing::Length(n) => {
+            let deadline = deadline + body_allowance(n as usize);
+            read_sized_body(stream, buf, n as usize, deadline).await?
+        }
         Framing::Chunked => read_chunked_body(stream, buf, limits.max_body_bytes, deadline).await?,
     };
     Ok(Some(Request { head, body }))
+}
+
+/// The slowest a request body may come (128 kbit/s): on top of `client_head_timeout_ms`, a body
+/// of `n` bytes has `n` over this rate to arrive. A real upload is much faster; a trickle is
+/// cut (one deadline per request, which grows only with what the body carries).
+pub const MIN_BODY_BYTES_PER_SEC: usize = 16 * 1024;
+
+fn body_allowance(n: usize) -> Duration {
+    Duration::from_millis((n as u64).saturating_mul(1000) / MIN_BODY_BYTES_PER_SEC as u64)
 }
 
 /// Reads a request head, and the deadline of the whole request: the first byte may take up to
@@ -152,10 +203,12 @@ async fn read_head<S: AsyncReadRent>(
     buf: &mut Vec<u8>,
     limits: Limits,
     timeouts: Timeouts,
+    started: &Cell<bool>,
 ) -> Result<Option<(RequestHead, Instant)>, Error> {
     let mut deadline: Option<Instant> = None;
     loop {
         if !buf.is_empty() {
+            started.set(true);
             let parsed = h1::parse_request(buf, limits.max_headers)?;
             if let Some(head) = parsed {
                 if head.len > limits.max_head_bytes {
@@ -191,6 +244,7 @@ async fn read_head<S: AsyncReadRent>(
                 return Err(Error::MalformedHead("connection closed mid-head"))
             }
             Timed::Done(Ok(_)) => {
+                started.set(true);
                 if deadline.is_none() {
                     deadline = Some(Instant::now() + timeouts.client_head);
                 }
@@ -243,7 +297,9 @@ async fn read_chunked_body<S: AsyncReadRent>(
         if decoded.done {
             return Ok(body);
         }
-        let left = deadline.saturating_duration_since(Instant::now());
+        // What came so far earns its time, as a sized body's length does.
+        let until = deadline + body_allowance(body.len() + buf.len());
+        let left = until.saturating_duration_since(Instant::now());
         match net::read_more_within(stream, buf, BODY_READ_SPARE, left).await {
             Timed::Done(Ok(0)) | Timed::Done(Err(_)) => {
                 return Err(Error::MalformedBody("connection closed mid-body".into()))

@@ -25,6 +25,7 @@ on_both_drivers!(
     head_gets_no_body_and_each_route_answers_its_own_methods,
     a_request_without_one_host_is_400,
     a_request_cut_at_the_end_of_the_grace_is_logged,
+    a_request_cut_before_it_reached_the_upstream_costs_nothing,
     no_signal_but_a_stop_signal_ends_aura_and_that_one_gracefully,
     a_json_answer_past_8_mib_is_billed_its_usage,
 );
@@ -244,6 +245,25 @@ fn a_request_body_sent_slowly_has_one_deadline(driver: Driver) {
         assert!(after < Duration::from_secs(3), "cut after {after:?}");
     }
     assert!(upstream.asked().is_empty(), "a cut request went upstream");
+    // An upload that keeps coming (~400 KB/s for 3 s) is no trickle: its length earns it time.
+    let body = vec![b'x'; 1_200_000];
+    let head = format!(
+        "POST /v1/embeddings HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-test-wire\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut stream = TcpStream::connect(aura.addr).unwrap();
+    stream.write_all(head.as_bytes()).unwrap();
+    for piece in body.chunks(40_000) {
+        stream.write_all(piece).unwrap();
+        std::thread::park_timeout(Duration::from_millis(100));
+    }
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut answer = [0u8; 64];
+    let n = stream.read(&mut answer).unwrap();
+    let status = String::from_utf8_lossy(&answer[..n]).to_string();
+    assert!(status.starts_with("HTTP/1.1 200"), "{status:?}");
 }
 
 /// Bug: no write to a client had a deadline: a client that stopped reading held its stream,
@@ -336,12 +356,7 @@ fn a_request_without_one_host_is_400(driver: Driver) {
 /// Bug: a request still in flight when the shutdown grace ended left no access-log record.
 fn a_request_cut_at_the_end_of_the_grace_is_logged(driver: Driver) {
     let mock = start_mock(MockOptions::default());
-    let mut aura = Launch::new(&mock.url(), driver)
-        .arg("--shutdown-grace-ms")
-        .arg("300")
-        .env("AURA_LOG", "info")
-        .capture_stderr()
-        .start();
+    let mut aura = logging_with_short_grace(&mock.url(), driver);
     let mut client = aura.client();
     let request = common::raw_stream_request(
         "sk-test-wire-cut",
@@ -349,14 +364,64 @@ fn a_request_cut_at_the_end_of_the_grace_is_logged(driver: Driver) {
     );
     client.send(request.as_bytes());
     client.read_until(b"\n\n");
-    aura.terminate(Duration::from_secs(10));
-    let lines = aura.log().all_when_closed(Duration::from_secs(5));
-    let access: Vec<&String> = lines
-        .iter()
-        .filter(|l| l.contains("aura::access") && l.contains("chat_completions"))
-        .collect();
+    // A second request half received, and an idle keep-alive connection (no request: no record).
+    let mut uploading = aura.client();
+    uploading
+        .send(b"POST /v1/embeddings HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n{\"a\"");
+    let mut idle = aura.client();
+    assert_eq!(idle.get("/healthz").status, 200);
+    std::thread::park_timeout(Duration::from_millis(100));
+    let (lines, access) = stop_for_access_records(&mut aura);
+    assert_eq!(access.len(), 2, "{}", lines.join("\n"));
+    assert!(
+        access.iter().all(|l| l.contains("shutdown_cut")),
+        "{}",
+        lines.join("\n")
+    );
+    assert!(access.iter().any(|l| l.contains("chat_completions")));
+}
+
+/// Bug: a request cut at the end of the grace before it reached the upstream (still
+/// connecting) was billed its whole reservation.
+fn a_request_cut_before_it_reached_the_upstream_costs_nothing(driver: Driver) {
+    // An https upstream that takes the connection and never speaks TLS.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("https://{}/v1", silent.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let held: Vec<TcpStream> = silent.incoming().take(4).flatten().collect();
+        std::thread::park_timeout(Duration::from_secs(20));
+        drop(held);
+    });
+    let mut aura = logging_with_short_grace(&url, driver);
+    let mut client = aura.client();
+    client.send(common::raw_stream_request("sk-test-wire-unsent", &[]).as_bytes());
+    std::thread::park_timeout(Duration::from_millis(200));
+    let (lines, access) = stop_for_access_records(&mut aura);
     assert_eq!(access.len(), 1, "{}", lines.join("\n"));
     assert!(access[0].contains("shutdown_cut"), "{}", access[0]);
+    assert!(access[0].contains("cost_nano_usd=0 "), "{}", access[0]);
+}
+
+/// Aura with its access log captured and a 300 ms shutdown grace.
+fn logging_with_short_grace(upstream_url: &str, driver: Driver) -> Aura {
+    Launch::new(upstream_url, driver)
+        .arg("--shutdown-grace-ms")
+        .arg("300")
+        .env("AURA_LOG", "info")
+        .capture_stderr()
+        .start()
+}
+
+/// SIGTERM, then every line Aura logged and its access-log records.
+fn stop_for_access_records(aura: &mut Aura) -> (Vec<String>, Vec<String>) {
+    aura.terminate(Duration::from_secs(10));
+    let lines = aura.log().all_when_closed(Duration::from_secs(5));
+    let access = lines
+        .iter()
+        .filter(|l| l.contains("aura::access"))
+        .cloned()
+        .collect();
+    (lines, access)
 }
 
 fn signal(aura: &Aura, name: &str) {
@@ -382,6 +447,8 @@ fn no_signal_but_a_stop_signal_ends_aura_and_that_one_gracefully(driver: Driver)
     client.read_until(b"\n\n");
     for name in [
         "HUP", "USR1", "USR2", "ALRM", "VTALRM", "PROF", "IO", "PWR", "XCPU", "XFSZ",
+        // Real-time signals by number: SIGRTMIN+1 and SIGRTMAX with glibc.
+        "35", "64",
     ] {
         signal(&aura, name);
     }
@@ -389,7 +456,7 @@ fn no_signal_but_a_stop_signal_ends_aura_and_that_one_gracefully(driver: Driver)
     client.read_until(b"data: [DONE]");
     assert_eq!(aura.client().get("/healthz").status, 200);
     aura.log()
-        .wait_for_count("signal ignored", 9, Duration::from_secs(5));
+        .wait_for_count("signal ignored", 11, Duration::from_secs(5));
     aura.log()
         .wait_for_count("SIGHUP ignored", 1, Duration::from_secs(5));
     // SIGQUIT: the graceful stop (a zero exit, after "stopped").

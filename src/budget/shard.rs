@@ -72,6 +72,10 @@ impl Reservation<'_> {
         self.sent = true;
     }
 
+    pub fn is_sent(&self) -> bool {
+        self.sent
+    }
+
     /// Ends the request: the reservation becomes its real cost (0 releases it).
     pub fn settle(mut self, cost: u64) {
         self.settled = true;

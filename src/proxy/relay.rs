@@ -356,7 +356,12 @@ impl Relay {
                     || drained_bytes > DRAIN_MAX_BYTES
                     || drain_deadline.is_some_and(|d| Instant::now() > d)
                 {
-                    end.error = Some(Error::UpstreamTimeout);
+                    // The client's doing, not the upstream's.
+                    end.error = Some(if send_timed_out {
+                        Error::ClientSendTimeout
+                    } else {
+                        Error::ClientGone
+                    });
                     end.abandoned = true;
                     break;
                 }
