@@ -512,11 +512,19 @@ impl Proxy {
         started: Instant,
     ) -> Persist {
         let upstream_request = self.upstream_request(&request, outcome.upstream_key.as_ref());
-        let (mut conn, head, buffered) =
-            match self.exchange(upstream_request, outcome, started).await {
-                Ok(answer) => answer,
-                Err(e) => return self.fail(client, e, keep_alive, outcome).await,
-            };
+        // Asked twice, such a request costs nothing and changes nothing.
+        let idempotent_and_free = outcome.bill.is_none()
+            && matches!(
+                request.head.method,
+                Method::GET | Method::HEAD | Method::OPTIONS
+            );
+        let (mut conn, head, buffered) = match self
+            .exchange(upstream_request, idempotent_and_free, outcome, started)
+            .await
+        {
+            Ok(answer) => answer,
+            Err(e) => return self.fail(client, e, keep_alive, outcome).await,
+        };
         outcome.status = Some(head.status);
         let framing = match h1::response_framing(&request.head.method, &head) {
             Ok(framing) => framing,
@@ -609,17 +617,20 @@ impl Proxy {
     /// Sends the request and reads the response head. The request is sent again, once, on a
     /// fresh connection only when it provably did not reach the upstream: a pooled connection
     /// refused its first write (nothing of the request was taken). Once any byte of it was
-    /// written, the upstream may have started (and charged for) the answer: no retry.
+    /// written, the upstream may have started (and charged for) the answer: no retry, unless
+    /// the request is free and idempotent (GET, HEAD, OPTIONS of an unbilled route) and the
+    /// pooled connection closed before any answer byte (the upstream's idle close racing it).
     async fn exchange(
         &self,
         request: Vec<u8>,
+        idempotent_and_free: bool,
         outcome: &mut Outcome<'_>,
         started: Instant,
     ) -> Result<(Conn, ResponseHead, Vec<u8>), Error> {
         let mut request = request;
         if let Some(conn) = self.upstream.pooled() {
             match self
-                .send_and_read_head(conn, request, outcome, started)
+                .send_and_read_head(conn, request, idempotent_and_free, outcome, started)
                 .await
             {
                 Attempt::Answered(conn, head, rest) => return Ok((conn, head, rest)),
@@ -629,7 +640,7 @@ impl Proxy {
         }
         let conn = self.upstream.connect().await?;
         match self
-            .send_and_read_head(conn, request, outcome, started)
+            .send_and_read_head(conn, request, false, outcome, started)
             .await
         {
             Attempt::Answered(conn, head, rest) => Ok((conn, head, rest)),
@@ -638,10 +649,14 @@ impl Proxy {
         }
     }
 
+    /// One attempt. `may_retry`: a connection that closes before any answer byte gives the
+    /// request back (a pooled connection the upstream closed as it was taken; only for a
+    /// request that costs nothing and changes nothing if asked twice).
     async fn send_and_read_head(
         &self,
         mut conn: Conn,
         request: Vec<u8>,
+        may_retry: bool,
         outcome: &mut Outcome<'_>,
         started: Instant,
     ) -> Attempt {
@@ -657,7 +672,10 @@ impl Proxy {
             return Attempt::Failed(Error::UpstreamReset);
         }
         outcome.to_upstream = Some(started.elapsed());
-        self.buffers.give(request);
+        let mut request = Some(request);
+        if !may_retry {
+            self.buffers.give(request.take().unwrap_or_default());
+        }
         let mut buf = self.buffers.take();
         let mut limit = self.timeouts.upstream_first_byte;
         loop {
@@ -676,6 +694,9 @@ impl Proxy {
                         buf.drain(..head.len);
                     }
                     Ok(Some(head)) => {
+                        if let Some(request) = request {
+                            self.buffers.give(request);
+                        }
                         // The body bytes that came with the head move to the front of their
                         // buffer rather than to a new one.
                         buf.drain(..head.len);
@@ -683,10 +704,14 @@ impl Proxy {
                     }
                 }
             }
+            let nothing_yet = buf.is_empty();
             match net::read_more_within(&mut conn, &mut buf, relay::READ_BUF_BYTES, limit).await {
                 Timed::TimedOut => return Attempt::Failed(Error::UpstreamTimeout),
                 Timed::Done(Ok(0)) | Timed::Done(Err(_)) => {
-                    return Attempt::Failed(Error::UpstreamReset)
+                    return match request {
+                        Some(request) if nothing_yet => Attempt::DeadBeforeAnswer(request),
+                        _ => Attempt::Failed(Error::UpstreamReset),
+                    };
                 }
                 Timed::Done(Ok(_)) => {}
             }
@@ -720,8 +745,9 @@ impl Proxy {
 
 enum Attempt {
     Answered(Conn, ResponseHead, Vec<u8>),
-    /// The connection refused the request's first write: nothing of it reached the upstream,
-    /// and it comes back for a retry.
+    /// The connection refused the request's first write (nothing of it reached the upstream),
+    /// or closed before any answer to a request that may be asked twice: it comes back for a
+    /// retry.
     DeadBeforeAnswer(Vec<u8>),
     Failed(Error),
 }

@@ -5,10 +5,13 @@
 //! the addresses as a swapped `Arc`; workers only read that snapshot when they open a
 //! connection, never per request.
 
-use std::cell::RefCell;
+mod records;
+
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::rc::Rc;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -20,6 +23,7 @@ use rustls::pki_types::ServerName;
 
 use crate::config::{Config, Scheme, UpstreamUrl};
 use crate::error::Error;
+use records::RecordPacer;
 
 /// How often the resolver thread looks the upstream host up again.
 const REFRESH: Duration = Duration::from_secs(30);
@@ -107,17 +111,31 @@ pub fn tls_config(config: &Config) -> Result<Arc<rustls::ClientConfig>, String> 
     Ok(Arc::new(tls))
 }
 
-/// One upstream connection, plain or TLS (with its socket's descriptor, for the pool's check).
+/// One upstream connection, plain or TLS (with its socket's descriptor and what its record
+/// pacer holds, for the pool's check).
 pub enum Conn {
     Plain(TcpStream),
-    Tls(Box<monoio_rustls::ClientTlsStream<TcpStream>>, RawFd),
+    Tls(
+        Box<monoio_rustls::ClientTlsStream<RecordPacer>>,
+        RawFd,
+        Rc<Cell<usize>>,
+    ),
 }
 
 impl Conn {
     fn fd(&self) -> RawFd {
         match self {
             Conn::Plain(s) => s.as_raw_fd(),
-            Conn::Tls(_, fd) => *fd,
+            Conn::Tls(_, fd, _) => *fd,
+        }
+    }
+
+    /// Nothing arrived that its last answer did not use: not above the socket (bytes of a later
+    /// TLS record its pacer holds), not in it.
+    fn quiet(&self) -> bool {
+        match self {
+            Conn::Plain(_) => quiet(self.fd()),
+            Conn::Tls(_, fd, held) => held.get() == 0 && quiet(*fd),
         }
     }
 
@@ -148,14 +166,14 @@ impl AsyncReadRent for Conn {
     async fn read<T: IoBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
         match self {
             Conn::Plain(s) => s.read(buf).await,
-            Conn::Tls(s, _) => s.read(buf).await,
+            Conn::Tls(s, ..) => s.read(buf).await,
         }
     }
 
     async fn readv<T: IoVecBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
         match self {
             Conn::Plain(s) => s.readv(buf).await,
-            Conn::Tls(s, _) => s.readv(buf).await,
+            Conn::Tls(s, ..) => s.readv(buf).await,
         }
     }
 }
@@ -164,28 +182,28 @@ impl AsyncWriteRent for Conn {
     async fn write<T: IoBuf>(&mut self, buf: T) -> BufResult<usize, T> {
         match self {
             Conn::Plain(s) => s.write(buf).await,
-            Conn::Tls(s, _) => s.write(buf).await,
+            Conn::Tls(s, ..) => s.write(buf).await,
         }
     }
 
     async fn writev<T: IoVecBuf>(&mut self, buf: T) -> BufResult<usize, T> {
         match self {
             Conn::Plain(s) => s.writev(buf).await,
-            Conn::Tls(s, _) => s.writev(buf).await,
+            Conn::Tls(s, ..) => s.writev(buf).await,
         }
     }
 
     async fn flush(&mut self) -> io::Result<()> {
         match self {
             Conn::Plain(s) => s.flush().await,
-            Conn::Tls(s, _) => s.flush().await,
+            Conn::Tls(s, ..) => s.flush().await,
         }
     }
 
     async fn shutdown(&mut self) -> io::Result<()> {
         match self {
             Conn::Plain(s) => s.shutdown().await,
-            Conn::Tls(s, _) => s.shutdown().await,
+            Conn::Tls(s, ..) => s.shutdown().await,
         }
     }
 }
@@ -234,7 +252,7 @@ impl Upstream {
     pub fn pooled(&self) -> Option<Conn> {
         let mut idle = self.idle.borrow_mut();
         while let Some((conn, since)) = idle.pop() {
-            if since.elapsed() < POOL_IDLE_LIMIT && quiet(conn.fd()) {
+            if since.elapsed() < POOL_IDLE_LIMIT && conn.quiet() {
                 return Some(conn);
             }
         }
@@ -244,6 +262,12 @@ impl Upstream {
     /// Returns a connection whose last response ended exactly at its framing's end, with
     /// nothing read past it.
     pub fn put_back(&self, conn: Conn) {
+        if let Conn::Tls(_, _, held) = &conn {
+            if held.get() > 0 {
+                // A later record came with the answer's last one.
+                return;
+            }
+        }
         let mut idle = self.idle.borrow_mut();
         if idle.len() < self.max_idle {
             idle.push((conn, Instant::now()));
@@ -274,13 +298,16 @@ impl Upstream {
             let fd = tcp.as_raw_fd();
             return match &self.tls {
                 None => Ok(Conn::Plain(tcp)),
-                Some((connector, name)) => match connector.connect(name.clone(), tcp).await {
-                    Ok(tls) => Ok(Conn::Tls(Box::new(tls), fd)),
-                    Err(e) => Err(Error::UpstreamUnreachable(format!(
-                        "TLS with {}: {e}",
-                        self.url.host
-                    ))),
-                },
+                Some((connector, name)) => {
+                    let (paced, held) = RecordPacer::new(tcp);
+                    match connector.connect(name.clone(), paced).await {
+                        Ok(tls) => Ok(Conn::Tls(Box::new(tls), fd, held)),
+                        Err(e) => Err(Error::UpstreamUnreachable(format!(
+                            "TLS with {}: {e}",
+                            self.url.host
+                        ))),
+                    }
+                }
             };
         }
         Err(Error::UpstreamUnreachable(last))

@@ -164,27 +164,52 @@ fn an_interim_response_read_with_the_final_one_is_skipped(driver: Driver) {
 /// Bug: a pooled connection that closed after the upstream read the request (no answer) made
 /// Aura send the request again on a fresh connection: a provider that had started (and
 /// charged for) the first would run it twice.
+/// Reads the request on its first connection's second turn, and closes without an answer;
+/// answers every other one with its id.
+fn closes_at_second_turn(asked: &Asked, stream: &mut TcpStream) -> Then {
+    if asked.connection == 0 && asked.nth == 1 {
+        return Then::Close;
+    }
+    let id = asked.header("x-test-id").unwrap_or_default();
+    send(stream, &json_answer(&id));
+    Then::Next
+}
+
 fn a_request_the_upstream_may_have_read_is_never_sent_twice(driver: Driver) {
-    let upstream = Scripted::start(|asked, stream| {
-        let id = asked.header("x-test-id").unwrap_or_default();
-        if id == "read-then-closed" {
-            return Then::Close;
-        }
-        send(stream, &json_answer(&id));
-        Then::Next
-    });
+    let upstream = Scripted::start(closes_at_second_turn);
     let aura = Launch::new(&upstream.url(), driver).workers(1).start();
+    let times = |id: &str| {
+        upstream
+            .asked()
+            .iter()
+            .filter(|a| a.header("x-test-id").as_deref() == Some(id))
+            .count()
+    };
     assert_eq!(ask(&aura, "warm").status, 200);
-    let response = ask(&aura, "read-then-closed");
+    // A billed POST (embeddings) may have started: never sent again.
+    let response = aura.client().request(
+        "POST",
+        "/v1/embeddings",
+        &[
+            ("authorization", "Bearer sk-test-wire"),
+            ("content-type", "application/json"),
+            ("x-test-id", "billed"),
+        ],
+        br#"{"model":"text-embedding-3-small","input":"hi"}"#,
+    );
     assert_eq!(response.status, 502, "{}", response.text());
-    let times = upstream
-        .asked()
-        .iter()
-        .filter(|a| a.header("x-test-id").as_deref() == Some("read-then-closed"))
-        .count();
-    assert_eq!(times, 1, "the upstream was asked {times} times");
-    // The connection it came on is not reused; the next request is answered.
-    assert_eq!(id_of(&ask(&aura, "after")), "after");
+    assert_eq!(times("billed"), 1, "a billed request was sent twice");
+    // A free GET on a pooled connection closed as it was taken (the upstream's idle close
+    // racing the request) is asked again, on a fresh connection: it costs and changes nothing.
+    assert_eq!(ask(&aura, "warm-again").status, 200);
+    let upstream_closes = Scripted::start(closes_at_second_turn);
+    let aura = Launch::new(&upstream_closes.url(), driver)
+        .workers(1)
+        .start();
+    assert_eq!(ask(&aura, "warm").status, 200);
+    let retried = ask(&aura, "free");
+    assert_eq!(retried.status, 200, "{}", retried.text());
+    assert_eq!(id_of(&retried), "free");
 }
 
 /// Writes `head`, then `pieces` one every 200 ms while the connection takes them; returns the

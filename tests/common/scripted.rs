@@ -89,7 +89,7 @@ impl Scripted {
 }
 
 /// Reads one request (head and Content-Length body) off `stream`; `None` once it closes.
-pub fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+pub fn read_request(stream: &mut impl Read, buf: &mut Vec<u8>) -> Option<String> {
     let mut tmp = [0u8; 8192];
     let head_end = loop {
         if let Some(at) = super::find(buf, b"\r\n\r\n") {
