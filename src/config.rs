@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -46,6 +46,7 @@ pub const PORT: &str = "PORT";
 pub const UPSTREAM_URL: &str = "UPSTREAM_URL";
 pub const MOCK_UPSTREAM: &str = "MOCK_UPSTREAM";
 pub const LISTEN_ADDR: &str = "AURA_LISTEN_ADDR";
+pub const ADMIN_LISTEN: &str = "AURA_ADMIN_LISTEN";
 pub const WORKERS: &str = "AURA_WORKERS";
 pub const PIN_WORKERS: &str = "AURA_PIN_WORKERS";
 pub const DEMO: &str = "AURA_DEMO";
@@ -90,6 +91,7 @@ pub const SHUTDOWN_GRACE_MS: &str = "AURA_SHUTDOWN_GRACE_MS";
 pub const SETTINGS: &[Setting] = &[
     Setting { key: "port", env: &[PORT], help: "TCP port to listen on [default: 8080]" },
     Setting { key: "listen_addr", env: &[LISTEN_ADDR], help: "address to listen on [default: 0.0.0.0]" },
+    Setting { key: "admin_listen", env: &[ADMIN_LISTEN], help: "address:port of a separate listener for /metrics and the admin API (e.g. 127.0.0.1:9091); set, the data-plane port no longer answers them [default: none]" },
     Setting {
         key: "upstream_url",
         env: &[UPSTREAM_URL],
@@ -218,6 +220,8 @@ pub enum LogFormat {
 pub struct Config {
     pub listen_addr: IpAddr,
     pub port: u16,
+    /// The control plane's listener (/metrics, /admin, /healthz), when apart from the data plane.
+    pub admin_listen: Option<SocketAddr>,
     pub upstream: UpstreamUrl,
     pub demo: bool,
     /// `None`: as many as `available_parallelism()` (which honours cgroup CPU quotas).
@@ -426,6 +430,22 @@ impl Parser<'_> {
         }
     }
 
+    /// A setting with no default: absent, or the parsed value.
+    fn optional<T: std::str::FromStr>(&mut self, key: &'static str) -> Option<T>
+    where
+        T::Err: fmt::Display,
+    {
+        let raw = self.values.get(key)?;
+        match raw.trim().parse() {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.errors
+                    .push(format!("{key} ({}): `{raw}`: {e}", env_names(key)));
+                None
+            }
+        }
+    }
+
     fn bool(&mut self, key: &'static str, default: bool) -> bool {
         let Some(raw) = self.values.get(key) else {
             return default;
@@ -603,6 +623,7 @@ impl Parser<'_> {
         };
         let config = Config {
             listen_addr: self.get("listen_addr", IpAddr::from([0, 0, 0, 0])),
+            admin_listen: self.optional("admin_listen"),
             port: self.get("port", 8080),
             upstream,
             demo: self.bool("demo", false),

@@ -19,6 +19,7 @@ pub mod buffers;
 pub mod metrics;
 // L2/L3/L4: IO.
 pub mod admin;
+pub mod control;
 pub mod cut;
 pub mod mock;
 pub mod net;

@@ -110,6 +110,8 @@ pub struct Proxy {
     in_flight: Cell<usize>,
     /// Shutdown has begun: answers close their connections.
     stopping: Cell<bool>,
+    /// /metrics and the admin API are served on their own listener (`admin_listen`).
+    control_elsewhere: bool,
 }
 
 /// Models whose answer price a worker remembers (bounded: model names come from clients).
@@ -218,6 +220,7 @@ impl Proxy {
             drains: Drains::new(config.budgets.max_drains_per_worker),
             in_flight: Cell::new(0),
             stopping: Cell::new(false),
+            control_elsewhere: config.admin_listen.is_some(),
         }
     }
 
@@ -807,7 +810,11 @@ impl<S: AsyncReadRent + AsyncWriteRent> Handler<S> for Proxy {
             }
         };
         request.head.target = target.origin_form();
-        let route = Route::of(&request.head.method, &target.path);
+        let route = match Route::of(&request.head.method, &target.path) {
+            // With a control-plane listener, the data plane does not answer for it.
+            Route::Metrics | Route::Admin if self.control_elsewhere => Route::NotFound,
+            route => route,
+        };
         let mut settling = Settling::new(self, route, head_only, started);
         let outcome = &mut settling.outcome;
         let persist = match route {
@@ -832,11 +839,7 @@ impl<S: AsyncReadRent + AsyncWriteRent> Handler<S> for Proxy {
             }
             Route::Metrics => {
                 outcome.status = Some(StatusCode::OK);
-                let (merged, drivers) = self.registry.gather();
-                let mut text = metrics::prom::encode(&merged, &drivers, self.registry.aliases());
-                if let Some(ledger) = self.registry.ledger() {
-                    metrics::prom::encode_ledger(&mut text, ledger);
-                }
+                let text = metrics::prom::render(&self.registry);
                 server::write_body(
                     client,
                     StatusCode::OK,

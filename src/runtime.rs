@@ -29,6 +29,7 @@ use crate::budget::store::valkey::{self, ValkeyStore};
 use crate::budget::store::{system_clock, Clock, MemoryStore, Store};
 use crate::budget::Holder;
 use crate::config::{Config, Limits, Period, ProcessEnv, StoreKind, Timeouts, ValkeySettings};
+use crate::control::ControlPlane;
 use crate::cut::CutSignal;
 use crate::metrics::{self, Registry};
 use crate::pricing::dollars_to_nano;
@@ -93,6 +94,8 @@ impl Driver {
 
 pub struct Running {
     pub addr: SocketAddr,
+    /// The control plane's listener (`admin_listen`), when it has one.
+    pub control_addr: Option<SocketAddr>,
     pub workers: Vec<JoinHandle<()>>,
     /// The Valkey store's ledger thread (none with the in-memory store).
     ledger: Option<LedgerThread>,
@@ -208,6 +211,31 @@ pub fn start(config: &Config, resolver: Resolver) -> Result<Running, StartError>
             (Some(thread), remote, Some(journal))
         }
     };
+    let control_addr = match config.admin_listen {
+        None => None,
+        Some(admin_addr) => {
+            let listener = std::net::TcpListener::bind(admin_addr).map_err(|e| match e.kind() {
+                io::ErrorKind::AddrInUse => StartError::PortInUse(admin_addr),
+                _ => StartError::Bind(admin_addr, e),
+            })?;
+            let control = ControlPlane {
+                registry: registry.clone(),
+                ledger: ledgers
+                    .first()
+                    .map(|(ledger, _)| ledger.clone())
+                    .ok_or_else(|| StartError::Store("no worker".into()))?,
+                directory: directory.clone(),
+                admin_token: budgets.admin_token.clone(),
+                period: budgets.period,
+                timeouts: config.timeouts,
+            };
+            let bound = control
+                .start(listener, config)
+                .map_err(StartError::Thread)?;
+            tracing::info!(addr = %bound, "control plane (metrics, admin API) listening");
+            Some(bound)
+        }
+    };
     let shutdown = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::with_capacity(workers);
     for (id, listener) in listeners.into_iter().enumerate() {
@@ -250,6 +278,7 @@ pub fn start(config: &Config, resolver: Resolver) -> Result<Running, StartError>
     }
     Ok(Running {
         addr,
+        control_addr,
         workers: handles,
         ledger,
         shutdown,

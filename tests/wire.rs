@@ -28,6 +28,7 @@ on_both_drivers!(
     a_request_cut_before_it_reached_the_upstream_costs_nothing,
     no_signal_but_a_stop_signal_ends_aura_and_that_one_gracefully,
     a_json_answer_past_8_mib_is_billed_its_usage,
+    metrics_and_the_admin_api_move_to_their_own_listener,
 );
 
 /// A passthrough request (free: no budget involved) that names itself.
@@ -532,4 +533,69 @@ fn a_json_answer_past_8_mib_is_billed_its_usage(driver: Driver) {
     assert_eq!(r.status, 200);
     assert!(r.body.len() > 9 * 1024 * 1024);
     wait_for_spend(&aura, key, cost(10, 20, MINI_IN, MINI_OUT));
+}
+
+/// `admin_listen`: /metrics and the admin API on a listener of their own (e.g. loopback only),
+/// and no longer on the data-plane port, where any client could read aliases and budgets.
+fn metrics_and_the_admin_api_move_to_their_own_listener(driver: Driver) {
+    const TOKEN: &str = "admin-token-wire-0001";
+    let mock = start_mock(MockOptions::default());
+    let port = common::dead_port();
+    let control: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let aura = Launch::new(&mock.url(), driver)
+        .arg("--admin-listen")
+        .arg(&control.to_string())
+        .arg("--admin-token")
+        .arg(TOKEN)
+        .start();
+    let admin = bearer(TOKEN);
+    let key = "sk-test-wire-control";
+    let auth = bearer(key);
+    let chat = aura.client().request(
+        "POST",
+        CHAT,
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        common::WHOLE.as_bytes(),
+    );
+    assert_eq!(chat.status, 200);
+    // The data plane: the API and its own usage, not the control plane's routes.
+    assert_eq!(aura.client().get("/metrics").status, 404);
+    let listing = aura
+        .client()
+        .request("GET", "/admin/keys", &[("authorization", &admin)], b"");
+    assert_eq!(listing.status, 404);
+    assert_eq!(aura.client().get("/healthz").status, 200);
+    let usage = aura
+        .client()
+        .request("GET", "/v1/usage", &[("authorization", &auth)], b"");
+    assert_eq!(usage.status, 200);
+    // The control plane.
+    common::scrape_within_at(control, Duration::from_secs(10), |text| {
+        text.contains("aura_requests_total{route=\"chat_completions\",status_class=\"2xx\"} 1")
+    });
+    let head = common::request(control, "HEAD", "/metrics", &[], b"");
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty());
+    for (method, path, status) in [
+        ("POST", "/metrics", 405),
+        ("GET", "/admin/keys", 401),
+        ("GET", "/healthz", 200),
+        ("GET", "/v1/models", 404),
+    ] {
+        let r = common::request(control, method, path, &[], b"");
+        assert_eq!(r.status, status, "{method} {path}: {}", r.text());
+    }
+    let keys = common::request(
+        control,
+        "GET",
+        "/admin/keys",
+        &[("authorization", &admin)],
+        b"",
+    );
+    assert_eq!(keys.status, 200, "{}", keys.text());
+    let id = aura::auth::KeyId::of(key).to_string();
+    assert!(keys.text().contains(&id), "{}", keys.text());
 }

@@ -68,12 +68,14 @@ pub enum Reply {
 /// Where a worker receives the ledger thread's answers.
 pub type Inbox = async_mpsc::UnboundedReceiver<Reply>;
 
-/// The worker's handle.
+/// The worker's handle (a clone serves admin calls elsewhere: the control plane).
+#[derive(Clone)]
 pub enum Ledger {
     Inline(Arc<dyn Store>),
     Remote(Remote),
 }
 
+#[derive(Clone)]
 pub struct Remote {
     worker: usize,
     to_thread: SyncSender<Message>,

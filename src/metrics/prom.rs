@@ -19,6 +19,17 @@ const BUCKETS_SECONDS: [f64; 22] = [
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
+/// The whole exposition: every worker's last published snapshot, merged, and the ledger's
+/// counters when budgets live in Valkey.
+pub fn render(registry: &super::Registry) -> String {
+    let (merged, drivers) = registry.gather();
+    let mut text = encode(&merged, &drivers, registry.aliases());
+    if let Some(ledger) = registry.ledger() {
+        encode_ledger(&mut text, ledger);
+    }
+    text
+}
+
 /// `aliases` name configured keys in the per-key series; other keys show as their key id.
 pub fn encode(
     s: &Snapshot,

@@ -937,9 +937,14 @@ pub fn scrape_until(aura: &Aura, done: impl Fn(&str) -> bool) -> String {
 /// Scrapes `/metrics` (checking its status and content type) until `done` holds, or fails
 /// after `limit` with the last scrape.
 pub fn scrape_within(aura: &Aura, limit: Duration, done: impl Fn(&str) -> bool) -> String {
+    scrape_within_at(aura.addr, limit, done)
+}
+
+/// Scrapes `/metrics` at `addr` (Aura's port, or its control plane's) until `done` holds.
+pub fn scrape_within_at(addr: SocketAddr, limit: Duration, done: impl Fn(&str) -> bool) -> String {
     let deadline = Instant::now() + limit;
     loop {
-        let r = aura.client().get("/metrics");
+        let r = Client::connect(addr).get("/metrics");
         assert_eq!(r.status, 200);
         assert_eq!(
             r.header("content-type"),
