@@ -334,7 +334,8 @@ impl BodyUsage {
             }
             _ => None,
         };
-        if let Some(member) = member {
+        // A member named twice: the first counts, as in a whole-body parse (simd-json).
+        if let Some(member) = member.filter(|m| self.kept[m.index()].is_none()) {
             self.kept[member.index()] = Some(Vec::new());
             self.keeping = Some(Keeping { member, depth });
         }
