@@ -29,30 +29,36 @@ impl CutSignal {
     pub fn fired(&self) -> Cut<'_> {
         let id = self.next_id.get();
         self.next_id.set(id + 1);
-        Cut { signal: self, id }
+        Cut {
+            signal: self,
+            id,
+            registered: false,
+        }
     }
 }
 
 pub struct Cut<'a> {
     signal: &'a CutSignal,
     id: u64,
+    registered: bool,
 }
 
 impl Future for Cut<'_> {
     type Output = ();
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+    /// Polled at every wake of its connection's task: after the first, a flag's read. (A monoio
+    /// task's waker is its own for its whole life, so the one stored at the first poll stays
+    /// right.)
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         if self.signal.fired.get() {
             return Poll::Ready(());
         }
-        let mut waiting = self.signal.waiting.borrow_mut();
-        // A task's waker rarely changes: stored once, replaced only when it did.
-        match waiting.get_mut(&self.id) {
-            Some(waker) if waker.will_wake(cx.waker()) => {}
-            Some(waker) => waker.clone_from(cx.waker()),
-            None => {
-                waiting.insert(self.id, cx.waker().clone());
-            }
+        if !self.registered {
+            self.registered = true;
+            self.signal
+                .waiting
+                .borrow_mut()
+                .insert(self.id, cx.waker().clone());
         }
         Poll::Pending
     }
@@ -60,7 +66,9 @@ impl Future for Cut<'_> {
 
 impl Drop for Cut<'_> {
     fn drop(&mut self) {
-        self.signal.waiting.borrow_mut().remove(&self.id);
+        if self.registered {
+            self.signal.waiting.borrow_mut().remove(&self.id);
+        }
     }
 }
 

@@ -230,6 +230,8 @@ impl Relay {
         let mut trailing_garbage = false;
         let mut closed_by_upstream = false;
         let mut send_timed_out = false;
+        let send_timer = monoio::time::sleep(timeouts.client_send);
+        let mut send_timer = std::pin::pin!(send_timer);
         // `before_last_write` has run.
         let mut billed = false;
         loop {
@@ -325,11 +327,25 @@ impl Relay {
             }
 
             if client_alive && !out.is_empty() {
-                let (written, back) =
-                    net::write_all_within(client, std::mem::take(&mut out), timeouts.client_send)
-                        .await;
-                out = back;
-                out.clear();
+                // The send timer is re-armed only once a quarter of it is used up: a write the
+                // client does not take is cut between 3/4 of `client_send` and all of it, and a
+                // stream pays for no timer per write.
+                let write_by = monoio::time::Instant::from_std(read_at + timeouts.client_send);
+                if send_timer.deadline() < write_by - timeouts.client_send / 4 {
+                    send_timer.as_mut().reset(write_by);
+                }
+                let written = monoio::select! {
+                    done = net::write_all(client, std::mem::take(&mut out)) => Some(done),
+                    _ = &mut send_timer => None,
+                };
+                let written = match written {
+                    Some((result, back)) => {
+                        out = back;
+                        out.clear();
+                        Timed::Done(result)
+                    }
+                    None => Timed::TimedOut,
+                };
                 if !matches!(written, Timed::Done(Ok(()))) {
                     // Gone, or not reading (a full socket for `client_send`): from here the
                     // upstream is drained for the usage, and the client gets nothing more.
