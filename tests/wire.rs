@@ -23,6 +23,7 @@ on_both_drivers!(
     a_request_body_sent_slowly_has_one_deadline,
     a_client_that_stops_reading_is_cut_and_billed_its_usage,
     head_gets_no_body_and_each_route_answers_its_own_methods,
+    head_through_to_a_chunked_upstream_states_no_length,
     a_request_without_one_host_is_400,
     a_request_cut_at_the_end_of_the_grace_is_logged,
     a_request_cut_before_it_reached_the_upstream_costs_nothing,
@@ -360,6 +361,31 @@ fn head_gets_no_body_and_each_route_answers_its_own_methods(driver: Driver) {
         r.assert_openai_error(405);
     }
     assert!(upstream.asked().is_empty(), "TRACE went upstream");
+}
+
+/// A HEAD forwarded to an upstream whose answer is chunked: no body, and no length Aura
+/// made up (it said `content-length: 0` of an entity it knew nothing of).
+fn head_through_to_a_chunked_upstream_states_no_length(driver: Driver) {
+    let upstream = Scripted::start(|_, stream| {
+        send(
+            stream,
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n",
+        );
+        Then::Next
+    });
+    let aura = Launch::new(&upstream.url(), driver).start();
+    let mut client = aura.client();
+    let head = client.request(
+        "HEAD",
+        "/v1/models",
+        &[("authorization", "Bearer sk-test-wire")],
+        b"",
+    );
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty());
+    assert_eq!(head.header("content-length"), None);
+    // The connection serves the next request: nothing followed the head.
+    assert_eq!(client.get("/healthz").status, 200);
 }
 
 /// Bug: an HTTP/1.1 request without Host, or with two, was served (RFC 9112 §3.2: 400).

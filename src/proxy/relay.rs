@@ -517,15 +517,15 @@ fn take_if_lent(buf: &mut Vec<u8>, pool: &BufPool) {
     }
 }
 
-/// For a response without a body: HEAD and 304 keep the upstream's Content-Length (it
-/// describes the entity), 204 has none, anything else says 0.
+/// For a response without a body: one whose upstream said `content-length` keeps it (0, or for
+/// HEAD and 304 the entity's length); 204 has none; an answer to HEAD or a 304 without one gets
+/// none either (the client knows no body follows; a 0 would misstate the entity's size).
 fn write_empty_body_length(head: &ResponseHead, out: &mut Vec<u8>) {
     if head.status == StatusCode::NO_CONTENT || head.status.is_informational() {
         return;
     }
-    match head.headers.get(header::CONTENT_LENGTH) {
-        Some(v) => h1::write_header("content-length", v.as_bytes(), out),
-        None => h1::write_header("content-length", b"0", out),
+    if let Some(v) = head.headers.get(header::CONTENT_LENGTH) {
+        h1::write_header("content-length", v.as_bytes(), out);
     }
 }
 
