@@ -5,6 +5,7 @@
 //! (method, path, status); scrapes are not.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use http::{Method, StatusCode};
@@ -27,6 +28,9 @@ pub struct ControlPlane {
     pub admin_token: Option<Secret>,
     pub period: Period,
     pub timeouts: Timeouts,
+    /// The process is stopping: `/healthz` says so (503), so a balancer that checks this port
+    /// stops sending traffic to the node.
+    pub stopping: Arc<AtomicBool>,
 }
 
 impl ControlPlane {
@@ -68,8 +72,15 @@ impl ControlPlane {
         match target.path.as_str() {
             "/healthz" => {
                 read_only()?;
-                let body = br#"{"status":"ok"}"#;
-                Ok(server::write_json(client, StatusCode::OK, body, reply, within).await)
+                let (status, body) = if self.stopping.load(Ordering::Relaxed) {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &br#"{"status":"stopping"}"#[..],
+                    )
+                } else {
+                    (StatusCode::OK, &br#"{"status":"ok"}"#[..])
+                };
+                Ok(server::write_json(client, status, body, reply, within).await)
             }
             "/metrics" => {
                 read_only()?;
@@ -96,10 +107,13 @@ impl ControlPlane {
                     token,
                     period: self.period,
                 };
-                let (status, body) = admin
+                let answer = admin
                     .handle(method, path, &request.head.headers, &request.body)
-                    .await?;
+                    .await;
+                // Every admin call is logged, refused ones too (a token being guessed shows).
+                let status = answer.as_ref().map_or_else(|e| e.status(), |(s, _)| *s);
                 tracing::info!(target: "aura::access", route = "admin", method = %method, path, status = status.as_u16(), "control plane");
+                let (status, body) = answer?;
                 Ok(server::write_json(client, status, &body, reply, within).await)
             }
             path => Err(Error::NotFound(path.to_string())),

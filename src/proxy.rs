@@ -515,8 +515,10 @@ impl Proxy {
         started: Instant,
     ) -> Persist {
         let upstream_request = self.upstream_request(&request, outcome.upstream_key.as_ref());
-        // Asked twice, such a request costs nothing and changes nothing.
-        let idempotent_and_free = outcome.bill.is_none()
+        // Asked twice, such a request costs nothing and changes nothing: a free route's, by an
+        // idempotent method.
+        let idempotent_and_free = outcome.route == Route::Api(Billing::Free)
+            && outcome.bill.is_none()
             && matches!(
                 request.head.method,
                 Method::GET | Method::HEAD | Method::OPTIONS
@@ -681,6 +683,7 @@ impl Proxy {
         }
         let mut buf = self.buffers.take();
         let mut limit = self.timeouts.upstream_first_byte;
+        let mut answered = false;
         loop {
             // What was read is parsed before reading again: an interim 1xx and the final head
             // may come in one read.
@@ -707,16 +710,17 @@ impl Proxy {
                     }
                 }
             }
-            let nothing_yet = buf.is_empty();
             match net::read_more_within(&mut conn, &mut buf, relay::READ_BUF_BYTES, limit).await {
                 Timed::TimedOut => return Attempt::Failed(Error::UpstreamTimeout),
                 Timed::Done(Ok(0)) | Timed::Done(Err(_)) => {
                     return match request {
-                        Some(request) if nothing_yet => Attempt::DeadBeforeAnswer(request),
+                        // Not a byte of an answer (not even a 1xx): the upstream closed as it
+                        // was asked.
+                        Some(request) if !answered => Attempt::DeadBeforeAnswer(request),
                         _ => Attempt::Failed(Error::UpstreamReset),
                     };
                 }
-                Timed::Done(Ok(_)) => {}
+                Timed::Done(Ok(_)) => answered = true,
             }
             limit = self.timeouts.upstream_read;
         }

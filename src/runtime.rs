@@ -211,6 +211,7 @@ pub fn start(config: &Config, resolver: Resolver) -> Result<Running, StartError>
             (Some(thread), remote, Some(journal))
         }
     };
+    let shutdown = Arc::new(AtomicBool::new(false));
     let control_addr = match config.admin_listen {
         None => None,
         Some(admin_addr) => {
@@ -228,6 +229,7 @@ pub fn start(config: &Config, resolver: Resolver) -> Result<Running, StartError>
                 admin_token: budgets.admin_token.clone(),
                 period: budgets.period,
                 timeouts: config.timeouts,
+                stopping: shutdown.clone(),
             };
             let bound = control
                 .start(listener, config)
@@ -236,7 +238,6 @@ pub fn start(config: &Config, resolver: Resolver) -> Result<Running, StartError>
             Some(bound)
         }
     };
-    let shutdown = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::with_capacity(workers);
     for (id, listener) in listeners.into_iter().enumerate() {
         let registry = registry.clone();

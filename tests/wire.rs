@@ -212,6 +212,27 @@ fn a_request_the_upstream_may_have_read_is_never_sent_twice(driver: Driver) {
     let retried = ask(&aura, "free");
     assert_eq!(retried.status, 200, "{}", retried.text());
     assert_eq!(id_of(&retried), "free");
+    // A 1xx is an answer begun: even a free GET is not asked again after one.
+    let hints_then_close = Scripted::start(|asked, stream| {
+        if asked.connection == 0 && asked.nth == 1 {
+            send(stream, b"HTTP/1.1 103 Early Hints\r\n\r\n");
+            return Then::Close;
+        }
+        let id = asked.header("x-test-id").unwrap_or_default();
+        send(stream, &json_answer(&id));
+        Then::Next
+    });
+    let aura = Launch::new(&hints_then_close.url(), driver)
+        .workers(1)
+        .start();
+    assert_eq!(ask(&aura, "warm").status, 200);
+    assert_eq!(ask(&aura, "after-hints").status, 502);
+    let asked = hints_then_close
+        .asked()
+        .iter()
+        .filter(|a| a.header("x-test-id").as_deref() == Some("after-hints"))
+        .count();
+    assert_eq!(asked, 1, "asked again after a 1xx");
 }
 
 /// Writes `head`, then `pieces` one every 200 ms while the connection takes them; returns the
@@ -568,11 +589,13 @@ fn metrics_and_the_admin_api_move_to_their_own_listener(driver: Driver) {
     let mock = start_mock(MockOptions::default());
     let port = common::dead_port();
     let control: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let aura = Launch::new(&mock.url(), driver)
+    let mut aura = Launch::new(&mock.url(), driver)
         .arg("--admin-listen")
         .arg(&control.to_string())
         .arg("--admin-token")
         .arg(TOKEN)
+        .env("AURA_LOG", "info")
+        .capture_stderr()
         .start();
     let admin = bearer(TOKEN);
     let key = "sk-test-wire-control";
@@ -624,4 +647,30 @@ fn metrics_and_the_admin_api_move_to_their_own_listener(driver: Driver) {
     assert_eq!(keys.status, 200, "{}", keys.text());
     let id = aura::auth::KeyId::of(key).to_string();
     assert!(keys.text().contains(&id), "{}", keys.text());
+    // Refused admin calls are logged too (a token being guessed shows).
+    aura.log()
+        .wait_for_count("status=401", 1, Duration::from_secs(5));
+    // Stopping (a stream holds the grace open), its /healthz says so.
+    let mut streaming = aura.client();
+    streaming.send(
+        common::raw_stream_request(key, &[("x-mock-chunks", "50"), ("x-mock-delay-ms", "100")])
+            .as_bytes(),
+    );
+    streaming.read_until(b"\n\n");
+    signal(&aura, "TERM");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let health = common::request(control, "GET", "/healthz", &[], b"");
+        if health.status == 503 {
+            assert_eq!(health.json()["status"], "stopping");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "control /healthz still {}",
+            health.status
+        );
+        std::thread::park_timeout(Duration::from_millis(20));
+    }
+    aura.wait_exit(Duration::from_secs(20));
 }

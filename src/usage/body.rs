@@ -11,8 +11,9 @@
 
 use super::Found;
 
-/// Deeper nesting than this gives no usage (simd-json's own limit is in the same range).
-const MAX_DEPTH: usize = 128;
+/// Deeper nesting than this gives no usage: simd-json's own limit, so a body the whole-body
+/// parse reads, this reads too (an answer may echo a client's deeply nested tool schema).
+const MAX_DEPTH: usize = 1024;
 /// A wanted member's value larger than this is dropped (a usage object is a few hundred bytes).
 const MAX_MEMBER_BYTES: usize = 64 * 1024;
 /// Member names longer than this are none of the wanted ones.
@@ -492,6 +493,16 @@ mod tests {
     fn too_deep_or_too_large_gives_no_usage_and_no_panic() {
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
         assert_eq!(streamed(&deep, &[100]), None);
+        // Nesting the whole-body parse reads (an echoed tool schema) is read too.
+        for depth in [127, 128, 200, 1000] {
+            let nested = format!(
+                r#"{{"tools":{}{},"usage":{{"prompt_tokens":7,"completion_tokens":9}}}}"#,
+                "[".repeat(depth),
+                "]".repeat(depth)
+            );
+            assert_eq!(streamed(&nested, &[4096]), whole(&nested), "depth {depth}");
+            assert!(whole(&nested).is_some(), "depth {depth}");
+        }
         let huge = format!(r#"{{"usage":{{"x":"{}"}}}}"#, "y".repeat(MAX_MEMBER_BYTES));
         assert_eq!(streamed(&huge, &[1000]), None);
         for junk in ["}}}}", "{\"a\"::1}", "{,}", "{\"usage\" 1}", "]"] {
