@@ -121,10 +121,16 @@ fn main() -> ExitCode {
     println!("aura listening on http://{}", running.addr);
     let mut wanted = STOP_SIGNALS.to_vec();
     wanted.extend_from_slice(IGNORED_SIGNALS);
-    // Real-time signals end a process by default too.
-    wanted.extend(libc::SIGRTMIN()..=libc::SIGRTMAX());
     match signal_hook::iterator::Signals::new(&wanted) {
         Ok(mut signals) => {
+            // Real-time signals end a process by default too. Each is taken where it can be:
+            // some are the environment's own (valgrind keeps a few), and one refused must not
+            // cost the handling of SIGTERM.
+            for signal in libc::SIGRTMIN()..=libc::SIGRTMAX() {
+                if signals.add_signal(signal).is_err() {
+                    tracing::debug!(signal, "real-time signal not handled");
+                }
+            }
             for signal in signals.forever() {
                 if STOP_SIGNALS.contains(&signal) {
                     tracing::info!(
