@@ -3,8 +3,8 @@
 //! body rewrite, and the usage parse (whole body, event, and as a body streams).
 //!
 //! A mutation fuzzer on stable Rust (nightly, and so cargo-fuzz, cannot be had here): inputs
-//! from the checked-in corpus (tests/fuzz/corpus/<target>/, seeded from the shared SSE fixtures
-//! and the suite's own inputs) are mutated (bit flips, bytes set, inserted, deleted, duplicated,
+//! from the checked-in corpus (tests/fuzz/corpus/<target>/, from the suite's own inputs, and
+//! the provider-shaped streams in tests/fixtures/sse/) are mutated (bit flips, bytes set, inserted, deleted, duplicated,
 //! spliced from other inputs, tokens of the format inserted) and fed to each target, whose
 //! oracle checks more than "no panic": the same result however the input is split across
 //! reads, a decode of an encode gives the input back, a streamed usage parse agrees with the
@@ -65,11 +65,11 @@ fn corpus_dir(target: &str) -> PathBuf {
         .join(target)
 }
 
-/// The target's corpus, and for every target the shared SSE fixtures (any bytes are fair
+/// The target's corpus, and for every target the SSE fixtures (any bytes are fair
 /// input to any parser).
 fn corpus(target: &str) -> Vec<Vec<u8>> {
     let mut inputs = Vec::new();
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/sse");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sse");
     for dir in [corpus_dir(target), fixtures] {
         let Ok(entries) = std::fs::read_dir(&dir) else {
             continue;
