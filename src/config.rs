@@ -103,7 +103,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting { key: "max_head_bytes", env: &[MAX_HEAD_BYTES], help: "largest request head accepted [default: 65536]" },
     Setting { key: "max_headers", env: &[MAX_HEADERS], help: "most headers accepted in a request or response head [default: 100]" },
     Setting { key: "max_body_bytes", env: &[MAX_BODY_BYTES], help: "largest request body accepted [default: 33554432]" },
-    Setting { key: "client_head_timeout_ms", env: &[CLIENT_HEAD_TIMEOUT_MS], help: "time a client has to send a whole request head and body [default: 10000]" },
+    Setting { key: "client_head_timeout_ms", env: &[CLIENT_HEAD_TIMEOUT_MS], help: "time a client has to send a whole request from its first byte: the head, and the body, which gets this plus its length at 16 KiB/s [default: 10000]" },
     Setting { key: "idle_timeout_ms", env: &[IDLE_TIMEOUT_MS], help: "keep-alive client connection idle timeout [default: 60000]" },
     Setting { key: "client_send_timeout_ms", env: &[CLIENT_SEND_TIMEOUT_MS], help: "longest a client may leave a write to it unaccepted (a client that stops reading is cut; its stream is still read for its usage) [default: 60000]" },
     Setting { key: "upstream_connect_timeout_ms", env: &[UPSTREAM_CONNECT_TIMEOUT_MS], help: "upstream TCP+TLS connect timeout [default: 5000]" },
