@@ -18,6 +18,8 @@ pub struct Scenario {
     pub requests: u64,
     pub chunks: usize,
     pub delay_ms: u64,
+    /// More than `delay_ms`: each pause is drawn from the range.
+    pub delay_max_ms: u64,
     pub stagger: Duration,
     pub max_duration: Duration,
 }
@@ -32,13 +34,15 @@ impl Scenario {
             max_duration: self.max_duration,
             chunks: self.chunks,
             delay_ms: self.delay_ms,
+            delay_max_ms: self.delay_max_ms,
             stagger: self.stagger,
             threads,
         }
     }
 }
 
-/// The three scenarios; `scale` shrinks request counts for a smoke run.
+/// The scenarios; `scale` shrinks request counts for a smoke run. Every answer's events come
+/// one write each, as real providers write them.
 pub fn scenarios(scale: f64) -> Vec<Scenario> {
     let n = |full: u64| ((full as f64 * scale).round() as u64).max(10);
     vec![
@@ -49,6 +53,7 @@ pub fn scenarios(scale: f64) -> Vec<Scenario> {
             requests: n(300),
             chunks: 10,
             delay_ms: 0,
+            delay_max_ms: 0,
             stagger: Duration::ZERO,
             max_duration: Duration::from_secs(30),
         },
@@ -59,6 +64,7 @@ pub fn scenarios(scale: f64) -> Vec<Scenario> {
             requests: n(20_000),
             chunks: 20,
             delay_ms: 0,
+            delay_max_ms: 0,
             stagger: Duration::ZERO,
             max_duration: Duration::from_secs(20),
         },
@@ -69,8 +75,21 @@ pub fn scenarios(scale: f64) -> Vec<Scenario> {
             requests: n(1_024),
             chunks: 20,
             delay_ms: 20,
+            delay_max_ms: 0,
             stagger: Duration::from_millis(400),
             max_duration: Duration::from_secs(30),
+        },
+        Scenario {
+            id: "d",
+            title:
+                "1000 clients, 200 chunks 10-40 ms apart, starts staggered (a provider's stream)",
+            clients: 1000,
+            requests: n(2_000),
+            chunks: 200,
+            delay_ms: 10,
+            delay_max_ms: 40,
+            stagger: Duration::from_secs(2),
+            max_duration: Duration::from_secs(90),
         },
     ]
 }

@@ -27,7 +27,10 @@ pub struct LoadSpec {
     /// The run stops at this deadline even if requests remain.
     pub max_duration: Duration,
     pub chunks: usize,
+    /// The pause before each content event, `delay_ms` or, when `delay_max_ms` is more, drawn
+    /// from `delay_ms..=delay_max_ms` per event.
     pub delay_ms: u64,
+    pub delay_max_ms: u64,
     /// Client starts are spread evenly over this span (0: all at once).
     pub stagger: Duration,
     /// Load generator threads (one monoio runtime each); clients are split among them.
@@ -335,7 +338,11 @@ pub fn request_bytes(spec: &LoadSpec) -> Vec<u8> {
         "POST /v1/chat/completions HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer sk-perf-0000000000000000\r\ncontent-type: application/json\r\naccept: text/event-stream\r\nuser-agent: aura-perf\r\nx-mock-chunks: {}\r\nx-mock-delay-ms: {}\r\ncontent-length: {}\r\n\r\n{body}",
         spec.target,
         spec.chunks,
-        spec.delay_ms,
+        if spec.delay_max_ms > spec.delay_ms {
+            format!("{}-{}", spec.delay_ms, spec.delay_max_ms)
+        } else {
+            spec.delay_ms.to_string()
+        },
         body.len()
     )
     .into_bytes()
@@ -354,6 +361,7 @@ mod tests {
             max_duration: Duration::from_secs(20),
             chunks: 5,
             delay_ms: 0,
+            delay_max_ms: 0,
             stagger: Duration::from_millis(20),
             threads: 2,
         }
@@ -376,6 +384,7 @@ mod tests {
             requests: 4,
             chunks: 3,
             delay_ms: 30,
+            delay_max_ms: 0,
             ..spec(mock)
         })
         .unwrap();

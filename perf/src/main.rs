@@ -57,7 +57,7 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
         /// Which scenarios, e.g. `a,c`.
-        #[arg(long, default_value = "a,b,c", value_delimiter = ',')]
+        #[arg(long, default_value = "a,b,c,d", value_delimiter = ',')]
         scenarios: Vec<String>,
     },
     /// One scenario's load against any loopback address (for profiling a running proxy).

@@ -1,8 +1,13 @@
 //! The benchmark's upstream: an OpenAI-shaped chat completion streamer that costs as little as
 //! possible, so the proxy under test, not the mock, is what the numbers show. Every event is
 //! built once per chunk count and then only written. The request picks the shape with headers
-//! (`x-mock-chunks`, `x-mock-delay-ms`), which pass through every proxy unchanged; the usage
-//! chunk is sent only when the body asks for `stream_options.include_usage`, as OpenAI does.
+//! (`x-mock-chunks`; `x-mock-delay-ms`, a pause before each content event, `N` or a range
+//! `N-M` drawn per event), which pass through every proxy unchanged; the usage chunk is sent
+//! only when the body asks for `stream_options.include_usage`, as OpenAI does.
+//!
+//! Each event is its own write, as real providers write them (a proxy then reads each
+//! separately). `x-mock-write: whole-answer` writes an answer without pauses in one write
+//! instead: the mode the harness used before issue 11, kept for comparison.
 //! One monoio runtime per thread, SO_REUSEPORT listeners, keep-alive.
 
 use std::collections::HashMap;
@@ -66,9 +71,37 @@ async fn serve(listener: std::net::TcpListener) {
 /// One request's shape, read from its head and body.
 struct Ask {
     chunks: usize,
+    /// The pause before each content event: from `delay` to `delay_max` (equal: fixed).
     delay: Duration,
+    delay_max: Duration,
     usage: bool,
     prompt_bytes: usize,
+    /// `x-mock-write: whole-answer`: an answer without pauses goes in one write.
+    whole_answer: bool,
+}
+
+/// `N` or `N-M` milliseconds.
+fn delay_range(value: &str) -> Option<(Duration, Duration)> {
+    let ms = |v: &str| v.trim().parse::<u64>().ok().map(Duration::from_millis);
+    match value.split_once('-') {
+        Some((low, high)) => {
+            let (low, high) = (ms(low)?, ms(high)?);
+            (low <= high).then_some((low, high))
+        }
+        None => ms(value).map(|d| (d, d)),
+    }
+}
+
+/// A pause drawn from `low..=high` (xorshift: cheap, and different per connection).
+fn draw(low: Duration, high: Duration, state: &mut u64) -> Duration {
+    if high <= low {
+        return low;
+    }
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    let span = (high - low).as_micros() as u64 + 1;
+    low + Duration::from_micros(*state % span)
 }
 
 async fn connection(
@@ -76,6 +109,7 @@ async fn connection(
     streams: Rc<std::cell::RefCell<Streams>>,
 ) -> io::Result<()> {
     let mut buf = Vec::with_capacity(16 * 1024);
+    let mut jitter = (std::ptr::addr_of!(buf) as u64) | 1;
     loop {
         let Some((ask, used)) = read_request(&mut stream, &mut buf).await? else {
             return Ok(());
@@ -88,21 +122,19 @@ async fn connection(
         out.extend_from_slice(
             b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n",
         );
-        if ask.delay.is_zero() {
-            // Everything is ready at once: one write, so the mock's own cost stays small next
-            // to the proxy's (on a 2-core machine they share the cores).
+        if ask.whole_answer && ask.delay_max.is_zero() {
             for event in events.iter() {
                 out.extend_from_slice(event);
             }
             net::write_all(&mut stream, out).await.0?;
             continue;
         }
-        // Head and role chunk in one write, then a pause before each content chunk and the
-        // finish chunk; the usage chunk and `[DONE]` follow the finish chunk at once, as
-        // OpenAI sends them.
+        // Head and role chunk in one write, then each event in its own write, after a pause
+        // before each content chunk and the finish chunk; the usage chunk and `[DONE]` follow
+        // the finish chunk at once, as OpenAI sends them.
         for (i, event) in events.iter().enumerate() {
-            if i > 0 && i <= ask.chunks + 1 {
-                monoio::time::sleep(ask.delay).await;
+            if i > 0 && i <= ask.chunks + 1 && !ask.delay_max.is_zero() {
+                monoio::time::sleep(draw(ask.delay, ask.delay_max, &mut jitter)).await;
             }
             out.extend_from_slice(event);
             let (res, back) = net::write_all(&mut stream, out).await;
@@ -126,8 +158,10 @@ async fn read_request(
                 let mut ask = Ask {
                     chunks: 20,
                     delay: Duration::ZERO,
+                    delay_max: Duration::ZERO,
                     usage: false,
                     prompt_bytes: 0,
+                    whole_answer: false,
                 };
                 let mut body_len = 0;
                 for h in req.headers.iter() {
@@ -137,9 +171,10 @@ async fn read_request(
                     } else if h.name.eq_ignore_ascii_case("x-mock-chunks") {
                         ask.chunks = value.parse().map_err(|_| bad("x-mock-chunks"))?;
                     } else if h.name.eq_ignore_ascii_case("x-mock-delay-ms") {
-                        ask.delay = Duration::from_millis(
-                            value.parse().map_err(|_| bad("x-mock-delay-ms"))?,
-                        );
+                        (ask.delay, ask.delay_max) =
+                            delay_range(value).ok_or_else(|| bad("x-mock-delay-ms"))?;
+                    } else if h.name.eq_ignore_ascii_case("x-mock-write") {
+                        ask.whole_answer = value.eq_ignore_ascii_case("whole-answer");
                     } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
                         return Err(bad(
                             "chunked request bodies are not supported by the perf mock",
@@ -249,6 +284,21 @@ pub fn answer(chunks: usize, usage: bool, prompt_bytes: usize) -> Vec<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_delay_is_a_number_or_a_range_and_draws_stay_in_it() {
+        let ms = Duration::from_millis;
+        assert_eq!(delay_range("20"), Some((ms(20), ms(20))));
+        assert_eq!(delay_range("10-40"), Some((ms(10), ms(40))));
+        assert_eq!(delay_range("40-10"), None);
+        assert_eq!(delay_range("x"), None);
+        let mut state = 12345;
+        let drawn: Vec<Duration> = (0..1000)
+            .map(|_| draw(ms(10), ms(40), &mut state))
+            .collect();
+        assert!(drawn.iter().all(|d| *d >= ms(10) && *d <= ms(40)));
+        assert!(drawn.iter().any(|d| *d < ms(20)) && drawn.iter().any(|d| *d > ms(30)));
+    }
 
     #[test]
     fn usage_is_asked_only_by_a_true_include_usage() {
