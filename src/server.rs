@@ -64,26 +64,19 @@ where
     let mut buf = Vec::with_capacity(READ_SPARE);
     let receiving = Receiving {
         handler,
-        started: Cell::new(false),
+        progress: Progress::default(),
         stream: std::marker::PhantomData,
     };
     loop {
-        // A HEAD request refused here gets its answer without a body too.
-        let mut head_only = false;
-        let read = read_request(
-            &mut stream,
-            &mut buf,
-            limits,
-            timeouts,
-            (&mut head_only, &receiving.started),
-        )
-        .await;
-        receiving.started.set(false);
+        let read = read_request(&mut stream, &mut buf, limits, timeouts, &receiving.progress).await;
+        let head_only = receiving.progress.head_only.replace(false);
+        receiving.progress.started.set(false);
         let request = match read {
             Ok(Some(request)) => request,
             Ok(None) => return,
             Err(error) => {
                 handler.refused(&error);
+                // A HEAD request refused here gets its answer without a body too.
                 let reply = Reply {
                     keep_alive: false,
                     head_only: head_only || buf.starts_with(b"HEAD "),
@@ -103,13 +96,22 @@ where
 /// shutdown grace) is accounted for as refused, so it too leaves its one access-log record.
 struct Receiving<'h, H: Handler<S>, S> {
     handler: &'h H,
-    started: Cell<bool>,
+    progress: Progress,
     stream: std::marker::PhantomData<fn(S)>,
+}
+
+/// How far the request being read got.
+#[derive(Default)]
+struct Progress {
+    /// Its first byte came.
+    started: Cell<bool>,
+    /// Its head parsed, and it is a HEAD request.
+    head_only: Cell<bool>,
 }
 
 impl<H: Handler<S>, S> Drop for Receiving<'_, H, S> {
     fn drop(&mut self) {
-        if self.started.get() {
+        if self.progress.started.get() {
             self.handler.refused(&Error::ShutdownCut);
         }
     }
@@ -149,15 +151,17 @@ async fn read_request<S>(
     buf: &mut Vec<u8>,
     limits: Limits,
     timeouts: Timeouts,
-    (head_only, started): (&mut bool, &Cell<bool>),
+    progress: &Progress,
 ) -> Result<Option<Request>, Error>
 where
     S: AsyncReadRent + AsyncWriteRent,
 {
-    let Some((head, deadline)) = read_head(stream, buf, limits, timeouts, started).await? else {
+    let Some((head, deadline)) =
+        read_head(stream, buf, limits, timeouts, &progress.started).await?
+    else {
         return Ok(None);
     };
-    *head_only = head.method == http::Method::HEAD;
+    progress.head_only.set(head.method == http::Method::HEAD);
     let framing = h1::request_framing(&head)?;
     if let Framing::Length(n) = framing {
         if n > limits.max_body_bytes as u64 {

@@ -1,9 +1,10 @@
 //! The byte pump upstream → client. Each upstream read is de-framed, re-framed as the client's
 //! own response (chunked, or content-length when the body passes unchanged) and written at once:
 //! write first, observe second. The scanner then walks the same payload for the usage event; a
-//! JSON body's usage members are kept as they pass (usage/body.rs), read at its end. A client that leaves mid-stream
-//! stops getting writes, but the upstream is still read (bounded in bytes and time) so the
-//! usage that bills the request is not lost.
+//! JSON body's usage members are kept as they pass (usage/body.rs), read at its end. A client
+//! that leaves mid-stream (or stops reading for `client_send`) stops getting writes, but the
+//! upstream is still read (bounded in bytes and time) so the usage that bills the request is
+//! not lost.
 
 use std::cell::Cell;
 use std::time::{Duration, Instant};
@@ -334,22 +335,25 @@ impl Relay {
                 if send_timer.deadline() < write_by - timeouts.client_send / 4 {
                     send_timer.as_mut().reset(write_by);
                 }
+                // None: the timer fired first (the cancelled write took the buffer).
                 let written = monoio::select! {
                     done = net::write_all(client, std::mem::take(&mut out)) => Some(done),
                     _ = &mut send_timer => None,
                 };
-                let written = match written {
+                let sent = match written {
                     Some((result, back)) => {
                         out = back;
                         out.clear();
-                        Timed::Done(result)
+                        result.is_ok()
                     }
-                    None => Timed::TimedOut,
+                    None => {
+                        send_timed_out = true;
+                        false
+                    }
                 };
-                if !matches!(written, Timed::Done(Ok(()))) {
+                if !sent {
                     // Gone, or not reading (a full socket for `client_send`): from here the
                     // upstream is drained for the usage, and the client gets nothing more.
-                    send_timed_out |= matches!(written, Timed::TimedOut);
                     client_alive = false;
                     drain_deadline = Some(Instant::now() + DRAIN_MAX_TIME);
                     drain_slot = drains.begin();
