@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::pricing::{self, Price};
+use crate::runtime::io_driver::{IoDriver, IoSettings, RingFlags};
 
 pub mod tables;
 
@@ -87,6 +88,9 @@ pub const ALLOW_UNPRICED_ROUTES: &str = "AURA_ALLOW_UNPRICED_ROUTES";
 pub const MAX_USAGE_TOKENS: &str = "AURA_MAX_USAGE_TOKENS";
 pub const JOURNAL_FSYNC_INTERVAL_MS: &str = "AURA_JOURNAL_FSYNC_INTERVAL_MS";
 pub const SHUTDOWN_GRACE_MS: &str = "AURA_SHUTDOWN_GRACE_MS";
+pub const IO_DRIVER: &str = "AURA_IO_DRIVER";
+pub const IO_URING_SETUP: &str = "AURA_IO_URING_SETUP";
+pub const IO_URING_ENTRIES: &str = "AURA_IO_URING_ENTRIES";
 
 pub const SETTINGS: &[Setting] = &[
     Setting { key: "port", env: &[PORT], help: "TCP port to listen on [default: 8080]" },
@@ -100,6 +104,9 @@ pub const SETTINGS: &[Setting] = &[
     Setting { key: "demo", env: &[DEMO, MOCK_UPSTREAM], help: "also start the built-in mock upstream and relay to it (no internet needed) [default: false]" },
     Setting { key: "workers", env: &[WORKERS], help: "worker threads, one monoio runtime each [default: the CPUs Aura may use]" },
     Setting { key: "pin_workers", env: &[PIN_WORKERS], help: "pin each worker to a core; turn off where cores are shared with busy processes [default: true]" },
+    Setting { key: "io_driver", env: &[IO_DRIVER], help: "auto, io_uring or epoll: what the workers wait on; auto and io_uring use io_uring where the kernel allows it and epoll where it refuses (seccomp, old kernels) [default: auto]" },
+    Setting { key: "io_uring_setup", env: &[IO_URING_SETUP], help: "auto, none, or io_uring setup flags separated by commas (coop_taskrun, taskrun_flag, single_issuer, defer_taskrun); each is probed at start and dropped, with a warning, where the kernel refuses it [default: auto]" },
+    Setting { key: "io_uring_entries", env: &[IO_URING_ENTRIES], help: "submission queue entries of each worker's io_uring [default: 1024]" },
     Setting { key: "max_head_bytes", env: &[MAX_HEAD_BYTES], help: "largest request head accepted [default: 65536]" },
     Setting { key: "max_headers", env: &[MAX_HEADERS], help: "most headers accepted in a request or response head [default: 100]" },
     Setting { key: "max_body_bytes", env: &[MAX_BODY_BYTES], help: "largest request body accepted [default: 33554432]" },
@@ -227,6 +234,8 @@ pub struct Config {
     /// `None`: as many as `available_parallelism()` (which honours cgroup CPU quotas).
     pub workers: Option<usize>,
     pub pin_workers: bool,
+    /// The I/O driver and its ring's setup.
+    pub io: IoSettings,
     pub limits: Limits,
     pub timeouts: Timeouts,
     pub upstream_pool_max_idle: usize,
@@ -492,6 +501,45 @@ impl Parser<'_> {
         }
     }
 
+    fn io_settings(&mut self) -> IoSettings {
+        let defaults = IoSettings::default();
+        let driver = self.choice(
+            "io_driver",
+            &[
+                ("auto", IoDriver::Auto),
+                ("io_uring", IoDriver::IoUring),
+                ("epoll", IoDriver::Epoll),
+            ],
+            defaults.driver,
+        );
+        let ring_flags = match self.values.get("io_uring_setup") {
+            None => defaults.ring_flags,
+            Some(raw) => RingFlags::parse(raw).unwrap_or_else(|e| {
+                self.errors.push(format!(
+                    "io_uring_setup ({}): {e}",
+                    env_names("io_uring_setup")
+                ));
+                defaults.ring_flags
+            }),
+        };
+        let ring_entries = self.positive("io_uring_entries", u64::from(defaults.ring_entries));
+        let ring_entries = u32::try_from(ring_entries)
+            .ok()
+            .filter(|n| (1..=32_768).contains(n))
+            .unwrap_or_else(|| {
+                self.errors.push(format!(
+                    "io_uring_entries ({}) must be at most 32768",
+                    env_names("io_uring_entries")
+                ));
+                defaults.ring_entries
+            });
+        IoSettings {
+            driver,
+            ring_flags,
+            ring_entries,
+        }
+    }
+
     fn store_kind(&mut self) -> StoreKind {
         let valkey = self.choice("store", &[("memory", false), ("valkey", true)], false);
         let url = self
@@ -629,6 +677,7 @@ impl Parser<'_> {
             demo: self.bool("demo", false),
             workers,
             pin_workers: self.bool("pin_workers", true),
+            io: self.io_settings(),
             limits: Limits {
                 max_head_bytes: self.positive("max_head_bytes", 64 * 1024) as usize,
                 max_headers: self.positive("max_headers", 100) as usize,

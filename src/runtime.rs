@@ -38,6 +38,10 @@ use crate::proxy::Proxy;
 use crate::server;
 use crate::upstream::{Resolver, Upstream};
 
+pub mod io_driver;
+
+use io_driver::IoPlan;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("address {0} is already in use (another Aura or another server holds the port)")]
@@ -152,6 +156,13 @@ pub fn start(config: &Config, resolver: Resolver) -> Result<Running, StartError>
     } else {
         Vec::new()
     };
+    let io = config.io.plan();
+    match io {
+        IoPlan::Uring { flags, entries } => {
+            tracing::info!(driver = "io_uring", setup = %flags, entries, "I/O driver")
+        }
+        IoPlan::Epoll => tracing::info!(driver = "epoll", "I/O driver"),
+    }
     let registry = Registry::new(listeners.len());
     let prices = Arc::new(load_prices(config)?);
     let budgets = &config.budgets;
@@ -271,7 +282,7 @@ pub fn start(config: &Config, resolver: Resolver) -> Result<Running, StartError>
                     }
                 }
                 run_worker(
-                    id, listener, config, resolver, tls, registry, budget, shutdown,
+                    id, listener, config, io, resolver, tls, registry, budget, shutdown,
                 );
             })
             .map_err(StartError::Thread)?;
@@ -344,6 +355,7 @@ fn run_worker(
     id: usize,
     listener: std::net::TcpListener,
     config: Config,
+    io: IoPlan,
     resolver: Resolver,
     tls: Option<Arc<rustls::ClientConfig>>,
     registry: Arc<Registry>,
@@ -429,7 +441,7 @@ fn run_worker(
         }
         tracing::info!(worker = id, "worker stopped");
     };
-    match build_runtime() {
+    match build_runtime(io) {
         Ok(monoio::FusionRuntime::Uring(mut rt)) => rt.block_on(main(Driver::IoUring)),
         Ok(monoio::FusionRuntime::Legacy(mut rt)) => rt.block_on(main(Driver::Epoll)),
         Err(e) => tracing::error!(worker = id, error = %e, "cannot build any runtime"),
@@ -441,19 +453,28 @@ type Runtime = monoio::FusionRuntime<
     monoio::time::TimeDriver<monoio::LegacyDriver>,
 >;
 
-/// io_uring when detection passes and the ring builds; epoll otherwise.
-pub fn build_runtime() -> io::Result<Runtime> {
-    match monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+/// The runtime `plan` settled on; epoll when the ring still fails to build (RLIMIT_MEMLOCK on
+/// 5.10/5.11 can refuse a full-size ring after a small probe ring passed).
+pub fn build_runtime(plan: IoPlan) -> io::Result<Runtime> {
+    let legacy = || -> io::Result<Runtime> {
+        Ok(monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()?
+            .into())
+    };
+    let IoPlan::Uring { flags, entries } = plan else {
+        return legacy();
+    };
+    match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+        .with_entries(entries)
+        .uring_builder(flags.builder())
         .enable_timer()
         .build()
     {
-        Ok(rt) => Ok(rt),
+        Ok(rt) => Ok(rt.into()),
         Err(e) => {
             tracing::warn!(error = %e, "io_uring runtime failed to build; falling back to epoll");
-            let rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-                .enable_timer()
-                .build()?;
-            Ok(rt.into())
+            legacy()
         }
     }
 }

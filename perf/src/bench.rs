@@ -205,8 +205,10 @@ pub fn run_scenario(
             let i = (k + round) % targets.len();
             let target = targets[i];
             let spec = scenario.load(target.addr, load_threads);
+            // One request per client (its connection made, the pools warm) and at least 20:
+            // two per client made (d)'s warm-up as long as its run.
             let warmup = LoadSpec {
-                requests: (scenario.clients as u64 * 2).max(20),
+                requests: (scenario.clients as u64).max(20),
                 max_duration: Duration::from_secs(10),
                 ..spec.clone()
             };

@@ -97,7 +97,9 @@ pub fn run(spec: &LoadSpec) -> io::Result<LoadResult> {
             std::thread::Builder::new()
                 .name(format!("perf-load-{t}"))
                 .spawn(move || -> io::Result<Tally> {
-                    let mut rt = aura::runtime::build_runtime()?;
+                    let mut rt = aura::runtime::build_runtime(
+                        aura::runtime::io_driver::IoPlan::PLAIN_URING,
+                    )?;
                     Ok(rt.block_on(thread_main(spec, clients, share, started, deadline)))
                 })?,
         );

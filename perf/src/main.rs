@@ -10,6 +10,7 @@ mod keys;
 mod load;
 mod procstat;
 mod report;
+mod soak;
 mod targets;
 mod upstream;
 
@@ -44,11 +45,16 @@ enum Cmd {
         /// Path of nginx (Debian's: /usr/sbin/nginx).
         #[arg(long, default_value = "nginx")]
         nginx: String,
-        /// Which targets, of direct, nginx, aura, aura-valkey (e.g. `nginx,aura`); the direct
-        /// run, every overhead's baseline, is always made. Default: all four, aura-valkey only
-        /// when a Valkey server is found (else it is skipped with a note).
+        /// Which targets, of direct, nginx, aura, aura-epoll, aura-valkey (e.g. `nginx,aura`);
+        /// the direct run, every overhead's baseline, is always made. Default: all of them,
+        /// aura-valkey only when a Valkey server is found (else it is skipped with a note).
         #[arg(long, value_delimiter = ',')]
         targets: Option<Vec<String>>,
+        /// An extra Aura for an experiment, `NAME[@BINARY]=FLAGS` (e.g.
+        /// `aura-plain=--io-uring-setup none`, or `aura-before@/tmp/aura-old=` for a build
+        /// before a change), measured in the same rounds; repeatable.
+        #[arg(long = "variant")]
+        variants: Vec<String>,
         /// The Valkey server behind aura-valkey (default: valkey-server, else redis-server, on
         /// PATH or in /usr/bin; Debian's redis-server 7.0 is wire-compatible).
         #[arg(long)]
@@ -90,6 +96,14 @@ enum Cmd {
         answers: usize,
         #[arg(long, default_value_t = 7)]
         answer_mib: usize,
+    },
+    /// Scenario (d) against Aura again and again for `--minutes`: its CPU per request, RSS and
+    /// open file descriptors after every cycle, and whether they grew.
+    Soak {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
     },
     /// Scenario (b) against Aura alone at each worker count, pinned: requests/s per worker.
     Scaling {
@@ -138,6 +152,7 @@ fn main() -> ExitCode {
             common,
             nginx,
             targets,
+            variants,
             valkey_server,
             rounds,
             scenarios,
@@ -145,6 +160,7 @@ fn main() -> ExitCode {
             &common,
             &nginx,
             targets.as_deref(),
+            &variants,
             valkey_server.as_deref(),
             rounds,
             &scenarios,
@@ -159,6 +175,7 @@ fn main() -> ExitCode {
             common,
             workers_list,
         } => scaling(&common, &workers_list),
+        Cmd::Soak { common, minutes } => soak(&common, minutes),
         Cmd::JsonBurst {
             aura,
             answers,
@@ -222,10 +239,16 @@ fn run(
     common: &Common,
     nginx: &str,
     asked: Option<&[String]>,
+    variants: &[String],
     valkey_server: Option<&str>,
     rounds: usize,
     ids: &[String],
 ) -> std::io::Result<()> {
+    let variants = variants
+        .iter()
+        .map(|v| targets::parse_variant(v))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(std::io::Error::other)?;
     use targets::Kind;
     let workers = common.workers.unwrap_or_else(default_workers);
     let all = bench::scenarios(common.scale);
@@ -264,6 +287,27 @@ fn run(
         .contains(&Kind::Aura)
         .then(|| targets::aura(&common.aura, mock.addr, workers, common.pin, cpus))
         .transpose()?;
+    let aura_epoll = kinds
+        .contains(&Kind::AuraEpoll)
+        .then(|| {
+            targets::aura_with(
+                Kind::AuraEpoll.name(),
+                &common.aura,
+                mock.addr,
+                workers,
+                common.pin,
+                cpus,
+                &["--io-driver".into(), "epoll".into()],
+            )
+        })
+        .transpose()?;
+    let variant_targets = variants
+        .iter()
+        .map(|v| {
+            let bin = v.binary.as_deref().unwrap_or(&common.aura);
+            targets::aura_with(v.name, bin, mock.addr, workers, common.pin, cpus, &v.flags)
+        })
+        .collect::<std::io::Result<Vec<_>>>()?;
     let valkey = match (&server, kinds.contains(&Kind::AuraValkey)) {
         (Some(server), true) => Some((
             server.clone(),
@@ -282,6 +326,8 @@ fn run(
     let running: Vec<&targets::Target> = std::iter::once(&mock)
         .chain(nginx_target.as_ref())
         .chain(aura.as_ref())
+        .chain(aura_epoll.as_ref())
+        .chain(&variant_targets)
         .chain(valkey.as_ref().map(|(_, t)| t))
         .collect();
     let mut started = String::new();
@@ -317,6 +363,43 @@ fn run(
     std::fs::write(common.out.join("ttft.svg"), report::svg(&results))?;
     println!("{md}");
     eprintln!("wrote {}/results.md and ttft.svg", common.out.display());
+    Ok(())
+}
+
+fn soak(common: &Common, minutes: f64) -> std::io::Result<()> {
+    if !(minutes.is_finite() && minutes > 0.0 && minutes <= 24.0 * 60.0) {
+        return Err(std::io::Error::other("--minutes must be within (0, 1440]"));
+    }
+    std::fs::create_dir_all(&common.out)?;
+    let workers = common.workers.unwrap_or_else(default_workers);
+    let scenario = bench::scenarios(common.scale)
+        .into_iter()
+        .find(|s| s.id == "d")
+        .ok_or_else(|| std::io::Error::other("scenario (d) is missing"))?;
+    let mock = targets::mock(common.mock_threads)?;
+    let aura = targets::aura(
+        &common.aura,
+        mock.addr,
+        workers,
+        common.pin,
+        common.proxy_cpus.as_deref(),
+    )?;
+    eprintln!(
+        "soak: ({}) {} against aura {} for {minutes} min",
+        scenario.id, scenario.title, aura.addr
+    );
+    let cycles = soak::run(
+        &scenario,
+        &aura,
+        std::time::Duration::from_secs_f64(minutes * 60.0),
+        common.load_threads,
+    )?;
+    let mut md = environment(common, workers, None, None, None);
+    let _ = writeln!(md);
+    md.push_str(&soak::report(&scenario, aura.name, &cycles));
+    std::fs::write(common.out.join("soak.md"), &md)?;
+    println!("{md}");
+    eprintln!("wrote {}/soak.md", common.out.display());
     Ok(())
 }
 

@@ -1,7 +1,8 @@
 //! Turns a run into `results.md` (the tables and the targets, as ratios to nginx in the same run)
 //! and `ttft.svg` (TTFT by percentile, one panel per scenario, one line per target), written by
-//! hand so the harness needs no plotting crate. Both Aura targets (in-memory store, and Valkey
-//! store) are checked against nginx alike; the Valkey server's own CPU and memory are reported
+//! hand so the harness needs no plotting crate. Every Aura target (in-memory store on its
+//! default driver and on epoll, Valkey store, variants) is checked against nginx alike, and the
+//! default driver against epoll; the Valkey server's own CPU and memory are reported
 //! in a note under each table, never added into Aura's columns (nginx has no store).
 
 use std::fmt::Write;
@@ -111,21 +112,27 @@ pub fn store_note(o: &Outcome) -> Option<String> {
     ))
 }
 
-/// The Aura targets the checks compare with nginx, where they ran.
-const AURAS: [&str; 2] = ["aura", "aura-valkey"];
+/// The Aura targets of a scenario (every target named `aura…`: the default driver, epoll, the
+/// Valkey store, and any `--variant`), in the order they ran.
+fn auras(r: &ScenarioResult) -> impl Iterator<Item = &'static str> + '_ {
+    r.outcomes
+        .iter()
+        .map(|o| o.target)
+        .filter(|t| t.starts_with("aura"))
+}
 
 /// One target of the issue, checked against the run.
 pub struct Check {
     pub what: &'static str,
-    /// Which Aura target (`aura` or `aura-valkey`).
+    /// Which Aura target.
     pub proxy: &'static str,
     pub measured: String,
     pub met: Option<bool>,
 }
 
 /// The issue's targets, each as a ratio or difference to nginx in the same run, for every Aura
-/// target that ran (`aura`, then `aura-valkey`). Met or not is judged on Aura's own CPU and RSS;
-/// a store's are shown beside them.
+/// target that ran; and Aura's default driver against Aura on epoll. Met or not is judged on
+/// Aura's own CPU and RSS; a store's are shown beside them.
 pub fn checks(results: &[ScenarioResult]) -> Vec<Check> {
     let by_id = |id: &str| results.iter().find(|r| r.scenario.id == id);
     let mut out = Vec::new();
@@ -141,14 +148,27 @@ pub fn checks(results: &[ScenarioResult]) -> Vec<Check> {
     };
     // CPU per request is targeted wherever streams are: 64 clients at full speed (b), 256
     // sparse streams (c), a provider's long streams (d).
-    for (id, what) in [
-        ("b", "(b) CPU per streamed request ≤ 1.0× nginx"),
-        ("c", "(c) CPU per streamed request ≤ 1.0× nginx"),
-        ("d", "(d) CPU per streamed request ≤ 1.0× nginx"),
-    ] {
+    let streamed = [
+        (
+            "b",
+            "(b) CPU per streamed request ≤ 1.0× nginx",
+            "(b) CPU per streamed request, io_uring ≤ 1.0× epoll",
+        ),
+        (
+            "c",
+            "(c) CPU per streamed request ≤ 1.0× nginx",
+            "(c) CPU per streamed request, io_uring ≤ 1.0× epoll",
+        ),
+        (
+            "d",
+            "(d) CPU per streamed request ≤ 1.0× nginx",
+            "(d) CPU per streamed request, io_uring ≤ 1.0× epoll",
+        ),
+    ];
+    for (id, what, _) in streamed {
         let Some(scenario) = by_id(id) else { continue };
         let cpu = |t| find(scenario, t).and_then(Outcome::cpu_ms_per_1000);
-        for proxy in AURAS {
+        for proxy in auras(scenario) {
             if let (Some(a), Some(n)) = (cpu(proxy), cpu("nginx")) {
                 out.push(Check {
                     what,
@@ -163,9 +183,21 @@ pub fn checks(results: &[ScenarioResult]) -> Vec<Check> {
             }
         }
     }
+    for (id, _, what) in streamed {
+        let Some(scenario) = by_id(id) else { continue };
+        let cpu = |t| find(scenario, t).and_then(Outcome::cpu_ms_per_1000);
+        if let (Some(a), Some(e)) = (cpu("aura"), cpu("aura-epoll")) {
+            out.push(Check {
+                what,
+                proxy: "aura",
+                measured: format!("{a:.1} vs {e:.1} ms/1000 req (aura-epoll) = {:.2}×", a / e),
+                met: Some(a <= e),
+            });
+        }
+    }
     if let Some(b) = by_id("b") {
         let rps = |t| find(b, t).map(Outcome::median_rps);
-        for proxy in AURAS {
+        for proxy in auras(b) {
             if let (Some(a), Some(n)) = (rps(proxy), rps("nginx")) {
                 out.push(Check {
                     what: "(b) throughput at 64 clients ≥ 1.1× nginx",
@@ -177,7 +209,7 @@ pub fn checks(results: &[ScenarioResult]) -> Vec<Check> {
         }
     }
     if let Some(a) = by_id("a") {
-        for proxy in AURAS {
+        for proxy in auras(a) {
             if let (Some(x), Some(n)) = (overhead_us(a, proxy, 0.99), overhead_us(a, "nginx", 0.99))
             {
                 out.push(Check {
@@ -189,13 +221,27 @@ pub fn checks(results: &[ScenarioResult]) -> Vec<Check> {
             }
         }
     }
-    if let Some(c) = by_id("c") {
-        let rss = |t| find(c, t).and_then(|o| o.peak_rss_kib);
-        for proxy in AURAS {
-            if let (Some(x), Some(n)) = (overhead_us(c, proxy, 0.99), overhead_us(c, "nginx", 0.99))
-            {
+    for (id, ttft, rss_what) in [
+        (
+            "c",
+            "(c) TTFT overhead p99 at 256 clients ≤ 1.0× nginx",
+            "(c) peak RSS with 256 open streams ≤ 1.0× nginx",
+        ),
+        (
+            "d",
+            "(d) TTFT overhead p99 at 1000 clients ≤ 1.0× nginx",
+            "(d) peak RSS with 1000 open streams ≤ 1.0× nginx",
+        ),
+    ] {
+        let Some(scenario) = by_id(id) else { continue };
+        let rss = |t| find(scenario, t).and_then(|o| o.peak_rss_kib);
+        for proxy in auras(scenario) {
+            if let (Some(x), Some(n)) = (
+                overhead_us(scenario, proxy, 0.99),
+                overhead_us(scenario, "nginx", 0.99),
+            ) {
                 out.push(Check {
-                    what: "(c) TTFT overhead p99 at 256 clients ≤ 1.0× nginx",
+                    what: ttft,
                     proxy,
                     measured: format!("{x:.1} vs {n:.1} µs"),
                     met: Some(x <= n.max(0.0)),
@@ -203,14 +249,14 @@ pub fn checks(results: &[ScenarioResult]) -> Vec<Check> {
             }
             if let (Some(a), Some(n)) = (rss(proxy), rss("nginx")) {
                 out.push(Check {
-                    what: "(c) peak RSS with 256 open streams ≤ 1.0× nginx",
+                    what: rss_what,
                     proxy,
                     measured: format!(
                         "{:.1} vs {:.1} MiB = {:.2}×{}",
                         a as f64 / 1024.0,
                         n as f64 / 1024.0,
                         a as f64 / n as f64,
-                        store_rss(find(c, proxy))
+                        store_rss(find(scenario, proxy))
                     ),
                     met: Some(a <= n),
                 });
@@ -235,7 +281,9 @@ pub fn checks_table(checks: &[Check]) -> String {
 }
 
 const PERCENTILES: [f64; 9] = [0.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.99];
-const COLOURS: [&str; 4] = ["#888888", "#2a9d3f", "#1f5fbf", "#c0392b"];
+const COLOURS: [&str; 8] = [
+    "#888888", "#2a9d3f", "#1f5fbf", "#c0392b", "#e67e22", "#8e44ad", "#16a085", "#7f8c8d",
+];
 
 /// A target's colour, the same in every picture whichever targets ran.
 fn colour(name: &str, k: usize) -> &'static str {
@@ -244,7 +292,8 @@ fn colour(name: &str, k: usize) -> &'static str {
         "nginx" => COLOURS[1],
         "aura" => COLOURS[2],
         "aura-valkey" => COLOURS[3],
-        _ => COLOURS[k % COLOURS.len()],
+        "aura-epoll" => COLOURS[4],
+        _ => COLOURS[5 + k % 3],
     }
 }
 
@@ -491,6 +540,42 @@ mod tests {
         let table = checks_table(&checks);
         assert!(table.starts_with("| target | proxy | measured (vs nginx) | met |"));
         assert!(table.contains("| (b) CPU per streamed request ≤ 1.0× nginx | aura-valkey | "));
+    }
+
+    #[test]
+    fn the_default_driver_is_checked_against_epoll_and_epoll_against_nginx() {
+        let mut r = run_b();
+        r.outcomes
+            .push(outcome("aura-epoll", 260, Some((25, 10)), None));
+        r.outcomes
+            .push(outcome("aura-plain", 260, Some((41, 10)), None));
+        let checks = checks(&[r]);
+        let vs_epoll: Vec<&Check> = checks
+            .iter()
+            .filter(|c| c.what == "(b) CPU per streamed request, io_uring ≤ 1.0× epoll")
+            .collect();
+        assert_eq!(vs_epoll.len(), 1);
+        assert_eq!(vs_epoll[0].proxy, "aura");
+        assert_eq!(
+            vs_epoll[0].measured,
+            "30.0 vs 25.0 ms/1000 req (aura-epoll) = 1.20×"
+        );
+        assert_eq!(vs_epoll[0].met, Some(false));
+        // Every Aura, a variant too, is held to nginx's CPU.
+        let vs_nginx: Vec<(&str, Option<bool>)> = checks
+            .iter()
+            .filter(|c| c.what == "(b) CPU per streamed request ≤ 1.0× nginx")
+            .map(|c| (c.proxy, c.met))
+            .collect();
+        assert_eq!(
+            vs_nginx,
+            [
+                ("aura", Some(true)),
+                ("aura-valkey", Some(true)),
+                ("aura-epoll", Some(true)),
+                ("aura-plain", Some(false))
+            ]
+        );
     }
 
     #[test]

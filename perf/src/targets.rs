@@ -18,14 +18,22 @@ pub enum Kind {
     /// The mock itself: the baseline of every overhead, always run.
     Direct,
     Nginx,
-    /// Aura, budgets on, in-memory store.
+    /// Aura, budgets on, in-memory store, on its default driver.
     Aura,
+    /// The same Aura on epoll (`--io-driver epoll`): what io_uring must beat.
+    AuraEpoll,
     /// Aura, budgets on, Valkey store.
     AuraValkey,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Direct, Kind::Nginx, Kind::Aura, Kind::AuraValkey];
+    pub const ALL: [Kind; 5] = [
+        Kind::Direct,
+        Kind::Nginx,
+        Kind::Aura,
+        Kind::AuraEpoll,
+        Kind::AuraValkey,
+    ];
 
     /// The name in `--targets`, in the tables and in the picture.
     pub fn name(self) -> &'static str {
@@ -33,6 +41,7 @@ impl Kind {
             Kind::Direct => "direct",
             Kind::Nginx => "nginx",
             Kind::Aura => "aura",
+            Kind::AuraEpoll => "aura-epoll",
             Kind::AuraValkey => "aura-valkey",
         }
     }
@@ -42,6 +51,7 @@ impl Kind {
             "direct" | "mock" => Some(Kind::Direct),
             "nginx" => Some(Kind::Nginx),
             "aura" => Some(Kind::Aura),
+            "aura-epoll" | "epoll" => Some(Kind::AuraEpoll),
             "aura-valkey" | "aura+valkey" | "valkey" => Some(Kind::AuraValkey),
             _ => None,
         }
@@ -55,7 +65,7 @@ pub fn parse_targets(items: &[String]) -> Result<Vec<Kind>, String> {
     for item in items.iter().filter(|s| !s.trim().is_empty()) {
         let kind = Kind::parse(item).ok_or_else(|| {
             format!(
-                "unknown target `{}` (known: direct, nginx, aura, aura-valkey)",
+                "unknown target `{}` (known: direct, nginx, aura, aura-epoll, aura-valkey)",
                 item.trim()
             )
         })?;
@@ -66,7 +76,7 @@ pub fn parse_targets(items: &[String]) -> Result<Vec<Kind>, String> {
     Ok(kinds)
 }
 
-/// What `run` measures: the targets asked for, or, when none were, all four, leaving out
+/// What `run` measures: the targets asked for, or, when none were, all of them, leaving out
 /// aura-valkey (with a note to print) when no Valkey server binary was found. Asking for
 /// aura-valkey by name without a server is an error, not a silent skip.
 pub fn select_targets(
@@ -207,7 +217,48 @@ pub fn aura(
     pin: bool,
     cpus: Option<&str>,
 ) -> std::io::Result<Target> {
-    start_aura(Kind::Aura.name(), bin, upstream, workers, pin, cpus, &[])
+    aura_with(Kind::Aura.name(), bin, upstream, workers, pin, cpus, &[])
+}
+
+/// An experiment's extra Aura.
+#[derive(Debug, PartialEq)]
+pub struct Variant {
+    /// Starts with `aura-`: the report checks every `aura…` target against nginx.
+    pub name: &'static str,
+    /// Another Aura binary (a build before a change), when not the one measured.
+    pub binary: Option<PathBuf>,
+    pub flags: Vec<OsString>,
+}
+
+/// `NAME[@BINARY]=FLAGS`, FLAGS being Aura's own flags separated by spaces: e.g.
+/// `aura-plain=--io-uring-setup none`, or `aura-before@/tmp/aura-old=` for a build before a
+/// change. The name must start with `aura-` and not be a fixed target's.
+pub fn parse_variant(text: &str) -> Result<Variant, String> {
+    let (head, flags) = text
+        .split_once('=')
+        .ok_or_else(|| format!("--variant `{text}`: expected NAME[@BINARY]=FLAGS"))?;
+    let (name, binary) = match head.split_once('@') {
+        Some((name, binary)) => (name.trim(), Some(PathBuf::from(binary.trim()))),
+        None => (head.trim(), None),
+    };
+    if !name.starts_with("aura-")
+        || name.len() > 40
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        || Kind::parse(name).is_some()
+    {
+        return Err(format!(
+            "--variant `{name}`: the name must start with `aura-`, be letters, digits, `-` or `_`, \
+             and not be a fixed target's"
+        ));
+    }
+    Ok(Variant {
+        // A name lives as long as the run (targets and results are named by `&'static str`).
+        name: Box::leak(name.to_owned().into_boxed_str()),
+        binary,
+        flags: flags.split_whitespace().map(OsString::from).collect(),
+    })
 }
 
 /// Aura as [`aura`] starts it, with its budgets in a Valkey store: `server` (valkey-server or
@@ -233,7 +284,7 @@ pub fn aura_valkey(
         _ => {}
     }
     let extra = valkey_flags(store.addr, &journal);
-    let mut target = start_aura(
+    let mut target = aura_with(
         Kind::AuraValkey.name(),
         bin,
         upstream,
@@ -264,7 +315,9 @@ pub fn valkey_flags(addr: SocketAddr, journal: &Path) -> Vec<OsString> {
     ]
 }
 
-fn start_aura(
+/// Aura as [`aura`] starts it, named `name`, with `extra` flags: aura-valkey's store flags,
+/// aura-epoll's `--io-driver epoll`, an experiment's `--variant`.
+pub fn aura_with(
     name: &'static str,
     bin: &Path,
     upstream: SocketAddr,
@@ -482,7 +535,14 @@ mod tests {
 
     #[test]
     fn a_target_list_is_put_in_order_once_each_with_the_direct_baseline() {
-        let kinds = parse_targets(&strings(&["aura-valkey", "nginx", "aura", "nginx"])).unwrap();
+        let kinds = parse_targets(&strings(&[
+            "aura-valkey",
+            "nginx",
+            "aura",
+            "epoll",
+            "nginx",
+        ]))
+        .unwrap();
         assert_eq!(kinds, Kind::ALL.to_vec());
         assert_eq!(
             parse_targets(&strings(&["aura"])).unwrap(),
@@ -494,9 +554,27 @@ mod tests {
         );
         assert_eq!(parse_targets(&[]).unwrap(), vec![Kind::Direct]);
         let names: Vec<_> = Kind::ALL.iter().map(|k| k.name()).collect();
-        assert_eq!(names, ["direct", "nginx", "aura", "aura-valkey"]);
+        assert_eq!(
+            names,
+            ["direct", "nginx", "aura", "aura-epoll", "aura-valkey"]
+        );
         for k in Kind::ALL {
             assert_eq!(Kind::parse(k.name()), Some(k));
+        }
+    }
+
+    #[test]
+    fn a_variant_is_a_named_aura_with_its_own_flags() {
+        let v = parse_variant("aura-plain=--io-uring-setup none").unwrap();
+        assert_eq!(v.name, "aura-plain");
+        assert_eq!(v.flags, ["--io-uring-setup", "none"]);
+        assert_eq!(v.binary, None);
+        let v = parse_variant("aura-before@/tmp/aura-old=").unwrap();
+        assert_eq!(v.name, "aura-before");
+        assert_eq!(v.binary, Some(PathBuf::from("/tmp/aura-old")));
+        assert!(v.flags.is_empty());
+        for bad in ["plain=--x", "aura-epoll=--x", "aura-a b=--x", "aura-x"] {
+            assert!(parse_variant(bad).is_err(), "{bad}");
         }
     }
 
@@ -513,7 +591,10 @@ mod tests {
         assert!(note.is_none());
 
         let (without, note) = select_targets(None, false).unwrap();
-        assert_eq!(without, vec![Kind::Direct, Kind::Nginx, Kind::Aura]);
+        assert_eq!(
+            without,
+            vec![Kind::Direct, Kind::Nginx, Kind::Aura, Kind::AuraEpoll]
+        );
         assert!(note.unwrap().starts_with("aura-valkey skipped"));
 
         let asked = strings(&["nginx", "aura-valkey"]);

@@ -35,7 +35,9 @@ pub fn start(addr: SocketAddr, threads: usize) -> io::Result<SocketAddr> {
         std::thread::Builder::new()
             .name(format!("perf-mock-{id}"))
             .spawn(move || {
-                let mut rt = match aura::runtime::build_runtime() {
+                let mut rt = match aura::runtime::build_runtime(
+                    aura::runtime::io_driver::IoPlan::PLAIN_URING,
+                ) {
                     Ok(rt) => rt,
                     Err(e) => return eprintln!("perf mock: no runtime: {e}"),
                 };
