@@ -4,7 +4,10 @@
 //! the connection after any timeout, so no bytes are lost to a later reader.
 
 use std::io;
+use std::pin::Pin;
 use std::time::Duration;
+
+use monoio::time::{Instant, Sleep};
 
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
@@ -42,6 +45,37 @@ pub async fn read_more_within<S: AsyncReadRent>(
     match monoio::time::timeout(limit, read_more(stream, buf, spare)).await {
         Ok(res) => Timed::Done(res),
         Err(_) => Timed::TimedOut,
+    }
+}
+
+/// Reads once into `buf` as [`read_more`] does, giving up at `deadline`, on a timer the caller
+/// keeps across reads: a stream's deadline moves with every read, and re-arming a timer for
+/// each (a timer-wheel insert and removal per read) is what a long stream would pay for it.
+/// Here the timer is moved only when it would fire late; when it fires early (the deadline
+/// has moved on since it was armed) it is re-armed to the deadline and the read goes on,
+/// untouched. So a timeout is exact, and a stream pays about one timer per `limit`.
+pub async fn read_more_by<S: AsyncReadRent>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    spare: usize,
+    mut timer: Pin<&mut Sleep>,
+    deadline: Instant,
+) -> Timed<io::Result<usize>> {
+    if timer.deadline() > deadline {
+        timer.as_mut().reset(deadline);
+    }
+    let read = std::pin::pin!(read_more(stream, buf, spare));
+    let mut read = read;
+    loop {
+        monoio::select! {
+            res = &mut read => return Timed::Done(res),
+            _ = &mut timer => {
+                if Instant::now() >= deadline {
+                    return Timed::TimedOut;
+                }
+                timer.as_mut().reset(deadline);
+            }
+        }
     }
 }
 

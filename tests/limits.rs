@@ -31,6 +31,7 @@ const SECRET_AUTH: &str = "Bearer sk-live-SECRET123";
 on_both_drivers!(
     silent_upstream_before_the_head_is_a_504,
     silent_upstream_mid_stream_truncates_the_response,
+    the_read_timeout_is_the_silence_between_reads_however_long_the_stream,
     oversize_heads_are_431,
     chunked_request_bodies_are_forwarded_with_a_content_length,
     expect_100_continue_is_answered_and_not_forwarded,
@@ -124,6 +125,35 @@ fn silent_upstream_mid_stream_truncates_the_response(driver: Driver) {
     );
     // Aura keeps serving.
     assert_eq!(aura.client().get("/healthz").status, 200);
+}
+
+/// Aura arms one timer per stream for its upstream reads and re-arms it only when it fires
+/// early: a stream four times longer than the read timeout, never silent for as long, must
+/// pass whole; one that goes silent must be cut a timeout after its last read, not before.
+fn the_read_timeout_is_the_silence_between_reads_however_long_the_stream(driver: Driver) {
+    let mock = start_mock(MockOptions::default());
+    let aura = launch(&mock, driver, &[("--upstream-read-timeout-ms", SHORT_MS)]);
+    let long = [("x-mock-chunks", "12"), ("x-mock-delay-ms", "100")];
+    let r = aura.client().post_json(CHAT, &long, STREAM);
+    let took = r.sent_at.elapsed();
+    assert!(took > 4 * SHORT, "the stream took {took:?}");
+    assert!(r.complete, "cut after {took:?}: {}", r.text());
+    let whole = r.events().len();
+
+    // The same stream, then 2 s of silence before the body's end.
+    let quiet = [
+        ("x-mock-chunks", "12"),
+        ("x-mock-delay-ms", "100"),
+        ("x-mock-end-delay-ms", "2000"),
+    ];
+    let r = aura.client().post_json(CHAT, &quiet, STREAM);
+    let took_quiet = r.sent_at.elapsed();
+    assert_eq!(r.events().len(), whole, "every event came: {}", r.text());
+    assert!(!r.complete, "no terminating chunk after the timeout");
+    assert!(
+        took_quiet >= took + SHORT_AT_LEAST && took_quiet < took + PROMPTLY,
+        "cut {took_quiet:?} after the request; its events took {took:?}, the timeout is {SHORT:?}"
+    );
 }
 
 fn oversize_heads_are_431(driver: Driver) {

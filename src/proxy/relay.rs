@@ -233,6 +233,9 @@ impl Relay {
         let mut send_timed_out = false;
         let send_timer = monoio::time::sleep(timeouts.client_send);
         let mut send_timer = std::pin::pin!(send_timer);
+        // One timer for every upstream read of the answer (see `net::read_more_by`).
+        let read_timer = monoio::time::sleep(timeouts.upstream_read);
+        let mut read_timer = std::pin::pin!(read_timer);
         // `before_last_write` has run.
         let mut billed = false;
         loop {
@@ -392,11 +395,13 @@ impl Relay {
             }
 
             // 4. Read more.
-            match net::read_more_within(
+            let read_by = monoio::time::Instant::now() + timeouts.upstream_read;
+            match net::read_more_by(
                 upstream,
                 &mut input,
                 READ_BUF_BYTES,
-                timeouts.upstream_read,
+                read_timer.as_mut(),
+                read_by,
             )
             .await
             {
