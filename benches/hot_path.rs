@@ -224,10 +224,7 @@ fn metrics(c: &mut Criterion) {
         registry.set_driver(worker, "io_uring");
     }
     group.bench_function("scrape_two_workers_gather_and_encode", |b| {
-        b.iter(|| {
-            let (merged, drivers) = registry.gather();
-            black_box(prom::encode(&merged, &drivers, &std::collections::HashMap::new()).len())
-        })
+        b.iter(|| black_box(prom::render(&registry).len()))
     });
     group.finish();
 }

@@ -1,15 +1,20 @@
-//! Prometheus text format (version 0.0.4) of a merged [`Snapshot`]. Written by hand rather than
-//! through the prometheus crate's registry: the crate would need its own metric objects filled
-//! from our per-worker state at every scrape, and hand-written text measured 25.6 µs vs 47.8 µs
-//! for gather + encode with 2 workers (STACK.md). Label values are all static strings: routes,
-//! status classes, error labels, drivers.
-
-use std::fmt::Write;
+//! The Prometheus exposition, through the `prometheus` crate: a custom [`Collector`] turns the
+//! workers' last published snapshots (merged; each worker records into its own, lock-free, and
+//! publishes a copy off the request path) and the ledger's counters into the crate's metric
+//! families at each scrape, and the crate's registry and text encoder write them (version
+//! 0.0.4). Nothing is recorded through the crate: it would need its own atomics on the request
+//! path. Label values are escaped by the crate.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 
-use super::{Latency, Snapshot};
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::{self, MetricFamily, MetricType};
+
+use super::{Latency, Registry, Snapshot, Spend};
 use crate::auth::KeyId;
+use crate::budget::ledger::LedgerStats;
 
 /// Bucket edges of the latency histograms, in seconds: microseconds up to seconds.
 const BUCKETS_SECONDS: [f64; 22] = [
@@ -19,307 +24,344 @@ const BUCKETS_SECONDS: [f64; 22] = [
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
+/// Every family Aura exports: name, help, type and label names.
+const FAMILIES: &[(&str, &str, MetricType, &[&str])] = &[
+    ("aura_requests_total", "Requests answered, by route and status class.", MetricType::COUNTER, &["route", "status_class"]),
+    ("aura_errors_total", "Requests that ended in an error, by kind.", MetricType::COUNTER, &["kind"]),
+    ("aura_ttft_overhead_seconds", "Time from reading the upstream's first body byte to writing it to the client.", MetricType::HISTOGRAM, &[]),
+    ("aura_request_to_upstream_seconds", "Time from receiving a request to writing it upstream.", MetricType::HISTOGRAM, &[]),
+    ("aura_tokens_total", "Tokens in the usage upstreams reported.", MetricType::COUNTER, &["kind"]),
+    ("aura_usage_missing_total", "Successful answers on billed routes that carried no usage (billed by an estimate from bytes).", MetricType::COUNTER, &[]),
+    ("aura_usage_implausible_total", "Answers whose usage was beyond what the model can do (more tokens than its context or output limit, or max_usage_tokens): billed their reservation, their tokens not counted.", MetricType::COUNTER, &[]),
+    ("aura_cost_dollars_total", "What requests were billed, in dollars.", MetricType::COUNTER, &[]),
+    ("aura_default_price_requests_total", "Billed requests whose model had no price (billed at the default price).", MetricType::COUNTER, &[]),
+    ("aura_worker_driver", "The IO driver each worker runs on (1).", MetricType::GAUGE, &["worker", "driver"]),
+    ("aura_active_requests", "Requests being handled (streams included), as of each worker's last copy.", MetricType::GAUGE, &[]),
+    ("aura_key_requests_total", "Billed requests, by key (alias or key id) and model.", MetricType::COUNTER, &["key", "model"]),
+    ("aura_key_tokens_total", "Tokens in reported usage, by key, model and kind.", MetricType::COUNTER, &["key", "model", "kind"]),
+    ("aura_key_cost_dollars_total", "What requests were billed, in dollars, by key and model.", MetricType::COUNTER, &["key", "model"]),
+    ("aura_budget_remaining_dollars", "What each active key may still spend, as the budget store last answered.", MetricType::GAUGE, &["key"]),
+    ("aura_store_up", "1 while the last budget store call succeeded.", MetricType::GAUGE, &[]),
+    ("aura_ledger_queue_ops", "Budget ops waiting for the store.", MetricType::GAUGE, &[]),
+    ("aura_ledger_replay_ops", "Ops of an earlier run's journal (a kill, an outage at shutdown) not yet applied.", MetricType::GAUGE, &[]),
+    ("aura_journal_errors_total", "Journal writes that failed (a full disk): that settled spend was in memory only.", MetricType::COUNTER, &[]),
+    ("aura_store_data_lost_total", "Times the budget store was found to have lost its data (restarted without persistence, flushed); what this node knew was re-established.", MetricType::COUNTER, &[]),
+    ("aura_store_lost_accounts_total", "Accounts the store answered for as if it had never seen them, though it had.", MetricType::COUNTER, &[]),
+    ("aura_store_errors_total", "Budget store calls that failed.", MetricType::COUNTER, &[]),
+    ("aura_ledger_applied_ops_total", "Budget ops the store applied.", MetricType::COUNTER, &[]),
+    ("aura_ledger_rejected_ops_total", "Budget ops the store refused repeatedly, set aside in the rejected file.", MetricType::COUNTER, &[]),
+    ("aura_ledger_flush_seconds", "Round trips of ledger flushes to the budget store.", MetricType::SUMMARY, &[]),
+];
+
 /// The whole exposition: every worker's last published snapshot, merged, and the ledger's
-/// counters when budgets live in Valkey.
-pub fn render(registry: &super::Registry) -> String {
-    let (merged, drivers) = registry.gather();
-    let mut text = encode(&merged, &drivers, registry.aliases());
-    if let Some(ledger) = registry.ledger() {
-        encode_ledger(&mut text, ledger);
+/// counters when budgets live in Valkey. Scrapes are rare: the crate's registry is built for
+/// each (a collector over `source`, nothing recorded in it).
+pub fn render(source: &Arc<Registry>) -> String {
+    let registry = prometheus::Registry::new();
+    let mut text = String::with_capacity(16 * 1024);
+    let encoded = Snapshots::new(source.clone())
+        .and_then(|collector| registry.register(Box::new(collector)))
+        .and_then(|()| prometheus::TextEncoder::new().encode_utf8(&registry.gather(), &mut text));
+    if let Err(e) = encoded {
+        // Only a bad family name or help could do this: a bug, not a scrape's fault.
+        tracing::error!(error = %e, "metrics exposition failed");
     }
     text
 }
 
-/// `aliases` name configured keys in the per-key series; other keys show as their key id.
-pub fn encode(
-    s: &Snapshot,
-    drivers: &[(usize, &'static str)],
-    aliases: &HashMap<KeyId, String>,
-) -> String {
-    let mut out = String::with_capacity(8 * 1024);
-    header(
-        &mut out,
-        "aura_requests_total",
-        "counter",
-        "Requests answered, by route and status class.",
-    );
-    for ((route, class), n) in &s.requests {
-        let _ = writeln!(
-            out,
-            "aura_requests_total{{route=\"{route}\",status_class=\"{class}\"}} {n}"
-        );
-    }
-    header(
-        &mut out,
-        "aura_errors_total",
-        "counter",
-        "Requests that ended in an error, by kind.",
-    );
-    for (label, n) in &s.errors {
-        let _ = writeln!(out, "aura_errors_total{{kind=\"{label}\"}} {n}");
-    }
-    histogram(
-        &mut out,
-        "aura_ttft_overhead_seconds",
-        "Time from reading the upstream's first body byte to writing it to the client.",
-        &s.ttft_overhead,
-    );
-    histogram(
-        &mut out,
-        "aura_request_to_upstream_seconds",
-        "Time from receiving a request to writing it upstream.",
-        &s.to_upstream,
-    );
-    header(
-        &mut out,
-        "aura_tokens_total",
-        "counter",
-        "Tokens in the usage upstreams reported.",
-    );
-    for (kind, n) in [
-        ("prompt", s.prompt_tokens),
-        ("completion", s.completion_tokens),
-        ("cached_prompt", s.cached_prompt_tokens),
-    ] {
-        let _ = writeln!(out, "aura_tokens_total{{kind=\"{kind}\"}} {n}");
-    }
-    header(
-        &mut out,
-        "aura_usage_missing_total",
-        "counter",
-        "Successful answers on billed routes that carried no usage (billed by an estimate from bytes).",
-    );
-    let _ = writeln!(out, "aura_usage_missing_total {}", s.usage_missing);
-    header(
-        &mut out,
-        "aura_usage_implausible_total",
-        "counter",
-        "Answers whose usage was beyond what the model can do (more tokens than its context or output limit, or max_usage_tokens): billed their reservation, their tokens not counted.",
-    );
-    let _ = writeln!(out, "aura_usage_implausible_total {}", s.usage_implausible);
-    header(
-        &mut out,
-        "aura_cost_dollars_total",
-        "counter",
-        "What requests were billed, in dollars.",
-    );
-    let _ = writeln!(out, "aura_cost_dollars_total {}", s.cost_nano as f64 / 1e9);
-    header(
-        &mut out,
-        "aura_default_price_requests_total",
-        "counter",
-        "Billed requests whose model had no price (billed at the default price).",
-    );
-    let _ = writeln!(
-        out,
-        "aura_default_price_requests_total {}",
-        s.default_priced
-    );
-    header(
-        &mut out,
-        "aura_worker_driver",
-        "gauge",
-        "The IO driver each worker runs on (1).",
-    );
-    for (worker, driver) in drivers {
-        let _ = writeln!(
-            out,
-            "aura_worker_driver{{worker=\"{worker}\",driver=\"{driver}\"}} 1"
-        );
-    }
-    header(
-        &mut out,
-        "aura_active_requests",
-        "gauge",
-        "Requests being handled (streams included), as of each worker's last copy.",
-    );
-    let _ = writeln!(out, "aura_active_requests {}", s.in_flight);
-    encode_keys(&mut out, s, aliases);
-    out
+/// The collector: Aura's families, read from the workers' snapshots at each scrape.
+struct Snapshots {
+    source: Arc<Registry>,
+    descs: Vec<Desc>,
 }
 
-/// Per key (its alias, or its key id; `other` past the series cap) and model (its name in the
-/// price table, or `other`): requests, tokens and cost; and each active key's remaining budget.
-fn encode_keys(out: &mut String, s: &Snapshot, aliases: &HashMap<KeyId, String>) {
-    let label = |key: &Option<KeyId>| match key {
-        Some(id) => escape(aliases.get(id).map_or(&id.to_string(), |a| a)),
-        None => "other".to_string(),
-    };
-    let mut rows: Vec<(String, String, super::Spend)> = s
-        .by_key
-        .iter()
-        .flat_map(|(key, models)| {
-            let key = label(key);
-            models
-                .iter()
-                .map(move |(model, spend)| (key.clone(), escape(model), *spend))
-        })
-        .collect();
-    rows.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
-    header(
-        out,
-        "aura_key_requests_total",
-        "counter",
-        "Billed requests, by key (alias or key id) and model.",
-    );
-    for (key, model, spend) in &rows {
-        let _ = writeln!(
-            out,
-            "aura_key_requests_total{{key=\"{key}\",model=\"{model}\"}} {}",
-            spend.requests
-        );
+impl Snapshots {
+    fn new(source: Arc<Registry>) -> prometheus::Result<Snapshots> {
+        let descs = FAMILIES
+            .iter()
+            .map(|(name, help, _, labels)| {
+                Desc::new(
+                    (*name).to_string(),
+                    (*help).to_string(),
+                    labels.iter().map(|l| (*l).to_string()).collect(),
+                    HashMap::new(),
+                )
+            })
+            .collect::<prometheus::Result<_>>()?;
+        Ok(Snapshots { source, descs })
     }
-    header(
-        out,
-        "aura_key_tokens_total",
-        "counter",
-        "Tokens in reported usage, by key, model and kind.",
-    );
-    for (key, model, spend) in &rows {
+}
+
+impl Collector for Snapshots {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let (merged, drivers) = self.source.gather();
+        let mut out = Families::default();
+        out.snapshot(&merged, &drivers, self.source.aliases());
+        if let Some(ledger) = self.source.ledger() {
+            out.ledger(ledger);
+        }
+        out.0.into_values().collect()
+    }
+}
+
+/// Families being filled, by name.
+#[derive(Default)]
+struct Families(HashMap<&'static str, MetricFamily>);
+
+impl Families {
+    /// Adds one sample of `name` (a family of [`FAMILIES`]) with these label values, in the
+    /// order the family names its labels.
+    fn add(&mut self, name: &'static str, labels: &[&str], value: Value) {
+        let Some((_, help, kind, label_names)) = FAMILIES.iter().find(|f| f.0 == name) else {
+            debug_assert!(false, "{name} is not in FAMILIES");
+            return;
+        };
+        let family = self.0.entry(name).or_insert_with(|| {
+            let mut f = MetricFamily::default();
+            f.set_name(name.to_string());
+            f.set_help((*help).to_string());
+            f.set_field_type(*kind);
+            f
+        });
+        let mut m = proto::Metric::default();
+        m.set_label(
+            label_names
+                .iter()
+                .zip(labels)
+                .map(|(n, v)| {
+                    let mut pair = proto::LabelPair::default();
+                    pair.set_name((*n).to_string());
+                    pair.set_value((*v).to_string());
+                    pair
+                })
+                .collect(),
+        );
+        match value {
+            Value::Count(v) => {
+                let mut c = proto::Counter::default();
+                c.set_value(v);
+                m.set_counter(c);
+            }
+            Value::Level(v) => {
+                let mut g = proto::Gauge::default();
+                g.set_value(v);
+                m.set_gauge(g);
+            }
+            Value::Latency(l) => m.set_histogram(histogram(l)),
+            Value::Mean { sum, count } => {
+                let mut s = proto::Summary::default();
+                s.set_sample_sum(sum);
+                s.set_sample_count(count);
+                m.set_summary(s);
+            }
+        }
+        family.mut_metric().push(m);
+    }
+
+    fn snapshot(
+        &mut self,
+        s: &Snapshot,
+        drivers: &[(usize, &'static str)],
+        aliases: &HashMap<KeyId, String>,
+    ) {
+        for ((route, class), n) in &s.requests {
+            self.add("aura_requests_total", &[route, class], Value::count(*n));
+        }
+        for (kind, n) in &s.errors {
+            self.add("aura_errors_total", &[kind], Value::count(*n));
+        }
+        self.add(
+            "aura_ttft_overhead_seconds",
+            &[],
+            Value::Latency(&s.ttft_overhead),
+        );
+        self.add(
+            "aura_request_to_upstream_seconds",
+            &[],
+            Value::Latency(&s.to_upstream),
+        );
         for (kind, n) in [
-            ("prompt", spend.prompt_tokens),
-            ("completion", spend.completion_tokens),
+            ("prompt", s.prompt_tokens),
+            ("completion", s.completion_tokens),
+            ("cached_prompt", s.cached_prompt_tokens),
         ] {
-            let _ = writeln!(
-                out,
-                "aura_key_tokens_total{{key=\"{key}\",model=\"{model}\",kind=\"{kind}\"}} {n}"
+            self.add("aura_tokens_total", &[kind], Value::count(n));
+        }
+        self.add(
+            "aura_usage_missing_total",
+            &[],
+            Value::count(s.usage_missing),
+        );
+        self.add(
+            "aura_usage_implausible_total",
+            &[],
+            Value::count(s.usage_implausible),
+        );
+        self.add("aura_cost_dollars_total", &[], Value::dollars(s.cost_nano));
+        self.add(
+            "aura_default_price_requests_total",
+            &[],
+            Value::count(s.default_priced),
+        );
+        for (worker, driver) in drivers {
+            self.add(
+                "aura_worker_driver",
+                &[&worker.to_string(), driver],
+                Value::Level(1.0),
+            );
+        }
+        self.add(
+            "aura_active_requests",
+            &[],
+            Value::Level(s.in_flight as f64),
+        );
+        self.keys(s, aliases);
+    }
+
+    /// Per key (its alias, or its key id; `other` past the series cap) and model (its name in
+    /// the price table, or `other`): requests, tokens and cost; and each active key's remaining
+    /// budget.
+    fn keys(&mut self, s: &Snapshot, aliases: &HashMap<KeyId, String>) {
+        let label = |key: &Option<KeyId>| match key {
+            Some(id) => aliases.get(id).cloned().unwrap_or_else(|| id.to_string()),
+            None => "other".to_string(),
+        };
+        for (key, models) in &s.by_key {
+            let key = label(key);
+            for (model, spend) in models {
+                let Spend {
+                    requests,
+                    prompt_tokens,
+                    completion_tokens,
+                    cost_nano,
+                } = *spend;
+                let labels = [key.as_str(), model];
+                self.add("aura_key_requests_total", &labels, Value::count(requests));
+                for (kind, n) in [("prompt", prompt_tokens), ("completion", completion_tokens)] {
+                    self.add(
+                        "aura_key_tokens_total",
+                        &[&key, model, kind],
+                        Value::count(n),
+                    );
+                }
+                self.add(
+                    "aura_key_cost_dollars_total",
+                    &labels,
+                    Value::dollars(cost_nano),
+                );
+            }
+        }
+        for (id, left) in &s.remaining {
+            let key = label(&Some(*id));
+            self.add(
+                "aura_budget_remaining_dollars",
+                &[&key],
+                Value::dollars_level(*left),
             );
         }
     }
-    header(
-        out,
-        "aura_key_cost_dollars_total",
-        "counter",
-        "What requests were billed, in dollars, by key and model.",
-    );
-    for (key, model, spend) in &rows {
-        let _ = writeln!(
-            out,
-            "aura_key_cost_dollars_total{{key=\"{key}\",model=\"{model}\"}} {}",
-            spend.cost_nano as f64 / 1e9
-        );
-    }
-    let mut remaining: Vec<(String, u64)> = s
-        .remaining
-        .iter()
-        .map(|(id, &left)| (label(&Some(*id)), left))
-        .collect();
-    remaining.sort();
-    header(
-        out,
-        "aura_budget_remaining_dollars",
-        "gauge",
-        "What each active key may still spend, as the budget store last answered.",
-    );
-    for (key, left) in remaining {
-        let _ = writeln!(
-            out,
-            "aura_budget_remaining_dollars{{key=\"{key}\"}} {}",
-            left as f64 / 1e9
-        );
-    }
-}
 
-/// A label value as the text format wants it: backslash, quote and newline escaped.
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-/// The ledger thread's health (the Valkey store only).
-pub fn encode_ledger(out: &mut String, stats: &crate::budget::ledger::LedgerStats) {
-    use std::sync::atomic::Ordering::Relaxed;
-    let series = [
-        (
-            "aura_store_up",
-            "gauge",
-            "1 while the last budget store call succeeded.",
-            stats.up.load(Relaxed),
-        ),
-        (
+    /// The ledger thread's health (the Valkey store only).
+    fn ledger(&mut self, stats: &LedgerStats) {
+        let level = |v: u64| Value::Level(v as f64);
+        self.add("aura_store_up", &[], level(stats.up.load(Relaxed)));
+        self.add(
             "aura_ledger_queue_ops",
-            "gauge",
-            "Budget ops waiting for the store.",
-            stats.queued.load(Relaxed),
-        ),
-        (
+            &[],
+            level(stats.queued.load(Relaxed)),
+        );
+        self.add(
             "aura_ledger_replay_ops",
-            "gauge",
-            "Ops of an earlier run's journal (a kill, an outage at shutdown) not yet applied.",
-            stats.replaying.load(Relaxed),
-        ),
-        (
+            &[],
+            level(stats.replaying.load(Relaxed)),
+        );
+        self.add(
             "aura_journal_errors_total",
-            "counter",
-            "Journal writes that failed (a full disk): that settled spend was in memory only.",
-            stats.journal_errors(),
-        ),
-        (
+            &[],
+            Value::count(stats.journal_errors()),
+        );
+        self.add(
             "aura_store_data_lost_total",
-            "counter",
-            "Times the budget store was found to have lost its data (restarted without persistence, flushed); what this node knew was re-established.",
-            stats.losses.load(Relaxed),
-        ),
-        (
+            &[],
+            Value::count(stats.losses.load(Relaxed)),
+        );
+        self.add(
             "aura_store_lost_accounts_total",
-            "counter",
-            "Accounts the store answered for as if it had never seen them, though it had.",
-            stats.lost_accounts.load(Relaxed),
-        ),
-        (
+            &[],
+            Value::count(stats.lost_accounts.load(Relaxed)),
+        );
+        self.add(
             "aura_store_errors_total",
-            "counter",
-            "Budget store calls that failed.",
-            stats.errors.load(Relaxed),
-        ),
-        (
+            &[],
+            Value::count(stats.errors.load(Relaxed)),
+        );
+        self.add(
             "aura_ledger_applied_ops_total",
-            "counter",
-            "Budget ops the store applied.",
-            stats.applied.load(Relaxed),
-        ),
-        (
+            &[],
+            Value::count(stats.applied.load(Relaxed)),
+        );
+        self.add(
             "aura_ledger_rejected_ops_total",
-            "counter",
-            "Budget ops the store refused repeatedly, set aside in the rejected file.",
-            stats.rejected.load(Relaxed),
-        ),
-    ];
-    for (name, kind, help, value) in series {
-        header(out, name, kind, help);
-        let _ = writeln!(out, "{name} {value}");
+            &[],
+            Value::count(stats.rejected.load(Relaxed)),
+        );
+        // A summary without quantiles: the mean flush round trip is sum / count.
+        self.add(
+            "aura_ledger_flush_seconds",
+            &[],
+            Value::Mean {
+                sum: stats.call_nanos.load(Relaxed) as f64 / 1e9,
+                count: stats.calls.load(Relaxed),
+            },
+        );
     }
-    // A summary without quantiles: the mean flush round trip is sum / count.
-    let name = "aura_ledger_flush_seconds";
-    header(
-        out,
-        name,
-        "summary",
-        "Round trips of ledger flushes to the budget store.",
-    );
-    let _ = writeln!(
-        out,
-        "{name}_sum {}",
-        stats.call_nanos.load(Relaxed) as f64 / 1e9
-    );
-    let _ = writeln!(out, "{name}_count {}", stats.calls.load(Relaxed));
 }
 
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+/// One sample's value.
+enum Value<'a> {
+    Count(f64),
+    Level(f64),
+    Latency(&'a Latency),
+    Mean { sum: f64, count: u64 },
 }
 
-fn histogram(out: &mut String, name: &str, help: &str, l: &Latency) {
-    header(out, name, "histogram", help);
+impl Value<'_> {
+    fn count(n: u64) -> Self {
+        Value::Count(n as f64)
+    }
+
+    fn dollars(nano: u64) -> Self {
+        Value::Count(nano as f64 / 1e9)
+    }
+
+    fn dollars_level(nano: u64) -> Self {
+        Value::Level(nano as f64 / 1e9)
+    }
+}
+
+/// A histogram's cumulative buckets at [`BUCKETS_SECONDS`] (the encoder adds `+Inf`).
+fn histogram(l: &Latency) -> proto::Histogram {
     let edges_ns = BUCKETS_SECONDS.map(|edge| (edge * 1e9).round() as u64);
-    for (edge, n) in BUCKETS_SECONDS.iter().zip(l.cumulative_counts(&edges_ns)) {
-        let _ = writeln!(out, "{name}_bucket{{le=\"{edge}\"}} {n}");
-    }
-    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", l.count());
-    let _ = writeln!(out, "{name}_sum {}", l.sum_ns() as f64 / 1e9);
-    let _ = writeln!(out, "{name}_count {}", l.count());
+    let mut h = proto::Histogram::default();
+    h.set_bucket(
+        BUCKETS_SECONDS
+            .iter()
+            .zip(l.cumulative_counts(&edges_ns))
+            .map(|(edge, n)| {
+                let mut b = proto::Bucket::default();
+                b.set_upper_bound(*edge);
+                b.set_cumulative_count(n);
+                b
+            })
+            .collect(),
+    );
+    h.set_sample_count(l.count());
+    h.set_sample_sum(l.sum_ns() as f64 / 1e9);
+    h
 }
 
 #[cfg(test)]
@@ -329,7 +371,7 @@ mod tests {
     use std::time::Duration;
 
     #[test]
-    fn text_format_with_cumulative_buckets() {
+    fn the_crates_text_format_with_cumulative_buckets_and_escaped_labels() {
         let mut s = Snapshot::default();
         let mini: std::sync::Arc<str> = std::sync::Arc::from("gpt-4o-mini");
         for us in [3, 40, 40, 2_000] {
@@ -363,7 +405,11 @@ mod tests {
         s.remaining.insert(KeyId::of("sk-prom-b"), 2_500_000_000);
         s.in_flight = 3;
         let aliases = HashMap::from([(KeyId::of("sk-prom-b"), "team \"b\"".to_string())]);
-        let text = encode(&s, &[(0, "io_uring")], &aliases);
+        let registry = Registry::new(1);
+        registry.publish(0, s);
+        registry.set_driver(0, "io_uring");
+        registry.set_aliases(aliases);
+        let text = render(&registry);
         let a = KeyId::of("sk-prom-a").to_string();
         for line in [
             format!("aura_key_requests_total{{key=\"{a}\",model=\"gpt-4o-mini\"}} 2"),
