@@ -5,7 +5,7 @@
 //! to the client; an event without `"usage": {` costs a boundary search and a memmem scan, and
 //! only events that match are copied and parsed.
 
-mod scan;
+pub(crate) mod scan;
 
 use std::cell::RefCell;
 use std::rc::Rc;

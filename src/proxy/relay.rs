@@ -7,9 +7,11 @@
 //! not lost.
 
 use std::cell::Cell;
+use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use http::{header, HeaderMap, StatusCode};
+use memchr::memmem::Finder;
 use monoio::io::{AsyncReadRent, AsyncWriteRent};
 
 use crate::buffers::BufPool;
@@ -19,11 +21,16 @@ use crate::http::chunked::{self, ChunkedDecoder};
 use crate::http::{self as h1, Framing, ResponseHead};
 use crate::net::{self, Timed};
 use crate::server::Persist;
+use crate::sse::scan::positions;
 use crate::sse::{SharedParse, UsageOnlyStripper, UsageScanner};
 use crate::usage::body::BodyUsage;
 use crate::usage::Found;
 
-pub const READ_BUF_BYTES: usize = 16 * 1024;
+/// Room made for each upstream read: at first a page, enough for any SSE event, so a stream
+/// waiting on its upstream holds a small buffer (1000 streams: resident memory 43 → 29 MiB,
+/// perf/RESULTS.md); a read that fills the room doubles it for the next, up to the most.
+pub const READ_BUF_BYTES: usize = 4 * 1024;
+const READ_BUF_MAX_BYTES: usize = 16 * 1024;
 /// After the client left: how much more of the upstream response is read to reach the usage.
 const DRAIN_MAX_BYTES: usize = 8 * 1024 * 1024;
 const DRAIN_MAX_TIME: Duration = Duration::from_secs(30);
@@ -197,6 +204,7 @@ impl Relay {
     {
         let Worker { pool, drains } = worker;
         let mut input = buffered;
+        let mut read_room = READ_BUF_BYTES;
         let mut read_at = Instant::now();
         // payload, stripped and out are taken from the pool for each upstream read and given
         // back before the next read: a stream waiting on its upstream holds only its read buffer.
@@ -399,7 +407,7 @@ impl Relay {
             match net::read_more_by(
                 upstream,
                 &mut input,
-                READ_BUF_BYTES,
+                read_room,
                 read_timer.as_mut(),
                 read_by,
             )
@@ -414,7 +422,12 @@ impl Relay {
                     end.error = Some(Error::UpstreamReset);
                     break;
                 }
-                Timed::Done(Ok(_)) => read_at = Instant::now(),
+                Timed::Done(Ok(n)) => {
+                    read_at = Instant::now();
+                    if n >= read_room {
+                        read_room = (read_room * 2).min(READ_BUF_MAX_BYTES);
+                    }
+                }
                 Timed::TimedOut => {
                     end.error = Some(Error::UpstreamTimeout);
                     break;
@@ -492,23 +505,27 @@ enum Ending {
     Completed,
 }
 
+static DONE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"[DONE]"));
+static COMPLETED: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"response.completed"));
+
 /// Whether an event-stream payload carries the end of the answer: a line `data: [DONE]` or
 /// `event: response.completed`. A line, not text: what a model writes sits inside a JSON string,
 /// where a raw line break cannot follow it.
 fn ending_of(payload: &[u8]) -> Ending {
-    if has_line(payload, b"[DONE]", b"data:") {
+    if has_line(payload, &DONE, b"data:") {
         Ending::Done
-    } else if has_line(payload, b"response.completed", b"event:") {
+    } else if has_line(payload, &COMPLETED, b"event:") {
         Ending::Completed
     } else {
         Ending::Not
     }
 }
 
-/// Whether `payload` has a line `FIELD VALUE` (`FIELD` then optional spaces, then `value`),
-/// ended by a line break.
-fn has_line(payload: &[u8], value: &[u8], field: &[u8]) -> bool {
-    memchr::memmem::find_iter(payload, value).any(|at| {
+/// Whether `payload` has a line `FIELD VALUE` (`FIELD` then optional spaces, then the value
+/// `finder` looks for), ended by a line break.
+fn has_line(payload: &[u8], finder: &Finder<'static>, field: &[u8]) -> bool {
+    let value = finder.needle();
+    positions(finder, payload).any(|at| {
         let ended = matches!(payload.get(at + value.len()), Some(b'\n' | b'\r'));
         let before = payload[..at].trim_ascii_end();
         let line_start = before.len().checked_sub(field.len()).is_some_and(|start| {

@@ -4,6 +4,8 @@
 //! [`Framer::next_boundary`], which jumps from line terminator to line terminator with `memchr2`;
 //! nothing here allocates except [`event_data`], called only for events a prefilter matched.
 
+use std::sync::LazyLock;
+
 use memchr::{memchr2, memmem};
 
 /// Where a byte stream stands between line terminators (`\r\n`, `\n` or `\r`), across splits.
@@ -77,24 +79,42 @@ pub(crate) enum Choices {
     Other,
 }
 
-/// Finds a quoted JSON key followed by `:` in an event's raw bytes.
-#[derive(Debug, Clone)]
+/// Every start of `finder`'s needle in `hay`, without overlaps. memchr's own `find_iter` copies
+/// the whole finder (its prefilter tables) into each iterator it makes: per event, on the
+/// stream's path, that copy cost more than the search.
+pub(crate) fn positions<'h>(
+    finder: &'h memmem::Finder<'static>,
+    hay: &'h [u8],
+) -> impl Iterator<Item = usize> + 'h {
+    let step = finder.needle().len().max(1);
+    let mut from = 0;
+    std::iter::from_fn(move || {
+        let at = from + finder.find(hay.get(from..)?)?;
+        from = at + step;
+        Some(at)
+    })
+}
+
+static USAGE_KEY: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
+static CHOICES_KEY: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"choices\""));
+
+/// Finds a quoted JSON key followed by `:` in an event's raw bytes. The finders are built once
+/// per process, not per request.
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct KeyFinder {
-    finder: memmem::Finder<'static>,
+    finder: &'static memmem::Finder<'static>,
 }
 
 impl KeyFinder {
     pub(crate) fn usage() -> Self {
-        Self::new(b"\"usage\"")
+        Self { finder: &USAGE_KEY }
     }
 
     pub(crate) fn choices() -> Self {
-        Self::new(b"\"choices\"")
-    }
-
-    fn new(quoted_key: &'static [u8]) -> Self {
         Self {
-            finder: memmem::Finder::new(quoted_key),
+            finder: &CHOICES_KEY,
         }
     }
 
@@ -102,7 +122,7 @@ impl KeyFinder {
     /// occurrence cut off by the end of `hay` yields an empty slice.
     fn values<'h>(&'h self, hay: &'h [u8]) -> impl Iterator<Item = &'h [u8]> + 'h {
         let key_len = self.finder.needle().len();
-        self.finder.find_iter(hay).filter_map(move |at| {
+        positions(self.finder, hay).filter_map(move |at| {
             let rest = skip_gap(tail(hay, at + key_len));
             match rest.split_first() {
                 None => Some(rest),
