@@ -68,6 +68,8 @@ pub async fn read_more_by<S: AsyncReadRent>(
     let mut read = read;
     loop {
         monoio::select! {
+            // Bytes that came as the deadline passed are taken, not dropped for a timeout.
+            biased;
             res = &mut read => return Timed::Done(res),
             _ = &mut timer => {
                 if Instant::now() >= deadline {

@@ -68,7 +68,10 @@ pub struct RingFlags(u8);
 impl RingFlags {
     pub const NONE: RingFlags = RingFlags(0);
 
-    /// What `auto` asks for: every flag that measured no worse (perf/RESULTS.md, issue 11).
+    /// What `auto` asks for: the set measured best together (perf/RESULTS.md, "The ring"). With
+    /// DEFER_TASKRUN, completions are taken only when a worker waits for them, which monoio does
+    /// each time it runs out of tasks; TASKRUN_FLAG is inert (monoio does not read it) and kept
+    /// because the measured set had it.
     pub const DEFAULT: RingFlags = RingFlags::NONE
         .with(RingFlag::CoopTaskrun)
         .with(RingFlag::TaskrunFlag)
@@ -194,28 +197,27 @@ impl IoPlan {
 
 impl IoSettings {
     /// Probes the kernel with `try_ring` (a ring of these flags builds, or the kernel's error)
-    /// and settles what the workers run on: flags the kernel refuses are given up newest first
-    /// (each logged), and a kernel that refuses io_uring itself leaves epoll.
+    /// and settles what the workers run on. A kernel that refuses a flag answers EINVAL: flags
+    /// are given up newest first (each logged) until a ring builds. Any other refusal (EPERM
+    /// from a seccomp profile, ENOMEM from RLIMIT_MEMLOCK) is not about a flag: the ring is
+    /// tried once without any, and else the workers run on epoll.
     pub fn plan_with(&self, try_ring: impl Fn(RingFlags) -> io::Result<()>) -> IoPlan {
         if self.driver == IoDriver::Epoll {
             return IoPlan::Epoll;
         }
+        let uring = |flags| IoPlan::Uring {
+            flags,
+            entries: self.ring_entries,
+        };
         let mut flags = self.ring_flags;
         loop {
-            match try_ring(flags) {
-                Ok(()) => {
-                    return IoPlan::Uring {
-                        flags,
-                        entries: self.ring_entries,
-                    }
-                }
-                Err(e) => {
-                    // Give up the newest flag still asked for (and what needs it), or io_uring.
-                    let Some(newest) = RingFlag::NEWEST_FIRST.into_iter().find(|f| flags.has(*f))
-                    else {
-                        tracing::warn!(error = %e, "io_uring refused by this kernel; workers run on epoll");
-                        return IoPlan::Epoll;
-                    };
+            let e = match try_ring(flags) {
+                Ok(()) => return uring(flags),
+                Err(e) => e,
+            };
+            let newest = RingFlag::NEWEST_FIRST.into_iter().find(|f| flags.has(*f));
+            match newest {
+                Some(newest) if e.raw_os_error() == Some(libc::EINVAL) => {
                     tracing::warn!(
                         flag = newest.name(),
                         error = %e,
@@ -228,14 +230,26 @@ impl IoSettings {
                         }
                     }
                 }
+                Some(_) if try_ring(RingFlags::NONE).is_ok() => {
+                    tracing::warn!(error = %e, setup = %flags, "io_uring refused these setup flags; running without any");
+                    return uring(RingFlags::NONE);
+                }
+                _ => {
+                    tracing::warn!(error = %e, "io_uring refused by this kernel; workers run on epoll");
+                    return IoPlan::Epoll;
+                }
             }
         }
     }
 
-    /// [`plan_with`](Self::plan_with) against this kernel. `MONOIO_FORCE_LEGACY_DRIVER` (monoio's
-    /// own switch) still forces epoll.
+    /// [`plan_with`](Self::plan_with) against this kernel, once monoio's own detection passed:
+    /// it checks that the kernel has every operation monoio uses (5.4 builds a ring but has no
+    /// accept, 5.5 no send or recv), and honours `MONOIO_FORCE_LEGACY_DRIVER`.
     pub fn plan(&self) -> IoPlan {
-        if std::env::var_os("MONOIO_FORCE_LEGACY_DRIVER").is_some() {
+        if self.driver != IoDriver::Epoll && !monoio::utils::detect_uring() {
+            tracing::warn!(
+                "io_uring is missing or lacks operations Aura uses; workers run on epoll"
+            );
             return IoPlan::Epoll;
         }
         let entries = self.ring_entries;
@@ -302,6 +316,22 @@ mod tests {
         // A seccomp profile refusing io_uring_setup.
         let refused = |_: RingFlags| Err(io::Error::from_raw_os_error(libc::EPERM));
         assert_eq!(settings.plan_with(refused), IoPlan::Epoll);
+        // A refusal that is not about a flag (here ENOMEM for a ring with flags) drops them all
+        // at once, without blaming each.
+        let memlock = |f: RingFlags| {
+            if f == RingFlags::NONE {
+                Ok(())
+            } else {
+                Err(io::Error::from_raw_os_error(libc::ENOMEM))
+            }
+        };
+        assert_eq!(
+            settings.plan_with(memlock),
+            IoPlan::Uring {
+                flags: RingFlags::NONE,
+                entries: 1024
+            }
+        );
         // Asked for epoll, nothing is probed.
         let epoll = IoSettings {
             driver: IoDriver::Epoll,
