@@ -249,6 +249,14 @@ fn run(
         .map(|v| targets::parse_variant(v))
         .collect::<Result<Vec<_>, _>>()
         .map_err(std::io::Error::other)?;
+    for (i, v) in variants.iter().enumerate() {
+        if variants[..i].iter().any(|w| w.name == v.name) {
+            return Err(std::io::Error::other(format!(
+                "--variant {}: the name is given twice",
+                v.name
+            )));
+        }
+    }
     use targets::Kind;
     let workers = common.workers.unwrap_or_else(default_workers);
     let all = bench::scenarios(common.scale);
@@ -338,6 +346,19 @@ fn run(
         }
     }
     eprintln!("{started}{workers} workers each · {rounds} rounds");
+    // The driver each Aura's workers run on, as it reports it: what was measured.
+    let mut drivers = String::new();
+    let mut aura_driver = None;
+    for t in running.iter().filter(|t| t.name.starts_with("aura")) {
+        let workers = targets::aura_drivers(t.addr)?;
+        let _ = write!(drivers, "{}: {}; ", t.name, workers.join(", "));
+        if t.name == Kind::Aura.name() {
+            aura_driver = workers
+                .first()
+                .cloned()
+                .filter(|d| workers.iter().all(|w| w == d));
+        }
+    }
     let mut results = Vec::new();
     for s in &chosen {
         eprintln!("scenario ({}) {}", s.id, s.title);
@@ -348,7 +369,7 @@ fn run(
             common.load_threads,
         )?);
     }
-    let checks = report::checks(&results);
+    let checks = report::checks(&results, aura_driver.as_deref());
     let mut md = String::new();
     let nginx_ran = nginx_target.is_some().then_some(nginx);
     let valkey_ran = valkey.as_ref().map(|(path, _)| path.as_path());
@@ -357,6 +378,13 @@ fn run(
         "{}",
         environment(common, workers, nginx_ran, valkey_ran, note.as_deref())
     );
+    if !drivers.is_empty() {
+        let _ = writeln!(
+            md,
+            "- workers' I/O driver, as each Aura reports it: {}",
+            drivers.trim_end_matches("; ")
+        );
+    }
     let _ = writeln!(md, "\n### Targets\n\n{}", report::checks_table(&checks));
     md.push_str(&report::tables(&results));
     std::fs::write(common.out.join("results.md"), &md)?;

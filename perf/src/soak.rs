@@ -2,7 +2,8 @@
 //! again and again for a fixed time. After every cycle: Aura's CPU per request in that cycle,
 //! its resident memory and its open file descriptors once the cycle's streams have ended.
 //! A leak shows as growth from the first cycles to the last; the verdict compares the median
-//! of the first three cycles with that of the last three.
+//! of the first three cycles with that of the last three, and fails on any failed request or
+//! on Aura exiting.
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
@@ -46,6 +47,13 @@ pub fn run(
         let run = load::run(&spec)?;
         let usage = watch.stop();
         let pids = target.pids();
+        if !target.alive() {
+            return Err(std::io::Error::other(format!(
+                "{} exited during the soak, after {} cycles",
+                target.name,
+                cycles.len()
+            )));
+        }
         let cycle = Cycle {
             at: started.elapsed(),
             completed: run.completed,
@@ -81,12 +89,17 @@ fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
     v[v.len() / 2]
 }
 
-/// What grew from the first three cycles to the last three (medians), each with its figures;
-/// empty when nothing did. `cycles` holds at least 6.
+/// What went wrong over the soak: failed requests in any cycle, and what grew from the first
+/// three cycles to the last three (medians), each with its figures; empty when nothing did.
+/// `cycles` holds at least 6.
 pub fn growth(cycles: &[Cycle]) -> Vec<String> {
     let (start, end) = (&cycles[..3], &cycles[cycles.len() - 3..]);
     let m = |c: &[Cycle], f: fn(&Cycle) -> f64| median(c.iter().map(f).collect());
     let mut grew = Vec::new();
+    let errors: u64 = cycles.iter().map(|c| c.errors).sum();
+    if errors > 0 {
+        grew.push(format!("{errors} failed requests"));
+    }
     let (rss0, rss1) = (m(start, |c| c.rss_kib as f64), m(end, |c| c.rss_kib as f64));
     if rss1 > rss0 * RSS_SLACK && rss1 - rss0 > RSS_SLACK_KIB as f64 {
         grew.push(format!(
@@ -144,9 +157,9 @@ pub fn report(scenario: &Scenario, target: &str, cycles: &[Cycle]) -> String {
         RSS_SLACK_KIB / 1024,
         (CPU_SLACK - 1.0) * 100.0,
         if grew.is_empty() {
-            "**no growth**".to_string()
+            "**no growth, no errors**".to_string()
         } else {
-            format!("**growth**: {}", grew.join("; "))
+            format!("**failed**: {}", grew.join("; "))
         }
     );
     md
@@ -187,7 +200,10 @@ mod tests {
         assert!(grew[1].starts_with("file descriptors 30 → 80"), "{grew:?}");
         assert!(grew[2].starts_with("CPU 110.0 → 160.0"), "{grew:?}");
         let md = report(&crate::bench::scenarios(1.0)[3], "aura", &leaking);
-        assert!(md.contains("**growth**: RSS"), "{md}");
+        assert!(md.contains("**failed**: RSS"), "{md}");
+        let mut failing = flat.clone();
+        failing[4].errors = 3;
+        assert_eq!(growth(&failing), ["3 failed requests"]);
         assert_eq!(
             md.lines()
                 .filter(|l| l.starts_with("| ") && !l.starts_with("| cycle"))

@@ -153,6 +153,16 @@ impl Target {
         crate::procstat::family(self.child.id())
     }
 
+    /// Whether the target's process is still running.
+    pub fn alive(&self) -> bool {
+        std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).is_ok_and(|stat| {
+            !stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+        })
+    }
+
     /// The store process behind this target, watched separately.
     pub fn store(&self) -> Option<&Target> {
         self.store.as_deref()
@@ -501,6 +511,22 @@ fn announced_addr(child: &mut Child, prefix: &str) -> std::io::Result<SocketAddr
             "no `{prefix}` line from the child"
         ))),
     }
+}
+
+/// The driver of each of an Aura's workers (`io_uring` or `epoll`), from its `/metrics`
+/// (`aura_worker_driver`): which driver a run measured, as Aura itself reports it.
+pub fn aura_drivers(addr: SocketAddr) -> std::io::Result<Vec<String>> {
+    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: aura\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    conn.take(4 * 1024 * 1024).read_to_string(&mut text)?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("aura_worker_driver{"))
+        .filter_map(|l| l.split("driver=\"").nth(1)?.split('"').next())
+        .map(str::to_string)
+        .collect())
 }
 
 fn wait_accepting(addr: SocketAddr) -> std::io::Result<()> {
