@@ -200,6 +200,35 @@ pub(crate) fn event_data(event: &[u8], out: &mut Vec<u8>) {
 mod tests {
     use super::*;
 
+    #[test]
+    fn positions_are_memchrs_find_iter_without_the_copy() {
+        // Needles that overlap themselves too, in haystacks of a few letters so that matches
+        // crowd and touch; a deterministic generator (xorshift), no crate.
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for needle in [&b"aa"[..], b"aba", b"[DONE]", b"a", b"\"usage\""] {
+            let finder = memmem::Finder::new(needle).into_owned();
+            for len in 0..200 {
+                let hay: Vec<u8> = (0..len)
+                    .map(|_| b"ab[DONE]\"usage"[(next() % 14) as usize])
+                    .collect();
+                let ours: Vec<usize> = positions(&finder, &hay).collect();
+                let theirs: Vec<usize> = memmem::find_iter(&hay, needle).collect();
+                assert_eq!(
+                    ours,
+                    theirs,
+                    "needle {needle:?} in {:?}",
+                    String::from_utf8_lossy(&hay)
+                );
+            }
+        }
+    }
+
     /// Every event of `stream` as (start, end), feeding it in pieces of `step` bytes.
     fn events(stream: &[u8], step: usize) -> Vec<(usize, usize)> {
         let (mut framer, mut out, mut start) = (Framer::default(), Vec::<(usize, usize)>::new(), 0);
