@@ -6,6 +6,7 @@
 //! connection, never per request.
 
 mod records;
+pub mod select;
 
 use std::cell::{Cell, RefCell};
 use std::io;
