@@ -21,6 +21,9 @@ pub struct Price {
     pub output_pico: u64,
     /// Prompt tokens served from the provider's cache (OpenAI bills them at a discount).
     pub cached_input_pico: u64,
+    /// Prompt tokens written to the provider's cache (Anthropic bills them above the input
+    /// price: 1.25× for a 5-minute cache); the input price where none is given.
+    pub cache_write_input_pico: u64,
     /// The model's output limit, the upper bound of a request without `max_tokens`.
     pub max_output_tokens: Option<u64>,
     /// The model's context window: a usage reporting more prompt tokens is not believed.
@@ -61,6 +64,7 @@ impl Price {
             input_pico: dollars_per_million_to_pico(input),
             output_pico: dollars_per_million_to_pico(output),
             cached_input_pico: dollars_per_million_to_pico(cached_input),
+            cache_write_input_pico: dollars_per_million_to_pico(input),
             max_output_tokens: None,
             max_input_tokens: None,
             units: Units::default(),
@@ -80,6 +84,9 @@ impl Price {
             input_pico: self.input_pico.max(other.input_pico),
             output_pico: self.output_pico.max(other.output_pico),
             cached_input_pico: self.cached_input_pico.max(other.cached_input_pico),
+            cache_write_input_pico: self
+                .cache_write_input_pico
+                .max(other.cache_write_input_pico),
             max_output_tokens: self.max_output_tokens.max(other.max_output_tokens),
             max_input_tokens: self.max_input_tokens.max(other.max_input_tokens),
             units: self.units.max(other.units),
@@ -100,20 +107,29 @@ impl Price {
             (_, None) => return None,
         };
         let cached = usage.cached_prompt_tokens.min(usage.prompt_tokens);
-        let media = usage.media_prompt_tokens.min(usage.prompt_tokens - cached);
-        let text = usage.prompt_tokens - cached - media;
+        let written = usage
+            .cache_write_prompt_tokens
+            .min(usage.prompt_tokens - cached);
+        let media = usage
+            .media_prompt_tokens
+            .min(usage.prompt_tokens - cached - written);
+        let text = usage.prompt_tokens - cached - written - media;
         let pico = u128::from(text) * u128::from(self.input_pico)
             + u128::from(media) * u128::from(self.media_input_pico())
             + u128::from(cached) * u128::from(self.cached_input_pico)
+            + u128::from(written) * u128::from(self.cache_write_input_pico)
             + u128::from(usage.completion_tokens) * u128::from(self.output_pico)
             + seconds;
         Some(pico_to_nano_up(pico))
     }
 
     /// The most `prompt_tokens` in and `completion_tokens` out can cost (no cache discount;
-    /// prompt tokens at the dearer of the text and media input prices).
+    /// prompt tokens at the dearest of the text, media and cache-write input prices).
     pub fn upper_bound_nano(&self, prompt_tokens: u64, completion_tokens: u64) -> u64 {
-        let input = self.input_pico.max(self.media_input_pico());
+        let input = self
+            .input_pico
+            .max(self.media_input_pico())
+            .max(self.cache_write_input_pico);
         let pico = u128::from(prompt_tokens) * u128::from(input)
             + u128::from(completion_tokens) * u128::from(self.output_pico);
         pico_to_nano_up(pico)
@@ -375,6 +391,7 @@ impl PriceTable {
             }
             let input = input.unwrap_or(0.0);
             let cached = cost("cache_read_input_token_cost")?.unwrap_or(input);
+            let cache_write = cost("cache_creation_input_token_cost")?.unwrap_or(input);
             let max_output = ["max_output_tokens", "max_tokens"]
                 .iter()
                 .find_map(|f| spec.get(*f).and_then(serde_json::Value::as_u64));
@@ -382,6 +399,7 @@ impl PriceTable {
                 input_pico: dollars_to_pico(input),
                 output_pico: dollars_to_pico(output.unwrap_or(0.0)),
                 cached_input_pico: dollars_to_pico(cached),
+                cache_write_input_pico: dollars_to_pico(cache_write),
                 max_output_tokens: max_output,
                 max_input_tokens: spec
                     .get("max_input_tokens")
@@ -453,6 +471,7 @@ mod tests {
             input_pico: 20,
             output_pico: 0,
             cached_input_pico: 20,
+            cache_write_input_pico: 20,
             max_output_tokens: None,
             max_input_tokens: None,
             units: Units::default(),
@@ -463,6 +482,55 @@ mod tests {
         assert_eq!(gpt4o.cost_nano(&usage(10, 0, 50)), Some(12_500));
         assert_eq!(gpt4o.upper_bound_nano(1000, 500), 7_500_000);
         assert_eq!(gpt4o.upper_bound_nano(u64::MAX, u64::MAX), u64::MAX);
+    }
+
+    #[test]
+    fn cache_writes_and_reads_are_priced_apart_and_reserved_at_the_dearest() {
+        // Claude Sonnet 4.5 in LiteLLM's file: $3 in, $15 out, $0.30 cache read, $3.75 write.
+        let mut table = PriceTable::builtin(default_price());
+        let added = table
+            .merge_litellm(
+                r#"{"claude-sonnet-4-5": {"input_cost_per_token": 3e-06,
+                    "output_cost_per_token": 1.5e-05, "cache_read_input_token_cost": 3e-07,
+                    "cache_creation_input_token_cost": 3.75e-06, "max_output_tokens": 64000}}"#,
+            )
+            .unwrap();
+        assert_eq!(added, 1);
+        let (sonnet, _) = table.lookup("claude-sonnet-4-5");
+        assert_eq!(sonnet.cache_write_input_pico, 3_750_000);
+        // 30 plain + 1200 written + 2048 read prompt tokens, 42 out:
+        // 30 × 3e6 + 1200 × 3.75e6 + 2048 × 3e5 + 42 × 1.5e7 pico.
+        let usage = Usage {
+            prompt_tokens: 3_278,
+            completion_tokens: 42,
+            cached_prompt_tokens: 2_048,
+            cache_write_prompt_tokens: 1_200,
+            ..Usage::default()
+        };
+        assert_eq!(sonnet.cost_nano(&usage), Some(5_834_400));
+        // A reservation covers a prompt written to the cache whole: at the write price.
+        assert_eq!(sonnet.upper_bound_nano(1000, 0), 3_750_000);
+        // Counts that add up to more than the prompt (a bad upstream) are capped, in order:
+        // read, then written; never an underflow, never more than the prompt priced.
+        let wild = Usage {
+            prompt_tokens: 100,
+            cached_prompt_tokens: 80,
+            cache_write_prompt_tokens: 80,
+            ..Usage::default()
+        };
+        assert_eq!(sonnet.cost_nano(&wild), Some(80 * 300 + 20 * 3_750));
+        // Without a write price (OpenAI's models), a written token costs the input price.
+        let gpt4o = Price::per_million(2.50, 10.00, 1.25);
+        let written = Usage {
+            prompt_tokens: 1000,
+            cache_write_prompt_tokens: 1000,
+            ..Usage::default()
+        };
+        assert_eq!(gpt4o.cost_nano(&written), gpt4o.cost_nano(&usage_of(1000)));
+    }
+
+    fn usage_of(prompt: u64) -> Usage {
+        usage(prompt, 0, 0)
     }
 
     #[test]
@@ -568,6 +636,7 @@ mod tests {
                 input_pico: 2_500_000,
                 output_pico: 10_000_000,
                 cached_input_pico: 1_250_000,
+                cache_write_input_pico: 2_500_000,
                 max_output_tokens: Some(16_384),
                 max_input_tokens: None,
                 units: Units::default(),

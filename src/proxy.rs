@@ -379,7 +379,8 @@ impl Proxy {
     fn learn_answer_price(&self, requested: &str, reserved_at: &Price, answered: &Price) {
         let pricier = answered.input_pico > reserved_at.input_pico
             || answered.output_pico > reserved_at.output_pico
-            || answered.cached_input_pico > reserved_at.cached_input_pico;
+            || answered.cached_input_pico > reserved_at.cached_input_pico
+            || answered.cache_write_input_pico > reserved_at.cache_write_input_pico;
         if !pricier {
             return;
         }

@@ -54,7 +54,9 @@ impl SharedParse {
 }
 
 /// Finds the usage of a stream: the last event that carries a non-null usage object wins
-/// (vLLM repeats cumulative usage; Groq may send `x_groq.usage` then a standard chunk).
+/// (vLLM repeats cumulative usage; Groq may send `x_groq.usage` then a standard chunk). An
+/// Anthropic stream ([`UsageScanner::anthropic`]) tells its counts in two events, each count's
+/// latest telling winning (`usage::anthropic`).
 #[derive(Debug)]
 pub struct UsageScanner {
     framer: Framer,
@@ -67,6 +69,8 @@ pub struct UsageScanner {
     buffers: ParseBuffers,
     found: Option<Found>,
     shared: Option<SharedParse>,
+    /// Set for an Anthropic Messages stream.
+    anthropic: Option<usage::anthropic::Tally>,
 }
 
 impl Default for UsageScanner {
@@ -80,11 +84,20 @@ impl Default for UsageScanner {
             buffers: ParseBuffers::default(),
             found: None,
             shared: None,
+            anthropic: None,
         }
     }
 }
 
 impl UsageScanner {
+    /// A scanner for an Anthropic Messages stream (`message_start`, `message_delta`).
+    pub fn anthropic() -> UsageScanner {
+        UsageScanner {
+            anthropic: Some(usage::anthropic::Tally::default()),
+            ..UsageScanner::default()
+        }
+    }
+
     /// A scanner that takes the usage of an event its stripper already parsed.
     pub fn sharing(shared: SharedParse) -> UsageScanner {
         UsageScanner {
@@ -149,6 +162,14 @@ impl UsageScanner {
         }
         self.scratch.clear();
         scan::event_data(event, &mut self.scratch);
+        if let Some(tally) = self.anthropic.as_mut() {
+            if let Some(root) = self.buffers.parse(&mut self.scratch) {
+                if tally.add(&root) {
+                    self.found = tally.found();
+                }
+            }
+            return;
+        }
         let parsed = match self.shared.as_ref().and_then(|s| s.take_if(&self.scratch)) {
             Some(found) => found,
             None => usage::from_event_json(&mut self.scratch, &mut self.buffers),
@@ -342,6 +363,12 @@ mod tests {
         fixture!("responses-api.sse"),
     ];
 
+    /// Anthropic Messages streams (`"dialect": "anthropic"` in expected.json).
+    const ANTHROPIC_FIXTURES: &[(&str, &[u8])] = &[
+        fixture!("anthropic-messages.sse"),
+        fixture!("anthropic-prompt-cache.sse"),
+    ];
+
     const EXPECTED: &str = include_str!(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/sse/expected.json"
@@ -355,15 +382,42 @@ mod tests {
             prompt_tokens: p,
             completion_tokens: e["completion"].as_u64().unwrap(),
             cached_prompt_tokens: e["cached"].as_u64().unwrap_or(0),
+            cache_write_prompt_tokens: e["cache_write"].as_u64().unwrap_or(0),
             ..Usage::default()
         });
         (usage, e["usage_only_event"].as_bool().unwrap())
     }
 
     #[test]
+    fn the_anthropic_scanner_finds_expected_usage_at_every_split() {
+        for (name, stream) in ANTHROPIC_FIXTURES {
+            let (want, _) = expected(name);
+            for (how, pieces) in splits(stream) {
+                let mut s = UsageScanner::anthropic();
+                for piece in &pieces {
+                    s.feed(piece);
+                }
+                s.finish();
+                assert_eq!(s.found().map(|f| f.usage), want, "{name}, {how}");
+            }
+            // Read as an OpenAI stream, the same bytes must not pass for usage: its
+            // `message_start` carries none where OpenAI's would be.
+            assert_ne!(
+                scan(&[stream]).map(|f| f.usage),
+                want,
+                "{name} read as OpenAI"
+            );
+        }
+    }
+
+    #[test]
     fn every_fixture_is_listed() {
         let all: Json = serde_json::from_str(EXPECTED).unwrap();
-        let names: Vec<&str> = FIXTURES.iter().map(|f| f.0).collect();
+        let names: Vec<&str> = FIXTURES
+            .iter()
+            .chain(ANTHROPIC_FIXTURES)
+            .map(|f| f.0)
+            .collect();
         for name in all.as_object().unwrap().keys() {
             assert!(names.contains(&name.as_str()), "{name} has no test");
         }

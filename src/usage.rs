@@ -5,6 +5,7 @@
 //! Called only for the rare objects that carry usage, on a scratch copy (simd-json parses in
 //! place); simd-json bounds nesting depth, so hostile input cannot drive deep recursion.
 
+pub mod anthropic;
 pub mod body;
 
 use simd_json::prelude::*;
@@ -17,6 +18,9 @@ pub struct Usage {
     pub completion_tokens: u64,
     /// The part of `prompt_tokens` served from the provider's prompt cache.
     pub cached_prompt_tokens: u64,
+    /// The part of `prompt_tokens` written to the provider's prompt cache, which Anthropic
+    /// bills above the input price (`cache_creation_input_tokens`).
+    pub cache_write_prompt_tokens: u64,
     /// The part of `prompt_tokens` that is image or audio (`image_tokens`, `audio_tokens`).
     pub media_prompt_tokens: u64,
     /// Seconds of audio, for a usage that is a duration (transcriptions).
@@ -138,6 +142,7 @@ fn counts(usage: &Value) -> Option<Usage> {
         prompt_tokens: usage.get(prompt)?.as_u64()?,
         completion_tokens: optional_count(usage.get(completion))?,
         cached_prompt_tokens: detail("cached_tokens")?,
+        cache_write_prompt_tokens: 0,
         // Images and transcriptions name the input kinds; chat audio models too.
         media_prompt_tokens: detail("image_tokens")?.saturating_add(detail("audio_tokens")?),
         seconds: 0,

@@ -5,6 +5,7 @@
 //! input_dollars_per_million = 1.0
 //! output_dollars_per_million = 2.0
 //! cached_input_dollars_per_million = 0.5   # optional (default: the input price)
+//! cache_write_input_dollars_per_million = 1.25   # optional (default: the input price)
 //! max_output_tokens = 8192                 # optional
 //!
 //! [keys.team-a]                     # the alias shown instead of the key
@@ -145,6 +146,7 @@ fn price_entry(f: &mut Fields) -> Option<Price> {
         "input_dollars_per_million",
         "output_dollars_per_million",
         "cached_input_dollars_per_million",
+        "cache_write_input_dollars_per_million",
         "media_input_dollars_per_million",
         "dollars_per_image",
         "dollars_per_million_characters",
@@ -178,6 +180,9 @@ fn price_entry(f: &mut Fields) -> Option<Price> {
         .dollars("cached_input_dollars_per_million")
         .unwrap_or(input);
     let mut price = Price::per_million(input, output, cached);
+    if let Some(write) = f.dollars("cache_write_input_dollars_per_million") {
+        price.cache_write_input_pico = pricing::dollars_to_pico(write / 1e6);
+    }
     price.max_output_tokens = f.count("max_output_tokens");
     price.max_input_tokens = f.count("max_input_tokens");
     price.units = units;
@@ -272,6 +277,7 @@ mod tests {
             [prices."my-finetune"]
             input_dollars_per_million = 1.0
             output_dollars_per_million = 2
+            cache_write_input_dollars_per_million = 1.25
             max_output_tokens = 8192
             "#,
         )
@@ -296,6 +302,7 @@ mod tests {
             ),
             (1_000_000, 2_000_000, 1_000_000)
         );
+        assert_eq!(p.price.cache_write_input_pico, 1_250_000);
         assert_eq!(p.price.max_output_tokens, Some(8192));
     }
 
