@@ -243,6 +243,28 @@ impl BodyUsage {
         super::from_body_json(&mut json)
     }
 
+    /// The usage of an Anthropic Messages answer, once the whole body was read: its `usage`,
+    /// whose counts sit beside each other (`usage::anthropic`), and its `model`.
+    pub fn finish_anthropic(&mut self) -> Option<Found> {
+        if self.lost || !self.closed {
+            return None;
+        }
+        let mut json = b"{\"type\":\"message\"".to_vec();
+        for (m, name) in [(Member::Usage, "usage"), (Member::Model, "model")] {
+            if let Some(v) = self.kept[m.index()].as_deref() {
+                json.extend_from_slice(b",\"");
+                json.extend_from_slice(name.as_bytes());
+                json.extend_from_slice(b"\":");
+                json.extend_from_slice(v);
+            }
+        }
+        json.push(b'}');
+        let root = simd_json::to_borrowed_value(&mut json).ok()?;
+        let mut tally = super::anthropic::Tally::default();
+        tally.add(&root);
+        tally.found()
+    }
+
     /// One byte outside strings and scalars.
     fn structure(&mut self, byte: u8) {
         if matches!(byte, b' ' | b'\t' | b'\n' | b'\r') {
@@ -436,6 +458,33 @@ mod tests {
             "12".to_string(),
             String::new(),
         ]
+    }
+
+    #[test]
+    fn an_anthropic_answer_is_read_with_its_cache_counts_at_every_split() {
+        let body = r#"{"id":"msg_01","type":"message","role":"assistant","model":"claude-sonnet-4-5-20250929","content":[{"type":"text","text":"\"usage\": {\"input_tokens\": 999}"}],"stop_reason":"end_turn","usage":{"input_tokens":30,"cache_creation_input_tokens":1200,"cache_read_input_tokens":2048,"output_tokens":42}}"#;
+        for cut in 0..=body.len() {
+            let mut reader = BodyUsage::default();
+            reader.feed(&body.as_bytes()[..cut]);
+            reader.feed(&body.as_bytes()[cut..]);
+            let found = reader.finish_anthropic().expect("usage");
+            let u = found.usage;
+            assert_eq!(
+                (
+                    u.prompt_tokens,
+                    u.completion_tokens,
+                    u.cached_prompt_tokens,
+                    u.cache_write_prompt_tokens
+                ),
+                (3278, 42, 2048, 1200),
+                "split at {cut}"
+            );
+            assert_eq!(found.model.as_deref(), Some("claude-sonnet-4-5-20250929"));
+        }
+        // Unfinished, the answer has no usage yet.
+        let mut cut_short = BodyUsage::default();
+        cut_short.feed(&body.as_bytes()[..body.len() - 1]);
+        assert_eq!(cut_short.finish_anthropic(), None);
     }
 
     fn whole(body: &str) -> Option<Found> {
