@@ -123,13 +123,15 @@ impl Price {
         Some(pico_to_nano_up(pico))
     }
 
-    /// The most `prompt_tokens` in and `completion_tokens` out can cost (no cache discount;
-    /// prompt tokens at the dearest of the text, media and cache-write input prices).
+    /// The most `prompt_tokens` in and `completion_tokens` out can cost: prompt tokens at the
+    /// dearest of every input price (text, media, cache write, and cache read, which a price
+    /// file may set above the input price).
     pub fn upper_bound_nano(&self, prompt_tokens: u64, completion_tokens: u64) -> u64 {
         let input = self
             .input_pico
             .max(self.media_input_pico())
-            .max(self.cache_write_input_pico);
+            .max(self.cache_write_input_pico)
+            .max(self.cached_input_pico);
         let pico = u128::from(prompt_tokens) * u128::from(input)
             + u128::from(completion_tokens) * u128::from(self.output_pico);
         pico_to_nano_up(pico)
@@ -510,6 +512,14 @@ mod tests {
         assert_eq!(sonnet.cost_nano(&usage), Some(5_834_400));
         // A reservation covers a prompt written to the cache whole: at the write price.
         assert_eq!(sonnet.upper_bound_nano(1000, 0), 3_750_000);
+        // And one read from a cache priced above the input (a price file may say so).
+        let odd = Price::per_million(1.0, 1.0, 5.0);
+        let all_cached = Usage {
+            prompt_tokens: 1000,
+            cached_prompt_tokens: 1000,
+            ..Usage::default()
+        };
+        assert!(odd.cost_nano(&all_cached).unwrap() <= odd.upper_bound_nano(1000, 0));
         // Counts that add up to more than the prompt (a bad upstream) are capped, in order:
         // read, then written; never an underflow, never more than the prompt priced.
         let wild = Usage {

@@ -47,7 +47,7 @@ impl ModelPattern {
 
     pub fn matches(&self, model: &str) -> bool {
         if self.glob {
-            glob_match(self.text.as_bytes(), model.as_bytes())
+            glob_match(&self.text, model)
         } else {
             self.text == model
         }
@@ -60,35 +60,43 @@ impl fmt::Display for ModelPattern {
     }
 }
 
-/// `*` and `?` over bytes, iteratively, with one backtrack point: linear in practice, and never
-/// exponential whatever the pattern (`a*a*a*…b` against `aaaa…`). `?` matches one byte: model
-/// names are ASCII.
-fn glob_match(pattern: &[u8], name: &[u8]) -> bool {
+/// `*` (any run of characters) and `?` (one character), iteratively with one backtrack point:
+/// at most pattern × name steps, never exponential whatever the pattern (`a*a*a*…b` against
+/// `aaaa…`). Positions are byte offsets in both; each step moves by whole characters.
+fn glob_match(pattern: &str, name: &str) -> bool {
+    let (pat, nam) = (pattern.as_bytes(), name.as_bytes());
+    let char_len = |s: &str, at: usize| s[at..].chars().next().map_or(1, char::len_utf8);
     let (mut p, mut n) = (0, 0);
     // After the last `*`: where in the pattern to resume, and the name position it stood for.
     let mut star: Option<(usize, usize)> = None;
-    while n < name.len() {
-        match pattern.get(p) {
+    while n < nam.len() {
+        let here = char_len(name, n);
+        match pat.get(p) {
             Some(b'*') => {
                 star = Some((p + 1, n));
                 p += 1;
             }
-            Some(&c) if c == b'?' || c == name[n] => {
+            Some(b'?') => {
                 p += 1;
-                n += 1;
+                n += here;
+            }
+            Some(_) if pat[p..].starts_with(&nam[n..n + here]) => {
+                p += here;
+                n += here;
             }
             _ => match star {
-                // The last `*` takes one more byte, and matching resumes after it.
+                // The last `*` takes one more character, and matching resumes after it.
                 Some((after, taken)) => {
-                    star = Some((after, taken + 1));
+                    let taken = taken + char_len(name, taken);
+                    star = Some((after, taken));
                     p = after;
-                    n = taken + 1;
+                    n = taken;
                 }
                 None => return false,
             },
         }
     }
-    pattern[p.min(pattern.len())..].iter().all(|&c| c == b'*')
+    pat[p.min(pat.len())..].iter().all(|&c| c == b'*')
 }
 
 /// The upstreams by model, in config order: upstream `i` serves `models[i]`, at `weights[i]`.
@@ -147,11 +155,17 @@ pub struct Picker {
 }
 
 impl Picker {
-    /// For `upstreams` upstreams; `seed` differs per worker (any value; 0 is replaced).
+    /// For `upstreams` upstreams; `seed` differs per worker (a worker's index will do: it is
+    /// mixed by splitmix64 first, so neighbouring seeds give unrelated streams).
     pub fn new(upstreams: usize, seed: u64) -> Picker {
+        let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
         Picker {
             in_flight: (0..upstreams).map(|_| Cell::new(0)).collect(),
-            rng: Cell::new(seed | 1),
+            // xorshift's state must not be 0.
+            rng: Cell::new(z.max(1)),
         }
     }
 
@@ -252,6 +266,10 @@ mod tests {
         assert!(ModelPattern::parse("*").unwrap().matches("anything/at all"));
         assert!(ModelPattern::parse("a*b*c").unwrap().matches("a-b-b-c"));
         assert!(!ModelPattern::parse("a*b*c").unwrap().matches("a-c-b"));
+        // `?` is one character, not one byte.
+        assert!(ModelPattern::parse("modèle-?").unwrap().matches("modèle-é"));
+        assert!(ModelPattern::parse("*é*").unwrap().matches("café-au-lait"));
+        assert!(!ModelPattern::parse("caf?").unwrap().matches("cafée"));
         assert_eq!(ModelPattern::parse("  "), Err(PatternError::Empty));
         assert!(matches!(
             ModelPattern::parse("gpt 4o"),
@@ -260,10 +278,27 @@ mod tests {
     }
 
     #[test]
-    fn a_pathological_glob_stays_linear() {
+    fn neighbouring_seeds_pick_unrelated_sequences() {
+        let mut table = ModelTable::default();
+        table.push(patterns(&["m"]), 1);
+        table.push(patterns(&["m"]), 1);
+        let candidates = table.candidates("m");
+        let draws = |seed| {
+            let picker = Picker::new(2, seed);
+            (0..64)
+                .map(|_| picker.pick(&table, &candidates).unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_ne!(draws(2), draws(3), "seeds 2 and 3 share a stream");
+        assert_ne!(draws(0), draws(1));
+    }
+
+    #[test]
+    fn a_pathological_glob_stays_polynomial() {
         let pattern = ModelPattern::parse(&format!("{}b", "a*".repeat(50))).unwrap();
         let name = "a".repeat(10_000);
-        // Exponential backtracking would not finish; this is one pass per `*`.
+        // Exponential backtracking would not finish; one backtrack point keeps it to
+        // pattern × name steps.
         assert!(!pattern.matches(&name));
         assert!(pattern.matches(&format!("{name}b")));
     }

@@ -11,82 +11,150 @@ use simd_json::BorrowedValue as Value;
 
 use super::{Found, Usage};
 
+/// The input side of a usage: counted together, so one telling is taken whole.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Input {
+    plain: u64,
+    cache_write: u64,
+    cache_read: u64,
+}
+
+impl Input {
+    fn total(self) -> u64 {
+        self.plain
+            .saturating_add(self.cache_write)
+            .saturating_add(self.cache_read)
+    }
+}
+
 /// What a stream (or a whole answer) has told of its usage so far.
+///
+/// Counts are cumulative, so they never go down: of the input side the largest telling is
+/// kept whole (relays are seen to send `input_tokens: 0` in `message_delta`, others send 0 in
+/// `message_start` and the real count later), and of the output the largest. The usage is
+/// final only once a `message_delta` told it: `message_start` already carries an output count
+/// (1), and a stream cut before its delta must not settle as if that were its answer. A
+/// `message_delta` whose counts cannot be read (not non-negative integers) spoils the tally:
+/// no usage rather than a stale one.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Tally {
-    input: Option<u64>,
-    cache_write: Option<u64>,
-    cache_read: Option<u64>,
-    output: Option<u64>,
+    input: Option<Input>,
+    output: u64,
     model: Option<String>,
+    started: bool,
+    /// A `message_delta` (or a whole answer) told the usage.
+    told: bool,
+    spoiled: bool,
 }
 
 impl Tally {
-    /// Takes the counts of one event's JSON (or a whole answer's). True when it carried usage.
-    /// An event whose counts are not all absent, null or non-negative integers is ignored
-    /// whole: no guessing.
-    pub fn add(&mut self, root: &Value) -> bool {
-        let (usage, model) = match root.get_str("type") {
-            Some("message_start") => {
+    /// Takes one stream event's JSON. True when it carried usage.
+    pub fn add_event(&mut self, root: &Value) -> bool {
+        match root.get_str("type") {
+            // Only the first: a second start (a relay's mistake, or a hostile one) neither resets
+            // the counts nor changes the model the answer is priced as.
+            Some("message_start") if !self.started => {
+                self.started = true;
                 let message = root.get("message");
-                (
-                    message.and_then(|m| m.get("usage")),
-                    message.and_then(|m| m.get_str("model")),
-                )
+                if let Some(model) = message.and_then(|m| m.get_str("model")) {
+                    self.set_model(model);
+                }
+                self.take(message.and_then(|m| m.get("usage")), false)
             }
-            Some("message_delta") => (root.get("usage"), None),
-            Some("message") => (root.get("usage"), root.get_str("model")),
-            _ => return false,
-        };
+            Some("message_delta") => self.take(root.get("usage"), true),
+            _ => false,
+        }
+    }
+
+    /// Takes a whole non-streamed answer (`"type":"message"`). True when it carried usage.
+    pub fn add_answer(&mut self, root: &Value) -> bool {
+        if root.get_str("type") != Some("message") {
+            return false;
+        }
+        if let Some(model) = root.get_str("model") {
+            self.set_model(model);
+        }
+        self.take(root.get("usage"), true)
+    }
+
+    fn set_model(&mut self, model: &str) {
+        if !model.is_empty() {
+            self.model = Some(model.to_owned());
+        }
+    }
+
+    /// `final_telling`: a `message_delta` or a whole answer, whose counts make the usage final.
+    fn take(&mut self, usage: Option<&Value>, final_telling: bool) -> bool {
         let Some(usage) = usage.filter(|u| u.is_object()) else {
             return false;
         };
-        let count = |name: &str| match usage.get(name) {
-            None => Ok(None),
-            Some(v) if v.is_null() => Ok(None),
-            Some(v) => v.as_u64().map(Some).ok_or(()),
-        };
-        let (Ok(input), Ok(cache_write), Ok(cache_read), Ok(output)) = (
-            count("input_tokens"),
-            count("cache_creation_input_tokens"),
-            count("cache_read_input_tokens"),
-            count("output_tokens"),
-        ) else {
+        let counts = (
+            count(usage.get("input_tokens")),
+            count(usage.get("cache_creation_input_tokens")),
+            count(usage.get("cache_read_input_tokens")),
+            count(usage.get("output_tokens")),
+        );
+        let (Ok(plain), Ok(cache_write), Ok(cache_read), Ok(output)) = counts else {
+            if final_telling {
+                self.spoiled = true;
+            }
             return false;
         };
-        if [input, cache_write, cache_read, output]
+        if [plain, cache_write, cache_read, output]
             .iter()
             .all(Option::is_none)
         {
             return false;
         }
-        self.input = input.or(self.input);
-        self.cache_write = cache_write.or(self.cache_write);
-        self.cache_read = cache_read.or(self.cache_read);
-        self.output = output.or(self.output);
-        if let Some(model) = model.filter(|m| !m.is_empty()) {
-            self.model = Some(model.to_owned());
+        if plain.is_some() || cache_write.is_some() || cache_read.is_some() {
+            let told = Input {
+                plain: plain.unwrap_or(0),
+                cache_write: cache_write.unwrap_or(0),
+                cache_read: cache_read.unwrap_or(0),
+            };
+            if self.input.is_none_or(|had| told.total() >= had.total()) {
+                self.input = Some(told);
+            }
         }
+        self.output = self.output.max(output.unwrap_or(0));
+        self.told |= final_telling;
         true
     }
 
     /// The usage in OpenAI's terms: the prompt is the input with both cache counts added, the
-    /// cached part is what was read from the cache, the written part is apart. None until the
-    /// input count is known (a stream cut before `message_start` told it).
+    /// cached part is what was read from the cache, the written part is apart. None until a
+    /// `message_delta` (or the whole answer) told it, when the input side was never told, or
+    /// when a telling could not be read.
     pub fn found(&self) -> Option<Found> {
+        if !self.told || self.spoiled {
+            return None;
+        }
         let input = self.input?;
-        let cache_write = self.cache_write.unwrap_or(0);
-        let cache_read = self.cache_read.unwrap_or(0);
         Some(Found {
             usage: Usage {
-                prompt_tokens: input.saturating_add(cache_write).saturating_add(cache_read),
-                completion_tokens: self.output.unwrap_or(0),
-                cached_prompt_tokens: cache_read,
-                cache_write_prompt_tokens: cache_write,
+                prompt_tokens: input.total(),
+                completion_tokens: self.output,
+                cached_prompt_tokens: input.cache_read,
+                cache_write_prompt_tokens: input.cache_write,
                 ..Usage::default()
             },
             model: self.model.clone(),
         })
+    }
+}
+
+/// Absent or null: Ok(None). A non-negative integer, also written as a float with no fraction
+/// (`500.0`, `5e2`): Ok(Some). Anything else: Err.
+fn count(v: Option<&Value>) -> Result<Option<u64>, ()> {
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    if let Some(n) = v.as_u64() {
+        return Ok(Some(n));
+    }
+    match v.as_f64() {
+        Some(f) if f >= 0.0 && f.fract() == 0.0 && f < 9.0e15 => Ok(Some(f as u64)),
+        _ => Err(()),
     }
 }
 
@@ -99,7 +167,7 @@ mod tests {
         for e in events {
             let mut copy = e.as_bytes().to_vec();
             let root = simd_json::to_borrowed_value(&mut copy).unwrap();
-            t.add(&root);
+            t.add_event(&root);
         }
         t
     }
@@ -138,22 +206,80 @@ mod tests {
     }
 
     #[test]
-    fn a_delta_with_the_input_side_too_overrides_it_and_a_bad_count_is_ignored() {
-        let t = tally(&[
+    fn a_delta_with_the_input_side_too_may_raise_it_but_never_lower_it() {
+        let raised = tally(&[
             START,
             r#"{"type":"message_delta","delta":{},"usage":{"input_tokens":30,"cache_creation_input_tokens":100,"cache_read_input_tokens":400,"output_tokens":9}}"#,
+        ]);
+        assert_eq!(usage(&raised), Some((530, 9, 400, 100)));
+        // A relay that zeroes the input in its delta, or lowers the output, bills nothing less.
+        let zeroed = tally(&[
+            START,
+            r#"{"type":"message_delta","delta":{},"usage":{"input_tokens":0,"output_tokens":500}}"#,
+            r#"{"type":"message_delta","delta":{},"usage":{"output_tokens":12}}"#,
+        ]);
+        assert_eq!(usage(&zeroed), Some((525, 500, 400, 100)));
+        // One that sends 0 at the start and the real count in its delta is read right.
+        let late = tally(&[
+            r#"{"type":"message_start","message":{"model":"claude-haiku-4-5","usage":{"input_tokens":0,"output_tokens":0}}}"#,
+            r#"{"type":"message_delta","delta":{},"usage":{"input_tokens":80,"cache_read_input_tokens":20,"output_tokens":7}}"#,
+        ]);
+        assert_eq!(usage(&late), Some((100, 7, 20, 0)));
+        // A second start changes neither the counts nor the model priced.
+        let restarted = tally(&[
+            START,
+            r#"{"type":"message_start","message":{"model":"claude-3-haiku","usage":{"input_tokens":1,"output_tokens":1}}}"#,
+            r#"{"type":"message_delta","delta":{},"usage":{"output_tokens":50}}"#,
+        ]);
+        assert_eq!(usage(&restarted), Some((525, 50, 400, 100)));
+        assert_eq!(
+            restarted.found().unwrap().model.as_deref(),
+            Some("claude-sonnet-4-5-20250929")
+        );
+        // Counts written as floats with no fraction are counts.
+        let floats = tally(&[
+            START,
+            r#"{"type":"message_delta","delta":{},"usage":{"output_tokens":5e2}}"#,
+        ]);
+        assert_eq!(usage(&floats), Some((525, 500, 400, 100)));
+    }
+
+    #[test]
+    fn no_usage_until_a_delta_tells_it_and_none_once_a_delta_cannot_be_read() {
+        // Cut before its delta (a client gone, an upstream dead, an error event): the start's
+        // output count of 1 is not the answer's.
+        let cut = tally(&[
+            START,
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi"}}"#,
+            r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
+        ]);
+        assert_eq!(usage(&cut), None);
+        for bad in [
             r#"{"type":"message_delta","delta":{},"usage":{"output_tokens":-3}}"#,
             r#"{"type":"message_delta","delta":{},"usage":{"output_tokens":"12"}}"#,
-        ]);
-        assert_eq!(usage(&t), Some((530, 9, 400, 100)));
+            r#"{"type":"message_delta","delta":{},"usage":{"input_tokens":-1,"output_tokens":500}}"#,
+            r#"{"type":"message_delta","delta":{},"usage":{"output_tokens":12.5}}"#,
+        ] {
+            let spoiled = tally(&[
+                START,
+                bad,
+                r#"{"type":"message_delta","delta":{},"usage":{"output_tokens":600}}"#,
+            ]);
+            assert_eq!(usage(&spoiled), None, "{bad}");
+        }
     }
 
     #[test]
     fn a_whole_answer_and_the_shapes_that_carry_nothing() {
-        let whole = tally(&[
-            r#"{"id":"msg_2","type":"message","model":"claude-haiku-4-5","usage":{"input_tokens":12,"output_tokens":3,"cache_read_input_tokens":null}}"#,
-        ]);
+        let mut whole = Tally::default();
+        let mut answer = br#"{"id":"msg_2","type":"message","model":"claude-haiku-4-5","usage":{"input_tokens":12,"output_tokens":3,"cache_read_input_tokens":null}}"#.to_vec();
+        assert!(whole.add_answer(&simd_json::to_borrowed_value(&mut answer).unwrap()));
         assert_eq!(usage(&whole), Some((12, 3, 0, 0)));
+        // In a stream, a whole-answer shape is not a telling.
+        let in_stream = tally(&[
+            r#"{"type":"message","model":"m","usage":{"input_tokens":1,"output_tokens":1}}"#,
+        ]);
+        assert_eq!(usage(&in_stream), None);
         // OpenAI's shapes, pings, errors, and a delta before any start: no input known.
         let none = tally(&[
             r#"{"id":"c","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":2}}"#,

@@ -261,7 +261,7 @@ impl BodyUsage {
         json.push(b'}');
         let root = simd_json::to_borrowed_value(&mut json).ok()?;
         let mut tally = super::anthropic::Tally::default();
-        tally.add(&root);
+        tally.add_answer(&root);
         tally.found()
     }
 
