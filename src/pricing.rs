@@ -24,6 +24,9 @@ pub struct Price {
     /// Prompt tokens written to the provider's cache (Anthropic bills them above the input
     /// price: 1.25× for a 5-minute cache); the input price where none is given.
     pub cache_write_input_pico: u64,
+    /// Prompt tokens written to the cache for an hour (Anthropic: 2× the input price); the
+    /// cache-write price where none is given.
+    pub cache_write_1h_input_pico: u64,
     /// The model's output limit, the upper bound of a request without `max_tokens`.
     pub max_output_tokens: Option<u64>,
     /// The model's context window: a usage reporting more prompt tokens is not believed.
@@ -65,6 +68,7 @@ impl Price {
             output_pico: dollars_per_million_to_pico(output),
             cached_input_pico: dollars_per_million_to_pico(cached_input),
             cache_write_input_pico: dollars_per_million_to_pico(input),
+            cache_write_1h_input_pico: dollars_per_million_to_pico(input),
             max_output_tokens: None,
             max_input_tokens: None,
             units: Units::default(),
@@ -87,6 +91,9 @@ impl Price {
             cache_write_input_pico: self
                 .cache_write_input_pico
                 .max(other.cache_write_input_pico),
+            cache_write_1h_input_pico: self
+                .cache_write_1h_input_pico
+                .max(other.cache_write_1h_input_pico),
             max_output_tokens: self.max_output_tokens.max(other.max_output_tokens),
             max_input_tokens: self.max_input_tokens.max(other.max_input_tokens),
             units: self.units.max(other.units),
@@ -110,6 +117,7 @@ impl Price {
         let written = usage
             .cache_write_prompt_tokens
             .min(usage.prompt_tokens - cached);
+        let written_1h = usage.cache_write_1h_prompt_tokens.min(written);
         let media = usage
             .media_prompt_tokens
             .min(usage.prompt_tokens - cached - written);
@@ -117,7 +125,8 @@ impl Price {
         let pico = u128::from(text) * u128::from(self.input_pico)
             + u128::from(media) * u128::from(self.media_input_pico())
             + u128::from(cached) * u128::from(self.cached_input_pico)
-            + u128::from(written) * u128::from(self.cache_write_input_pico)
+            + u128::from(written - written_1h) * u128::from(self.cache_write_input_pico)
+            + u128::from(written_1h) * u128::from(self.cache_write_1h_input_pico)
             + u128::from(usage.completion_tokens) * u128::from(self.output_pico)
             + seconds;
         Some(pico_to_nano_up(pico))
@@ -131,6 +140,7 @@ impl Price {
             .input_pico
             .max(self.media_input_pico())
             .max(self.cache_write_input_pico)
+            .max(self.cache_write_1h_input_pico)
             .max(self.cached_input_pico);
         let pico = u128::from(prompt_tokens) * u128::from(input)
             + u128::from(completion_tokens) * u128::from(self.output_pico);
@@ -394,6 +404,8 @@ impl PriceTable {
             let input = input.unwrap_or(0.0);
             let cached = cost("cache_read_input_token_cost")?.unwrap_or(input);
             let cache_write = cost("cache_creation_input_token_cost")?.unwrap_or(input);
+            let cache_write_1h =
+                cost("cache_creation_input_token_cost_above_1hr")?.unwrap_or(cache_write);
             let max_output = ["max_output_tokens", "max_tokens"]
                 .iter()
                 .find_map(|f| spec.get(*f).and_then(serde_json::Value::as_u64));
@@ -402,6 +414,7 @@ impl PriceTable {
                 output_pico: dollars_to_pico(output.unwrap_or(0.0)),
                 cached_input_pico: dollars_to_pico(cached),
                 cache_write_input_pico: dollars_to_pico(cache_write),
+                cache_write_1h_input_pico: dollars_to_pico(cache_write_1h),
                 max_output_tokens: max_output,
                 max_input_tokens: spec
                     .get("max_input_tokens")
@@ -474,6 +487,7 @@ mod tests {
             output_pico: 0,
             cached_input_pico: 20,
             cache_write_input_pico: 20,
+            cache_write_1h_input_pico: 20,
             max_output_tokens: None,
             max_input_tokens: None,
             units: Units::default(),
@@ -494,7 +508,8 @@ mod tests {
             .merge_litellm(
                 r#"{"claude-sonnet-4-5": {"input_cost_per_token": 3e-06,
                     "output_cost_per_token": 1.5e-05, "cache_read_input_token_cost": 3e-07,
-                    "cache_creation_input_token_cost": 3.75e-06, "max_output_tokens": 64000}}"#,
+                    "cache_creation_input_token_cost": 3.75e-06,
+                    "cache_creation_input_token_cost_above_1hr": 6e-06, "max_output_tokens": 64000}}"#,
             )
             .unwrap();
         assert_eq!(added, 1);
@@ -510,8 +525,17 @@ mod tests {
             ..Usage::default()
         };
         assert_eq!(sonnet.cost_nano(&usage), Some(5_834_400));
-        // A reservation covers a prompt written to the cache whole: at the write price.
-        assert_eq!(sonnet.upper_bound_nano(1000, 0), 3_750_000);
+        // Of 1200 written, 1000 for an hour: 200 × 3.75e6 + 1000 × 6e6 instead of 1200 × 3.75e6.
+        let hour = Usage {
+            cache_write_1h_prompt_tokens: 1_000,
+            ..usage
+        };
+        assert_eq!(
+            sonnet.cost_nano(&hour),
+            Some(5_834_400 - 1_000 * 3_750 + 1_000 * 6_000)
+        );
+        // A reservation covers a prompt written to the cache whole, for an hour.
+        assert_eq!(sonnet.upper_bound_nano(1000, 0), 6_000_000);
         // And one read from a cache priced above the input (a price file may say so).
         let odd = Price::per_million(1.0, 1.0, 5.0);
         let all_cached = Usage {
@@ -647,6 +671,7 @@ mod tests {
                 output_pico: 10_000_000,
                 cached_input_pico: 1_250_000,
                 cache_write_input_pico: 2_500_000,
+                cache_write_1h_input_pico: 2_500_000,
                 max_output_tokens: Some(16_384),
                 max_input_tokens: None,
                 units: Units::default(),

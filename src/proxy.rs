@@ -380,7 +380,8 @@ impl Proxy {
         let pricier = answered.input_pico > reserved_at.input_pico
             || answered.output_pico > reserved_at.output_pico
             || answered.cached_input_pico > reserved_at.cached_input_pico
-            || answered.cache_write_input_pico > reserved_at.cache_write_input_pico;
+            || answered.cache_write_input_pico > reserved_at.cache_write_input_pico
+            || answered.cache_write_1h_input_pico > reserved_at.cache_write_1h_input_pico;
         if !pricier {
             return;
         }

@@ -21,6 +21,9 @@ pub struct Usage {
     /// The part of `prompt_tokens` written to the provider's prompt cache, which Anthropic
     /// bills above the input price (`cache_creation_input_tokens`).
     pub cache_write_prompt_tokens: u64,
+    /// The part of `cache_write_prompt_tokens` written for an hour, not 5 minutes (Anthropic:
+    /// 2× the input price, against 1.25×).
+    pub cache_write_1h_prompt_tokens: u64,
     /// The part of `prompt_tokens` that is image or audio (`image_tokens`, `audio_tokens`).
     pub media_prompt_tokens: u64,
     /// Seconds of audio, for a usage that is a duration (transcriptions).
@@ -143,6 +146,7 @@ fn counts(usage: &Value) -> Option<Usage> {
         completion_tokens: optional_count(usage.get(completion))?,
         cached_prompt_tokens: detail("cached_tokens")?,
         cache_write_prompt_tokens: 0,
+        cache_write_1h_prompt_tokens: 0,
         // Images and transcriptions name the input kinds; chat audio models too.
         media_prompt_tokens: detail("image_tokens")?.saturating_add(detail("audio_tokens")?),
         seconds: 0,

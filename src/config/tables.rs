@@ -6,6 +6,7 @@
 //! output_dollars_per_million = 2.0
 //! cached_input_dollars_per_million = 0.5   # optional (default: the input price)
 //! cache_write_input_dollars_per_million = 1.25   # optional (default: the input price)
+//! cache_write_1h_input_dollars_per_million = 2.0  # optional (default: the cache-write price)
 //! max_output_tokens = 8192                 # optional
 //!
 //! [keys.team-a]                     # the alias shown instead of the key
@@ -147,6 +148,7 @@ fn price_entry(f: &mut Fields) -> Option<Price> {
         "output_dollars_per_million",
         "cached_input_dollars_per_million",
         "cache_write_input_dollars_per_million",
+        "cache_write_1h_input_dollars_per_million",
         "media_input_dollars_per_million",
         "dollars_per_image",
         "dollars_per_million_characters",
@@ -182,6 +184,10 @@ fn price_entry(f: &mut Fields) -> Option<Price> {
     let mut price = Price::per_million(input, output, cached);
     if let Some(write) = f.dollars("cache_write_input_dollars_per_million") {
         price.cache_write_input_pico = pricing::dollars_to_pico(write / 1e6);
+        price.cache_write_1h_input_pico = price.cache_write_input_pico;
+    }
+    if let Some(write) = f.dollars("cache_write_1h_input_dollars_per_million") {
+        price.cache_write_1h_input_pico = pricing::dollars_to_pico(write / 1e6);
     }
     price.max_output_tokens = f.count("max_output_tokens");
     price.max_input_tokens = f.count("max_input_tokens");
@@ -278,6 +284,7 @@ mod tests {
             input_dollars_per_million = 1.0
             output_dollars_per_million = 2
             cache_write_input_dollars_per_million = 1.25
+            cache_write_1h_input_dollars_per_million = 2
             max_output_tokens = 8192
             "#,
         )
@@ -303,6 +310,7 @@ mod tests {
             (1_000_000, 2_000_000, 1_000_000)
         );
         assert_eq!(p.price.cache_write_input_pico, 1_250_000);
+        assert_eq!(p.price.cache_write_1h_input_pico, 2_000_000);
         assert_eq!(p.price.max_output_tokens, Some(8192));
     }
 

@@ -16,6 +16,8 @@ use super::{Found, Usage};
 struct Input {
     plain: u64,
     cache_write: u64,
+    /// The part of `cache_write` written for an hour (`cache_creation.ephemeral_1h_input_tokens`).
+    cache_write_1h: u64,
     cache_read: u64,
 }
 
@@ -93,8 +95,13 @@ impl Tally {
             count(usage.get("cache_creation_input_tokens")),
             count(usage.get("cache_read_input_tokens")),
             count(usage.get("output_tokens")),
+            count(
+                usage
+                    .get("cache_creation")
+                    .and_then(|c| c.get("ephemeral_1h_input_tokens")),
+            ),
         );
-        let (Ok(plain), Ok(cache_write), Ok(cache_read), Ok(output)) = counts else {
+        let (Ok(plain), Ok(cache_write), Ok(cache_read), Ok(output), Ok(hour)) = counts else {
             if final_telling {
                 self.spoiled = true;
             }
@@ -107,9 +114,12 @@ impl Tally {
             return false;
         }
         if plain.is_some() || cache_write.is_some() || cache_read.is_some() {
+            let cache_write = cache_write.unwrap_or(0);
             let told = Input {
                 plain: plain.unwrap_or(0),
-                cache_write: cache_write.unwrap_or(0),
+                cache_write,
+                // Part of the written count: never more than it.
+                cache_write_1h: hour.unwrap_or(0).min(cache_write),
                 cache_read: cache_read.unwrap_or(0),
             };
             if self.input.is_none_or(|had| told.total() >= had.total()) {
@@ -136,6 +146,7 @@ impl Tally {
                 completion_tokens: self.output,
                 cached_prompt_tokens: input.cache_read,
                 cache_write_prompt_tokens: input.cache_write,
+                cache_write_1h_prompt_tokens: input.cache_write_1h,
                 ..Usage::default()
             },
             model: self.model.clone(),
@@ -235,6 +246,20 @@ mod tests {
         assert_eq!(
             restarted.found().unwrap().model.as_deref(),
             Some("claude-sonnet-4-5-20250929")
+        );
+        // Today's shape splits the written count by how long it is kept.
+        let hour = tally(&[
+            r#"{"type":"message_start","message":{"model":"claude-opus-4-1","usage":{"input_tokens":2095,"cache_creation_input_tokens":2051,"cache_read_input_tokens":0,"cache_creation":{"ephemeral_5m_input_tokens":51,"ephemeral_1h_input_tokens":2000},"output_tokens":1}}}"#,
+            r#"{"type":"message_delta","delta":{},"usage":{"output_tokens":503}}"#,
+        ]);
+        let u = hour.found().unwrap().usage;
+        assert_eq!(
+            (
+                u.prompt_tokens,
+                u.cache_write_prompt_tokens,
+                u.cache_write_1h_prompt_tokens
+            ),
+            (4146, 2051, 2000)
         );
         // Counts written as floats with no fraction are counts.
         let floats = tally(&[
