@@ -33,6 +33,34 @@ pub struct Price {
     pub max_input_tokens: Option<u64>,
     /// Prices of what is not text tokens (images, audio, characters, seconds).
     pub units: Units,
+    /// Dearer token prices for a request whose prompt passes a threshold.
+    pub long_context: Option<LongContext>,
+}
+
+/// A model's prices for a request whose prompt is longer than `above_tokens` (LiteLLM's
+/// `*_above_200k_tokens`: Claude Sonnet 4's long context, Gemini Pro): every token of such a
+/// request is billed at them, not only those past the threshold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LongContext {
+    pub above_tokens: u64,
+    pub input_pico: u64,
+    pub output_pico: u64,
+    pub cached_input_pico: u64,
+    pub cache_write_input_pico: u64,
+}
+
+impl LongContext {
+    fn max(self, other: LongContext) -> LongContext {
+        LongContext {
+            above_tokens: self.above_tokens.min(other.above_tokens),
+            input_pico: self.input_pico.max(other.input_pico),
+            output_pico: self.output_pico.max(other.output_pico),
+            cached_input_pico: self.cached_input_pico.max(other.cached_input_pico),
+            cache_write_input_pico: self
+                .cache_write_input_pico
+                .max(other.cache_write_input_pico),
+        }
+    }
 }
 
 /// What a model charges beyond text tokens; none set for a text model.
@@ -72,6 +100,7 @@ impl Price {
             max_output_tokens: None,
             max_input_tokens: None,
             units: Units::default(),
+            long_context: None,
         }
     }
 
@@ -97,6 +126,29 @@ impl Price {
             max_output_tokens: self.max_output_tokens.max(other.max_output_tokens),
             max_input_tokens: self.max_input_tokens.max(other.max_input_tokens),
             units: self.units.max(other.units),
+            long_context: match (self.long_context, other.long_context) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            },
+        }
+    }
+
+    /// The prices a request with a prompt of `prompt_tokens` is billed at: the long-context
+    /// ones past their threshold (each at least the base price), else these.
+    fn at_prompt(&self, prompt_tokens: u64) -> Price {
+        let Some(long) = self.long_context.filter(|l| prompt_tokens > l.above_tokens) else {
+            return *self;
+        };
+        Price {
+            input_pico: long.input_pico.max(self.input_pico),
+            output_pico: long.output_pico.max(self.output_pico),
+            cached_input_pico: long.cached_input_pico.max(self.cached_input_pico),
+            cache_write_input_pico: long.cache_write_input_pico.max(self.cache_write_input_pico),
+            cache_write_1h_input_pico: self
+                .cache_write_1h_input_pico
+                .max(long.cache_write_input_pico),
+            long_context: None,
+            ..*self
         }
     }
 
@@ -108,6 +160,11 @@ impl Price {
     /// The cost of `usage`, in nano-dollars, rounded up; none when it counts something this
     /// price has no price for (seconds of audio without a per-second price).
     pub fn cost_nano(&self, usage: &Usage) -> Option<u64> {
+        let price = self.at_prompt(usage.prompt_tokens);
+        price.cost_at(usage)
+    }
+
+    fn cost_at(&self, usage: &Usage) -> Option<u64> {
         let seconds = match (usage.seconds, self.units.per_second_pico) {
             (0, _) => 0,
             (s, Some(per_second)) => u128::from(s) * u128::from(per_second),
@@ -136,14 +193,15 @@ impl Price {
     /// dearest of every input price (text, media, cache write, and cache read, which a price
     /// file may set above the input price).
     pub fn upper_bound_nano(&self, prompt_tokens: u64, completion_tokens: u64) -> u64 {
-        let input = self
+        let price = self.at_prompt(prompt_tokens);
+        let input = price
             .input_pico
-            .max(self.media_input_pico())
-            .max(self.cache_write_input_pico)
-            .max(self.cache_write_1h_input_pico)
-            .max(self.cached_input_pico);
+            .max(price.media_input_pico())
+            .max(price.cache_write_input_pico)
+            .max(price.cache_write_1h_input_pico)
+            .max(price.cached_input_pico);
         let pico = u128::from(prompt_tokens) * u128::from(input)
-            + u128::from(completion_tokens) * u128::from(self.output_pico);
+            + u128::from(completion_tokens) * u128::from(price.output_pico);
         pico_to_nano_up(pico)
     }
 
@@ -406,6 +464,25 @@ impl PriceTable {
             let cache_write = cost("cache_creation_input_token_cost")?.unwrap_or(input);
             let cache_write_1h =
                 cost("cache_creation_input_token_cost_above_1hr")?.unwrap_or(cache_write);
+            let long_context = match cost("input_cost_per_token_above_200k_tokens")? {
+                None => None,
+                Some(long_input) => Some(LongContext {
+                    above_tokens: 200_000,
+                    input_pico: dollars_to_pico(long_input),
+                    output_pico: dollars_to_pico(
+                        cost("output_cost_per_token_above_200k_tokens")?
+                            .or(output)
+                            .unwrap_or(0.0),
+                    ),
+                    cached_input_pico: dollars_to_pico(
+                        cost("cache_read_input_token_cost_above_200k_tokens")?.unwrap_or(cached),
+                    ),
+                    cache_write_input_pico: dollars_to_pico(
+                        cost("cache_creation_input_token_cost_above_200k_tokens")?
+                            .unwrap_or(cache_write),
+                    ),
+                }),
+            };
             let max_output = ["max_output_tokens", "max_tokens"]
                 .iter()
                 .find_map(|f| spec.get(*f).and_then(serde_json::Value::as_u64));
@@ -415,6 +492,7 @@ impl PriceTable {
                 cached_input_pico: dollars_to_pico(cached),
                 cache_write_input_pico: dollars_to_pico(cache_write),
                 cache_write_1h_input_pico: dollars_to_pico(cache_write_1h),
+                long_context,
                 max_output_tokens: max_output,
                 max_input_tokens: spec
                     .get("max_input_tokens")
@@ -491,6 +569,7 @@ mod tests {
             max_output_tokens: None,
             max_input_tokens: None,
             units: Units::default(),
+            long_context: None,
         };
         assert_eq!(tiny.cost_nano(&usage(1, 0, 0)), Some(1));
         assert_eq!(tiny.cost_nano(&usage(0, 0, 0)), Some(0));
@@ -561,6 +640,50 @@ mod tests {
             ..Usage::default()
         };
         assert_eq!(gpt4o.cost_nano(&written), gpt4o.cost_nano(&usage_of(1000)));
+    }
+
+    #[test]
+    fn past_its_long_context_threshold_a_request_is_billed_whole_at_the_dearer_prices() {
+        let mut table = PriceTable::builtin(default_price());
+        table
+            .merge_litellm(
+                r#"{"claude-sonnet-4": {"input_cost_per_token": 3e-06,
+                    "output_cost_per_token": 1.5e-05, "cache_read_input_token_cost": 3e-07,
+                    "input_cost_per_token_above_200k_tokens": 6e-06,
+                    "output_cost_per_token_above_200k_tokens": 2.25e-05,
+                    "cache_read_input_token_cost_above_200k_tokens": 6e-07}}"#,
+            )
+            .unwrap();
+        let (sonnet, _) = table.lookup("claude-sonnet-4");
+        let at = |prompt| sonnet.cost_nano(&usage(prompt, 1_000, 0)).unwrap();
+        // At the threshold: base prices, 200k × 3e6 + 1000 × 1.5e7 pico.
+        assert_eq!(at(200_000), 615_000_000);
+        // One token past it: every token at the long-context prices.
+        assert_eq!(at(200_001), 200_001 * 6_000 + 1_000 * 22_500);
+        let cached = sonnet.cost_nano(&usage(300_000, 0, 100_000)).unwrap();
+        assert_eq!(cached, 200_000 * 6_000 + 100_000 * 600);
+        // A reservation past the threshold reserves at them.
+        assert_eq!(
+            sonnet.upper_bound_nano(300_000, 1_000),
+            300_000 * 6_000 + 1_000 * 22_500
+        );
+        assert_eq!(
+            sonnet.upper_bound_nano(1_000, 1_000),
+            1_000 * 3_000 + 1_000 * 15_000
+        );
+        // Two prices' ceiling keeps the dearer long-context prices and the lower threshold.
+        let other = Price {
+            long_context: Some(LongContext {
+                above_tokens: 128_000,
+                input_pico: 1,
+                output_pico: 1,
+                cached_input_pico: 1,
+                cache_write_input_pico: 1,
+            }),
+            ..Price::per_million(1.0, 1.0, 1.0)
+        };
+        let both = sonnet.max(other).long_context.unwrap();
+        assert_eq!((both.above_tokens, both.input_pico), (128_000, 6_000_000));
     }
 
     fn usage_of(prompt: u64) -> Usage {
@@ -675,6 +798,7 @@ mod tests {
                 max_output_tokens: Some(16_384),
                 max_input_tokens: None,
                 units: Units::default(),
+                long_context: None,
             }
         );
         let (groq, how) = table.lookup("llama3-8b-8192");
