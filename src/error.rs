@@ -186,6 +186,33 @@ impl Error {
     }
 }
 
+impl Error {
+    /// The Anthropic error `type` for this error's status, as Anthropic's API documents them
+    /// (its SDKs raise by status; clients may switch on the type).
+    pub fn anthropic_type(&self) -> &'static str {
+        match self.status().as_u16() {
+            401 => "authentication_error",
+            402 => "billing_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            413 | 431 => "request_too_large",
+            504 => "timeout_error",
+            500..=599 => "api_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    /// `{"type":"error","error":{"type","message"}}`, the shape of Anthropic's Messages API,
+    /// for errors on its routes.
+    pub fn anthropic_body(&self) -> Vec<u8> {
+        let body = serde_json::json!({
+            "type": "error",
+            "error": { "type": self.anthropic_type(), "message": self.to_string() }
+        });
+        body.to_string().into_bytes()
+    }
+}
+
 /// An OpenAI-style error body from parts (also used for errors Aura relays but did not raise).
 pub fn error_body(message: &str, kind: &str, code: &str) -> Vec<u8> {
     let body = serde_json::json!({
@@ -197,6 +224,43 @@ pub fn error_body(message: &str, kind: &str, code: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn on_anthropic_routes_errors_take_anthropics_shape_at_the_same_status() {
+        let cases: &[(Error, u16, &str)] = &[
+            (
+                Error::MalformedBody("x".into()),
+                400,
+                "invalid_request_error",
+            ),
+            (Error::InvalidKey, 401, "authentication_error"),
+            (
+                Error::BudgetExhausted {
+                    remaining_nano: 1,
+                    estimate_nano: 2,
+                },
+                402,
+                "billing_error",
+            ),
+            (Error::UnpricedRoute("x".into()), 403, "permission_error"),
+            (Error::NotFound("x".into()), 404, "not_found_error"),
+            (
+                Error::BodyTooLarge { limit_bytes: 1 },
+                413,
+                "request_too_large",
+            ),
+            (Error::UpstreamReset, 502, "api_error"),
+            (Error::UpstreamTimeout, 504, "timeout_error"),
+            (Error::StoreUnavailable, 503, "api_error"),
+        ];
+        for (error, status, kind) in cases {
+            assert_eq!(error.status().as_u16(), *status, "{error}");
+            let body: serde_json::Value = serde_json::from_slice(&error.anthropic_body()).unwrap();
+            assert_eq!(body["type"], "error", "{body}");
+            assert_eq!(body["error"]["type"], *kind, "{error}");
+            assert_eq!(body["error"]["message"], error.to_string());
+        }
+    }
 
     #[test]
     fn statuses_match_the_issue_contract() {
