@@ -1,8 +1,10 @@
 //! `aura-perf`: Aura's benchmark harness. `run` starts the perf mock, nginx, Aura (in-memory
-//! store) and Aura with a Valkey store (a local valkey-server or redis-server) on loopback, runs
-//! the scenarios against all of them in alternating rounds, and writes the tables and the
-//! picture; `scaling` runs scenario (b) against Aura at several worker counts; `mock`
-//! is the fast upstream itself (started by the other two). `scripts/perf` is the one command.
+//! store) on its default driver and on epoll, Aura with a Valkey store (a local valkey-server
+//! or redis-server), and any `--variant`, on loopback; runs the scenarios against all of them in
+//! alternating rounds, and writes the tables and the picture. `soak` runs scenario (d) against
+//! Aura for a fixed time; `scaling` runs scenario (b) against Aura at several worker counts;
+//! `mock` is the fast upstream itself (started by the others). `scripts/perf` is the one
+//! command.
 
 mod bench;
 mod burst;
@@ -37,8 +39,8 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         threads: usize,
     },
-    /// Scenarios (a), (b), (c) against the mock directly, nginx, Aura and Aura with Valkey, in
-    /// the same run.
+    /// Scenarios (a) to (d) against the mock directly, nginx, Aura (default driver and epoll),
+    /// Aura with Valkey and any variants, in the same run.
     Run {
         #[command(flatten)]
         common: Common,
