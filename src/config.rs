@@ -13,8 +13,10 @@ use crate::pricing::{self, Price};
 use crate::runtime::io_driver::{IoDriver, IoSettings, RingFlags};
 
 pub mod tables;
+pub mod upstreams;
 
 pub use tables::{KeyEntry, PriceEntry, Secret, Tables};
+pub use upstreams::UpstreamEntry;
 
 /// Where environment-style settings come from (the process environment, or a map in tests).
 pub trait Source {
@@ -160,6 +162,22 @@ pub struct UpstreamUrl {
     pub base_path: String,
 }
 
+impl Config {
+    /// The upstreams requests are routed to, in config order: the `[[upstreams]]`, or
+    /// `upstream_url` alone serving every model.
+    pub fn routes(&self) -> Vec<UpstreamEntry> {
+        if !self.upstreams.is_empty() {
+            return self.upstreams.clone();
+        }
+        vec![UpstreamEntry {
+            name: "default".into(),
+            url: self.upstream.clone(),
+            models: vec![crate::upstream::select::ModelPattern::any()],
+            weight: 1,
+        }]
+    }
+}
+
 impl UpstreamUrl {
     pub fn parse(raw: &str) -> Result<UpstreamUrl, String> {
         let uri: http::Uri = raw.parse().map_err(|e| format!("not a URL ({e})"))?;
@@ -230,6 +248,8 @@ pub struct Config {
     /// The control plane's listener (/metrics, /admin, /healthz), when apart from the data plane.
     pub admin_listen: Option<SocketAddr>,
     pub upstream: UpstreamUrl,
+    /// The file's `[[upstreams]]`; empty: `upstream` serves every model.
+    pub upstreams: Vec<UpstreamEntry>,
     pub demo: bool,
     /// `None`: as many as `available_parallelism()` (which honours cgroup CPU quotas).
     pub workers: Option<usize>,
@@ -674,6 +694,7 @@ impl Parser<'_> {
             admin_listen: self.optional("admin_listen"),
             port: self.get("port", 8080),
             upstream,
+            upstreams: Vec::new(),
             demo: self.bool("demo", false),
             workers,
             pin_workers: self.bool("pin_workers", true),

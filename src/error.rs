@@ -28,6 +28,9 @@ pub enum Error {
     Unsupported(&'static str),
     #[error("no route for {0}")]
     NotFound(String),
+    /// No configured upstream serves the model asked for (OpenAI's own code and wording).
+    #[error("The model `{0}` does not exist or you do not have access to it.")]
+    ModelNotFound(String),
     #[error("request path refused: {0}")]
     BadPath(crate::route::TargetError),
     #[error("more than one credential: send exactly one `Authorization: Bearer <key>` (and no api-key or x-api-key)")]
@@ -89,6 +92,7 @@ impl Error {
             | Error::MalformedBody(_)
             | Error::Unsupported(_)
             | Error::NotFound(_)
+            | Error::ModelNotFound(_)
             | Error::BadPath(_)
             | Error::AmbiguousCredentials
             | Error::UnpricedRoute(_)
@@ -120,7 +124,7 @@ impl Error {
             }
             Error::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
-            Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::NotFound(_) | Error::ModelNotFound(_) => StatusCode::NOT_FOUND,
             Error::MissingKey | Error::InvalidKey | Error::AdminToken => StatusCode::UNAUTHORIZED,
             Error::BudgetExhausted { .. } => StatusCode::PAYMENT_REQUIRED,
             Error::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -159,6 +163,7 @@ impl Error {
             Error::MalformedBody(_) => "invalid_body",
             Error::Unsupported(_) => "unsupported",
             Error::NotFound(_) => "not_found",
+            Error::ModelNotFound(_) => "model_not_found",
             Error::BadPath(_) => "invalid_path",
             Error::AmbiguousCredentials => "ambiguous_credentials",
             Error::UnpricedRoute(_) => "route_not_priced",

@@ -53,9 +53,24 @@ fn load() -> Result<Config, String> {
         }
     }
     layers.push(flags);
+    if !tables.upstreams.is_empty() {
+        // One way to say where requests go: a URL given as well would be silently unused.
+        if layers.iter().any(|l| l.contains_key("upstream_url")) {
+            return Err(
+                "invalid configuration:\n  upstream_url and [[upstreams]] are both set: give one (with [[upstreams]], each entry has its url)".into(),
+            );
+        }
+    }
     let mut config = config::resolve(&layers).map_err(|e| e.to_string())?;
     config.budgets.keys = tables.keys;
     config.budgets.prices = tables.prices;
+    if config.demo && !tables.upstreams.is_empty() {
+        return Err(
+            "invalid configuration:\n  demo serves its own upstream: leave [[upstreams]] out"
+                .into(),
+        );
+    }
+    config.upstreams = tables.upstreams;
     Ok(config)
 }
 
@@ -82,7 +97,7 @@ fn main() -> ExitCode {
         }
     };
     init_logging(config.log_format);
-    let resolver = if config.demo {
+    let resolvers = if config.demo {
         let listen = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
         match MockUpstream::start(listen, MockOptions::default()) {
             Ok(mock) => {
@@ -95,10 +110,10 @@ fn main() -> ExitCode {
                 tracing::info!(upstream = %config.upstream, "demo: built-in mock upstream started");
                 // The mock lives as long as the process.
                 std::mem::forget(mock);
-                Resolver::fixed(SocketAddr::new(
+                vec![Resolver::fixed(SocketAddr::new(
                     IpAddr::V4(Ipv4Addr::LOCALHOST),
                     config.upstream.port,
-                ))
+                ))]
             }
             Err(e) => {
                 eprintln!("aura: cannot start the demo upstream: {e}");
@@ -106,9 +121,13 @@ fn main() -> ExitCode {
             }
         }
     } else {
-        Resolver::start(&config.upstream.host, config.upstream.port)
+        config
+            .routes()
+            .iter()
+            .map(|u| Resolver::start(&u.url.host, u.url.port))
+            .collect()
     };
-    let running = match runtime::start(&config, resolver) {
+    let running = match runtime::start(&config, resolvers) {
         Ok(running) => running,
         Err(e) => {
             tracing::error!("{e}");

@@ -30,6 +30,7 @@ use crate::pricing::{self, Match, Price, PriceTable};
 use crate::rewrite;
 use crate::route::{self, Billing};
 use crate::server::{self, Handler, Persist, Request};
+use crate::upstream::select::{ModelTable, Picker};
 use crate::upstream::{Conn, Upstream};
 use crate::usage::Usage;
 use billing::Bill;
@@ -83,9 +84,31 @@ impl Route {
     }
 }
 
-/// One worker's proxy: its upstream pool and settings. `!Send`, like everything per worker.
+/// A worker's upstreams (each with its own pool), which models each serves, and the worker's
+/// own count of requests in flight on each.
+pub struct Routing {
+    pub upstreams: Vec<Upstream>,
+    pub models: ModelTable,
+    pub picker: Picker,
+}
+
+impl Routing {
+    /// The upstream for a request asking for `model`: one that serves it, by weight and load.
+    /// A request without a model (a file, a listing) goes to the first upstream.
+    fn choose(&self, model: Option<&str>) -> Result<usize, Error> {
+        let Some(model) = model else {
+            return Ok(0);
+        };
+        let candidates = self.models.candidates(model);
+        self.picker
+            .pick(&self.models, &candidates)
+            .ok_or_else(|| Error::ModelNotFound(model.to_string()))
+    }
+}
+
+/// One worker's proxy: its upstream pools and settings. `!Send`, like everything per worker.
 pub struct Proxy {
-    upstream: Upstream,
+    routing: Routing,
     limits: Limits,
     timeouts: Timeouts,
     inject_stream_usage: bool,
@@ -193,7 +216,7 @@ impl<'p> Outcome<'p> {
 
 impl Proxy {
     pub fn new(
-        upstream: Upstream,
+        routing: Routing,
         config: &Config,
         registry: Arc<Registry>,
         budget: budget::Shard,
@@ -201,7 +224,7 @@ impl Proxy {
         directory: Arc<Directory>,
     ) -> Proxy {
         Proxy {
-            upstream,
+            routing,
             limits: config.limits,
             timeouts: config.timeouts,
             inject_stream_usage: config.inject_stream_usage,
@@ -516,7 +539,14 @@ impl Proxy {
         outcome: &mut Outcome<'p>,
         started: Instant,
     ) -> Persist {
-        let upstream_request = self.upstream_request(&request, outcome.upstream_key.as_ref());
+        let chosen = match self.routing.choose(outcome.model.as_deref()) {
+            Ok(chosen) => chosen,
+            Err(e) => return self.fail(client, e, keep_alive, outcome).await,
+        };
+        let _counted = self.routing.picker.start(chosen);
+        let upstream = &self.routing.upstreams[chosen];
+        let upstream_request =
+            self.upstream_request(&request, outcome.upstream_key.as_ref(), upstream);
         // Asked twice, such a request costs nothing and changes nothing: a free route's, by an
         // idempotent method.
         let idempotent_and_free = outcome.route == Route::Api(Billing::Free)
@@ -526,7 +556,13 @@ impl Proxy {
                 Method::GET | Method::HEAD | Method::OPTIONS
             );
         let (mut conn, head, buffered) = match self
-            .exchange(upstream_request, idempotent_and_free, outcome, started)
+            .exchange(
+                upstream,
+                upstream_request,
+                idempotent_and_free,
+                outcome,
+                started,
+            )
             .await
         {
             Ok(answer) => answer,
@@ -564,10 +600,16 @@ impl Proxy {
                 },
             )
             .await;
-        self.settle_relay(conn, end, outcome)
+        self.settle_relay(upstream, conn, end, outcome)
     }
 
-    fn settle_relay(&self, conn: Conn, end: RelayEnd, outcome: &mut Outcome<'_>) -> Persist {
+    fn settle_relay(
+        &self,
+        upstream: &Upstream,
+        conn: Conn,
+        end: RelayEnd,
+        outcome: &mut Outcome<'_>,
+    ) -> Persist {
         take_body(&end, outcome);
         outcome.ttft_overhead = end.first_byte_overhead;
         outcome.ttft = end.ttft;
@@ -575,24 +617,29 @@ impl Proxy {
         outcome.abandoned = end.abandoned;
         outcome.error = end.error;
         if end.upstream_reusable {
-            self.upstream.put_back(conn);
+            upstream.put_back(conn);
         }
         end.client_persist
     }
 
     /// The upstream request head and body as one buffer: one write, one syscall.
     /// `upstream_key`, when set, replaces the client's `Authorization` (a virtual key).
-    fn upstream_request(&self, request: &Request, upstream_key: Option<&Secret>) -> Vec<u8> {
+    fn upstream_request(
+        &self,
+        request: &Request,
+        upstream_key: Option<&Secret>,
+        upstream: &Upstream,
+    ) -> Vec<u8> {
         let head = &request.head;
         let rest = head.target.strip_prefix("/v1").unwrap_or(&head.target);
         let mut out = self.buffers.take();
         out.reserve(512 + request.body.len());
         out.extend_from_slice(head.method.as_str().as_bytes());
         out.push(b' ');
-        out.extend_from_slice(self.upstream.url.base_path.as_bytes());
+        out.extend_from_slice(upstream.url.base_path.as_bytes());
         out.extend_from_slice(rest.as_bytes());
         out.extend_from_slice(b" HTTP/1.1\r\n");
-        h1::write_header("host", self.upstream.authority.as_bytes(), &mut out);
+        h1::write_header("host", upstream.authority.as_bytes(), &mut out);
         for (name, value) in &head.headers {
             // Compressed responses would hide the usage from the scanner: ask for identity.
             if name == header::ACCEPT_ENCODING || h1::is_hop_by_hop(name, &head.headers) {
@@ -629,13 +676,14 @@ impl Proxy {
     /// pooled connection closed before any answer byte (the upstream's idle close racing it).
     async fn exchange(
         &self,
+        upstream: &Upstream,
         request: Vec<u8>,
         idempotent_and_free: bool,
         outcome: &mut Outcome<'_>,
         started: Instant,
     ) -> Result<(Conn, ResponseHead, Vec<u8>), Error> {
         let mut request = request;
-        if let Some(conn) = self.upstream.pooled() {
+        if let Some(conn) = upstream.pooled() {
             match self
                 .send_and_read_head(conn, request, idempotent_and_free, outcome, started)
                 .await
@@ -645,7 +693,7 @@ impl Proxy {
                 Attempt::DeadBeforeAnswer(back) => request = back,
             }
         }
-        let conn = self.upstream.connect().await?;
+        let conn = upstream.connect().await?;
         match self
             .send_and_read_head(conn, request, false, outcome, started)
             .await

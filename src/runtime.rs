@@ -34,8 +34,9 @@ use crate::cut::CutSignal;
 use crate::metrics::{self, Registry};
 use crate::pricing::dollars_to_nano;
 use crate::pricing::PriceTable;
-use crate::proxy::Proxy;
+use crate::proxy::{Proxy, Routing};
 use crate::server;
+use crate::upstream::select::{ModelTable, Picker};
 use crate::upstream::{Resolver, Upstream};
 
 pub mod io_driver;
@@ -135,7 +136,8 @@ impl Running {
 
 /// Binds, then starts one pinned (if configured) runtime per worker. Returns once every
 /// listener is bound; the workers run until the process exits.
-pub fn start(config: &Config, resolver: Resolver) -> Result<Running, StartError> {
+/// Starts the workers; `resolvers` are one per upstream of `config.routes()`, in its order.
+pub fn start(config: &Config, resolvers: Vec<Resolver>) -> Result<Running, StartError> {
     let workers = config.workers.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -143,14 +145,27 @@ pub fn start(config: &Config, resolver: Resolver) -> Result<Running, StartError>
     });
     let (listeners, addr, port_lock) =
         bind_listeners(SocketAddr::new(config.listen_addr, config.port), workers)?;
-    let tls = match config.upstream.scheme {
-        crate::config::Scheme::Https => {
-            Some(crate::upstream::tls_config(config).map_err(StartError::Tls)?)
-        }
-        crate::config::Scheme::Http => None,
+    let routes = config.routes();
+    let tls = if routes
+        .iter()
+        .any(|u| u.url.scheme == crate::config::Scheme::Https)
+    {
+        Some(crate::upstream::tls_config(config).map_err(StartError::Tls)?)
+    } else {
+        None
     };
+    if resolvers.len() != routes.len() {
+        return Err(StartError::Tls(format!(
+            "{} resolvers for {} upstreams",
+            resolvers.len(),
+            routes.len()
+        )));
+    }
     // Validate the upstream setup once, before any thread starts.
-    Upstream::new(config, resolver.clone(), tls.clone()).map_err(StartError::Tls)?;
+    for (route, resolver) in routes.iter().zip(&resolvers) {
+        Upstream::new(&route.url, config, resolver.clone(), tls.clone())
+            .map_err(|e| StartError::Tls(format!("upstream `{}`: {e}", route.name)))?;
+    }
     let cores = if config.pin_workers {
         core_affinity::get_core_ids().unwrap_or_default()
     } else {
@@ -270,7 +285,7 @@ pub fn start(config: &Config, resolver: Resolver) -> Result<Running, StartError>
         };
         let shutdown = shutdown.clone();
         let config = config.clone();
-        let resolver = resolver.clone();
+        let resolvers = resolvers.clone();
         let tls = tls.clone();
         let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
         let handle = std::thread::Builder::new()
@@ -282,7 +297,7 @@ pub fn start(config: &Config, resolver: Resolver) -> Result<Running, StartError>
                     }
                 }
                 run_worker(
-                    id, listener, config, io, resolver, tls, registry, budget, shutdown,
+                    id, listener, config, io, resolvers, tls, registry, budget, shutdown,
                 );
             })
             .map_err(StartError::Thread)?;
@@ -356,7 +371,7 @@ fn run_worker(
     listener: std::net::TcpListener,
     config: Config,
     io: IoPlan,
-    resolver: Resolver,
+    resolvers: Vec<Resolver>,
     tls: Option<Arc<rustls::ClientConfig>>,
     registry: Arc<Registry>,
     budget: Budget,
@@ -372,13 +387,23 @@ fn run_worker(
                 return;
             }
         };
-        let upstream = match Upstream::new(&config, resolver, tls) {
+        let routes = config.routes();
+        let upstreams: Result<Vec<Upstream>, String> = routes
+            .iter()
+            .zip(resolvers)
+            .map(|(route, resolver)| Upstream::new(&route.url, &config, resolver, tls.clone()))
+            .collect();
+        let upstreams = match upstreams {
             Ok(u) => u,
             Err(e) => {
                 tracing::error!(worker = id, error = %e, "upstream setup failed");
                 return;
             }
         };
+        let mut models = ModelTable::default();
+        for route in &routes {
+            models.push(route.models.clone(), route.weight);
+        }
         let shard = Shard::new(
             budget.ledger,
             ShardSettings {
@@ -395,7 +420,11 @@ fn run_worker(
             },
         );
         let proxy = Rc::new(Proxy::new(
-            upstream,
+            Routing {
+                upstreams,
+                models,
+                picker: Picker::new(routes.len(), id as u64),
+            },
             &config,
             registry.clone(),
             shard,

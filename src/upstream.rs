@@ -222,12 +222,15 @@ pub struct Upstream {
 }
 
 impl Upstream {
+    /// The upstream at `url` (one of `config.routes()`), with the pool and timeouts `config`
+    /// sets for every upstream.
     pub fn new(
+        url: &UpstreamUrl,
         config: &Config,
         resolver: Resolver,
         tls: Option<Arc<rustls::ClientConfig>>,
     ) -> Result<Upstream, String> {
-        let url = config.upstream.clone();
+        let url = url.clone();
         let tls = match (&url.scheme, tls) {
             (Scheme::Https, Some(tls)) => {
                 let name = ServerName::try_from(url.host.clone())

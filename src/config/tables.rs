@@ -61,16 +61,22 @@ pub struct PriceEntry {
 pub struct Tables {
     pub keys: Vec<KeyEntry>,
     pub prices: Vec<PriceEntry>,
+    /// `[[upstreams]]` (`config/upstreams.rs`).
+    pub upstreams: Vec<super::upstreams::UpstreamEntry>,
 }
 
 /// The names of the tables in the file (the flat settings skip them).
-pub const TABLES: [&str; 2] = ["keys", "prices"];
+pub const TABLES: [&str; 3] = ["keys", "prices", "upstreams"];
 
 pub fn parse(file: &toml::Table) -> Result<Tables, Vec<String>> {
     let mut errors = Vec::new();
     let mut tables = Tables::default();
     for (name, value) in file {
         if !TABLES.contains(&name.as_str()) {
+            continue;
+        }
+        if name == "upstreams" {
+            tables.upstreams = super::upstreams::parse(value, &mut errors);
             continue;
         }
         let Some(entries) = value.as_table() else {

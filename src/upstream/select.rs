@@ -26,6 +26,14 @@ pub enum PatternError {
 }
 
 impl ModelPattern {
+    /// `*`: every model.
+    pub fn any() -> ModelPattern {
+        ModelPattern {
+            text: "*".into(),
+            glob: true,
+        }
+    }
+
     pub fn parse(text: &str) -> Result<ModelPattern, PatternError> {
         let text = text.trim();
         if text.is_empty() {

@@ -176,18 +176,12 @@ impl Launch {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_aura"));
         let port = self.port.to_string();
         let workers = self.workers.to_string();
-        cmd.args([
-            "--port",
-            &port,
-            "--listen-addr",
-            "127.0.0.1",
-            "--upstream-url",
-            &self.upstream_url,
-            "--workers",
-            &workers,
-            "--pin-workers",
-            "false",
-        ]);
+        cmd.args(["--port", &port, "--listen-addr", "127.0.0.1"]);
+        // Empty: the upstreams come from a config file's [[upstreams]].
+        if !self.upstream_url.is_empty() {
+            cmd.args(["--upstream-url", &self.upstream_url]);
+        }
+        cmd.args(["--workers", &workers, "--pin-workers", "false"]);
         cmd.args(&self.args);
         match self.driver {
             Driver::IoUring => cmd.env_remove(FORCE_LEGACY),

@@ -1,0 +1,158 @@
+//! Routing by model across several upstreams (`[[upstreams]]`), against the real `aura` binary
+//! and two mock upstreams that record what reached each: exact names and globs, weights over
+//! many requests, a model no upstream serves, and what a config may not say.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+#[macro_use]
+mod common;
+
+use std::path::PathBuf;
+
+use common::billing::{cost, mock_usage, post, wait_for_spend, MINI_IN, MINI_OUT};
+use common::{start_mock, Driver, Launch, MockOptions, MockUpstream, CHAT};
+
+on_both_drivers!(
+    a_model_goes_to_the_upstreams_that_serve_it_by_name_or_glob,
+    among_upstreams_serving_a_model_the_weights_hold,
+    a_model_no_upstream_serves_is_404_in_openais_shape,
+);
+
+fn config(name: &str, driver: Driver, a: &MockUpstream, b: &MockUpstream) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "aura-routing-{name}-{driver:?}-{}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("aura.toml");
+    let text = format!(
+        r#"
+        [[upstreams]]
+        name = "alpha"
+        url = "{}"
+        models = ["alpha-*", "shared"]
+        weight = 1
+
+        [[upstreams]]
+        name = "beta"
+        url = "{}"
+        models = ["beta", "shared"]
+        weight = 3
+        "#,
+        a.url(),
+        b.url()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Aura routing to two mock upstreams by the config above.
+fn two_upstreams(name: &str, driver: Driver) -> (MockUpstream, MockUpstream, common::Aura) {
+    let (a, b) = (
+        start_mock(MockOptions::default()),
+        start_mock(MockOptions::default()),
+    );
+    let path = config(name, driver, &a, &b);
+    let aura = Launch::new("", driver)
+        .arg("--config")
+        .arg(path.to_str().unwrap())
+        .start();
+    (a, b, aura)
+}
+
+fn chats(mock: &MockUpstream) -> usize {
+    mock.requests()
+        .iter()
+        .filter(|r| r.target.ends_with("/chat/completions"))
+        .count()
+}
+
+fn ask(aura: &common::Aura, model: &str) -> common::Response {
+    let body = format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#);
+    aura.client().post_json(CHAT, &[], &body)
+}
+
+fn a_model_goes_to_the_upstreams_that_serve_it_by_name_or_glob(driver: Driver) {
+    let (a, b, aura) = two_upstreams("names", driver);
+    for model in ["alpha-1", "alpha-2024-11-20"] {
+        assert_eq!(ask(&aura, model).status, 200, "{model}");
+    }
+    assert_eq!((chats(&a), chats(&b)), (2, 0), "globs go to alpha only");
+    assert_eq!(ask(&aura, "beta").status, 200);
+    assert_eq!(
+        (chats(&a), chats(&b)),
+        (2, 1),
+        "an exact name goes to beta only"
+    );
+    // `beta` is a name, not a glob: `beta-2` is served by nobody.
+    assert_eq!(ask(&aura, "beta-2").status, 404);
+    assert_eq!((chats(&a), chats(&b)), (2, 1));
+}
+
+fn among_upstreams_serving_a_model_the_weights_hold(driver: Driver) {
+    let (a, b, aura) = two_upstreams("weights", driver);
+    let n = 400;
+    for _ in 0..n {
+        assert_eq!(ask(&aura, "shared").status, 200);
+    }
+    let (to_a, to_b) = (chats(&a), chats(&b));
+    assert_eq!(to_a + to_b, n);
+    // Weights 1:3, one request at a time: alpha's share is 1/4 (100 of 400), binomial
+    // standard deviation ~8.7; 60..140 is more than 4 of them either way.
+    assert!(
+        (60..=140).contains(&to_a),
+        "alpha got {to_a} of {n}, beta {to_b}: weights 1:3"
+    );
+}
+
+fn a_model_no_upstream_serves_is_404_in_openais_shape(driver: Driver) {
+    let (a, b, aura) = two_upstreams("unknown", driver);
+    let r = ask(&aura, "gpt-unknown");
+    let error = r.assert_openai_error(404);
+    assert_eq!(error["error"]["code"], "model_not_found", "{error}");
+    assert_eq!(error["error"]["type"], "invalid_request_error", "{error}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`gpt-unknown`"),
+        "{error}"
+    );
+    assert_eq!(
+        (chats(&a), chats(&b)),
+        (0, 0),
+        "nothing reached an upstream"
+    );
+    // Nothing is billed for it: a key's spend after a 404 and an answered request is the
+    // answered request's cost alone (the mock answers as gpt-4o-mini, and is priced so).
+    let key = "sk-routing-404-key";
+    let body = |model: &str| {
+        format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#)
+    };
+    assert_eq!(post(&aura, key, CHAT, &[], &body("gpt-unknown")), 404);
+    assert_eq!(post(&aura, key, CHAT, &[], &body("beta")), 200);
+    let answered = b.requests().into_iter().last().unwrap();
+    let (prompt, completion) = mock_usage(&answered);
+    wait_for_spend(&aura, key, cost(prompt, completion, MINI_IN, MINI_OUT));
+}
+
+#[test]
+fn a_config_may_not_name_upstreams_twice_over() {
+    let (a, b) = (
+        start_mock(MockOptions::default()),
+        start_mock(MockOptions::default()),
+    );
+    let path = config("refused", Driver::Epoll, &a, &b);
+    for extra in [
+        vec!["--upstream-url", "http://127.0.0.1:9/v1"],
+        vec!["--demo"],
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_aura"))
+            .args(["--config", path.to_str().unwrap(), "--port", "0"])
+            .args(&extra)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{extra:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("[[upstreams]]"), "{extra:?}: {stderr}");
+    }
+}
