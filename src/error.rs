@@ -192,6 +192,13 @@ impl Error {
 }
 
 impl Error {
+    /// A model no upstream serves, named in the error as the client sent it, cut to 200
+    /// characters (the name is the client's and may be anything).
+    pub fn model_not_found(model: &str) -> Error {
+        let shown: String = model.chars().take(200).collect();
+        Error::ModelNotFound(shown.escape_debug().to_string())
+    }
+
     /// The Anthropic error `type` for this error's status, as Anthropic's API documents them
     /// (its SDKs raise by status; clients may switch on the type).
     pub fn anthropic_type(&self) -> &'static str {

@@ -57,7 +57,7 @@ fn load() -> Result<Config, String> {
         // One way to say where requests go: a URL given as well would be silently unused.
         if layers.iter().any(|l| l.contains_key("upstream_url")) {
             return Err(
-                "invalid configuration:\n  upstream_url and [[upstreams]] are both set: give one (with [[upstreams]], each entry has its url)".into(),
+                "invalid configuration:\n  upstream_url (the file's upstream_url, UPSTREAM_URL or --upstream-url) and [[upstreams]] are both set: give one (with [[upstreams]], each entry has its url)".into(),
             );
         }
     }
@@ -66,12 +66,35 @@ fn load() -> Result<Config, String> {
     config.budgets.prices = tables.prices;
     if config.demo && !tables.upstreams.is_empty() {
         return Err(
-            "invalid configuration:\n  demo serves its own upstream: leave [[upstreams]] out"
+            "invalid configuration:\n  demo (--demo, AURA_DEMO or MOCK_UPSTREAM) serves its own upstream: turn it off, or leave [[upstreams]] out"
                 .into(),
         );
     }
     config.upstreams = tables.upstreams;
+    credentials_stay_with_their_provider(&config)?;
     Ok(config)
+}
+
+/// Until upstreams have keys of their own, every upstream gets the request's credential: a
+/// virtual key's `upstream_key` (the operator's provider key) would go to every host of
+/// `[[upstreams]]`. Refused where the upstreams are on more than one host.
+fn credentials_stay_with_their_provider(config: &config::Config) -> Result<(), String> {
+    let mut hosts: Vec<&str> = config
+        .upstreams
+        .iter()
+        .map(|u| u.url.host.as_str())
+        .collect();
+    hosts.sort_unstable();
+    hosts.dedup();
+    let keys_sent = config.budgets.keys.iter().any(|k| k.upstream_key.is_some());
+    if hosts.len() > 1 && keys_sent && config.budgets.key_mode == config::KeyMode::Virtual {
+        return Err(format!(
+            "invalid configuration:\n  [[upstreams]] are on {} hosts ({}), and every upstream would get a virtual key's upstream_key: per-upstream keys are not supported yet; keep [[upstreams]] on one provider's host, or leave upstream_key out",
+            hosts.len(),
+            hosts.join(", ")
+        ));
+    }
+    Ok(())
 }
 
 fn init_logging(format: LogFormat) {
@@ -135,7 +158,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    tracing::info!(addr = %running.addr, upstream = %config.upstream, workers = running.workers.len(), "listening");
+    let upstreams: Vec<String> = config
+        .routes()
+        .iter()
+        .map(|u| format!("{}={}", u.name, u.url))
+        .collect();
+    if config.upstreams.len() > 1 && config.budgets.key_mode == config::KeyMode::Passthrough {
+        tracing::warn!(
+            upstreams = upstreams.join(" "),
+            "passthrough: each client's key goes to whichever upstream serves its model"
+        );
+    }
+    tracing::info!(addr = %running.addr, upstreams = upstreams.join(" "), workers = running.workers.len(), "listening");
     // A machine-readable line for scripts and tests.
     println!("aura listening on http://{}", running.addr);
     let mut wanted = STOP_SIGNALS.to_vec();

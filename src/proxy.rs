@@ -94,15 +94,28 @@ pub struct Routing {
 
 impl Routing {
     /// The upstream for a request asking for `model`: one that serves it, by weight and load.
-    /// A request without a model (a file, a listing) goes to the first upstream.
+    /// A request without a model (a file, a listing) goes to the first upstream with a weight.
     fn choose(&self, model: Option<&str>) -> Result<usize, Error> {
         let Some(model) = model else {
-            return Ok(0);
+            return (0..self.models.len())
+                .find(|&i| self.models.weight(i) > 0)
+                .ok_or_else(|| Error::ModelNotFound(String::new()));
         };
         let candidates = self.models.candidates(model);
         self.picker
             .pick(&self.models, &candidates)
-            .ok_or_else(|| Error::ModelNotFound(model.to_string()))
+            .ok_or_else(|| Error::model_not_found(model))
+    }
+
+    /// Whether some upstream serves `model`: checked before a request reserves anything, so
+    /// a model nobody serves is a 404 whatever the key's budget or the store's state.
+    fn check(&self, model: Option<&str>) -> Result<(), Error> {
+        match model {
+            Some(model) if self.models.candidates(model).is_empty() => {
+                Err(Error::model_not_found(model))
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -300,6 +313,7 @@ impl Proxy {
         outcome: &mut Outcome<'p>,
     ) -> Result<(), Error> {
         let key = self.authorize(request, outcome)?;
+        self.routing.check(admission.model.as_deref())?;
         let reservation = self.budget.reserve(key, admission.estimate).await.map_err(
             |refusal| match refusal {
                 Refusal::Denied {
@@ -539,7 +553,14 @@ impl Proxy {
         outcome: &mut Outcome<'p>,
         started: Instant,
     ) -> Persist {
-        let chosen = match self.routing.choose(outcome.model.as_deref()) {
+        // A route Aura does not bill (moderations, assistants, …) still names its model: it is
+        // routed by it too.
+        let unbilled_model = match outcome.model {
+            None if !request.body.is_empty() => billing::bounds_of(&request.body).model,
+            _ => None,
+        };
+        let model = outcome.model.as_deref().or(unbilled_model.as_deref());
+        let chosen = match self.routing.choose(model) {
             Ok(chosen) => chosen,
             Err(e) => return self.fail(client, e, keep_alive, outcome).await,
         };

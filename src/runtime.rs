@@ -51,6 +51,8 @@ pub enum StartError {
     Bind(SocketAddr, io::Error),
     #[error("upstream TLS setup: {0}")]
     Tls(String),
+    #[error("upstreams: {0}")]
+    Upstreams(String),
     #[error("cannot start worker thread: {0}")]
     Thread(io::Error),
     #[error("price file {0}: {1}")]
@@ -155,7 +157,7 @@ pub fn start(config: &Config, resolvers: Vec<Resolver>) -> Result<Running, Start
         None
     };
     if resolvers.len() != routes.len() {
-        return Err(StartError::Tls(format!(
+        return Err(StartError::Upstreams(format!(
             "{} resolvers for {} upstreams",
             resolvers.len(),
             routes.len()

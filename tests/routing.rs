@@ -13,6 +13,8 @@ use common::{start_mock, Driver, Launch, MockOptions, MockUpstream, CHAT};
 
 on_both_drivers!(
     a_model_goes_to_the_upstreams_that_serve_it_by_name_or_glob,
+    unbilled_routes_go_by_their_model_and_model_less_ones_to_the_first,
+    an_unknown_model_is_404_even_for_a_key_that_could_not_pay,
     among_upstreams_serving_a_model_the_weights_hold,
     a_model_no_upstream_serves_is_404_in_openais_shape,
 );
@@ -88,6 +90,51 @@ fn a_model_goes_to_the_upstreams_that_serve_it_by_name_or_glob(driver: Driver) {
     assert_eq!((chats(&a), chats(&b)), (2, 1));
 }
 
+fn unbilled_routes_go_by_their_model_and_model_less_ones_to_the_first(driver: Driver) {
+    let (a, b, aura) = two_upstreams("unbilled", driver);
+    let to = |mock: &MockUpstream, path: &str| {
+        mock.requests()
+            .iter()
+            .filter(|r| r.target.ends_with(path))
+            .count()
+    };
+    // Moderations are not billed, but name a model: beta serves it.
+    let r = aura.client().post_json(
+        "/v1/moderations",
+        &[],
+        r#"{"model":"beta","input":"hello"}"#,
+    );
+    assert!(r.status < 500, "{}", r.status);
+    assert_eq!((to(&a, "/moderations"), to(&b, "/moderations")), (0, 1));
+    // A listing names none: the first upstream.
+    let r = aura.client().request("GET", "/v1/files", &[], b"");
+    assert!(r.status < 500, "{}", r.status);
+    assert_eq!((to(&a, "/files"), to(&b, "/files")), (1, 0));
+}
+
+fn an_unknown_model_is_404_even_for_a_key_that_could_not_pay(driver: Driver) {
+    let (a, b) = (
+        start_mock(MockOptions::default()),
+        start_mock(MockOptions::default()),
+    );
+    let path = config("poor", driver, &a, &b);
+    let aura = Launch::new("", driver)
+        .arg("--config")
+        .arg(path.to_str().unwrap())
+        .arg("--default-limit-dollars")
+        .arg("0.000001")
+        .start();
+    let key = "sk-routing-poor-key";
+    let body = |model: &str| {
+        format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#)
+    };
+    // A served model: the key cannot cover the reservation.
+    assert_eq!(post(&aura, key, CHAT, &[], &body("beta")), 402);
+    // A model nobody serves: 404 first, not a question of money.
+    assert_eq!(post(&aura, key, CHAT, &[], &body("gpt-unknown")), 404);
+    assert_eq!((chats(&a), chats(&b)), (0, 0));
+}
+
 fn among_upstreams_serving_a_model_the_weights_hold(driver: Driver) {
     let (a, b, aura) = two_upstreams("weights", driver);
     let n = 400;
@@ -135,6 +182,71 @@ fn a_model_no_upstream_serves_is_404_in_openais_shape(driver: Driver) {
     wait_for_spend(&aura, key, cost(prompt, completion, MINI_IN, MINI_OUT));
 }
 
+/// The exit status of `aura ARGS`, which must exit (a config it refuses) within 10 s.
+fn exit_code(args: &[&str]) -> (Option<i32>, String) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_aura"))
+        .args(args)
+        .env_remove("UPSTREAM_URL")
+        .env_remove("AURA_DEMO")
+        .env_remove("MOCK_UPSTREAM")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut stderr = String::new();
+            use std::io::Read;
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut stderr)
+                .unwrap();
+            return (status.code(), stderr);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("aura {args:?} did not exit: it should have refused its config");
+        }
+        std::thread::park_timeout(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_virtual_key_s_upstream_key_is_not_sent_to_several_hosts() {
+    let dir = std::env::temp_dir().join(format!("aura-routing-hosts-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("aura.toml");
+    std::fs::write(
+        &path,
+        r#"
+        key_mode = "virtual"
+        [keys.team]
+        key = "sk-aura-routing-team"
+        upstream_key = "sk-proj-the-operators-key"
+        [[upstreams]]
+        name = "one"
+        url = "http://127.0.0.1:9/v1"
+        models = ["a"]
+        [[upstreams]]
+        name = "two"
+        url = "http://localhost:9/v1"
+        models = ["b"]
+        "#,
+    )
+    .unwrap();
+    let (code, stderr) = exit_code(&["--config", path.to_str().unwrap(), "--port", "0"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("upstream_key"), "{stderr}");
+    assert!(
+        !stderr.contains("sk-proj-the-operators-key"),
+        "no key in the message: {stderr}"
+    );
+}
+
 #[test]
 fn a_config_may_not_name_upstreams_twice_over() {
     let (a, b) = (
@@ -142,17 +254,12 @@ fn a_config_may_not_name_upstreams_twice_over() {
         start_mock(MockOptions::default()),
     );
     let path = config("refused", Driver::Epoll, &a, &b);
-    for extra in [
-        vec!["--upstream-url", "http://127.0.0.1:9/v1"],
-        vec!["--demo"],
-    ] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_aura"))
-            .args(["--config", path.to_str().unwrap(), "--port", "0"])
-            .args(&extra)
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(2), "{extra:?}");
-        let stderr = String::from_utf8_lossy(&out.stderr);
+    let refused: [&[&str]; 2] = [&["--upstream-url", "http://127.0.0.1:9/v1"], &["--demo"]];
+    for extra in refused {
+        let mut args = vec!["--config", path.to_str().unwrap(), "--port", "0"];
+        args.extend_from_slice(extra);
+        let (code, stderr) = exit_code(&args);
+        assert_eq!(code, Some(2), "{extra:?}: {stderr}");
         assert!(stderr.contains("[[upstreams]]"), "{extra:?}: {stderr}");
     }
 }

@@ -183,6 +183,11 @@ impl Launch {
         }
         cmd.args(["--workers", &workers, "--pin-workers", "false"]);
         cmd.args(&self.args);
+        // The shell's own settings must not reach the binary under test (UPSTREAM_URL beside a
+        // config's [[upstreams]] is refused; a demo would replace the test's upstream).
+        for name in ["UPSTREAM_URL", "AURA_DEMO", "MOCK_UPSTREAM"] {
+            cmd.env_remove(name);
+        }
         match self.driver {
             Driver::IoUring => cmd.env_remove(FORCE_LEGACY),
             Driver::Epoll => cmd.env(FORCE_LEGACY, "1"),
