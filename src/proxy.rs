@@ -194,6 +194,8 @@ struct Outcome<'p> {
     abandoned: bool,
     /// A HEAD request: what Aura answers itself has no body.
     head_only: bool,
+    /// The upstream it went to, by name.
+    upstream: Option<&'p str>,
 }
 
 impl<'p> Outcome<'p> {
@@ -215,6 +217,7 @@ impl<'p> Outcome<'p> {
             response_bytes: 0,
             abandoned: false,
             head_only: false,
+            upstream: None,
         }
     }
 
@@ -566,6 +569,7 @@ impl Proxy {
         };
         let _counted = self.routing.picker.start(chosen);
         let upstream = &self.routing.upstreams[chosen];
+        outcome.upstream = Some(upstream.name.as_str());
         let upstream_request =
             self.upstream_request(&request, outcome.upstream_key.as_ref(), upstream);
         // Asked twice, such a request costs nothing and changes nothing: a free route's, by an
@@ -1283,6 +1287,7 @@ fn log_access(outcome: &Outcome, charge: Option<Charge>, error: Option<&Error>, 
         status,
         key_id = key_id.as_str(),
         model = outcome.model.as_deref().unwrap_or(""),
+        upstream = outcome.upstream.unwrap_or(""),
         stream = outcome.stream,
         usage,
         prompt_tokens = prompt,

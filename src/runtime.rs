@@ -165,8 +165,14 @@ pub fn start(config: &Config, resolvers: Vec<Resolver>) -> Result<Running, Start
     }
     // Validate the upstream setup once, before any thread starts.
     for (route, resolver) in routes.iter().zip(&resolvers) {
-        Upstream::new(&route.url, config, resolver.clone(), tls.clone())
-            .map_err(|e| StartError::Tls(format!("upstream `{}`: {e}", route.name)))?;
+        Upstream::new(
+            &route.name,
+            &route.url,
+            config,
+            resolver.clone(),
+            tls.clone(),
+        )
+        .map_err(|e| StartError::Tls(format!("upstream `{}`: {e}", route.name)))?;
     }
     let cores = if config.pin_workers {
         core_affinity::get_core_ids().unwrap_or_default()
@@ -393,7 +399,9 @@ fn run_worker(
         let upstreams: Result<Vec<Upstream>, String> = routes
             .iter()
             .zip(resolvers)
-            .map(|(route, resolver)| Upstream::new(&route.url, &config, resolver, tls.clone()))
+            .map(|(route, resolver)| {
+                Upstream::new(&route.name, &route.url, &config, resolver, tls.clone())
+            })
             .collect();
         let upstreams = match upstreams {
             Ok(u) => u,

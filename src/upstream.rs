@@ -211,6 +211,8 @@ impl AsyncWriteRent for Conn {
 
 /// A worker's way to the upstream: its own pool, no locks on the request path.
 pub struct Upstream {
+    /// Its name in `[[upstreams]]` (`default` for `upstream_url`): the access log's `upstream`.
+    pub name: String,
     pub url: UpstreamUrl,
     /// The `Host` header value, computed once rather than per request.
     pub authority: String,
@@ -222,9 +224,10 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// The upstream at `url` (one of `config.routes()`), with the pool and timeouts `config`
-    /// sets for every upstream.
+    /// The upstream named `name` at `url` (one of `config.routes()`), with the pool and
+    /// timeouts `config` sets for every upstream.
     pub fn new(
+        name: &str,
         url: &UpstreamUrl,
         config: &Config,
         resolver: Resolver,
@@ -241,6 +244,7 @@ impl Upstream {
             (Scheme::Http, _) => None,
         };
         Ok(Upstream {
+            name: name.to_string(),
             authority: url.authority(),
             url,
             resolver,

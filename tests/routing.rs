@@ -74,7 +74,17 @@ fn ask(aura: &common::Aura, model: &str) -> common::Response {
 }
 
 fn a_model_goes_to_the_upstreams_that_serve_it_by_name_or_glob(driver: Driver) {
-    let (a, b, aura) = two_upstreams("names", driver);
+    let (a, b) = (
+        start_mock(MockOptions::default()),
+        start_mock(MockOptions::default()),
+    );
+    let path = config("names", driver, &a, &b);
+    let aura = Launch::new("", driver)
+        .arg("--config")
+        .arg(path.to_str().unwrap())
+        .env("AURA_LOG", "info")
+        .capture_stderr()
+        .start();
     for model in ["alpha-1", "alpha-2024-11-20"] {
         assert_eq!(ask(&aura, model).status, 200, "{model}");
     }
@@ -88,6 +98,24 @@ fn a_model_goes_to_the_upstreams_that_serve_it_by_name_or_glob(driver: Driver) {
     // `beta` is a name, not a glob: `beta-2` is served by nobody.
     assert_eq!(ask(&aura, "beta-2").status, 404);
     assert_eq!((chats(&a), chats(&b)), (2, 1));
+    // The access log says which upstream answered (none for the 404).
+    let lines = aura
+        .log()
+        .wait_for_count("aura::access", 4, std::time::Duration::from_secs(5));
+    let served: Vec<usize> = ["alpha", "beta"]
+        .iter()
+        .map(|name| {
+            let field = format!("upstream=\"{name}\"");
+            lines.iter().filter(|l| l.contains(&field)).count()
+        })
+        .collect();
+    assert_eq!(served, [2, 1], "{lines:#?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("upstream=\"\"") && l.contains("status=404")),
+        "{lines:#?}"
+    );
 }
 
 fn unbilled_routes_go_by_their_model_and_model_less_ones_to_the_first(driver: Driver) {
