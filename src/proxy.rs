@@ -90,9 +90,32 @@ pub struct Routing {
     pub upstreams: Vec<Upstream>,
     pub models: ModelTable,
     pub picker: Picker,
+    /// With `[[upstreams]]`: the answer to `GET /v1/models`, made once from the config.
+    pub listing: Option<Vec<u8>>,
 }
 
 impl Routing {
+    /// `GET /v1/models` in OpenAI's shape: every model `[[upstreams]]` names exactly (a glob
+    /// names none), each once, owned by the first upstream with a weight that serves it.
+    pub fn listing(routes: &[crate::config::UpstreamEntry]) -> Vec<u8> {
+        let mut seen = std::collections::BTreeMap::new();
+        for route in routes.iter().filter(|r| r.weight > 0) {
+            for model in route.models.iter().filter_map(|m| m.exact()) {
+                seen.entry(model.to_string())
+                    .or_insert_with(|| route.name.clone());
+            }
+        }
+        let data: Vec<serde_json::Value> = seen
+            .into_iter()
+            .map(|(id, owner)| {
+                serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": owner})
+            })
+            .collect();
+        serde_json::json!({"object": "list", "data": data})
+            .to_string()
+            .into_bytes()
+    }
+
     /// The upstream for a request asking for `model`: one that serves it, by weight and load.
     /// A request without a model (a file, a listing) goes to the first upstream with a weight.
     fn choose(&self, model: Option<&str>) -> Result<usize, Error> {
@@ -1115,6 +1138,24 @@ impl Proxy {
         outcome: &mut Outcome<'p>,
         started: Instant,
     ) -> Persist {
+        if let Some(listing) = &self.routing.listing {
+            let path = request.head.target.split('?').next().unwrap_or_default();
+            if path == "/v1/models" {
+                if let Err(e) = self.authorize(&request, outcome) {
+                    return self.fail(client, e, keep_alive, outcome).await;
+                }
+                outcome.status = Some(StatusCode::OK);
+                let reply = outcome.reply(keep_alive);
+                return server::write_json(
+                    client,
+                    StatusCode::OK,
+                    listing,
+                    reply,
+                    self.timeouts.client_send,
+                )
+                .await;
+            }
+        }
         let virtual_key = self.directory.mode() == KeyMode::Virtual;
         let admitted = match billing {
             Billing::Usage(kind) => {

@@ -434,6 +434,7 @@ fn run_worker(
                 upstreams,
                 models,
                 picker: Picker::new(routes.len(), id as u64),
+                listing: (!config.upstreams.is_empty()).then(|| Routing::listing(&routes)),
             },
             &config,
             registry.clone(),

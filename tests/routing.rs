@@ -14,6 +14,7 @@ use common::{start_mock, Driver, Launch, MockOptions, MockUpstream, CHAT};
 on_both_drivers!(
     a_model_goes_to_the_upstreams_that_serve_it_by_name_or_glob,
     unbilled_routes_go_by_their_model_and_model_less_ones_to_the_first,
+    the_model_list_is_the_configs,
     an_unknown_model_is_404_even_for_a_key_that_could_not_pay,
     among_upstreams_serving_a_model_the_weights_hold,
     a_model_no_upstream_serves_is_404_in_openais_shape,
@@ -138,6 +139,49 @@ fn unbilled_routes_go_by_their_model_and_model_less_ones_to_the_first(driver: Dr
     let r = aura.client().request("GET", "/v1/files", &[], b"");
     assert!(r.status < 500, "{}", r.status);
     assert_eq!((to(&a, "/files"), to(&b, "/files")), (1, 0));
+}
+
+fn the_model_list_is_the_configs(driver: Driver) {
+    let (a, b, aura) = two_upstreams("listing", driver);
+    let r = aura.client().request(
+        "GET",
+        "/v1/models",
+        &[("authorization", "Bearer sk-routing-listing")],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let list = r.json();
+    assert_eq!(list["object"], "list");
+    let models: Vec<(String, String)> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            assert_eq!(m["object"], "model");
+            (
+                m["id"].as_str().unwrap().to_string(),
+                m["owned_by"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    // Names only (`alpha-*` names no model), each once, owned by the first that serves it.
+    assert_eq!(
+        models,
+        [
+            ("beta".to_string(), "beta".to_string()),
+            ("shared".to_string(), "alpha".to_string())
+        ]
+    );
+    let asked = |m: &MockUpstream| {
+        m.requests()
+            .iter()
+            .filter(|r| r.target.contains("/models"))
+            .count()
+    };
+    assert_eq!((asked(&a), asked(&b)), (0, 0), "answered by Aura");
+    // Without a key it is refused, as OpenAI does.
+    let r = aura.client().request("GET", "/v1/models", &[], b"");
+    r.assert_openai_error(401);
 }
 
 fn an_unknown_model_is_404_even_for_a_key_that_could_not_pay(driver: Driver) {
