@@ -134,9 +134,7 @@ impl Routing {
     /// a model nobody serves is a 404 whatever the key's budget or the store's state.
     fn check(&self, model: Option<&str>) -> Result<(), Error> {
         match model {
-            Some(model) if self.models.candidates(model).is_empty() => {
-                Err(Error::model_not_found(model))
-            }
+            Some(model) if !self.models.serves(model) => Err(Error::model_not_found(model)),
             _ => Ok(()),
         }
     }
@@ -580,9 +578,11 @@ impl Proxy {
         started: Instant,
     ) -> Persist {
         // A route Aura does not bill (moderations, assistants, …) still names its model: it is
-        // routed by it too.
+        // routed by it too. With one upstream there is nothing to choose: no parse.
         let unbilled_model = match outcome.model {
-            None if !request.body.is_empty() => billing::bounds_of(&request.body).model,
+            None if self.routing.upstreams.len() > 1 && !request.body.is_empty() => {
+                billing::bounds_of(&request.body).model
+            }
             _ => None,
         };
         let model = outcome.model.as_deref().or(unbilled_model.as_deref());

@@ -50,15 +50,24 @@ fn config(name: &str, driver: Driver, a: &MockUpstream, b: &MockUpstream) -> Pat
 
 /// Aura routing to two mock upstreams by the config above.
 fn two_upstreams(name: &str, driver: Driver) -> (MockUpstream, MockUpstream, common::Aura) {
+    two_upstreams_with(name, driver, |launch| launch)
+}
+
+/// The same, `more` adding to Aura's launch (flags, a captured log).
+fn two_upstreams_with(
+    name: &str,
+    driver: Driver,
+    more: impl FnOnce(Launch) -> Launch,
+) -> (MockUpstream, MockUpstream, common::Aura) {
     let (a, b) = (
         start_mock(MockOptions::default()),
         start_mock(MockOptions::default()),
     );
     let path = config(name, driver, &a, &b);
-    let aura = Launch::new("", driver)
+    let launch = Launch::new("", driver)
         .arg("--config")
-        .arg(path.to_str().unwrap())
-        .start();
+        .arg(path.to_str().unwrap());
+    let aura = more(launch).start();
     (a, b, aura)
 }
 
@@ -75,17 +84,9 @@ fn ask(aura: &common::Aura, model: &str) -> common::Response {
 }
 
 fn a_model_goes_to_the_upstreams_that_serve_it_by_name_or_glob(driver: Driver) {
-    let (a, b) = (
-        start_mock(MockOptions::default()),
-        start_mock(MockOptions::default()),
-    );
-    let path = config("names", driver, &a, &b);
-    let aura = Launch::new("", driver)
-        .arg("--config")
-        .arg(path.to_str().unwrap())
-        .env("AURA_LOG", "info")
-        .capture_stderr()
-        .start();
+    let (a, b, aura) = two_upstreams_with("names", driver, |launch| {
+        launch.env("AURA_LOG", "info").capture_stderr()
+    });
     for model in ["alpha-1", "alpha-2024-11-20"] {
         assert_eq!(ask(&aura, model).status, 200, "{model}");
     }
@@ -185,17 +186,9 @@ fn the_model_list_is_the_configs(driver: Driver) {
 }
 
 fn an_unknown_model_is_404_even_for_a_key_that_could_not_pay(driver: Driver) {
-    let (a, b) = (
-        start_mock(MockOptions::default()),
-        start_mock(MockOptions::default()),
-    );
-    let path = config("poor", driver, &a, &b);
-    let aura = Launch::new("", driver)
-        .arg("--config")
-        .arg(path.to_str().unwrap())
-        .arg("--default-limit-dollars")
-        .arg("0.000001")
-        .start();
+    let (a, b, aura) = two_upstreams_with("poor", driver, |launch| {
+        launch.arg("--default-limit-dollars").arg("0.000001")
+    });
     let key = "sk-routing-poor-key";
     let body = |model: &str| {
         format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#)
@@ -254,37 +247,14 @@ fn a_model_no_upstream_serves_is_404_in_openais_shape(driver: Driver) {
     wait_for_spend(&aura, key, cost(prompt, completion, MINI_IN, MINI_OUT));
 }
 
-/// The exit status of `aura ARGS`, which must exit (a config it refuses) within 10 s.
+/// The exit code and log of `aura ARGS` (no upstream URL), which must exit by itself: a
+/// config it refuses.
 fn exit_code(args: &[&str]) -> (Option<i32>, String) {
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_aura"))
-        .args(args)
-        .env_remove("UPSTREAM_URL")
-        .env_remove("AURA_DEMO")
-        .env_remove("MOCK_UPSTREAM")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            let mut stderr = String::new();
-            use std::io::Read;
-            child
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut stderr)
-                .unwrap();
-            return (status.code(), stderr);
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("aura {args:?} did not exit: it should have refused its config");
-        }
-        std::thread::park_timeout(std::time::Duration::from_millis(20));
-    }
+    let launch = args
+        .iter()
+        .fold(Launch::new("", Driver::Epoll), |l, a| l.arg(a));
+    let exit = launch.run_to_exit();
+    (exit.status.code(), exit.stderr)
 }
 
 #[test]
@@ -310,7 +280,7 @@ fn a_virtual_key_s_upstream_key_is_not_sent_to_several_hosts() {
         "#,
     )
     .unwrap();
-    let (code, stderr) = exit_code(&["--config", path.to_str().unwrap(), "--port", "0"]);
+    let (code, stderr) = exit_code(&["--config", path.to_str().unwrap()]);
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("upstream_key"), "{stderr}");
     assert!(
@@ -328,7 +298,7 @@ fn a_config_may_not_name_upstreams_twice_over() {
     let path = config("refused", Driver::Epoll, &a, &b);
     let refused: [&[&str]; 2] = [&["--upstream-url", "http://127.0.0.1:9/v1"], &["--demo"]];
     for extra in refused {
-        let mut args = vec!["--config", path.to_str().unwrap(), "--port", "0"];
+        let mut args = vec!["--config", path.to_str().unwrap()];
         args.extend_from_slice(extra);
         let (code, stderr) = exit_code(&args);
         assert_eq!(code, Some(2), "{extra:?}: {stderr}");

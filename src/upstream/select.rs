@@ -136,6 +136,13 @@ impl ModelTable {
             .collect()
     }
 
+    /// Whether some upstream serves `model` (what [`candidates`](Self::candidates) would find,
+    /// without collecting them).
+    pub fn serves(&self, model: &str) -> bool {
+        (0..self.len())
+            .any(|i| self.weights[i] > 0 && self.models[i].iter().any(|p| p.matches(model)))
+    }
+
     /// Every model named exactly (globs name no model), each once, sorted: what `GET /v1/models`
     /// can answer.
     pub fn named_models(&self) -> Vec<&str> {
@@ -322,6 +329,13 @@ mod tests {
         assert_eq!(table.candidates("gpt-4o-mini"), [0, 3]);
         assert_eq!(table.candidates("llama-3.1-70b"), [1, 3]);
         assert_eq!(table.candidates("mistral"), [3], "weight 0 serves nothing");
+        for model in ["gpt-4o", "llama-3.1-70b", "mistral", "o3"] {
+            assert_eq!(
+                table.serves(model),
+                !table.candidates(model).is_empty(),
+                "{model}"
+            );
+        }
         assert_eq!(table.named_models(), ["gpt-4o", "o3"]);
         let mut narrow = ModelTable::default();
         narrow.push(patterns(&["gpt-4o"]), 1);
