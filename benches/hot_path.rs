@@ -196,6 +196,8 @@ fn metrics(c: &mut Criterion) {
         cost_nano: 1_234,
         default_price: false,
         billed: Some((key, Some(&model))),
+        upstream: None,
+        ttft: None,
     };
     let mut group = c.benchmark_group("metrics");
     group.bench_function("latency_record", |b| {

@@ -78,6 +78,8 @@ impl KeyId {
 pub struct Directory {
     mode: KeyMode,
     known: HashMap<KeyId, Known>,
+    /// Every upstream has provider keys of its own: a virtual key needs no `upstream_key`.
+    upstreams_keyed: bool,
 }
 
 #[derive(Debug)]
@@ -107,18 +109,31 @@ impl Directory {
                 (KeyId::of(e.key.expose()), known)
             })
             .collect();
-        Directory { mode, known }
+        Directory {
+            mode,
+            known,
+            upstreams_keyed: false,
+        }
+    }
+
+    /// Every upstream has provider keys of its own: in virtual mode each configured key is
+    /// accepted, with or without an `upstream_key`.
+    pub fn upstreams_keyed(mut self, keyed: bool) -> Directory {
+        self.upstreams_keyed = keyed;
+        self
     }
 
     /// The caller of a request with these headers. Passthrough mode takes any bearer key;
-    /// virtual mode only keys of the config that have an upstream key. One credential only:
+    /// virtual mode only keys of the config that have an upstream key (or any of them, where
+    /// every upstream has keys of its own). One credential only:
     /// the key billed is exactly the key forwarded.
     pub fn authorize(&self, headers: &HeaderMap) -> Result<Caller<'_>, Error> {
         let key = single_credential(headers)?.ok_or(Error::MissingKey)?;
         let id = KeyId::of(key);
         let known = self.known.get(&id);
         let upstream_key = known.and_then(|k| k.upstream_key.as_ref());
-        if self.mode == KeyMode::Virtual && upstream_key.is_none() {
+        let served = upstream_key.is_some() || (self.upstreams_keyed && known.is_some());
+        if self.mode == KeyMode::Virtual && !served {
             return Err(Error::InvalidKey);
         }
         Ok(Caller {

@@ -15,8 +15,9 @@ use crate::runtime::io_driver::{IoDriver, IoSettings, RingFlags};
 pub mod tables;
 pub mod upstreams;
 
+use crate::upstream::health::HealthRules;
 pub use tables::{KeyEntry, PriceEntry, Secret, Tables};
-pub use upstreams::UpstreamEntry;
+pub use upstreams::{UpstreamEntry, UpstreamKind, MAX_UPSTREAMS};
 
 /// Where environment-style settings come from (the process environment, or a map in tests).
 pub trait Source {
@@ -65,6 +66,10 @@ pub const UPSTREAM_READ_TIMEOUT_MS: &str = "AURA_UPSTREAM_READ_TIMEOUT_MS";
 pub const UPSTREAM_POOL_MAX_IDLE: &str = "AURA_UPSTREAM_POOL_MAX_IDLE";
 pub const UPSTREAM_CA_FILE: &str = "AURA_UPSTREAM_CA_FILE";
 pub const INJECT_STREAM_USAGE: &str = "AURA_INJECT_STREAM_USAGE";
+pub const UPSTREAM_MAX_ATTEMPTS: &str = "AURA_UPSTREAM_MAX_ATTEMPTS";
+pub const UPSTREAM_TOTAL_TIMEOUT_MS: &str = "AURA_UPSTREAM_TOTAL_TIMEOUT_MS";
+pub const UPSTREAM_EJECT_AFTER_FAILURES: &str = "AURA_UPSTREAM_EJECT_AFTER_FAILURES";
+pub const UPSTREAM_EJECT_MS: &str = "AURA_UPSTREAM_EJECT_MS";
 pub const LOG_FORMAT: &str = "AURA_LOG_FORMAT";
 pub const DEFAULT_LIMIT_DOLLARS: &str = "AURA_DEFAULT_LIMIT_DOLLARS";
 pub const PRICE_FILE: &str = "AURA_PRICE_FILE";
@@ -120,6 +125,10 @@ pub const SETTINGS: &[Setting] = &[
     Setting { key: "upstream_read_timeout_ms", env: &[UPSTREAM_READ_TIMEOUT_MS], help: "longest silence between two upstream reads mid-response [default: 300000]" },
     Setting { key: "upstream_pool_max_idle", env: &[UPSTREAM_POOL_MAX_IDLE], help: "idle keep-alive upstream connections kept per worker [default: 256]" },
     Setting { key: "upstream_ca_file", env: &[UPSTREAM_CA_FILE], help: "PEM file of extra CA certificates trusted for an https upstream [default: none]" },
+    Setting { key: "upstream_max_attempts", env: &[UPSTREAM_MAX_ATTEMPTS], help: "upstreams a request may try before its answer starts: on a connect or TLS failure, a timeout or reset before the response head, or a 429/500/502/503/504/529, the next upstream serving its model (never the same one twice) is tried; 1 turns retries off [default: 3]" },
+    Setting { key: "upstream_total_timeout_ms", env: &[UPSTREAM_TOTAL_TIMEOUT_MS], help: "longest time from a request's arrival to an upstream's response head, all attempts together [default: 300000]" },
+    Setting { key: "upstream_eject_after_failures", env: &[UPSTREAM_EJECT_AFTER_FAILURES], help: "consecutive failures that eject an upstream from a worker's choices for a rest (5 s, doubling while it keeps failing, at most 5 min); it comes back on a trial request [default: 3]" },
+    Setting { key: "upstream_eject_ms", env: &[UPSTREAM_EJECT_MS], help: "the first rest of an ejected upstream or a refused pool key [default: 5000]" },
     Setting { key: "inject_stream_usage", env: &[INJECT_STREAM_USAGE], help: "add stream_options.include_usage to streaming requests; off for upstreams that reject it [default: true]" },
     Setting { key: "log_format", env: &[LOG_FORMAT], help: "text or json [default: text]" },
     Setting { key: "default_limit_dollars", env: &[DEFAULT_LIMIT_DOLLARS], help: "spend limit of every API key, in dollars [default: 10.00]" },
@@ -169,12 +178,7 @@ impl Config {
         if !self.upstreams.is_empty() {
             return self.upstreams.clone();
         }
-        vec![UpstreamEntry {
-            name: "default".into(),
-            url: self.upstream.clone(),
-            models: vec![crate::upstream::select::ModelPattern::any()],
-            weight: 1,
-        }]
+        vec![UpstreamEntry::single("default", self.upstream.clone())]
     }
 }
 
@@ -261,6 +265,12 @@ pub struct Config {
     pub upstream_pool_max_idle: usize,
     pub upstream_ca_file: Option<PathBuf>,
     pub inject_stream_usage: bool,
+    /// Upstreams a request may try before its answer starts (1: no retries).
+    pub max_attempts: u32,
+    /// Arrival → response head, all attempts together.
+    pub upstream_total_timeout: Duration,
+    /// When an upstream or a pool key is ejected, and for how long.
+    pub health: HealthRules,
     pub log_format: LogFormat,
     pub budgets: Budgets,
     /// On SIGTERM, how long requests in flight may take before Aura flushes and exits.
@@ -406,11 +416,12 @@ pub fn file_layer(text: &str) -> Result<Layer, ConfigErrors> {
 }
 
 /// The `[keys]` and `[prices]` tables of a TOML file's text.
-pub fn file_tables(text: &str) -> Result<Tables, ConfigErrors> {
+/// The file's tables; `env` answers the `env:NAME` references of upstream keys.
+pub fn file_tables(text: &str, env: &dyn Source) -> Result<Tables, ConfigErrors> {
     let table: toml::Table = text
         .parse()
         .map_err(|e| ConfigErrors(vec![format!("config file: {e}")]))?;
-    tables::parse(&table).map_err(ConfigErrors)
+    tables::parse(&table, env).map_err(ConfigErrors)
 }
 
 pub fn env_layer(source: &dyn Source) -> Layer {
@@ -715,6 +726,19 @@ impl Parser<'_> {
             upstream_pool_max_idle: self.get("upstream_pool_max_idle", 256),
             upstream_ca_file: self.values.get("upstream_ca_file").map(PathBuf::from),
             inject_stream_usage: self.bool("inject_stream_usage", true),
+            max_attempts: self
+                .positive("upstream_max_attempts", 3)
+                .min(MAX_UPSTREAMS as u64) as u32,
+            upstream_total_timeout: self.millis("upstream_total_timeout_ms", 300_000),
+            health: {
+                let base_rest = self.millis("upstream_eject_ms", 5_000);
+                HealthRules {
+                    eject_after: self.positive("upstream_eject_after_failures", 3).min(1_000)
+                        as u32,
+                    base_rest,
+                    max_rest: base_rest.max(Duration::from_secs(300)),
+                }
+            },
             log_format,
             budgets: Budgets {
                 default_limit_nano: self.limit("default_limit_dollars", 10.0),

@@ -39,7 +39,7 @@ fn load() -> Result<Config, String> {
     if let Some(path) = matches.get_one::<String>("config") {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
         layers.push(config::file_layer(&text).map_err(|e| e.to_string())?);
-        tables = config::file_tables(&text).map_err(|e| e.to_string())?;
+        tables = config::file_tables(&text, &ProcessEnv).map_err(|e| e.to_string())?;
     }
     layers.push(config::env_layer(&ProcessEnv));
     let mut flags = config::Layer::new();
@@ -75,21 +75,36 @@ fn load() -> Result<Config, String> {
     Ok(config)
 }
 
-/// Until upstreams have keys of their own, every upstream gets the request's credential: a
-/// virtual key's `upstream_key` (the operator's provider key) would go to every host of
-/// `[[upstreams]]`. Refused where the upstreams are on more than one host.
+/// Where provider keys may go. An upstream's own keys need virtual keys: in passthrough mode
+/// any bearer string is a budget identity, so anyone could spend them. A virtual key's
+/// `upstream_key` (the operator's provider key) goes to every upstream without keys of its
+/// own: refused where those are on more than one host.
 fn credentials_stay_with_their_provider(config: &config::Config) -> Result<(), String> {
+    let virtual_keys = config.budgets.key_mode == config::KeyMode::Virtual;
+    let keyed: Vec<&str> = config
+        .upstreams
+        .iter()
+        .filter(|u| !u.keys.is_empty())
+        .map(|u| u.name.as_str())
+        .collect();
+    if !virtual_keys && !keyed.is_empty() {
+        return Err(format!(
+            "invalid configuration:\n  [[upstreams]] {} have provider keys (key, keys), which need key_mode = \"virtual\": in passthrough mode any bearer string would spend them",
+            keyed.join(", ")
+        ));
+    }
     let mut hosts: Vec<&str> = config
         .upstreams
         .iter()
+        .filter(|u| u.keys.is_empty())
         .map(|u| u.url.host.as_str())
         .collect();
     hosts.sort_unstable();
     hosts.dedup();
     let keys_sent = config.budgets.keys.iter().any(|k| k.upstream_key.is_some());
-    if hosts.len() > 1 && keys_sent && config.budgets.key_mode == config::KeyMode::Virtual {
+    if hosts.len() > 1 && keys_sent && virtual_keys {
         return Err(format!(
-            "invalid configuration:\n  [[upstreams]] are on {} hosts ({}), and every upstream would get a virtual key's upstream_key: per-upstream keys are not supported yet; keep [[upstreams]] on one provider's host, or leave upstream_key out",
+            "invalid configuration:\n  [[upstreams]] without keys of their own are on {} hosts ({}), and each would get a virtual key's upstream_key: give those upstreams key or keys, or leave upstream_key out",
             hosts.len(),
             hosts.join(", ")
         ));

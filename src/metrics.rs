@@ -17,6 +17,7 @@ use hdrhistogram::Histogram;
 use crate::auth::{KeyId, KeyIdHasher};
 
 type KeyIdHashing = std::hash::BuildHasherDefault<KeyIdHasher>;
+use crate::upstream::retry::AttemptOutcome;
 use crate::usage::Usage;
 
 /// Keys a worker keeps series for; requests of further keys count under `key="other"`, so a
@@ -119,6 +120,10 @@ pub struct Record<'a> {
     pub default_price: bool,
     /// A billed request: its key and its model's name in the price table (`None`: no price).
     pub billed: Option<(KeyId, Option<&'a Arc<str>>)>,
+    /// The upstream whose answer it relayed, by index.
+    pub upstream: Option<usize>,
+    /// Request received → first body byte to the client.
+    pub ttft: Option<Duration>,
 }
 
 /// One key's spend on one model.
@@ -165,6 +170,39 @@ pub struct Snapshot {
     pub remaining: HashMap<KeyId, u64>,
     /// Requests being handled when the copy was made.
     pub in_flight: u64,
+    /// Per upstream, by its index in the routing table.
+    pub upstreams: Vec<UpstreamStats>,
+}
+
+/// One upstream's counters on one worker (or all workers merged).
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamStats {
+    /// Status class → requests it answered (the attempt whose answer went to the client).
+    pub requests: Vec<(&'static str, u64)>,
+    /// Attempts by how they ended (`AttemptOutcome::index`).
+    pub attempts: [u64; AttemptOutcome::ALL.len()],
+    /// Request received → first body byte to the client, for requests it answered; made on
+    /// its first answer (29 KiB each).
+    pub ttft: Option<Latency>,
+    /// Workers that held it available when they published, and workers that published.
+    pub up: u64,
+    pub workers: u64,
+}
+
+impl UpstreamStats {
+    fn merge(&mut self, other: &UpstreamStats) {
+        for &(class, n) in &other.requests {
+            bump(&mut self.requests, class, n);
+        }
+        for (mine, theirs) in self.attempts.iter_mut().zip(other.attempts) {
+            *mine = mine.saturating_add(theirs);
+        }
+        if let Some(theirs) = &other.ttft {
+            self.ttft.get_or_insert_with(Latency::default).merge(theirs);
+        }
+        self.up += other.up;
+        self.workers += other.workers;
+    }
 }
 
 fn bump<K: PartialEq + Copy>(counts: &mut Vec<(K, u64)>, key: K, by: u64) {
@@ -186,8 +224,29 @@ fn status_class(status: u16) -> &'static str {
 }
 
 impl Snapshot {
+    /// Upstream `index`'s counters, made on first use.
+    fn upstream(&mut self, index: usize) -> &mut UpstreamStats {
+        if self.upstreams.len() <= index {
+            self.upstreams
+                .resize_with(index + 1, UpstreamStats::default);
+        }
+        &mut self.upstreams[index]
+    }
+
+    pub fn record_attempt(&mut self, upstream: usize, outcome: AttemptOutcome) {
+        let counts = &mut self.upstream(upstream).attempts[outcome.index()];
+        *counts = counts.saturating_add(1);
+    }
+
     pub fn record(&mut self, r: &Record) {
         bump(&mut self.requests, (r.route, status_class(r.status)), 1);
+        if let Some(index) = r.upstream.filter(|_| r.status != 0) {
+            let stats = self.upstream(index);
+            bump(&mut stats.requests, status_class(r.status), 1);
+            if let Some(d) = r.ttft {
+                stats.ttft.get_or_insert_with(Latency::default).record(d);
+            }
+        }
         if let Some(label) = r.error {
             bump(&mut self.errors, label, 1);
         }
@@ -269,6 +328,9 @@ impl Snapshot {
             }
         }
         self.in_flight += other.in_flight;
+        for (index, theirs) in other.upstreams.iter().enumerate() {
+            self.upstream(index).merge(theirs);
+        }
     }
 }
 
@@ -278,6 +340,8 @@ pub struct Seen {
     pub recorded: u64,
     pub in_flight: u64,
     pub remaining: HashMap<KeyId, u64>,
+    /// Which upstreams were available.
+    pub up: Vec<bool>,
 }
 
 /// One worker's metrics; `!Sync`, touched only by its worker.
@@ -291,6 +355,12 @@ pub struct Shard {
 impl Shard {
     pub fn record(&self, r: &Record) {
         self.current.borrow_mut().record(r);
+        self.recorded.set(self.recorded.get() + 1);
+    }
+
+    /// One attempt at upstream `upstream`, and how it ended.
+    pub fn record_attempt(&self, upstream: usize, outcome: AttemptOutcome) {
+        self.current.borrow_mut().record_attempt(upstream, outcome);
         self.recorded.set(self.recorded.get() + 1);
     }
 
@@ -316,6 +386,8 @@ pub struct Registry {
     aliases: std::sync::OnceLock<HashMap<KeyId, String>>,
     /// The ledger thread's counters, when budgets live in Valkey.
     ledger: std::sync::OnceLock<Arc<crate::budget::ledger::LedgerStats>>,
+    /// The upstreams' names, by index: the `upstream` label.
+    upstreams: std::sync::OnceLock<Vec<String>>,
 }
 
 #[derive(Debug, Default)]
@@ -330,6 +402,7 @@ impl Registry {
             workers: (0..workers).map(|_| Mutex::default()).collect(),
             ledger: std::sync::OnceLock::new(),
             aliases: std::sync::OnceLock::new(),
+            upstreams: std::sync::OnceLock::new(),
         })
     }
 
@@ -342,6 +415,15 @@ impl Registry {
         self.aliases
             .get()
             .unwrap_or_else(|| NONE.get_or_init(HashMap::new))
+    }
+
+    pub fn set_upstreams(&self, names: Vec<String>) {
+        let _ = self.upstreams.set(names);
+    }
+
+    /// The upstreams' names, by index.
+    pub fn upstreams(&self) -> &[String] {
+        self.upstreams.get().map_or(&[], |n| n.as_slice())
     }
 
     pub fn set_ledger(&self, stats: Arc<crate::budget::ledger::LedgerStats>) {
@@ -402,6 +484,8 @@ mod tests {
             cost_nano: 0,
             default_price: false,
             billed: None,
+            upstream: None,
+            ttft: None,
         }
     }
 

@@ -6,6 +6,7 @@
 //! API keys never reach a log line, a metric or the store: only their id does.
 
 pub mod billing;
+mod outbound;
 pub mod relay;
 
 use std::cell::Cell;
@@ -30,10 +31,13 @@ use crate::pricing::{self, Match, Price, PriceTable};
 use crate::rewrite;
 use crate::route::{self, Billing};
 use crate::server::{self, Handler, Persist, Request};
+use crate::upstream::health::HealthRules;
+use crate::upstream::retry::{self, retryable_status, AttemptOutcome};
 use crate::upstream::select::{ModelTable, Picker};
 use crate::upstream::{Conn, Upstream};
 use crate::usage::Usage;
 use billing::Bill;
+use outbound::Credential;
 use relay::{BodyKind, Drains, Relay, RelayEnd};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +96,11 @@ pub struct Routing {
     pub picker: Picker,
     /// With `[[upstreams]]`: the answer to `GET /v1/models`, made once from the config.
     pub listing: Option<Vec<u8>>,
+    /// Upstreams a request may try (1: no retries).
+    pub max_attempts: u32,
+    /// Arrival → response head, all attempts together.
+    pub total_timeout: Duration,
+    pub health: HealthRules,
 }
 
 impl Routing {
@@ -116,18 +125,95 @@ impl Routing {
             .into_bytes()
     }
 
-    /// The upstream for a request asking for `model`: one that serves it, by weight and load.
-    /// A request without a model (a file, a listing) goes to the first upstream with a weight.
-    fn choose(&self, model: Option<&str>) -> Result<usize, Error> {
-        let Some(model) = model else {
-            return (0..self.models.len())
+    /// The upstreams a request asking for `model` may go to: those serving it; without a model
+    /// (a file, a listing), the first upstream with a weight alone.
+    fn candidates(&self, model: Option<&str>) -> Vec<usize> {
+        match model {
+            Some(model) => self.models.candidates(model),
+            None => (0..self.models.len())
                 .find(|&i| self.models.weight(i) > 0)
-                .ok_or_else(|| Error::ModelNotFound(String::new()));
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    /// The next upstream for a request asking for `model`, none of `tried` (a bit per
+    /// upstream): among those available now (not ejected, a pool key not resting), by weight
+    /// and load; when none is, among all of them, as Envoy's panic threshold does: a try
+    /// beats a certain failure.
+    fn next(&self, model: Option<&str>, tried: u64, now: Instant) -> Option<usize> {
+        let untried: Vec<usize> = self
+            .candidates(model)
+            .into_iter()
+            .filter(|&i| tried & (1 << i) == 0)
+            .collect();
+        let available: Vec<usize> = untried
+            .iter()
+            .copied()
+            .filter(|&i| self.upstreams[i].available(now))
+            .collect();
+        let pool = if available.is_empty() {
+            &untried
+        } else {
+            &available
         };
-        let candidates = self.models.candidates(model);
-        self.picker
-            .pick(&self.models, &candidates)
-            .ok_or_else(|| Error::model_not_found(model))
+        self.picker.pick(&self.models, pool)
+    }
+
+    /// Whether an upstream serving `model` is left untried.
+    fn has_next(&self, model: Option<&str>, tried: u64) -> bool {
+        self.candidates(model)
+            .into_iter()
+            .any(|i| tried & (1 << i) == 0)
+    }
+
+    /// Health after upstream `chosen` answered with `head`, its pool key `key` in hand: a
+    /// refused key (401, 403) rests; a 429 rests the key (or, without a pool, the upstream)
+    /// for its `Retry-After`; a retryable 5xx is a failure of the upstream; any other answer
+    /// is a success.
+    fn judge_answer(&self, chosen: usize, key: Option<usize>, head: &ResponseHead, now: Instant) {
+        let upstream = &self.upstreams[chosen];
+        let pooled = key.and_then(|k| upstream.keys.get(k));
+        let status = head.status.as_u16();
+        let wait = retry::retry_after(&head.headers);
+        let key_rules = self.health.for_keys();
+        match (status, pooled) {
+            (401 | 403, Some(pooled)) => {
+                pooled.health.failed(&key_rules, now);
+                upstream.health.succeeded();
+            }
+            (429, Some(pooled)) => {
+                match wait {
+                    Some(wait) => pooled.health.rest_for(&key_rules, wait, now),
+                    None => {
+                        pooled.health.failed(&key_rules, now);
+                    }
+                }
+                upstream.health.succeeded();
+            }
+            (s, _) if retryable_status(s) => {
+                if let Some(ejected) = upstream.health.failed(&self.health, now) {
+                    tracing::warn!(upstream = %upstream.name, status = s, rest_ms = ejected.as_millis() as u64, "upstream ejected");
+                }
+                if let Some(wait) = wait {
+                    upstream.health.rest_for(&self.health, wait, now);
+                }
+            }
+            _ => {
+                upstream.health.succeeded();
+                if let Some(pooled) = pooled {
+                    pooled.health.succeeded();
+                }
+            }
+        }
+    }
+
+    /// Health after upstream `chosen` failed before a response head.
+    fn judge_failure(&self, chosen: usize, now: Instant) {
+        let upstream = &self.upstreams[chosen];
+        if let Some(ejected) = upstream.health.failed(&self.health, now) {
+            tracing::warn!(upstream = %upstream.name, rest_ms = ejected.as_millis() as u64, "upstream ejected");
+        }
     }
 
     /// Whether some upstream serves `model`: checked before a request reserves anything, so
@@ -140,12 +226,29 @@ impl Routing {
     }
 }
 
+/// A request as it goes upstream: for a streamed chat completion, with its body that asks for
+/// the usage event too (`stream_options.include_usage`), for upstreams that take it.
+struct Outgoing {
+    request: Request,
+    with_usage: Option<Vec<u8>>,
+    client_asked_usage: bool,
+}
+
+impl Outgoing {
+    fn as_is(request: Request) -> Outgoing {
+        Outgoing {
+            request,
+            with_usage: None,
+            client_asked_usage: false,
+        }
+    }
+}
+
 /// One worker's proxy: its upstream pools and settings. `!Send`, like everything per worker.
 pub struct Proxy {
     routing: Routing,
     limits: Limits,
     timeouts: Timeouts,
-    inject_stream_usage: bool,
     buffers: BufPool,
     metrics: metrics::Shard,
     registry: Arc<Registry>,
@@ -215,8 +318,12 @@ struct Outcome<'p> {
     abandoned: bool,
     /// A HEAD request: what Aura answers itself has no body.
     head_only: bool,
-    /// The upstream it went to, by name.
+    /// The upstream it went to (its last attempt's), by name.
     upstream: Option<&'p str>,
+    /// Its index in the routing table.
+    upstream_index: Option<usize>,
+    /// Upstreams tried.
+    attempts: u32,
 }
 
 impl<'p> Outcome<'p> {
@@ -239,6 +346,8 @@ impl<'p> Outcome<'p> {
             abandoned: false,
             head_only: false,
             upstream: None,
+            upstream_index: None,
+            attempts: 0,
         }
     }
 
@@ -264,7 +373,6 @@ impl Proxy {
             routing,
             limits: config.limits,
             timeouts: config.timeouts,
-            inject_stream_usage: config.inject_stream_usage,
             buffers: BufPool::default(),
             metrics: metrics::Shard::default(),
             registry,
@@ -497,8 +605,16 @@ impl Proxy {
     pub fn metrics_if_changed(&self, seen: &mut metrics::Seen) -> Option<metrics::Snapshot> {
         let in_flight = self.in_flight.get() as u64;
         let remaining = self.budget.remaining(metrics::MAX_KEY_SERIES);
-        // A reset or a new period moves a key's remaining budget with nothing recorded here.
-        let moved = in_flight != seen.in_flight || remaining != seen.remaining;
+        let now = Instant::now();
+        let up: Vec<bool> = self
+            .routing
+            .upstreams
+            .iter()
+            .map(|u| u.available(now))
+            .collect();
+        // A reset or a new period moves a key's remaining budget with nothing recorded here;
+        // a rest that ends brings an upstream back.
+        let moved = in_flight != seen.in_flight || remaining != seen.remaining || up != seen.up;
         let mut snapshot = self
             .metrics
             .snapshot_if_changed(&mut seen.recorded, moved)?;
@@ -506,6 +622,16 @@ impl Proxy {
         seen.remaining.clone_from(&remaining);
         snapshot.in_flight = in_flight;
         snapshot.remaining = remaining;
+        if snapshot.upstreams.len() < up.len() {
+            snapshot
+                .upstreams
+                .resize_with(up.len(), metrics::UpstreamStats::default);
+        }
+        for (stats, &available) in snapshot.upstreams.iter_mut().zip(&up) {
+            stats.up = u64::from(available);
+            stats.workers = 1;
+        }
+        seen.up = up;
         Some(snapshot)
     }
 
@@ -555,46 +681,42 @@ impl Proxy {
         }
         outcome.model = chat.model;
         outcome.stream = chat.stream;
-        // Strip the usage event only when Aura asked for it and the client did not.
-        let (body, strip) = match rewrite.body {
-            Some(body) if self.inject_stream_usage => (body, !chat.client_asked_usage),
-            _ => (request.body, false),
+        let outgoing = Outgoing {
+            request,
+            with_usage: rewrite.body,
+            client_asked_usage: chat.client_asked_usage,
         };
-        let request = Request {
-            head: request.head,
-            body,
-        };
-        self.forward(request, keep_alive, client, strip, outcome, started)
+        self.forward(outgoing, keep_alive, client, outcome, started)
             .await
     }
 
+    /// Sends the request to an upstream serving its model and relays the answer. Before any
+    /// byte of an answer went to the client, a failure another upstream may not have (see
+    /// upstream/retry.rs) sends it to the next upstream serving the model, never the same one
+    /// twice, up to `upstream_max_attempts` and within `upstream_total_timeout_ms`. The
+    /// request holds one reservation throughout: only the answer relayed is billed.
     async fn forward<'p, S: AsyncWriteRent>(
         &'p self,
-        request: Request,
+        outgoing: Outgoing,
         keep_alive: bool,
         client: &mut S,
-        strip_usage_event: bool,
         outcome: &mut Outcome<'p>,
         started: Instant,
     ) -> Persist {
+        let request = &outgoing.request;
         // A route Aura does not bill (moderations, assistants, …) still names its model: it is
         // routed by it too. With one upstream there is nothing to choose: no parse.
-        let unbilled_model = match outcome.model {
+        let routed_by = match &outcome.model {
+            Some(model) => Some(model.clone()),
             None if self.routing.upstreams.len() > 1 && !request.body.is_empty() => {
                 billing::bounds_of(&request.body).model
             }
-            _ => None,
+            None => None,
         };
-        let model = outcome.model.as_deref().or(unbilled_model.as_deref());
-        let chosen = match self.routing.choose(model) {
-            Ok(chosen) => chosen,
-            Err(e) => return self.fail(client, e, keep_alive, outcome).await,
-        };
-        let _counted = self.routing.picker.start(chosen);
-        let upstream = &self.routing.upstreams[chosen];
-        outcome.upstream = Some(upstream.name.as_str());
-        let upstream_request =
-            self.upstream_request(&request, outcome.upstream_key.as_ref(), upstream);
+        let model = routed_by.as_deref();
+        if let Err(e) = self.routing.check(model) {
+            return self.fail(client, e, keep_alive, outcome).await;
+        }
         // Asked twice, such a request costs nothing and changes nothing: a free route's, by an
         // idempotent method.
         let idempotent_and_free = outcome.route == Route::Api(Billing::Free)
@@ -603,16 +725,92 @@ impl Proxy {
                 request.head.method,
                 Method::GET | Method::HEAD | Method::OPTIONS
             );
-        let (mut conn, head, buffered) = match self
-            .exchange(
+        let deadline = started + self.routing.total_timeout;
+        let mut tried = 0u64;
+        let answered = loop {
+            let now = Instant::now();
+            let Some(chosen) = self.routing.next(model, tried, now) else {
+                // `check` found a candidate, and the loop ends before every one was tried.
+                break Err(Error::model_not_found(model.unwrap_or_default()));
+            };
+            tried |= 1 << chosen;
+            outcome.attempts += 1;
+            let counted = self.routing.picker.start(chosen);
+            let upstream = &self.routing.upstreams[chosen];
+            outcome.upstream = Some(upstream.name.as_str());
+            outcome.upstream_index = Some(chosen);
+            let key = upstream.keys.pick(now);
+            let credential = match self.credential(upstream, key, outcome.upstream_key.as_ref()) {
+                Ok(credential) => credential,
+                Err(e) => break Err(e),
+            };
+            upstream.health.begin(&self.routing.health, now);
+            if let Some(pooled) = key.and_then(|k| upstream.keys.get(k)) {
+                pooled.health.begin(&self.routing.health.for_keys(), now);
+            }
+            // Strip the usage event only when Aura asked for it and the client did not.
+            let (body, strip_usage_event) = match &outgoing.with_usage {
+                Some(body) if upstream.inject_stream_usage => {
+                    (body.as_slice(), !outgoing.client_asked_usage)
+                }
+                _ => (request.body.as_slice(), false),
+            };
+            let mut bytes = self.buffers.take();
+            let written = outbound::write_request(
+                &request.head,
+                body,
+                credential,
                 upstream,
-                upstream_request,
-                idempotent_and_free,
-                outcome,
-                started,
-            )
-            .await
-        {
+                model,
+                &mut bytes,
+            );
+            if let Err(e) = written {
+                self.buffers.give(bytes);
+                break Err(e);
+            }
+            let result = self
+                .exchange(
+                    upstream,
+                    bytes,
+                    idempotent_and_free,
+                    outcome,
+                    started,
+                    deadline,
+                )
+                .await;
+            let last_chance = outcome.attempts >= self.routing.max_attempts
+                || Instant::now() >= deadline
+                || !self.routing.has_next(model, tried);
+            match result {
+                Ok((conn, head, buffered)) => {
+                    let status = head.status.as_u16();
+                    self.routing
+                        .judge_answer(chosen, key, &head, Instant::now());
+                    if retryable_status(status) && !last_chance {
+                        self.metrics
+                            .record_attempt(chosen, AttemptOutcome::RetryableStatus);
+                        tracing::debug!(upstream = %upstream.name, status, "trying the next upstream");
+                        continue;
+                    }
+                    self.metrics
+                        .record_attempt(chosen, AttemptOutcome::Answered);
+                    break Ok((upstream, counted, conn, head, buffered, strip_usage_event));
+                }
+                Err(e) => {
+                    let (kind, retryable) = AttemptOutcome::of_error(&e);
+                    if retryable {
+                        self.routing.judge_failure(chosen, Instant::now());
+                    }
+                    self.metrics.record_attempt(chosen, kind);
+                    if retryable && !last_chance {
+                        tracing::debug!(upstream = %upstream.name, error = %e, "trying the next upstream");
+                        continue;
+                    }
+                    break Err(e);
+                }
+            }
+        };
+        let (upstream, _counted, mut conn, head, buffered, strip_usage_event) = match answered {
             Ok(answer) => answer,
             Err(e) => return self.fail(client, e, keep_alive, outcome).await,
         };
@@ -640,7 +838,7 @@ impl Proxy {
                     pool: &self.buffers,
                     drains: &self.drains,
                 },
-                self.timeouts,
+                upstream.timeouts,
                 started,
                 &mut |end: &RelayEnd| {
                     take_body(end, outcome);
@@ -649,6 +847,26 @@ impl Proxy {
             )
             .await;
         self.settle_relay(upstream, conn, end, outcome)
+    }
+
+    /// The credential for `upstream`: a key of its own pool; else a virtual key's
+    /// `upstream_key`; else (passthrough) the client's own. A virtual key is never sent on.
+    fn credential<'a>(
+        &self,
+        upstream: &'a Upstream,
+        key: Option<usize>,
+        upstream_key: Option<&'a Secret>,
+    ) -> Result<Credential<'a>, Error> {
+        if let Some(pooled) = key.and_then(|k| upstream.keys.get(k)) {
+            return Ok(Credential::Pool(pooled.header_value()));
+        }
+        match (upstream_key, self.directory.mode()) {
+            (Some(key), _) => Ok(Credential::Virtual(key)),
+            (None, KeyMode::Passthrough) => Ok(Credential::Client),
+            // Refused at start (a virtual key without upstream_key needs every upstream to
+            // have keys); never forward the virtual key itself.
+            (None, KeyMode::Virtual) => Err(Error::InvalidKey),
+        }
     }
 
     fn settle_relay(
@@ -670,52 +888,6 @@ impl Proxy {
         end.client_persist
     }
 
-    /// The upstream request head and body as one buffer: one write, one syscall.
-    /// `upstream_key`, when set, replaces the client's `Authorization` (a virtual key).
-    fn upstream_request(
-        &self,
-        request: &Request,
-        upstream_key: Option<&Secret>,
-        upstream: &Upstream,
-    ) -> Vec<u8> {
-        let head = &request.head;
-        let rest = head.target.strip_prefix("/v1").unwrap_or(&head.target);
-        let mut out = self.buffers.take();
-        out.reserve(512 + request.body.len());
-        out.extend_from_slice(head.method.as_str().as_bytes());
-        out.push(b' ');
-        out.extend_from_slice(upstream.url.base_path.as_bytes());
-        out.extend_from_slice(rest.as_bytes());
-        out.extend_from_slice(b" HTTP/1.1\r\n");
-        h1::write_header("host", upstream.authority.as_bytes(), &mut out);
-        for (name, value) in &head.headers {
-            // Compressed responses would hide the usage from the scanner: ask for identity.
-            if name == header::ACCEPT_ENCODING || h1::is_hop_by_hop(name, &head.headers) {
-                continue;
-            }
-            if name == header::AUTHORIZATION && upstream_key.is_some() {
-                continue;
-            }
-            h1::write_header(name.as_str(), value.as_bytes(), &mut out);
-        }
-        if let Some(key) = upstream_key {
-            let value = format!("Bearer {}", key.expose());
-            h1::write_header("authorization", value.as_bytes(), &mut out);
-        }
-        let sends_body = !request.body.is_empty()
-            || matches!(head.method, Method::POST | Method::PUT | Method::PATCH);
-        if sends_body {
-            h1::write_header(
-                "content-length",
-                request.body.len().to_string().as_bytes(),
-                &mut out,
-            );
-        }
-        out.extend_from_slice(b"\r\n");
-        out.extend_from_slice(&request.body);
-        out
-    }
-
     /// Sends the request and reads the response head. The request is sent again, once, on a
     /// fresh connection only when it provably did not reach the upstream: a pooled connection
     /// refused its first write (nothing of the request was taken). Once any byte of it was
@@ -729,11 +901,18 @@ impl Proxy {
         idempotent_and_free: bool,
         outcome: &mut Outcome<'_>,
         started: Instant,
+        deadline: Instant,
     ) -> Result<(Conn, ResponseHead, Vec<u8>), Error> {
         let mut request = request;
+        let timing = HeadTiming {
+            started,
+            deadline,
+            first_byte: upstream.timeouts.upstream_first_byte,
+            read: upstream.timeouts.upstream_read,
+        };
         if let Some(conn) = upstream.pooled() {
             match self
-                .send_and_read_head(conn, request, idempotent_and_free, outcome, started)
+                .send_and_read_head(conn, request, idempotent_and_free, outcome, timing)
                 .await
             {
                 Attempt::Answered(conn, head, rest) => return Ok((conn, head, rest)),
@@ -741,9 +920,19 @@ impl Proxy {
                 Attempt::DeadBeforeAnswer(back) => request = back,
             }
         }
-        let conn = upstream.connect().await?;
+        let connect = upstream
+            .timeouts
+            .upstream_connect
+            .min(deadline.saturating_duration_since(Instant::now()));
+        let conn = match upstream.connect_within(connect).await {
+            Ok(conn) => conn,
+            Err(e) => {
+                self.buffers.give(request);
+                return Err(e);
+            }
+        };
         match self
-            .send_and_read_head(conn, request, false, outcome, started)
+            .send_and_read_head(conn, request, false, outcome, timing)
             .await
         {
             Attempt::Answered(conn, head, rest) => Ok((conn, head, rest)),
@@ -761,8 +950,9 @@ impl Proxy {
         request: Vec<u8>,
         may_retry: bool,
         outcome: &mut Outcome<'_>,
-        started: Instant,
+        timing: HeadTiming,
     ) -> Attempt {
+        let started = timing.started;
         let (written, request) = send_request(&mut conn, request).await;
         if let Sent::Nothing = written {
             return Attempt::DeadBeforeAnswer(request);
@@ -780,7 +970,7 @@ impl Proxy {
             self.buffers.give(request.take().unwrap_or_default());
         }
         let mut buf = self.buffers.take();
-        let mut limit = self.timeouts.upstream_first_byte;
+        let mut limit = timing.first_byte;
         let mut answered = false;
         loop {
             // What was read is parsed before reading again: an interim 1xx and the final head
@@ -808,7 +998,9 @@ impl Proxy {
                     }
                 }
             }
-            match net::read_more_within(&mut conn, &mut buf, relay::READ_BUF_BYTES, limit).await {
+            // Every read ends by the deadline of all attempts too.
+            let within = limit.min(timing.deadline.saturating_duration_since(Instant::now()));
+            match net::read_more_within(&mut conn, &mut buf, relay::READ_BUF_BYTES, within).await {
                 Timed::TimedOut => return Attempt::Failed(Error::UpstreamTimeout),
                 Timed::Done(Ok(0)) | Timed::Done(Err(_)) => {
                     return match request {
@@ -820,7 +1012,7 @@ impl Proxy {
                 }
                 Timed::Done(Ok(_)) => answered = true,
             }
-            limit = self.timeouts.upstream_read;
+            limit = timing.read;
         }
     }
 
@@ -846,6 +1038,19 @@ impl Proxy {
             Persist::Close
         }
     }
+}
+
+/// How long an attempt may wait for its response head.
+#[derive(Clone, Copy)]
+struct HeadTiming {
+    /// The request's arrival.
+    started: Instant,
+    /// The end of all attempts together.
+    deadline: Instant,
+    /// Request sent → the answer's first byte.
+    first_byte: Duration,
+    /// Between two reads of the head after that.
+    read: Duration,
 }
 
 enum Attempt {
@@ -1069,6 +1274,8 @@ impl Proxy {
             cost_nano: charge.map_or(0, |c| c.cost_nano),
             default_price: charge.is_some_and(|c| c.matched == Match::Default),
             billed: charge.map(|c| (c.key, c.model)),
+            upstream: outcome.upstream_index,
+            ttft: outcome.ttft,
         });
         log_access(outcome, charge, error, started);
     }
@@ -1188,8 +1395,14 @@ impl Proxy {
         if let Err(e) = admitted {
             return self.fail(client, e, keep_alive, outcome).await;
         }
-        self.forward(request, keep_alive, client, false, outcome, started)
-            .await
+        self.forward(
+            Outgoing::as_is(request),
+            keep_alive,
+            client,
+            outcome,
+            started,
+        )
+        .await
     }
 
     /// A route that costs money Aura cannot price: refused for a virtual key unless the
@@ -1329,6 +1542,7 @@ fn log_access(outcome: &Outcome, charge: Option<Charge>, error: Option<&Error>, 
         key_id = key_id.as_str(),
         model = outcome.model.as_deref().unwrap_or(""),
         upstream = outcome.upstream.unwrap_or(""),
+        attempts = outcome.attempts,
         stream = outcome.stream,
         usage,
         prompt_tokens = prompt,

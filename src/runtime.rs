@@ -148,14 +148,7 @@ pub fn start(config: &Config, resolvers: Vec<Resolver>) -> Result<Running, Start
     let (listeners, addr, port_lock) =
         bind_listeners(SocketAddr::new(config.listen_addr, config.port), workers)?;
     let routes = config.routes();
-    let tls = if routes
-        .iter()
-        .any(|u| u.url.scheme == crate::config::Scheme::Https)
-    {
-        Some(crate::upstream::tls_config(config).map_err(StartError::Tls)?)
-    } else {
-        None
-    };
+    let tls = crate::upstream::tls_configs(config, &routes).map_err(StartError::Tls)?;
     if resolvers.len() != routes.len() {
         return Err(StartError::Upstreams(format!(
             "{} resolvers for {} upstreams",
@@ -164,15 +157,9 @@ pub fn start(config: &Config, resolvers: Vec<Resolver>) -> Result<Running, Start
         )));
     }
     // Validate the upstream setup once, before any thread starts.
-    for (route, resolver) in routes.iter().zip(&resolvers) {
-        Upstream::new(
-            &route.name,
-            &route.url,
-            config,
-            resolver.clone(),
-            tls.clone(),
-        )
-        .map_err(|e| StartError::Tls(format!("upstream `{}`: {e}", route.name)))?;
+    for ((route, resolver), tls) in routes.iter().zip(&resolvers).zip(&tls) {
+        Upstream::new(route, config, resolver.clone(), tls.clone())
+            .map_err(|e| StartError::Tls(format!("upstream `{}`: {e}", route.name)))?;
     }
     let cores = if config.pin_workers {
         core_affinity::get_core_ids().unwrap_or_default()
@@ -195,7 +182,10 @@ pub fn start(config: &Config, resolvers: Vec<Resolver>) -> Result<Running, Start
         .filter_map(|k| Some((KeyId::of(k.key.expose()), dollars_to_nano(k.limit_dollars?))))
         .collect();
     let limits = Arc::new(KeyLimits::new(budgets.default_limit_nano, per_key));
-    let directory = Arc::new(Directory::new(budgets.key_mode, &budgets.keys));
+    registry.set_upstreams(routes.iter().map(|r| r.name.clone()).collect());
+    let upstreams_keyed = routes.iter().all(|r| !r.keys.is_empty());
+    let directory =
+        Arc::new(Directory::new(budgets.key_mode, &budgets.keys).upstreams_keyed(upstreams_keyed));
     registry.set_aliases(directory.aliases());
     let shard_count = listeners.len();
     let clock = system_clock();
@@ -380,7 +370,7 @@ fn run_worker(
     config: Config,
     io: IoPlan,
     resolvers: Vec<Resolver>,
-    tls: Option<Arc<rustls::ClientConfig>>,
+    tls: Vec<Option<Arc<rustls::ClientConfig>>>,
     registry: Arc<Registry>,
     budget: Budget,
     shutdown: Arc<AtomicBool>,
@@ -399,9 +389,8 @@ fn run_worker(
         let upstreams: Result<Vec<Upstream>, String> = routes
             .iter()
             .zip(resolvers)
-            .map(|(route, resolver)| {
-                Upstream::new(&route.name, &route.url, &config, resolver, tls.clone())
-            })
+            .zip(tls)
+            .map(|((route, resolver), tls)| Upstream::new(route, &config, resolver, tls))
             .collect();
         let upstreams = match upstreams {
             Ok(u) => u,
@@ -435,6 +424,9 @@ fn run_worker(
                 models,
                 picker: Picker::new(routes.len(), id as u64),
                 listing: (!config.upstreams.is_empty()).then(|| Routing::listing(&routes)),
+                max_attempts: config.max_attempts,
+                total_timeout: config.upstream_total_timeout,
+                health: config.health,
             },
             &config,
             registry.clone(),

@@ -5,13 +5,17 @@
 //! the addresses as a swapped `Arc`; workers only read that snapshot when they open a
 //! connection, never per request.
 
+pub mod health;
+pub mod keys;
 mod records;
+pub mod retry;
 pub mod select;
 
 use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::path::Path;
 use std::rc::Rc;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -22,8 +26,11 @@ use monoio::net::TcpStream;
 use monoio::BufResult;
 use rustls::pki_types::ServerName;
 
-use crate::config::{Config, Scheme, UpstreamUrl};
+use crate::config::upstreams::AzureSettings;
+use crate::config::{Config, Scheme, Timeouts, UpstreamEntry, UpstreamKind, UpstreamUrl};
 use crate::error::Error;
+use health::Health;
+use keys::KeyPool;
 use records::RecordPacer;
 
 /// How often the resolver thread looks the upstream host up again.
@@ -90,11 +97,12 @@ fn lookup(host: &str, port: u16) -> io::Result<Arc<[SocketAddr]>> {
     Ok(Arc::from(addrs))
 }
 
-/// rustls client config: the Mozilla root store plus any operator-supplied CA file.
-pub fn tls_config(config: &Config) -> Result<Arc<rustls::ClientConfig>, String> {
+/// rustls client config: the Mozilla root store plus the operator's CA files (the global
+/// `upstream_ca_file`, and an upstream's own `ca_file`).
+pub fn tls_config(ca_files: &[&Path]) -> Result<Arc<rustls::ClientConfig>, String> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(path) = &config.upstream_ca_file {
+    for path in ca_files {
         let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
         for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
             let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
@@ -110,6 +118,41 @@ pub fn tls_config(config: &Config) -> Result<Arc<rustls::ClientConfig>, String> 
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(tls))
+}
+
+/// Each route's TLS setup, in `routes` order: None for an http upstream; https upstreams
+/// without a `ca_file` of their own share one.
+pub fn tls_configs(
+    config: &Config,
+    routes: &[UpstreamEntry],
+) -> Result<Vec<Option<Arc<rustls::ClientConfig>>>, String> {
+    let global: Vec<&Path> = config
+        .upstream_ca_file
+        .iter()
+        .map(|p| p.as_path())
+        .collect();
+    let mut shared = None;
+    let mut out = Vec::with_capacity(routes.len());
+    for route in routes {
+        let tls = match (&route.url.scheme, &route.ca_file) {
+            (Scheme::Http, _) => None,
+            (Scheme::Https, Some(own)) => {
+                let mut files = global.clone();
+                files.push(own);
+                Some(tls_config(&files).map_err(|e| format!("upstream `{}`: {e}", route.name))?)
+            }
+            (Scheme::Https, None) => match &shared {
+                Some(tls) => Some(Arc::clone(tls)),
+                None => {
+                    let tls = tls_config(&global)?;
+                    shared = Some(Arc::clone(&tls));
+                    Some(tls)
+                }
+            },
+        };
+        out.push(tls);
+    }
+    Ok(out)
 }
 
 /// One upstream connection, plain or TLS (with its socket's descriptor and what its record
@@ -209,31 +252,41 @@ impl AsyncWriteRent for Conn {
     }
 }
 
-/// A worker's way to the upstream: its own pool, no locks on the request path.
+/// A worker's way to one upstream: its own pool, keys and health, no locks on the request
+/// path; and what its `[[upstreams]]` entry sets (or the global settings where it is silent).
 pub struct Upstream {
     /// Its name in `[[upstreams]]` (`default` for `upstream_url`): the access log's `upstream`.
     pub name: String,
     pub url: UpstreamUrl,
+    pub kind: UpstreamKind,
     /// The `Host` header value, computed once rather than per request.
     pub authority: String,
+    pub timeouts: Timeouts,
+    pub inject_stream_usage: bool,
+    /// Its own provider keys (empty: the request's credential goes on).
+    pub keys: KeyPool,
+    pub health: Health,
+    /// Its `headers`, as `name: value\r\n` lines, and their names (a client's header of the
+    /// same name is not forwarded).
+    extra_headers: Vec<u8>,
+    extra_names: Vec<String>,
+    pub azure: Option<AzureSettings>,
     resolver: Resolver,
     tls: Option<(monoio_rustls::TlsConnector, ServerName<'static>)>,
-    connect_timeout: Duration,
     max_idle: usize,
     idle: RefCell<Vec<(Conn, Instant)>>,
 }
 
 impl Upstream {
-    /// The upstream named `name` at `url` (one of `config.routes()`), with the pool and
-    /// timeouts `config` sets for every upstream.
+    /// The upstream of `route` (one of `config.routes()`), with the pool size and the settings
+    /// `config` sets for every upstream where the route sets none.
     pub fn new(
-        name: &str,
-        url: &UpstreamUrl,
+        route: &UpstreamEntry,
         config: &Config,
         resolver: Resolver,
         tls: Option<Arc<rustls::ClientConfig>>,
     ) -> Result<Upstream, String> {
-        let url = url.clone();
+        let url = route.url.clone();
         let tls = match (&url.scheme, tls) {
             (Scheme::Https, Some(tls)) => {
                 let name = ServerName::try_from(url.host.clone())
@@ -243,16 +296,49 @@ impl Upstream {
             (Scheme::Https, None) => return Err("https upstream without a TLS config".into()),
             (Scheme::Http, _) => None,
         };
+        let mut timeouts = config.timeouts;
+        let own = route.timeouts;
+        timeouts.upstream_connect = own.connect.unwrap_or(timeouts.upstream_connect);
+        timeouts.upstream_first_byte = own.first_byte.unwrap_or(timeouts.upstream_first_byte);
+        timeouts.upstream_read = own.read.unwrap_or(timeouts.upstream_read);
+        let mut extra_headers = Vec::new();
+        for (name, value) in &route.headers {
+            crate::http::write_header(name, value.expose().as_bytes(), &mut extra_headers);
+        }
         Ok(Upstream {
-            name: name.to_string(),
+            name: route.name.clone(),
             authority: url.authority(),
             url,
+            kind: route.kind,
+            timeouts,
+            inject_stream_usage: route
+                .inject_stream_usage
+                .unwrap_or(config.inject_stream_usage),
+            keys: KeyPool::new(route.kind, &route.keys),
+            health: Health::default(),
+            extra_headers,
+            extra_names: route.headers.iter().map(|(n, _)| n.clone()).collect(),
+            azure: route.azure.clone(),
             resolver,
             tls,
-            connect_timeout: config.timeouts.upstream_connect,
             max_idle: config.upstream_pool_max_idle,
             idle: RefCell::new(Vec::new()),
         })
+    }
+
+    /// Its `headers` as head lines, to append to a request head.
+    pub fn extra_headers(&self) -> &[u8] {
+        &self.extra_headers
+    }
+
+    /// Whether its `headers` set `name` (lower case): the client's is then not forwarded.
+    pub fn sets_header(&self, name: &str) -> bool {
+        !self.extra_names.is_empty() && self.extra_names.iter().any(|n| n == name)
+    }
+
+    /// Whether a request may go to it now: not ejected, and a key of its pool not resting.
+    pub fn available(&self, now: Instant) -> bool {
+        self.health.available(now) && self.keys.any_available(now)
     }
 
     /// The most recently returned connection that is still quiet (nothing arrived on it and it
@@ -282,9 +368,10 @@ impl Upstream {
         }
     }
 
-    /// Opens a fresh connection, trying each resolved address within the connect timeout.
-    pub async fn connect(&self) -> Result<Conn, Error> {
-        match monoio::time::timeout(self.connect_timeout, self.connect_unbounded()).await {
+    /// Opens a fresh connection, trying each resolved address within `limit` (the connect
+    /// timeout, or less where the request's deadline is nearer).
+    pub async fn connect_within(&self, limit: Duration) -> Result<Conn, Error> {
+        match monoio::time::timeout(limit, self.connect_unbounded()).await {
             Ok(result) => result,
             Err(_) => Err(Error::UpstreamTimeout),
         }

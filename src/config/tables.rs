@@ -68,7 +68,7 @@ pub struct Tables {
 /// The names of the tables in the file (the flat settings skip them).
 pub const TABLES: [&str; 3] = ["keys", "prices", "upstreams"];
 
-pub fn parse(file: &toml::Table) -> Result<Tables, Vec<String>> {
+pub fn parse(file: &toml::Table, env: &dyn super::Source) -> Result<Tables, Vec<String>> {
     let mut errors = Vec::new();
     let mut tables = Tables::default();
     for (name, value) in file {
@@ -76,7 +76,7 @@ pub fn parse(file: &toml::Table) -> Result<Tables, Vec<String>> {
             continue;
         }
         if name == "upstreams" {
-            tables.upstreams = super::upstreams::parse(value, &mut errors);
+            tables.upstreams = super::upstreams::parse(value, env, &mut errors);
             continue;
         }
         let Some(entries) = value.as_table() else {
@@ -201,19 +201,21 @@ fn price_entry(f: &mut Fields) -> Option<Price> {
     Some(price)
 }
 
-struct Fields<'a> {
-    at: String,
-    entry: &'a toml::Table,
-    errors: &'a mut Vec<String>,
+pub(super) struct Fields<'a> {
+    pub(super) at: String,
+    pub(super) entry: &'a toml::Table,
+    pub(super) errors: &'a mut Vec<String>,
 }
 
 impl Fields<'_> {
-    fn error(&mut self, what: &str) {
+    pub(super) fn error(&mut self, what: &str) {
+        // `what` may go on with its own punctuation (": `url` …").
+        let space = if what.starts_with(':') { "" } else { " " };
         self.errors
-            .push(format!("config file: `{}` {what}", self.at));
+            .push(format!("config file: `{}`{space}{what}", self.at));
     }
 
-    fn only(&mut self, known: &[&str]) {
+    pub(super) fn only(&mut self, known: &[&str]) {
         let unknown: Vec<String> = self
             .entry
             .keys()
@@ -225,7 +227,7 @@ impl Fields<'_> {
         }
     }
 
-    fn string(&mut self, field: &str, required: bool) -> Option<String> {
+    pub(super) fn string(&mut self, field: &str, required: bool) -> Option<String> {
         match self.entry.get(field) {
             None if required => {
                 self.error(&format!("needs `{field}`"));
@@ -256,7 +258,7 @@ impl Fields<'_> {
         }
     }
 
-    fn count(&mut self, field: &str) -> Option<u64> {
+    pub(super) fn count(&mut self, field: &str) -> Option<u64> {
         match self.entry.get(field)? {
             toml::Value::Integer(v) if *v > 0 => Some(*v as u64),
             _ => {
@@ -272,7 +274,10 @@ mod tests {
     use super::*;
 
     fn tables(text: &str) -> Result<Tables, Vec<String>> {
-        parse(&text.parse::<toml::Table>().unwrap())
+        parse(
+            &text.parse::<toml::Table>().unwrap(),
+            &std::collections::HashMap::new(),
+        )
     }
 
     #[test]

@@ -41,6 +41,10 @@ const FAMILIES: &[(&str, &str, MetricType, &[&str])] = &[
     ("aura_key_tokens_total", "Tokens in reported usage, by key, model and kind.", MetricType::COUNTER, &["key", "model", "kind"]),
     ("aura_key_cost_dollars_total", "What requests were billed, in dollars, by key and model.", MetricType::COUNTER, &["key", "model"]),
     ("aura_budget_remaining_dollars", "What each active key may still spend, as the budget store last answered.", MetricType::GAUGE, &["key"]),
+    ("aura_upstream_up", "Whether each upstream is in the workers' choices (not ejected for failing, a pool key not resting): the share of workers that hold it available, 1 = all.", MetricType::GAUGE, &["upstream"]),
+    ("aura_upstream_requests_total", "Requests each upstream answered (its answer went to the client), by status class.", MetricType::COUNTER, &["upstream", "status_class"]),
+    ("aura_upstream_attempts_total", "Attempts at each upstream, by how they ended: answered, or retryable_status, connect_failed, timeout, reset, protocol_error, other (the request went on to the next upstream while attempts were left).", MetricType::COUNTER, &["upstream", "outcome"]),
+    ("aura_upstream_ttft_seconds", "Time from receiving a request to writing the first body byte of its answer to the client, by the upstream that answered.", MetricType::HISTOGRAM, &["upstream"]),
     ("aura_store_up", "1 while the last budget store call succeeded.", MetricType::GAUGE, &[]),
     ("aura_ledger_queue_ops", "Budget ops waiting for the store.", MetricType::GAUGE, &[]),
     ("aura_ledger_replay_ops", "Ops of an earlier run's journal (a kill, an outage at shutdown) not yet applied.", MetricType::GAUGE, &[]),
@@ -101,6 +105,7 @@ impl Collector for Snapshots {
         let (merged, drivers) = self.source.gather();
         let mut out = Families::default();
         out.snapshot(&merged, &drivers, self.source.aliases());
+        out.upstreams(&merged, self.source.upstreams());
         if let Some(ledger) = self.source.ledger() {
             out.ledger(ledger);
         }
@@ -220,6 +225,37 @@ impl Families {
             Value::Level(s.in_flight as f64),
         );
         self.keys(s, aliases);
+    }
+
+    /// Per upstream, by its `[[upstreams]]` name: whether it is up, what it answered, how its
+    /// attempts ended, and the TTFT of its answers.
+    fn upstreams(&mut self, s: &Snapshot, names: &[String]) {
+        for (name, stats) in names.iter().zip(&s.upstreams) {
+            if stats.workers > 0 {
+                let share = stats.up as f64 / stats.workers as f64;
+                self.add("aura_upstream_up", &[name], Value::Level(share));
+            }
+            for (class, n) in &stats.requests {
+                self.add(
+                    "aura_upstream_requests_total",
+                    &[name, class],
+                    Value::count(*n),
+                );
+            }
+            for outcome in crate::upstream::retry::AttemptOutcome::ALL {
+                let n = stats.attempts[outcome.index()];
+                if n > 0 || outcome == crate::upstream::retry::AttemptOutcome::Answered {
+                    self.add(
+                        "aura_upstream_attempts_total",
+                        &[name, outcome.label()],
+                        Value::count(n),
+                    );
+                }
+            }
+            if let Some(ttft) = &stats.ttft {
+                self.add("aura_upstream_ttft_seconds", &[name], Value::Latency(ttft));
+            }
+        }
     }
 
     /// Per key (its alias, or its key id; `other` past the series cap) and model (its name in
@@ -387,6 +423,8 @@ mod tests {
                 cost_nano: 1_500_000_000,
                 default_price: us == 3,
                 billed: (us == 40).then_some((KeyId::of("sk-prom-a"), Some(&mini))),
+                upstream: None,
+                ttft: None,
             });
         }
         s.record(&Record {
@@ -401,6 +439,8 @@ mod tests {
             cost_nano: 250_000_000,
             default_price: true,
             billed: Some((KeyId::of("sk-prom-b"), None)),
+            upstream: None,
+            ttft: None,
         });
         s.remaining.insert(KeyId::of("sk-prom-b"), 2_500_000_000);
         s.in_flight = 3;

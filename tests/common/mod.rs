@@ -71,6 +71,16 @@ macro_rules! on_both_drivers {
     )+};
 }
 
+/// Writes `text` as `aura.toml` in a directory of its own, named by `name` (unique per test
+/// and driver) and this process; returns its path.
+pub fn config_file(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("aura-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("aura.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 /// The project's mock upstream on 127.0.0.1, a free port.
 pub fn start_mock(options: MockOptions) -> MockUpstream {
     MockUpstream::start(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), options)
