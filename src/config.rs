@@ -12,6 +12,7 @@ use std::time::Duration;
 use crate::pricing::{self, Price};
 use crate::runtime::io_driver::{IoDriver, IoSettings, RingFlags};
 
+pub mod print;
 pub mod tables;
 pub mod upstreams;
 

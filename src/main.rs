@@ -17,7 +17,8 @@ fn cli() -> Command {
             "Precedence: defaults < --config FILE < environment < flags.\n\
              Environment names: PORT, UPSTREAM_URL, MOCK_UPSTREAM=true (same as --demo), AURA_<SETTING> for the rest.",
         )
-        .arg(Arg::new("config").long("config").value_name("FILE").help("TOML file with any of the settings below (keys as the flag names with _)"));
+        .arg(Arg::new("config").long("config").value_name("FILE").help("TOML file with any of the settings below (keys as the flag names with _)"))
+        .arg(Arg::new("print-config").long("print-config").action(ArgAction::SetTrue).help("print the routing table (upstreams, their keys and settings, retries, health; secrets redacted) as TOML and exit"));
     for s in SETTINGS {
         let flag: &'static str = Box::leak(s.key.replace('_', "-").into_boxed_str());
         let env = s.env.join(", ");
@@ -32,7 +33,8 @@ fn cli() -> Command {
     cmd
 }
 
-fn load() -> Result<Config, String> {
+/// The configuration, and whether it is only to be printed (`--print-config`).
+fn load() -> Result<(Config, bool), String> {
     let matches = cli().get_matches();
     let mut layers = Vec::new();
     let mut tables = config::Tables::default();
@@ -72,7 +74,7 @@ fn load() -> Result<Config, String> {
     }
     config.upstreams = tables.upstreams;
     credentials_stay_with_their_provider(&config)?;
-    Ok(config)
+    Ok((config, matches.get_flag("print-config")))
 }
 
 /// Where provider keys may go. An upstream's own keys need virtual keys: in passthrough mode
@@ -128,7 +130,11 @@ fn init_logging(format: LogFormat) {
 
 fn main() -> ExitCode {
     let mut config = match load() {
-        Ok(config) => config,
+        Ok((config, false)) => config,
+        Ok((config, true)) => {
+            print!("{}", config::print::routing_table(&config));
+            return ExitCode::SUCCESS;
+        }
         Err(e) => {
             eprintln!("aura: {e}");
             return ExitCode::from(2);

@@ -194,3 +194,40 @@ fn upstream_keys_need_virtual_keys() {
     );
     assert!(!exit.output().contains("sk-operator"), "{}", exit.output());
 }
+
+#[test]
+fn print_config_shows_the_routing_table_without_secrets() {
+    let text = r#"
+        key_mode = "virtual"
+        [keys.team]
+        key = "sk-aura-team-print-0001"
+
+        [[upstreams]]
+        name = "groq"
+        url = "https://api.groq.com/openai/v1"
+        models = ["llama*"]
+        keys = ["gsk-first-key-aaaa1111", "env:AURA_TEST_GROQ_KEY"]
+        "#;
+    let path = write_config("print", Driver::IoUring, text);
+    let exit = Launch::new("", Driver::IoUring)
+        .arg("--config")
+        .arg(path.to_str().unwrap())
+        .arg("--print-config")
+        .env("AURA_TEST_GROQ_KEY", "gsk-second-key-bbbb2222")
+        .run_to_exit();
+    assert_eq!(exit.status.code(), Some(0), "{}", exit.output());
+    let printed = &exit.stdout;
+    assert!(printed.contains(r#"name = "groq""#), "{printed}");
+    assert!(printed.contains(r#"models = ["llama*"]"#), "{printed}");
+    assert!(
+        printed.contains(r#"keys = ["gsk-...1111", "gsk-...2222"]"#),
+        "{printed}"
+    );
+    for secret in ["gsk-first-key", "gsk-second-key", "sk-aura-team-print"] {
+        assert!(
+            !exit.output().contains(secret),
+            "{secret} in {}",
+            exit.output()
+        );
+    }
+}
