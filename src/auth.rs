@@ -180,10 +180,11 @@ impl fmt::Display for KeyId {
 /// Headers that carry a credential to some upstream: OpenAI's, Azure's, Anthropic's.
 const CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "api-key", "x-api-key"];
 
-/// The request's one credential, as a bearer key (None: there is none, or it is not a bearer
-/// key). Two credentials (two `Authorization` headers, or one with `api-key` or `x-api-key`),
-/// or a bearer value that is not one token (`Bearer a, Bearer b`), are refused: an upstream
-/// could use another one than the one Aura bills.
+/// The request's one credential (None: there is none, or it is not a key): a bearer key, or
+/// the key of `x-api-key` (Anthropic's SDKs) or `api-key` (Azure's). Two credentials (two
+/// `Authorization` headers, or one with `api-key` or `x-api-key`), or a value that is not one
+/// token (`Bearer a, Bearer b`), are refused: an upstream could use another one than the one
+/// Aura bills.
 pub fn single_credential(headers: &HeaderMap) -> Result<Option<&str>, Error> {
     let count: usize = CREDENTIAL_HEADERS
         .iter()
@@ -192,11 +193,23 @@ pub fn single_credential(headers: &HeaderMap) -> Result<Option<&str>, Error> {
     if count > 1 {
         return Err(Error::AmbiguousCredentials);
     }
-    let key = bearer(headers);
+    let key = credential(headers);
     if key.is_some_and(|k| k.bytes().any(|b| b.is_ascii_whitespace() || b == b',')) {
         return Err(Error::AmbiguousCredentials);
     }
     Ok(key)
+}
+
+/// The key of the request's credential header: `Authorization: Bearer <key>`, `x-api-key` or
+/// `api-key` (the first present, in that order); None when absent, empty, or not a bearer key.
+pub fn credential(headers: &HeaderMap) -> Option<&str> {
+    if headers.contains_key(header::AUTHORIZATION) {
+        return bearer(headers);
+    }
+    ["x-api-key", "api-key"].iter().find_map(|name| {
+        let key = headers.get(*name)?.to_str().ok()?.trim();
+        (!key.is_empty()).then_some(key)
+    })
 }
 
 /// The key of `Authorization: Bearer <key>`; None when absent, another scheme, or empty.

@@ -130,8 +130,14 @@ impl<S: AsyncReadRent + AsyncWriteRent> Handler<S> for ControlPlane {
         match self.answer(&request, reply, client).await {
             Ok(persist) => persist,
             Err(error) => {
-                let written =
-                    server::write_error(client, &error, reply, self.timeouts.client_send).await;
+                let written = server::write_error(
+                    client,
+                    &error,
+                    &error.body(),
+                    reply,
+                    self.timeouts.client_send,
+                )
+                .await;
                 if written && keep_alive {
                     Persist::KeepAlive
                 } else {

@@ -8,6 +8,7 @@
 //! error status, mid-stream reset, ignoring `stream_options`. Every request is recorded.
 //! Not on the hot path: bodies are parsed with serde_json. Depends on `server` and below only.
 
+pub mod anthropic;
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -41,6 +42,9 @@ pub const END_DELAY_MS_HEADER: &str = "x-mock-end-delay-ms";
 pub const MODEL_HEADER: &str = "x-mock-model";
 /// Chat completions: report `PROMPT,COMPLETION` tokens, whatever was sent (a lying upstream).
 pub const USAGE_HEADER: &str = "x-mock-usage";
+/// Anthropic Messages answers: prompt tokens written to (and read from) the cache.
+pub const CACHE_WRITE_HEADER: &str = "x-mock-cache-write";
+pub const CACHE_READ_HEADER: &str = "x-mock-cache-read";
 
 /// `created` of every answer: fixed so answers are byte-for-byte reproducible.
 const CREATED: u64 = 1_732_000_000;
@@ -345,6 +349,20 @@ impl<S: AsyncWriteRent> Handler<S> for MockHandler {
                     .await
             };
         }
+        if *method == Method::POST && path.ends_with("/v1/messages/count_tokens") {
+            let body = anthropic::count_tokens(prompt_tokens(&request.body));
+            return server::write_json(
+                client,
+                StatusCode::OK,
+                &body,
+                Reply::new(keep_alive),
+                TIMEOUTS.client_send,
+            )
+            .await;
+        }
+        if *method == Method::POST && path.ends_with("/v1/messages") {
+            return self.messages(&request, &control, keep_alive, client).await;
+        }
         if *method == Method::POST && path.ends_with("/audio/speech") {
             // Binary audio, no usage: what text to speech answers.
             sleep(control.delay).await;
@@ -413,6 +431,64 @@ impl MockHandler {
         let usage =
             (asked && control.honour_stream_options).then_some((prompt_tokens, completion_tokens));
         let events = self.stream_events(control.chunks, model, usage);
+        write_stream(&events, control, keep_alive, client).await
+    }
+
+    /// Anthropic's `/v1/messages`: the model asked answers, whole or streamed, its usage as
+    /// `anthropic::MessagesUsage` says (the input less what the cache counts took).
+    async fn messages<S: AsyncWriteRent>(
+        &self,
+        request: &Request,
+        control: &Control,
+        keep_alive: bool,
+        client: &mut S,
+    ) -> Persist {
+        let Ok(json) = serde_json::from_slice::<Value>(&request.body) else {
+            let body = anthropic::error("invalid_request_error", "mock: body is not JSON");
+            return server::write_json(
+                client,
+                StatusCode::BAD_REQUEST,
+                &body,
+                Reply::new(keep_alive),
+                TIMEOUTS.client_send,
+            )
+            .await;
+        };
+        let count = |name: &str| -> u64 {
+            request
+                .head
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok()?.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let usage = anthropic::MessagesUsage {
+            input: prompt_tokens(&request.body),
+            cache_write: count(CACHE_WRITE_HEADER),
+            cache_read: count(CACHE_READ_HEADER),
+            output: control.chunks as u64,
+        };
+        let asked = json
+            .get("model")
+            .and_then(Value::as_str)
+            .unwrap_or("claude-mock");
+        let model = match &control.model {
+            Some(escaped) => serde_json::from_str::<String>(escaped).unwrap_or_default(),
+            None => asked.to_string(),
+        };
+        if json.get("stream") != Some(&Value::Bool(true)) {
+            sleep(control.delay).await;
+            let body = anthropic::message(&model, control.chunks, usage);
+            return server::write_json(
+                client,
+                StatusCode::OK,
+                &body,
+                Reply::new(keep_alive),
+                TIMEOUTS.client_send,
+            )
+            .await;
+        }
+        let events = anthropic::stream_events(&model, control.chunks, usage);
         write_stream(&events, control, keep_alive, client).await
     }
 

@@ -325,6 +325,40 @@ const BUILTIN_MEDIA: &[(&str, f64, f64, f64, f64, f64, f64)] = &[
     ("gpt-4o-mini-transcribe", 1.25, 3.00, 5.00, 0.0, 0.0, 0.003),
 ];
 
+/// Anthropic's models, in dollars per million tokens (input, output), context window and output
+/// limit, from Anthropic's pricing page (2026). Its prompt cache is priced from the input price
+/// the same way for every model: a read at 0.1×, a 5-minute write at 1.25×, an hour's at 2×.
+/// Sonnet 4 and 4.5 take up to a million tokens of context; past 200k a request's every token
+/// is billed at the long-context prices (2× input, 1.5× output).
+const BUILTIN_ANTHROPIC: &[(&str, f64, f64, u64, u64)] = &[
+    ("claude-opus-4-5", 5.00, 25.00, 200_000, 64_000),
+    ("claude-opus-4-1", 15.00, 75.00, 200_000, 32_000),
+    ("claude-opus-4", 15.00, 75.00, 200_000, 32_000),
+    ("claude-sonnet-4-5", 3.00, 15.00, 1_000_000, 64_000),
+    ("claude-sonnet-4", 3.00, 15.00, 1_000_000, 64_000),
+    ("claude-3-7-sonnet", 3.00, 15.00, 200_000, 64_000),
+    ("claude-haiku-4-5", 1.00, 5.00, 200_000, 64_000),
+    ("claude-3-5-haiku", 0.80, 4.00, 200_000, 8_192),
+    ("claude-3-haiku", 0.25, 1.25, 200_000, 4_096),
+];
+
+/// An Anthropic model's price, its cache prices derived from its input price.
+fn anthropic_price(input: f64, output: f64, max_in: u64, max_out: u64) -> Price {
+    let mut price = Price::per_million(input, output, input * 0.1).with_limits(max_in, max_out);
+    price.cache_write_input_pico = dollars_per_million_to_pico(input * 1.25);
+    price.cache_write_1h_input_pico = dollars_per_million_to_pico(input * 2.0);
+    if max_in > 200_000 {
+        price.long_context = Some(LongContext {
+            above_tokens: 200_000,
+            input_pico: dollars_per_million_to_pico(input * 2.0),
+            output_pico: dollars_per_million_to_pico(output * 1.5),
+            cached_input_pico: dollars_per_million_to_pico(input * 0.2),
+            cache_write_input_pico: dollars_per_million_to_pico(input * 2.5),
+        });
+    }
+    price
+}
+
 impl PriceTable {
     /// The built-in table, with `default` for models not in it.
     pub fn builtin(default: Price) -> PriceTable {
@@ -347,7 +381,15 @@ impl PriceTable {
                 (Arc::from(name), price)
             },
         );
-        let by_name = text.chain(media).collect();
+        let anthropic = BUILTIN_ANTHROPIC
+            .iter()
+            .map(|&(name, input, output, max_in, max_out)| {
+                (
+                    Arc::from(name),
+                    anthropic_price(input, output, max_in, max_out),
+                )
+            });
+        let by_name = text.chain(media).chain(anthropic).collect();
         PriceTable {
             by_name,
             default,
@@ -640,6 +682,41 @@ mod tests {
             ..Usage::default()
         };
         assert_eq!(gpt4o.cost_nano(&written), gpt4o.cost_nano(&usage_of(1000)));
+    }
+
+    #[test]
+    fn claude_is_priced_with_its_cache_reads_and_writes_apart() {
+        let table = PriceTable::builtin(default_price());
+        // A dated name resolves to its base: claude-sonnet-4-5-20250929 → claude-sonnet-4-5.
+        let (sonnet, matched) = table.lookup("claude-sonnet-4-5-20250929");
+        assert_eq!(matched, Match::Base);
+        let usage = Usage {
+            prompt_tokens: 1_000 + 2_000 + 4_000 + 8_000,
+            completion_tokens: 500,
+            cached_prompt_tokens: 4_000,
+            cache_write_prompt_tokens: 2_000 + 8_000,
+            cache_write_1h_prompt_tokens: 8_000,
+            ..Usage::default()
+        };
+        // $ per million: input 3, output 15, read 0.30, 5m write 3.75, 1h write 6.
+        let want_pico = 1_000 * 3_000_000
+            + 500 * 15_000_000
+            + 4_000 * 300_000
+            + 2_000 * 3_750_000
+            + 8_000 * 6_000_000;
+        assert_eq!(sonnet.cost_nano(&usage), Some(want_pico / 1_000));
+        // Past 200k prompt tokens, Sonnet's long-context prices.
+        let long = Usage {
+            prompt_tokens: 300_000,
+            completion_tokens: 1_000,
+            ..Usage::default()
+        };
+        assert_eq!(
+            sonnet.cost_nano(&long),
+            Some((300_000 * 6_000_000 + 1_000 * 22_500_000) / 1_000)
+        );
+        let (haiku, _) = table.lookup("claude-3-5-haiku-20241022");
+        assert_eq!(haiku.max_output_tokens, Some(8_192));
     }
 
     #[test]

@@ -22,6 +22,7 @@ use crate::auth::{self, Directory, KeyId};
 use crate::budget::estimate::{self, Basis, Billable};
 use crate::budget::{self, Refusal};
 use crate::buffers::BufPool;
+use crate::config::upstreams::Api;
 use crate::config::{Config, KeyMode, Limits, Period, Secret, Timeouts};
 use crate::error::Error;
 use crate::http::{self as h1, ResponseHead};
@@ -49,6 +50,8 @@ pub enum Route {
     /// `/admin/keys…`: the admin API (admin.rs).
     Admin,
     ChatCompletions,
+    /// `POST /v1/messages`: Anthropic's Messages API (on `anthropic` upstreams).
+    Messages,
     /// Any other `/v1` route, and how it is billed (route.rs).
     Api(Billing),
     NotFound,
@@ -68,6 +71,7 @@ impl Route {
             _ if path == "/admin" || path.starts_with("/admin/") => Route::Admin,
             _ if path.starts_with("/v1/") => match route::billing(method, path) {
                 Billing::Chat => Route::ChatCompletions,
+                Billing::Messages => Route::Messages,
                 billing => Route::Api(billing),
             },
             _ => Route::NotFound,
@@ -81,6 +85,7 @@ impl Route {
             Route::Usage => "usage",
             Route::Admin => "admin",
             Route::ChatCompletions => "chat_completions",
+            Route::Messages => "messages",
             Route::Api(_) => "passthrough",
             Route::NotFound => "not_found",
             Route::Unparsed => "unparsed",
@@ -127,23 +132,38 @@ impl Routing {
 
     /// The upstreams a request asking for `model` may go to: those serving it; without a model
     /// (a file, a listing), the first upstream with a weight alone.
-    fn candidates(&self, model: Option<&str>) -> Vec<usize> {
+    fn candidates(&self, model: Option<&str>, api: Api) -> Vec<usize> {
+        let speaks = |i: &usize| self.upstreams[*i].kind.api() == api;
         match model {
-            Some(model) => self.models.candidates(model),
+            Some(model) => self
+                .models
+                .candidates(model)
+                .into_iter()
+                .filter(speaks)
+                .collect(),
             None => (0..self.models.len())
+                .filter(speaks)
                 .find(|&i| self.models.weight(i) > 0)
                 .into_iter()
                 .collect(),
         }
     }
 
+    /// Whether an `anthropic` upstream is configured: `/v1/messages` is then Aura's Messages
+    /// route (billed, on those upstreams); without one it is forwarded as before (unpriced).
+    pub fn speaks_anthropic(&self) -> bool {
+        self.upstreams
+            .iter()
+            .any(|u| u.kind.api() == Api::Anthropic)
+    }
+
     /// The next upstream for a request asking for `model`, none of `tried` (a bit per
     /// upstream): among those available now (not ejected, a pool key not resting), by weight
     /// and load; when none is, among all of them, as Envoy's panic threshold does: a try
     /// beats a certain failure.
-    fn next(&self, model: Option<&str>, tried: u64, now: Instant) -> Option<usize> {
+    fn next(&self, model: Option<&str>, api: Api, tried: u64, now: Instant) -> Option<usize> {
         let untried: Vec<usize> = self
-            .candidates(model)
+            .candidates(model, api)
             .into_iter()
             .filter(|&i| tried & (1 << i) == 0)
             .collect();
@@ -161,8 +181,8 @@ impl Routing {
     }
 
     /// Whether an upstream serving `model` is left untried.
-    fn has_next(&self, model: Option<&str>, tried: u64) -> bool {
-        self.candidates(model)
+    fn has_next(&self, model: Option<&str>, api: Api, tried: u64) -> bool {
+        self.candidates(model, api)
             .into_iter()
             .any(|i| tried & (1 << i) == 0)
     }
@@ -218,10 +238,16 @@ impl Routing {
 
     /// Whether some upstream serves `model`: checked before a request reserves anything, so
     /// a model nobody serves is a 404 whatever the key's budget or the store's state.
-    fn check(&self, model: Option<&str>) -> Result<(), Error> {
-        match model {
-            Some(model) if !self.models.serves(model) => Err(Error::model_not_found(model)),
-            _ => Ok(()),
+    fn check(&self, model: Option<&str>, api: Api) -> Result<(), Error> {
+        let Some(model) = model else {
+            return Ok(());
+        };
+        let served = (0..self.upstreams.len())
+            .any(|i| self.upstreams[i].kind.api() == api && self.models.serves_at(i, model));
+        if served {
+            Ok(())
+        } else {
+            Err(Error::model_not_found(model))
         }
     }
 }
@@ -324,6 +350,8 @@ struct Outcome<'p> {
     upstream_index: Option<usize>,
     /// Upstreams tried.
     attempts: u32,
+    /// The API it speaks: its upstreams, and the shape of Aura's own errors to it.
+    api: Api,
 }
 
 impl<'p> Outcome<'p> {
@@ -348,6 +376,7 @@ impl<'p> Outcome<'p> {
             upstream: None,
             upstream_index: None,
             attempts: 0,
+            api: Api::OpenAi,
         }
     }
 
@@ -445,7 +474,8 @@ impl Proxy {
         outcome: &mut Outcome<'p>,
     ) -> Result<(), Error> {
         let key = self.authorize(request, outcome)?;
-        self.routing.check(admission.model.as_deref())?;
+        self.routing
+            .check(admission.model.as_deref(), outcome.api)?;
         let reservation = self.budget.reserve(key, admission.estimate).await.map_err(
             |refusal| match refusal {
                 Refusal::Denied {
@@ -520,7 +550,11 @@ impl Proxy {
                 estimate::transcription_estimate(&price, bytes, self.default_max_output_tokens),
                 None,
             ),
-            Billing::Chat | Billing::Usage(_) | Billing::Free | Billing::Unpriced => return None,
+            Billing::Chat
+            | Billing::Messages
+            | Billing::Usage(_)
+            | Billing::Free
+            | Billing::Unpriced => return None,
         };
         Some(Admission {
             estimate,
@@ -573,7 +607,7 @@ impl Proxy {
             Ok(id) => id,
             Err(e) => return self.fail(client, e, keep_alive, outcome).await,
         };
-        let key = auth::bearer(&request.head.headers).unwrap_or_default();
+        let key = auth::credential(&request.head.headers).unwrap_or_default();
         let account = match self.budget.ledger().call(move |s| s.account(id)).await {
             Ok(account) => account,
             Err(e) => {
@@ -643,17 +677,8 @@ impl Proxy {
         outcome: &mut Outcome<'p>,
         started: Instant,
     ) -> Persist {
-        if let Some(encoding) = request.head.headers.get(header::CONTENT_ENCODING) {
-            if !encoding.as_bytes().eq_ignore_ascii_case(b"identity") {
-                return self
-                    .fail(
-                        client,
-                        Error::Unsupported("a compressed request body"),
-                        keep_alive,
-                        outcome,
-                    )
-                    .await;
-            }
+        if let Err(e) = identity_encoded(&request) {
+            return self.fail(client, e, keep_alive, outcome).await;
         }
         let rewrite = match rewrite::rewrite_chat_body(&request.body) {
             Ok(rewrite) => rewrite,
@@ -695,6 +720,50 @@ impl Proxy {
     /// upstream/retry.rs) sends it to the next upstream serving the model, never the same one
     /// twice, up to `upstream_max_attempts` and within `upstream_total_timeout_ms`. The
     /// request holds one reservation throughout: only the answer relayed is billed.
+    /// `POST /v1/messages` on an `anthropic` upstream: reserved like a chat completion (every
+    /// body byte a prompt token, `max_tokens` of output), forwarded untouched, billed by the
+    /// usage its stream's `message_start` and `message_delta` tell (or its JSON answer's).
+    async fn messages<'p, S: AsyncWriteRent>(
+        &'p self,
+        request: Request,
+        keep_alive: bool,
+        client: &mut S,
+        outcome: &mut Outcome<'p>,
+        started: Instant,
+    ) -> Persist {
+        if let Err(e) = identity_encoded(&request) {
+            return self.fail(client, e, keep_alive, outcome).await;
+        }
+        let bounds = match billing::messages_bounds(&request.body) {
+            Ok(bounds) => bounds,
+            Err(e) => {
+                return self
+                    .fail(client, Error::MalformedBody(e), keep_alive, outcome)
+                    .await
+            }
+        };
+        let admission = self.usage_admission(
+            &request,
+            Billable::Generates,
+            Some(&bounds.model),
+            bounds.max_tokens,
+            1,
+        );
+        if let Err(e) = self.admit(&request, admission, outcome).await {
+            return self.fail(client, e, keep_alive, outcome).await;
+        }
+        outcome.model = Some(bounds.model);
+        outcome.stream = bounds.stream;
+        self.forward(
+            Outgoing::as_is(request),
+            keep_alive,
+            client,
+            outcome,
+            started,
+        )
+        .await
+    }
+
     async fn forward<'p, S: AsyncWriteRent>(
         &'p self,
         outgoing: Outgoing,
@@ -714,7 +783,7 @@ impl Proxy {
             None => None,
         };
         let model = routed_by.as_deref();
-        if let Err(e) = self.routing.check(model) {
+        if let Err(e) = self.routing.check(model, outcome.api) {
             return self.fail(client, e, keep_alive, outcome).await;
         }
         // Asked twice, such a request costs nothing and changes nothing: a free route's, by an
@@ -729,7 +798,7 @@ impl Proxy {
         let mut tried = 0u64;
         let answered = loop {
             let now = Instant::now();
-            let Some(chosen) = self.routing.next(model, tried, now) else {
+            let Some(chosen) = self.routing.next(model, outcome.api, tried, now) else {
                 // `check` found a candidate, and the loop ends before every one was tried.
                 break Err(Error::model_not_found(model.unwrap_or_default()));
             };
@@ -780,7 +849,7 @@ impl Proxy {
                 .await;
             let last_chance = outcome.attempts >= self.routing.max_attempts
                 || Instant::now() >= deadline
-                || !self.routing.has_next(model, tried);
+                || !self.routing.has_next(model, outcome.api, tried);
             match result {
                 Ok((conn, head, buffered)) => {
                     let status = head.status.as_u16();
@@ -828,7 +897,8 @@ impl Proxy {
             strip_usage_event && kind == BodyKind::EventStream,
             keep_alive,
             client_http11,
-        );
+        )
+        .speaking(outcome.api);
         let end = relay
             .run(
                 &mut conn,
@@ -1024,9 +1094,14 @@ impl Proxy {
         outcome: &mut Outcome<'_>,
     ) -> Persist {
         outcome.status = Some(error.status());
+        let body = match outcome.api {
+            Api::OpenAi => error.body(),
+            Api::Anthropic => error.anthropic_body(),
+        };
         let written = server::write_error(
             client,
             &error,
+            &body,
             outcome.reply(keep_alive),
             self.timeouts.client_send,
         )
@@ -1124,6 +1199,12 @@ impl<S: AsyncReadRent + AsyncWriteRent> Handler<S> for Proxy {
         };
         let mut settling = Settling::new(self, route, head_only, started);
         let outcome = &mut settling.outcome;
+        // Anthropic's routes, where an `anthropic` upstream serves them: its upstreams, its
+        // errors' shape.
+        let messages = target.path == "/v1/messages" || target.path.starts_with("/v1/messages/");
+        if messages && self.routing.speaks_anthropic() {
+            outcome.api = Api::Anthropic;
+        }
         let persist = match route {
             Route::Health | Route::Metrics | Route::Usage
                 if !matches!(request.head.method, Method::GET | Method::HEAD) =>
@@ -1160,6 +1241,21 @@ impl<S: AsyncReadRent + AsyncWriteRent> Handler<S> for Proxy {
             Route::ChatCompletions => {
                 self.chat(request, keep_alive, client, outcome, started)
                     .await
+            }
+            Route::Messages if outcome.api == Api::Anthropic => {
+                self.messages(request, keep_alive, client, outcome, started)
+                    .await
+            }
+            Route::Messages => {
+                self.pass_through(
+                    Billing::Messages,
+                    request,
+                    keep_alive,
+                    client,
+                    outcome,
+                    started,
+                )
+                .await
             }
             Route::Usage => self.usage(&request, keep_alive, client, outcome).await,
             Route::Admin => self.admin(&request, keep_alive, client, outcome).await,
@@ -1389,7 +1485,8 @@ impl Proxy {
                     None => self.unpriced(&request, outcome, virtual_key),
                 }
             }
-            Billing::Unpriced => self.unpriced(&request, outcome, virtual_key),
+            // Messages without an `anthropic` upstream: forwarded as any unknown route.
+            Billing::Unpriced | Billing::Messages => self.unpriced(&request, outcome, virtual_key),
             Billing::Chat | Billing::Free => self.forwarded_as_is(&request, outcome, virtual_key),
         };
         if let Err(e) = admitted {
@@ -1473,6 +1570,16 @@ impl Proxy {
             }
             Err(e) => self.fail(client, e, keep_alive, outcome).await,
         }
+    }
+}
+
+/// A body Aura reads must come as it is: a compressed one would hide its model and bounds.
+fn identity_encoded(request: &Request) -> Result<(), Error> {
+    match request.head.headers.get(header::CONTENT_ENCODING) {
+        Some(encoding) if !encoding.as_bytes().eq_ignore_ascii_case(b"identity") => {
+            Err(Error::Unsupported("a compressed request body"))
+        }
+        _ => Ok(()),
     }
 }
 

@@ -166,6 +166,9 @@ fn decode_unreserved(path: &str) -> Result<String, TargetError> {
 pub enum Billing {
     /// Chat completions: the body is rewritten for the usage event (proxy.rs).
     Chat,
+    /// Anthropic's Messages: billed by the usage of its `message_start` and `message_delta`
+    /// events, or of its JSON answer (usage/anthropic.rs).
+    Messages,
     /// By the usage the answer reports (completions, responses, embeddings).
     Usage(Billable),
     /// Images: by the answer's usage (gpt-image) or per image, `n` of them.
@@ -185,6 +188,7 @@ impl Billing {
     pub fn label(self) -> &'static str {
         match self {
             Billing::Chat => "chat_completions",
+            Billing::Messages => "messages",
             Billing::Usage(_) => "usage",
             Billing::Images => "images",
             Billing::Speech => "speech",
@@ -199,6 +203,9 @@ impl Billing {
 /// it is billed. Routes not listed: GET/HEAD/DELETE/OPTIONS are free, anything else unpriced.
 pub const API: &[(Method, &str, Billing)] = &[
     (Method::POST, "/chat/completions", Billing::Chat),
+    // Anthropic's Messages API, on `anthropic` upstreams (proxy.rs); counting tokens is free.
+    (Method::POST, "/messages", Billing::Messages),
+    (Method::POST, "/messages/count_tokens", Billing::Free),
     (
         Method::POST,
         "/completions",

@@ -81,7 +81,14 @@ where
                     keep_alive: false,
                     head_only: head_only || buf.starts_with(b"HEAD "),
                 };
-                write_error(&mut stream, &error, reply, timeouts.client_send).await;
+                write_error(
+                    &mut stream,
+                    &error,
+                    &error.body(),
+                    reply,
+                    timeouts.client_send,
+                )
+                .await;
                 return;
             }
         };
@@ -117,10 +124,12 @@ impl<H: Handler<S>, S> Drop for Receiving<'_, H, S> {
     }
 }
 
-/// Writes an error response (with `Allow` for a 405), within `within`; whether it was written.
+/// Writes an error response, `body` (the error in its API's shape), with `Allow` for a 405,
+/// within `within`; whether it was written.
 pub async fn write_error<S: AsyncWriteRent>(
     stream: &mut S,
     error: &Error,
+    body: &[u8],
     reply: Reply,
     within: Duration,
 ) -> bool {
@@ -132,7 +141,7 @@ pub async fn write_error<S: AsyncWriteRent>(
     h1::write_simple_response(
         error.status(),
         "application/json",
-        &error.body(),
+        body,
         allow.as_slice(),
         reply,
         &mut out,

@@ -37,7 +37,25 @@ pub enum UpstreamKind {
     Anthropic,
 }
 
+/// The API a request speaks, and so which upstreams may serve it and the shape of Aura's own
+/// errors to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// OpenAI's: chat completions and every other `/v1` route.
+    OpenAi,
+    /// Anthropic's Messages (`/v1/messages…`).
+    Anthropic,
+}
+
 impl UpstreamKind {
+    /// The API it serves.
+    pub fn api(self) -> Api {
+        match self {
+            UpstreamKind::OpenAi | UpstreamKind::Azure => Api::OpenAi,
+            UpstreamKind::Anthropic => Api::Anthropic,
+        }
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             UpstreamKind::OpenAi => "openai",

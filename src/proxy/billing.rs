@@ -58,6 +58,37 @@ pub fn bounds_of(body: &[u8]) -> Bounds {
     }
 }
 
+/// What a Messages request's cost depends on: its model (required), `max_tokens` and whether
+/// it streams.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessagesBounds {
+    pub model: String,
+    pub max_tokens: Option<u64>,
+    pub stream: bool,
+}
+
+/// The bounds of a Messages request; an error (for a 400) when the body is not a JSON object
+/// naming its model.
+pub fn messages_bounds(body: &[u8]) -> Result<MessagesBounds, String> {
+    #[derive(Deserialize)]
+    struct Fields {
+        model: Option<serde_json::Value>,
+        max_tokens: Option<serde_json::Value>,
+        stream: Option<serde_json::Value>,
+    }
+    let fields: Fields =
+        serde_json::from_slice(body).map_err(|e| format!("the body is not a JSON object: {e}"))?;
+    let model = match fields.model {
+        Some(serde_json::Value::String(model)) if !model.is_empty() => model,
+        _ => return Err("`model` must be a non-empty string".into()),
+    };
+    Ok(MessagesBounds {
+        model,
+        max_tokens: fields.max_tokens.and_then(|v| v.as_u64()),
+        stream: fields.stream.and_then(|v| v.as_bool()).unwrap_or(false),
+    })
+}
+
 /// The fields of an images or audio request that bound its cost, from a JSON body or a
 /// `multipart/form-data` one (edits, variations, transcriptions upload files).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,6 +10,9 @@ use crate::error::Error;
 use crate::http::{self as h1, RequestHead};
 use crate::upstream::Upstream;
 
+/// The `anthropic-version` sent for a client that gave none.
+const ANTHROPIC_VERSION: &str = "2023-06-01";
+
 /// Headers that carry a provider key: a client's never goes on beside Aura's own.
 const CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "api-key", "x-api-key"];
 
@@ -77,6 +80,13 @@ pub fn write_request(
         Credential::Virtual(key) => h1::write_header(header_name, key.expose().as_bytes(), out),
     }
     out.extend_from_slice(upstream.extra_headers());
+    // Anthropic refuses a request without its API version: a client that sent none (a plain
+    // HTTP client; the SDKs always send one) gets the version its SDKs use.
+    let versioned =
+        head.headers.contains_key("anthropic-version") || upstream.sets_header("anthropic-version");
+    if upstream.kind == UpstreamKind::Anthropic && !versioned {
+        h1::write_header("anthropic-version", ANTHROPIC_VERSION.as_bytes(), out);
+    }
     let sends_body =
         !body.is_empty() || matches!(head.method, Method::POST | Method::PUT | Method::PATCH);
     if sends_body {

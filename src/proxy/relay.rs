@@ -15,6 +15,7 @@ use memchr::memmem::Finder;
 use monoio::io::{AsyncReadRent, AsyncWriteRent};
 
 use crate::buffers::BufPool;
+use crate::config::upstreams::Api;
 use crate::config::Timeouts;
 use crate::error::Error;
 use crate::http::chunked::{self, ChunkedDecoder};
@@ -134,6 +135,8 @@ pub struct Relay {
     shared_parse: Option<SharedParse>,
     upstream_keep_alive: bool,
     client_keep_alive: bool,
+    /// The answer is Anthropic's Messages: its usage is read as Anthropic tells it.
+    anthropic: bool,
 }
 
 impl Relay {
@@ -179,7 +182,15 @@ impl Relay {
             shared_parse,
             upstream_keep_alive: h1::keep_alive(head.minor_version, &head.headers),
             client_keep_alive,
+            anthropic: false,
         }
+    }
+
+    /// The API the answer speaks: Anthropic's Messages usage sits in its own events and
+    /// fields (usage/anthropic.rs).
+    pub fn speaking(mut self, api: Api) -> Relay {
+        self.anthropic = api == Api::Anthropic;
+        self
     }
 
     /// Pumps the body. `buffered` holds body bytes read together with the response head; it and
@@ -214,6 +225,7 @@ impl Relay {
         let mut stripped = Vec::new();
         let mut scanner = match self.shared_parse.take() {
             Some(shared) => UsageScanner::sharing(shared),
+            None if self.anthropic => UsageScanner::anthropic(),
             None => UsageScanner::default(),
         };
         let mut json = BodyUsage::default();
@@ -487,6 +499,7 @@ impl Relay {
                 scanner.finish();
                 scanner.found().cloned()
             }
+            BodyKind::Json if complete && self.anthropic => json.finish_anthropic(),
             BodyKind::Json if complete => json.finish(),
             BodyKind::Json | BodyKind::Other => None,
         }
@@ -501,20 +514,24 @@ enum Ending {
     Body,
     /// A stream's `data: [DONE]`: an SSE client stops reading there.
     Done,
-    /// A Responses API stream's `response.completed` event (its last, with the usage).
+    /// A Responses API stream's `response.completed` event (its last, with the usage), or an
+    /// Anthropic stream's `message_stop` (its last, after the usage of its `message_delta`).
     Completed,
 }
 
 static DONE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"[DONE]"));
 static COMPLETED: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"response.completed"));
+static MESSAGE_STOP: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"message_stop"));
 
-/// Whether an event-stream payload carries the end of the answer: a line `data: [DONE]` or
-/// `event: response.completed`. A line, not text: what a model writes sits inside a JSON string,
+/// Whether an event-stream payload carries the end of the answer: a line `data: [DONE]`,
+/// `event: response.completed` or (Anthropic's) `event: message_stop`. A line, not text: what a model writes sits inside a JSON string,
 /// where a raw line break cannot follow it.
 fn ending_of(payload: &[u8]) -> Ending {
     if has_line(payload, &DONE, b"data:") {
         Ending::Done
-    } else if has_line(payload, &COMPLETED, b"event:") {
+    } else if has_line(payload, &COMPLETED, b"event:")
+        || has_line(payload, &MESSAGE_STOP, b"event:")
+    {
         Ending::Completed
     } else {
         Ending::Not
@@ -565,6 +582,10 @@ mod tests {
         assert_eq!(ending_of(b"data:[DONE]\r\n\r\n"), Ending::Done);
         assert_eq!(
             ending_of(b"event: response.completed\ndata: {\"type\":\"response.completed\"}\n\n"),
+            Ending::Completed
+        );
+        assert_eq!(
+            ending_of(b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"),
             Ending::Completed
         );
         // A model that writes the words: inside a JSON string, no raw line break follows.

@@ -143,6 +143,12 @@ impl ModelTable {
             .any(|i| self.weights[i] > 0 && self.models[i].iter().any(|p| p.matches(model)))
     }
 
+    /// Whether upstream `upstream` serves `model` (weight 0 means never).
+    pub fn serves_at(&self, upstream: usize, model: &str) -> bool {
+        self.weights.get(upstream).is_some_and(|&w| w > 0)
+            && self.models[upstream].iter().any(|p| p.matches(model))
+    }
+
     /// Every model named exactly (globs name no model), each once, sorted: what `GET /v1/models`
     /// can answer.
     pub fn named_models(&self) -> Vec<&str> {
