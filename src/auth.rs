@@ -177,8 +177,15 @@ impl fmt::Display for KeyId {
     }
 }
 
-/// Headers that carry a credential to some upstream: OpenAI's, Azure's, Anthropic's.
-const CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "api-key", "x-api-key"];
+/// Headers that carry a credential to some upstream: OpenAI's, Azure's, Anthropic's, and the
+/// `_` spellings some servers read as the same.
+const CREDENTIAL_HEADERS: [&str; 5] = [
+    "authorization",
+    "api-key",
+    "x-api-key",
+    "api_key",
+    "x_api_key",
+];
 
 /// The request's one credential (None: there is none, or it is not a key): a bearer key, or
 /// the key of `x-api-key` (Anthropic's SDKs) or `api-key` (Azure's). Two credentials (two

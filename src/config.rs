@@ -127,7 +127,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting { key: "upstream_pool_max_idle", env: &[UPSTREAM_POOL_MAX_IDLE], help: "idle keep-alive upstream connections kept per worker [default: 256]" },
     Setting { key: "upstream_ca_file", env: &[UPSTREAM_CA_FILE], help: "PEM file of extra CA certificates trusted for an https upstream [default: none]" },
     Setting { key: "upstream_max_attempts", env: &[UPSTREAM_MAX_ATTEMPTS], help: "upstreams a request may try before its answer starts: on a connect or TLS failure, a timeout or reset before the response head, or a 429/500/502/503/504/529, the next upstream serving its model (never the same one twice) is tried; 1 turns retries off [default: 3]" },
-    Setting { key: "upstream_total_timeout_ms", env: &[UPSTREAM_TOTAL_TIMEOUT_MS], help: "longest time from a request's arrival to an upstream's response head, all attempts together [default: 300000]" },
+    Setting { key: "upstream_total_timeout_ms", env: &[UPSTREAM_TOTAL_TIMEOUT_MS], help: "longest time from a request's arrival to an upstream's response head, all attempts together; each attempt's connect, write and first-byte waits are cut to what is left [default: none: each attempt is bounded by its own timeouts]" },
     Setting { key: "upstream_eject_after_failures", env: &[UPSTREAM_EJECT_AFTER_FAILURES], help: "consecutive failures that eject an upstream from a worker's choices for a rest (5 s, doubling while it keeps failing, at most 5 min); it comes back on a trial request [default: 3]" },
     Setting { key: "upstream_eject_ms", env: &[UPSTREAM_EJECT_MS], help: "the first rest of an ejected upstream or a refused pool key [default: 5000]" },
     Setting { key: "inject_stream_usage", env: &[INJECT_STREAM_USAGE], help: "add stream_options.include_usage to streaming requests; off for upstreams that reject it [default: true]" },
@@ -181,6 +181,50 @@ impl Config {
         }
         vec![UpstreamEntry::single("default", self.upstream.clone())]
     }
+}
+
+/// Where provider keys may go. An upstream's own keys need virtual keys: in passthrough mode
+/// any bearer string is a budget identity, so anyone could spend them. A virtual key's
+/// `upstream_key` (the operator's provider key) goes to every upstream without keys of its
+/// own: refused where those are on more than one host.
+pub fn credentials_stay_with_their_provider(config: &Config) -> Result<(), String> {
+    let virtual_keys = config.budgets.key_mode == KeyMode::Virtual;
+    let keyed: Vec<&str> = config
+        .upstreams
+        .iter()
+        .filter(|u| !u.keys.is_empty())
+        .map(|u| u.name.as_str())
+        .collect();
+    if !virtual_keys && !keyed.is_empty() {
+        return Err(format!(
+            "[[upstreams]] {} have provider keys (key, keys), which need key_mode = \"virtual\": in passthrough mode any bearer string would spend them",
+            keyed.join(", ")
+        ));
+    }
+    // Origins, not hosts: the same host over http, or on another port, is another server.
+    let mut hosts: Vec<String> = config
+        .upstreams
+        .iter()
+        .filter(|u| u.keys.is_empty())
+        .map(|u| {
+            let scheme = match u.url.scheme {
+                Scheme::Http => "http",
+                Scheme::Https => "https",
+            };
+            format!("{scheme}://{}", u.url.authority().to_ascii_lowercase())
+        })
+        .collect();
+    hosts.sort_unstable();
+    hosts.dedup();
+    let keys_sent = config.budgets.keys.iter().any(|k| k.upstream_key.is_some());
+    if hosts.len() > 1 && keys_sent && virtual_keys {
+        return Err(format!(
+            "[[upstreams]] without keys of their own are on {} origins ({}), and each would get a virtual key's upstream_key: give those upstreams key or keys, or leave upstream_key out",
+            hosts.len(),
+            hosts.join(", ")
+        ));
+    }
+    Ok(())
 }
 
 impl UpstreamUrl {
@@ -268,8 +312,9 @@ pub struct Config {
     pub inject_stream_usage: bool,
     /// Upstreams a request may try before its answer starts (1: no retries).
     pub max_attempts: u32,
-    /// Arrival → response head, all attempts together.
-    pub upstream_total_timeout: Duration,
+    /// Arrival → response head, all attempts together (None: each attempt bounded by its own
+    /// timeouts alone).
+    pub upstream_total_timeout: Option<Duration>,
     /// When an upstream or a pool key is ejected, and for how long.
     pub health: HealthRules,
     pub log_format: LogFormat,
@@ -730,7 +775,10 @@ impl Parser<'_> {
             max_attempts: self
                 .positive("upstream_max_attempts", 3)
                 .min(MAX_UPSTREAMS as u64) as u32,
-            upstream_total_timeout: self.millis("upstream_total_timeout_ms", 300_000),
+            upstream_total_timeout: self
+                .values
+                .contains_key("upstream_total_timeout_ms")
+                .then(|| self.millis("upstream_total_timeout_ms", 1)),
             health: {
                 let base_rest = self.millis("upstream_eject_ms", 5_000);
                 HealthRules {

@@ -78,6 +78,10 @@ pub enum Error {
     UpstreamProtocol(&'static str),
     #[error("upstream closed the connection before the response ended")]
     UpstreamReset,
+    /// Every provider key of the upstream's pool was refused (401, 403) or rate limited
+    /// (429): the provider's answer, about the operator's key, is not the client's.
+    #[error("the provider refused every key Aura holds for upstream `{0}` (401, 403 or 429); the operator has been told")]
+    UpstreamKeysRefused(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -107,7 +111,8 @@ impl Error {
             Error::UpstreamUnreachable(_)
             | Error::UpstreamTimeout
             | Error::UpstreamProtocol(_)
-            | Error::UpstreamReset => Fault::Upstream,
+            | Error::UpstreamReset
+            | Error::UpstreamKeysRefused(_) => Fault::Upstream,
             Error::Internal(_) | Error::StoreUnavailable | Error::ShutdownCut => Fault::Internal,
         }
     }
@@ -131,9 +136,10 @@ impl Error {
             Error::ClientTimeout | Error::ClientSendTimeout | Error::ClientGone => {
                 StatusCode::REQUEST_TIMEOUT
             }
-            Error::UpstreamUnreachable(_) | Error::UpstreamProtocol(_) | Error::UpstreamReset => {
-                StatusCode::BAD_GATEWAY
-            }
+            Error::UpstreamUnreachable(_)
+            | Error::UpstreamProtocol(_)
+            | Error::UpstreamReset
+            | Error::UpstreamKeysRefused(_) => StatusCode::BAD_GATEWAY,
             Error::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Error::StoreUnavailable | Error::ShutdownCut => StatusCode::SERVICE_UNAVAILABLE,
@@ -180,6 +186,7 @@ impl Error {
             Error::UpstreamTimeout => "upstream_timeout",
             Error::UpstreamProtocol(_) => "upstream_protocol",
             Error::UpstreamReset => "upstream_reset",
+            Error::UpstreamKeysRefused(_) => "upstream_keys_refused",
             Error::Internal(_) => "internal",
             Error::StoreUnavailable => "budget_store_unavailable",
         }

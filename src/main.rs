@@ -73,45 +73,9 @@ fn load() -> Result<(Config, bool), String> {
         );
     }
     config.upstreams = tables.upstreams;
-    credentials_stay_with_their_provider(&config)?;
+    config::credentials_stay_with_their_provider(&config)
+        .map_err(|e| format!("invalid configuration:\n  {e}"))?;
     Ok((config, matches.get_flag("print-config")))
-}
-
-/// Where provider keys may go. An upstream's own keys need virtual keys: in passthrough mode
-/// any bearer string is a budget identity, so anyone could spend them. A virtual key's
-/// `upstream_key` (the operator's provider key) goes to every upstream without keys of its
-/// own: refused where those are on more than one host.
-fn credentials_stay_with_their_provider(config: &config::Config) -> Result<(), String> {
-    let virtual_keys = config.budgets.key_mode == config::KeyMode::Virtual;
-    let keyed: Vec<&str> = config
-        .upstreams
-        .iter()
-        .filter(|u| !u.keys.is_empty())
-        .map(|u| u.name.as_str())
-        .collect();
-    if !virtual_keys && !keyed.is_empty() {
-        return Err(format!(
-            "invalid configuration:\n  [[upstreams]] {} have provider keys (key, keys), which need key_mode = \"virtual\": in passthrough mode any bearer string would spend them",
-            keyed.join(", ")
-        ));
-    }
-    let mut hosts: Vec<&str> = config
-        .upstreams
-        .iter()
-        .filter(|u| u.keys.is_empty())
-        .map(|u| u.url.host.as_str())
-        .collect();
-    hosts.sort_unstable();
-    hosts.dedup();
-    let keys_sent = config.budgets.keys.iter().any(|k| k.upstream_key.is_some());
-    if hosts.len() > 1 && keys_sent && virtual_keys {
-        return Err(format!(
-            "invalid configuration:\n  [[upstreams]] without keys of their own are on {} hosts ({}), and each would get a virtual key's upstream_key: give those upstreams key or keys, or leave upstream_key out",
-            hosts.len(),
-            hosts.join(", ")
-        ));
-    }
-    Ok(())
 }
 
 fn init_logging(format: LogFormat) {

@@ -7,6 +7,7 @@
 
 pub mod billing;
 mod outbound;
+pub use outbound::deployment_name;
 pub mod relay;
 
 use std::cell::Cell;
@@ -104,7 +105,7 @@ pub struct Routing {
     /// Upstreams a request may try (1: no retries).
     pub max_attempts: u32,
     /// Arrival → response head, all attempts together.
-    pub total_timeout: Duration,
+    pub total_timeout: Option<Duration>,
     pub health: HealthRules,
 }
 
@@ -161,11 +162,11 @@ impl Routing {
     /// upstream): among those available now (not ejected, a pool key not resting), by weight
     /// and load; when none is, among all of them, as Envoy's panic threshold does: a try
     /// beats a certain failure.
-    fn next(&self, model: Option<&str>, api: Api, tried: u64, now: Instant) -> Option<usize> {
+    fn next(&self, model: Option<&str>, api: Api, tried: &Tried, now: Instant) -> Option<usize> {
         let untried: Vec<usize> = self
             .candidates(model, api)
             .into_iter()
-            .filter(|&i| tried & (1 << i) == 0)
+            .filter(|&i| self.may_try(tried, i))
             .collect();
         let available: Vec<usize> = untried
             .iter()
@@ -181,17 +182,34 @@ impl Routing {
     }
 
     /// Whether an upstream serving `model` is left untried.
-    fn has_next(&self, model: Option<&str>, api: Api, tried: u64) -> bool {
+    fn has_next(&self, model: Option<&str>, api: Api, tried: &Tried) -> bool {
         self.candidates(model, api)
             .into_iter()
-            .any(|i| tried & (1 << i) == 0)
+            .any(|i| self.may_try(tried, i))
     }
 
-    /// Health after upstream `chosen` answered with `head`, its pool key `key` in hand: a
-    /// refused key (401, 403) rests; a 429 rests the key (or, without a pool, the upstream)
-    /// for its `Retry-After`; a retryable 5xx is a failure of the upstream; any other answer
-    /// is a success.
-    fn judge_answer(&self, chosen: usize, key: Option<usize>, head: &ResponseHead, now: Instant) {
+    /// Whether upstream `i` may take a request's next attempt: not tried yet. (A client's own
+    /// key may go to any upstream serving its model, on a retry as on a first attempt: in
+    /// passthrough mode that is the config's choice, and Aura warns of it at start.)
+    fn may_try(&self, tried: &Tried, i: usize) -> bool {
+        tried.upstreams & (1 << i) == 0
+    }
+
+    /// Health after upstream `chosen` answered with `head`, its pool key `key` in hand, and
+    /// what the answer means for the request:
+    /// - a pool key answered 401 or 403 rests; one answered 429 rests for its `Retry-After`
+    ///   (the upstream's health is not the key's);
+    /// - a 429 on the client's own credential says nothing of the upstream: no health change;
+    /// - 503 and 529 (overloaded) and 500, 502, 504 (failing) count against the upstream, and
+    ///   a `Retry-After` rests it;
+    /// - any other answer is a success.
+    fn judge_answer(
+        &self,
+        chosen: usize,
+        key: Option<usize>,
+        head: &ResponseHead,
+        now: Instant,
+    ) -> Judgement {
         let upstream = &self.upstreams[chosen];
         let pooled = key.and_then(|k| upstream.keys.get(k));
         let status = head.status.as_u16();
@@ -199,8 +217,10 @@ impl Routing {
         let key_rules = self.health.for_keys();
         match (status, pooled) {
             (401 | 403, Some(pooled)) => {
-                pooled.health.failed(&key_rules, now);
-                upstream.health.succeeded();
+                if let Some(rest) = pooled.health.failed(&key_rules, now) {
+                    tracing::warn!(upstream = %upstream.name, status, rest_ms = rest.as_millis() as u64, "the provider refused a pool key: resting it");
+                }
+                Judgement::KeyRefused
             }
             (429, Some(pooled)) => {
                 match wait {
@@ -209,8 +229,9 @@ impl Routing {
                         pooled.health.failed(&key_rules, now);
                     }
                 }
-                upstream.health.succeeded();
+                Judgement::KeyRefused
             }
+            (429, None) => Judgement::NotTaken,
             (s, _) if retryable_status(s) => {
                 if let Some(ejected) = upstream.health.failed(&self.health, now) {
                     tracing::warn!(upstream = %upstream.name, status = s, rest_ms = ejected.as_millis() as u64, "upstream ejected");
@@ -218,12 +239,18 @@ impl Routing {
                 if let Some(wait) = wait {
                     upstream.health.rest_for(&self.health, wait, now);
                 }
+                if matches!(s, 503 | 529) {
+                    Judgement::NotTaken
+                } else {
+                    Judgement::Failed
+                }
             }
             _ => {
                 upstream.health.succeeded();
                 if let Some(pooled) = pooled {
                     pooled.health.succeeded();
                 }
+                Judgement::Answer
             }
         }
     }
@@ -352,6 +379,12 @@ struct Outcome<'p> {
     attempts: u32,
     /// The API it speaks: its upstreams, and the shape of Aura's own errors to it.
     api: Api,
+    /// The current attempt wrote (some of) the request to its upstream.
+    attempt_sent: bool,
+    /// The current attempt was cut by the deadline of all attempts, not its own timeout.
+    deadline_cut: bool,
+    /// Reservations of attempts given up on after they reached their upstream, charged.
+    given_up_nano: u64,
 }
 
 impl<'p> Outcome<'p> {
@@ -377,6 +410,9 @@ impl<'p> Outcome<'p> {
             upstream_index: None,
             attempts: 0,
             api: Api::OpenAi,
+            attempt_sent: false,
+            deadline_cut: false,
+            given_up_nano: 0,
         }
     }
 
@@ -476,18 +512,11 @@ impl Proxy {
         let key = self.authorize(request, outcome)?;
         self.routing
             .check(admission.model.as_deref(), outcome.api)?;
-        let reservation = self.budget.reserve(key, admission.estimate).await.map_err(
-            |refusal| match refusal {
-                Refusal::Denied {
-                    remaining_nano,
-                    estimate_nano,
-                } => Error::BudgetExhausted {
-                    remaining_nano,
-                    estimate_nano,
-                },
-                Refusal::Unavailable => Error::StoreUnavailable,
-            },
-        )?;
+        let reservation = self
+            .budget
+            .reserve(key, admission.estimate)
+            .await
+            .map_err(refusal_error)?;
         outcome.bill = Some(Bill {
             reservation,
             request_bytes: request.body.len() as u64,
@@ -640,12 +669,7 @@ impl Proxy {
         let in_flight = self.in_flight.get() as u64;
         let remaining = self.budget.remaining(metrics::MAX_KEY_SERIES);
         let now = Instant::now();
-        let up: Vec<bool> = self
-            .routing
-            .upstreams
-            .iter()
-            .map(|u| u.available(now))
-            .collect();
+        let up: Vec<bool> = self.routing.upstreams.iter().map(|u| u.up(now)).collect();
         // A reset or a new period moves a key's remaining budget with nothing recorded here;
         // a rest that ends brings an upstream back.
         let moved = in_flight != seen.in_flight || remaining != seen.remaining || up != seen.up;
@@ -715,11 +739,6 @@ impl Proxy {
             .await
     }
 
-    /// Sends the request to an upstream serving its model and relays the answer. Before any
-    /// byte of an answer went to the client, a failure another upstream may not have (see
-    /// upstream/retry.rs) sends it to the next upstream serving the model, never the same one
-    /// twice, up to `upstream_max_attempts` and within `upstream_total_timeout_ms`. The
-    /// request holds one reservation throughout: only the answer relayed is billed.
     /// `POST /v1/messages` on an `anthropic` upstream: reserved like a chat completion (every
     /// body byte a prompt token, `max_tokens` of output), forwarded untouched, billed by the
     /// usage its stream's `message_start` and `message_delta` tell (or its JSON answer's).
@@ -764,6 +783,16 @@ impl Proxy {
         .await
     }
 
+    /// Sends the request to an upstream serving its model and relays the answer. Before any
+    /// byte of an answer went to the client, a failure another upstream may not have (see
+    /// upstream/retry.rs) sends it to the next upstream serving the model, never the same one
+    /// twice, up to `upstream_max_attempts` and within `upstream_total_timeout_ms`; a pool key
+    /// the provider refused is followed by another key of the same upstream. What may be
+    /// repeated: a request that provably did not reach its upstream, or that the upstream
+    /// turned away (429, 503, 529), always; one that reached it and got no answer (or a 500,
+    /// 502, 504), only if repeating it is safe: a billed generation (the attempt given up on
+    /// is charged its reservation, its provider may be generating it) or a free idempotent
+    /// request. Never an upload or a job another upstream would make twice.
     async fn forward<'p, S: AsyncWriteRent>(
         &'p self,
         outgoing: Outgoing,
@@ -774,12 +803,13 @@ impl Proxy {
     ) -> Persist {
         let request = &outgoing.request;
         // A route Aura does not bill (moderations, assistants, …) still names its model: it is
-        // routed by it too. With one upstream there is nothing to choose: no parse.
+        // routed by it too (and an Azure upstream names its deployment by it). With one
+        // OpenAI-compatible upstream there is nothing to choose: no parse.
+        let choosing = self.routing.upstreams.len() > 1
+            || self.routing.upstreams.iter().any(|u| u.azure.is_some());
         let routed_by = match &outcome.model {
             Some(model) => Some(model.clone()),
-            None if self.routing.upstreams.len() > 1 && !request.body.is_empty() => {
-                billing::bounds_of(&request.body).model
-            }
+            None if choosing && !request.body.is_empty() => billing::bounds_of(&request.body).model,
             None => None,
         };
         let model = routed_by.as_deref();
@@ -794,29 +824,43 @@ impl Proxy {
                 request.head.method,
                 Method::GET | Method::HEAD | Method::OPTIONS
             );
-        let deadline = started + self.routing.total_timeout;
-        let mut tried = 0u64;
+        let repeatable = outcome.bill.is_some() || idempotent_and_free;
+        let deadline = self.routing.total_timeout.map(|t| started + t);
+        let mut tried = Tried::default();
+        // A pool key refused: the same upstream again, with one of its other keys.
+        let mut same_upstream: Option<usize> = None;
+        let mut last_error: Option<Error> = None;
         let answered = loop {
             let now = Instant::now();
-            let Some(chosen) = self.routing.next(model, outcome.api, tried, now) else {
-                // `check` found a candidate, and the loop ends before every one was tried.
-                break Err(Error::model_not_found(model.unwrap_or_default()));
+            let chosen = match same_upstream.take() {
+                Some(chosen) => chosen,
+                None => match self.routing.next(model, outcome.api, &tried, now) {
+                    Some(chosen) => {
+                        tried.keys = 0;
+                        chosen
+                    }
+                    // `check` found a candidate, and attempts stop before none is left.
+                    None => {
+                        break Err(last_error
+                            .take()
+                            .unwrap_or_else(|| Error::model_not_found(model.unwrap_or_default())))
+                    }
+                },
             };
-            tried |= 1 << chosen;
-            outcome.attempts += 1;
-            let counted = self.routing.picker.start(chosen);
             let upstream = &self.routing.upstreams[chosen];
-            outcome.upstream = Some(upstream.name.as_str());
-            outcome.upstream_index = Some(chosen);
-            let key = upstream.keys.pick(now);
+            tried.upstreams |= 1 << chosen;
+            let key = if tried.keys == 0 {
+                upstream.keys.pick(now)
+            } else {
+                upstream.keys.pick_untried(now, tried.keys)
+            };
+            if let Some(k) = key {
+                tried.keys |= 1 << k;
+            }
             let credential = match self.credential(upstream, key, outcome.upstream_key.as_ref()) {
                 Ok(credential) => credential,
                 Err(e) => break Err(e),
             };
-            upstream.health.begin(&self.routing.health, now);
-            if let Some(pooled) = key.and_then(|k| upstream.keys.get(k)) {
-                pooled.health.begin(&self.routing.health.for_keys(), now);
-            }
             // Strip the usage event only when Aura asked for it and the client did not.
             let (body, strip_usage_event) = match &outgoing.with_usage {
                 Some(body) if upstream.inject_stream_usage => {
@@ -834,8 +878,25 @@ impl Proxy {
                 &mut bytes,
             );
             if let Err(e) = written {
+                // A model this upstream cannot name (an Azure deployment): the next may; its
+                // health is untouched.
                 self.buffers.give(bytes);
+                if outcome.attempts < self.routing.max_attempts
+                    && self.routing.has_next(model, outcome.api, &tried)
+                {
+                    last_error = Some(e);
+                    continue;
+                }
                 break Err(e);
+            }
+            outcome.attempts += 1;
+            outcome.upstream = Some(upstream.name.as_str());
+            outcome.attempt_sent = false;
+            outcome.deadline_cut = false;
+            let counted = self.routing.picker.start(chosen);
+            upstream.health.begin(&self.routing.health, now);
+            if let Some(pooled) = key.and_then(|k| upstream.keys.get(k)) {
+                pooled.health.begin(&self.routing.health.for_keys(), now);
             }
             let result = self
                 .exchange(
@@ -847,35 +908,69 @@ impl Proxy {
                     deadline,
                 )
                 .await;
-            let last_chance = outcome.attempts >= self.routing.max_attempts
-                || Instant::now() >= deadline
-                || !self.routing.has_next(model, outcome.api, tried);
+            let now = Instant::now();
+            // Room for another attempt: attempts left, and time enough to make one.
+            let more = outcome.attempts < self.routing.max_attempts
+                && deadline.is_none_or(|d| d.saturating_duration_since(now) >= MIN_ATTEMPT_TIME);
+            let elsewhere = more && self.routing.has_next(model, outcome.api, &tried);
             match result {
                 Ok((conn, head, buffered)) => {
                     let status = head.status.as_u16();
-                    self.routing
-                        .judge_answer(chosen, key, &head, Instant::now());
-                    if retryable_status(status) && !last_chance {
-                        self.metrics
-                            .record_attempt(chosen, AttemptOutcome::RetryableStatus);
-                        tracing::debug!(upstream = %upstream.name, status, "trying the next upstream");
+                    let judged = self.routing.judge_answer(chosen, key, &head, now);
+                    let go_on = match judged {
+                        Judgement::Answer => false,
+                        Judgement::KeyRefused => {
+                            let other_key =
+                                more && upstream.keys.pick_untried(now, tried.keys).is_some();
+                            if other_key {
+                                same_upstream = Some(chosen);
+                            } else if !(status == 429 && elsewhere) {
+                                // The provider's answer is about the operator's key, not the
+                                // client's: it is not relayed.
+                                self.metrics
+                                    .record_attempt(chosen, AttemptOutcome::KeyRefused);
+                                break Err(Error::UpstreamKeysRefused(upstream.name.clone()));
+                            }
+                            true
+                        }
+                        Judgement::NotTaken => elsewhere,
+                        Judgement::Failed => elsewhere && repeatable,
+                    };
+                    if go_on {
+                        let kind = match judged {
+                            Judgement::KeyRefused => AttemptOutcome::KeyRefused,
+                            _ => AttemptOutcome::RetryableStatus,
+                        };
+                        self.metrics.record_attempt(chosen, kind);
+                        tracing::debug!(upstream = %upstream.name, status, "trying again");
                         continue;
                     }
                     self.metrics
                         .record_attempt(chosen, AttemptOutcome::Answered);
+                    outcome.upstream_index = Some(chosen);
                     break Ok((upstream, counted, conn, head, buffered, strip_usage_event));
                 }
                 Err(e) => {
-                    let (kind, retryable) = AttemptOutcome::of_error(&e);
-                    if retryable {
-                        self.routing.judge_failure(chosen, Instant::now());
-                    }
+                    let (kind, transient) = AttemptOutcome::of_error(&e);
                     self.metrics.record_attempt(chosen, kind);
-                    if retryable && !last_chance {
-                        tracing::debug!(upstream = %upstream.name, error = %e, "trying the next upstream");
-                        continue;
+                    if outcome.deadline_cut {
+                        // Aura's own deadline, not the upstream's failure: no judgement.
+                        break Err(e);
                     }
-                    break Err(e);
+                    if transient {
+                        self.routing.judge_failure(chosen, now);
+                    }
+                    let sent = outcome.attempt_sent;
+                    if !(transient && elsewhere && (!sent || repeatable)) {
+                        break Err(e);
+                    }
+                    if sent {
+                        if let Err(refused) = self.charge_given_up(outcome).await {
+                            break Err(refused);
+                        }
+                    }
+                    tracing::debug!(upstream = %upstream.name, error = %e, "trying the next upstream");
+                    last_error = Some(e);
                 }
             }
         };
@@ -917,6 +1012,29 @@ impl Proxy {
             )
             .await;
         self.settle_relay(upstream, conn, end, outcome)
+    }
+
+    /// A billed request's attempt that reached its upstream and got no answer is given up for
+    /// another: its provider may be generating it, so its reservation is charged, and the next
+    /// attempt holds a fresh one. The fresh one is reserved first: refused (the key cannot pay
+    /// for another attempt), the request ends here, billed the one it holds.
+    async fn charge_given_up<'p>(&'p self, outcome: &mut Outcome<'p>) -> Result<(), Error> {
+        let Some(bill) = outcome.bill.as_mut() else {
+            return Ok(());
+        };
+        let (key, amount) = (bill.reservation.key(), bill.reservation.amount_nano());
+        match self.budget.reserve(key, amount).await {
+            Ok(fresh) => {
+                let given_up = std::mem::replace(&mut bill.reservation, fresh);
+                given_up.settle(amount);
+                outcome.given_up_nano = outcome.given_up_nano.saturating_add(amount);
+                Ok(())
+            }
+            Err(refusal) => {
+                outcome.abandoned = true;
+                Err(refusal_error(refusal))
+            }
+        }
     }
 
     /// The credential for `upstream`: a key of its own pool; else a virtual key's
@@ -971,7 +1089,7 @@ impl Proxy {
         idempotent_and_free: bool,
         outcome: &mut Outcome<'_>,
         started: Instant,
-        deadline: Instant,
+        deadline: Option<Instant>,
     ) -> Result<(Conn, ResponseHead, Vec<u8>), Error> {
         let mut request = request;
         let timing = HeadTiming {
@@ -990,13 +1108,11 @@ impl Proxy {
                 Attempt::DeadBeforeAnswer(back) => request = back,
             }
         }
-        let connect = upstream
-            .timeouts
-            .upstream_connect
-            .min(deadline.saturating_duration_since(Instant::now()));
+        let (connect, cut) = timing.within(upstream.timeouts.upstream_connect);
         let conn = match upstream.connect_within(connect).await {
             Ok(conn) => conn,
             Err(e) => {
+                outcome.deadline_cut = cut && matches!(e, Error::UpstreamTimeout);
                 self.buffers.give(request);
                 return Err(e);
             }
@@ -1023,7 +1139,22 @@ impl Proxy {
         timing: HeadTiming,
     ) -> Attempt {
         let started = timing.started;
-        let (written, request) = send_request(&mut conn, request).await;
+        // An upstream that takes no bytes (overloaded, a stuck balancer) must not hold the
+        // request past its read timeout or the deadline of all attempts.
+        let (write_limit, cut) = timing.within(timing.read);
+        let sending = monoio::time::timeout(write_limit, send_request(&mut conn, request)).await;
+        let (written, request) = match sending {
+            Ok(sent) => sent,
+            Err(_) => {
+                // Some of it may have gone: it counts as sent.
+                if let Some(bill) = outcome.bill.as_mut() {
+                    bill.reservation.mark_sent();
+                }
+                outcome.attempt_sent = true;
+                outcome.deadline_cut = cut;
+                return Attempt::Failed(Error::UpstreamTimeout);
+            }
+        };
         if let Sent::Nothing = written {
             return Attempt::DeadBeforeAnswer(request);
         }
@@ -1031,6 +1162,7 @@ impl Proxy {
         if let Some(bill) = outcome.bill.as_mut() {
             bill.reservation.mark_sent();
         }
+        outcome.attempt_sent = true;
         if let Sent::Part = written {
             return Attempt::Failed(Error::UpstreamReset);
         }
@@ -1069,9 +1201,12 @@ impl Proxy {
                 }
             }
             // Every read ends by the deadline of all attempts too.
-            let within = limit.min(timing.deadline.saturating_duration_since(Instant::now()));
+            let (within, cut) = timing.within(limit);
             match net::read_more_within(&mut conn, &mut buf, relay::READ_BUF_BYTES, within).await {
-                Timed::TimedOut => return Attempt::Failed(Error::UpstreamTimeout),
+                Timed::TimedOut => {
+                    outcome.deadline_cut = cut;
+                    return Attempt::Failed(Error::UpstreamTimeout);
+                }
                 Timed::Done(Ok(0)) | Timed::Done(Err(_)) => {
                     return match request {
                         // Not a byte of an answer (not even a 1xx): the upstream closed as it
@@ -1120,12 +1255,26 @@ impl Proxy {
 struct HeadTiming {
     /// The request's arrival.
     started: Instant,
-    /// The end of all attempts together.
-    deadline: Instant,
+    /// The end of all attempts together, if set.
+    deadline: Option<Instant>,
     /// Request sent → the answer's first byte.
     first_byte: Duration,
     /// Between two reads of the head after that.
     read: Duration,
+}
+
+impl HeadTiming {
+    /// `limit`, or less where the deadline is nearer; and whether the deadline is what
+    /// bounds it.
+    fn within(&self, limit: Duration) -> (Duration, bool) {
+        match self.deadline {
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                (limit.min(left), left < limit)
+            }
+            None => (limit, false),
+        }
+    }
 }
 
 enum Attempt {
@@ -1422,7 +1571,8 @@ impl Proxy {
         outcome.charge = Some(Charge {
             key,
             model,
-            cost_nano: cost,
+            // With the reservations of attempts given up on (already settled).
+            cost_nano: cost.saturating_add(outcome.given_up_nano),
             basis,
             matched,
         });
@@ -1572,6 +1722,46 @@ impl Proxy {
         }
     }
 }
+
+/// A budget's refusal, as the client hears it.
+fn refusal_error(refusal: Refusal) -> Error {
+    match refusal {
+        Refusal::Denied {
+            remaining_nano,
+            estimate_nano,
+        } => Error::BudgetExhausted {
+            remaining_nano,
+            estimate_nano,
+        },
+        Refusal::Unavailable => Error::StoreUnavailable,
+    }
+}
+
+/// A request's attempts so far: the upstreams tried, and the keys tried on the current one
+/// (a bit each).
+#[derive(Debug, Default)]
+struct Tried {
+    upstreams: u64,
+    keys: u64,
+}
+
+/// What an upstream's answer means for the request (`Routing::judge_answer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Judgement {
+    /// It goes to the client.
+    Answer,
+    /// The pool key used was refused (401, 403) or rate limited (429).
+    KeyRefused,
+    /// The upstream turned the request away (429 on the client's credential, 503, 529): it
+    /// was not acted on, and may go to another.
+    NotTaken,
+    /// The upstream failed (500, 502, 504): it may have acted on the request.
+    Failed,
+}
+
+/// The least time left for which another attempt starts: less, and it would send the whole
+/// request only to be cut by the deadline.
+const MIN_ATTEMPT_TIME: Duration = Duration::from_millis(50);
 
 /// A body Aura reads must come as it is: a compressed one would hide its model and bounds.
 fn identity_encoded(request: &Request) -> Result<(), Error> {

@@ -147,6 +147,8 @@ pub fn start(config: &Config, resolvers: Vec<Resolver>) -> Result<Running, Start
     });
     let (listeners, addr, port_lock) =
         bind_listeners(SocketAddr::new(config.listen_addr, config.port), workers)?;
+    // Checked here too, for callers other than main (tests, embedders).
+    crate::config::credentials_stay_with_their_provider(config).map_err(StartError::Upstreams)?;
     let routes = config.routes();
     let tls = crate::upstream::tls_configs(config, &routes).map_err(StartError::Tls)?;
     if resolvers.len() != routes.len() {

@@ -336,9 +336,15 @@ impl Upstream {
         !self.extra_names.is_empty() && self.extra_names.iter().any(|n| n == name)
     }
 
-    /// Whether a request may go to it now: not ejected, and a key of its pool not resting.
+    /// Whether a request may go to it now: not ejected, no trial out, and a key of its pool
+    /// available.
     pub fn available(&self, now: Instant) -> bool {
         self.health.available(now) && self.keys.any_available(now)
+    }
+
+    /// Whether it is up, as `aura_upstream_up` says: not ejected, and not every key resting.
+    pub fn up(&self, now: Instant) -> bool {
+        !self.health.resting(now) && self.keys.any_up(now)
     }
 
     /// The most recently returned connection that is still quiet (nothing arrived on it and it

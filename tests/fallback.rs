@@ -21,7 +21,11 @@ on_both_drivers!(
     a_refused_connection_falls_back,
     a_reset_before_the_head_falls_back,
     a_stall_before_the_head_falls_back_at_its_timeout,
-    a_429_rests_its_upstream_for_its_retry_after,
+    a_429_on_a_pool_key_rests_it_for_its_retry_after,
+    a_429_on_a_clients_own_key_rests_nothing,
+    a_request_that_may_have_been_acted_on_is_not_sent_twice,
+    an_attempt_given_up_after_it_was_sent_is_charged_its_reservation,
+    a_write_the_upstream_never_takes_ends_at_the_deadline,
     a_503_falls_back_and_the_request_is_billed_once,
     nothing_is_retried_once_the_answer_has_started,
     a_failing_upstream_is_ejected_and_comes_back_on_a_trial,
@@ -142,32 +146,225 @@ fn a_stall_before_the_head_falls_back_at_its_timeout(driver: Driver) {
     );
 }
 
-fn a_429_rests_its_upstream_for_its_retry_after(driver: Driver) {
-    let first = misbehaving(|_, stream| {
-        let body = r#"{"error":{"message":"slow down","type":"rate_limit_error"}}"#;
-        let answer = format!(
-            "HTTP/1.1 429 Too Many Requests\r\nretry-after: 30\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        scripted::send(stream, answer.as_bytes());
+/// A first upstream that answers 429 (Retry-After: 30) to requests carrying `refused`, and a
+/// whole answer naming it to any other.
+fn rate_limiting(refused: &'static str) -> Scripted {
+    misbehaving(move |asked, stream| {
+        let auth = asked.header("authorization").unwrap_or_default();
+        if auth.contains(refused) {
+            let body = r#"{"error":{"message":"slow down","type":"rate_limit_error"}}"#;
+            let answer = format!(
+                "HTTP/1.1 429 Too Many Requests\r\nretry-after: 30\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            scripted::send(stream, answer.as_bytes());
+        } else {
+            scripted::send(stream, &scripted::json_answer("from-first"));
+        }
         Then::Next
-    });
+    })
+}
+
+fn a_429_on_a_pool_key_rests_it_for_its_retry_after(driver: Driver) {
+    let first = rate_limiting("sk-first-pool");
     let good = start_mock(MockOptions::default());
-    let path = config("429", driver, &first.url(), "", &good.url());
+    let text = format!(
+        r#"
+        key_mode = "virtual"
+        [keys.team]
+        key = "sk-aura-team-429"
+        [[upstreams]]
+        name = "first"
+        url = "{}"
+        models = ["m"]
+        weight = 10000
+        key = "sk-first-pool"
+        [[upstreams]]
+        name = "second"
+        url = "{}"
+        models = ["m"]
+        key = "sk-second-pool"
+        "#,
+        first.url(),
+        good.url()
+    );
+    let path = common::config_file(&format!("fallback-429-{driver:?}"), &text);
     let aura = launch(&path, driver, &[]);
     for _ in 0..5 {
-        let r = ask(&aura);
+        let r = aura.client().request(
+            "POST",
+            CHAT,
+            &[
+                ("content-type", "application/json"),
+                ("authorization", "Bearer sk-aura-team-429"),
+            ],
+            BODY.as_bytes(),
+        );
         assert_eq!(r.status, 200, "{}", r.text());
     }
-    // Rested for 30 s after its first 429: though it weighs 10000 to 1, it was asked once.
+    // Its only key rests 30 s after its 429: though it weighs 10000 to 1, it was asked once.
     assert_eq!(first.asked().len(), 1);
     assert_eq!(chats(&good), 5);
     common::scrape_until(&aura, |t| {
         t.lines()
-            .any(|l| l == "aura_upstream_up{upstream=\"first\"} 0") && t.lines().any(|l| {
-            l == "aura_upstream_attempts_total{upstream=\"first\",outcome=\"retryable_status\"} 1"
-        })
+            .any(|l| l == "aura_upstream_up{upstream=\"first\"} 0")
+            && t.lines().any(|l| {
+                l == "aura_upstream_attempts_total{upstream=\"first\",outcome=\"key_refused\"} 1"
+            })
     });
+}
+
+/// Passthrough: a 429 on one client's own key is about that key. The request goes on to the
+/// next upstream, and the first stays in every other client's choices.
+fn a_429_on_a_clients_own_key_rests_nothing(driver: Driver) {
+    let first = rate_limiting("sk-limited");
+    let good = start_mock(MockOptions::default());
+    let path = config("tenant-429", driver, &first.url(), "", &good.url());
+    let aura = launch(&path, driver, &[]);
+    let ask_as = |key: &str| {
+        aura.client().request(
+            "POST",
+            CHAT,
+            &[
+                ("content-type", "application/json"),
+                ("authorization", &format!("Bearer {key}")),
+            ],
+            BODY.as_bytes(),
+        )
+    };
+    let r = ask_as("sk-limited");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("chat.completion"), "{}", r.text());
+    for _ in 0..5 {
+        let r = ask_as("sk-other-tenant");
+        assert!(r.text().contains("from-first"), "{}", r.text());
+    }
+    assert_eq!(first.asked().len(), 6);
+}
+
+/// An upstream that reads the request and holds it unanswered for `hold`.
+fn stalling(hold: Duration) -> Scripted {
+    misbehaving(move |_, stream| {
+        stream.set_read_timeout(Some(hold)).unwrap();
+        let mut sink = [0u8; 1];
+        let _ = std::io::Read::read(stream, &mut sink);
+        Then::Close
+    })
+}
+
+/// A fine-tuning job (unpriced, not idempotent) that reached the first upstream may have been
+/// created there: after its timeout, or its 502, it is not created again at the second.
+fn a_request_that_may_have_been_acted_on_is_not_sent_twice(driver: Driver) {
+    let bad_gateway = misbehaving(|_, stream| {
+        scripted::send(
+            stream,
+            b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n",
+        );
+        Then::Next
+    });
+    let stalled = stalling(Duration::from_secs(3));
+    for (first, extra, status) in [
+        (&bad_gateway, "", 502),
+        (&stalled, "first_byte_timeout_ms = 300", 504),
+    ] {
+        let good = start_mock(MockOptions::default());
+        let path = config(
+            &format!("job-{status}"),
+            driver,
+            &first.url(),
+            extra,
+            &good.url(),
+        );
+        let aura = launch(&path, driver, &[]);
+        let job = r#"{"model":"m","training_file":"file-abc"}"#;
+        let r = aura.client().post_json("/v1/fine_tuning/jobs", &[], job);
+        assert_eq!(r.status, status, "{}", r.text());
+        assert_eq!(first.asked().len(), 1);
+        assert!(
+            good.requests().is_empty(),
+            "the job went to a second upstream"
+        );
+        // A request the upstream turned away (503) was not acted on: it goes on.
+    }
+}
+
+/// A chat completion that reached the first upstream and got no answer in time: its provider
+/// may be generating it, so when it goes on to the second, the key is charged the first
+/// attempt's reservation; both time out, and the key is charged that, not nothing.
+fn an_attempt_given_up_after_it_was_sent_is_charged_its_reservation(driver: Driver) {
+    let (a, b) = (
+        stalling(Duration::from_secs(3)),
+        stalling(Duration::from_secs(3)),
+    );
+    let path = config(
+        "given-up",
+        driver,
+        &a.url(),
+        "first_byte_timeout_ms = 300",
+        &b.url(),
+    );
+    // The second's timeout comes from the flag: every attempt is bounded.
+    let aura = launch(&path, driver, &["--upstream-first-byte-timeout-ms", "300"]);
+    let key = "sk-fallback-given-up";
+    let r = aura.client().request(
+        "POST",
+        CHAT,
+        &[
+            ("content-type", "application/json"),
+            ("authorization", &format!("Bearer {key}")),
+        ],
+        BODY.as_bytes(),
+    );
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert_eq!((a.asked().len(), b.asked().len()), (1, 1));
+    // gpt-4o-mini's price is not `m`'s: `m` is reserved at the default price (5 and 15 $ per
+    // million) for every body byte in and 4096 tokens out.
+    let reservation = (BODY.len() as u64 * 5_000_000 + 4096 * 15_000_000).div_ceil(1_000);
+    wait_for_spend(&aura, key, reservation);
+}
+
+/// An upstream that accepts a connection and never reads it: the request's write is bounded
+/// by the deadline of all attempts, as the wait for an answer is.
+fn a_write_the_upstream_never_takes_ends_at_the_deadline(driver: Driver) {
+    let hole = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
+    let addr = hole.local_addr().unwrap();
+    std::thread::spawn(move || {
+        // Held open, never read, until the test process ends.
+        let held: Vec<_> = hole.incoming().take(4).collect();
+        std::thread::park_timeout(Duration::from_secs(60));
+        drop(held);
+    });
+    let good = start_mock(MockOptions::default());
+    let path = config(
+        "hole",
+        driver,
+        &format!("http://{addr}/v1"),
+        "",
+        &good.url(),
+    );
+    let aura = launch(&path, driver, &["--upstream-total-timeout-ms", "1000"]);
+    // 24 MiB: more than loopback's socket buffers take, less than max_body_bytes.
+    let upload = vec![b'x'; 24 * 1024 * 1024];
+    let started = Instant::now();
+    let r = aura.client().request(
+        "POST",
+        "/v1/files",
+        &[
+            ("content-type", "application/octet-stream"),
+            ("authorization", "Bearer sk-upload"),
+        ],
+        &upload,
+    );
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        good.requests().is_empty(),
+        "an upload that may have been taken was sent again"
+    );
 }
 
 fn a_503_falls_back_and_the_request_is_billed_once(driver: Driver) {

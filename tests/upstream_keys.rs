@@ -15,6 +15,8 @@ use common::{start_mock, Driver, Launch, MockOptions, CHAT};
 on_both_drivers!(
     each_upstream_gets_its_own_keys_in_its_own_shape,
     a_key_the_provider_refuses_is_rested,
+    every_key_refused_is_auras_502,
+    a_client_cannot_steer_the_operators_key,
 );
 
 fn write_config(name: &str, driver: Driver, text: &str) -> PathBuf {
@@ -157,9 +159,10 @@ fn a_key_the_provider_refuses_is_rested(driver: Driver) {
         .start();
     let auth = [("authorization", "Bearer sk-aura-team")];
     let statuses: Vec<u16> = (0..6).map(|_| ask(&aura, &auth, "m").status).collect();
-    // The first request went with the refused key (its 401 is the provider's answer); from
-    // then on only the valid key is used.
-    assert_eq!(statuses, [401, 200, 200, 200, 200, 200]);
+    // The first request went with the refused key, and on with the next; from then on only
+    // the valid key is used. The provider's 401, about the operator's key, never reached the
+    // client.
+    assert_eq!(statuses, [200; 6]);
     let keys: Vec<String> = upstream
         .asked()
         .iter()
@@ -170,6 +173,97 @@ fn a_key_the_provider_refuses_is_rested(driver: Driver) {
         1,
         "{keys:?}"
     );
+    assert_eq!(keys.len(), 7, "{keys:?}");
+}
+
+/// Every key of the pool refused: Aura's own 502, not the provider's answer about its key.
+fn every_key_refused_is_auras_502(driver: Driver) {
+    let upstream = Scripted::start(|_, stream| {
+        let body = r#"{"error":{"message":"Incorrect API key provided: sk-proj-****abcd","code":"invalid_api_key"}}"#;
+        let answer = format!(
+            "HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        scripted::send(stream, answer.as_bytes());
+        Then::Next
+    });
+    let text = format!(
+        r#"
+        key_mode = "virtual"
+        [keys.team]
+        key = "sk-aura-team"
+        [[upstreams]]
+        name = "p"
+        url = "{}"
+        models = ["*"]
+        keys = ["sk-one", "sk-two"]
+        "#,
+        upstream.url()
+    );
+    let path = write_config("all-refused", driver, &text);
+    let aura = Launch::new("", driver)
+        .workers(1)
+        .arg("--config")
+        .arg(path.to_str().unwrap())
+        .start();
+    let r = ask(&aura, &[("authorization", "Bearer sk-aura-team")], "m");
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "upstream_keys_refused");
+    assert!(!r.text().contains("sk-proj"), "{}", r.text());
+    assert_eq!(upstream.asked().len(), 2, "each key once");
+}
+
+/// With Aura's own key, the client's headers that choose what an operator's key bills
+/// (OpenAI's organization and project) do not go on; a second credential in an `_` spelling
+/// is refused.
+fn a_client_cannot_steer_the_operators_key(driver: Driver) {
+    let openai = start_mock(MockOptions::default());
+    let text = format!(
+        r#"
+        key_mode = "virtual"
+        [keys.team]
+        key = "sk-aura-team-steer"
+        [[upstreams]]
+        name = "openai"
+        url = "{}"
+        models = ["*"]
+        key = "sk-pool-one"
+        headers = {{ "OpenAI-Organization" = "org-operator" }}
+        "#,
+        openai.url()
+    );
+    let path = write_config("steer", driver, &text);
+    let aura = Launch::new("", driver)
+        .arg("--config")
+        .arg(path.to_str().unwrap())
+        .start();
+    let auth = ("authorization", "Bearer sk-aura-team-steer");
+    let r = ask(
+        &aura,
+        &[
+            auth,
+            ("openai-organization", "org-someone-else"),
+            ("openai-project", "proj_someone_else"),
+        ],
+        "gpt-4o-mini",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let asked = &openai.requests()[0];
+    let scoping: Vec<&(String, String)> = asked
+        .headers
+        .iter()
+        .filter(|(n, _)| n.starts_with("openai-"))
+        .collect();
+    assert_eq!(
+        scoping,
+        [&(
+            "openai-organization".to_string(),
+            "org-operator".to_string()
+        )]
+    );
+    let r = ask(&aura, &[auth, ("api_key", "sk-smuggled")], "gpt-4o-mini");
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(openai.requests().len(), 1);
 }
 
 #[test]

@@ -19,8 +19,9 @@ pub fn routing_table(config: &Config) -> String {
     let _ = writeln!(out, "# aura --print-config: secrets are redacted");
     let _ = writeln!(out, "key_mode = {}", quoted(mode));
     let _ = writeln!(out, "upstream_max_attempts = {}", config.max_attempts);
-    let total = config.upstream_total_timeout.as_millis();
-    let _ = writeln!(out, "upstream_total_timeout_ms = {total}");
+    if let Some(total) = config.upstream_total_timeout {
+        let _ = writeln!(out, "upstream_total_timeout_ms = {}", total.as_millis());
+    }
     let health = &config.health;
     let _ = writeln!(
         out,

@@ -132,8 +132,10 @@ impl UpstreamEntry {
 
 /// The most a weight may be: weights are ratios, and a bound keeps their sum far from overflow.
 const MAX_WEIGHT: i64 = 10_000;
-/// The most upstreams a config may have: a request's attempts are tracked in a 64-bit set.
+/// The most upstreams a config may have, and keys an upstream may have: a request's attempts
+/// are tracked in 64-bit sets.
 pub const MAX_UPSTREAMS: usize = 64;
+const MAX_KEYS: usize = 64;
 
 const FIELDS: &[&str] = &[
     "name",
@@ -269,6 +271,13 @@ fn entry_fields(f: &mut Fields, name: Option<String>, env: &dyn Source) -> Optio
     let ca_file = f.string("ca_file", false).map(PathBuf::from);
     let api_version = f.string("api_version", false);
     let deployments = string_table(f, "deployments");
+    for (model, deployment) in &deployments {
+        if !crate::proxy::deployment_name(deployment) {
+            f.error(&format!(
+                ": `deployments.{model}`: `{deployment}` is not a deployment name (letters, digits, `.`, `_`, `-`)"
+            ));
+        }
+    }
     let azure = match kind {
         UpstreamKind::Azure => match api_version {
             Some(api_version) => Some(AzureSettings {
@@ -339,6 +348,10 @@ fn keys(f: &mut Fields, env: &dyn Source) -> Vec<Secret> {
         }
         (None, None) => return Vec::new(),
     };
+    if raw.len() > MAX_KEYS {
+        f.error(&format!(": at most {MAX_KEYS} keys"));
+        return Vec::new();
+    }
     let mut keys = Vec::new();
     for (n, value) in raw.into_iter().enumerate() {
         let Some(text) = value.as_str().map(str::trim) else {
@@ -389,6 +402,11 @@ fn headers(f: &mut Fields) -> Vec<(String, Secret)> {
             f.error(&format!(
                 ": `headers`: the value of `{name}` is not a header value"
             ));
+        } else if out
+            .iter()
+            .any(|(seen, _): &(String, Secret)| *seen == lower)
+        {
+            f.error(&format!(": `headers`: `{name}` is given twice"));
         } else {
             out.push((lower, Secret::new(value)));
         }
@@ -525,7 +543,7 @@ mod tests {
             url = "http://h/v1"
             models = ["ok", " "]
             keys = ["env:NOT_SET", "sk-with space"]
-            headers = { "Authorization" = "Bearer x", "bad name" = "v", "x-ok" = 1 }
+            headers = { "Authorization" = "Bearer x", "bad name" = "v", "x-ok" = 1, "X-Dup" = "a", "x-dup" = "b" }
             first_byte_timeout_ms = 0
             api_version = "2024-10-21"
             [[upstreams]]
@@ -533,6 +551,7 @@ mod tests {
             kind = "azure"
             url = "http://h/openai"
             models = ["*"]
+            deployments = { "m" = "../x" }
             "#,
         );
         let all = errors.join("\n");
@@ -550,6 +569,8 @@ mod tests {
             "`upstreams[1]`: `headers`: `Authorization` is Aura's to set",
             "`upstreams[1]`: `headers`: `bad name` is not a header name",
             "`upstreams[1]`: `headers.x-ok` must be a string",
+            "`upstreams[1]`: `headers`: `x-dup` is given twice",
+            "`upstreams[2]`: `deployments.m`: `../x` is not a deployment name",
             "`upstreams[1]` `first_byte_timeout_ms` must be a positive integer",
             "`upstreams[1]`: `api_version` and `deployments` are for kind = \"azure\" only",
             "`upstreams[2]` needs `api_version`",

@@ -13,8 +13,26 @@ use crate::upstream::Upstream;
 /// The `anthropic-version` sent for a client that gave none.
 const ANTHROPIC_VERSION: &str = "2023-06-01";
 
-/// Headers that carry a provider key: a client's never goes on beside Aura's own.
-const CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "api-key", "x-api-key"];
+/// Headers that carry a provider key, or choose what an operator's key bills (OpenAI's
+/// organization and project): when Aura sends its own key, the client's never go on. A name
+/// is compared with `_` read as `-`: some servers fold one into the other.
+const CREDENTIAL_HEADERS: [&str; 6] = [
+    "authorization",
+    "api-key",
+    "x-api-key",
+    "openai-organization",
+    "openai-project",
+    "proxy-authorization",
+];
+
+fn is_credential_header(name: &str) -> bool {
+    CREDENTIAL_HEADERS.iter().any(|c| {
+        c.len() == name.len()
+            && c.bytes()
+                .zip(name.bytes())
+                .all(|(c, n)| c == n || (c == b'-' && n == b'_'))
+    })
+}
 
 /// What goes upstream as the request's credential.
 #[derive(Clone, Copy)]
@@ -56,7 +74,7 @@ pub fn write_request(
         if name == header::ACCEPT_ENCODING || h1::is_hop_by_hop(name, &head.headers) {
             continue;
         }
-        if own_credential && CREDENTIAL_HEADERS.contains(&name.as_str()) {
+        if own_credential && is_credential_header(name.as_str()) {
             continue;
         }
         if upstream.sets_header(name.as_str()) {
@@ -124,9 +142,11 @@ fn azure_target(
     out.push(b'?');
     if let Some(query) = query.filter(|q| !q.is_empty()) {
         out.extend_from_slice(query.as_bytes());
-        let has_version = query
-            .split('&')
-            .any(|pair| pair.split('=').next() == Some("api-version"));
+        let has_version = query.split('&').any(|pair| {
+            pair.split('=')
+                .next()
+                .is_some_and(|name| name.eq_ignore_ascii_case("api-version"))
+        });
         if has_version {
             return Ok(());
         }
@@ -152,6 +172,29 @@ pub fn deployment_name(name: &str) -> bool {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_clients_credentials_and_billing_scopes_are_known_by_either_spelling() {
+        for name in [
+            "authorization",
+            "x-api-key",
+            "x_api_key",
+            "api_key",
+            "openai-organization",
+            "openai_project",
+            "proxy-authorization",
+        ] {
+            assert!(is_credential_header(name), "{name}");
+        }
+        for name in [
+            "content-type",
+            "x-api-keys",
+            "openai-beta",
+            "anthropic-version",
+        ] {
+            assert!(!is_credential_header(name), "{name}");
+        }
+    }
+
     fn target(rest: &str, model: Option<&str>) -> Result<String, Error> {
         let azure = AzureSettings {
             api_version: "2024-10-21".into(),
@@ -175,6 +218,10 @@ mod tests {
         assert_eq!(
             target("/models?api-version=2025-01-01", None).unwrap(),
             "/openai/models?api-version=2025-01-01"
+        );
+        assert_eq!(
+            target("/models?Api-Version=2025-01-01", None).unwrap(),
+            "/openai/models?Api-Version=2025-01-01"
         );
         for evil in ["../keys", "..", "a/b", "a b", "x%2F", ""] {
             assert!(target("/chat/completions", Some(evil)).is_err(), "{evil}");

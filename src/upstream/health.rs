@@ -35,32 +35,44 @@ pub struct Health {
     failures: Cell<u32>,
     /// Ejections in a row (no success between): the rest doubles with each.
     ejections: Cell<u32>,
-    /// Resting until then; set and past, the next request is its trial.
+    /// Ejected (or asked to be left alone) until then.
     resting_until: Cell<Option<Instant>>,
+    /// Its rest is over and a trial request is out, since then: nothing else goes to it
+    /// until the trial is judged (or has been out as long as the last rest, in case its
+    /// request was dropped unjudged).
+    trial_since: Cell<Option<Instant>>,
 }
 
 impl Health {
-    /// Whether a request may go to it now.
+    /// Whether a request may go to it now: not resting, and no trial out.
     pub fn available(&self, now: Instant) -> bool {
-        self.resting_until.get().is_none_or(|until| now >= until)
+        !self.resting(now) && self.trial_since.get().is_none()
     }
 
-    /// Whether it is resting now (the gauge's 0).
+    /// Whether it is ejected (or resting at its own ask) now: the gauge's 0. A trial out is
+    /// not a rest.
     pub fn resting(&self, now: Instant) -> bool {
-        !self.available(now)
+        self.resting_until.get().is_some_and(|until| now < until)
     }
 
-    /// When its rest ends (None: not resting).
+    /// When it may be used again (None: now).
     pub fn rests_until(&self) -> Option<Instant> {
         self.resting_until.get()
     }
 
-    /// A request goes to it. On a trial (its rest is over), it rests again for as long as the
-    /// last rest while the trial is out: one trial at a time, and a trial whose request is
-    /// dropped unanswered does not leave it out for good.
+    /// A request goes to it. After a rest, that request is its trial; a trial out for as
+    /// long as the last rest (its request dropped unjudged) gives way to a new one.
     pub fn begin(&self, rules: &HealthRules, now: Instant) {
-        if self.resting_until.get().is_some_and(|until| now >= until) {
-            self.resting_until.set(Some(now + self.rest(rules)));
+        let stale = self
+            .trial_since
+            .get()
+            .is_some_and(|since| now >= since + self.rest(rules));
+        if stale {
+            self.trial_since.set(None);
+        }
+        let rested = self.resting_until.get().is_some_and(|until| now >= until);
+        if rested && self.trial_since.get().is_none() {
+            self.trial_since.set(Some(now));
         }
     }
 
@@ -69,14 +81,19 @@ impl Health {
         self.failures.set(0);
         self.ejections.set(0);
         self.resting_until.set(None);
+        self.trial_since.set(None);
     }
 
     /// It failed. Returns the rest it was ejected for, if this ejected it: the `eject_after`th
-    /// failure in a row, or any failure of a trial.
+    /// failure in a row, or its trial's failure. A failure of a request sent before it was
+    /// ejected (still in flight then) neither ejects it again nor lengthens its rest.
     pub fn failed(&self, rules: &HealthRules, now: Instant) -> Option<Duration> {
+        let trial_failed = self.trial_since.take().is_some();
+        if !trial_failed && self.resting_until.get().is_some() {
+            return None;
+        }
         let failures = self.failures.get().saturating_add(1);
-        let on_trial = self.resting_until.get().is_some();
-        if failures < rules.eject_after.max(1) && !on_trial {
+        if failures < rules.eject_after.max(1) && !trial_failed {
             self.failures.set(failures);
             return None;
         }
@@ -93,6 +110,7 @@ impl Health {
         let until = now + wait.min(rules.max_rest);
         let later = self.resting_until.get().map_or(until, |t| t.max(until));
         self.resting_until.set(Some(later));
+        self.trial_since.set(None);
     }
 
     /// The rest of the current ejection: `base_rest` doubled per ejection in a row after the
@@ -149,6 +167,26 @@ mod tests {
             assert_eq!(h.failed(&RULES, t4), None);
         }
         assert_eq!(h.failed(&RULES, t4), Some(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn failures_of_requests_in_flight_at_the_ejection_do_not_lengthen_it() {
+        let h = Health::default();
+        let t0 = Instant::now();
+        let rests: Vec<Option<Duration>> = (0..8).map(|_| h.failed(&RULES, t0)).collect();
+        assert_eq!(rests[2], Some(Duration::from_secs(5)));
+        assert!(rests[3..].iter().all(Option::is_none), "{rests:?}");
+        assert!(h.available(t0 + Duration::from_secs(5)));
+        // A trial that is dropped unjudged gives way to another after the last rest's length.
+        let t1 = t0 + Duration::from_secs(5);
+        h.begin(&RULES, t1);
+        assert!(!h.available(t1 + Duration::from_secs(4)));
+        assert!(
+            !h.resting(t1 + Duration::from_secs(4)),
+            "a trial out is not a rest"
+        );
+        h.begin(&RULES, t1 + Duration::from_secs(5));
+        assert_eq!(h.failed(&RULES, t1), Some(Duration::from_secs(10)));
     }
 
     #[test]

@@ -59,6 +59,23 @@ impl KeyPool {
         self.keys.is_empty() || self.keys.iter().any(|k| k.health.available(now))
     }
 
+    /// Whether some key is not resting (a trial out is not a rest): the gauge's 1.
+    pub fn any_up(&self, now: Instant) -> bool {
+        self.keys.is_empty() || self.keys.iter().any(|k| !k.health.resting(now))
+    }
+
+    /// An available key not among `tried` (a bit per key), in turn: the next to try on the
+    /// same upstream after one was refused.
+    pub fn pick_untried(&self, now: Instant, tried: u64) -> Option<usize> {
+        let n = self.keys.len();
+        let start = self.next.get() % n.max(1);
+        let chosen = (0..n)
+            .map(|i| (start + i) % n)
+            .find(|&i| i < 64 && tried & (1 << i) == 0 && self.keys[i].health.available(now))?;
+        self.next.set(chosen + 1);
+        Some(chosen)
+    }
+
     /// The next key in turn that is not resting; every key resting, the one whose rest ends
     /// first. None: the pool is empty.
     pub fn pick(&self, now: Instant) -> Option<usize> {

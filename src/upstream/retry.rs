@@ -16,6 +16,8 @@ pub enum AttemptOutcome {
     Answered,
     /// It answered 429 or a 5xx another upstream may not, and the request went on.
     RetryableStatus,
+    /// The provider refused the pool key it was sent with (401, 403, 429).
+    KeyRefused,
     /// No connection: refused, unreachable, or the TLS handshake failed.
     ConnectFailed,
     /// No response head in time.
@@ -29,9 +31,10 @@ pub enum AttemptOutcome {
 }
 
 impl AttemptOutcome {
-    pub const ALL: [AttemptOutcome; 7] = [
+    pub const ALL: [AttemptOutcome; 8] = [
         AttemptOutcome::Answered,
         AttemptOutcome::RetryableStatus,
+        AttemptOutcome::KeyRefused,
         AttemptOutcome::ConnectFailed,
         AttemptOutcome::Timeout,
         AttemptOutcome::Reset,
@@ -43,6 +46,7 @@ impl AttemptOutcome {
         match self {
             AttemptOutcome::Answered => "answered",
             AttemptOutcome::RetryableStatus => "retryable_status",
+            AttemptOutcome::KeyRefused => "key_refused",
             AttemptOutcome::ConnectFailed => "connect_failed",
             AttemptOutcome::Timeout => "timeout",
             AttemptOutcome::Reset => "reset",
