@@ -3,8 +3,8 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
 
-use aura::config::{self, Config, LogFormat, ProcessEnv, Scheme, UpstreamUrl, SETTINGS};
-use aura::mock::{MockOptions, MockUpstream};
+use aura::config::{self, Config, LogFormat, ProcessEnv, SETTINGS};
+use aura::mock::demo::Demo;
 use aura::runtime;
 use aura::upstream::Resolver;
 use clap::{Arg, ArgAction, Command};
@@ -106,25 +106,30 @@ fn main() -> ExitCode {
     };
     init_logging(config.log_format);
     let resolvers = if config.demo {
-        let listen = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
-        match MockUpstream::start(listen, MockOptions::default()) {
-            Ok(mock) => {
-                config.upstream = UpstreamUrl {
-                    scheme: Scheme::Http,
-                    host: mock.addr.ip().to_string(),
-                    port: mock.addr.port(),
-                    base_path: "/v1".into(),
-                };
-                tracing::info!(upstream = %config.upstream, "demo: built-in mock upstream started");
-                // The mock lives as long as the process.
-                std::mem::forget(mock);
-                vec![Resolver::fixed(SocketAddr::new(
-                    IpAddr::V4(Ipv4Addr::LOCALHOST),
-                    config.upstream.port,
-                ))]
+        match Demo::start() {
+            Ok(demo) => {
+                config.upstreams = demo.routes();
+                tracing::info!(
+                    healthy = %demo.healthy.addr,
+                    flaky = %demo.flaky.addr,
+                    "demo: built-in mock upstreams started; demo-flaky answers half its requests 503, and they go on to demo"
+                );
+                let resolvers = config
+                    .routes()
+                    .iter()
+                    .map(|u| {
+                        Resolver::fixed(SocketAddr::new(
+                            IpAddr::V4(Ipv4Addr::LOCALHOST),
+                            u.url.port,
+                        ))
+                    })
+                    .collect();
+                // The mocks live as long as the process.
+                std::mem::forget(demo);
+                resolvers
             }
             Err(e) => {
-                eprintln!("aura: cannot start the demo upstream: {e}");
+                eprintln!("aura: cannot start the demo upstreams: {e}");
                 return ExitCode::FAILURE;
             }
         }
@@ -148,7 +153,8 @@ fn main() -> ExitCode {
         .iter()
         .map(|u| format!("{}={}", u.name, u.url))
         .collect();
-    if config.upstreams.len() > 1 && config.budgets.key_mode == config::KeyMode::Passthrough {
+    let passthrough = config.budgets.key_mode == config::KeyMode::Passthrough;
+    if config.upstreams.len() > 1 && passthrough && !config.demo {
         tracing::warn!(
             upstreams = upstreams.join(" "),
             "passthrough: each client's key goes to whichever upstream serves its model"

@@ -9,6 +9,7 @@
 //! Not on the hot path: bodies are parsed with serde_json. Depends on `server` and below only.
 
 pub mod anthropic;
+pub mod demo;
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -76,6 +77,8 @@ pub struct MockOptions {
     pub honour_stream_options: bool,
     /// The `model` every answer names.
     pub model: String,
+    /// The share of requests answered `503` (drawn at random): the demo's flaky upstream.
+    pub failure_ratio: f64,
 }
 
 impl Default for MockOptions {
@@ -85,6 +88,7 @@ impl Default for MockOptions {
             delay: Duration::ZERO,
             honour_stream_options: true,
             model: "gpt-4o-mini-2024-07-18".to_string(),
+            failure_ratio: 0.0,
         }
     }
 }
@@ -278,6 +282,8 @@ struct MockHandler {
     model: String,
     options: MockOptions,
     log: Log,
+    /// xorshift state for `failure_ratio`'s draws.
+    rng: std::sync::atomic::AtomicU64,
 }
 
 impl MockHandler {
@@ -287,7 +293,22 @@ impl MockHandler {
             model,
             options,
             log,
+            rng: std::sync::atomic::AtomicU64::new(0x9e37_79b9_7f4a_7c15),
         }
+    }
+
+    /// Whether this request is one `failure_ratio` fails.
+    fn fails(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.options.failure_ratio <= 0.0 {
+            return false;
+        }
+        let mut x = self.rng.load(Relaxed);
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng.store(x, Relaxed);
+        ((x >> 11) as f64 / (1u64 << 53) as f64) < self.options.failure_ratio
     }
 
     fn record(&self, request: &Request) {
@@ -315,7 +336,8 @@ impl<S: AsyncWriteRent> Handler<S> for MockHandler {
     async fn handle(&self, request: Request, keep_alive: bool, client: &mut S) -> Persist {
         self.record(&request);
         let control = Control::new(&request.head, &self.options);
-        if let Some(status) = control.status {
+        let drawn = self.fails().then_some(StatusCode::SERVICE_UNAVAILABLE);
+        if let Some(status) = control.status.or(drawn) {
             return server::write_json(
                 client,
                 status,

@@ -43,7 +43,7 @@ const FAMILIES: &[(&str, &str, MetricType, &[&str])] = &[
     ("aura_budget_remaining_dollars", "What each active key may still spend, as the budget store last answered.", MetricType::GAUGE, &["key"]),
     ("aura_upstream_up", "Whether each upstream is in the workers' choices (not ejected for failing, a pool key not resting): the share of workers that hold it available, 1 = all.", MetricType::GAUGE, &["upstream"]),
     ("aura_upstream_requests_total", "Requests each upstream answered (its answer went to the client), by status class.", MetricType::COUNTER, &["upstream", "status_class"]),
-    ("aura_upstream_attempts_total", "Attempts at each upstream, by how they ended: answered, or retryable_status, connect_failed, timeout, reset, protocol_error, other (the request went on to the next upstream while attempts were left).", MetricType::COUNTER, &["upstream", "outcome"]),
+    ("aura_upstream_attempts_total", "Attempts at each upstream, by how they ended: answered (its answer went to the client), retryable_status (a 429 or 5xx the request went on from), key_refused (a pool key refused: 401, 403, 429), connect_failed, timeout, reset, protocol_error, other.", MetricType::COUNTER, &["upstream", "outcome"]),
     ("aura_upstream_ttft_seconds", "Time from receiving a request to writing the first body byte of its answer to the client, by the upstream that answered.", MetricType::HISTOGRAM, &["upstream"]),
     ("aura_store_up", "1 while the last budget store call succeeded.", MetricType::GAUGE, &[]),
     ("aura_ledger_queue_ops", "Budget ops waiting for the store.", MetricType::GAUGE, &[]),
