@@ -33,11 +33,11 @@ pub enum Error {
     ModelNotFound(String),
     #[error("request path refused: {0}")]
     BadPath(crate::route::TargetError),
-    #[error("more than one credential: send exactly one `Authorization: Bearer <key>` (and no api-key or x-api-key)")]
+    #[error("more than one credential: send exactly one of `Authorization: Bearer <key>`, `x-api-key` or `api-key`")]
     AmbiguousCredentials,
     #[error("{0} costs money Aura cannot price; the operator has not allowed such routes (allow_unpriced_routes)")]
     UnpricedRoute(String),
-    #[error("missing API key: send `Authorization: Bearer <key>`")]
+    #[error("missing API key: send `Authorization: Bearer <key>` (or `x-api-key: <key>`)")]
     MissingKey,
     #[error("unknown API key")]
     InvalidKey,

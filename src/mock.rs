@@ -46,6 +46,8 @@ pub const USAGE_HEADER: &str = "x-mock-usage";
 /// Anthropic Messages answers: prompt tokens written to (and read from) the cache.
 pub const CACHE_WRITE_HEADER: &str = "x-mock-cache-write";
 pub const CACHE_READ_HEADER: &str = "x-mock-cache-read";
+/// Anthropic Messages answers: web searches a server tool ran.
+pub const WEB_SEARCHES_HEADER: &str = "x-mock-web-searches";
 
 /// `created` of every answer: fixed so answers are byte-for-byte reproducible.
 const CREATED: u64 = 1_732_000_000;
@@ -489,6 +491,7 @@ impl MockHandler {
             cache_write: count(CACHE_WRITE_HEADER),
             cache_read: count(CACHE_READ_HEADER),
             output: control.chunks as u64,
+            web_searches: count(WEB_SEARCHES_HEADER),
         };
         let asked = json
             .get("model")

@@ -47,6 +47,8 @@ pub struct LongContext {
     pub output_pico: u64,
     pub cached_input_pico: u64,
     pub cache_write_input_pico: u64,
+    /// An hour's cache write past the threshold (Anthropic: 2× the long-context input price).
+    pub cache_write_1h_input_pico: u64,
 }
 
 impl LongContext {
@@ -59,6 +61,9 @@ impl LongContext {
             cache_write_input_pico: self
                 .cache_write_input_pico
                 .max(other.cache_write_input_pico),
+            cache_write_1h_input_pico: self
+                .cache_write_1h_input_pico
+                .max(other.cache_write_1h_input_pico),
         }
     }
 }
@@ -75,6 +80,8 @@ pub struct Units {
     pub per_character_pico: Option<u64>,
     /// One second of audio (transcriptions whose usage is a duration).
     pub per_second_pico: Option<u64>,
+    /// One web search a server tool ran (Anthropic's `web_search`: $10 per 1,000).
+    pub per_web_search_nano: Option<u64>,
 }
 
 impl Units {
@@ -84,6 +91,7 @@ impl Units {
             per_image_nano: self.per_image_nano.max(other.per_image_nano),
             per_character_pico: self.per_character_pico.max(other.per_character_pico),
             per_second_pico: self.per_second_pico.max(other.per_second_pico),
+            per_web_search_nano: self.per_web_search_nano.max(other.per_web_search_nano),
         }
     }
 }
@@ -144,9 +152,9 @@ impl Price {
             output_pico: long.output_pico.max(self.output_pico),
             cached_input_pico: long.cached_input_pico.max(self.cached_input_pico),
             cache_write_input_pico: long.cache_write_input_pico.max(self.cache_write_input_pico),
-            cache_write_1h_input_pico: self
+            cache_write_1h_input_pico: long
                 .cache_write_1h_input_pico
-                .max(long.cache_write_input_pico),
+                .max(self.cache_write_1h_input_pico),
             long_context: None,
             ..*self
         }
@@ -179,7 +187,11 @@ impl Price {
             .media_prompt_tokens
             .min(usage.prompt_tokens - cached - written);
         let text = usage.prompt_tokens - cached - written - media;
-        let pico = u128::from(text) * u128::from(self.input_pico)
+        let searches = u128::from(usage.web_search_requests)
+            * u128::from(self.units.per_web_search_nano.unwrap_or(0))
+            * 1_000;
+        let pico = searches
+            + u128::from(text) * u128::from(self.input_pico)
             + u128::from(media) * u128::from(self.media_input_pico())
             + u128::from(cached) * u128::from(self.cached_input_pico)
             + u128::from(written - written_1h) * u128::from(self.cache_write_input_pico)
@@ -325,38 +337,115 @@ const BUILTIN_MEDIA: &[(&str, f64, f64, f64, f64, f64, f64)] = &[
     ("gpt-4o-mini-transcribe", 1.25, 3.00, 5.00, 0.0, 0.0, 0.003),
 ];
 
-/// Anthropic's models, in dollars per million tokens (input, output), context window and output
-/// limit, from Anthropic's pricing page (2026). Its prompt cache is priced from the input price
-/// the same way for every model: a read at 0.1×, a 5-minute write at 1.25×, an hour's at 2×.
-/// Sonnet 4 and 4.5 take up to a million tokens of context; past 200k a request's every token
-/// is billed at the long-context prices (2× input, 1.5× output).
-const BUILTIN_ANTHROPIC: &[(&str, f64, f64, u64, u64)] = &[
-    ("claude-opus-4-5", 5.00, 25.00, 200_000, 64_000),
-    ("claude-opus-4-1", 15.00, 75.00, 200_000, 32_000),
-    ("claude-opus-4", 15.00, 75.00, 200_000, 32_000),
-    ("claude-sonnet-4-5", 3.00, 15.00, 1_000_000, 64_000),
-    ("claude-sonnet-4", 3.00, 15.00, 1_000_000, 64_000),
-    ("claude-3-7-sonnet", 3.00, 15.00, 200_000, 64_000),
-    ("claude-haiku-4-5", 1.00, 5.00, 200_000, 64_000),
-    ("claude-3-5-haiku", 0.80, 4.00, 200_000, 8_192),
-    ("claude-3-haiku", 0.25, 1.25, 200_000, 4_096),
+/// Anthropic's models, in dollars per million tokens (input, output, 5-minute cache write,
+/// cache read), context window and output limit, from Anthropic's pricing page (2026). An
+/// hour's cache write is 2× the input price for every model. Sonnet 4 and 4.5 take up to a
+/// million tokens of context: past 200k a request's every token is billed at the long-context
+/// prices (input, cache reads and writes 2×, output 1.5×). Names not listed fall to their
+/// family's dearest price (`claude_family`).
+const BUILTIN_ANTHROPIC: &[(&str, f64, f64, f64, f64, u64, u64)] = &[
+    ("claude-opus-4-5", 5.00, 25.00, 6.25, 0.50, 200_000, 64_000),
+    (
+        "claude-opus-4-1",
+        15.00,
+        75.00,
+        18.75,
+        1.50,
+        200_000,
+        32_000,
+    ),
+    ("claude-opus-4", 15.00, 75.00, 18.75, 1.50, 200_000, 32_000),
+    (
+        "claude-opus-4-0",
+        15.00,
+        75.00,
+        18.75,
+        1.50,
+        200_000,
+        32_000,
+    ),
+    ("claude-3-opus", 15.00, 75.00, 18.75, 1.50, 200_000, 4_096),
+    (
+        "claude-sonnet-4-5",
+        3.00,
+        15.00,
+        3.75,
+        0.30,
+        1_000_000,
+        64_000,
+    ),
+    (
+        "claude-sonnet-4",
+        3.00,
+        15.00,
+        3.75,
+        0.30,
+        1_000_000,
+        64_000,
+    ),
+    (
+        "claude-sonnet-4-0",
+        3.00,
+        15.00,
+        3.75,
+        0.30,
+        1_000_000,
+        64_000,
+    ),
+    // 128k of output with Anthropic's `output-128k` beta.
+    (
+        "claude-3-7-sonnet",
+        3.00,
+        15.00,
+        3.75,
+        0.30,
+        200_000,
+        128_000,
+    ),
+    ("claude-3-5-sonnet", 3.00, 15.00, 3.75, 0.30, 200_000, 8_192),
+    ("claude-haiku-4-5", 1.00, 5.00, 1.25, 0.10, 200_000, 64_000),
+    ("claude-3-5-haiku", 0.80, 4.00, 1.00, 0.08, 200_000, 8_192),
+    ("claude-3-haiku", 0.25, 1.25, 0.30, 0.03, 200_000, 4_096),
 ];
 
-/// An Anthropic model's price, its cache prices derived from its input price.
-fn anthropic_price(input: f64, output: f64, max_in: u64, max_out: u64) -> Price {
-    let mut price = Price::per_million(input, output, input * 0.1).with_limits(max_in, max_out);
-    price.cache_write_input_pico = dollars_per_million_to_pico(input * 1.25);
+/// Anthropic's web search: $10 per 1,000 searches.
+pub const WEB_SEARCH_NANO: u64 = 10_000_000;
+
+/// An Anthropic model's price from its row: input, output, 5-minute write, read (dollars per
+/// million), context window, output limit.
+fn anthropic_price(row: (f64, f64, f64, f64, u64, u64)) -> Price {
+    let (input, output, write, read, max_in, max_out) = row;
+    let mut price = Price::per_million(input, output, read).with_limits(max_in, max_out);
+    price.cache_write_input_pico = dollars_per_million_to_pico(write);
     price.cache_write_1h_input_pico = dollars_per_million_to_pico(input * 2.0);
+    price.units.per_web_search_nano = Some(WEB_SEARCH_NANO);
     if max_in > 200_000 {
         price.long_context = Some(LongContext {
             above_tokens: 200_000,
             input_pico: dollars_per_million_to_pico(input * 2.0),
             output_pico: dollars_per_million_to_pico(output * 1.5),
-            cached_input_pico: dollars_per_million_to_pico(input * 0.2),
-            cache_write_input_pico: dollars_per_million_to_pico(input * 2.5),
+            cached_input_pico: dollars_per_million_to_pico(read * 2.0),
+            cache_write_input_pico: dollars_per_million_to_pico(write * 2.0),
+            cache_write_1h_input_pico: dollars_per_million_to_pico(input * 4.0),
         });
     }
     price
+}
+
+/// The model an unknown Claude name is priced as: its family's dearest (an Opus at Opus 4.1's
+/// prices, not the default's), for a name newer than this table or an alias it lacks
+/// (`claude-3-7-sonnet-latest`, `claude-opus-4-6`).
+fn claude_family(model: &str) -> Option<&'static str> {
+    let name = model.strip_prefix("claude-")?;
+    if name.contains("opus") {
+        Some("claude-opus-4-1")
+    } else if name.contains("sonnet") {
+        Some("claude-sonnet-4-5")
+    } else if name.contains("haiku") {
+        Some("claude-haiku-4-5")
+    } else {
+        None
+    }
 }
 
 impl PriceTable {
@@ -377,18 +466,20 @@ impl PriceTable {
                     per_image_nano: some(per_image).map(dollars_to_nano),
                     per_character_pico: some(per_million_chars).map(dollars_per_million_to_pico),
                     per_second_pico: some(per_minute).map(|m| dollars_to_pico(m / 60.0)),
+                    per_web_search_nano: None,
                 };
                 (Arc::from(name), price)
             },
         );
-        let anthropic = BUILTIN_ANTHROPIC
-            .iter()
-            .map(|&(name, input, output, max_in, max_out)| {
-                (
-                    Arc::from(name),
-                    anthropic_price(input, output, max_in, max_out),
-                )
-            });
+        let anthropic =
+            BUILTIN_ANTHROPIC
+                .iter()
+                .map(|&(name, input, output, write, read, max_in, max_out)| {
+                    (
+                        Arc::from(name),
+                        anthropic_price((input, output, write, read, max_in, max_out)),
+                    )
+                });
         let by_name = text.chain(media).chain(anthropic).collect();
         PriceTable {
             by_name,
@@ -453,11 +544,19 @@ impl PriceTable {
             return Some((name, p, Match::Exact));
         }
         let unprefixed = model.rsplit('/').next().unwrap_or(model);
-        [Some(unprefixed), base_name(model), base_name(unprefixed)]
-            .into_iter()
-            .flatten()
-            .find_map(|candidate| self.by_name.get_key_value(candidate))
-            .map(|(name, p)| (name, p, Match::Base))
+        let unaliased = unprefixed.strip_suffix("-latest");
+        [
+            Some(unprefixed),
+            base_name(model),
+            base_name(unprefixed),
+            unaliased,
+            unaliased.and_then(base_name),
+            claude_family(unprefixed),
+        ]
+        .into_iter()
+        .flatten()
+        .find_map(|candidate| self.by_name.get_key_value(candidate))
+        .map(|(name, p)| (name, p, Match::Base))
     }
 
     /// Adds (or replaces) the models of a file in LiteLLM's `model_prices_and_context_window.json`
@@ -497,6 +596,7 @@ impl PriceTable {
                 per_image_nano: per_image.map(dollars_to_nano),
                 per_character_pico: per_character.map(dollars_to_pico),
                 per_second_pico: per_second.map(dollars_to_pico),
+                per_web_search_nano: cost("search_context_cost_per_query")?.map(dollars_to_nano),
             };
             if input.is_none() && output.is_none() && units == Units::default() {
                 continue;
@@ -522,6 +622,10 @@ impl PriceTable {
                     cache_write_input_pico: dollars_to_pico(
                         cost("cache_creation_input_token_cost_above_200k_tokens")?
                             .unwrap_or(cache_write),
+                    ),
+                    cache_write_1h_input_pico: dollars_to_pico(
+                        cost("cache_creation_input_token_cost_above_1hr_above_200k_tokens")?
+                            .unwrap_or(cache_write_1h),
                     ),
                 }),
             };
@@ -717,6 +821,45 @@ mod tests {
         );
         let (haiku, _) = table.lookup("claude-3-5-haiku-20241022");
         assert_eq!(haiku.max_output_tokens, Some(8_192));
+        // Past 200k, an hour's cache write is 2× the long-context input price: $12.
+        let long_hour = Usage {
+            prompt_tokens: 300_000,
+            cache_write_prompt_tokens: 300_000,
+            cache_write_1h_prompt_tokens: 300_000,
+            ..Usage::default()
+        };
+        assert_eq!(sonnet.cost_nano(&long_hour), Some(300_000 * 12_000));
+        // Web searches at $10 per 1,000.
+        let searched = Usage {
+            prompt_tokens: 1,
+            web_search_requests: 3,
+            ..Usage::default()
+        };
+        assert_eq!(sonnet.cost_nano(&searched), Some(3_000 + 3 * 10_000_000));
+    }
+
+    #[test]
+    fn claude_names_the_table_lacks_take_their_familys_dearest_price() {
+        let table = PriceTable::builtin(default_price());
+        let opus = table.lookup("claude-opus-4-1").0;
+        for (name, want) in [
+            ("claude-opus-4-6", "claude-opus-4-1"),
+            ("claude-opus-4-0", "claude-opus-4-1"),
+            ("claude-3-7-sonnet-latest", "claude-3-7-sonnet"),
+            ("claude-3-5-haiku-latest", "claude-3-5-haiku"),
+            ("claude-3-opus-20240229", "claude-3-opus"),
+            ("claude-sonnet-4-6", "claude-sonnet-4-5"),
+            ("anthropic/claude-haiku-5-5", "claude-haiku-4-5"),
+        ] {
+            let (price, matched) = table.lookup(name);
+            assert_eq!(price, table.lookup(want).0, "{name}");
+            assert_ne!(matched, Match::Default, "{name}");
+        }
+        assert_eq!(
+            table.lookup("claude-opus-4-6").0.output_pico,
+            opus.output_pico
+        );
+        assert_eq!(table.lookup("claude-unknown").1, Match::Default);
     }
 
     #[test]
@@ -756,6 +899,7 @@ mod tests {
                 output_pico: 1,
                 cached_input_pico: 1,
                 cache_write_input_pico: 1,
+                cache_write_1h_input_pico: 1,
             }),
             ..Price::per_million(1.0, 1.0, 1.0)
         };

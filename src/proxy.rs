@@ -761,13 +761,41 @@ impl Proxy {
                     .await
             }
         };
-        let admission = self.usage_admission(
+        let mut admission = self.usage_admission(
             &request,
             Billable::Generates,
             Some(&bounds.model),
             bounds.max_tokens,
             1,
         );
+        if bounds.expands {
+            // The body bounds nothing: the model's whole context window is reserved (a million
+            // tokens only where the client asked for them), at the dearest input price.
+            let wide = request
+                .head
+                .headers
+                .get_all("anthropic-beta")
+                .iter()
+                .any(|v| v.to_str().is_ok_and(|v| v.contains("context-1m")));
+            let window = admission.price.max_input_tokens.unwrap_or(200_000);
+            let window = if wide { window } else { window.min(200_000) };
+            let completion = bounds
+                .max_tokens
+                .or(admission.price.max_output_tokens)
+                .unwrap_or(self.default_max_output_tokens);
+            let prompt = window.max(request.body.len() as u64);
+            admission.estimate = admission
+                .estimate
+                .max(admission.price.upper_bound_nano(prompt, completion));
+        }
+        let searches = bounds.web_searches.saturating_mul(
+            admission
+                .price
+                .units
+                .per_web_search_nano
+                .unwrap_or(pricing::WEB_SEARCH_NANO),
+        );
+        admission.estimate = admission.estimate.saturating_add(searches);
         if let Err(e) = self.admit(&request, admission, outcome).await {
             return self.fail(client, e, keep_alive, outcome).await;
         }
@@ -1327,6 +1355,11 @@ impl<S: AsyncReadRent + AsyncWriteRent> Handler<S> for Proxy {
             Ok(target) if route::forwardable(&request.head.method) => target,
             refused => {
                 let mut settling = Settling::new(self, Route::Unparsed, head_only, started);
+                // Refused before its path is made canonical: its spelling says its API.
+                let raw = request.head.target.to_ascii_lowercase();
+                if raw.starts_with("/v1/messages") && self.routing.speaks_anthropic() {
+                    settling.outcome.api = Api::Anthropic;
+                }
                 let error = match refused {
                     Ok(_) => Error::MethodNotAllowed {
                         allow: route::FORWARDED_METHODS,
@@ -1341,17 +1374,25 @@ impl<S: AsyncReadRent + AsyncWriteRent> Handler<S> for Proxy {
             }
         };
         request.head.target = target.origin_form();
+        // Anthropic's routes, where an `anthropic` upstream serves them: its upstreams, its
+        // errors' shape.
+        let messages = target.path == "/v1/messages" || target.path.starts_with("/v1/messages/");
+        let anthropic = messages && self.routing.speaks_anthropic();
         let route = match Route::of(&request.head.method, &target.path) {
             // With a control-plane listener, the data plane does not answer for it.
             Route::Metrics | Route::Admin if self.control_elsewhere => Route::NotFound,
+            // Counting tokens is free where Aura serves Anthropic's API; elsewhere it is any
+            // unknown route, as before.
+            Route::Api(Billing::Free)
+                if target.path == "/v1/messages/count_tokens" && !anthropic =>
+            {
+                Route::Api(Billing::Unpriced)
+            }
             route => route,
         };
         let mut settling = Settling::new(self, route, head_only, started);
         let outcome = &mut settling.outcome;
-        // Anthropic's routes, where an `anthropic` upstream serves them: its upstreams, its
-        // errors' shape.
-        let messages = target.path == "/v1/messages" || target.path.starts_with("/v1/messages/");
-        if messages && self.routing.speaks_anthropic() {
+        if anthropic {
             outcome.api = Api::Anthropic;
         }
         let persist = match route {

@@ -28,6 +28,8 @@ pub struct Usage {
     pub media_prompt_tokens: u64,
     /// Seconds of audio, for a usage that is a duration (transcriptions).
     pub seconds: u64,
+    /// Web searches a server tool ran (Anthropic's `server_tool_use.web_search_requests`).
+    pub web_search_requests: u64,
 }
 
 /// Usage + the `model` field of the same JSON object (the response's model, e.g.
@@ -150,6 +152,7 @@ fn counts(usage: &Value) -> Option<Usage> {
         // Images and transcriptions name the input kinds; chat audio models too.
         media_prompt_tokens: detail("image_tokens")?.saturating_add(detail("audio_tokens")?),
         seconds: 0,
+        web_search_requests: 0,
     })
 }
 

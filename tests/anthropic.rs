@@ -23,12 +23,15 @@ const NO_SDK: i32 = 3;
 const TEAM: &str = "sk-aura-claude-team-0001";
 const BROKE: &str = "sk-aura-claude-broke-0001";
 const OPERATOR: &str = "sk-ant-operator-key-0001";
+const SMALL: &str = "sk-aura-claude-small-0001";
 
 on_both_drivers!(
     the_anthropic_sdk_streams_and_is_billed_to_the_nano_dollar,
     a_spent_key_gets_the_sdks_402,
     a_stream_reaches_the_client_byte_for_byte,
     auras_own_errors_take_anthropics_shape,
+    a_request_anthropic_adds_input_to_reserves_the_context_window,
+    web_searches_are_billed,
 );
 
 /// Sonnet 4 in pico-dollars per token: input, output, cache read, 5-minute cache write.
@@ -44,6 +47,9 @@ fn config(name: &str, driver: Driver, claude: &MockUpstream, openai: &MockUpstre
         [keys.broke]
         key = "{BROKE}"
         limit_dollars = 0
+        [keys.small]
+        key = "{SMALL}"
+        limit_dollars = 0.5
 
         [[upstreams]]
         name = "claude"
@@ -200,6 +206,7 @@ fn a_stream_reaches_the_client_byte_for_byte(driver: Driver) {
         cache_write: 0,
         cache_read: 0,
         output: CHUNKS as u64,
+        web_searches: 0,
     };
     let want: Vec<u8> = stream_events("claude-haiku-4-5", CHUNKS, usage).concat();
     assert_eq!(r.text(), String::from_utf8(want).unwrap());
@@ -256,4 +263,49 @@ fn auras_own_errors_take_anthropics_shape(driver: Driver) {
     );
     assert_eq!(r.status, 404, "{}", r.text());
     assert_eq!(r.json()["error"]["code"], "model_not_found");
+}
+
+/// A document Anthropic fetches (or a server tool's results) is input the body does not hold:
+/// such a request reserves the model's whole context window, so a key that could not pay for
+/// it is refused before anything is sent, whatever the body's size.
+fn a_request_anthropic_adds_input_to_reserves_the_context_window(driver: Driver) {
+    let (claude, _openai, aura) = start("expands", driver);
+    let fetched = r#"{"model":"claude-opus-4-1","max_tokens":64,"messages":[{"role":"user","content":[{"type":"document","source":{"type":"url","url":"https://example.com/a.pdf"}},{"type":"text","text":"summarise"}]}]}"#;
+    let r = messages_request(&aura, SMALL, fetched);
+    assert_eq!(r.status, 402, "{}", r.text());
+    assert_eq!(r.json()["error"]["type"], "billing_error", "{}", r.text());
+    assert!(
+        claude.requests().is_empty(),
+        "a request the key could not pay for was sent"
+    );
+    // The same question with its text in the body fits the key's $0.50.
+    let plain = r#"{"model":"claude-opus-4-1","max_tokens":64,"messages":[{"role":"user","content":"summarise"}]}"#;
+    assert_eq!(messages_request(&aura, SMALL, plain).status, 200);
+}
+
+/// Web searches a server tool ran are billed at Anthropic's $10 per 1,000, beside the tokens.
+fn web_searches_are_billed(driver: Driver) {
+    let (claude, _openai, aura) = start("searches", driver);
+    let body = r#"{"model":"claude-haiku-4-5","max_tokens":64,"stream":true,"tools":[{"type":"web_search_20250305","name":"web_search","max_uses":5}],"messages":[{"role":"user","content":"news?"}]}"#;
+    let r = aura.client().request(
+        "POST",
+        "/v1/messages",
+        &[
+            ("content-type", "application/json"),
+            ("x-api-key", TEAM),
+            ("x-mock-web-searches", "4"),
+        ],
+        body.as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        r.text().contains("\"web_search_requests\":4"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(claude.requests().len(), 1);
+    // Haiku 4.5: $1 in, $5 out per million; 4 searches at $0.01.
+    let input = (body.len() as u64 / 4).max(1);
+    let tokens = (input * 1_000_000 + CHUNKS as u64 * 5_000_000).div_ceil(1_000);
+    wait_for_spend(&aura, TEAM, tokens + 4 * 10_000_000);
 }

@@ -100,7 +100,11 @@ pub fn plausible(usage: &Usage, price: &Price, choices: u64, ceiling: u64) -> bo
         && usage.cached_prompt_tokens <= usage.prompt_tokens
         && usage.media_prompt_tokens <= usage.prompt_tokens
         && usage.seconds <= ceiling
+        && usage.web_search_requests <= MAX_WEB_SEARCHES
 }
+
+/// The most web searches one answer may report before its usage is not believed.
+pub const MAX_WEB_SEARCHES: u64 = 1_000;
 
 /// What a request reserved, and what bounds the usage it may report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

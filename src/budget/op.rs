@@ -3,7 +3,7 @@
 //! a time falls in. Pure: no IO, no clocks, no logging.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use crate::auth::KeyId;
 use crate::config::Period;
@@ -11,26 +11,51 @@ use crate::config::Period;
 /// Budget periods of spend a store keeps before the current one (shown by the admin API).
 pub const HISTORY_PERIODS: u64 = 3;
 
-/// The configured limits: the default, and each key's own from the config file.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The configured limits: the default, and each key's own from the config file. Shared by the
+/// workers and the store; a reload replaces the table in place (stores read it at each op).
+#[derive(Debug, Default)]
 pub struct KeyLimits {
+    table: RwLock<Arc<LimitTable>>,
+}
+
+#[derive(Debug, Default)]
+struct LimitTable {
     default: u64,
     keys: HashMap<KeyId, u64>,
 }
 
 impl KeyLimits {
     pub fn new(default: u64, keys: HashMap<KeyId, u64>) -> KeyLimits {
-        KeyLimits { default, keys }
+        KeyLimits {
+            table: RwLock::new(Arc::new(LimitTable { default, keys })),
+        }
+    }
+
+    fn table(&self) -> Arc<LimitTable> {
+        match self.table.read() {
+            Ok(table) => table.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
     }
 
     /// The key's configured limit (its own, or the default).
     pub fn of(&self, key: KeyId) -> u64 {
-        self.keys.get(&key).copied().unwrap_or(self.default)
+        let table = self.table();
+        table.keys.get(&key).copied().unwrap_or(table.default)
     }
 
     /// Whether the config file names the key.
     pub fn names(&self, key: KeyId) -> bool {
-        self.keys.contains_key(&key)
+        self.table().keys.contains_key(&key)
+    }
+
+    /// A reloaded config's limits, from now on.
+    pub fn replace(&self, default: u64, keys: HashMap<KeyId, u64>) {
+        let fresh = Arc::new(LimitTable { default, keys });
+        match self.table.write() {
+            Ok(mut table) => *table = fresh,
+            Err(poisoned) => *poisoned.into_inner() = fresh,
+        }
     }
 }
 

@@ -160,6 +160,7 @@ fn price_entry(f: &mut Fields) -> Option<Price> {
         "dollars_per_million_characters",
         "dollars_per_audio_minute",
         "max_output_tokens",
+        "dollars_per_web_search",
         "max_input_tokens",
     ]);
     let input = f.dollars("input_dollars_per_million");
@@ -175,6 +176,9 @@ fn price_entry(f: &mut Fields) -> Option<Price> {
         per_second_pico: f
             .dollars("dollars_per_audio_minute")
             .map(|d| pricing::dollars_to_pico(d / 60.0)),
+        per_web_search_nano: f
+            .dollars("dollars_per_web_search")
+            .map(pricing::dollars_to_nano),
     };
     let unit_priced = units != Units::default();
     if (input.is_none() || output.is_none()) && !unit_priced {

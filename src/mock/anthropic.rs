@@ -14,16 +14,22 @@ pub struct MessagesUsage {
     pub cache_write: u64,
     pub cache_read: u64,
     pub output: u64,
+    /// Web searches a server tool ran (`server_tool_use.web_search_requests`).
+    pub web_searches: u64,
 }
 
 impl MessagesUsage {
     fn input_side(&self, output: u64) -> Value {
-        json!({
+        let mut usage = json!({
             "input_tokens": self.input,
             "cache_creation_input_tokens": self.cache_write,
             "cache_read_input_tokens": self.cache_read,
             "output_tokens": output,
-        })
+        });
+        if self.web_searches > 0 {
+            usage["server_tool_use"] = json!({ "web_search_requests": self.web_searches });
+        }
+        usage
     }
 }
 
@@ -75,7 +81,8 @@ pub fn stream_events(model: &str, chunks: usize, usage: MessagesUsage) -> Vec<Ve
     events.push(event(
         "message_delta",
         json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null},
-               "usage": {"output_tokens": usage.output}}),
+               "usage": {"output_tokens": usage.output,
+                         "server_tool_use": {"web_search_requests": usage.web_searches}}}),
     ));
     events.push(event("message_stop", json!({"type": "message_stop"})));
     events

@@ -58,14 +58,29 @@ pub fn bounds_of(body: &[u8]) -> Bounds {
     }
 }
 
-/// What a Messages request's cost depends on: its model (required), `max_tokens` and whether
-/// it streams.
+/// What a Messages request's cost depends on: its model (required), `max_tokens`, whether it
+/// streams, and whether Anthropic adds input the body does not hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessagesBounds {
     pub model: String,
     pub max_tokens: Option<u64>,
     pub stream: bool,
+    /// Anthropic adds input the body does not hold: a document or image it fetches (`source`
+    /// of type `url` or `file`), a server tool's results (web search, web fetch, code
+    /// execution, MCP servers, a container): the body's size bounds nothing.
+    pub expands: bool,
+    /// Web searches it may run: the sum of its web search tools' `max_uses`, or
+    /// `WEB_SEARCHES_ASSUMED` for a tool without one.
+    pub web_searches: u64,
 }
+
+/// Searches reserved for a web search tool that sets no `max_uses` (Anthropic sets no limit):
+/// an answer that runs more is billed them all.
+pub const WEB_SEARCHES_ASSUMED: u64 = 10;
+
+/// Tools the client runs itself (their results come back in a later request's body): every
+/// other typed tool is run by Anthropic, which adds its results as input.
+const CLIENT_TOOLS: [&str; 5] = ["custom", "bash_", "text_editor_", "computer_", "memory_"];
 
 /// The bounds of a Messages request; an error (for a 400) when the body is not a JSON object
 /// naming its model.
@@ -75,6 +90,11 @@ pub fn messages_bounds(body: &[u8]) -> Result<MessagesBounds, String> {
         model: Option<serde_json::Value>,
         max_tokens: Option<serde_json::Value>,
         stream: Option<serde_json::Value>,
+        messages: Option<serde_json::Value>,
+        system: Option<serde_json::Value>,
+        tools: Option<serde_json::Value>,
+        mcp_servers: Option<serde_json::Value>,
+        container: Option<serde_json::Value>,
     }
     let fields: Fields =
         serde_json::from_slice(body).map_err(|e| format!("the body is not a JSON object: {e}"))?;
@@ -82,11 +102,61 @@ pub fn messages_bounds(body: &[u8]) -> Result<MessagesBounds, String> {
         Some(serde_json::Value::String(model)) if !model.is_empty() => model,
         _ => return Err("`model` must be a non-empty string".into()),
     };
+    let tools: &[serde_json::Value] = fields
+        .tools
+        .as_ref()
+        .and_then(|t| t.as_array())
+        .map_or(&[], Vec::as_slice);
+    let server_tool = tools.iter().any(|tool| {
+        tool.get("type")
+            .and_then(|t| t.as_str())
+            .is_some_and(|kind| !CLIENT_TOOLS.iter().any(|c| kind.starts_with(c)))
+    });
+    let web_searches = tools
+        .iter()
+        .filter(|tool| {
+            tool.get("type")
+                .and_then(|t| t.as_str())
+                .is_some_and(|kind| kind.starts_with("web_search"))
+        })
+        .map(|tool| {
+            tool.get("max_uses")
+                .and_then(|m| m.as_u64())
+                .unwrap_or(WEB_SEARCHES_ASSUMED)
+        })
+        .fold(0u64, u64::saturating_add);
+    let fetched = [&fields.messages, &fields.system]
+        .into_iter()
+        .flatten()
+        .any(fetches_a_source);
+    let expands = server_tool
+        || fetched
+        || fields.mcp_servers.as_ref().is_some_and(|m| !m.is_null())
+        || fields.container.as_ref().is_some_and(|c| !c.is_null());
     Ok(MessagesBounds {
         model,
         max_tokens: fields.max_tokens.and_then(|v| v.as_u64()),
         stream: fields.stream.and_then(|v| v.as_bool()).unwrap_or(false),
+        expands,
+        web_searches,
     })
+}
+
+/// Whether `value` holds, at any depth, a content block whose `source` Anthropic fetches (a
+/// `url` or a `file` of its Files API). Depth-bounded by the JSON parser's own limit (128).
+fn fetches_a_source(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::Object(map) => {
+            let fetched = map
+                .get("source")
+                .and_then(|s| s.get("type"))
+                .and_then(|t| t.as_str())
+                .is_some_and(|kind| matches!(kind, "url" | "file"));
+            fetched || map.values().any(fetches_a_source)
+        }
+        serde_json::Value::Array(items) => items.iter().any(fetches_a_source),
+        _ => false,
+    }
 }
 
 /// The fields of an images or audio request that bound its cost, from a JSON body or a
@@ -208,6 +278,32 @@ pub struct Bill<'s> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_messages_request_that_anthropic_expands_is_known() {
+        let plain = br#"{"model":"claude-sonnet-4","max_tokens":64,"messages":[{"role":"user","content":"hi"}],"tools":[{"name":"f","input_schema":{}},{"type":"bash_20250124","name":"bash"}]}"#;
+        let bounds = messages_bounds(plain).unwrap();
+        assert!(!bounds.expands);
+        assert_eq!((bounds.max_tokens, bounds.web_searches), (Some(64), 0));
+        for body in [
+            &br#"{"model":"m","messages":[{"role":"user","content":[{"type":"document","source":{"type":"url","url":"https://x/a.pdf"}}]}]}"#[..],
+            br#"{"model":"m","messages":[{"role":"user","content":[{"type":"image","source":{"type":"file","file_id":"f"}}]}]}"#,
+            br#"{"model":"m","messages":[],"tools":[{"type":"web_fetch_20250910","name":"web_fetch"}]}"#,
+            br#"{"model":"m","messages":[],"mcp_servers":[{"type":"url","url":"https://x"}]}"#,
+            br#"{"model":"m","messages":[],"container":"c"}"#,
+        ] {
+            assert!(messages_bounds(body).unwrap().expands, "{}", String::from_utf8_lossy(body));
+        }
+        let searching = br#"{"model":"m","messages":[],"tools":[{"type":"web_search_20250305","name":"web_search","max_uses":3},{"type":"web_search_20250305","name":"again"}]}"#;
+        let bounds = messages_bounds(searching).unwrap();
+        assert!(bounds.expands);
+        assert_eq!(bounds.web_searches, 3 + WEB_SEARCHES_ASSUMED);
+        assert!(messages_bounds(br#"{"max_tokens":1}"#).is_err());
+        assert!(
+            messages_bounds(br#"{"model":"a","model":"b"}"#).is_err(),
+            "a model named twice"
+        );
+    }
 
     #[test]
     fn media_bounds_come_from_json_or_a_form() {

@@ -22,6 +22,17 @@ struct Input {
 }
 
 impl Input {
+    /// Each count the larger of the two tellings: a later telling that moves tokens to a
+    /// cheaper kind (input relabelled as cache reads) cannot lower the bill.
+    fn max(self, other: Input) -> Input {
+        Input {
+            plain: self.plain.max(other.plain),
+            cache_write: self.cache_write.max(other.cache_write),
+            cache_write_1h: self.cache_write_1h.max(other.cache_write_1h),
+            cache_read: self.cache_read.max(other.cache_read),
+        }
+    }
+
     fn total(self) -> u64 {
         self.plain
             .saturating_add(self.cache_write)
@@ -31,9 +42,10 @@ impl Input {
 
 /// What a stream (or a whole answer) has told of its usage so far.
 ///
-/// Counts are cumulative, so they never go down: of the input side the largest telling is
-/// kept whole (relays are seen to send `input_tokens: 0` in `message_delta`, others send 0 in
-/// `message_start` and the real count later), and of the output the largest. The usage is
+/// Counts are cumulative, so they never go down: of each count the largest telling is kept
+/// (relays are seen to send `input_tokens: 0` in `message_delta`, others send 0 in
+/// `message_start` and the real count later); a telling that moved tokens from one kind to
+/// another is not believed to have lowered any. The usage is
 /// final only once a `message_delta` told it: `message_start` already carries an output count
 /// (1), and a stream cut before its delta must not settle as if that were its answer. A
 /// `message_delta` whose counts cannot be read (not non-negative integers) spoils the tally:
@@ -42,6 +54,8 @@ impl Input {
 pub struct Tally {
     input: Option<Input>,
     output: u64,
+    /// `server_tool_use.web_search_requests`: cumulative too.
+    web_searches: u64,
     model: Option<String>,
     started: bool,
     /// A `message_delta` (or a whole answer) told the usage.
@@ -122,11 +136,15 @@ impl Tally {
                 cache_write_1h: hour.unwrap_or(0).min(cache_write),
                 cache_read: cache_read.unwrap_or(0),
             };
-            if self.input.is_none_or(|had| told.total() >= had.total()) {
-                self.input = Some(told);
-            }
+            self.input = Some(self.input.map_or(told, |had| had.max(told)));
         }
         self.output = self.output.max(output.unwrap_or(0));
+        let searches = usage
+            .get("server_tool_use")
+            .and_then(|s| s.get("web_search_requests"));
+        if let Ok(Some(searches)) = count(searches) {
+            self.web_searches = self.web_searches.max(searches);
+        }
         self.told |= final_telling;
         true
     }
@@ -147,6 +165,7 @@ impl Tally {
                 cached_prompt_tokens: input.cache_read,
                 cache_write_prompt_tokens: input.cache_write,
                 cache_write_1h_prompt_tokens: input.cache_write_1h,
+                web_search_requests: self.web_searches,
                 ..Usage::default()
             },
             model: self.model.clone(),
@@ -172,6 +191,23 @@ fn count(v: Option<&Value>) -> Result<Option<u64>, ()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_later_telling_cannot_move_input_to_a_cheaper_kind() {
+        let mut tally = Tally::default();
+        let start = r#"{"type":"message_start","message":{"model":"claude-opus-4-1","usage":{"input_tokens":100000,"output_tokens":1}}}"#;
+        let delta = r#"{"type":"message_delta","usage":{"input_tokens":0,"cache_read_input_tokens":100000,"output_tokens":7,"server_tool_use":{"web_search_requests":2}}}"#;
+        for event in [start, delta] {
+            let mut json = event.as_bytes().to_vec();
+            let root = simd_json::to_borrowed_value(&mut json).unwrap();
+            assert!(tally.add_event(&root));
+        }
+        let usage = tally.found().unwrap().usage;
+        // The plain input as first told stays: 100k at the input price, not the read price.
+        assert_eq!(usage.prompt_tokens - usage.cached_prompt_tokens, 100_000);
+        assert_eq!(usage.completion_tokens, 7);
+        assert_eq!(usage.web_search_requests, 2);
+    }
 
     fn tally(events: &[&str]) -> Tally {
         let mut t = Tally::default();
