@@ -10,12 +10,16 @@
 //! | `POST /admin/keys/{id}/reset` | its spend back to zero |
 //! | `DELETE /admin/keys/{id}` | forgets its limit and spend |
 //!
+//! | `POST /admin/reload` | reads the configuration again (as SIGHUP does): applied, or refused whole with its errors |
+//!
 //! `{id}` is a key id (16 hex digits, as every answer shows it) or a configured alias: keys
 //! appear in clear only in the body that registers them. Answers are JSON, errors OpenAI-shaped.
 
 use http::{HeaderMap, Method, StatusCode};
 use serde::Deserialize;
 use serde_json::{json, Value};
+
+use std::sync::Arc;
 
 use crate::auth::{self, Directory, KeyId};
 use crate::budget::ledger::Ledger;
@@ -24,16 +28,49 @@ use crate::budget::{Account, PeriodSpend};
 use crate::config::{Period, Secret};
 use crate::error::Error;
 use crate::pricing::{self, nano_to_dollars};
+use crate::reload::Shared;
 
 pub struct Admin<'a> {
     pub ledger: &'a Ledger,
     pub directory: &'a Directory,
+    /// The live configuration, for `POST /admin/reload`.
+    pub shared: &'a Arc<Shared>,
     pub token: &'a Secret,
     /// How periods are shown.
     pub period: Period,
 }
 
 impl Admin<'_> {
+    /// `POST /admin/reload`: the configuration read again, off the worker (file reads and DNS
+    /// block); 200 with what was applied, or 400 with why it was refused.
+    async fn reload(&self) -> Result<(StatusCode, Vec<u8>), Error> {
+        if !self.shared.reloadable() {
+            return Err(Error::NotFound("/admin/reload".into()));
+        }
+        let (tx, rx) = futures_channel::oneshot::channel();
+        let shared = self.shared.clone();
+        std::thread::Builder::new()
+            .name("aura-reload".into())
+            .spawn(move || {
+                let _ = tx.send(shared.reload());
+            })
+            .map_err(|e| Error::Internal(format!("cannot start the reload: {e}")))?;
+        match rx.await {
+            Ok(Ok(done)) => {
+                let body = json!({
+                    "reloaded": true,
+                    "generation": done.generation,
+                    "upstreams": done.upstreams,
+                    "keys": done.keys,
+                    "restart_needed_for": done.restart_only,
+                });
+                Ok((StatusCode::OK, body.to_string().into_bytes()))
+            }
+            Ok(Err(refused)) => Err(Error::ConfigRefused(refused)),
+            Err(_) => Err(Error::Internal("the reload ended without an answer".into())),
+        }
+    }
+
     /// Answers one admin call: its status and JSON body.
     pub async fn handle(
         &self,
@@ -47,6 +84,12 @@ impl Admin<'_> {
             return Err(Error::AdminToken);
         }
         let not_found = || Error::NotFound(path.to_string());
+        if path == "/admin/reload" {
+            return match *method {
+                Method::POST => self.reload().await,
+                _ => Err(Error::MethodNotAllowed { allow: "POST" }),
+            };
+        }
         let rest = path.strip_prefix("/admin/keys").ok_or_else(not_found)?;
         let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
         // HEAD is GET without the body (the caller leaves the body out).

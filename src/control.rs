@@ -12,11 +12,11 @@ use http::{Method, StatusCode};
 use monoio::io::{AsyncReadRent, AsyncWriteRent};
 
 use crate::admin::Admin;
-use crate::auth::Directory;
 use crate::budget::ledger::Ledger;
 use crate::config::{Config, Limits, Period, Secret, Timeouts};
 use crate::error::Error;
 use crate::metrics::{self, Registry};
+use crate::reload::Shared;
 use crate::route;
 use crate::server::{self, Handler, Persist, Reply, Request};
 
@@ -24,7 +24,8 @@ pub struct ControlPlane {
     pub registry: Arc<Registry>,
     /// A handle on the budget store for admin calls (a worker's, cloned).
     pub ledger: Ledger,
-    pub directory: Arc<Directory>,
+    /// The live configuration: its keys (aliases), and reloads.
+    pub shared: Arc<Shared>,
     pub admin_token: Option<Secret>,
     pub period: Period,
     pub timeouts: Timeouts,
@@ -101,9 +102,11 @@ impl ControlPlane {
                     .admin_token
                     .as_ref()
                     .ok_or_else(|| Error::NotFound(path.to_string()))?;
+                let live = self.shared.live();
                 let admin = Admin {
                     ledger: &self.ledger,
-                    directory: &self.directory,
+                    directory: &live.directory,
+                    shared: &self.shared,
                     token,
                     period: self.period,
                 };

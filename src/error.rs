@@ -84,6 +84,9 @@ pub enum Error {
     UpstreamKeysRefused(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// A reloaded configuration with errors: refused whole, the running one stays.
+    #[error("configuration refused, the running one stays: {0}")]
+    ConfigRefused(String),
 }
 
 impl Error {
@@ -94,6 +97,7 @@ impl Error {
             | Error::TooManyHeaders { .. }
             | Error::BodyTooLarge { .. }
             | Error::MalformedBody(_)
+            | Error::ConfigRefused(_)
             | Error::Unsupported(_)
             | Error::NotFound(_)
             | Error::ModelNotFound(_)
@@ -121,6 +125,7 @@ impl Error {
         match self {
             Error::MalformedHead(_)
             | Error::MalformedBody(_)
+            | Error::ConfigRefused(_)
             | Error::BadPath(_)
             | Error::AmbiguousCredentials => StatusCode::BAD_REQUEST,
             Error::UnpricedRoute(_) => StatusCode::FORBIDDEN,
@@ -188,6 +193,7 @@ impl Error {
             Error::UpstreamReset => "upstream_reset",
             Error::UpstreamKeysRefused(_) => "upstream_keys_refused",
             Error::Internal(_) => "internal",
+            Error::ConfigRefused(_) => "config_refused",
             Error::StoreUnavailable => "budget_store_unavailable",
         }
     }

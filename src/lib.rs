@@ -24,6 +24,7 @@ pub mod cut;
 pub mod mock;
 pub mod net;
 pub mod proxy;
+pub mod reload;
 pub mod runtime;
 pub mod server;
 pub mod upstream;

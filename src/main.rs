@@ -105,41 +105,29 @@ fn main() -> ExitCode {
         }
     };
     init_logging(config.log_format);
-    let resolvers = if config.demo {
+    // The demo's routing table stands for [[upstreams]]: a reload keeps it.
+    let mut demo_routes = None;
+    if config.demo {
         match Demo::start() {
             Ok(demo) => {
                 config.upstreams = demo.routes();
+                demo_routes = Some(config.upstreams.clone());
                 tracing::info!(
                     healthy = %demo.healthy.addr,
                     flaky = %demo.flaky.addr,
                     "demo: built-in mock upstreams started; demo-flaky answers half its requests 503, and they go on to demo"
                 );
-                let resolvers = config
-                    .routes()
-                    .iter()
-                    .map(|u| {
-                        Resolver::fixed(SocketAddr::new(
-                            IpAddr::V4(Ipv4Addr::LOCALHOST),
-                            u.url.port,
-                        ))
-                    })
-                    .collect();
                 // The mocks live as long as the process.
                 std::mem::forget(demo);
-                resolvers
             }
             Err(e) => {
                 eprintln!("aura: cannot start the demo upstreams: {e}");
                 return ExitCode::FAILURE;
             }
         }
-    } else {
-        config
-            .routes()
-            .iter()
-            .map(|u| Resolver::start(&u.url.host, u.url.port))
-            .collect()
-    };
+    }
+    let demo = config.demo;
+    let resolvers = resolvers_of(&config, demo);
     let running = match runtime::start(&config, resolvers) {
         Ok(running) => running,
         Err(e) => {
@@ -161,6 +149,17 @@ fn main() -> ExitCode {
         );
     }
     tracing::info!(addr = %running.addr, upstreams = upstreams.join(" "), workers = running.workers.len(), "listening");
+    // A reload reads the configuration as this start did: file, environment, flags.
+    running.shared.set_source(
+        Box::new(move || {
+            let (mut config, _) = load()?;
+            if let Some(routes) = &demo_routes {
+                config.upstreams = routes.clone();
+            }
+            Ok(config)
+        }),
+        Box::new(move |config| resolvers_of(config, demo)),
+    );
     // A machine-readable line for scripts and tests.
     println!("aura listening on http://{}", running.addr);
     let mut wanted = STOP_SIGNALS.to_vec();
@@ -182,6 +181,11 @@ fn main() -> ExitCode {
                         "stopping: finishing requests in flight, then flushing spend"
                     );
                     break;
+                }
+                if signal == signal_hook::consts::SIGHUP {
+                    // Logged and counted either way; a refused configuration changes nothing.
+                    let _ = running.shared.reload();
+                    continue;
                 }
                 log_ignored(signal);
             }
@@ -216,7 +220,7 @@ const STOP_SIGNALS: &[i32] = &[
 ];
 
 /// Signals whose default action would end Aura at once (streams cut, spend in memory lost):
-/// logged and ignored. SIGHUP does not reload the configuration (yet): a restart does.
+/// SIGHUP reloads the configuration; the others are logged and ignored.
 const IGNORED_SIGNALS: &[i32] = &[
     signal_hook::consts::SIGHUP,
     signal_hook::consts::SIGUSR1,
@@ -232,15 +236,21 @@ const IGNORED_SIGNALS: &[i32] = &[
 ];
 
 fn log_ignored(signal: i32) {
-    if signal == signal_hook::consts::SIGHUP {
-        tracing::warn!(
-            signal,
-            "SIGHUP ignored: Aura does not reload its configuration; restart it (SIGTERM) to apply changes"
-        );
-    } else {
-        tracing::warn!(
-            signal,
-            "signal ignored (SIGTERM, SIGINT or SIGQUIT stop Aura)"
-        );
-    }
+    tracing::warn!(
+        signal,
+        "signal ignored (SIGTERM, SIGINT or SIGQUIT stop Aura; SIGHUP reloads its configuration)"
+    );
+}
+
+/// The resolvers of `config`'s routes: the demo's mocks are on loopback at fixed ports; real
+/// hosts are looked up now and kept fresh by a thread each.
+fn resolvers_of(config: &Config, demo: bool) -> Vec<Resolver> {
+    config
+        .routes()
+        .iter()
+        .map(|u| match demo {
+            true => Resolver::fixed(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), u.url.port)),
+            false => Resolver::start(&u.url.host, u.url.port),
+        })
+        .collect()
 }

@@ -120,8 +120,8 @@ pub struct Record<'a> {
     pub default_price: bool,
     /// A billed request: its key and its model's name in the price table (`None`: no price).
     pub billed: Option<(KeyId, Option<&'a Arc<str>>)>,
-    /// The upstream whose answer it relayed, by index.
-    pub upstream: Option<usize>,
+    /// The upstream whose answer it relayed, by name.
+    pub upstream: Option<&'a str>,
     /// Request received → first body byte to the client.
     pub ttft: Option<Duration>,
 }
@@ -170,8 +170,9 @@ pub struct Snapshot {
     pub remaining: HashMap<KeyId, u64>,
     /// Requests being handled when the copy was made.
     pub in_flight: u64,
-    /// Per upstream, by its index in the routing table.
-    pub upstreams: Vec<UpstreamStats>,
+    /// Per upstream, by its `[[upstreams]]` name (names, not places in the table: a reload
+    /// may reorder it).
+    pub upstreams: Vec<(String, UpstreamStats)>,
 }
 
 /// One upstream's counters on one worker (or all workers merged).
@@ -224,24 +225,28 @@ fn status_class(status: u16) -> &'static str {
 }
 
 impl Snapshot {
-    /// Upstream `index`'s counters, made on first use.
-    fn upstream(&mut self, index: usize) -> &mut UpstreamStats {
-        if self.upstreams.len() <= index {
-            self.upstreams
-                .resize_with(index + 1, UpstreamStats::default);
-        }
-        &mut self.upstreams[index]
+    /// Upstream `name`'s counters, made on first use.
+    pub fn upstream(&mut self, name: &str) -> &mut UpstreamStats {
+        let at = match self.upstreams.iter().position(|(n, _)| n == name) {
+            Some(at) => at,
+            None => {
+                self.upstreams
+                    .push((name.to_string(), UpstreamStats::default()));
+                self.upstreams.len() - 1
+            }
+        };
+        &mut self.upstreams[at].1
     }
 
-    pub fn record_attempt(&mut self, upstream: usize, outcome: AttemptOutcome) {
+    pub fn record_attempt(&mut self, upstream: &str, outcome: AttemptOutcome) {
         let counts = &mut self.upstream(upstream).attempts[outcome.index()];
         *counts = counts.saturating_add(1);
     }
 
     pub fn record(&mut self, r: &Record) {
         bump(&mut self.requests, (r.route, status_class(r.status)), 1);
-        if let Some(index) = r.upstream.filter(|_| r.status != 0) {
-            let stats = self.upstream(index);
+        if let Some(name) = r.upstream.filter(|_| r.status != 0) {
+            let stats = self.upstream(name);
             bump(&mut stats.requests, status_class(r.status), 1);
             if let Some(d) = r.ttft {
                 stats.ttft.get_or_insert_with(Latency::default).record(d);
@@ -328,8 +333,8 @@ impl Snapshot {
             }
         }
         self.in_flight += other.in_flight;
-        for (index, theirs) in other.upstreams.iter().enumerate() {
-            self.upstream(index).merge(theirs);
+        for (name, theirs) in &other.upstreams {
+            self.upstream(name).merge(theirs);
         }
     }
 }
@@ -340,8 +345,8 @@ pub struct Seen {
     pub recorded: u64,
     pub in_flight: u64,
     pub remaining: HashMap<KeyId, u64>,
-    /// Which upstreams were available.
-    pub up: Vec<bool>,
+    /// Which upstreams were up, by name.
+    pub up: Vec<(String, bool)>,
 }
 
 /// One worker's metrics; `!Sync`, touched only by its worker.
@@ -359,7 +364,7 @@ impl Shard {
     }
 
     /// One attempt at upstream `upstream`, and how it ended.
-    pub fn record_attempt(&self, upstream: usize, outcome: AttemptOutcome) {
+    pub fn record_attempt(&self, upstream: &str, outcome: AttemptOutcome) {
         self.current.borrow_mut().record_attempt(upstream, outcome);
         self.recorded.set(self.recorded.get() + 1);
     }
@@ -382,12 +387,12 @@ impl Shard {
 #[derive(Debug)]
 pub struct Registry {
     workers: Vec<Mutex<Worker>>,
-    /// Configured keys' aliases, their label in the per-key series.
-    aliases: std::sync::OnceLock<HashMap<KeyId, String>>,
+    /// Configured keys' aliases, their label in the per-key series (replaced by a reload).
+    aliases: std::sync::RwLock<Arc<HashMap<KeyId, String>>>,
+    /// Reloads applied, and refused.
+    reloads: [std::sync::atomic::AtomicU64; 2],
     /// The ledger thread's counters, when budgets live in Valkey.
     ledger: std::sync::OnceLock<Arc<crate::budget::ledger::LedgerStats>>,
-    /// The upstreams' names, by index: the `upstream` label.
-    upstreams: std::sync::OnceLock<Vec<String>>,
 }
 
 #[derive(Debug, Default)]
@@ -401,29 +406,36 @@ impl Registry {
         Arc::new(Registry {
             workers: (0..workers).map(|_| Mutex::default()).collect(),
             ledger: std::sync::OnceLock::new(),
-            aliases: std::sync::OnceLock::new(),
-            upstreams: std::sync::OnceLock::new(),
+            aliases: std::sync::RwLock::default(),
+            reloads: Default::default(),
         })
     }
 
     pub fn set_aliases(&self, aliases: HashMap<KeyId, String>) {
-        let _ = self.aliases.set(aliases);
+        let aliases = Arc::new(aliases);
+        match self.aliases.write() {
+            Ok(mut slot) => *slot = aliases,
+            Err(poisoned) => *poisoned.into_inner() = aliases,
+        }
     }
 
-    pub fn aliases(&self) -> &HashMap<KeyId, String> {
-        static NONE: std::sync::OnceLock<HashMap<KeyId, String>> = std::sync::OnceLock::new();
-        self.aliases
-            .get()
-            .unwrap_or_else(|| NONE.get_or_init(HashMap::new))
+    pub fn aliases(&self) -> Arc<HashMap<KeyId, String>> {
+        match self.aliases.read() {
+            Ok(aliases) => aliases.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
     }
 
-    pub fn set_upstreams(&self, names: Vec<String>) {
-        let _ = self.upstreams.set(names);
+    /// A reload applied (`true`) or refused.
+    pub fn count_reload(&self, applied: bool) {
+        let slot = &self.reloads[usize::from(!applied)];
+        slot.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// The upstreams' names, by index.
-    pub fn upstreams(&self) -> &[String] {
-        self.upstreams.get().map_or(&[], |n| n.as_slice())
+    /// Reloads applied, and refused.
+    pub fn reloads(&self) -> (u64, u64) {
+        let read = |i: usize| self.reloads[i].load(std::sync::atomic::Ordering::Relaxed);
+        (read(0), read(1))
     }
 
     pub fn set_ledger(&self, stats: Arc<crate::budget::ledger::LedgerStats>) {

@@ -30,6 +30,7 @@ use crate::http::{self as h1, ResponseHead};
 use crate::metrics::{self, Registry};
 use crate::net::{self, Timed};
 use crate::pricing::{self, Match, Price, PriceTable};
+use crate::reload::{Live, Shared};
 use crate::rewrite;
 use crate::route::{self, Billing};
 use crate::server::{self, Handler, Persist, Request};
@@ -41,6 +42,7 @@ use crate::usage::Usage;
 use billing::Bill;
 use outbound::Credential;
 use relay::{BodyKind, Drains, Relay, RelayEnd};
+use std::rc::Rc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
@@ -279,6 +281,52 @@ impl Routing {
     }
 }
 
+/// What a reload replaces, as one worker holds it: its routing table (with its own pools,
+/// health and picker), the keys, the prices, and what it learnt of answers' prices. A request
+/// keeps the view it started with to its end (reload.rs).
+pub struct View {
+    pub routing: Routing,
+    pub directory: Arc<Directory>,
+    pub prices: Arc<PriceTable>,
+    /// Per model asked for, the price answers to it came at when more than it reserved at.
+    answered_as: std::cell::RefCell<HashMap<String, Price>>,
+}
+
+impl View {
+    /// Worker `worker`'s view of `live`: its own pools, health and picker.
+    pub fn build(live: &Live, worker: usize) -> Result<View, String> {
+        let config = &live.config;
+        let upstreams = live
+            .routes
+            .iter()
+            .zip(&live.resolvers)
+            .zip(&live.tls)
+            .map(|((route, resolver), tls)| {
+                Upstream::new(route, config, resolver.clone(), tls.clone())
+            })
+            .collect::<Result<Vec<Upstream>, String>>()?;
+        let mut models = ModelTable::default();
+        for route in &live.routes {
+            models.push(route.models.clone(), route.weight);
+        }
+        let routing = Routing {
+            upstreams,
+            models,
+            picker: Picker::new(live.routes.len(), worker as u64),
+            listing: (!config.upstreams.is_empty()).then(|| Routing::listing(&live.routes)),
+            max_attempts: config.max_attempts,
+            total_timeout: config.upstream_total_timeout,
+            health: config.health,
+        };
+        Ok(View {
+            routing,
+            directory: live.directory.clone(),
+            prices: live.prices.clone(),
+            answered_as: std::cell::RefCell::new(HashMap::new()),
+        })
+    }
+}
+
 /// A request as it goes upstream: for a streamed chat completion, with its body that asks for
 /// the usage event too (`stream_options.include_usage`), for upstreams that take it.
 struct Outgoing {
@@ -299,14 +347,18 @@ impl Outgoing {
 
 /// One worker's proxy: its upstream pools and settings. `!Send`, like everything per worker.
 pub struct Proxy {
-    routing: Routing,
+    /// The live configuration, and this worker's view of it (rebuilt when a reload changed
+    /// the generation it was built from).
+    shared: Arc<Shared>,
+    view: std::cell::RefCell<Rc<View>>,
+    view_generation: Cell<u64>,
+    worker: usize,
     limits: Limits,
     timeouts: Timeouts,
     buffers: BufPool,
     metrics: metrics::Shard,
     registry: Arc<Registry>,
     budget: budget::Shard,
-    prices: Arc<PriceTable>,
     default_max_output_tokens: u64,
     /// Budget periods, as the admin API shows them.
     period: Period,
@@ -314,9 +366,6 @@ pub struct Proxy {
     allow_unpriced: bool,
     /// The most tokens a usage may report (beyond: not believed).
     max_usage_tokens: u64,
-    /// Per model asked for, the price answers to it came at when more than it reserved at.
-    answered_as: std::cell::RefCell<HashMap<String, Price>>,
-    directory: Arc<Directory>,
     admin_token: Option<Secret>,
     drains: Drains,
     /// Requests being handled (drains included): shutdown waits for them.
@@ -345,6 +394,8 @@ struct Admission {
 /// Everything settle needs to know about one request. `'p` is the proxy's: a reservation
 /// borrows its worker's budget shard.
 struct Outcome<'p> {
+    /// The configuration it follows to its end.
+    view: &'p View,
     route: Route,
     status: Option<StatusCode>,
     model: Option<String>,
@@ -388,8 +439,9 @@ struct Outcome<'p> {
 }
 
 impl<'p> Outcome<'p> {
-    fn new(route: Route) -> Outcome<'p> {
+    fn new(route: Route, view: &'p View) -> Outcome<'p> {
         Outcome {
+            view,
             route,
             status: None,
             model: None,
@@ -426,40 +478,64 @@ impl<'p> Outcome<'p> {
 }
 
 impl Proxy {
+    /// Worker `worker`'s proxy, following `shared`'s live configuration.
     pub fn new(
-        routing: Routing,
+        shared: Arc<Shared>,
+        worker: usize,
         config: &Config,
         registry: Arc<Registry>,
         budget: budget::Shard,
-        prices: Arc<PriceTable>,
-        directory: Arc<Directory>,
-    ) -> Proxy {
-        Proxy {
-            routing,
+    ) -> Result<Proxy, String> {
+        let generation = shared.generation();
+        let view = View::build(&shared.live(), worker)?;
+        Ok(Proxy {
+            shared,
+            view: std::cell::RefCell::new(Rc::new(view)),
+            view_generation: Cell::new(generation),
+            worker,
             limits: config.limits,
             timeouts: config.timeouts,
             buffers: BufPool::default(),
             metrics: metrics::Shard::default(),
             registry,
             budget,
-            prices,
             default_max_output_tokens: config.budgets.default_max_output_tokens,
             period: config.budgets.period,
             allow_unpriced: config.budgets.allow_unpriced_routes,
             max_usage_tokens: config.budgets.max_usage_tokens,
-            answered_as: std::cell::RefCell::new(HashMap::new()),
-            directory,
             admin_token: config.budgets.admin_token.clone(),
             drains: Drains::new(config.budgets.max_drains_per_worker),
             in_flight: Cell::new(0),
             stopping: Cell::new(false),
             control_elsewhere: config.admin_listen.is_some(),
+        })
+    }
+
+    /// This worker's view of the live configuration: rebuilt first when a reload changed it
+    /// (one atomic read per request otherwise). A view that cannot be built (checked whole
+    /// before the reload was applied, so never expected) leaves the old one in use.
+    fn view(&self) -> Rc<View> {
+        let generation = self.shared.generation();
+        if generation != self.view_generation.get() {
+            self.view_generation.set(generation);
+            match View::build(&self.shared.live(), self.worker) {
+                Ok(view) => *self.view.borrow_mut() = Rc::new(view),
+                Err(e) => {
+                    tracing::error!(worker = self.worker, error = %e, "reload: this worker keeps its old configuration")
+                }
+            }
         }
+        self.view.borrow().clone()
+    }
+
+    /// The live configuration (for the admin API's reload).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
     }
 
     /// Who the caller is; a virtual key's upstream key is kept for the upstream request.
     fn authorize(&self, request: &Request, outcome: &mut Outcome<'_>) -> Result<KeyId, Error> {
-        let caller = self.directory.authorize(&request.head.headers)?;
+        let caller = outcome.view.directory.authorize(&request.head.headers)?;
         outcome.key = Some(caller.id);
         outcome.upstream_key = caller.upstream_key.cloned();
         Ok(caller.id)
@@ -510,7 +586,9 @@ impl Proxy {
         outcome: &mut Outcome<'p>,
     ) -> Result<(), Error> {
         let key = self.authorize(request, outcome)?;
-        self.routing
+        outcome
+            .view
+            .routing
             .check(admission.model.as_deref(), outcome.api)?;
         let reservation = self
             .budget
@@ -532,13 +610,14 @@ impl Proxy {
     /// choice up to `max_tokens` (else the model's output limit).
     fn usage_admission(
         &self,
+        view: &View,
         request: &Request,
         kind: Billable,
         model: Option<&str>,
         max_tokens: Option<u64>,
         choices: u64,
     ) -> Admission {
-        let price = self.reserving(model.unwrap_or(""));
+        let price = self.reserving(view, model.unwrap_or(""));
         Admission {
             estimate: estimate::upper_estimate(
                 &price,
@@ -557,14 +636,19 @@ impl Proxy {
 
     /// What an images, speech or transcription request reserves; none when Aura cannot price
     /// it (text to speech by a model without a price per character).
-    fn media_admission(&self, billing: Billing, request: &Request) -> Option<Admission> {
+    fn media_admission(
+        &self,
+        view: &View,
+        billing: Billing,
+        request: &Request,
+    ) -> Option<Admission> {
         let content_type = request
             .head
             .headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok());
         let bounds = billing::media_bounds(content_type, &request.body);
-        let price = self.reserving(bounds.model.as_deref().unwrap_or(""));
+        let price = self.reserving(view, bounds.model.as_deref().unwrap_or(""));
         let bytes = request.body.len();
         let (estimate, fixed) = match billing {
             Billing::Images => (
@@ -598,9 +682,9 @@ impl Proxy {
     /// what this worker saw an answer to it cost when that was more. An upstream that answers
     /// with another, pricier model than asked is reserved for from its first such answer on;
     /// only requests already in flight on this worker then can cost more than they reserved.
-    fn reserving(&self, model: &str) -> Price {
-        let price = self.prices.reserving(model);
-        match self.answered_as.borrow().get(model) {
+    fn reserving(&self, view: &View, model: &str) -> Price {
+        let price = view.prices.reserving(model);
+        match view.answered_as.borrow().get(model) {
             Some(seen) => price.max(*seen),
             None => price,
         }
@@ -608,7 +692,13 @@ impl Proxy {
 
     /// An answer to `requested` came priced at `answered`: later requests for it reserve at it
     /// when it is more than they did.
-    fn learn_answer_price(&self, requested: &str, reserved_at: &Price, answered: &Price) {
+    fn learn_answer_price(
+        &self,
+        view: &View,
+        requested: &str,
+        reserved_at: &Price,
+        answered: &Price,
+    ) {
         let pricier = answered.input_pico > reserved_at.input_pico
             || answered.output_pico > reserved_at.output_pico
             || answered.cached_input_pico > reserved_at.cached_input_pico
@@ -617,7 +707,7 @@ impl Proxy {
         if !pricier {
             return;
         }
-        let mut seen = self.answered_as.borrow_mut();
+        let mut seen = view.answered_as.borrow_mut();
         if seen.len() < MAX_LEARNED_MODELS || seen.contains_key(requested) {
             let entry = seen.entry(requested.to_string()).or_insert(*answered);
             *entry = entry.max(*answered);
@@ -669,7 +759,13 @@ impl Proxy {
         let in_flight = self.in_flight.get() as u64;
         let remaining = self.budget.remaining(metrics::MAX_KEY_SERIES);
         let now = Instant::now();
-        let up: Vec<bool> = self.routing.upstreams.iter().map(|u| u.up(now)).collect();
+        let view = self.view();
+        let up: Vec<(String, bool)> = view
+            .routing
+            .upstreams
+            .iter()
+            .map(|u| (u.name.clone(), u.up(now)))
+            .collect();
         // A reset or a new period moves a key's remaining budget with nothing recorded here;
         // a rest that ends brings an upstream back.
         let moved = in_flight != seen.in_flight || remaining != seen.remaining || up != seen.up;
@@ -680,13 +776,15 @@ impl Proxy {
         seen.remaining.clone_from(&remaining);
         snapshot.in_flight = in_flight;
         snapshot.remaining = remaining;
-        if snapshot.upstreams.len() < up.len() {
-            snapshot
-                .upstreams
-                .resize_with(up.len(), metrics::UpstreamStats::default);
+        // Each upstream this worker routes to, up or not; one it no longer routes to (a reload
+        // took it out) is not this worker's to count.
+        for (_, stats) in snapshot.upstreams.iter_mut() {
+            stats.up = 0;
+            stats.workers = 0;
         }
-        for (stats, &available) in snapshot.upstreams.iter_mut().zip(&up) {
-            stats.up = u64::from(available);
+        for (name, available) in &up {
+            let stats = snapshot.upstream(name);
+            stats.up = u64::from(*available);
             stats.workers = 1;
         }
         seen.up = up;
@@ -719,6 +817,7 @@ impl Proxy {
         };
         let chat = rewrite.request;
         let admission = self.usage_admission(
+            outcome.view,
             &request,
             Billable::Generates,
             chat.model.as_deref(),
@@ -762,6 +861,7 @@ impl Proxy {
             }
         };
         let mut admission = self.usage_admission(
+            outcome.view,
             &request,
             Billable::Generates,
             Some(&bounds.model),
@@ -829,19 +929,20 @@ impl Proxy {
         outcome: &mut Outcome<'p>,
         started: Instant,
     ) -> Persist {
+        let view = outcome.view;
         let request = &outgoing.request;
         // A route Aura does not bill (moderations, assistants, …) still names its model: it is
         // routed by it too (and an Azure upstream names its deployment by it). With one
         // OpenAI-compatible upstream there is nothing to choose: no parse.
-        let choosing = self.routing.upstreams.len() > 1
-            || self.routing.upstreams.iter().any(|u| u.azure.is_some());
+        let choosing = view.routing.upstreams.len() > 1
+            || view.routing.upstreams.iter().any(|u| u.azure.is_some());
         let routed_by = match &outcome.model {
             Some(model) => Some(model.clone()),
             None if choosing && !request.body.is_empty() => billing::bounds_of(&request.body).model,
             None => None,
         };
         let model = routed_by.as_deref();
-        if let Err(e) = self.routing.check(model, outcome.api) {
+        if let Err(e) = view.routing.check(model, outcome.api) {
             return self.fail(client, e, keep_alive, outcome).await;
         }
         // Asked twice, such a request costs nothing and changes nothing: a free route's, by an
@@ -853,7 +954,7 @@ impl Proxy {
                 Method::GET | Method::HEAD | Method::OPTIONS
             );
         let repeatable = outcome.bill.is_some() || idempotent_and_free;
-        let deadline = self.routing.total_timeout.map(|t| started + t);
+        let deadline = view.routing.total_timeout.map(|t| started + t);
         let mut tried = Tried::default();
         // A pool key refused: the same upstream again, with one of its other keys.
         let mut same_upstream: Option<usize> = None;
@@ -862,7 +963,7 @@ impl Proxy {
             let now = Instant::now();
             let chosen = match same_upstream.take() {
                 Some(chosen) => chosen,
-                None => match self.routing.next(model, outcome.api, &tried, now) {
+                None => match view.routing.next(model, outcome.api, &tried, now) {
                     Some(chosen) => {
                         tried.keys = 0;
                         chosen
@@ -875,7 +976,7 @@ impl Proxy {
                     }
                 },
             };
-            let upstream = &self.routing.upstreams[chosen];
+            let upstream = &view.routing.upstreams[chosen];
             tried.upstreams |= 1 << chosen;
             let key = if tried.keys == 0 {
                 upstream.keys.pick(now)
@@ -885,10 +986,12 @@ impl Proxy {
             if let Some(k) = key {
                 tried.keys |= 1 << k;
             }
-            let credential = match self.credential(upstream, key, outcome.upstream_key.as_ref()) {
-                Ok(credential) => credential,
-                Err(e) => break Err(e),
-            };
+            let mode = view.directory.mode();
+            let credential =
+                match self.credential(mode, upstream, key, outcome.upstream_key.as_ref()) {
+                    Ok(credential) => credential,
+                    Err(e) => break Err(e),
+                };
             // Strip the usage event only when Aura asked for it and the client did not.
             let (body, strip_usage_event) = match &outgoing.with_usage {
                 Some(body) if upstream.inject_stream_usage => {
@@ -909,8 +1012,8 @@ impl Proxy {
                 // A model this upstream cannot name (an Azure deployment): the next may; its
                 // health is untouched.
                 self.buffers.give(bytes);
-                if outcome.attempts < self.routing.max_attempts
-                    && self.routing.has_next(model, outcome.api, &tried)
+                if outcome.attempts < view.routing.max_attempts
+                    && view.routing.has_next(model, outcome.api, &tried)
                 {
                     last_error = Some(e);
                     continue;
@@ -921,10 +1024,10 @@ impl Proxy {
             outcome.upstream = Some(upstream.name.as_str());
             outcome.attempt_sent = false;
             outcome.deadline_cut = false;
-            let counted = self.routing.picker.start(chosen);
-            upstream.health.begin(&self.routing.health, now);
+            let counted = view.routing.picker.start(chosen);
+            upstream.health.begin(&view.routing.health, now);
             if let Some(pooled) = key.and_then(|k| upstream.keys.get(k)) {
-                pooled.health.begin(&self.routing.health.for_keys(), now);
+                pooled.health.begin(&view.routing.health.for_keys(), now);
             }
             let result = self
                 .exchange(
@@ -938,13 +1041,13 @@ impl Proxy {
                 .await;
             let now = Instant::now();
             // Room for another attempt: attempts left, and time enough to make one.
-            let more = outcome.attempts < self.routing.max_attempts
+            let more = outcome.attempts < view.routing.max_attempts
                 && deadline.is_none_or(|d| d.saturating_duration_since(now) >= MIN_ATTEMPT_TIME);
-            let elsewhere = more && self.routing.has_next(model, outcome.api, &tried);
+            let elsewhere = more && view.routing.has_next(model, outcome.api, &tried);
             match result {
                 Ok((conn, head, buffered)) => {
                     let status = head.status.as_u16();
-                    let judged = self.routing.judge_answer(chosen, key, &head, now);
+                    let judged = view.routing.judge_answer(chosen, key, &head, now);
                     let go_on = match judged {
                         Judgement::Answer => false,
                         Judgement::KeyRefused => {
@@ -956,7 +1059,7 @@ impl Proxy {
                                 // The provider's answer is about the operator's key, not the
                                 // client's: it is not relayed.
                                 self.metrics
-                                    .record_attempt(chosen, AttemptOutcome::KeyRefused);
+                                    .record_attempt(&upstream.name, AttemptOutcome::KeyRefused);
                                 break Err(Error::UpstreamKeysRefused(upstream.name.clone()));
                             }
                             true
@@ -969,24 +1072,24 @@ impl Proxy {
                             Judgement::KeyRefused => AttemptOutcome::KeyRefused,
                             _ => AttemptOutcome::RetryableStatus,
                         };
-                        self.metrics.record_attempt(chosen, kind);
+                        self.metrics.record_attempt(&upstream.name, kind);
                         tracing::debug!(upstream = %upstream.name, status, "trying again");
                         continue;
                     }
                     self.metrics
-                        .record_attempt(chosen, AttemptOutcome::Answered);
+                        .record_attempt(&upstream.name, AttemptOutcome::Answered);
                     outcome.upstream_index = Some(chosen);
                     break Ok((upstream, counted, conn, head, buffered, strip_usage_event));
                 }
                 Err(e) => {
                     let (kind, transient) = AttemptOutcome::of_error(&e);
-                    self.metrics.record_attempt(chosen, kind);
+                    self.metrics.record_attempt(&upstream.name, kind);
                     if outcome.deadline_cut {
                         // Aura's own deadline, not the upstream's failure: no judgement.
                         break Err(e);
                     }
                     if transient {
-                        self.routing.judge_failure(chosen, now);
+                        view.routing.judge_failure(chosen, now);
                     }
                     let sent = outcome.attempt_sent;
                     if !(transient && elsewhere && (!sent || repeatable)) {
@@ -1069,6 +1172,7 @@ impl Proxy {
     /// `upstream_key`; else (passthrough) the client's own. A virtual key is never sent on.
     fn credential<'a>(
         &self,
+        mode: KeyMode,
         upstream: &'a Upstream,
         key: Option<usize>,
         upstream_key: Option<&'a Secret>,
@@ -1076,7 +1180,7 @@ impl Proxy {
         if let Some(pooled) = key.and_then(|k| upstream.keys.get(k)) {
             return Ok(Credential::Pool(pooled.header_value()));
         }
-        match (upstream_key, self.directory.mode()) {
+        match (upstream_key, mode) {
             (Some(key), _) => Ok(Credential::Virtual(key)),
             (None, KeyMode::Passthrough) => Ok(Credential::Client),
             // Refused at start (a virtual key without upstream_key needs every upstream to
@@ -1346,6 +1450,9 @@ impl<S: AsyncReadRent + AsyncWriteRent> Handler<S> for Proxy {
     async fn handle(&self, request: Request, keep_alive: bool, client: &mut S) -> Persist {
         let started = Instant::now();
         let _in_flight = InFlight::enter(&self.in_flight);
+        // The configuration this request follows to its end, a reload meanwhile or not.
+        let view = self.view();
+        let view: &View = &view;
         // Stopping: this answer closes its connection, so keep-alive clients move elsewhere.
         let keep_alive = keep_alive && !self.stopping.get();
         let head_only = request.head.method == Method::HEAD;
@@ -1354,10 +1461,10 @@ impl<S: AsyncReadRent + AsyncWriteRent> Handler<S> for Proxy {
         let target = match route::canonical(&request.head.target) {
             Ok(target) if route::forwardable(&request.head.method) => target,
             refused => {
-                let mut settling = Settling::new(self, Route::Unparsed, head_only, started);
+                let mut settling = Settling::new(self, view, Route::Unparsed, head_only, started);
                 // Refused before its path is made canonical: its spelling says its API.
                 let raw = request.head.target.to_ascii_lowercase();
-                if raw.starts_with("/v1/messages") && self.routing.speaks_anthropic() {
+                if raw.starts_with("/v1/messages") && view.routing.speaks_anthropic() {
                     settling.outcome.api = Api::Anthropic;
                 }
                 let error = match refused {
@@ -1377,7 +1484,7 @@ impl<S: AsyncReadRent + AsyncWriteRent> Handler<S> for Proxy {
         // Anthropic's routes, where an `anthropic` upstream serves them: its upstreams, its
         // errors' shape.
         let messages = target.path == "/v1/messages" || target.path.starts_with("/v1/messages/");
-        let anthropic = messages && self.routing.speaks_anthropic();
+        let anthropic = messages && view.routing.speaks_anthropic();
         let route = match Route::of(&request.head.method, &target.path) {
             // With a control-plane listener, the data plane does not answer for it.
             Route::Metrics | Route::Admin if self.control_elsewhere => Route::NotFound,
@@ -1390,7 +1497,7 @@ impl<S: AsyncReadRent + AsyncWriteRent> Handler<S> for Proxy {
             }
             route => route,
         };
-        let mut settling = Settling::new(self, route, head_only, started);
+        let mut settling = Settling::new(self, view, route, head_only, started);
         let outcome = &mut settling.outcome;
         if anthropic {
             outcome.api = Api::Anthropic;
@@ -1472,9 +1579,10 @@ impl<S: AsyncReadRent + AsyncWriteRent> Handler<S> for Proxy {
     }
 
     fn refused(&self, error: &Error) {
+        let view = self.view();
         let mut outcome = Outcome {
             status: Some(error.status()),
-            ..Outcome::new(Route::Unparsed)
+            ..Outcome::new(Route::Unparsed, &view)
         };
         self.settle(&mut outcome, Some(error), Instant::now());
     }
@@ -1491,8 +1599,14 @@ struct Settling<'p> {
 }
 
 impl<'p> Settling<'p> {
-    fn new(proxy: &'p Proxy, route: Route, head_only: bool, started: Instant) -> Settling<'p> {
-        let mut outcome = Outcome::new(route);
+    fn new(
+        proxy: &'p Proxy,
+        view: &'p View,
+        route: Route,
+        head_only: bool,
+        started: Instant,
+    ) -> Settling<'p> {
+        let mut outcome = Outcome::new(route, view);
         outcome.head_only = head_only;
         Settling {
             proxy,
@@ -1560,7 +1674,9 @@ impl Proxy {
             cost_nano: charge.map_or(0, |c| c.cost_nano),
             default_price: charge.is_some_and(|c| c.matched == Match::Default),
             billed: charge.map(|c| (c.key, c.model)),
-            upstream: outcome.upstream_index,
+            upstream: outcome
+                .upstream_index
+                .map(|_| outcome.upstream.unwrap_or_default()),
             ttft: outcome.ttft,
         });
         log_access(outcome, charge, error, started);
@@ -1579,7 +1695,8 @@ impl Proxy {
             bill.reservation.settle_refused_key();
             return;
         }
-        let (price, matched, model) = self.prices.resolve(outcome.model.as_deref().unwrap_or(""));
+        let view = outcome.view;
+        let (price, matched, model) = view.prices.resolve(outcome.model.as_deref().unwrap_or(""));
         let reserved = estimate::Reserved {
             nano: bill.reservation.amount_nano(),
             request_bytes: bill.request_bytes,
@@ -1596,7 +1713,7 @@ impl Proxy {
         let (cost, basis) = estimate::settle_cost(&price, &reserved, &answer);
         if basis == Basis::Reported {
             if let Some(requested) = &bill.requested {
-                self.learn_answer_price(requested, &bill.reserved_at, &price);
+                self.learn_answer_price(view, requested, &bill.reserved_at, &price);
             }
         }
         if basis == Basis::Implausible {
@@ -1632,7 +1749,7 @@ impl Proxy {
         outcome: &mut Outcome<'p>,
         started: Instant,
     ) -> Persist {
-        if let Some(listing) = &self.routing.listing {
+        if let Some(listing) = &outcome.view.routing.listing {
             let path = request.head.target.split('?').next().unwrap_or_default();
             if path == "/v1/models" {
                 if let Err(e) = self.authorize(&request, outcome) {
@@ -1650,11 +1767,12 @@ impl Proxy {
                 .await;
             }
         }
-        let virtual_key = self.directory.mode() == KeyMode::Virtual;
+        let virtual_key = outcome.view.directory.mode() == KeyMode::Virtual;
         let admitted = match billing {
             Billing::Usage(kind) => {
                 let bounds = billing::bounds_of(&request.body);
                 let admission = self.usage_admission(
+                    outcome.view,
                     &request,
                     kind,
                     bounds.model.as_deref(),
@@ -1666,7 +1784,7 @@ impl Proxy {
                 admitted
             }
             Billing::Images | Billing::Speech | Billing::Transcription => {
-                match self.media_admission(billing, &request) {
+                match self.media_admission(outcome.view, billing, &request) {
                     Some(admission) => {
                         let model = admission.model.clone();
                         let admitted = self.admit(&request, admission, outcome).await;
@@ -1740,7 +1858,8 @@ impl Proxy {
             Some(token) => {
                 Admin {
                     ledger: self.budget.ledger(),
-                    directory: &self.directory,
+                    directory: &outcome.view.directory,
+                    shared: &self.shared,
                     token,
                     period: self.period,
                 }

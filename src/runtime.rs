@@ -7,7 +7,7 @@
 //! SO_REUSEPORT) could share the port and take half the connections. `bind_listeners` first
 //! probes the port with a plain listener and holds an abstract-socket lock named after it.
 
-use std::collections::HashMap;
+use crate::reload::{Live, Shared};
 use std::io;
 use std::net::SocketAddr;
 use std::os::linux::net::SocketAddrExt;
@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 use monoio::net::TcpListener;
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::auth::{Directory, KeyId};
 use crate::budget::journal::{self, Journal, WorkerJournal};
 use crate::budget::ledger::{Inbox, Ledger, LedgerSettings, LedgerThread};
 use crate::budget::op::{period_of, KeyLimits};
@@ -32,12 +31,12 @@ use crate::config::{Config, Limits, Period, ProcessEnv, StoreKind, Timeouts, Val
 use crate::control::ControlPlane;
 use crate::cut::CutSignal;
 use crate::metrics::{self, Registry};
-use crate::pricing::dollars_to_nano;
+
 use crate::pricing::PriceTable;
-use crate::proxy::{Proxy, Routing};
+use crate::proxy::Proxy;
 use crate::server;
-use crate::upstream::select::{ModelTable, Picker};
-use crate::upstream::{Resolver, Upstream};
+
+use crate::upstream::Resolver;
 
 pub mod io_driver;
 
@@ -104,6 +103,8 @@ pub struct Running {
     /// The control plane's listener (`admin_listen`), when it has one.
     pub control_addr: Option<SocketAddr>,
     pub workers: Vec<JoinHandle<()>>,
+    /// The live configuration: `main` sets how to read it again, and reloads it on SIGHUP.
+    pub shared: Arc<Shared>,
     /// The Valkey store's ledger thread (none with the in-memory store).
     ledger: Option<LedgerThread>,
     shutdown: Arc<AtomicBool>,
@@ -147,22 +148,9 @@ pub fn start(config: &Config, resolvers: Vec<Resolver>) -> Result<Running, Start
     });
     let (listeners, addr, port_lock) =
         bind_listeners(SocketAddr::new(config.listen_addr, config.port), workers)?;
-    // Checked here too, for callers other than main (tests, embedders).
-    crate::config::credentials_stay_with_their_provider(config).map_err(StartError::Upstreams)?;
-    let routes = config.routes();
-    let tls = crate::upstream::tls_configs(config, &routes).map_err(StartError::Tls)?;
-    if resolvers.len() != routes.len() {
-        return Err(StartError::Upstreams(format!(
-            "{} resolvers for {} upstreams",
-            resolvers.len(),
-            routes.len()
-        )));
-    }
-    // Validate the upstream setup once, before any thread starts.
-    for ((route, resolver), tls) in routes.iter().zip(&resolvers).zip(&tls) {
-        Upstream::new(route, config, resolver.clone(), tls.clone())
-            .map_err(|e| StartError::Tls(format!("upstream `{}`: {e}", route.name)))?;
-    }
+    // The live part (upstreams, keys, prices), checked whole before any thread starts: as a
+    // reload checks it.
+    let live = Live::new(config, resolvers)?;
     let cores = if config.pin_workers {
         core_affinity::get_core_ids().unwrap_or_default()
     } else {
@@ -176,19 +164,10 @@ pub fn start(config: &Config, resolvers: Vec<Resolver>) -> Result<Running, Start
         IoPlan::Epoll => tracing::info!(driver = "epoll", "I/O driver"),
     }
     let registry = Registry::new(listeners.len());
-    let prices = Arc::new(load_prices(config)?);
     let budgets = &config.budgets;
-    let per_key: HashMap<KeyId, u64> = budgets
-        .keys
-        .iter()
-        .filter_map(|k| Some((KeyId::of(k.key.expose()), dollars_to_nano(k.limit_dollars?))))
-        .collect();
-    let limits = Arc::new(KeyLimits::new(budgets.default_limit_nano, per_key));
-    registry.set_upstreams(routes.iter().map(|r| r.name.clone()).collect());
-    let upstreams_keyed = routes.iter().all(|r| !r.keys.is_empty());
-    let directory =
-        Arc::new(Directory::new(budgets.key_mode, &budgets.keys).upstreams_keyed(upstreams_keyed));
-    registry.set_aliases(directory.aliases());
+    let (default_limit, per_key) = live.limits();
+    let limits = Arc::new(KeyLimits::new(default_limit, per_key));
+    let shared = Shared::new(live, limits.clone(), registry.clone());
     let shard_count = listeners.len();
     let clock = system_clock();
     // Holders are `node/boot/worker`: new at every start, so a restarted node neither renews
@@ -251,7 +230,7 @@ pub fn start(config: &Config, resolvers: Vec<Resolver>) -> Result<Running, Start
                     .first()
                     .map(|(ledger, _)| ledger.clone())
                     .ok_or_else(|| StartError::Store("no worker".into()))?,
-                directory: directory.clone(),
+                shared: shared.clone(),
                 admin_token: budgets.admin_token.clone(),
                 period: budgets.period,
                 timeouts: config.timeouts,
@@ -277,16 +256,14 @@ pub fn start(config: &Config, resolvers: Vec<Resolver>) -> Result<Running, Start
                 .map(|j| j.worker(holder.clone(), &format!("{boot}-w{id}"))),
             holder,
             fail_open: budgets.fail_open,
-            prices: prices.clone(),
-            directory: directory.clone(),
+            shared: shared.clone(),
             limits: limits.clone(),
             clock: clock.clone(),
             shards: shard_count,
         };
         let shutdown = shutdown.clone();
         let config = config.clone();
-        let resolvers = resolvers.clone();
-        let tls = tls.clone();
+
         let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
         let handle = std::thread::Builder::new()
             .name(format!("aura-worker-{id}"))
@@ -296,9 +273,7 @@ pub fn start(config: &Config, resolvers: Vec<Resolver>) -> Result<Running, Start
                         tracing::warn!(worker = id, core = core.id, "could not pin worker to core");
                     }
                 }
-                run_worker(
-                    id, listener, config, io, resolvers, tls, registry, budget, shutdown,
-                );
+                run_worker(id, listener, config, io, registry, budget, shutdown);
             })
             .map_err(StartError::Thread)?;
         handles.push(handle);
@@ -306,6 +281,7 @@ pub fn start(config: &Config, resolvers: Vec<Resolver>) -> Result<Running, Start
     Ok(Running {
         addr,
         control_addr,
+        shared,
         workers: handles,
         ledger,
         shutdown,
@@ -371,8 +347,6 @@ fn run_worker(
     listener: std::net::TcpListener,
     config: Config,
     io: IoPlan,
-    resolvers: Vec<Resolver>,
-    tls: Vec<Option<Arc<rustls::ClientConfig>>>,
     registry: Arc<Registry>,
     budget: Budget,
     shutdown: Arc<AtomicBool>,
@@ -387,24 +361,7 @@ fn run_worker(
                 return;
             }
         };
-        let routes = config.routes();
-        let upstreams: Result<Vec<Upstream>, String> = routes
-            .iter()
-            .zip(resolvers)
-            .zip(tls)
-            .map(|((route, resolver), tls)| Upstream::new(route, &config, resolver, tls))
-            .collect();
-        let upstreams = match upstreams {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::error!(worker = id, error = %e, "upstream setup failed");
-                return;
-            }
-        };
-        let mut models = ModelTable::default();
-        for route in &routes {
-            models.push(route.models.clone(), route.weight);
-        }
+
         let shard = Shard::new(
             budget.ledger,
             ShardSettings {
@@ -420,22 +377,13 @@ fn run_worker(
                 journal: budget.journal,
             },
         );
-        let proxy = Rc::new(Proxy::new(
-            Routing {
-                upstreams,
-                models,
-                picker: Picker::new(routes.len(), id as u64),
-                listing: (!config.upstreams.is_empty()).then(|| Routing::listing(&routes)),
-                max_attempts: config.max_attempts,
-                total_timeout: config.upstream_total_timeout,
-                health: config.health,
-            },
-            &config,
-            registry.clone(),
-            shard,
-            budget.prices,
-            budget.directory,
-        ));
+        let proxy = match Proxy::new(budget.shared, id, &config, registry.clone(), shard) {
+            Ok(proxy) => Rc::new(proxy),
+            Err(e) => {
+                tracing::error!(worker = id, error = %e, "upstream setup failed");
+                return;
+            }
+        };
         if let Some(inbox) = budget.inbox {
             monoio::spawn(take_ledger_replies(proxy.clone(), inbox));
         }
@@ -579,8 +527,8 @@ struct Budget {
     journal: Option<WorkerJournal>,
     holder: Holder,
     fail_open: bool,
-    prices: Arc<PriceTable>,
-    directory: Arc<Directory>,
+    /// The live configuration (upstreams, keys, prices), replaced by reloads.
+    shared: Arc<Shared>,
     limits: Arc<KeyLimits>,
     clock: Clock,
     shards: usize,

@@ -54,11 +54,16 @@ impl Resolver {
             tracing::warn!(host, error = %e, "upstream host did not resolve at start; retrying in the background");
             Arc::from(Vec::new())
         })));
-        let shared = addrs.clone();
+        // The thread holds the addresses weakly: once every clone of this resolver is gone (a
+        // reload took its upstream out), it ends at its next refresh.
+        let shared = Arc::downgrade(&addrs);
         let host = host.to_string();
         let spawned = std::thread::Builder::new().name("aura-resolver".into()).spawn(move || loop {
             #[allow(clippy::disallowed_methods)] // the resolver's own thread, not a worker
             std::thread::sleep(REFRESH);
+            let Some(shared) = shared.upgrade() else {
+                break;
+            };
             match lookup(&host, port) {
                 Ok(fresh) if !fresh.is_empty() => {
                     if let Ok(mut slot) = shared.write() {

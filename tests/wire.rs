@@ -504,8 +504,9 @@ fn signal(aura: &Aura, name: &str) {
     assert!(sent.is_ok_and(|s| s.success()), "kill -{name}");
 }
 
-/// Bug: SIGHUP and SIGUSR1 killed Aura at once: streams cut, spend in memory lost. Other
-/// signals are logged and ignored; SIGQUIT stops it as SIGTERM does.
+/// Bug: SIGHUP and SIGUSR1 killed Aura at once: streams cut, spend in memory lost. SIGHUP now
+/// reloads the configuration; other signals are logged and ignored; SIGQUIT stops it as
+/// SIGTERM does.
 fn no_signal_but_a_stop_signal_ends_aura_and_that_one_gracefully(driver: Driver) {
     let mock = start_mock(MockOptions::default());
     let mut aura = Launch::new(&mock.url(), driver)
@@ -531,7 +532,7 @@ fn no_signal_but_a_stop_signal_ends_aura_and_that_one_gracefully(driver: Driver)
     aura.log()
         .wait_for_count("signal ignored", 11, Duration::from_secs(5));
     aura.log()
-        .wait_for_count("SIGHUP ignored", 1, Duration::from_secs(5));
+        .wait_for_count("configuration reloaded", 1, Duration::from_secs(5));
     // SIGQUIT: the graceful stop (a zero exit, after "stopped").
     signal(&aura, "QUIT");
     let status = aura.wait_exit(Duration::from_secs(10));

@@ -45,7 +45,8 @@ const FAMILIES: &[(&str, &str, MetricType, &[&str])] = &[
     ("aura_upstream_requests_total", "Requests each upstream answered (its answer went to the client), by status class.", MetricType::COUNTER, &["upstream", "status_class"]),
     ("aura_upstream_attempts_total", "Attempts at each upstream, by how they ended: answered (its answer went to the client), retryable_status (a 429 or 5xx the request went on from), key_refused (a pool key refused: 401, 403, 429), connect_failed, timeout, reset, protocol_error, other.", MetricType::COUNTER, &["upstream", "outcome"]),
     ("aura_upstream_ttft_seconds", "Time from receiving a request to writing the first body byte of its answer to the client, by the upstream that answered.", MetricType::HISTOGRAM, &["upstream"]),
-    ("aura_store_up", "1 while the last budget store call succeeded.", MetricType::GAUGE, &[]),
+        ("aura_config_reloads_total", "Configuration reloads (SIGHUP, POST /admin/reload), applied or refused (a configuration with an error is refused whole; the running one stays).", MetricType::COUNTER, &["result"]),
+    ("aura_store_up",  "1 while the last budget store call succeeded.", MetricType::GAUGE, &[]),
     ("aura_ledger_queue_ops", "Budget ops waiting for the store.", MetricType::GAUGE, &[]),
     ("aura_ledger_replay_ops", "Ops of an earlier run's journal (a kill, an outage at shutdown) not yet applied.", MetricType::GAUGE, &[]),
     ("aura_journal_errors_total", "Journal writes that failed (a full disk): that settled spend was in memory only.", MetricType::COUNTER, &[]),
@@ -104,8 +105,9 @@ impl Collector for Snapshots {
     fn collect(&self) -> Vec<MetricFamily> {
         let (merged, drivers) = self.source.gather();
         let mut out = Families::default();
-        out.snapshot(&merged, &drivers, self.source.aliases());
-        out.upstreams(&merged, self.source.upstreams());
+        out.snapshot(&merged, &drivers, &self.source.aliases());
+        out.upstreams(&merged);
+        out.reloads(self.source.reloads());
         if let Some(ledger) = self.source.ledger() {
             out.ledger(ledger);
         }
@@ -229,8 +231,8 @@ impl Families {
 
     /// Per upstream, by its `[[upstreams]]` name: whether it is up, what it answered, how its
     /// attempts ended, and the TTFT of its answers.
-    fn upstreams(&mut self, s: &Snapshot, names: &[String]) {
-        for (name, stats) in names.iter().zip(&s.upstreams) {
+    fn upstreams(&mut self, s: &Snapshot) {
+        for (name, stats) in &s.upstreams {
             if stats.workers > 0 {
                 let share = stats.up as f64 / stats.workers as f64;
                 self.add("aura_upstream_up", &[name], Value::Level(share));
@@ -255,6 +257,13 @@ impl Families {
             if let Some(ttft) = &stats.ttft {
                 self.add("aura_upstream_ttft_seconds", &[name], Value::Latency(ttft));
             }
+        }
+    }
+
+    /// Configuration reloads, applied and refused.
+    fn reloads(&mut self, (applied, refused): (u64, u64)) {
+        for (result, n) in [("applied", applied), ("refused", refused)] {
+            self.add("aura_config_reloads_total", &[result], Value::count(n));
         }
     }
 

@@ -1,0 +1,237 @@
+//! Hot reload: what a new configuration replaces while Aura runs (the routing table and every
+//! upstream's settings, the retry and health rules, the keys and their limits, the prices) and
+//! how. A reload (SIGHUP, or `POST /admin/reload`) reads the configuration again as at start;
+//! a configuration with any error is refused as a whole and the running one stays. An accepted
+//! one becomes the next [`Live`] and its generation number is bumped; each worker, at its next
+//! request, sees the number change and builds its own view of it (its pools, its health). A
+//! request keeps the view it started with to its end, so connections and streams in flight are
+//! untouched. The request path reads one atomic per request.
+//!
+//! Settings that shape the process (listeners, workers, the store, the journal, client-side
+//! limits) take effect at the next start: a reload that changes them says so in its log line.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::auth::{Directory, KeyId};
+use crate::budget::op::KeyLimits;
+use crate::config::{Config, UpstreamEntry};
+use crate::metrics::Registry;
+use crate::pricing::{dollars_to_nano, PriceTable};
+use crate::runtime::{load_prices, StartError};
+use crate::upstream::{tls_configs, Resolver, Upstream};
+
+/// What workers build their views from: one configuration's live part, checked whole.
+pub struct Live {
+    pub config: Config,
+    pub routes: Vec<UpstreamEntry>,
+    /// One per route, in its order.
+    pub resolvers: Vec<Resolver>,
+    pub tls: Vec<Option<Arc<rustls::ClientConfig>>>,
+    pub directory: Arc<Directory>,
+    pub prices: Arc<PriceTable>,
+}
+
+impl Live {
+    /// Everything `config`'s live part needs, checked: credentials, TLS, every upstream, the
+    /// price file. `resolvers` are one per route of `config.routes()`.
+    pub fn new(config: &Config, resolvers: Vec<Resolver>) -> Result<Live, StartError> {
+        crate::config::credentials_stay_with_their_provider(config)
+            .map_err(StartError::Upstreams)?;
+        let routes = config.routes();
+        if resolvers.len() != routes.len() {
+            return Err(StartError::Upstreams(format!(
+                "{} resolvers for {} upstreams",
+                resolvers.len(),
+                routes.len()
+            )));
+        }
+        let tls = tls_configs(config, &routes).map_err(StartError::Tls)?;
+        for ((route, resolver), tls) in routes.iter().zip(&resolvers).zip(&tls) {
+            Upstream::new(route, config, resolver.clone(), tls.clone())
+                .map_err(|e| StartError::Tls(format!("upstream `{}`: {e}", route.name)))?;
+        }
+        let budgets = &config.budgets;
+        let keyed = routes.iter().all(|r| !r.keys.is_empty());
+        let directory =
+            Arc::new(Directory::new(budgets.key_mode, &budgets.keys).upstreams_keyed(keyed));
+        let prices = Arc::new(load_prices(config)?);
+        Ok(Live {
+            config: config.clone(),
+            routes,
+            resolvers,
+            tls,
+            directory,
+            prices,
+        })
+    }
+
+    /// The default limit and each configured key's own.
+    pub fn limits(&self) -> (u64, HashMap<KeyId, u64>) {
+        let budgets = &self.config.budgets;
+        let per_key = budgets
+            .keys
+            .iter()
+            .filter_map(|k| Some((KeyId::of(k.key.expose()), dollars_to_nano(k.limit_dollars?))))
+            .collect();
+        (budgets.default_limit_nano, per_key)
+    }
+}
+
+/// Reads the configuration again, as at start (file, environment, flags).
+pub type LoadConfig = Box<dyn Fn() -> Result<Config, String> + Send + Sync>;
+/// The resolvers of a configuration's routes, one per route.
+pub type Resolve = Box<dyn Fn(&Config) -> Vec<Resolver> + Send + Sync>;
+
+/// How to read the configuration again: set by `main`; without it, nothing reloads.
+struct Source {
+    load: LoadConfig,
+    resolve: Resolve,
+}
+
+/// The live configuration every worker follows, and the reloads that replace it.
+pub struct Shared {
+    generation: AtomicU64,
+    live: RwLock<Arc<Live>>,
+    limits: Arc<KeyLimits>,
+    registry: Arc<Registry>,
+    source: Mutex<Option<Source>>,
+}
+
+impl Shared {
+    pub fn new(live: Live, limits: Arc<KeyLimits>, registry: Arc<Registry>) -> Arc<Shared> {
+        registry.set_aliases(live.directory.aliases());
+        Arc::new(Shared {
+            generation: AtomicU64::new(0),
+            live: RwLock::new(Arc::new(live)),
+            limits,
+            registry,
+            source: Mutex::new(None),
+        })
+    }
+
+    /// Bumped by every reload applied: a worker that saw another number builds a new view.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub fn live(&self) -> Arc<Live> {
+        match self.live.read() {
+            Ok(live) => live.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// How to read the configuration again.
+    pub fn set_source(&self, load: LoadConfig, resolve: Resolve) {
+        if let Ok(mut source) = self.source.lock() {
+            *source = Some(Source { load, resolve });
+        }
+    }
+
+    /// Whether a reload is possible (a source was set).
+    pub fn reloadable(&self) -> bool {
+        self.source.lock().is_ok_and(|s| s.is_some())
+    }
+
+    /// Reads the configuration again and applies it, or refuses it whole; logs and counts
+    /// either. Blocking (file reads, DNS): call it off the workers. One at a time.
+    pub fn reload(&self) -> Result<Reloaded, String> {
+        let source = match self.source.lock() {
+            Ok(source) => source,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let Some(source) = source.as_ref() else {
+            return Err("this Aura has no configuration source to reload from".into());
+        };
+        let result = (source.load)().and_then(|config| {
+            let resolvers = (source.resolve)(&config);
+            Live::new(&config, resolvers).map_err(|e| e.to_string())
+        });
+        match result {
+            Ok(live) => {
+                let old = self.live();
+                let restart = restart_only_changes(&old.config, &live.config);
+                let (default, per_key) = live.limits();
+                self.limits.replace(default, per_key);
+                self.registry.set_aliases(live.directory.aliases());
+                let reloaded = Reloaded {
+                    generation: self.generation() + 1,
+                    upstreams: live.routes.iter().map(|r| r.name.clone()).collect(),
+                    keys: live.config.budgets.keys.len(),
+                    restart_only: restart.clone(),
+                };
+                match self.live.write() {
+                    Ok(mut slot) => *slot = Arc::new(live),
+                    Err(poisoned) => *poisoned.into_inner() = Arc::new(live),
+                }
+                self.generation.fetch_add(1, Ordering::AcqRel);
+                self.registry.count_reload(true);
+                tracing::info!(
+                    generation = reloaded.generation,
+                    upstreams = reloaded.upstreams.join(" "),
+                    keys = reloaded.keys,
+                    "configuration reloaded"
+                );
+                if !restart.is_empty() {
+                    tracing::warn!(
+                        settings = restart.join(", "),
+                        "reload: these settings changed and take effect at the next start"
+                    );
+                }
+                Ok(reloaded)
+            }
+            Err(e) => {
+                self.registry.count_reload(false);
+                tracing::error!(error = %e, "reload refused: the running configuration stays");
+                Err(e)
+            }
+        }
+    }
+}
+
+/// What a reload applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    pub generation: u64,
+    pub upstreams: Vec<String>,
+    pub keys: usize,
+    /// Settings that changed but take effect at the next start.
+    pub restart_only: Vec<&'static str>,
+}
+
+/// The settings a reload cannot change (they shape listeners, threads, the store and the
+/// client side of connections) that differ between `old` and `new`.
+pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let (a, b) = (&old.budgets, &new.budgets);
+    let differs = |x: String, y: String| x != y;
+    let checks: [(&'static str, bool); 14] = [
+        ("listen_addr", old.listen_addr != new.listen_addr),
+        ("port", old.port != new.port),
+        ("admin_listen", old.admin_listen != new.admin_listen),
+        ("workers", old.workers != new.workers),
+        ("pin_workers", old.pin_workers != new.pin_workers),
+        ("io_driver / io_uring_setup / io_uring_entries", differs(format!("{:?}", old.io), format!("{:?}", new.io))),
+        ("max_head_bytes / max_headers / max_body_bytes", differs(format!("{:?}", old.limits), format!("{:?}", new.limits))),
+        (
+            "client_head_timeout_ms / idle_timeout_ms / client_send_timeout_ms",
+            (old.timeouts.client_head, old.timeouts.idle, old.timeouts.client_send)
+                != (new.timeouts.client_head, new.timeouts.idle, new.timeouts.client_send),
+        ),
+        ("log_format", old.log_format != new.log_format),
+        ("store / valkey_url / store_failure / journal", differs(format!("{:?}{}", a.store, a.fail_open), format!("{:?}{}", b.store, b.fail_open))),
+        ("budget_period", a.period != b.period),
+        ("budget_flush_interval_ms", a.flush_interval != b.flush_interval),
+        ("admin_token / allow_unpriced_routes / max_drains_per_worker / max_usage_tokens / default_max_output_tokens", differs(
+            format!("{:?}{}{}{}{}", a.admin_token, a.allow_unpriced_routes, a.max_drains_per_worker, a.max_usage_tokens, a.default_max_output_tokens),
+            format!("{:?}{}{}{}{}", b.admin_token, b.allow_unpriced_routes, b.max_drains_per_worker, b.max_usage_tokens, b.default_max_output_tokens),
+        )),
+        ("shutdown_grace_ms", old.shutdown_grace != new.shutdown_grace),
+    ];
+    checks
+        .into_iter()
+        .filter(|(_, changed)| *changed)
+        .map(|(name, _)| name)
+        .collect()
+}
