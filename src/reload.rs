@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use crate::auth::{Directory, KeyId};
 use crate::budget::op::KeyLimits;
-use crate::config::{Config, UpstreamEntry};
+use crate::config::{Config, Secret, UpstreamEntry};
 use crate::metrics::Registry;
 use crate::pricing::{dollars_to_nano, PriceTable};
 use crate::runtime::{load_prices, StartError};
@@ -224,8 +224,9 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         ("budget_period", a.period != b.period),
         ("budget_flush_interval_ms", a.flush_interval != b.flush_interval),
         ("admin_token / allow_unpriced_routes / max_drains_per_worker / max_usage_tokens / default_max_output_tokens", differs(
-            format!("{:?}{}{}{}{}", a.admin_token, a.allow_unpriced_routes, a.max_drains_per_worker, a.max_usage_tokens, a.default_max_output_tokens),
-            format!("{:?}{}{}{}{}", b.admin_token, b.allow_unpriced_routes, b.max_drains_per_worker, b.max_usage_tokens, b.default_max_output_tokens),
+                        // A secret's Debug hides it: compared in clear, never printed.
+            format!("{:?}{}{}{}{}", a.admin_token.as_ref().map(Secret::expose), a.allow_unpriced_routes, a.max_drains_per_worker, a.max_usage_tokens, a.default_max_output_tokens),
+            format!("{:?}{}{}{}{}", b.admin_token.as_ref().map(Secret::expose), b.allow_unpriced_routes, b.max_drains_per_worker, b.max_usage_tokens, b.default_max_output_tokens),
         )),
         ("shutdown_grace_ms", old.shutdown_grace != new.shutdown_grace),
     ];
@@ -234,4 +235,31 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         .filter(|(_, changed)| *changed)
         .map(|(name, _)| name)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> Config {
+        crate::config::resolve(&[crate::config::file_layer(text).unwrap()]).unwrap()
+    }
+
+    #[test]
+    fn settings_a_reload_cannot_change_are_named() {
+        let old = config("port = 8080\nadmin_token = \"a\"\nupstream_max_attempts = 3\n");
+        let same = config("port = 8080\nadmin_token = \"a\"\nupstream_max_attempts = 1\n");
+        assert!(restart_only_changes(&old, &same).is_empty());
+        let new = config("port = 9090\nadmin_token = \"b\"\nidle_timeout_ms = 1000\n");
+        let changed = restart_only_changes(&old, &new);
+        assert!(changed.contains(&"port"), "{changed:?}");
+        assert!(
+            changed.iter().any(|c| c.starts_with("admin_token")),
+            "{changed:?}"
+        );
+        assert!(
+            changed.iter().any(|c| c.contains("idle_timeout_ms")),
+            "{changed:?}"
+        );
+    }
 }
