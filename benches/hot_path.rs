@@ -2,7 +2,8 @@
 //! the usage-event stripper over a whole OpenAI stream fed in realistic reads, the scanner's
 //! throughput by read size with and without usage, HTTP head parsing, the body rewrite, the
 //! chunked decoder, metrics (recording one request; a two-worker scrape), and budgets (reserve and
-//! settle in a shard, price lookup and cost, key id).
+//! settle in a shard, price lookup and cost, key id), and routing (choosing an upstream and
+//! judging its answer).
 //! `cargo bench --bench hot_path`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -354,5 +355,65 @@ fn budget(c: &mut Criterion) {
     let _ = std::fs::remove_dir_all(&journal_dir);
 }
 
-criterion_group!(benches, scanner, heads, rewrite, chunked, metrics, budget);
+/// What routing adds to a request: choosing among the upstreams serving its model (by weight,
+/// load and health), its in-flight count, the health trial check, a pool key, and judging the
+/// answer's head; with one upstream (`upstream_url`) and with four serving the model.
+fn routing(c: &mut Criterion) {
+    use aura::config::upstreams::Api;
+    use aura::proxy::{Tried, View};
+    use aura::reload::Live;
+    use aura::upstream::Resolver;
+    let mut group = c.benchmark_group("routing");
+    let head = aura::http::parse_response(
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n",
+        100,
+    )
+    .unwrap()
+    .unwrap();
+    let four = (0..4)
+        .map(|i| {
+            format!(
+                "[[upstreams]]\nname = \"u{i}\"\nurl = \"http://127.0.0.1:{}/v1\"\nmodels = [\"gpt-4o*\", \"o3\"]\nweight = {}\nkeys = [\"k1\", \"k2\"]\n",
+                9000 + i,
+                i + 1
+            )
+        })
+        .collect::<String>();
+    let four = format!("key_mode = \"virtual\"\n{four}");
+    for (name, text) in [
+        ("one_upstream", String::new()),
+        ("four_upstreams_with_key_pools", four),
+    ] {
+        let mut config =
+            aura::config::resolve(&[aura::config::file_layer(&text).unwrap()]).unwrap();
+        let env: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+        config.upstreams = aura::config::file_tables(&text, &env).unwrap().upstreams;
+        let resolvers = config
+            .routes()
+            .iter()
+            .map(|r| Resolver::fixed(([127, 0, 0, 1], r.url.port).into()))
+            .collect();
+        let live = Live::new(&config, resolvers).unwrap();
+        let view = View::build(&live, 0).unwrap();
+        let routing = &view.routing;
+        let rules = config.health;
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let now = std::time::Instant::now();
+                let tried = Tried::default();
+                let chosen = routing
+                    .next(black_box(Some("gpt-4o-mini")), Api::OpenAi, &tried, now)
+                    .unwrap();
+                let _in_flight = routing.picker.start(chosen);
+                let upstream = &routing.upstreams[chosen];
+                upstream.health.begin(&rules, now);
+                let key = upstream.keys.pick(now);
+                black_box(routing.judge_answer(chosen, key, &head, now))
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, scanner, heads, rewrite, chunked, metrics, budget, routing);
 criterion_main!(benches);

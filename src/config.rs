@@ -425,10 +425,23 @@ fn setting(key: &str) -> Option<&'static Setting> {
 }
 
 /// Values from a TOML file's text. Unknown keys are errors (a typo must not be ignored).
+/// A TOML syntax error by its place and reason: never the line's text, which may hold a key.
+fn syntax_error(text: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("config file: line {line}, column {column}: {}", e.message())
+        }
+        None => format!("config file: {}", e.message()),
+    }
+}
+
 pub fn file_layer(text: &str) -> Result<Layer, ConfigErrors> {
     let table: toml::Table = text
         .parse()
-        .map_err(|e| ConfigErrors(vec![format!("config file: {e}")]))?;
+        .map_err(|e: toml::de::Error| ConfigErrors(vec![syntax_error(text, &e)]))?;
     let mut layer = Layer::new();
     let mut errors = Vec::new();
     for (key, value) in table {
@@ -466,7 +479,7 @@ pub fn file_layer(text: &str) -> Result<Layer, ConfigErrors> {
 pub fn file_tables(text: &str, env: &dyn Source) -> Result<Tables, ConfigErrors> {
     let table: toml::Table = text
         .parse()
-        .map_err(|e| ConfigErrors(vec![format!("config file: {e}")]))?;
+        .map_err(|e: toml::de::Error| ConfigErrors(vec![syntax_error(text, &e)]))?;
     tables::parse(&table, env).map_err(ConfigErrors)
 }
 
@@ -857,6 +870,16 @@ fn env_names(key: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_syntax_error_names_its_place_not_its_text() {
+        let text = "port = 1\n[keys.a]\nkey = \"sk-secret-0001\" trailing\n";
+        let errors = file_layer(text).unwrap_err().to_string();
+        assert!(errors.contains("line 3"), "{errors}");
+        assert!(!errors.contains("sk-secret"), "{errors}");
+        let errors = file_tables(text, &HashMap::new()).unwrap_err().to_string();
+        assert!(!errors.contains("sk-secret"), "{errors}");
+    }
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs

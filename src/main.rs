@@ -19,8 +19,15 @@ fn cli() -> Command {
         )
         .arg(Arg::new("config").long("config").value_name("FILE").help("TOML file with any of the settings below (keys as the flag names with _)"))
         .arg(Arg::new("print-config").long("print-config").action(ArgAction::SetTrue).help("print the routing table (upstreams, their keys and settings, retries, health; secrets redacted) as TOML and exit"));
-    for s in SETTINGS {
-        let flag: &'static str = Box::leak(s.key.replace('_', "-").into_boxed_str());
+    // Made once: a reload parses the command line again.
+    static FLAGS: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+    let flags = FLAGS.get_or_init(|| {
+        SETTINGS
+            .iter()
+            .map(|s| &*Box::leak(s.key.replace('_', "-").into_boxed_str()))
+            .collect()
+    });
+    for (s, &flag) in SETTINGS.iter().zip(flags) {
         let env = s.env.join(", ");
         let help = format!("{} [env: {env}]", s.help);
         let arg = Arg::new(s.key).long(flag).help(help);
@@ -158,7 +165,7 @@ fn main() -> ExitCode {
             }
             Ok(config)
         }),
-        Box::new(move |config| resolvers_of(config, demo)),
+        Box::new(move |host, port| resolver(host, port, demo)),
     );
     // A machine-readable line for scripts and tests.
     println!("aura listening on http://{}", running.addr);
@@ -183,8 +190,18 @@ fn main() -> ExitCode {
                     break;
                 }
                 if signal == signal_hook::consts::SIGHUP {
-                    // Logged and counted either way; a refused configuration changes nothing.
-                    let _ = running.shared.reload();
+                    // On a thread of its own: a slow reload (DNS, a file) must not hold a
+                    // stop signal back. Logged and counted either way; reloads go one at a
+                    // time, and a refused configuration changes nothing.
+                    let shared = running.shared.clone();
+                    let spawned = std::thread::Builder::new()
+                        .name("aura-reload".into())
+                        .spawn(move || {
+                            let _ = shared.reload();
+                        });
+                    if let Err(e) = spawned {
+                        tracing::error!(error = %e, "cannot start the reload");
+                    }
                     continue;
                 }
                 log_ignored(signal);
@@ -242,15 +259,21 @@ fn log_ignored(signal: i32) {
     );
 }
 
-/// The resolvers of `config`'s routes: the demo's mocks are on loopback at fixed ports; real
-/// hosts are looked up now and kept fresh by a thread each.
+/// The resolvers of `config`'s routes.
 fn resolvers_of(config: &Config, demo: bool) -> Vec<Resolver> {
     config
         .routes()
         .iter()
-        .map(|u| match demo {
-            true => Resolver::fixed(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), u.url.port)),
-            false => Resolver::start(&u.url.host, u.url.port),
-        })
+        .map(|u| resolver(&u.url.host, u.url.port, demo))
         .collect()
+}
+
+/// The demo's mocks are on loopback at fixed ports; a real host is looked up now and kept
+/// fresh by a thread of its own.
+fn resolver(host: &str, port: u16, demo: bool) -> Resolver {
+    if demo {
+        Resolver::fixed(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port))
+    } else {
+        Resolver::start(host, port)
+    }
 }

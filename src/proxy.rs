@@ -135,20 +135,17 @@ impl Routing {
 
     /// The upstreams a request asking for `model` may go to: those serving it; without a model
     /// (a file, a listing), the first upstream with a weight alone.
-    fn candidates(&self, model: Option<&str>, api: Api) -> Vec<usize> {
-        let speaks = |i: &usize| self.upstreams[*i].kind.api() == api;
+    /// As a set: a bit per upstream (there are at most 64), no allocation.
+    fn candidates(&self, model: Option<&str>, api: Api) -> u64 {
+        let speaks = |i: usize| self.upstreams[i].kind.api() == api;
+        let n = self.upstreams.len().min(64);
         match model {
-            Some(model) => self
-                .models
-                .candidates(model)
-                .into_iter()
-                .filter(speaks)
-                .collect(),
-            None => (0..self.models.len())
-                .filter(speaks)
-                .find(|&i| self.models.weight(i) > 0)
-                .into_iter()
-                .collect(),
+            Some(model) => (0..n)
+                .filter(|&i| speaks(i) && self.models.serves_at(i, model))
+                .fold(0, |set, i| set | 1 << i),
+            None => (0..n)
+                .find(|&i| speaks(i) && self.models.weight(i) > 0)
+                .map_or(0, |i| 1 << i),
         }
     }
 
@@ -164,37 +161,27 @@ impl Routing {
     /// upstream): among those available now (not ejected, a pool key not resting), by weight
     /// and load; when none is, among all of them, as Envoy's panic threshold does: a try
     /// beats a certain failure.
-    fn next(&self, model: Option<&str>, api: Api, tried: &Tried, now: Instant) -> Option<usize> {
-        let untried: Vec<usize> = self
-            .candidates(model, api)
-            .into_iter()
-            .filter(|&i| self.may_try(tried, i))
-            .collect();
-        let available: Vec<usize> = untried
-            .iter()
-            .copied()
+    pub fn next(
+        &self,
+        model: Option<&str>,
+        api: Api,
+        tried: &Tried,
+        now: Instant,
+    ) -> Option<usize> {
+        // Not tried yet. (A client's own key may go to any upstream serving its model, on a
+        // retry as on a first attempt: in passthrough mode that is the config's choice, and
+        // Aura warns of it at start.)
+        let untried = self.candidates(model, api) & !tried.upstreams;
+        let available = bits(untried)
             .filter(|&i| self.upstreams[i].available(now))
-            .collect();
-        let pool = if available.is_empty() {
-            &untried
-        } else {
-            &available
-        };
-        self.picker.pick(&self.models, pool)
+            .fold(0, |set, i| set | 1 << i);
+        let pool = if available == 0 { untried } else { available };
+        self.picker.pick_set(&self.models, pool)
     }
 
     /// Whether an upstream serving `model` is left untried.
     fn has_next(&self, model: Option<&str>, api: Api, tried: &Tried) -> bool {
-        self.candidates(model, api)
-            .into_iter()
-            .any(|i| self.may_try(tried, i))
-    }
-
-    /// Whether upstream `i` may take a request's next attempt: not tried yet. (A client's own
-    /// key may go to any upstream serving its model, on a retry as on a first attempt: in
-    /// passthrough mode that is the config's choice, and Aura warns of it at start.)
-    fn may_try(&self, tried: &Tried, i: usize) -> bool {
-        tried.upstreams & (1 << i) == 0
+        self.candidates(model, api) & !tried.upstreams != 0
     }
 
     /// Health after upstream `chosen` answered with `head`, its pool key `key` in hand, and
@@ -205,7 +192,7 @@ impl Routing {
     /// - 503 and 529 (overloaded) and 500, 502, 504 (failing) count against the upstream, and
     ///   a `Retry-After` rests it;
     /// - any other answer is a success.
-    fn judge_answer(
+    pub fn judge_answer(
         &self,
         chosen: usize,
         key: Option<usize>,
@@ -215,7 +202,11 @@ impl Routing {
         let upstream = &self.upstreams[chosen];
         let pooled = key.and_then(|k| upstream.keys.get(k));
         let status = head.status.as_u16();
-        let wait = retry::retry_after(&head.headers);
+        // Read only where it is heeded: a success's headers are not searched.
+        let wait = match status {
+            429 | 503 | 529 => retry::retry_after(&head.headers),
+            _ => None,
+        };
         let key_rules = self.health.for_keys();
         match (status, pooled) {
             (401 | 403, Some(pooled)) => {
@@ -519,7 +510,11 @@ impl Proxy {
         if generation != self.view_generation.get() {
             self.view_generation.set(generation);
             match View::build(&self.shared.live(), self.worker) {
-                Ok(view) => *self.view.borrow_mut() = Rc::new(view),
+                Ok(view) => {
+                    *self.view.borrow_mut() = Rc::new(view);
+                    // Limits may have changed: leases granted under the old ones go back.
+                    self.budget.surrender(Instant::now());
+                }
                 Err(e) => {
                     tracing::error!(worker = self.worker, error = %e, "reload: this worker keeps its old configuration")
                 }
@@ -1134,7 +1129,13 @@ impl Proxy {
                     pool: &self.buffers,
                     drains: &self.drains,
                 },
-                upstream.timeouts,
+                // The client side's timeouts are the process's (a reload does not change them).
+                Timeouts {
+                    client_head: self.timeouts.client_head,
+                    idle: self.timeouts.idle,
+                    client_send: self.timeouts.client_send,
+                    ..upstream.timeouts
+                },
                 started,
                 &mut |end: &RelayEnd| {
                     take_body(end, outcome);
@@ -1883,6 +1884,11 @@ impl Proxy {
     }
 }
 
+/// The members of a set of upstreams (a bit each), in order.
+fn bits(set: u64) -> impl Iterator<Item = usize> {
+    (0..64).filter(move |i| set & (1 << i) != 0)
+}
+
 /// A budget's refusal, as the client hears it.
 fn refusal_error(refusal: Refusal) -> Error {
     match refusal {
@@ -1900,14 +1906,14 @@ fn refusal_error(refusal: Refusal) -> Error {
 /// A request's attempts so far: the upstreams tried, and the keys tried on the current one
 /// (a bit each).
 #[derive(Debug, Default)]
-struct Tried {
+pub struct Tried {
     upstreams: u64,
     keys: u64,
 }
 
 /// What an upstream's answer means for the request (`Routing::judge_answer`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Judgement {
+pub enum Judgement {
     /// It goes to the client.
     Answer,
     /// The pool key used was refused (401, 403) or rate limited (429).

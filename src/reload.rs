@@ -81,8 +81,9 @@ impl Live {
 
 /// Reads the configuration again, as at start (file, environment, flags).
 pub type LoadConfig = Box<dyn Fn() -> Result<Config, String> + Send + Sync>;
-/// The resolvers of a configuration's routes, one per route.
-pub type Resolve = Box<dyn Fn(&Config) -> Vec<Resolver> + Send + Sync>;
+/// A resolver for an upstream host and port new to the configuration (one the running
+/// configuration has keeps its resolver: a reload looks nothing up again).
+pub type Resolve = Box<dyn Fn(&str, u16) -> Resolver + Send + Sync>;
 
 /// How to read the configuration again: set by `main`; without it, nothing reloads.
 struct Source {
@@ -94,6 +95,11 @@ struct Source {
 pub struct Shared {
     generation: AtomicU64,
     live: RwLock<Arc<Live>>,
+    /// The configuration the process started with: what settings a reload cannot change are
+    /// compared with (the last one applied may already differ from what runs).
+    started: Config,
+    /// A source was set: reloads are possible (read without the reload's lock).
+    has_source: std::sync::atomic::AtomicBool,
     limits: Arc<KeyLimits>,
     registry: Arc<Registry>,
     source: Mutex<Option<Source>>,
@@ -104,6 +110,8 @@ impl Shared {
         registry.set_aliases(live.directory.aliases());
         Arc::new(Shared {
             generation: AtomicU64::new(0),
+            started: live.config.clone(),
+            has_source: std::sync::atomic::AtomicBool::new(false),
             live: RwLock::new(Arc::new(live)),
             limits,
             registry,
@@ -127,12 +135,13 @@ impl Shared {
     pub fn set_source(&self, load: LoadConfig, resolve: Resolve) {
         if let Ok(mut source) = self.source.lock() {
             *source = Some(Source { load, resolve });
+            self.has_source.store(true, Ordering::Release);
         }
     }
 
-    /// Whether a reload is possible (a source was set).
+    /// Whether a reload is possible (a source was set). Never waits for a reload under way.
     pub fn reloadable(&self) -> bool {
-        self.source.lock().is_ok_and(|s| s.is_some())
+        self.has_source.load(Ordering::Acquire)
     }
 
     /// Reads the configuration again and applies it, or refuses it whole; logs and counts
@@ -145,14 +154,25 @@ impl Shared {
         let Some(source) = source.as_ref() else {
             return Err("this Aura has no configuration source to reload from".into());
         };
+        let old = self.live();
         let result = (source.load)().and_then(|config| {
-            let resolvers = (source.resolve)(&config);
+            let resolvers = config
+                .routes()
+                .iter()
+                .map(|route| {
+                    let (host, port) = (&route.url.host, route.url.port);
+                    old.routes
+                        .iter()
+                        .zip(&old.resolvers)
+                        .find(|(known, _)| known.url.host == *host && known.url.port == port)
+                        .map_or_else(|| (source.resolve)(host, port), |(_, r)| r.clone())
+                })
+                .collect();
             Live::new(&config, resolvers).map_err(|e| e.to_string())
         });
         match result {
             Ok(live) => {
-                let old = self.live();
-                let restart = restart_only_changes(&old.config, &live.config);
+                let restart = restart_only_changes(&self.started, &live.config);
                 let (default, per_key) = live.limits();
                 self.limits.replace(default, per_key);
                 self.registry.set_aliases(live.directory.aliases());
@@ -201,12 +221,21 @@ pub struct Reloaded {
     pub restart_only: Vec<&'static str>,
 }
 
+/// The store's settings, its URL in clear (its Debug hides it): compared, never shown.
+fn store_settings(budgets: &crate::config::Budgets) -> String {
+    let url = match &budgets.store {
+        crate::config::StoreKind::Valkey(valkey) => valkey.url.expose().to_string(),
+        crate::config::StoreKind::Memory => String::new(),
+    };
+    format!("{url}{:?}{}", budgets.store, budgets.fail_open)
+}
+
 /// The settings a reload cannot change (they shape listeners, threads, the store and the
 /// client side of connections) that differ between `old` and `new`.
 pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     let (a, b) = (&old.budgets, &new.budgets);
     let differs = |x: String, y: String| x != y;
-    let checks: [(&'static str, bool); 14] = [
+    let checks: [(&'static str, bool); 15] = [
         ("listen_addr", old.listen_addr != new.listen_addr),
         ("port", old.port != new.port),
         ("admin_listen", old.admin_listen != new.admin_listen),
@@ -220,7 +249,8 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
                 != (new.timeouts.client_head, new.timeouts.idle, new.timeouts.client_send),
         ),
         ("log_format", old.log_format != new.log_format),
-        ("store / valkey_url / store_failure / journal", differs(format!("{:?}{}", a.store, a.fail_open), format!("{:?}{}", b.store, b.fail_open))),
+                ("store / valkey_url / store_failure / journal", differs(store_settings(a), store_settings(b))),
+        ("demo", old.demo != new.demo),
         ("budget_period", a.period != b.period),
         ("budget_flush_interval_ms", a.flush_interval != b.flush_interval),
         ("admin_token / allow_unpriced_routes / max_drains_per_worker / max_usage_tokens / default_max_output_tokens", differs(

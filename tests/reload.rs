@@ -16,6 +16,7 @@ use common::{start_mock, Driver, Launch, MockOptions, MockUpstream, CHAT};
 on_both_drivers!(
     a_sighup_under_load_lets_streams_finish_and_new_requests_follow_the_new_config,
     a_config_with_an_error_is_refused_whole_and_the_running_one_stays,
+    a_lowered_limit_holds_at_once,
 );
 
 const ADMIN: &str = "admin-token-reload-0001";
@@ -27,9 +28,20 @@ const BODY: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content
 /// The config: `upstream` serving gpt-4o-mini, and `keys` (alias, key) with $5 each; `extra`
 /// is added at the top level (e.g. a price).
 fn write(path: &Path, upstream: &MockUpstream, keys: &[(&str, &str)], extra: &str) {
+    write_limited(path, upstream, keys, 5.0, extra);
+}
+
+/// The same, every key with `limit` dollars.
+fn write_limited(
+    path: &Path,
+    upstream: &MockUpstream,
+    keys: &[(&str, &str)],
+    limit: f64,
+    extra: &str,
+) {
     let keys: String = keys
         .iter()
-        .map(|(alias, key)| format!("[keys.{alias}]\nkey = \"{key}\"\nlimit_dollars = 5\n"))
+        .map(|(alias, key)| format!("[keys.{alias}]\nkey = \"{key}\"\nlimit_dollars = {limit:?}\n"))
         .collect();
     let text = format!(
         "key_mode = \"virtual\"\nadmin_token = \"{ADMIN}\"\n{extra}\n{keys}\n[[upstreams]]\nname = \"up-{}\"\nurl = \"{}\"\nmodels = [\"gpt-4o-mini\"]\nkey = \"sk-provider\"\n",
@@ -157,6 +169,21 @@ fn a_config_with_an_error_is_refused_whole_and_the_running_one_stays(driver: Dri
     assert_eq!(chat(&aura, NEW).status, 401, "a key of the refused config");
     assert_eq!(chat(&aura, KEEP).status, 200);
     assert_eq!((chats(&old), chats(&new)), (1, 0));
+    // A config that parses but names a price file that is not there: refused too.
+    write(
+        &path,
+        &new,
+        &[("keep", KEEP), ("new", NEW)],
+        "price_file = \"/nonexistent/prices.json\"",
+    );
+    let r = reload(ADMIN);
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.text().contains("/nonexistent/prices.json"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(chat(&aura, NEW).status, 401);
     // Fixed, it applies.
     write(&path, &new, &[("keep", KEEP), ("new", NEW)], "");
     let r = reload(ADMIN);
@@ -166,8 +193,40 @@ fn a_config_with_an_error_is_refused_whole_and_the_running_one_stays(driver: Dri
     assert_eq!((chats(&old), chats(&new)), (1, 1));
     common::scrape_until(&aura, |t| {
         t.lines()
-            .any(|l| l == "aura_config_reloads_total{result=\"refused\"} 1")
+            .any(|l| l == "aura_config_reloads_total{result=\"refused\"} 2")
             && t.lines()
                 .any(|l| l == "aura_config_reloads_total{result=\"applied\"} 1")
     });
+}
+
+/// A key's limit cut by a reload holds at once: the budget workers had leased under the old
+/// limit goes back to the store, which grants under the new one.
+fn a_lowered_limit_holds_at_once(driver: Driver) {
+    let upstream = start_mock(MockOptions::default());
+    let path = common::config_file(&format!("reload-limit-{driver:?}"), "");
+    write(&path, &upstream, &[("keep", KEEP)], "");
+    let aura = Launch::new("", driver)
+        .arg("--config")
+        .arg(path.to_str().unwrap())
+        .start();
+    // Both workers hold leases for the key.
+    for _ in 0..6 {
+        assert_eq!(chat(&aura, KEEP).status, 200);
+    }
+    write_limited(&path, &upstream, &[("keep", KEEP)], 0.00001, "");
+    let r = aura.client().request(
+        "POST",
+        "/admin/reload",
+        &[("authorization", &bearer(ADMIN))],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let answered = chats(&upstream);
+    let statuses: Vec<u16> = (0..10).map(|_| chat(&aura, KEEP).status).collect();
+    assert!(statuses.iter().all(|&s| s == 402), "{statuses:?}");
+    assert_eq!(
+        chats(&upstream),
+        answered,
+        "a request past the new limit went upstream"
+    );
 }

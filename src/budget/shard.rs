@@ -238,6 +238,8 @@ pub struct Shard {
     losses_seen: Cell<u64>,
     /// `close` has run: everything was billed and handed over.
     closed: Cell<bool>,
+    /// A flush under way hands back every lease's free part (`surrender`).
+    surrendering: Cell<bool>,
     /// The time as of the last `tick`.
     ticked: Cell<Ticked>,
 }
@@ -276,6 +278,7 @@ impl Shard {
             keys: RefCell::new(KeyIdMap::default()),
             waiters: RefCell::new(Vec::new()),
             closed: Cell::new(false),
+            surrendering: Cell::new(false),
             ticked: Cell::new(Ticked::read(settings.period, &settings.clock)),
             period: settings.period,
             clock: settings.clock,
@@ -746,6 +749,7 @@ impl Shard {
                     idle: lease.idle(now),
                     lapsing: self.lapsing(lease, now),
                     squeezed: lease.squeezed,
+                    surrendering: self.surrendering.get(),
                     asking: lease.asking.is_some(),
                     refused_and_done: lease.refused && lease.in_flight == 0,
                     low: lease.last_grant > 0 && lease.free() < lease.last_grant / 4,
@@ -841,6 +845,15 @@ impl Shard {
                 }
             }
         }
+    }
+
+    /// The configured limits changed (a reload): every lease's free part goes back to the store
+    /// now, so the next request of each key is granted under its new limit; a key whose limit
+    /// fell below its spend stops at once, not when its lease runs out.
+    pub fn surrender(&self, now: Instant) {
+        self.surrendering.set(true);
+        self.flush(now);
+        self.surrendering.set(false);
     }
 
     /// At shutdown: requests still in flight (past the grace) are billed what they reserved,
@@ -983,6 +996,8 @@ struct FlushFacts {
     /// The store has not confirmed the lease for most of its lifetime.
     lapsing: bool,
     squeezed: bool,
+    /// The limits changed (a reload): what is free goes back, and the store grants anew.
+    surrendering: bool,
     asking: bool,
     /// The upstream refused the key and its requests are done.
     refused_and_done: bool,
@@ -1014,7 +1029,7 @@ fn flush_plan(key: &FlushFacts, last: bool, remote: bool) -> FlushPlan {
     let forget = key.refused_and_done && !last;
     let returned = if last || forget || key.lapsing {
         key.held
-    } else if key.idle || (key.squeezed && !key.asking) {
+    } else if key.idle || key.surrendering || (key.squeezed && !key.asking) {
         // (Not while an ask of its own is out: its need counted on the free part.)
         key.free
     } else {

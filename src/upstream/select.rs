@@ -190,6 +190,17 @@ impl Picker {
         }
     }
 
+    /// One of the upstreams of `set` (a bit each, at most 64), as [`pick`](Self::pick) draws.
+    pub fn pick_set(&self, table: &ModelTable, set: u64) -> Option<usize> {
+        let mut members = [0usize; 64];
+        let mut n = 0;
+        for i in (0..64).filter(|i| set & (1 << i) != 0) {
+            members[n] = i;
+            n += 1;
+        }
+        self.pick(table, &members[..n])
+    }
+
     /// One of `candidates`, drawn by `weight / (in-flight + 1)`; `None` when there are none.
     pub fn pick(&self, table: &ModelTable, candidates: &[usize]) -> Option<usize> {
         let share = |i: usize| {
