@@ -299,6 +299,8 @@ pub struct Config {
     pub upstream: UpstreamUrl,
     /// The file's `[[upstreams]]`; empty: `upstream` serves every model.
     pub upstreams: Vec<UpstreamEntry>,
+    /// The file's `[fallbacks]`: model → the models its requests go on to.
+    pub fallbacks: Vec<(String, Vec<String>)>,
     pub demo: bool,
     /// `None`: as many as `available_parallelism()` (which honours cgroup CPU quotas).
     pub workers: Option<usize>,
@@ -765,6 +767,7 @@ impl Parser<'_> {
             port: self.get("port", 8080),
             upstream,
             upstreams: Vec::new(),
+            fallbacks: Vec::new(),
             demo: self.bool("demo", false),
             workers,
             pin_workers: self.bool("pin_workers", true),

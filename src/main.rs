@@ -80,6 +80,7 @@ fn load() -> Result<(Config, bool), String> {
         );
     }
     config.upstreams = tables.upstreams;
+    config.fallbacks = tables.fallbacks;
     config::credentials_stay_with_their_provider(&config)
         .map_err(|e| format!("invalid configuration:\n  {e}"))?;
     Ok((config, matches.get_flag("print-config")))

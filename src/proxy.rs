@@ -277,6 +277,8 @@ impl Routing {
 /// keeps the view it started with to its end (reload.rs).
 pub struct View {
     pub routing: Routing,
+    /// `[fallbacks]`: model → the models its requests go on to.
+    pub fallbacks: HashMap<String, Vec<String>>,
     pub directory: Arc<Directory>,
     pub prices: Arc<PriceTable>,
     /// Per model asked for, the price answers to it came at when more than it reserved at.
@@ -311,6 +313,7 @@ impl View {
         };
         Ok(View {
             routing,
+            fallbacks: config.fallbacks.iter().cloned().collect(),
             directory: live.directory.clone(),
             prices: live.prices.clone(),
             answered_as: std::cell::RefCell::new(HashMap::new()),
@@ -678,7 +681,15 @@ impl Proxy {
     /// with another, pricier model than asked is reserved for from its first such answer on;
     /// only requests already in flight on this worker then can cost more than they reserved.
     fn reserving(&self, view: &View, model: &str) -> Price {
-        let price = view.prices.reserving(model);
+        // A request may be answered by one of its fallbacks: it reserves at the dearest.
+        let price = view
+            .fallbacks
+            .get(model)
+            .into_iter()
+            .flatten()
+            .fold(view.prices.reserving(model), |price, fallback| {
+                price.max(view.prices.reserving(fallback))
+            });
         match view.answered_as.borrow().get(model) {
             Some(seen) => price.max(*seen),
             None => price,
@@ -936,10 +947,17 @@ impl Proxy {
             None if choosing && !request.body.is_empty() => billing::bounds_of(&request.body).model,
             None => None,
         };
-        let model = routed_by.as_deref();
+        let mut model = routed_by.as_deref();
         if let Err(e) = view.routing.check(model, outcome.api) {
             return self.fail(client, e, keep_alive, outcome).await;
         }
+        // The models it may go on to when every upstream serving its own failed, in order.
+        let fallbacks: &[String] = model
+            .and_then(|m| view.fallbacks.get(m))
+            .map_or(&[], Vec::as_slice);
+        let mut fallen_back = 0;
+        // The bodies naming the fallback model (with the usage asked for, where it was).
+        let mut fallback_bodies: Option<(Vec<u8>, Option<Vec<u8>>)> = None;
         // Asked twice, such a request costs nothing and changes nothing: a free route's, by an
         // idempotent method.
         let idempotent_and_free = outcome.route == Route::Api(Billing::Free)
@@ -958,18 +976,42 @@ impl Proxy {
             let now = Instant::now();
             let chosen = match same_upstream.take() {
                 Some(chosen) => chosen,
-                None => match view.routing.next(model, outcome.api, &tried, now) {
-                    Some(chosen) => {
-                        tried.keys = 0;
-                        chosen
+                None => {
+                    let mut next = view.routing.next(model, outcome.api, &tried, now);
+                    // Every upstream serving the model was tried: its fallbacks', in order,
+                    // each with its own upstreams (one may serve both).
+                    while next.is_none() && fallen_back < fallbacks.len() {
+                        let fallback = fallbacks[fallen_back].as_str();
+                        fallen_back += 1;
+                        let Some(plain) = rewrite::with_model(&request.body, fallback) else {
+                            break;
+                        };
+                        let with_usage = outgoing
+                            .with_usage
+                            .as_ref()
+                            .and_then(|b| rewrite::with_model(b, fallback));
+                        fallback_bodies = Some((plain, with_usage));
+                        model = Some(fallback);
+                        if outcome.model.is_some() {
+                            outcome.model = Some(fallback.to_string());
+                        }
+                        tried = Tried::default();
+                        tracing::debug!(model = fallback, "falling back to another model");
+                        next = view.routing.next(model, outcome.api, &tried, now);
                     }
-                    // `check` found a candidate, and attempts stop before none is left.
-                    None => {
-                        break Err(last_error
-                            .take()
-                            .unwrap_or_else(|| Error::model_not_found(model.unwrap_or_default())))
+                    match next {
+                        Some(chosen) => {
+                            tried.keys = 0;
+                            chosen
+                        }
+                        // `check` found a candidate, and attempts stop before none is left.
+                        None => {
+                            break Err(last_error.take().unwrap_or_else(|| {
+                                Error::model_not_found(model.unwrap_or_default())
+                            }))
+                        }
                     }
-                },
+                }
             };
             let upstream = &view.routing.upstreams[chosen];
             tried.upstreams |= 1 << chosen;
@@ -988,11 +1030,13 @@ impl Proxy {
                     Err(e) => break Err(e),
                 };
             // Strip the usage event only when Aura asked for it and the client did not.
-            let (body, strip_usage_event) = match &outgoing.with_usage {
-                Some(body) if upstream.inject_stream_usage => {
-                    (body.as_slice(), !outgoing.client_asked_usage)
-                }
-                _ => (request.body.as_slice(), false),
+            let (plain, with_usage) = match &fallback_bodies {
+                Some((plain, with_usage)) => (plain.as_slice(), with_usage.as_deref()),
+                None => (request.body.as_slice(), outgoing.with_usage.as_deref()),
+            };
+            let (body, strip_usage_event) = match with_usage {
+                Some(body) if upstream.inject_stream_usage => (body, !outgoing.client_asked_usage),
+                _ => (plain, false),
             };
             let mut bytes = self.buffers.take();
             let written = outbound::write_request(
@@ -1008,7 +1052,8 @@ impl Proxy {
                 // health is untouched.
                 self.buffers.give(bytes);
                 if outcome.attempts < view.routing.max_attempts
-                    && view.routing.has_next(model, outcome.api, &tried)
+                    && (view.routing.has_next(model, outcome.api, &tried)
+                        || fallen_back < fallbacks.len())
                 {
                     last_error = Some(e);
                     continue;
@@ -1038,7 +1083,11 @@ impl Proxy {
             // Room for another attempt: attempts left, and time enough to make one.
             let more = outcome.attempts < view.routing.max_attempts
                 && deadline.is_none_or(|d| d.saturating_duration_since(now) >= MIN_ATTEMPT_TIME);
-            let elsewhere = more && view.routing.has_next(model, outcome.api, &tried);
+            let elsewhere = more
+                && (view.routing.has_next(model, outcome.api, &tried)
+                    || fallbacks[fallen_back..]
+                        .iter()
+                        .any(|m| view.routing.check(Some(m), outcome.api).is_ok()));
             match result {
                 Ok((conn, head, buffered)) => {
                     let status = head.status.as_u16();

@@ -2,6 +2,8 @@
 //! the client's JSON body: one scan of the top-level object, then at most one insert or one patch.
 //! Every other byte is forwarded as sent (no re-serialisation: key order, spacing and numbers stay).
 //! Pure L0: no IO, clocks, globals or logging; depends on memchr, serde_json and nothing in Aura.
+//! (`with_model`, for a request falling back to another model, is the one rewrite that parses
+//! and writes the body again.)
 //! Client input never drives recursion: nested values are skipped iteratively, bounded by MAX_DEPTH.
 
 use std::ops::Range;
@@ -369,6 +371,19 @@ fn malformed(body: &[u8], at: usize, what: &'static str) -> RewriteError {
         at: at.min(body.len()),
         what,
     }
+}
+
+/// The body with its top-level `model` replaced: for a request that falls back to another
+/// model once every upstream serving its own failed. A rare path, so the body is parsed and
+/// written again (key order and spacing may change); None when it is not a JSON object.
+pub fn with_model(body: &[u8], model: &str) -> Option<Vec<u8>> {
+    let mut value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let object = value.as_object_mut()?;
+    object.insert(
+        "model".to_string(),
+        serde_json::Value::String(model.to_string()),
+    );
+    serde_json::to_vec(&value).ok()
 }
 
 #[cfg(test)]

@@ -26,6 +26,7 @@ on_both_drivers!(
     a_request_that_may_have_been_acted_on_is_not_sent_twice,
     an_attempt_given_up_after_it_was_sent_is_charged_its_reservation,
     a_write_the_upstream_never_takes_ends_at_the_deadline,
+    a_model_whose_upstreams_all_fail_falls_back_to_another_model,
     a_503_falls_back_and_the_request_is_billed_once,
     nothing_is_retried_once_the_answer_has_started,
     a_failing_upstream_is_ejected_and_comes_back_on_a_trial,
@@ -503,4 +504,72 @@ fn attempts_stop_at_max_attempts_and_the_last_answer_is_relayed(driver: Driver) 
     let r = ask(&aura);
     assert_eq!(r.status, 500, "{}", r.text());
     assert_eq!(b.asked().len(), 1, "a second attempt with max_attempts 1");
+}
+
+/// `[fallbacks]`: every upstream serving gpt-4o answers 503, so the request goes on as
+/// gpt-4o-mini, to the upstream serving that, its body naming the model it now asks for (the
+/// usage still asked for in its stream), and it is billed as the model that answered.
+fn a_model_whose_upstreams_all_fail_falls_back_to_another_model(driver: Driver) {
+    let big = misbehaving(|_, stream| {
+        let body = r#"{"error":{"message":"overloaded"}}"#;
+        let answer = format!(
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        scripted::send(stream, answer.as_bytes());
+        Then::Next
+    });
+    let small = start_mock(MockOptions::default());
+    let table = |fallbacks: &str| {
+        format!(
+            r#"
+            {fallbacks}
+            [[upstreams]]
+            name = "big"
+            url = "{}"
+            models = ["gpt-4o"]
+            [[upstreams]]
+            name = "small"
+            url = "{}"
+            models = ["gpt-4o-mini"]
+            "#,
+            big.url(),
+            small.url()
+        )
+    };
+    let stream = r#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let key = "sk-fallback-model";
+    let ask = |aura: &common::Aura| {
+        aura.client().request(
+            "POST",
+            CHAT,
+            &[
+                ("content-type", "application/json"),
+                ("authorization", &format!("Bearer {key}")),
+            ],
+            stream.as_bytes(),
+        )
+    };
+    // Without [fallbacks], the 503 is the answer.
+    let path = common::config_file(&format!("fallback-none-{driver:?}"), &table(""));
+    let aura = launch(&path, driver, &[]);
+    assert_eq!(ask(&aura).status, 503);
+    assert_eq!(chats(&small), 0);
+    drop(aura);
+    let path = common::config_file(
+        &format!("fallback-model-{driver:?}"),
+        &table("[fallbacks]\n\"gpt-4o\" = [\"gpt-4o-mini\"]"),
+    );
+    let aura = launch(&path, driver, &[]);
+    let r = ask(&aura);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("data: [DONE]"), "{}", r.text());
+    let asked = &small.requests()[0];
+    let sent: serde_json::Value = serde_json::from_slice(&asked.body).unwrap();
+    assert_eq!(sent["model"], "gpt-4o-mini");
+    assert_eq!(sent["stream_options"]["include_usage"], true);
+    // The client did not ask for the usage event: it was stripped, as ever.
+    assert!(!r.text().contains("\"usage\":{"), "{}", r.text());
+    let (prompt, completion) = mock_usage(asked);
+    wait_for_spend(&aura, key, cost(prompt, completion, MINI_IN, MINI_OUT));
 }

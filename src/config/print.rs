@@ -32,6 +32,13 @@ pub fn routing_table(config: &Config) -> String {
     for route in config.routes() {
         upstream(&mut out, config, &route);
     }
+    if !config.fallbacks.is_empty() {
+        let _ = writeln!(out, "\n[fallbacks]");
+        for (model, to) in &config.fallbacks {
+            let to: Vec<String> = to.iter().map(|m| quoted(m)).collect();
+            let _ = writeln!(out, "{} = [{}]", quoted(model), to.join(", "));
+        }
+    }
     for key in &config.budgets.keys {
         let _ = writeln!(out, "\n[keys.{}]", quoted(&key.alias));
         let _ = writeln!(out, "key = {}", redacted(&key.key));

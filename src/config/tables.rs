@@ -63,10 +63,52 @@ pub struct Tables {
     pub prices: Vec<PriceEntry>,
     /// `[[upstreams]]` (`config/upstreams.rs`).
     pub upstreams: Vec<super::upstreams::UpstreamEntry>,
+    /// `[fallbacks]`: a model, and the models its requests go on to, in order, when every
+    /// upstream serving it failed.
+    pub fallbacks: Vec<(String, Vec<String>)>,
 }
 
 /// The names of the tables in the file (the flat settings skip them).
-pub const TABLES: [&str; 3] = ["keys", "prices", "upstreams"];
+pub const TABLES: [&str; 4] = ["keys", "prices", "upstreams", "fallbacks"];
+
+/// The most models one model falls back to.
+const MAX_FALLBACKS: usize = 8;
+
+/// `[fallbacks]`: `"gpt-4o" = ["gpt-4o-mini"]`, each model once, none its own fallback.
+fn fallbacks(value: &toml::Value, errors: &mut Vec<String>) -> Vec<(String, Vec<String>)> {
+    let Some(table) = value.as_table() else {
+        errors.push("config file: `fallbacks` must be a table of model = [models]".into());
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (model, list) in table {
+        let at = format!("config file: `fallbacks.{model}`");
+        let names: Option<Vec<String>> = list.as_array().and_then(|items| {
+            items
+                .iter()
+                .map(|m| {
+                    m.as_str()
+                        .map(str::trim)
+                        .filter(|m| !m.is_empty())
+                        .map(String::from)
+                })
+                .collect()
+        });
+        match names {
+            Some(names) if !names.is_empty() && names.len() <= MAX_FALLBACKS => {
+                if names.iter().any(|n| n == model) {
+                    errors.push(format!("{at} names the model itself"));
+                } else {
+                    out.push((model.clone(), names));
+                }
+            }
+            _ => errors.push(format!(
+                "{at} must be a list of 1 to {MAX_FALLBACKS} model names"
+            )),
+        }
+    }
+    out
+}
 
 pub fn parse(file: &toml::Table, env: &dyn super::Source) -> Result<Tables, Vec<String>> {
     let mut errors = Vec::new();
@@ -77,6 +119,10 @@ pub fn parse(file: &toml::Table, env: &dyn super::Source) -> Result<Tables, Vec<
         }
         if name == "upstreams" {
             tables.upstreams = super::upstreams::parse(value, env, &mut errors);
+            continue;
+        }
+        if name == "fallbacks" {
+            tables.fallbacks = fallbacks(value, &mut errors);
             continue;
         }
         let Some(entries) = value.as_table() else {
@@ -282,6 +328,33 @@ mod tests {
             &text.parse::<toml::Table>().unwrap(),
             &std::collections::HashMap::new(),
         )
+    }
+
+    #[test]
+    fn fallbacks_parse_and_refuse_a_model_falling_back_to_itself() {
+        let t = tables(
+            r#"
+            [fallbacks]
+            "gpt-4o" = ["gpt-4o-mini", "llama-3.3-70b"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            t.fallbacks,
+            [(
+                "gpt-4o".to_string(),
+                vec!["gpt-4o-mini".to_string(), "llama-3.3-70b".to_string()]
+            )]
+        );
+        let errors = tables("[fallbacks]\na = [\"a\"]\nb = []\nc = [1]\n")
+            .unwrap_err()
+            .join("\n");
+        assert!(
+            errors.contains("`fallbacks.a` names the model itself"),
+            "{errors}"
+        );
+        assert!(errors.contains("`fallbacks.b` must be a list"), "{errors}");
+        assert!(errors.contains("`fallbacks.c` must be a list"), "{errors}");
     }
 
     #[test]
