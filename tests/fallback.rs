@@ -368,8 +368,9 @@ fn a_write_the_upstream_never_takes_ends_at_the_deadline(driver: Driver) {
     );
 }
 
-fn a_503_falls_back_and_the_request_is_billed_once(driver: Driver) {
-    let first = misbehaving(|_, stream| {
+/// An upstream that answers every request 503, overloaded.
+fn overloaded() -> Scripted {
+    misbehaving(|_, stream| {
         let body = r#"{"error":{"message":"overloaded"}}"#;
         let answer = format!(
             "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
@@ -377,7 +378,11 @@ fn a_503_falls_back_and_the_request_is_billed_once(driver: Driver) {
         );
         scripted::send(stream, answer.as_bytes());
         Then::Next
-    });
+    })
+}
+
+fn a_503_falls_back_and_the_request_is_billed_once(driver: Driver) {
+    let first = overloaded();
     let good = start_mock(MockOptions::default());
     let path = config("503", driver, &first.url(), "", &good.url());
     let aura = launch(&path, driver, &[]);
@@ -510,15 +515,7 @@ fn attempts_stop_at_max_attempts_and_the_last_answer_is_relayed(driver: Driver) 
 /// gpt-4o-mini, to the upstream serving that, its body naming the model it now asks for (the
 /// usage still asked for in its stream), and it is billed as the model that answered.
 fn a_model_whose_upstreams_all_fail_falls_back_to_another_model(driver: Driver) {
-    let big = misbehaving(|_, stream| {
-        let body = r#"{"error":{"message":"overloaded"}}"#;
-        let answer = format!(
-            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        scripted::send(stream, answer.as_bytes());
-        Then::Next
-    });
+    let big = overloaded();
     let small = start_mock(MockOptions::default());
     let table = |fallbacks: &str| {
         format!(
