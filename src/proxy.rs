@@ -179,6 +179,22 @@ impl Routing {
         self.picker.pick_set(&self.models, pool)
     }
 
+    /// The next upstream for `model` among those up now only: none when every untried one is
+    /// down (a fallback model's may be up).
+    pub fn next_up(
+        &self,
+        model: Option<&str>,
+        api: Api,
+        tried: &Tried,
+        now: Instant,
+    ) -> Option<usize> {
+        let untried = self.candidates(model, api) & !tried.upstreams;
+        let available = bits(untried)
+            .filter(|&i| self.upstreams[i].available(now))
+            .fold(0, |set, i| set | 1 << i);
+        self.picker.pick_set(&self.models, available)
+    }
+
     /// Whether an upstream serving `model` is left untried.
     fn has_next(&self, model: Option<&str>, api: Api, tried: &Tried) -> bool {
         self.candidates(model, api) & !tried.upstreams != 0
@@ -615,7 +631,9 @@ impl Proxy {
         max_tokens: Option<u64>,
         choices: u64,
     ) -> Admission {
-        let price = self.reserving(view, model.unwrap_or(""));
+        // Only a generation may fall back to another model.
+        let falls_back = kind == Billable::Generates;
+        let price = self.reserving(view, model.unwrap_or(""), falls_back);
         Admission {
             estimate: estimate::upper_estimate(
                 &price,
@@ -646,7 +664,7 @@ impl Proxy {
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok());
         let bounds = billing::media_bounds(content_type, &request.body);
-        let price = self.reserving(view, bounds.model.as_deref().unwrap_or(""));
+        let price = self.reserving(view, bounds.model.as_deref().unwrap_or(""), false);
         let bytes = request.body.len();
         let (estimate, fixed) = match billing {
             Billing::Images => (
@@ -680,20 +698,20 @@ impl Proxy {
     /// what this worker saw an answer to it cost when that was more. An upstream that answers
     /// with another, pricier model than asked is reserved for from its first such answer on;
     /// only requests already in flight on this worker then can cost more than they reserved.
-    fn reserving(&self, view: &View, model: &str) -> Price {
-        // A request may be answered by one of its fallbacks: it reserves at the dearest.
-        let price = view
-            .fallbacks
-            .get(model)
+    fn reserving(&self, view: &View, model: &str, falls_back: bool) -> Price {
+        let one = |model: &str| {
+            let price = view.prices.reserving(model);
+            match view.answered_as.borrow().get(model) {
+                Some(seen) => price.max(*seen),
+                None => price,
+            }
+        };
+        // A generation may be answered by one of its fallbacks: it reserves at the dearest.
+        let fallbacks = view.fallbacks.get(model).filter(|_| falls_back);
+        fallbacks
             .into_iter()
             .flatten()
-            .fold(view.prices.reserving(model), |price, fallback| {
-                price.max(view.prices.reserving(fallback))
-            });
-        match view.answered_as.borrow().get(model) {
-            Some(seen) => price.max(*seen),
-            None => price,
-        }
+            .fold(one(model), |price, fallback| price.max(one(fallback)))
     }
 
     /// An answer to `requested` came priced at `answered`: later requests for it reserve at it
@@ -951,13 +969,20 @@ impl Proxy {
         if let Err(e) = view.routing.check(model, outcome.api) {
             return self.fail(client, e, keep_alive, outcome).await;
         }
-        // The models it may go on to when every upstream serving its own failed, in order.
-        let fallbacks: &[String] = model
-            .and_then(|m| view.fallbacks.get(m))
-            .map_or(&[], Vec::as_slice);
-        let mut fallen_back = 0;
-        // The bodies naming the fallback model (with the usage asked for, where it was).
-        let mut fallback_bodies: Option<(Vec<u8>, Option<Vec<u8>>)> = None;
+        // The models a generation may go on to when no upstream serving its own is left (or
+        // up), in order; never an upload's, a job's or a free route's.
+        let generates = matches!(
+            outcome.route,
+            Route::ChatCompletions
+                | Route::Messages
+                | Route::Api(Billing::Usage(Billable::Generates))
+        );
+        let mut fallbacks = Fallbacks::new(
+            model
+                .filter(|_| generates)
+                .and_then(|m| view.fallbacks.get(m))
+                .map_or(&[], Vec::as_slice),
+        );
         // Asked twice, such a request costs nothing and changes nothing: a free route's, by an
         // idempotent method.
         let idempotent_and_free = outcome.route == Route::Api(Billing::Free)
@@ -977,28 +1002,28 @@ impl Proxy {
             let chosen = match same_upstream.take() {
                 Some(chosen) => chosen,
                 None => {
-                    let mut next = view.routing.next(model, outcome.api, &tried, now);
-                    // Every upstream serving the model was tried: its fallbacks', in order,
-                    // each with its own upstreams (one may serve both).
-                    while next.is_none() && fallen_back < fallbacks.len() {
-                        let fallback = fallbacks[fallen_back].as_str();
-                        fallen_back += 1;
-                        let Some(plain) = rewrite::with_model(&request.body, fallback) else {
+                    // An upstream of the model that is up; else one of its fallbacks', in order
+                    // (each with its own upstreams: one may serve both); else, as a last try,
+                    // one that is down.
+                    let mut next = view.routing.next_up(model, outcome.api, &tried, now);
+                    while next.is_none() {
+                        let Some(fallback) = fallbacks.advance(
+                            view,
+                            outcome.api,
+                            &request.body,
+                            &outgoing.with_usage,
+                        ) else {
                             break;
                         };
-                        let with_usage = outgoing
-                            .with_usage
-                            .as_ref()
-                            .and_then(|b| rewrite::with_model(b, fallback));
-                        fallback_bodies = Some((plain, with_usage));
                         model = Some(fallback);
                         if outcome.model.is_some() {
                             outcome.model = Some(fallback.to_string());
                         }
                         tried = Tried::default();
-                        tracing::debug!(model = fallback, "falling back to another model");
-                        next = view.routing.next(model, outcome.api, &tried, now);
+                        tracing::info!(model = fallback, "falling back to another model");
+                        next = view.routing.next_up(model, outcome.api, &tried, now);
                     }
+                    let next = next.or_else(|| view.routing.next(model, outcome.api, &tried, now));
                     match next {
                         Some(chosen) => {
                             tried.keys = 0;
@@ -1030,7 +1055,7 @@ impl Proxy {
                     Err(e) => break Err(e),
                 };
             // Strip the usage event only when Aura asked for it and the client did not.
-            let (plain, with_usage) = match &fallback_bodies {
+            let (plain, with_usage) = match &fallbacks.bodies {
                 Some((plain, with_usage)) => (plain.as_slice(), with_usage.as_deref()),
                 None => (request.body.as_slice(), outgoing.with_usage.as_deref()),
             };
@@ -1053,7 +1078,7 @@ impl Proxy {
                 self.buffers.give(bytes);
                 if outcome.attempts < view.routing.max_attempts
                     && (view.routing.has_next(model, outcome.api, &tried)
-                        || fallen_back < fallbacks.len())
+                        || fallbacks.ready(view, outcome.api, &request.body, &outgoing.with_usage))
                 {
                     last_error = Some(e);
                     continue;
@@ -1085,9 +1110,7 @@ impl Proxy {
                 && deadline.is_none_or(|d| d.saturating_duration_since(now) >= MIN_ATTEMPT_TIME);
             let elsewhere = more
                 && (view.routing.has_next(model, outcome.api, &tried)
-                    || fallbacks[fallen_back..]
-                        .iter()
-                        .any(|m| view.routing.check(Some(m), outcome.api).is_ok()));
+                    || fallbacks.ready(view, outcome.api, &request.body, &outgoing.with_usage));
             match result {
                 Ok((conn, head, buffered)) => {
                     let status = head.status.as_u16();
@@ -1936,6 +1959,71 @@ impl Proxy {
 /// The members of a set of upstreams (a bit each), in order.
 fn bits(set: u64) -> impl Iterator<Item = usize> {
     (0..64).filter(move |i| set & (1 << i) != 0)
+}
+
+/// A request's fallback models, and how far it went down them.
+struct Fallbacks<'a> {
+    models: &'a [String],
+    /// The next fallback to consider.
+    at: usize,
+    /// The next fallback that can be taken, with its bodies, made ready by `ready`.
+    prepared: Option<(&'a str, Bodies)>,
+    /// The bodies of the fallback taken: naming its model (with the usage asked for, where
+    /// the request's was).
+    bodies: Option<Bodies>,
+}
+
+type Bodies = (Vec<u8>, Option<Vec<u8>>);
+
+impl<'a> Fallbacks<'a> {
+    fn new(models: &'a [String]) -> Fallbacks<'a> {
+        Fallbacks {
+            models,
+            at: 0,
+            prepared: None,
+            bodies: None,
+        }
+    }
+
+    /// Whether a fallback can be taken: one some upstream serves for `api` and whose body can
+    /// name it (a body serde_json refuses cannot). Made ready for `advance`.
+    fn ready(
+        &mut self,
+        view: &'a View,
+        api: Api,
+        body: &[u8],
+        with_usage: &Option<Vec<u8>>,
+    ) -> bool {
+        while self.prepared.is_none() && self.at < self.models.len() {
+            let model = self.models[self.at].as_str();
+            self.at += 1;
+            if view.routing.check(Some(model), api).is_err() {
+                continue;
+            }
+            let Some(plain) = rewrite::with_model(body, model) else {
+                continue;
+            };
+            let usage = with_usage
+                .as_ref()
+                .and_then(|b| rewrite::with_model(b, model));
+            self.prepared = Some((model, (plain, usage)));
+        }
+        self.prepared.is_some()
+    }
+
+    /// Takes the next fallback that can be taken: its model (its bodies in `bodies`).
+    fn advance(
+        &mut self,
+        view: &'a View,
+        api: Api,
+        body: &[u8],
+        with_usage: &Option<Vec<u8>>,
+    ) -> Option<&'a str> {
+        self.ready(view, api, body, with_usage);
+        let (model, bodies) = self.prepared.take()?;
+        self.bodies = Some(bodies);
+        Some(model)
+    }
 }
 
 /// A budget's refusal, as the client hears it.

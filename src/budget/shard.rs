@@ -238,8 +238,9 @@ pub struct Shard {
     losses_seen: Cell<u64>,
     /// `close` has run: everything was billed and handed over.
     closed: Cell<bool>,
-    /// A flush under way hands back every lease's free part (`surrender`).
-    surrendering: Cell<bool>,
+    /// Every lease's free part is owed back to the store (`surrender`), until a flush hands
+    /// it over (one that cannot, with the store away, leaves it owed).
+    surrender_owed: Cell<bool>,
     /// The time as of the last `tick`.
     ticked: Cell<Ticked>,
 }
@@ -278,7 +279,7 @@ impl Shard {
             keys: RefCell::new(KeyIdMap::default()),
             waiters: RefCell::new(Vec::new()),
             closed: Cell::new(false),
-            surrendering: Cell::new(false),
+            surrender_owed: Cell::new(false),
             ticked: Cell::new(Ticked::read(settings.period, &settings.clock)),
             period: settings.period,
             clock: settings.clock,
@@ -749,7 +750,7 @@ impl Shard {
                     idle: lease.idle(now),
                     lapsing: self.lapsing(lease, now),
                     squeezed: lease.squeezed,
-                    surrendering: self.surrendering.get(),
+                    surrendering: self.surrender_owed.get(),
                     asking: lease.asking.is_some(),
                     refused_and_done: lease.refused && lease.in_flight == 0,
                     low: lease.last_grant > 0 && lease.free() < lease.last_grant / 4,
@@ -781,6 +782,10 @@ impl Shard {
             }
             ops
         };
+        if ops.is_empty() {
+            // Nothing held or owed: nothing to hand back.
+            self.surrender_owed.set(false);
+        }
         // The last flush always goes, even empty: the ledger learns this worker is done.
         if !ops.is_empty() || last {
             let taken = if last {
@@ -789,11 +794,13 @@ impl Shard {
                 self.ledger.submit(ops.clone())
             };
             let answers = match taken {
+                // Not taken: what is owed stays owed, for the next flush.
                 Submitted::Full => return,
                 Submitted::Applied(applied) => Some(applied),
                 Submitted::Queued => None,
             };
             self.commit(&ops, now);
+            self.surrender_owed.set(false);
             for (op, applied) in ops.into_iter().zip(answers.into_iter().flatten()) {
                 self.answer(op, applied);
             }
@@ -851,9 +858,8 @@ impl Shard {
     /// now, so the next request of each key is granted under its new limit; a key whose limit
     /// fell below its spend stops at once, not when its lease runs out.
     pub fn surrender(&self, now: Instant) {
-        self.surrendering.set(true);
+        self.surrender_owed.set(true);
         self.flush(now);
-        self.surrendering.set(false);
     }
 
     /// At shutdown: requests still in flight (past the grace) are billed what they reserved,
@@ -1917,6 +1923,111 @@ mod tests {
             let ask = ops.last().unwrap();
             assert!(ask.ask.is_some(), "{ops:?}");
             assert_eq!(ask.epoch, None, "the ask after the drop heard no epoch");
+        });
+        thread.finish(Instant::now() + Duration::from_secs(1));
+    }
+
+    struct Flaky {
+        inner: Arc<MemoryStore>,
+        down: std::sync::atomic::AtomicBool,
+    }
+    impl Store for Flaky {
+        fn apply(&self, ops: &[Op]) -> Result<Vec<Applied>, StoreError> {
+            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(StoreError::Unavailable("down".into()));
+            }
+            let mut applied = self.inner.apply(ops)?;
+            for (op, answer) in ops.iter().zip(applied.iter_mut()) {
+                answer.held = Some(self.inner.account(op.key).leased);
+            }
+            Ok(applied)
+        }
+        fn account(&self, key: KeyId) -> Result<Account, StoreError> {
+            Store::account(&*self.inner, key)
+        }
+        fn history(&self, key: KeyId) -> Result<Vec<PeriodSpend>, StoreError> {
+            self.inner.history(key)
+        }
+        fn set_limit(&self, key: KeyId, limit: u64) -> Result<Account, StoreError> {
+            self.inner.set_limit(key, limit)
+        }
+        fn reset(&self, key: KeyId) -> Result<Account, StoreError> {
+            self.inner.reset(key)
+        }
+        fn remove(&self, key: KeyId) -> Result<(), StoreError> {
+            self.inner.remove(key)
+        }
+        fn accounts(&self) -> Result<Vec<(KeyId, Account)>, StoreError> {
+            self.inner.accounts()
+        }
+        fn holds(&self, key: KeyId) -> Result<bool, StoreError> {
+            Store::holds(&*self.inner, key)
+        }
+        fn ping(&self) -> Result<(), StoreError> {
+            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(StoreError::Unavailable("down".into()));
+            }
+            Ok(())
+        }
+    }
+
+    /// A reload cut the key's limit while the store was away: the lease the worker held under
+    /// the old limit stays owed back, and goes back at the first flush that reaches the store,
+    /// so the key is held to its new limit from then on.
+    #[test]
+    fn a_surrender_owed_while_the_store_is_away_is_made_once_it_is_back() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let limits = Arc::new(KeyLimits::new(1_000_000, HashMap::new()));
+        let inner = Arc::new(MemoryStore::new(
+            limits.clone(),
+            Period::Never,
+            system_clock(),
+        ));
+        let flaky = Arc::new(Flaky {
+            inner: inner.clone(),
+            down: Default::default(),
+        });
+        let (thread, ledger, inbox) = remote(flaky.clone(), Duration::from_secs(30));
+        let mut s = settings("test/remote/0", 1);
+        s.limits = limits.clone();
+        let shard = std::rc::Rc::new(Shard::new(ledger, s));
+        runtime().block_on(async {
+            pump(&shard, inbox);
+            let first = shard.reserve(key(), 1_000).await.unwrap();
+            first.settle(1_000);
+            // The store goes down; a flush with spend finds it so.
+            flaky.down.store(true, SeqCst);
+            shard.flush(Instant::now());
+            for _ in 0..100 {
+                if !shard.ledger().reachable() {
+                    break;
+                }
+                monoio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert!(!shard.ledger().reachable());
+            // Reload: the limit is cut to 2_000 (1_000 spent), the worker surrenders.
+            limits.replace(2_000, HashMap::new());
+            shard.surrender(Instant::now());
+            // The store comes back; ordinary flushes go on.
+            flaky.down.store(false, SeqCst);
+            for _ in 0..300 {
+                if shard.ledger().reachable() {
+                    break;
+                }
+                monoio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert!(shard.ledger().reachable(), "store back");
+            shard.flush(Instant::now());
+            monoio::time::sleep(Duration::from_millis(100)).await;
+            shard.flush(Instant::now());
+            monoio::time::sleep(Duration::from_millis(100)).await;
+            // 100_000 more: far past the new limit of 2_000.
+            let more = shard.reserve(key(), 100_000).await;
+            assert!(
+                more.is_err(),
+                "admitted 100_000 under a limit of 2_000 with 1_000 spent: {:?}",
+                inner.account(key())
+            );
         });
         thread.finish(Instant::now() + Duration::from_secs(1));
     }
