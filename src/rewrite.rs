@@ -2,8 +2,7 @@
 //! the client's JSON body: one scan of the top-level object, then at most one insert or one patch.
 //! Every other byte is forwarded as sent (no re-serialisation: key order, spacing and numbers stay).
 //! Pure L0: no IO, clocks, globals or logging; depends on memchr, serde_json and nothing in Aura.
-//! (`with_model`, for a request falling back to another model, is the one rewrite that parses
-//! and writes the body again.)
+//! `with_model` (a request falling back to another model) replaces one value the same way.
 //! Client input never drives recursion: nested values are skipped iteratively, bounded by MAX_DEPTH.
 
 use std::ops::Range;
@@ -373,22 +372,43 @@ fn malformed(body: &[u8], at: usize, what: &'static str) -> RewriteError {
     }
 }
 
-/// The body with its top-level `model` replaced: for a request that falls back to another
-/// model once every upstream serving its own failed. A rare path, so the body is parsed and
-/// written again (key order and spacing may change); None when it is not a JSON object.
+/// The body with its top-level `model` value replaced by `model`, every other byte as sent: for
+/// a request that falls back to another model. None when the body is not one JSON object
+/// with a `model` member.
 pub fn with_model(body: &[u8], model: &str) -> Option<Vec<u8>> {
-    let mut value: serde_json::Value = serde_json::from_slice(body).ok()?;
-    let object = value.as_object_mut()?;
-    object.insert(
-        "model".to_string(),
-        serde_json::Value::String(model.to_string()),
-    );
-    serde_json::to_vec(&value).ok()
+    let open = skip_ws(body, 0);
+    if body.get(open) != Some(&b'{') {
+        return None;
+    }
+    let top = scan_object(body, open, 1).ok()?;
+    let value = top.get(body, b"model")?;
+    let name = serde_json::to_string(model).ok()?;
+    let mut out = Vec::with_capacity(body.len() + name.len());
+    out.extend_from_slice(&body[..value.start]);
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(&body[value.end..]);
+    Some(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fallback_model_replaces_the_model_and_nothing_else() {
+        let body = br#"{ "seed": 123456789012345678901, "model" : "gpt-4o", "x": "\ud83d" }"#;
+        let out = with_model(body, "gpt-4o-mini").unwrap();
+        assert_eq!(
+            out,
+            br#"{ "seed": 123456789012345678901, "model" : "gpt-4o-mini", "x": "\ud83d" }"#
+        );
+        assert_eq!(
+            with_model(br#"{"model":1}"#, "a\"b").unwrap(),
+            br#"{"model":"a\"b"}"#
+        );
+        assert!(with_model(br#"{"n":1}"#, "m").is_none());
+        assert!(with_model(b"[1]", "m").is_none());
+    }
     use serde_json::Value;
 
     fn req(stream: bool, asked: bool, model: Option<&str>, max: Option<u64>) -> ChatRequest {
