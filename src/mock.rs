@@ -246,6 +246,10 @@ struct Control {
     usage: Option<(u64, u64)>,
     /// Before the body's last chunk.
     end_delay: Duration,
+    /// Anthropic answers: cache writes and reads, and web searches, to report.
+    cache_write: u64,
+    cache_read: u64,
+    web_searches: u64,
 }
 
 impl Control {
@@ -275,6 +279,9 @@ impl Control {
             model: text(MODEL_HEADER).map(|m| Value::String(m.to_string()).to_string()),
             usage,
             end_delay: number(END_DELAY_MS_HEADER).map_or(Duration::ZERO, Duration::from_millis),
+            cache_write: number(CACHE_WRITE_HEADER).unwrap_or(0),
+            cache_read: number(CACHE_READ_HEADER).unwrap_or(0),
+            web_searches: number(WEB_SEARCHES_HEADER).unwrap_or(0),
         }
     }
 }
@@ -340,14 +347,7 @@ impl<S: AsyncWriteRent> Handler<S> for MockHandler {
         let control = Control::new(&request.head, &self.options);
         let drawn = self.fails().then_some(StatusCode::SERVICE_UNAVAILABLE);
         if let Some(status) = control.status.or(drawn) {
-            return server::write_json(
-                client,
-                status,
-                &error_body(status),
-                Reply::new(keep_alive),
-                TIMEOUTS.client_send,
-            )
-            .await;
+            return reply_json(client, status, &error_body(status), keep_alive).await;
         }
         let path = request.head.target.split('?').next().unwrap_or_default();
         let method = &request.head.method;
@@ -356,14 +356,7 @@ impl<S: AsyncWriteRent> Handler<S> for MockHandler {
         if *method == Method::POST && (chat || responses || path.ends_with("/v1/completions")) {
             let Ok(json) = serde_json::from_slice::<Value>(&request.body) else {
                 let body = openai_error("mock: request body is not JSON", "invalid_request_error");
-                return server::write_json(
-                    client,
-                    StatusCode::BAD_REQUEST,
-                    &body,
-                    Reply::new(keep_alive),
-                    TIMEOUTS.client_send,
-                )
-                .await;
+                return reply_json(client, StatusCode::BAD_REQUEST, &body, keep_alive).await;
             };
             let prompt = prompt_tokens(&request.body);
             return if chat {
@@ -375,14 +368,7 @@ impl<S: AsyncWriteRent> Handler<S> for MockHandler {
         }
         if *method == Method::POST && path.ends_with("/v1/messages/count_tokens") {
             let body = anthropic::count_tokens(prompt_tokens(&request.body));
-            return server::write_json(
-                client,
-                StatusCode::OK,
-                &body,
-                Reply::new(keep_alive),
-                TIMEOUTS.client_send,
-            )
-            .await;
+            return reply_json(client, StatusCode::OK, &body, keep_alive).await;
         }
         if *method == Method::POST && path.ends_with("/v1/messages") {
             return self.messages(&request, &control, keep_alive, client).await;
@@ -415,14 +401,7 @@ impl<S: AsyncWriteRent> Handler<S> for MockHandler {
             (StatusCode::OK, echo(&request))
         };
         sleep(control.delay).await;
-        server::write_json(
-            client,
-            status,
-            &body,
-            Reply::new(keep_alive),
-            TIMEOUTS.client_send,
-        )
-        .await
+        reply_json(client, status, &body, keep_alive).await
     }
 }
 
@@ -442,14 +421,7 @@ impl MockHandler {
         if request.get("stream") != Some(&Value::Bool(true)) {
             sleep(control.delay).await;
             let answer = self.completion(control.chunks, model, (prompt_tokens, completion_tokens));
-            return server::write_json(
-                client,
-                StatusCode::OK,
-                &answer,
-                Reply::new(keep_alive),
-                TIMEOUTS.client_send,
-            )
-            .await;
+            return reply_json(client, StatusCode::OK, &answer, keep_alive).await;
         }
         let asked = request.pointer("/stream_options/include_usage") == Some(&Value::Bool(true));
         let usage =
@@ -469,29 +441,14 @@ impl MockHandler {
     ) -> Persist {
         let Ok(json) = serde_json::from_slice::<Value>(&request.body) else {
             let body = anthropic::error("invalid_request_error", "mock: body is not JSON");
-            return server::write_json(
-                client,
-                StatusCode::BAD_REQUEST,
-                &body,
-                Reply::new(keep_alive),
-                TIMEOUTS.client_send,
-            )
-            .await;
-        };
-        let count = |name: &str| -> u64 {
-            request
-                .head
-                .headers
-                .get(name)
-                .and_then(|v| v.to_str().ok()?.trim().parse().ok())
-                .unwrap_or(0)
+            return reply_json(client, StatusCode::BAD_REQUEST, &body, keep_alive).await;
         };
         let usage = anthropic::MessagesUsage {
             input: prompt_tokens(&request.body),
-            cache_write: count(CACHE_WRITE_HEADER),
-            cache_read: count(CACHE_READ_HEADER),
+            cache_write: control.cache_write,
+            cache_read: control.cache_read,
             output: control.chunks as u64,
-            web_searches: count(WEB_SEARCHES_HEADER),
+            web_searches: control.web_searches,
         };
         let asked = json
             .get("model")
@@ -504,14 +461,7 @@ impl MockHandler {
         if json.get("stream") != Some(&Value::Bool(true)) {
             sleep(control.delay).await;
             let body = anthropic::message(&model, control.chunks, usage);
-            return server::write_json(
-                client,
-                StatusCode::OK,
-                &body,
-                Reply::new(keep_alive),
-                TIMEOUTS.client_send,
-            )
-            .await;
+            return reply_json(client, StatusCode::OK, &body, keep_alive).await;
         }
         let events = anthropic::stream_events(&model, control.chunks, usage);
         write_stream(&events, control, keep_alive, client).await
@@ -539,12 +489,11 @@ impl MockHandler {
                           "total_tokens": prompt + completion},
             });
             sleep(control.delay).await;
-            return server::write_json(
+            return reply_json(
                 client,
                 StatusCode::OK,
                 answer.to_string().as_bytes(),
-                Reply::new(keep_alive),
-                TIMEOUTS.client_send,
+                keep_alive,
             )
             .await;
         }
@@ -563,14 +512,7 @@ impl MockHandler {
         if request.get("stream") != Some(&Value::Bool(true)) {
             sleep(control.delay).await;
             let answer = response("completed", usage).to_string();
-            return server::write_json(
-                client,
-                StatusCode::OK,
-                answer.as_bytes(),
-                Reply::new(keep_alive),
-                TIMEOUTS.client_send,
-            )
-            .await;
+            return reply_json(client, StatusCode::OK, answer.as_bytes(), keep_alive).await;
         }
         let event =
             |kind: &str, data: Value| format!("event: {kind}\ndata: {data}\n\n").into_bytes();
@@ -594,6 +536,23 @@ impl MockHandler {
 
 /// Writes a streamed answer: the head, then each event as a chunk, `control.delay` apart (and
 /// cut short at `control.reset_after`).
+/// A JSON answer on `client`'s connection.
+async fn reply_json<S: AsyncWriteRent>(
+    client: &mut S,
+    status: StatusCode,
+    body: &[u8],
+    keep_alive: bool,
+) -> Persist {
+    server::write_json(
+        client,
+        status,
+        body,
+        Reply::new(keep_alive),
+        TIMEOUTS.client_send,
+    )
+    .await
+}
+
 async fn write_stream<S: AsyncWriteRent>(
     events: &[Vec<u8>],
     control: &Control,

@@ -168,15 +168,10 @@ impl Routing {
         tried: &Tried,
         now: Instant,
     ) -> Option<usize> {
-        // Not tried yet. (A client's own key may go to any upstream serving its model, on a
-        // retry as on a first attempt: in passthrough mode that is the config's choice, and
-        // Aura warns of it at start.)
-        let untried = self.candidates(model, api) & !tried.upstreams;
-        let available = bits(untried)
-            .filter(|&i| self.upstreams[i].available(now))
-            .fold(0, |set, i| set | 1 << i);
-        let pool = if available == 0 { untried } else { available };
-        self.picker.pick_set(&self.models, pool)
+        self.next_up(model, api, tried, now).or_else(|| {
+            let untried = self.candidates(model, api) & !tried.upstreams;
+            self.picker.pick_set(&self.models, untried)
+        })
     }
 
     /// The next upstream for `model` among those up now only: none when every untried one is
@@ -188,6 +183,9 @@ impl Routing {
         tried: &Tried,
         now: Instant,
     ) -> Option<usize> {
+        // Not tried yet. (A client's own key may go to any upstream serving its model, on a
+        // retry as on a first attempt: in passthrough mode that is the config's choice, and
+        // Aura warns of it at start.)
         let untried = self.candidates(model, api) & !tried.upstreams;
         let available = bits(untried)
             .filter(|&i| self.upstreams[i].available(now))
@@ -434,8 +432,8 @@ struct Outcome<'p> {
     head_only: bool,
     /// The upstream it went to (its last attempt's), by name.
     upstream: Option<&'p str>,
-    /// Its index in the routing table.
-    upstream_index: Option<usize>,
+    /// The upstream whose answer went to the client (none: Aura answered itself).
+    answered_by: Option<&'p str>,
     /// Upstreams tried.
     attempts: u32,
     /// The API it speaks: its upstreams, and the shape of Aura's own errors to it.
@@ -469,7 +467,7 @@ impl<'p> Outcome<'p> {
             abandoned: false,
             head_only: false,
             upstream: None,
-            upstream_index: None,
+            answered_by: None,
             attempts: 0,
             api: Api::OpenAi,
             attempt_sent: false,
@@ -892,33 +890,28 @@ impl Proxy {
             bounds.max_tokens,
             1,
         );
+        let price = &admission.price;
         if bounds.expands {
             // The body bounds nothing: the model's whole context window is reserved (a million
-            // tokens only where the client asked for them), at the dearest input price.
+            // tokens only where the client asked for them).
             let wide = request
                 .head
                 .headers
                 .get_all("anthropic-beta")
                 .iter()
                 .any(|v| v.to_str().is_ok_and(|v| v.contains("context-1m")));
-            let window = admission.price.max_input_tokens.unwrap_or(200_000);
+            let window = price.max_input_tokens.unwrap_or(200_000);
             let window = if wide { window } else { window.min(200_000) };
-            let completion = bounds
-                .max_tokens
-                .or(admission.price.max_output_tokens)
-                .unwrap_or(self.default_max_output_tokens);
-            let prompt = window.max(request.body.len() as u64);
-            admission.estimate = admission
-                .estimate
-                .max(admission.price.upper_bound_nano(prompt, completion));
+            let whole = estimate::context_window_estimate(
+                price,
+                window,
+                request.body.len(),
+                bounds.max_tokens,
+                self.default_max_output_tokens,
+            );
+            admission.estimate = admission.estimate.max(whole);
         }
-        let searches = bounds.web_searches.saturating_mul(
-            admission
-                .price
-                .units
-                .per_web_search_nano
-                .unwrap_or(pricing::WEB_SEARCH_NANO),
-        );
+        let searches = estimate::web_searches_cost(&admission.price, bounds.web_searches);
         admission.estimate = admission.estimate.saturating_add(searches);
         if let Err(e) = self.admit(&request, admission, outcome).await {
             return self.fail(client, e, keep_alive, outcome).await;
@@ -1145,7 +1138,7 @@ impl Proxy {
                     }
                     self.metrics
                         .record_attempt(&upstream.name, AttemptOutcome::Answered);
-                    outcome.upstream_index = Some(chosen);
+                    outcome.answered_by = Some(upstream.name.as_str());
                     break Ok((upstream, counted, conn, head, buffered, strip_usage_event));
                 }
                 Err(e) => {
@@ -1747,9 +1740,7 @@ impl Proxy {
             cost_nano: charge.map_or(0, |c| c.cost_nano),
             default_price: charge.is_some_and(|c| c.matched == Match::Default),
             billed: charge.map(|c| (c.key, c.model)),
-            upstream: outcome
-                .upstream_index
-                .map(|_| outcome.upstream.unwrap_or_default()),
+            upstream: outcome.answered_by,
             ttft: outcome.ttft,
         });
         log_access(outcome, charge, error, started);

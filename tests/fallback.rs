@@ -154,11 +154,8 @@ fn rate_limiting(refused: &'static str) -> Scripted {
         let auth = asked.header("authorization").unwrap_or_default();
         if auth.contains(refused) {
             let body = r#"{"error":{"message":"slow down","type":"rate_limit_error"}}"#;
-            let answer = format!(
-                "HTTP/1.1 429 Too Many Requests\r\nretry-after: 30\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-                body.len()
-            );
-            scripted::send(stream, answer.as_bytes());
+            let answer = scripted::json_error("429 Too Many Requests", "retry-after: 30\r\n", body);
+            scripted::send(stream, &answer);
         } else {
             scripted::send(stream, &scripted::json_answer("from-first"));
         }
@@ -368,21 +365,8 @@ fn a_write_the_upstream_never_takes_ends_at_the_deadline(driver: Driver) {
     );
 }
 
-/// An upstream that answers every request 503, overloaded.
-fn overloaded() -> Scripted {
-    misbehaving(|_, stream| {
-        let body = r#"{"error":{"message":"overloaded"}}"#;
-        let answer = format!(
-            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        scripted::send(stream, answer.as_bytes());
-        Then::Next
-    })
-}
-
 fn a_503_falls_back_and_the_request_is_billed_once(driver: Driver) {
-    let first = overloaded();
+    let first = scripted::overloaded();
     let good = start_mock(MockOptions::default());
     let path = config("503", driver, &first.url(), "", &good.url());
     let aura = launch(&path, driver, &[]);
@@ -487,11 +471,8 @@ fn attempts_stop_at_max_attempts_and_the_last_answer_is_relayed(driver: Driver) 
     let asked = |status: u16| {
         misbehaving(move |_, stream| {
             let body = format!(r#"{{"error":{{"message":"status {status}"}}}}"#);
-            let answer = format!(
-                "HTTP/1.1 {status} Nope\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-                body.len()
-            );
-            scripted::send(stream, answer.as_bytes());
+            let answer = scripted::json_error(&format!("{status} Nope"), "", &body);
+            scripted::send(stream, &answer);
             Then::Next
         })
     };
@@ -515,7 +496,7 @@ fn attempts_stop_at_max_attempts_and_the_last_answer_is_relayed(driver: Driver) 
 /// gpt-4o-mini, to the upstream serving that, its body naming the model it now asks for (the
 /// usage still asked for in its stream), and it is billed as the model that answered.
 fn a_model_whose_upstreams_all_fail_falls_back_to_another_model(driver: Driver) {
-    let big = overloaded();
+    let big = scripted::overloaded();
     let small = start_mock(MockOptions::default());
     let table = |fallbacks: &str| {
         format!(

@@ -14,18 +14,6 @@ use common::billing::{bearer, wait_for_spend};
 use common::scripted::{self, Asked, Scripted, Then};
 use common::{start_mock, Driver, Launch, MockOptions, CHAT};
 
-fn overloaded() -> Scripted {
-    Scripted::start(|_: &Asked, stream: &mut TcpStream| {
-        let body = r#"{"error":{"message":"overloaded"}}"#;
-        let answer = format!(
-            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        scripted::send(stream, answer.as_bytes());
-        Then::Next
-    })
-}
-
 fn launch(path: &Path) -> common::Aura {
     Launch::new("", Driver::Epoll)
         .workers(1)
@@ -62,7 +50,7 @@ fn two(
 /// answer: no fallback model applies to it.
 #[test]
 fn a_transcription_keeps_its_upstreams_503() {
-    let big = overloaded();
+    let big = scripted::overloaded();
     let small = start_mock(MockOptions::default());
     let path = two(
         "multipart",
@@ -100,7 +88,7 @@ fn a_transcription_keeps_its_upstreams_503() {
 /// an integer past 64 bits that a JSON parser writing it again would round.
 #[test]
 fn a_fallback_body_is_the_clients_but_for_its_model() {
-    let big = overloaded();
+    let big = scripted::overloaded();
     let small = start_mock(MockOptions::default());
     let path = two(
         "surrogate",
@@ -133,7 +121,7 @@ fn a_fallback_body_is_the_clients_but_for_its_model() {
 /// A fine-tuning job its upstream turned away (503) is never created on a fallback model.
 #[test]
 fn a_job_is_never_created_on_a_fallback_model() {
-    let big = overloaded();
+    let big = scripted::overloaded();
     let small = start_mock(MockOptions::default());
     let path = two(
         "ft",

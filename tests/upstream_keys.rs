@@ -19,6 +19,33 @@ on_both_drivers!(
     a_client_cannot_steer_the_operators_key,
 );
 
+/// Aura with virtual key `sk-aura-team` and one upstream at `url` serving every model with the
+/// pool `keys` (a TOML list), on one worker.
+fn pooled(name: &str, driver: Driver, url: &str, keys: &str) -> common::Aura {
+    let text = format!(
+        r#"
+        key_mode = "virtual"
+        [keys.team]
+        key = "sk-aura-team"
+        [[upstreams]]
+        name = "p"
+        url = "{url}"
+        models = ["*"]
+        keys = {keys}
+        "#
+    );
+    one_worker(&write_config(name, driver, &text), driver)
+}
+
+/// Aura with one worker (the pool's turn and its keys' rests are a worker's own) on `path`.
+fn one_worker(path: &std::path::Path, driver: Driver) -> common::Aura {
+    Launch::new("", driver)
+        .workers(1)
+        .arg("--config")
+        .arg(path.to_str().unwrap())
+        .start()
+}
+
 fn write_config(name: &str, driver: Driver, text: &str) -> PathBuf {
     common::config_file(&format!("upstream-keys-{name}-{driver:?}"), text)
 }
@@ -127,36 +154,18 @@ fn a_key_the_provider_refuses_is_rested(driver: Driver) {
     let upstream = Scripted::start(|asked, stream| {
         if asked.header("authorization").as_deref() == Some("bearer sk-revoked") {
             let body = r#"{"error":{"message":"Incorrect API key","code":"invalid_api_key"}}"#;
-            let answer = format!(
-                "HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-                body.len()
-            );
-            scripted::send(stream, answer.as_bytes());
+            scripted::send(stream, &scripted::json_error("401 Unauthorized", "", body));
         } else {
             scripted::send(stream, &scripted::json_answer("ok"));
         }
         Then::Next
     });
-    let text = format!(
-        r#"
-        key_mode = "virtual"
-        [keys.team]
-        key = "sk-aura-team"
-
-        [[upstreams]]
-        name = "p"
-        url = "{}"
-        models = ["*"]
-        keys = ["sk-revoked", "sk-valid"]
-        "#,
-        upstream.url()
+    let aura = pooled(
+        "refused",
+        driver,
+        &upstream.url(),
+        r#"["sk-revoked", "sk-valid"]"#,
     );
-    let path = write_config("refused", driver, &text);
-    let aura = Launch::new("", driver)
-        .workers(1)
-        .arg("--config")
-        .arg(path.to_str().unwrap())
-        .start();
     let auth = [("authorization", "Bearer sk-aura-team")];
     let statuses: Vec<u16> = (0..6).map(|_| ask(&aura, &auth, "m").status).collect();
     // The first request went with the refused key, and on with the next; from then on only
@@ -180,32 +189,15 @@ fn a_key_the_provider_refuses_is_rested(driver: Driver) {
 fn every_key_refused_is_auras_502(driver: Driver) {
     let upstream = Scripted::start(|_, stream| {
         let body = r#"{"error":{"message":"Incorrect API key provided: sk-proj-****abcd","code":"invalid_api_key"}}"#;
-        let answer = format!(
-            "HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        scripted::send(stream, answer.as_bytes());
+        scripted::send(stream, &scripted::json_error("401 Unauthorized", "", body));
         Then::Next
     });
-    let text = format!(
-        r#"
-        key_mode = "virtual"
-        [keys.team]
-        key = "sk-aura-team"
-        [[upstreams]]
-        name = "p"
-        url = "{}"
-        models = ["*"]
-        keys = ["sk-one", "sk-two"]
-        "#,
-        upstream.url()
+    let aura = pooled(
+        "all-refused",
+        driver,
+        &upstream.url(),
+        r#"["sk-one", "sk-two"]"#,
     );
-    let path = write_config("all-refused", driver, &text);
-    let aura = Launch::new("", driver)
-        .workers(1)
-        .arg("--config")
-        .arg(path.to_str().unwrap())
-        .start();
     let r = ask(&aura, &[("authorization", "Bearer sk-aura-team")], "m");
     assert_eq!(r.status, 502, "{}", r.text());
     assert_eq!(r.json()["error"]["code"], "upstream_keys_refused");

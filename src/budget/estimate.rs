@@ -33,6 +33,30 @@ pub fn upper_estimate(
     price.upper_bound_nano(body_bytes as u64, completion)
 }
 
+/// What a Messages request whose input Anthropic expands (a fetched document, a server tool's
+/// results) may cost: its model's context window of `window` tokens in (every body byte a
+/// token, when more), `max_tokens` out (else the model's output limit, else `cap`).
+pub fn context_window_estimate(
+    price: &Price,
+    window: u64,
+    body_bytes: usize,
+    max_tokens: Option<u64>,
+    cap: u64,
+) -> u64 {
+    let completion = max_tokens.or(price.max_output_tokens).unwrap_or(cap);
+    price.upper_bound_nano(window.max(body_bytes as u64), completion)
+}
+
+/// What `searches` web searches cost at the model's price per search (Anthropic's where it
+/// has none).
+pub fn web_searches_cost(price: &Price, searches: u64) -> u64 {
+    let each = price
+        .units
+        .per_web_search_nano
+        .unwrap_or(crate::pricing::WEB_SEARCH_NANO);
+    searches.saturating_mul(each)
+}
+
 /// The most output tokens one generated image can take (gpt-image-1 at high quality and its
 /// largest size: 6,240, plus partial images).
 pub const IMAGE_OUTPUT_TOKENS: u64 = 6_600;

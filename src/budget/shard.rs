@@ -1730,6 +1730,8 @@ mod tests {
         epoch: Option<Epoch>,
         /// Every op applied, in order.
         seen: std::sync::Mutex<Vec<Op>>,
+        /// Unreachable while set: every call fails.
+        down: std::sync::atomic::AtomicBool,
     }
 
     impl Reporting {
@@ -1742,12 +1744,21 @@ mod tests {
                 gated: Default::default(),
                 epoch: None,
                 seen: Default::default(),
+                down: Default::default(),
             }
+        }
+
+        fn unreachable(&self) -> Result<(), StoreError> {
+            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(StoreError::Unavailable("down".into()));
+            }
+            Ok(())
         }
     }
 
     impl Store for Reporting {
         fn apply(&self, ops: &[Op]) -> Result<Vec<Applied>, StoreError> {
+            self.unreachable()?;
             use std::sync::atomic::Ordering::SeqCst;
             if self.gated.load(SeqCst) {
                 drop(self.gate.lock());
@@ -1785,6 +1796,9 @@ mod tests {
         }
         fn holds(&self, key: KeyId) -> Result<bool, StoreError> {
             Store::holds(&*self.inner, key)
+        }
+        fn ping(&self) -> Result<(), StoreError> {
+            self.unreachable()
         }
     }
 
@@ -1927,50 +1941,6 @@ mod tests {
         thread.finish(Instant::now() + Duration::from_secs(1));
     }
 
-    struct Flaky {
-        inner: Arc<MemoryStore>,
-        down: std::sync::atomic::AtomicBool,
-    }
-    impl Store for Flaky {
-        fn apply(&self, ops: &[Op]) -> Result<Vec<Applied>, StoreError> {
-            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
-                return Err(StoreError::Unavailable("down".into()));
-            }
-            let mut applied = self.inner.apply(ops)?;
-            for (op, answer) in ops.iter().zip(applied.iter_mut()) {
-                answer.held = Some(self.inner.account(op.key).leased);
-            }
-            Ok(applied)
-        }
-        fn account(&self, key: KeyId) -> Result<Account, StoreError> {
-            Store::account(&*self.inner, key)
-        }
-        fn history(&self, key: KeyId) -> Result<Vec<PeriodSpend>, StoreError> {
-            self.inner.history(key)
-        }
-        fn set_limit(&self, key: KeyId, limit: u64) -> Result<Account, StoreError> {
-            self.inner.set_limit(key, limit)
-        }
-        fn reset(&self, key: KeyId) -> Result<Account, StoreError> {
-            self.inner.reset(key)
-        }
-        fn remove(&self, key: KeyId) -> Result<(), StoreError> {
-            self.inner.remove(key)
-        }
-        fn accounts(&self) -> Result<Vec<(KeyId, Account)>, StoreError> {
-            self.inner.accounts()
-        }
-        fn holds(&self, key: KeyId) -> Result<bool, StoreError> {
-            Store::holds(&*self.inner, key)
-        }
-        fn ping(&self) -> Result<(), StoreError> {
-            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
-                return Err(StoreError::Unavailable("down".into()));
-            }
-            Ok(())
-        }
-    }
-
     /// A reload cut the key's limit while the store was away: the lease the worker held under
     /// the old limit stays owed back, and goes back at the first flush that reaches the store,
     /// so the key is held to its new limit from then on.
@@ -1983,10 +1953,7 @@ mod tests {
             Period::Never,
             system_clock(),
         ));
-        let flaky = Arc::new(Flaky {
-            inner: inner.clone(),
-            down: Default::default(),
-        });
+        let flaky = Arc::new(Reporting::new(inner.clone(), false));
         let (thread, ledger, inbox) = remote(flaky.clone(), Duration::from_secs(30));
         let mut s = settings("test/remote/0", 1);
         s.limits = limits.clone();

@@ -79,17 +79,12 @@ impl KeyPool {
     /// The next key in turn that is not resting; every key resting, the one whose rest ends
     /// first. None: the pool is empty.
     pub fn pick(&self, now: Instant) -> Option<usize> {
-        let n = self.keys.len();
-        if n == 0 {
-            return None;
-        }
-        let start = self.next.get() % n;
-        let chosen = (0..n)
-            .map(|i| (start + i) % n)
-            .find(|&i| self.keys[i].health.available(now))
-            .or_else(|| (0..n).min_by_key(|&i| self.keys[i].health.rests_until().unwrap_or(now)))?;
-        self.next.set(chosen + 1);
-        Some(chosen)
+        self.pick_untried(now, 0).or_else(|| {
+            let soonest = (0..self.keys.len())
+                .min_by_key(|&i| self.keys[i].health.rests_until().unwrap_or(now))?;
+            self.next.set(soonest + 1);
+            Some(soonest)
+        })
     }
 }
 

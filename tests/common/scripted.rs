@@ -121,6 +121,25 @@ pub fn json_answer(id: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// A JSON error answer: `status` is the status line's code and reason (`503 Service
+/// Unavailable`), `headers` any more head lines, each ended by `\r\n`.
+pub fn json_error(status: &str, headers: &str, body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 {status}\r\n{headers}content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// An upstream that answers every request 503, overloaded.
+pub fn overloaded() -> Scripted {
+    Scripted::start(|_, stream| {
+        let body = r#"{"error":{"message":"overloaded"}}"#;
+        send(stream, &json_error("503 Service Unavailable", "", body));
+        Then::Next
+    })
+}
+
 /// Writes `bytes` and flushes; a client that left is no failure of the script.
 pub fn send(stream: &mut TcpStream, bytes: &[u8]) {
     let _ = stream.write_all(bytes);
