@@ -239,7 +239,7 @@ fn budget(c: &mut Criterion) {
     use aura::budget::journal::Journal;
     use aura::budget::shard::{Shard, ShardSettings};
     use aura::budget::store::{system_clock, MemoryStore};
-    use aura::budget::KeyLimits;
+    use aura::budget::{KeyLimits, LimitTable};
     use aura::config::Period;
     use aura::pricing::MAX_LIMIT_NANO;
     use aura::pricing::{Price, PriceTable};
@@ -248,11 +248,12 @@ fn budget(c: &mut Criterion) {
     use std::sync::Arc;
     use std::time::Instant;
 
-    let store = Arc::new(MemoryStore::new(
-        Arc::new(KeyLimits::new(MAX_LIMIT_NANO, HashMap::new())),
+    let limits = Arc::new(KeyLimits::of_table(LimitTable::keys(
+        MAX_LIMIT_NANO,
         Period::Daily,
-        system_clock(),
-    ));
+        HashMap::new(),
+    )));
+    let store = Arc::new(MemoryStore::new(limits.clone(), system_clock()));
     let journal_dir =
         std::env::temp_dir().join(format!("aura-bench-journal-{}", std::process::id()));
     let journal = Arc::new(Journal::open(&journal_dir).expect("a journal directory"));
@@ -263,9 +264,8 @@ fn budget(c: &mut Criterion) {
                 holder: aura::budget::Holder::from("bench/0"),
                 workers: 2,
                 fail_open: true,
-                period: Period::Daily,
                 clock: system_clock(),
-                limits: Arc::new(KeyLimits::new(MAX_LIMIT_NANO, HashMap::new())),
+                limits: limits.clone(),
                 squeeze_wait: std::time::Duration::ZERO,
                 journal: journal
                     .map(|j| j.worker(aura::budget::Holder::from("bench/0"), "bench-w0")),

@@ -345,13 +345,15 @@ mod tests {
             KeyEntry {
                 alias: "team-a".into(),
                 key: Secret::new("sk-aura-a"),
-                limit_dollars: None,
+                limits: Default::default(),
+                team: None,
                 upstream_key: Some(Secret::new("sk-proj-up")),
             },
             KeyEntry {
                 alias: "team-b".into(),
                 key: Secret::new("sk-aura-b"),
-                limit_dollars: Some(1.0),
+                limits: Default::default(),
+                team: None,
                 upstream_key: None,
             },
         ];

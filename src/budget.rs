@@ -17,5 +17,8 @@ pub mod op;
 pub mod shard;
 pub mod store;
 
-pub use op::{Account, Applied, Ask, Holder, KeyLimits, Op, PeriodSpend, Settlement, Spend};
+pub use op::{
+    Account, Accounts, Applied, Ask, Budget, Holder, KeyLimits, LimitTable, Meter, Op, PeriodSpend,
+    Settlement, Spend,
+};
 pub use shard::{Refusal, Reservation, Shard};

@@ -12,6 +12,7 @@ use std::time::Duration;
 use crate::pricing::{self, Price};
 use crate::runtime::io_driver::{IoDriver, IoSettings, RingFlags};
 
+pub mod governance;
 pub mod print;
 pub mod tables;
 pub mod upstreams;
@@ -342,6 +343,8 @@ pub struct Budgets {
     pub period: Period,
     /// The `[keys]` table of the config file.
     pub keys: Vec<KeyEntry>,
+    /// The `[teams]` table of the config file.
+    pub teams: Vec<governance::TeamEntry>,
     /// The `[prices]` table of the config file: over the built-in table and the price file.
     pub prices: Vec<PriceEntry>,
     pub store: StoreKind,
@@ -386,9 +389,12 @@ pub enum KeyMode {
 }
 
 /// When spend starts again from zero.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Period {
+    #[default]
     Never,
+    /// At each whole minute (rate limits).
+    Minute,
     /// At 00:00 UTC.
     Daily,
     /// At 00:00 UTC on the 1st.
@@ -839,6 +845,7 @@ impl Parser<'_> {
                     Period::Never,
                 ),
                 keys: Vec::new(),
+                teams: Vec::new(),
                 prices: Vec::new(),
                 store: StoreKind::Memory,
                 fail_open: self.choice("store_failure", &[("open", true), ("closed", false)], true),

@@ -137,6 +137,7 @@ impl<S: AsyncReadRent + AsyncWriteRent> Handler<S> for ControlPlane {
                     client,
                     &error,
                     &error.body(),
+                    &[],
                     reply,
                     self.timeouts.client_send,
                 )

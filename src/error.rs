@@ -44,13 +44,27 @@ pub enum Error {
     #[error("missing or wrong admin token")]
     AdminToken,
     #[error(
-        "budget exhausted: this key has ${:.6} left of its limit and this request may cost up to ${:.6}; lower max_tokens or raise the key's limit",
+        "budget exhausted: the {budget} has ${:.6} left and this request may cost up to ${:.6}; lower max_tokens or raise the limit",
         *remaining_nano as f64 / 1e9,
         *estimate_nano as f64 / 1e9
     )]
     BudgetExhausted {
+        /// Which budget refused: `key "alice" daily budget`, `team "research" monthly budget`.
+        budget: String,
         remaining_nano: u64,
         estimate_nano: u64,
+    },
+    /// A rate limit (requests or tokens per minute, requests in flight) is reached.
+    #[error(
+        "rate limit reached: the {limit} of {allowed} is used up; try again in {retry_after_secs}s"
+    )]
+    RateLimited {
+        /// Which limit: `key "alice" requests per minute`.
+        limit: String,
+        /// OpenAI's error type: `requests` or `tokens`.
+        kind: &'static str,
+        allowed: u64,
+        retry_after_secs: u64,
     },
     /// The budget store cannot be reached and `store_failure` is closed (or a store read failed).
     #[error("the budget store is unavailable; try again shortly")]
@@ -108,6 +122,7 @@ impl Error {
             | Error::InvalidKey
             | Error::AdminToken
             | Error::BudgetExhausted { .. }
+            | Error::RateLimited { .. }
             | Error::MethodNotAllowed { .. }
             | Error::ClientTimeout
             | Error::ClientSendTimeout
@@ -137,6 +152,7 @@ impl Error {
             Error::NotFound(_) | Error::ModelNotFound(_) => StatusCode::NOT_FOUND,
             Error::MissingKey | Error::InvalidKey | Error::AdminToken => StatusCode::UNAUTHORIZED,
             Error::BudgetExhausted { .. } => StatusCode::PAYMENT_REQUIRED,
+            Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Error::ClientTimeout | Error::ClientSendTimeout | Error::ClientGone => {
                 StatusCode::REQUEST_TIMEOUT
@@ -153,9 +169,12 @@ impl Error {
 
     /// The OpenAI error `type` clients switch on.
     pub fn openai_type(&self) -> &'static str {
-        if let Error::BudgetExhausted { .. } = self {
+        match self {
             // OpenAI's own type for a spent quota, which SDKs and clients already know.
-            return "insufficient_quota";
+            Error::BudgetExhausted { .. } => return "insufficient_quota",
+            // OpenAI's: what ran out, `requests` or `tokens`.
+            Error::RateLimited { kind, .. } => return kind,
+            _ => {}
         }
         match self.fault() {
             Fault::Client => "invalid_request_error",
@@ -182,6 +201,7 @@ impl Error {
             Error::InvalidKey => "invalid_api_key",
             Error::AdminToken => "invalid_admin_token",
             Error::BudgetExhausted { .. } => "insufficient_quota",
+            Error::RateLimited { .. } => "rate_limit_exceeded",
             Error::MethodNotAllowed { .. } => "method_not_allowed",
             Error::ClientTimeout => "client_timeout",
             Error::ClientSendTimeout => "client_send_timeout",
@@ -221,6 +241,7 @@ impl Error {
             403 => "permission_error",
             404 => "not_found_error",
             413 | 431 => "request_too_large",
+            429 => "rate_limit_error",
             504 => "timeout_error",
             500..=599 => "api_error",
             _ => "invalid_request_error",
@@ -261,11 +282,22 @@ mod tests {
             (Error::InvalidKey, 401, "authentication_error"),
             (
                 Error::BudgetExhausted {
+                    budget: "key budget".into(),
                     remaining_nano: 1,
                     estimate_nano: 2,
                 },
                 402,
                 "billing_error",
+            ),
+            (
+                Error::RateLimited {
+                    limit: "key \"a\" requests per minute".into(),
+                    kind: "requests",
+                    allowed: 60,
+                    retry_after_secs: 7,
+                },
+                429,
+                "rate_limit_error",
             ),
             (Error::UnpricedRoute("x".into()), 403, "permission_error"),
             (Error::NotFound("x".into()), 404, "not_found_error"),
@@ -315,11 +347,22 @@ mod tests {
             (Error::MissingKey, 401, "invalid_request_error"),
             (
                 Error::BudgetExhausted {
+                    budget: "key budget".into(),
                     remaining_nano: 1,
                     estimate_nano: 2,
                 },
                 402,
                 "insufficient_quota",
+            ),
+            (
+                Error::RateLimited {
+                    limit: "key \"a\" requests per minute".into(),
+                    kind: "requests",
+                    allowed: 60,
+                    retry_after_secs: 7,
+                },
+                429,
+                "requests",
             ),
             (Error::Internal("x".into()), 500, "server_error"),
         ];

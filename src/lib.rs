@@ -16,6 +16,7 @@ pub mod config;
 // L1: per-worker state.
 pub mod budget;
 pub mod buffers;
+pub mod governance;
 pub mod metrics;
 // L2/L3/L4: IO.
 pub mod admin;

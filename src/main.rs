@@ -72,6 +72,7 @@ fn load() -> Result<(Config, bool), String> {
     }
     let mut config = config::resolve(&layers).map_err(|e| e.to_string())?;
     config.budgets.keys = tables.keys;
+    config.budgets.teams = tables.teams;
     config.budgets.prices = tables.prices;
     if config.demo && !tables.upstreams.is_empty() {
         return Err(

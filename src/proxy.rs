@@ -7,6 +7,7 @@
 
 pub mod billing;
 mod outbound;
+mod rates;
 pub use outbound::deployment_name;
 pub mod relay;
 
@@ -26,6 +27,7 @@ use crate::buffers::BufPool;
 use crate::config::upstreams::Api;
 use crate::config::{Config, KeyMode, Limits, Period, Secret, Timeouts};
 use crate::error::Error;
+use crate::governance::Governance;
 use crate::http::{self as h1, ResponseHead};
 use crate::metrics::{self, Registry};
 use crate::net::{self, Timed};
@@ -41,6 +43,7 @@ use crate::upstream::{Conn, Upstream};
 use crate::usage::Usage;
 use billing::Bill;
 use outbound::Credential;
+use rates::{RateHeaders, Rates};
 use relay::{BodyKind, Drains, Relay, RelayEnd};
 use std::rc::Rc;
 
@@ -294,6 +297,7 @@ pub struct View {
     /// `[fallbacks]`: model → the models its requests go on to.
     pub fallbacks: HashMap<String, Vec<String>>,
     pub directory: Arc<Directory>,
+    pub governance: Arc<Governance>,
     pub prices: Arc<PriceTable>,
     /// Per model asked for, the price answers to it came at when more than it reserved at.
     answered_as: std::cell::RefCell<HashMap<String, Price>>,
@@ -329,6 +333,7 @@ impl View {
             routing,
             fallbacks: config.fallbacks.iter().cloned().collect(),
             directory: live.directory.clone(),
+            governance: live.governance.clone(),
             prices: live.prices.clone(),
             answered_as: std::cell::RefCell::new(HashMap::new()),
         })
@@ -390,6 +395,8 @@ const MAX_LEARNED_MODELS: usize = 256;
 /// What a request reserves, and what its bill needs.
 struct Admission {
     estimate: u64,
+    /// Prompt and completion tokens it may use at most (for tokens-per-minute limits).
+    tokens: u64,
     /// The model asked for.
     model: Option<String>,
     choices: u64,
@@ -444,6 +451,8 @@ struct Outcome<'p> {
     deadline_cut: bool,
     /// Reservations of attempts given up on after they reached their upstream, charged.
     given_up_nano: u64,
+    /// A rate-limited key's `x-ratelimit-*` headers, for its answer.
+    rate_headers: Option<RateHeaders>,
 }
 
 impl<'p> Outcome<'p> {
@@ -473,6 +482,7 @@ impl<'p> Outcome<'p> {
             attempt_sent: false,
             deadline_cut: false,
             given_up_nano: 0,
+            rate_headers: None,
         }
     }
 
@@ -598,17 +608,26 @@ impl Proxy {
         outcome: &mut Outcome<'p>,
     ) -> Result<(), Error> {
         let key = self.authorize(request, outcome)?;
-        outcome
-            .view
-            .routing
+        let view = outcome.view;
+        view.routing
             .check(admission.model.as_deref(), outcome.api)?;
+        let charges = view.governance.charges(key);
+        let admitted =
+            Rates::admit(&self.budget, &view.governance, &charges, admission.tokens).await;
+        if charges.rate_limited() {
+            // Refused or not, the answer tells where the key stands.
+            outcome.rate_headers = RateHeaders::of(&self.budget, &view.governance, &charges);
+        }
+        let rates = admitted?;
         let reservation = self
             .budget
-            .reserve(key, admission.estimate)
+            .reserve_all(charges.dollars, admission.estimate)
             .await
-            .map_err(refusal_error)?;
+            .map_err(|refusal| refusal_error(refusal, &view.governance))?;
         outcome.bill = Some(Bill {
             reservation,
+            rates,
+            tokens: admission.tokens,
             request_bytes: request.body.len() as u64,
             choices: admission.choices,
             requested: admission.model,
@@ -632,15 +651,17 @@ impl Proxy {
         // Only a generation may fall back to another model.
         let falls_back = kind == Billable::Generates;
         let price = self.reserving(view, model.unwrap_or(""), falls_back);
+        let upper = estimate::upper_estimate(
+            &price,
+            kind,
+            request.body.len(),
+            max_tokens,
+            choices,
+            self.default_max_output_tokens,
+        );
         Admission {
-            estimate: estimate::upper_estimate(
-                &price,
-                kind,
-                request.body.len(),
-                max_tokens,
-                choices,
-                self.default_max_output_tokens,
-            ),
+            estimate: upper.nano,
+            tokens: upper.tokens,
             model: model.map(str::to_owned),
             choices,
             price,
@@ -685,6 +706,8 @@ impl Proxy {
         };
         Some(Admission {
             estimate,
+            // Priced by the image, character or second: no tokens to count.
+            tokens: 0,
             model: bounds.model,
             choices: bounds.images,
             price,
@@ -749,8 +772,15 @@ impl Proxy {
             Err(e) => return self.fail(client, e, keep_alive, outcome).await,
         };
         let key = auth::credential(&request.head.headers).unwrap_or_default();
-        let account = match self.budget.ledger().call(move |s| s.account(id)).await {
-            Ok(account) => account,
+        let accounts = outcome.view.governance.charges(id).dollars;
+        let read = move |s: &dyn budget::store::Store| {
+            accounts
+                .iter()
+                .map(|account| s.account(account))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let totals = match self.budget.ledger().call(read).await {
+            Ok(totals) => totals,
             Err(e) => {
                 tracing::warn!(error = %e, "usage: budget store unavailable");
                 return self
@@ -758,12 +788,25 @@ impl Proxy {
                     .await;
             }
         };
-        let body = serde_json::json!({
+        let own = totals.first().copied().unwrap_or_default();
+        let now = self.budget.unix_now();
+        let budgets: Vec<serde_json::Value> = accounts
+            .iter()
+            .zip(&totals)
+            .filter_map(|(id, account)| {
+                let info = outcome.view.governance.account(id)?;
+                Some(crate::governance::standing_json(info, account, now))
+            })
+            .collect();
+        let mut body = serde_json::json!({
             "api_key": auth::mask(key),
-            "limit_dollars": pricing::nano_to_dollars(account.limit),
-            "usage_dollars": pricing::nano_to_dollars(account.spent),
-            "remaining_dollars": pricing::nano_to_dollars(account.remaining()),
+            "limit_dollars": pricing::nano_to_dollars(own.limit),
+            "usage_dollars": pricing::nano_to_dollars(own.spent),
+            "remaining_dollars": pricing::nano_to_dollars(own.remaining()),
         });
+        if !budgets.is_empty() {
+            body["budgets"] = serde_json::Value::Array(budgets);
+        }
         outcome.status = Some(StatusCode::OK);
         server::write_json(
             client,
@@ -910,6 +953,9 @@ impl Proxy {
                 self.default_max_output_tokens,
             );
             admission.estimate = admission.estimate.max(whole);
+            let out = bounds.max_tokens.or(price.max_output_tokens);
+            let out = out.unwrap_or(self.default_max_output_tokens);
+            admission.tokens = admission.tokens.max(window.saturating_add(out));
         }
         let searches = estimate::web_searches_cost(&admission.price, bounds.web_searches);
         admission.estimate = admission.estimate.saturating_add(searches);
@@ -1170,6 +1216,10 @@ impl Proxy {
             Err(e) => return self.fail(client, e, keep_alive, outcome).await,
         };
         outcome.status = Some(head.status);
+        let mut head = head;
+        if let Some(rate_headers) = &outcome.rate_headers {
+            rate_headers.replace_in(&mut head.headers);
+        }
         let framing = match h1::response_framing(&request.head.method, &head) {
             Ok(framing) => framing,
             Err(e) => return self.fail(client, e, keep_alive, outcome).await,
@@ -1219,8 +1269,8 @@ impl Proxy {
         let Some(bill) = outcome.bill.as_mut() else {
             return Ok(());
         };
-        let (key, amount) = (bill.reservation.key(), bill.reservation.amount_nano());
-        match self.budget.reserve(key, amount).await {
+        let (accounts, amount) = (bill.reservation.accounts(), bill.reservation.amount_nano());
+        match self.budget.reserve_all(accounts, amount).await {
             Ok(fresh) => {
                 let given_up = std::mem::replace(&mut bill.reservation, fresh);
                 given_up.settle(amount);
@@ -1229,7 +1279,7 @@ impl Proxy {
             }
             Err(refusal) => {
                 outcome.abandoned = true;
-                Err(refusal_error(refusal))
+                Err(refusal_error(refusal, &outcome.view.governance))
             }
         }
     }
@@ -1346,7 +1396,7 @@ impl Proxy {
             Err(_) => {
                 // Some of it may have gone: it counts as sent.
                 if let Some(bill) = outcome.bill.as_mut() {
-                    bill.reservation.mark_sent();
+                    bill.mark_sent();
                 }
                 outcome.attempt_sent = true;
                 outcome.deadline_cut = cut;
@@ -1358,7 +1408,7 @@ impl Proxy {
         }
         // From now on the upstream may be generating (and billing) an answer.
         if let Some(bill) = outcome.bill.as_mut() {
-            bill.reservation.mark_sent();
+            bill.mark_sent();
         }
         outcome.attempt_sent = true;
         if let Sent::Part = written {
@@ -1431,10 +1481,12 @@ impl Proxy {
             Api::OpenAi => error.body(),
             Api::Anthropic => error.anthropic_body(),
         };
+        let rate_headers = outcome.rate_headers.map(|h| h.pairs()).unwrap_or_default();
         let written = server::write_error(
             client,
             &error,
             &body,
+            &rate_headers,
             outcome.reply(keep_alive),
             self.timeouts.client_send,
         )
@@ -1755,6 +1807,13 @@ impl Proxy {
             return;
         };
         let status = outcome.status.map(|s| s.as_u16());
+        let tokens_used = match &outcome.usage {
+            Some(usage) => usage.prompt_tokens.saturating_add(usage.completion_tokens),
+            // No usage: what it reserved, if it may have been answered at all.
+            None if outcome.status.is_some_and(|s| s.is_success()) => bill.tokens,
+            None => 0,
+        };
+        bill.rates.settle(tokens_used.min(self.max_usage_tokens));
         if matches!(status, Some(401 | 403)) {
             bill.reservation.settle_refused_key();
             return;
@@ -2017,13 +2076,17 @@ impl<'a> Fallbacks<'a> {
     }
 }
 
-/// A budget's refusal, as the client hears it.
-fn refusal_error(refusal: Refusal) -> Error {
+/// A budget's refusal, as the client hears it: which budget refused, and what it has left.
+fn refusal_error(refusal: Refusal, governance: &Governance) -> Error {
     match refusal {
         Refusal::Denied {
+            account,
             remaining_nano,
             estimate_nano,
         } => Error::BudgetExhausted {
+            budget: governance
+                .account(account)
+                .map_or_else(|| "key's budget".to_string(), |a| a.describe()),
             remaining_nano,
             estimate_nano,
         },

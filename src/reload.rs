@@ -15,10 +15,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::auth::{Directory, KeyId};
-use crate::budget::op::KeyLimits;
+use crate::budget::op::{KeyLimits, LimitTable};
 use crate::config::{Config, Secret, UpstreamEntry};
+use crate::governance::Governance;
 use crate::metrics::Registry;
-use crate::pricing::{dollars_to_nano, PriceTable};
+use crate::pricing::PriceTable;
 use crate::runtime::{load_prices, StartError};
 use crate::upstream::{tls_configs, Resolver, Upstream};
 
@@ -30,6 +31,8 @@ pub struct Live {
     pub resolvers: Vec<Resolver>,
     pub tls: Vec<Option<Arc<rustls::ClientConfig>>>,
     pub directory: Arc<Directory>,
+    /// Teams, calendar windows and rate limits: what each key's requests are charged to.
+    pub governance: Arc<Governance>,
     pub prices: Arc<PriceTable>,
 }
 
@@ -57,7 +60,14 @@ impl Live {
         let directory =
             Arc::new(Directory::new(budgets.key_mode, &budgets.keys).upstreams_keyed(keyed));
         let prices = Arc::new(load_prices(config)?);
+        let governance = Arc::new(Governance::new(
+            budgets.default_limit_nano,
+            budgets.period,
+            &budgets.keys,
+            &budgets.teams,
+        ));
         Ok(Live {
+            governance,
             config: config.clone(),
             routes,
             resolvers,
@@ -67,15 +77,18 @@ impl Live {
         })
     }
 
-    /// The default limit and each configured key's own.
-    pub fn limits(&self) -> (u64, HashMap<KeyId, u64>) {
-        let budgets = &self.config.budgets;
-        let per_key = budgets
-            .keys
-            .iter()
-            .filter_map(|k| Some((KeyId::of(k.key.expose()), dollars_to_nano(k.limit_dollars?))))
-            .collect();
-        (budgets.default_limit_nano, per_key)
+    /// Every budget the store enforces: keys' own, windows, teams', rate limits.
+    pub fn limits(&self) -> LimitTable {
+        self.governance.limits()
+    }
+
+    /// The labels metrics show for key ids: keys' aliases, and every other money account's.
+    pub fn labels(&self) -> HashMap<KeyId, String> {
+        let mut labels = self.directory.aliases();
+        for (id, label) in self.governance.labels() {
+            labels.entry(id).or_insert(label);
+        }
+        labels
     }
 }
 
@@ -107,7 +120,7 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(live: Live, limits: Arc<KeyLimits>, registry: Arc<Registry>) -> Arc<Shared> {
-        registry.set_aliases(live.directory.aliases());
+        registry.set_aliases(live.labels());
         Arc::new(Shared {
             generation: AtomicU64::new(0),
             started: live.config.clone(),
@@ -173,9 +186,8 @@ impl Shared {
         match result {
             Ok(live) => {
                 let restart = restart_only_changes(&self.started, &live.config);
-                let (default, per_key) = live.limits();
-                self.limits.replace(default, per_key);
-                self.registry.set_aliases(live.directory.aliases());
+                self.limits.replace(live.limits());
+                self.registry.set_aliases(live.labels());
                 let reloaded = Reloaded {
                     generation: self.generation() + 1,
                     upstreams: live.routes.iter().map(|r| r.name.clone()).collect(),

@@ -27,7 +27,7 @@ use crate::budget::shard::{Shard, ShardSettings};
 use crate::budget::store::valkey::{self, ValkeyStore};
 use crate::budget::store::{system_clock, Clock, MemoryStore, Store};
 use crate::budget::Holder;
-use crate::config::{Config, Limits, Period, ProcessEnv, StoreKind, Timeouts, ValkeySettings};
+use crate::config::{Config, Limits, ProcessEnv, StoreKind, Timeouts, ValkeySettings};
 use crate::control::ControlPlane;
 use crate::cut::CutSignal;
 use crate::metrics::{self, Registry};
@@ -165,8 +165,7 @@ pub fn start(config: &Config, resolvers: Vec<Resolver>) -> Result<Running, Start
     }
     let registry = Registry::new(listeners.len());
     let budgets = &config.budgets;
-    let (default_limit, per_key) = live.limits();
-    let limits = Arc::new(KeyLimits::new(default_limit, per_key));
+    let limits = Arc::new(KeyLimits::of_table(live.limits()));
     let shared = Shared::new(live, limits.clone(), registry.clone());
     let shard_count = listeners.len();
     let clock = system_clock();
@@ -189,11 +188,7 @@ pub fn start(config: &Config, resolvers: Vec<Resolver>) -> Result<Running, Start
     let (ledger, mut ledgers, journal): (_, Vec<(Ledger, Option<Inbox>)>, _) = match &budgets.store
     {
         StoreKind::Memory => {
-            let store: Arc<dyn Store> = Arc::new(MemoryStore::new(
-                limits.clone(),
-                budgets.period,
-                clock.clone(),
-            ));
+            let store: Arc<dyn Store> = Arc::new(MemoryStore::new(limits.clone(), clock.clone()));
             let inline = (0..shard_count)
                 .map(|_| (Ledger::Inline(store.clone()), None))
                 .collect();
@@ -203,7 +198,6 @@ pub fn start(config: &Config, resolvers: Vec<Resolver>) -> Result<Running, Start
             let (thread, handles, journal) = start_ledger(
                 settings,
                 limits.clone(),
-                budgets.period,
                 clock.clone(),
                 shard_count,
                 Holder::from(format!("{node}/ledger")),
@@ -368,7 +362,6 @@ fn run_worker(
                 holder: budget.holder,
                 workers: budget.shards,
                 fail_open: budget.fail_open,
-                period: config.budgets.period,
                 clock: budget.clock,
                 limits: budget.limits,
                 // Holders hand back unused lease at their next flush; a refused request waits
@@ -541,7 +534,6 @@ type LedgerParts = (LedgerThread, Vec<(Ledger, Inbox)>, Arc<Journal>);
 fn start_ledger(
     settings: &ValkeySettings,
     limits: Arc<KeyLimits>,
-    period: Period,
     clock: Clock,
     workers: usize,
     holder: Holder,
@@ -550,8 +542,7 @@ fn start_ledger(
         None => ValkeyStore::new(
             settings.url.expose(),
             settings.timeout,
-            limits,
-            period,
+            limits.clone(),
             clock.clone(),
         ),
         Some(path) => {
@@ -568,8 +559,7 @@ fn start_ledger(
                 settings.url.expose(),
                 pem,
                 settings.timeout,
-                limits,
-                period,
+                limits.clone(),
                 clock.clone(),
             )
         }
@@ -583,10 +573,12 @@ fn start_ledger(
     let (segments, unreadable) = journal
         .leftovers()
         .map_err(|e| StartError::Journal(journal::JournalError::Dir(dir.clone(), e)))?;
-    let mut replay = journal::plan_replay(segments, period_of(period, clock()));
+    let now = clock();
+    let mut replay = journal::plan_replay(segments, &|key| period_of(limits.window(key), now));
     replay.unreadable = unreadable;
     let legacy = &settings.legacy_journal;
-    let legacy_ops = journal::legacy::read(legacy, period_of(period, clock()))
+    // The legacy journal knew only keys' own limits, all in one window.
+    let legacy_ops = journal::legacy::read(legacy, period_of(limits.budget_window(), now))
         .map_err(|e| StartError::Journal(journal::JournalError::Legacy(e)))?;
     if let Some(ops) = legacy_ops {
         tracing::info!(
@@ -606,7 +598,7 @@ fn start_ledger(
         lease_ttl: valkey::LEASE_TTL,
         journal: Some(journal.clone()),
         replay,
-        period,
+        limits,
         clock,
         fsync_every: settings.fsync_every,
         holder,

@@ -85,6 +85,7 @@ where
                     &mut stream,
                     &error,
                     &error.body(),
+                    &[],
                     reply,
                     timeouts.client_send,
                 )
@@ -125,24 +126,34 @@ impl<H: Handler<S>, S> Drop for Receiving<'_, H, S> {
 }
 
 /// Writes an error response, `body` (the error in its API's shape), with `Allow` for a 405,
-/// within `within`; whether it was written.
+/// `Retry-After` for a 429, and `extra` headers, within `within`; whether it was written.
 pub async fn write_error<S: AsyncWriteRent>(
     stream: &mut S,
     error: &Error,
     body: &[u8],
+    extra: &[(&str, String)],
     reply: Reply,
     within: Duration,
 ) -> bool {
     let mut out = Vec::with_capacity(256);
-    let allow = match error {
-        Error::MethodNotAllowed { allow } => Some(("allow", allow.as_bytes())),
-        _ => None,
-    };
+    let retry_after;
+    let mut headers: Vec<(&str, &[u8])> = Vec::new();
+    match error {
+        Error::MethodNotAllowed { allow } => headers.push(("allow", allow.as_bytes())),
+        Error::RateLimited {
+            retry_after_secs, ..
+        } => {
+            retry_after = retry_after_secs.to_string();
+            headers.push(("retry-after", retry_after.as_bytes()));
+        }
+        _ => {}
+    }
+    headers.extend(extra.iter().map(|(name, value)| (*name, value.as_bytes())));
     h1::write_simple_response(
         error.status(),
         "application/json",
         body,
-        allow.as_slice(),
+        &headers,
         reply,
         &mut out,
     );

@@ -16,7 +16,6 @@
 #[macro_use]
 mod common;
 
-use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,7 +24,7 @@ use aura::auth::KeyId;
 use common::billing::*;
 use common::load::{is_subset_sum, mock_costs, Got, Load, Rng, Sent};
 use common::valkey::{journal_dir, on_valkey, spent_fields, StallingRelay, Valkey};
-use common::{raw_stream_request, CHAT, WHOLE};
+use common::{at_time, raw_stream_request, CHAT, WHOLE};
 use common::{sample, scrape_until, start_mock, Aura, Driver, Launch, MockOptions, MockUpstream};
 
 /// A whole chat completion bounded by `max_tokens`: its estimate fits a small limit.
@@ -802,25 +801,6 @@ fn admin_reads_write_nothing_and_never_hold_up_a_lease_ask(driver: Driver) {
 }
 
 // --- periods, with the node's clock moved by libfaketime ---
-
-/// libfaketime's preload library (Debian's `faketime` package, which scripts/test installs).
-fn libfaketime() -> PathBuf {
-    let found = std::fs::read_dir("/usr/lib")
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.path().join("faketime/libfaketime.so.1"))
-        .find(|p| p.exists());
-    found.expect("libfaketime is not installed: run scripts/test (it installs Debian's faketime)")
-}
-
-/// A node whose clock starts at `at` (UTC, `YYYY-MM-DD hh:mm:ss`) and runs from there.
-fn at_time(launch: Launch, at: &str) -> Launch {
-    launch
-        .env("LD_PRELOAD", libfaketime().to_str().unwrap())
-        .env("FAKETIME", &format!("@{at}"))
-        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
-        .env("TZ", "UTC")
-}
 
 /// 2026-01-31 as a day number, and the day after.
 const DAY: u64 = 20_484;

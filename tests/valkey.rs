@@ -16,7 +16,6 @@ use aura::auth::KeyId;
 use aura::budget::store::valkey::ValkeyStore;
 use aura::budget::store::{system_clock, Store, StoreError};
 use aura::budget::{Ask, Holder, KeyLimits, Op, Settlement, Spend};
-use aura::config::Period;
 use common::billing::*;
 use common::valkey::{journal_dir, on_valkey, Valkey, ValkeyCluster};
 use common::{
@@ -47,7 +46,6 @@ fn store(valkey: &Valkey, limit: u64) -> ValkeyStore {
         &valkey.url(),
         Duration::from_secs(2),
         limits(limit, &[]),
-        Period::Never,
         system_clock(),
     )
     .unwrap()
@@ -225,7 +223,6 @@ fn admin_operations_and_configured_limits() {
         &valkey.url(),
         Duration::from_secs(2),
         limits(1_000, &[(configured, 99)]),
-        Period::Never,
         system_clock(),
     )
     .unwrap();
@@ -274,7 +271,6 @@ fn on_a_cluster_one_batch_reaches_every_slot_and_every_node_is_listed() {
         &cluster.url(),
         Duration::from_secs(2),
         limits(1_000_000, &[]),
-        Period::Never,
         system_clock(),
     )
     .unwrap();

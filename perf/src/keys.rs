@@ -16,7 +16,7 @@ use aura::budget::ledger::Ledger;
 use aura::budget::shard::{Shard, ShardSettings, IDLE_RETURN};
 use aura::budget::store::valkey::ValkeyStore;
 use aura::budget::store::{system_clock, MemoryStore, Store};
-use aura::budget::{Holder, KeyLimits, Op, Spend};
+use aura::budget::{Holder, KeyLimits, LimitTable, Op, Spend};
 use aura::config::Period;
 
 use crate::procstat;
@@ -67,19 +67,18 @@ fn rss() -> u64 {
 
 /// Bytes resident after `count` keys that spent, and after `count` keys refused.
 fn memory_store(count: usize) -> std::io::Result<(u64, u64)> {
-    let limits = Arc::new(KeyLimits::new(1_000_000_000, HashMap::new()));
-    let store = Arc::new(MemoryStore::new(
-        limits.clone(),
+    let limits = Arc::new(KeyLimits::of_table(LimitTable::keys(
+        1_000_000_000,
         Period::Daily,
-        system_clock(),
-    ));
+        HashMap::new(),
+    )));
+    let store = Arc::new(MemoryStore::new(limits.clone(), system_clock()));
     let shard = Shard::new(
         Ledger::Inline(store),
         ShardSettings {
             holder: Holder::from("perf/0"),
             workers: 1,
             fail_open: true,
-            period: Period::Daily,
             clock: system_clock(),
             limits,
             squeeze_wait: Duration::ZERO,
@@ -118,8 +117,11 @@ fn valkey(server: &Path, dir: &Path, accounts: usize) -> std::io::Result<(u64, u
     let store = ValkeyStore::new(
         &format!("redis://{}/", target.addr),
         Duration::from_secs(5),
-        Arc::new(KeyLimits::new(1_000_000_000, HashMap::new())),
-        Period::Daily,
+        Arc::new(KeyLimits::of_table(LimitTable::keys(
+            1_000_000_000,
+            Period::Daily,
+            HashMap::new(),
+        ))),
         system_clock(),
     )
     .map_err(std::io::Error::other)?;

@@ -22,7 +22,7 @@ pub fn upper_estimate(
     max_tokens: Option<u64>,
     choices: u64,
     cap: u64,
-) -> u64 {
+) -> Upper {
     let completion = match kind {
         Billable::Embeds => 0,
         Billable::Generates => max_tokens
@@ -30,7 +30,18 @@ pub fn upper_estimate(
             .unwrap_or(cap)
             .saturating_mul(choices.max(1)),
     };
-    price.upper_bound_nano(body_bytes as u64, completion)
+    Upper {
+        nano: price.upper_bound_nano(body_bytes as u64, completion),
+        tokens: (body_bytes as u64).saturating_add(completion),
+    }
+}
+
+/// A request's upper bounds: its cost, and the tokens it may use (prompt and completion, for
+/// tokens-per-minute limits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Upper {
+    pub nano: u64,
+    pub tokens: u64,
 }
 
 /// What a Messages request whose input Anthropic expands (a fetched document, a server tool's
@@ -243,25 +254,25 @@ mod tests {
         let mut price = Price::per_million(1.0, 2.0, 1.0);
         // 1000 bytes × 1e6 pico + 10 × 2e6 pico.
         assert_eq!(
-            upper_estimate(&price, Billable::Generates, 1000, Some(10), 1, 4096),
+            upper_estimate(&price, Billable::Generates, 1000, Some(10), 1, 4096).nano,
             1_020_000
         );
         // Three choices of up to 10 tokens each.
         assert_eq!(
-            upper_estimate(&price, Billable::Generates, 1000, Some(10), 3, 4096),
+            upper_estimate(&price, Billable::Generates, 1000, Some(10), 3, 4096).nano,
             1_060_000
         );
         assert_eq!(
-            upper_estimate(&price, Billable::Generates, 0, None, 1, 4096),
+            upper_estimate(&price, Billable::Generates, 0, None, 1, 4096).nano,
             8_192_000
         );
         price.max_output_tokens = Some(100);
         assert_eq!(
-            upper_estimate(&price, Billable::Generates, 0, None, 1, 4096),
+            upper_estimate(&price, Billable::Generates, 0, None, 1, 4096).nano,
             200_000
         );
         assert_eq!(
-            upper_estimate(&price, Billable::Embeds, 1000, Some(10), 1, 4096),
+            upper_estimate(&price, Billable::Embeds, 1000, Some(10), 1, 4096).nano,
             1_000_000
         );
     }

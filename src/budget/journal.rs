@@ -245,7 +245,8 @@ pub struct Replay {
 /// with its sequence number (an op that spans periods has one record per period), oldest
 /// first; the last op of each key closes the holder's lease on it, and a key with only a lease
 /// record gets a close of its own (sequence 0: nothing to apply, only the close).
-pub fn plan_replay(segments: Vec<Segment>, period: u64) -> Replay {
+/// `period`: the period each key's window is in now.
+pub fn plan_replay(segments: Vec<Segment>, period: &dyn Fn(KeyId) -> u64) -> Replay {
     let mut replay = Replay::default();
     let mut by_holder: BTreeMap<String, Vec<Segment>> = BTreeMap::new();
     for segment in segments {
@@ -297,6 +298,7 @@ pub fn plan_replay(segments: Vec<Segment>, period: u64) -> Replay {
         }
         for (key, ops) in spends {
             let first = replay.ops.len();
+            let period = period(key);
             for (seq, spend) in ops {
                 let mut op = Op::new(holder.clone(), seq, key, period);
                 op.settle.spent = spend;
@@ -638,7 +640,7 @@ fn read_segments(dir: &Path) -> io::Result<(Vec<Segment>, Vec<PathBuf>)> {
 /// (for operators and tests: what is on disk now).
 pub fn inspect(dir: &Path, period: u64) -> io::Result<Replay> {
     let (segments, unreadable) = read_segments(dir)?;
-    let mut replay = plan_replay(segments, period);
+    let mut replay = plan_replay(segments, &|_| period);
     replay.unreadable = unreadable;
     Ok(replay)
 }
@@ -843,7 +845,7 @@ mod tests {
                     spend(9, 1, 6, 2),
                 ],
             )],
-            6,
+            &|_| 6,
         );
         assert_eq!(replay.files.len(), 1);
         let mut got = summary(&replay);
@@ -879,7 +881,7 @@ mod tests {
                     spend(5, 2, 5, 40),
                 ],
             )],
-            5,
+            &|_| 5,
         );
         let ops: Vec<(u64, KeyId, u64)> = replay
             .ops
@@ -906,7 +908,7 @@ mod tests {
             vec![spend(2, 1, 5, 15), Record::SnapshotEnd, spend(3, 1, 5, 1)],
         );
         let torn = segment("n/b/0", 3, true, vec![spend(3, 1, 5, 16)]);
-        let replay = plan_replay(vec![old.clone(), complete.clone(), torn], 5);
+        let replay = plan_replay(vec![old.clone(), complete.clone(), torn], &|_| 5);
         assert_eq!(
             summary(&replay)
                 .into_iter()
@@ -917,7 +919,7 @@ mod tests {
         assert_eq!(replay.files.len(), 3, "every file goes once replayed");
         // A rotation cut short: only the old segment counts.
         let torn = segment("n/b/0", 2, true, vec![spend(2, 1, 5, 15)]);
-        let replay = plan_replay(vec![old, torn], 5);
+        let replay = plan_replay(vec![old, torn], &|_| 5);
         assert_eq!(
             summary(&replay)
                 .into_iter()

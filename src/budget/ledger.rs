@@ -30,10 +30,9 @@ use futures_channel::{mpsc as async_mpsc, oneshot};
 use serde::Serialize;
 
 use super::journal::{Journal, Replay};
-use super::op::{period_of, Account, Applied, Epoch, Holder, Op, PeriodSpend, Restore};
+use super::op::{period_of, Account, Applied, Epoch, Holder, KeyLimits, Op, PeriodSpend, Restore};
 use super::store::{Clock, Store, StoreError};
 use crate::auth::KeyId;
-use crate::config::Period;
 
 /// Messages a worker may have queued for the thread before it must merge instead.
 const CHANNEL_DEPTH: usize = 1024;
@@ -407,7 +406,8 @@ pub struct LedgerSettings {
     pub journal: Option<Arc<Journal>>,
     /// An earlier run's journal, to apply first.
     pub replay: Replay,
-    pub period: Period,
+    /// Each account's window (the period its spend is of).
+    pub limits: Arc<KeyLimits>,
     pub clock: Clock,
     pub fsync_every: Duration,
     /// The thread's own name in the store (for the ops that re-establish spend after a loss).
@@ -476,7 +476,7 @@ impl LedgerThread {
             heard_at: Instant::now()
                 .checked_sub(PING_EVERY)
                 .unwrap_or_else(Instant::now),
-            period: settings.period,
+            limits: settings.limits,
             clock: settings.clock,
             fsync_every: settings.fsync_every,
             synced_at: Instant::now(),
@@ -548,7 +548,7 @@ struct Thread {
     pruned_at: Instant,
     /// When the store last answered (or was last asked while idle).
     heard_at: Instant,
-    period: Period,
+    limits: Arc<KeyLimits>,
     clock: Clock,
     fsync_every: Duration,
     synced_at: Instant,
@@ -638,8 +638,9 @@ impl Thread {
         }
     }
 
-    fn period_now(&self) -> u64 {
-        period_of(self.period, (self.clock)())
+    /// The period of the account's window the clock is in.
+    fn period_now(&self, key: KeyId) -> u64 {
+        period_of(self.limits.window(key), (self.clock)())
     }
 
     /// Queues an earlier run's journal ahead of everything else.
@@ -885,13 +886,13 @@ impl Thread {
             keys = known.len(),
             "BUDGET STORE LOST ITS DATA (restarted without persistence, or flushed): spend, leases and admin limits were gone; re-establishing what this node knows. Configure Valkey persistence (appendonly yes) to avoid this"
         );
-        let period = self.period_now();
         for (key, account, known_period, epoch) in known {
             // Applied only where the account's epoch is no longer the one heard: accounts the
             // store kept are left as they are.
             let Some(epoch) = epoch else {
                 continue;
             };
+            let period = self.period_now(key);
             self.next_seq += 1;
             let mut op = Op::new(self.holder.clone(), self.next_seq, key, period);
             op.epoch = Some(epoch);
@@ -1012,15 +1013,12 @@ impl SetAside {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::budget::op::{Ask, KeyLimits, Spend};
+    use crate::budget::op::{Ask, Spend};
     use crate::budget::store::{system_clock, MemoryStore};
 
     fn thread(workers: usize) -> (Thread, Vec<Inbox>) {
-        let store = Arc::new(MemoryStore::new(
-            Arc::new(KeyLimits::new(1_000_000, HashMap::new())),
-            Period::Never,
-            system_clock(),
-        ));
+        let limits = Arc::new(KeyLimits::new(1_000_000, HashMap::new()));
+        let store = Arc::new(MemoryStore::new(limits.clone(), system_clock()));
         let (senders, receivers): (Vec<_>, Vec<_>) =
             (0..workers).map(|_| async_mpsc::unbounded()).unzip();
         let thread = Thread {
@@ -1037,7 +1035,7 @@ mod tests {
             last_known: Arc::new(LastKnown::default()),
             pruned_at: Instant::now(),
             heard_at: Instant::now(),
-            period: Period::Never,
+            limits,
             clock: system_clock(),
             fsync_every: Duration::from_secs(1),
             synced_at: Instant::now(),

@@ -11,23 +11,83 @@ use crate::config::Period;
 /// Budget periods of spend a store keeps before the current one (shown by the admin API).
 pub const HISTORY_PERIODS: u64 = 3;
 
-/// The configured limits: the default, and each key's own from the config file. Shared by the
-/// workers and the store; a reload replaces the table in place (stores read it at each op).
+/// The configured budgets: the default a key gets, and each configured account's own (a key's
+/// limit, a key's or a team's calendar window, a rate limit). Shared by the workers and the
+/// store; a reload replaces the table in place (stores read it at each op).
 #[derive(Debug, Default)]
 pub struct KeyLimits {
     table: RwLock<Arc<LimitTable>>,
 }
 
-#[derive(Debug, Default)]
-struct LimitTable {
-    default: u64,
-    keys: HashMap<KeyId, u64>,
+/// A budget: how much an account may spend in each of its windows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// In the account's unit.
+    pub limit: u64,
+    /// When its spend starts again from zero.
+    pub window: Period,
+    pub meter: Meter,
+}
+
+/// What an account counts. Every one is leased, reserved and settled alike; only a
+/// concurrency account gives back what a request reserved when it ends, whatever happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Meter {
+    /// Nano-dollars.
+    #[default]
+    Dollars,
+    /// Requests (a rate limit per minute).
+    Requests,
+    /// Prompt and completion tokens (a rate limit per minute).
+    Tokens,
+    /// Requests in flight.
+    Concurrent,
+}
+
+/// The budgets of a configuration, as [`KeyLimits`] serves them.
+#[derive(Debug, Clone, Default)]
+pub struct LimitTable {
+    /// What an account the table does not name may spend (a key's own limit).
+    pub default: u64,
+    /// The window of every key's own limit (`budget_period`).
+    pub window: Period,
+    pub accounts: HashMap<KeyId, Budget>,
+}
+
+impl LimitTable {
+    /// Keys' own limits, every one in `window`.
+    pub fn keys(default: u64, window: Period, keys: HashMap<KeyId, u64>) -> LimitTable {
+        let accounts = keys
+            .into_iter()
+            .map(|(id, limit)| {
+                let meter = Meter::Dollars;
+                (
+                    id,
+                    Budget {
+                        limit,
+                        window,
+                        meter,
+                    },
+                )
+            })
+            .collect();
+        LimitTable {
+            default,
+            window,
+            accounts,
+        }
+    }
 }
 
 impl KeyLimits {
+    /// Keys' own limits without a window (spend never starts again).
     pub fn new(default: u64, keys: HashMap<KeyId, u64>) -> KeyLimits {
+        KeyLimits::of_table(LimitTable::keys(default, Period::Never, keys))
+    }
+
+    pub fn of_table(table: LimitTable) -> KeyLimits {
         KeyLimits {
-            table: RwLock::new(Arc::new(LimitTable { default, keys })),
+            table: RwLock::new(Arc::new(table)),
         }
     }
 
@@ -38,24 +98,99 @@ impl KeyLimits {
         }
     }
 
-    /// The key's configured limit (its own, or the default).
+    /// The account's configured limit (its own, or the default).
     pub fn of(&self, key: KeyId) -> u64 {
+        self.budget(key).limit
+    }
+
+    /// The window the account's spend is kept in.
+    pub fn window(&self, key: KeyId) -> Period {
+        self.budget(key).window
+    }
+
+    pub fn budget(&self, key: KeyId) -> Budget {
         let table = self.table();
-        table.keys.get(&key).copied().unwrap_or(table.default)
+        table.accounts.get(&key).copied().unwrap_or(Budget {
+            limit: table.default,
+            window: table.window,
+            meter: Meter::Dollars,
+        })
     }
 
-    /// Whether the config file names the key.
+    /// The window of keys' own limits (`budget_period`).
+    pub fn budget_window(&self) -> Period {
+        self.table().window
+    }
+
+    /// Whether the configuration names the account.
     pub fn names(&self, key: KeyId) -> bool {
-        self.table().keys.contains_key(&key)
+        self.table().accounts.contains_key(&key)
     }
 
-    /// A reloaded config's limits, from now on.
-    pub fn replace(&self, default: u64, keys: HashMap<KeyId, u64>) {
-        let fresh = Arc::new(LimitTable { default, keys });
+    /// A reloaded config's budgets, from now on.
+    pub fn replace(&self, fresh: LimitTable) {
+        let fresh = Arc::new(fresh);
         match self.table.write() {
             Ok(mut table) => *table = fresh,
             Err(poisoned) => *poisoned.into_inner() = fresh,
         }
+    }
+}
+
+/// The most accounts one request is charged to: a key's windows and its team's.
+pub const MAX_ACCOUNTS: usize = 6;
+
+/// The accounts a request is charged to together (a key's own, its other windows, its
+/// team's), in the order they are checked; inline, so admission never allocates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accounts {
+    ids: [KeyId; MAX_ACCOUNTS],
+    len: usize,
+}
+
+impl Default for Accounts {
+    fn default() -> Accounts {
+        Accounts {
+            ids: [KeyId::from_bytes([0; 8]); MAX_ACCOUNTS],
+            len: 0,
+        }
+    }
+}
+
+impl Accounts {
+    pub fn one(id: KeyId) -> Accounts {
+        let mut accounts = Accounts::default();
+        accounts.push(id);
+        accounts
+    }
+
+    /// Adds `id` (false: there are `MAX_ACCOUNTS` already; configurations are checked so that
+    /// none needs more).
+    pub fn push(&mut self, id: KeyId) -> bool {
+        match self.ids.get_mut(self.len) {
+            Some(slot) => {
+                *slot = id;
+                self.len += 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = KeyId> + '_ {
+        self.ids[..self.len].iter().copied()
+    }
+
+    pub fn first(&self) -> Option<KeyId> {
+        self.iter().next()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
     }
 }
 
@@ -270,11 +405,12 @@ pub struct Applied {
     pub held: Option<u64>,
 }
 
-/// Which budget period `unix_secs` falls in: 0 always, the day number, or the month number.
+/// Which budget period `unix_secs` falls in: 0 always, the minute, day or month number.
 pub fn period_of(period: Period, unix_secs: u64) -> u64 {
     let days = unix_secs / 86_400;
     match period {
         Period::Never => 0,
+        Period::Minute => unix_secs / 60,
         Period::Daily => days,
         Period::Monthly => {
             let (year, month) = civil_year_month(days);
@@ -287,6 +423,7 @@ pub fn period_of(period: Period, unix_secs: u64) -> u64 {
 pub fn period_start(period: Period, p: u64) -> u64 {
     match period {
         Period::Never => 0,
+        Period::Minute => p * 60,
         Period::Daily => p * 86_400,
         Period::Monthly => {
             let (year, month) = ((p - 1) / 12, (p - 1) % 12 + 1);
@@ -306,10 +443,28 @@ fn days_from_civil(year: u64, month: u64, day: u64) -> u64 {
     era * 146_097 + doe - 719_468
 }
 
-/// How a period is shown: `2026-11-30` (a day), `2026-11` (a month), `all` (no period).
+/// When the period after `p` begins, in unix seconds (none for spend that has no period).
+pub fn period_end(period: Period, p: u64) -> Option<u64> {
+    match period {
+        Period::Never => None,
+        _ => Some(period_start(period, p + 1)),
+    }
+}
+
+/// How a period is shown: `2026-11-30T12:34` (a minute), `2026-11-30` (a day), `2026-11` (a
+/// month), `all` (no period).
 pub fn period_label(period: Period, p: u64) -> String {
     match period {
         Period::Never => "all".to_string(),
+        Period::Minute => {
+            let (year, month, day) = civil_date(p / 1_440);
+            let minute = p % 1_440;
+            format!(
+                "{year:04}-{month:02}-{day:02}T{:02}:{:02}",
+                minute / 60,
+                minute % 60
+            )
+        }
         Period::Daily => {
             let (year, month, day) = civil_date(p);
             format!("{year:04}-{month:02}-{day:02}")
@@ -320,6 +475,18 @@ pub fn period_label(period: Period, p: u64) -> String {
             format!("{year:04}-{month:02}")
         }
     }
+}
+
+/// `2026-12-01T00:00:00Z`.
+pub fn iso_time(unix: u64) -> String {
+    let (year, month, day) = civil_date(unix / 86_400);
+    let secs = unix % 86_400;
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs / 3_600,
+        secs / 60 % 60,
+        secs % 60
+    )
 }
 
 /// Year and month (1-12) of a day count since 1970-01-01.

@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 use super::journal::{Appended, Record, WorkerJournal};
 use super::ledger::{Ledger, Reply, Submitted};
 use super::op::{
-    period_of, Account, Applied, Ask, Epoch, Holder, KeyLimits, Op, PeriodSpend, Restore,
-    Settlement, Spend,
+    period_of, Account, Accounts, Applied, Ask, Budget, Epoch, Holder, KeyLimits, Meter, Op,
+    PeriodSpend, Restore, Settlement, Spend,
 };
 use super::store::Clock;
 use crate::auth::{KeyId, KeyIdMap};
@@ -46,21 +46,27 @@ const MAX_ASKS: u32 = 3;
 /// store may give it back to the key's budget soon (the worker is cut off from the store).
 const LAPSE_AFTER_PARTS: u32 = 3;
 
-/// The budget held for one request between admission and settle. Settle it with
-/// [`Reservation::settle`]; one dropped unsettled (its request was cut) is billed in full if
-/// the request reached the upstream, else released.
+/// The budget held for one request between admission and settle, in each account it is
+/// charged to. Settle it with [`Reservation::settle`]; one dropped unsettled (its request was
+/// cut) is billed in full if the request reached the upstream, else released. A concurrency
+/// account is always released.
 #[must_use = "a reservation holds budget until it is settled"]
 pub struct Reservation<'s> {
     shard: &'s Shard,
-    key: KeyId,
+    accounts: Accounts,
     amount: u64,
     sent: bool,
     settled: bool,
 }
 
 impl Reservation<'_> {
+    /// The first account it is charged to (a key's own).
     pub fn key(&self) -> KeyId {
-        self.key
+        self.accounts.first().unwrap_or(KeyId::from_bytes([0; 8]))
+    }
+
+    pub fn accounts(&self) -> Accounts {
+        self.accounts
     }
 
     pub fn amount_nano(&self) -> u64 {
@@ -79,21 +85,26 @@ impl Reservation<'_> {
     /// Ends the request: the reservation becomes its real cost (0 releases it).
     pub fn settle(mut self, cost: u64) {
         self.settled = true;
-        self.shard.settle(self.key, self.amount, cost, false);
+        for key in self.accounts.iter() {
+            self.shard.settle(key, self.amount, cost, false);
+        }
     }
 
     /// The upstream refused the key (401/403): nothing is spent, and once its requests are done
     /// nothing of the key is kept, here or in the store.
     pub fn settle_refused_key(mut self) {
         self.settled = true;
-        self.shard.settle(self.key, self.amount, 0, true);
+        // Only the key's own account is the key's; its team's stay.
+        for (i, key) in self.accounts.iter().enumerate() {
+            self.shard.settle(key, self.amount, 0, i == 0);
+        }
     }
 }
 
 impl std::fmt::Debug for Reservation<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Reservation")
-            .field("key", &self.key)
+            .field("accounts", &self.accounts)
             .field("amount", &self.amount)
             .field("sent", &self.sent)
             .finish()
@@ -104,7 +115,9 @@ impl Drop for Reservation<'_> {
     fn drop(&mut self) {
         if !self.settled {
             let cost = if self.sent { self.amount } else { 0 };
-            self.shard.settle(self.key, self.amount, cost, false);
+            for key in self.accounts.iter() {
+                self.shard.settle(key, self.amount, cost, false);
+            }
         }
     }
 }
@@ -112,8 +125,9 @@ impl Drop for Reservation<'_> {
 /// Why a request was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
-    /// The key cannot reserve its estimate.
+    /// An account cannot reserve the estimate (amounts in the account's unit).
     Denied {
+        account: KeyId,
         remaining_nano: u64,
         estimate_nano: u64,
     },
@@ -123,6 +137,10 @@ pub enum Refusal {
 
 #[derive(Debug, Default)]
 struct Lease {
+    /// The account's window and meter, as configured when the lease was made (or last
+    /// flushed: a reload may change them).
+    window: Period,
+    meter: Meter,
     /// Granted by the store and not yet spent or returned (reservations included).
     held: u64,
     /// Reserved by requests in flight (may exceed `held` for requests admitted fail-open).
@@ -175,6 +193,14 @@ struct Lease {
 }
 
 impl Lease {
+    fn of(budget: Budget) -> Lease {
+        Lease {
+            window: budget.window,
+            meter: budget.meter,
+            ..Lease::default()
+        }
+    }
+
     /// The key's totals as this worker counts them: the store's last word plus the spend on
     /// its way there.
     fn seen(&self) -> Option<(Account, u64)> {
@@ -205,7 +231,6 @@ pub struct ShardSettings {
     pub workers: usize,
     /// With the store unreachable: admit on what is known, or refuse.
     pub fail_open: bool,
-    pub period: Period,
     /// Unix seconds (tests move it).
     pub clock: Clock,
     /// Configured limits: what a key never heard of may spend while the store is unreachable.
@@ -226,7 +251,6 @@ pub struct Shard {
     /// A lease takes at most 1/slice_parts of a key's unleased budget beyond its need.
     slice_parts: u64,
     fail_open: bool,
-    period: Period,
     clock: Clock,
     limits: std::sync::Arc<KeyLimits>,
     squeeze_wait: Duration,
@@ -249,18 +273,35 @@ pub struct Shard {
 #[derive(Clone, Copy)]
 struct Ticked {
     at: Instant,
-    /// The budget period it falls in.
-    period: u64,
+    /// Unix seconds.
+    unix: u64,
+    /// The period of each window it falls in.
+    periods: [u64; 4],
 }
 
 impl Ticked {
-    fn read(period: Period, clock: &Clock) -> Ticked {
+    fn read(clock: &Clock) -> Ticked {
+        let now = clock();
         Ticked {
             at: Instant::now(),
-            period: period_of(period, clock()),
+            unix: now,
+            periods: WINDOWS.map(|window| period_of(window, now)),
         }
     }
+
+    fn period(&self, window: Period) -> u64 {
+        let at = WINDOWS.iter().position(|w| *w == window).unwrap_or(0);
+        self.periods[at]
+    }
 }
+
+/// Every window an account may have.
+const WINDOWS: [Period; 4] = [
+    Period::Never,
+    Period::Minute,
+    Period::Daily,
+    Period::Monthly,
+];
 
 impl Shard {
     pub fn new(ledger: Ledger, settings: ShardSettings) -> Shard {
@@ -280,15 +321,14 @@ impl Shard {
             waiters: RefCell::new(Vec::new()),
             closed: Cell::new(false),
             surrender_owed: Cell::new(false),
-            ticked: Cell::new(Ticked::read(settings.period, &settings.clock)),
-            period: settings.period,
+            ticked: Cell::new(Ticked::read(&settings.clock)),
             clock: settings.clock,
         }
     }
 
     /// Reads the clock: the worker calls it every `TICK` (and each flush does).
     pub fn tick(&self) {
-        self.ticked.set(Ticked::read(self.period, &self.clock));
+        self.ticked.set(Ticked::read(&self.clock));
     }
 
     pub fn ledger(&self) -> &Ledger {
@@ -301,14 +341,66 @@ impl Shard {
         seq
     }
 
-    /// The budget period as of the last tick.
-    fn period_now(&self) -> u64 {
-        self.ticked.get().period
+    /// The period of `window` as of the last tick.
+    fn period_now(&self, window: Period) -> u64 {
+        self.ticked.get().period(window)
+    }
+
+    /// Unix seconds as of the last tick.
+    pub fn unix_now(&self) -> u64 {
+        self.ticked.get().unix
+    }
+
+    /// What the account has left in its current period as this worker knows it: the store's
+    /// last word, less what this worker spent since and holds for requests in flight (none: no
+    /// request of it came here yet).
+    pub fn headroom(&self, key: KeyId) -> Option<u64> {
+        let keys = self.keys.borrow();
+        let lease = keys.get(&key)?;
+        lease.known?;
+        let pending = lease.pending.spent.in_period(self.period_now(lease.window));
+        Some(
+            self.known_remaining(lease)
+                .saturating_sub(pending)
+                .saturating_sub(lease.reserved),
+        )
+    }
+
+    /// The key's lease, made (with its configured window and meter) if it has none.
+    fn lease<'k>(&self, keys: &'k mut KeyIdMap<Lease>, key: KeyId) -> &'k mut Lease {
+        keys.entry(key)
+            .or_insert_with(|| Lease::of(self.limits.budget(key)))
     }
 
     /// Reserves `estimate` nano-dollars for one request of `key`: from the lease when it
     /// covers it (no store call), else after one lease ask.
     pub async fn reserve(&self, key: KeyId, estimate: u64) -> Result<Reservation<'_>, Refusal> {
+        self.reserve_all(Accounts::one(key), estimate).await
+    }
+
+    /// Reserves `amount` in every one of `accounts`, in order; refused by one, the request
+    /// holds nothing in any.
+    pub async fn reserve_all(
+        &self,
+        accounts: Accounts,
+        amount: u64,
+    ) -> Result<Reservation<'_>, Refusal> {
+        let mut reservation = Reservation {
+            shard: self,
+            accounts: Accounts::default(),
+            amount,
+            sent: false,
+            settled: false,
+        };
+        for key in accounts.iter() {
+            // Refused: `reservation` drops unsent, releasing what it took so far.
+            self.reserve_one(key, amount).await?;
+            reservation.accounts.push(key);
+        }
+        Ok(reservation)
+    }
+
+    async fn reserve_one(&self, key: KeyId, estimate: u64) -> Result<(), Refusal> {
         // Computed only if the request has to wait: reading the clock is not free.
         let mut deadline: Option<Instant> = None;
         let mut waiting = Waiting {
@@ -323,16 +415,20 @@ impl Shard {
             }
             let next = {
                 let mut keys = self.keys.borrow_mut();
-                let lease = keys.entry(key).or_default();
+                let lease = self.lease(&mut keys, key);
                 // The ticked time may be up to a tick late: judged as if a tick later.
                 let lapsing =
                     self.lease_ttl.is_some() && self.lapsing(lease, self.ticked.get().at + TICK);
                 waiting.timed_out = deadline.is_some_and(|d| Instant::now() >= d);
                 match next_step(&view(lease, lapsing, estimate), &waiting, self.rules()) {
-                    Step::Admit => return Ok(self.take(lease, key, estimate)),
+                    Step::Admit => {
+                        take(lease, estimate);
+                        return Ok(());
+                    }
                     Step::FailureMode => return self.unreachable(lease, key, estimate),
                     Step::Refuse => {
                         return Err(Refusal::Denied {
+                            account: key,
                             remaining_nano: self.known_remaining(lease),
                             estimate_nano: estimate,
                         })
@@ -350,7 +446,7 @@ impl Shard {
                         } else {
                             (0, lease.free())
                         };
-                        let mut op = self.op_for(key, lease, seq, self.period_now());
+                        let mut op = self.op_for(key, lease, seq, self.period_now(lease.window));
                         op.settle.returned += returned;
                         op.ask = Some(Ask {
                             need: estimate - free.min(estimate),
@@ -386,7 +482,7 @@ impl Shard {
                         }
                         Submitted::Full => {
                             let mut keys = self.keys.borrow_mut();
-                            let lease = keys.entry(key).or_default();
+                            let lease = self.lease(&mut keys, key);
                             return self.unreachable(lease, key, estimate);
                         }
                     }
@@ -407,22 +503,9 @@ impl Shard {
         }
     }
 
-    /// Reserves `estimate` in `lease` for one request.
-    fn take(&self, lease: &mut Lease, key: KeyId, estimate: u64) -> Reservation<'_> {
-        lease.reserved = lease.reserved.saturating_add(estimate);
-        lease.in_flight += 1;
-        Reservation {
-            shard: self,
-            key,
-            amount: estimate,
-            sent: false,
-            settled: false,
-        }
-    }
-
     /// What the key may still spend as this worker knows it, in the current period.
     fn known_remaining(&self, lease: &Lease) -> u64 {
-        let now = self.period_now();
+        let now = self.period_now(lease.window);
         lease.seen().map_or(0, |(account, period)| {
             let spent = if period == now { account.spent } else { 0 };
             account.limit.saturating_sub(spent)
@@ -431,16 +514,11 @@ impl Shard {
 
     /// The failure mode, when no lease can be had from the store: open admits on the last
     /// known state (a key never heard of: its configured limit); closed refuses.
-    fn unreachable(
-        &self,
-        lease: &mut Lease,
-        key: KeyId,
-        estimate: u64,
-    ) -> Result<Reservation<'_>, Refusal> {
+    fn unreachable(&self, lease: &mut Lease, key: KeyId, estimate: u64) -> Result<(), Refusal> {
         if !self.fail_open {
             return Err(Refusal::Unavailable);
         }
-        let now = self.period_now();
+        let now = self.period_now(lease.window);
         if lease.known.is_none() {
             // This worker has not touched the key: start from what the node last heard of it.
             lease.known = self.ledger.last_known(key);
@@ -464,8 +542,12 @@ impl Shard {
             .in_period(now)
             .saturating_add(lease.reserved.saturating_sub(lease.held));
         match fail_open_admits(known, spent_here, estimate) {
-            Ok(()) => Ok(self.take(lease, key, estimate)),
+            Ok(()) => {
+                take(lease, estimate);
+                Ok(())
+            }
             Err(remaining_nano) => Err(Refusal::Denied {
+                account: key,
                 remaining_nano,
                 estimate_nano: estimate,
             }),
@@ -511,7 +593,7 @@ impl Shard {
             }
             Reply::Dropped { op } => {
                 let mut keys = self.keys.borrow_mut();
-                let lease = keys.entry(op.key).or_default();
+                let lease = self.lease(&mut keys, op.key);
                 // Never applied. Its spend is in the journal directory's rejected file for an
                 // operator (sent again, it would be refused and recorded again); the lease it
                 // handed back is still this worker's in the store; a request waiting on the
@@ -536,7 +618,7 @@ impl Shard {
         // A key is forgotten only once all its ops are answered: this answer repeats one. A
         // grant in it is held again (and returned when idle); anything else is old news.
         let lease = if applied.granted > 0 {
-            keys.entry(op.key).or_default()
+            self.lease(&mut keys, op.key)
         } else {
             match keys.get_mut(&op.key) {
                 Some(lease) => lease,
@@ -588,16 +670,15 @@ impl Shard {
         }
     }
 
-    /// What each active key may still spend in the current period, as the store last answered,
-    /// less this worker's spend not yet handed over; at most `max` keys.
+    /// What each active money account may still spend in its current period, as the store
+    /// last answered, less this worker's spend not yet handed over; at most `max` accounts.
     pub fn remaining(&self, max: usize) -> HashMap<KeyId, u64> {
-        let now = self.period_now();
         self.keys
             .borrow()
             .iter()
-            .filter(|(_, lease)| lease.known.is_some())
+            .filter(|(_, lease)| lease.known.is_some() && lease.meter == Meter::Dollars)
             .map(|(&key, lease)| {
-                let pending = lease.pending.spent.in_period(now);
+                let pending = lease.pending.spent.in_period(self.period_now(lease.window));
                 (key, self.known_remaining(lease).saturating_sub(pending))
             })
             .take(max)
@@ -611,11 +692,17 @@ impl Shard {
             // `close` billed every request still in flight.
             return;
         }
-        let period = self.period_now();
-        let seq = (cost > 0 && self.journal.is_some()).then(|| self.seq());
-        {
+        let (period, cost, seq) = {
             let mut keys = self.keys.borrow_mut();
-            let lease = keys.entry(key).or_default();
+            let lease = self.lease(&mut keys, key);
+            let period = self.period_now(lease.window);
+            // A concurrency account's reservation is its request in flight: given back.
+            let cost = if lease.meter == Meter::Concurrent {
+                0
+            } else {
+                cost
+            };
+            let seq = (cost > 0 && self.journal.is_some()).then(|| self.seq());
             lease.reserved = lease.reserved.saturating_sub(amount);
             lease.in_flight = lease.in_flight.saturating_sub(1);
             // A cost above the estimate overruns the lease; the store counts it as spend all
@@ -631,7 +718,8 @@ impl Shard {
             if refused && lease.in_flight == 0 {
                 lease.refused = true;
             }
-        }
+            (period, cost, seq)
+        };
         if let Some(seq) = seq {
             self.journal_append(Record::Spend {
                 seq,
@@ -736,11 +824,14 @@ impl Shard {
             .map_or(Duration::from_secs(60), |ttl| ttl / RENEWALS_PER_LIFETIME);
         let losses = self.ledger.losses();
         let store_lost_data = losses != self.losses_seen.get();
-        let period = self.period_now();
         let ops = {
             let mut keys = self.keys.borrow_mut();
             let mut ops = Vec::new();
             for (&key, lease) in keys.iter_mut() {
+                // A reload may have changed the account's window or meter.
+                let budget = self.limits.budget(key);
+                (lease.window, lease.meter) = (budget.window, budget.meter);
+                let period = self.period_now(lease.window);
                 if store_lost_data && lease.held > 0 {
                     lease.renew_now = true;
                 }
@@ -885,6 +976,12 @@ impl Shard {
         self.closed.set(true);
         self.flush_with(now + IDLE_RETURN, true);
     }
+}
+
+/// Reserves `estimate` in `lease` for one request.
+fn take(lease: &mut Lease, estimate: u64) {
+    lease.reserved = lease.reserved.saturating_add(estimate);
+    lease.in_flight += 1;
 }
 
 /// What a waiting reservation does next.
@@ -1067,7 +1164,7 @@ fn fail_open_admits(known: Account, spent_here: u64, estimate: u64) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::budget::op::PeriodSpend;
+    use crate::budget::op::{LimitTable, PeriodSpend};
     use crate::budget::store::{system_clock, MemoryStore, Store, StoreError};
     use std::future::Future;
     use std::sync::Arc;
@@ -1081,7 +1178,6 @@ mod tests {
             holder: Holder::from(holder),
             workers,
             fail_open: true,
-            period: Period::Never,
             clock: system_clock(),
             limits: Arc::new(KeyLimits::new(1_000, HashMap::new())),
             squeeze_wait: Duration::ZERO,
@@ -1112,7 +1208,7 @@ mod tests {
                 lease_ttl: ttl,
                 journal: None,
                 replay: Default::default(),
-                period: Period::Never,
+                limits: Arc::new(KeyLimits::new(1_000_000, HashMap::new())),
                 clock: system_clock(),
                 fsync_every: Duration::from_secs(1),
                 holder: Holder::from("test/remote/ledger"),
@@ -1153,7 +1249,6 @@ mod tests {
     fn store(limit: u64) -> Arc<MemoryStore> {
         Arc::new(MemoryStore::new(
             Arc::new(KeyLimits::new(limit, HashMap::new())),
-            Period::Never,
             system_clock(),
         ))
     }
@@ -1196,6 +1291,77 @@ mod tests {
         assert_eq!(
             (store.account(key()).spent, store.account(key()).leased),
             (200, 0)
+        );
+    }
+
+    /// A request charged to several accounts (a key's, its team's) holds all or nothing: the
+    /// one that refuses is named, and what the others had reserved is released.
+    #[test]
+    fn a_request_reserves_in_every_account_or_in_none() {
+        let team = KeyId::of("team-account");
+        let concurrent = KeyId::of("concurrent-account");
+        let table = LimitTable {
+            default: 1_000,
+            window: Period::Never,
+            accounts: HashMap::from([
+                (
+                    team,
+                    Budget {
+                        limit: 250,
+                        window: Period::Daily,
+                        meter: Meter::Dollars,
+                    },
+                ),
+                (
+                    concurrent,
+                    Budget {
+                        limit: 1,
+                        window: Period::Never,
+                        meter: Meter::Concurrent,
+                    },
+                ),
+            ]),
+        };
+        let limits = Arc::new(KeyLimits::of_table(table));
+        let store = Arc::new(MemoryStore::new(limits.clone(), system_clock()));
+        let mut s = settings("test/0", 1);
+        s.limits = limits;
+        let shard = Shard::new(Ledger::Inline(store.clone()), s);
+        let mut both = Accounts::one(key());
+        both.push(team);
+        let reserve_all = |accounts: Accounts, amount: u64| {
+            let mut future = std::pin::pin!(shard.reserve_all(accounts, amount));
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            match future.as_mut().poll(&mut cx) {
+                Poll::Ready(result) => result,
+                Poll::Pending => Err(Refusal::Unavailable),
+            }
+        };
+        let first = reserve_all(both, 200).unwrap();
+        match reserve_all(both, 100) {
+            Err(Refusal::Denied { account, .. }) => assert_eq!(account, team),
+            other => panic!("{other:?}"),
+        }
+        first.settle(150);
+        // The refused request left nothing reserved in the key's account: 850 is there.
+        reserve(&shard, key(), 850).unwrap().settle(0);
+        reserve_all(both, 100).unwrap().settle(100);
+        // One place in flight: taken, refused to a second request, given back even when its
+        // request went upstream (never billed).
+        let mut flying = reserve(&shard, concurrent, 1).unwrap();
+        flying.mark_sent();
+        assert!(reserve(&shard, concurrent, 1).is_err());
+        drop(flying);
+        reserve(&shard, concurrent, 1).unwrap().settle(1);
+        shard.flush(Instant::now() + IDLE_RETURN);
+        assert_eq!(store.account(key()).spent, 250);
+        assert_eq!(store.account(team).spent, 250);
+        assert_eq!(
+            (
+                store.account(concurrent).spent,
+                store.account(concurrent).leased
+            ),
+            (0, 0)
         );
     }
 
@@ -1268,6 +1434,7 @@ mod tests {
         assert_eq!(
             denied,
             Refusal::Denied {
+                account: key(),
                 remaining_nano: 100,
                 estimate_nano: 101
             }
@@ -1692,14 +1859,14 @@ mod tests {
             let now = now.clone();
             Arc::new(move || now.load(Ordering::Relaxed))
         };
-        let limits = Arc::new(KeyLimits::new(1_000, HashMap::new()));
-        let store = Arc::new(MemoryStore::new(
-            limits.clone(),
+        let limits = Arc::new(KeyLimits::of_table(LimitTable::keys(
+            1_000,
             Period::Daily,
-            clock.clone(),
-        ));
+            HashMap::new(),
+        )));
+        let store = Arc::new(MemoryStore::new(limits.clone(), clock.clone()));
         let mut settings = settings("test/0", 1);
-        settings.period = Period::Daily;
+        settings.limits = limits;
         settings.clock = clock;
         let shard = Shard::new(Ledger::Inline(store.clone()), settings);
         let before = reserve(&shard, key(), 100).unwrap();
@@ -1948,11 +2115,7 @@ mod tests {
     fn a_surrender_owed_while_the_store_is_away_is_made_once_it_is_back() {
         use std::sync::atomic::Ordering::SeqCst;
         let limits = Arc::new(KeyLimits::new(1_000_000, HashMap::new()));
-        let inner = Arc::new(MemoryStore::new(
-            limits.clone(),
-            Period::Never,
-            system_clock(),
-        ));
+        let inner = Arc::new(MemoryStore::new(limits.clone(), system_clock()));
         let flaky = Arc::new(Reporting::new(inner.clone(), false));
         let (thread, ledger, inbox) = remote(flaky.clone(), Duration::from_secs(30));
         let mut s = settings("test/remote/0", 1);
@@ -1973,7 +2136,7 @@ mod tests {
             }
             assert!(!shard.ledger().reachable());
             // Reload: the limit is cut to 2_000 (1_000 spent), the worker surrenders.
-            limits.replace(2_000, HashMap::new());
+            limits.replace(LimitTable::keys(2_000, Period::Never, HashMap::new()));
             shard.surrender(Instant::now());
             // The store comes back; ordinary flushes go on.
             flaky.down.store(false, SeqCst);

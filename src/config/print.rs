@@ -6,7 +6,8 @@
 
 use std::fmt::Write;
 
-use super::{Config, KeyMode, Secret, UpstreamEntry, UpstreamKind};
+use super::governance::{Limits, Window};
+use super::{Config, KeyMode, Period, Secret, UpstreamEntry, UpstreamKind};
 use crate::auth::mask;
 
 /// The routing table and the settings that steer it.
@@ -42,14 +43,59 @@ pub fn routing_table(config: &Config) -> String {
     for key in &config.budgets.keys {
         let _ = writeln!(out, "\n[keys.{}]", quoted(&key.alias));
         let _ = writeln!(out, "key = {}", redacted(&key.key));
-        if let Some(limit) = key.limit_dollars {
-            let _ = writeln!(out, "limit_dollars = {limit}");
+        if let Some(team) = &key.team {
+            let _ = writeln!(out, "team = {}", quoted(team));
         }
+        limits(&mut out, &key.limits);
         if let Some(upstream_key) = &key.upstream_key {
             let _ = writeln!(out, "upstream_key = {}", redacted(upstream_key));
         }
     }
+    for team in &config.budgets.teams {
+        let _ = writeln!(out, "\n[teams.{}]", quoted(&team.name));
+        limits(&mut out, &team.limits);
+    }
     out
+}
+
+/// A key's or a team's budgets and rate limits.
+fn limits(out: &mut String, limits: &Limits) {
+    match limits.windows.as_slice() {
+        [] => {}
+        [Window {
+            period: None,
+            limit_dollars,
+        }] => {
+            let _ = writeln!(out, "limit_dollars = {limit_dollars}");
+        }
+        windows => {
+            let listed: Vec<String> = windows
+                .iter()
+                .map(|w| {
+                    let period = match w.period {
+                        Some(Period::Daily) => "daily",
+                        Some(Period::Monthly) => "monthly",
+                        _ => "none",
+                    };
+                    format!(
+                        "{{ period = \"{period}\", limit_dollars = {} }}",
+                        w.limit_dollars
+                    )
+                })
+                .collect();
+            let _ = writeln!(out, "budgets = [{}]", listed.join(", "));
+        }
+    }
+    let rates = &limits.rates;
+    for (name, value) in [
+        ("rpm", rates.rpm),
+        ("tpm", rates.tpm),
+        ("max_concurrent", rates.max_concurrent),
+    ] {
+        if let Some(value) = value {
+            let _ = writeln!(out, "{name} = {value}");
+        }
+    }
 }
 
 fn upstream(out: &mut String, config: &Config, route: &UpstreamEntry) {

@@ -14,10 +14,13 @@
 //! limit_dollars = 25.0              # optional (default: default_limit_dollars)
 //! upstream_key = "sk-proj-..."      # optional: a virtual key, forwarded as this key
 //! ```
+//! Teams, calendar budgets and rate limits (`[teams]`, `team`, `budgets`, `rpm`, …) are
+//! `config/governance.rs`'s.
 //! Every problem is reported, with its table and field. Keys are held as [`Secret`]s.
 
 use std::fmt;
 
+use super::governance::{self, Limits, TeamEntry};
 use crate::pricing::{self, Price, Units};
 
 /// A secret string whose `Debug` never shows it.
@@ -45,7 +48,10 @@ impl fmt::Debug for Secret {
 pub struct KeyEntry {
     pub alias: String,
     pub key: Secret,
-    pub limit_dollars: Option<f64>,
+    /// Its budgets (none: the default limit in `budget_period`) and rate limits.
+    pub limits: Limits,
+    /// The team it is charged to as well.
+    pub team: Option<String>,
     /// Set: a virtual key; Aura sends this key upstream instead of the client's.
     pub upstream_key: Option<Secret>,
 }
@@ -66,10 +72,12 @@ pub struct Tables {
     /// `[fallbacks]`: a model, and the models its requests go on to, in order, when every
     /// upstream serving it failed.
     pub fallbacks: Vec<(String, Vec<String>)>,
+    /// `[teams]`.
+    pub teams: Vec<TeamEntry>,
 }
 
 /// The names of the tables in the file (the flat settings skip them).
-pub const TABLES: [&str; 4] = ["keys", "prices", "upstreams", "fallbacks"];
+pub const TABLES: [&str; 5] = ["keys", "prices", "upstreams", "fallbacks", "teams"];
 
 /// The most models one model falls back to.
 const MAX_FALLBACKS: usize = 8;
@@ -125,6 +133,10 @@ pub fn parse(file: &toml::Table, env: &dyn super::Source) -> Result<Tables, Vec<
             tables.fallbacks = fallbacks(value, &mut errors);
             continue;
         }
+        if name == "teams" {
+            tables.teams = governance::teams(value, &mut errors);
+            continue;
+        }
         let Some(entries) = value.as_table() else {
             errors.push(format!("config file: `{name}` must be a table"));
             continue;
@@ -170,6 +182,14 @@ pub fn parse(file: &toml::Table, env: &dyn super::Source) -> Result<Tables, Vec<
                 k.alias
             ));
         }
+        if let Some(team) = &k.team {
+            if !tables.teams.iter().any(|t| &t.name == team) {
+                errors.push(format!(
+                    "config file: `keys.{}` `team` names no `[teams.{team}]`",
+                    k.alias
+                ));
+            }
+        }
     }
     if errors.is_empty() {
         Ok(tables)
@@ -179,17 +199,18 @@ pub fn parse(file: &toml::Table, env: &dyn super::Source) -> Result<Tables, Vec<
 }
 
 fn key_entry(alias: &str, f: &mut Fields) -> Option<KeyEntry> {
-    f.only(&["key", "limit_dollars", "upstream_key"]);
+    let mut known = vec!["key", "upstream_key", "team"];
+    known.extend(governance::FIELDS);
+    f.only(&known);
     let key = f.string("key", true);
-    let limit_dollars = f.dollars("limit_dollars");
-    if let Some(Err(e)) = limit_dollars.map(crate::pricing::limit_nano) {
-        f.error(&format!("`limit_dollars`: {e}"));
-    }
+    let limits = governance::limits(f);
+    let team = f.string("team", false);
     let upstream_key = f.string("upstream_key", false);
     Some(KeyEntry {
         alias: alias.to_string(),
         key: Secret(key?),
-        limit_dollars,
+        limits,
+        team,
         upstream_key: upstream_key.map(Secret),
     })
 }
@@ -292,7 +313,7 @@ impl Fields<'_> {
         }
     }
 
-    fn dollars(&mut self, field: &str) -> Option<f64> {
+    pub(super) fn dollars(&mut self, field: &str) -> Option<f64> {
         let v = match self.entry.get(field)? {
             toml::Value::Float(v) => *v,
             toml::Value::Integer(v) => *v as f64,
@@ -320,10 +341,11 @@ impl Fields<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn tables(text: &str) -> Result<Tables, Vec<String>> {
+    /// The tables of a config file's text.
+    pub(in crate::config) fn tables(text: &str) -> Result<Tables, Vec<String>> {
         parse(
             &text.parse::<toml::Table>().unwrap(),
             &std::collections::HashMap::new(),
@@ -380,7 +402,8 @@ mod tests {
         assert_eq!(t.keys.len(), 2);
         let a = t.keys.iter().find(|k| k.alias == "team-a").unwrap();
         assert_eq!(a.key.expose(), "sk-aura-a");
-        assert_eq!(a.limit_dollars, Some(25.0));
+        assert_eq!(a.limits.windows[0].limit_dollars, 25.0);
+        assert_eq!(a.limits.windows[0].period, None);
         assert_eq!(
             a.upstream_key.as_ref().unwrap().expose(),
             "sk-proj-upstream"

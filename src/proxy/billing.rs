@@ -3,6 +3,7 @@
 
 use serde::Deserialize;
 
+use super::rates::Rates;
 use crate::budget::Reservation;
 use crate::pricing::Price;
 
@@ -265,6 +266,9 @@ fn split<'b>(body: &'b [u8], delimiter: &[u8]) -> Vec<&'b [u8]> {
 #[derive(Debug)]
 pub struct Bill<'s> {
     pub reservation: Reservation<'s>,
+    /// Its reservations in its rate accounts, and the tokens it reserved there.
+    pub rates: Rates<'s>,
+    pub tokens: u64,
     pub request_bytes: u64,
     /// `n` of the request.
     pub choices: u64,
@@ -273,6 +277,15 @@ pub struct Bill<'s> {
     pub reserved_at: Price,
     /// What a successful answer costs whatever it says (text to speech).
     pub fixed: Option<u64>,
+}
+
+impl Bill<'_> {
+    /// The request went to its upstream: from now on it may cost money and counts against
+    /// its rate limits.
+    pub fn mark_sent(&mut self) {
+        self.reservation.mark_sent();
+        self.rates.mark_sent();
+    }
 }
 
 #[cfg(test)]

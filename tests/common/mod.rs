@@ -971,3 +971,22 @@ pub fn scrape_within_at(addr: SocketAddr, limit: Duration, done: impl Fn(&str) -
         std::thread::park_timeout(Duration::from_millis(50));
     }
 }
+
+/// libfaketime's preload library (Debian's `faketime` package, which scripts/test installs).
+pub fn libfaketime() -> std::path::PathBuf {
+    let found = std::fs::read_dir("/usr/lib")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("faketime/libfaketime.so.1"))
+        .find(|p| p.exists());
+    found.expect("libfaketime is not installed: run scripts/test (it installs Debian's faketime)")
+}
+
+/// A node whose clock starts at `at` (UTC, `YYYY-MM-DD hh:mm:ss`) and runs from there.
+pub fn at_time(launch: Launch, at: &str) -> Launch {
+    launch
+        .env("LD_PRELOAD", libfaketime().to_str().unwrap())
+        .env("FAKETIME", &format!("@{at}"))
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .env("TZ", "UTC")
+}

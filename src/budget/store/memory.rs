@@ -12,11 +12,9 @@ use std::sync::{Arc, Mutex};
 use super::{Clock, Store, StoreError};
 use crate::auth::KeyId;
 use crate::budget::op::{period_of, Account, Applied, KeyLimits, Op, PeriodSpend, HISTORY_PERIODS};
-use crate::config::Period;
 
 pub struct MemoryStore {
     limits: Arc<KeyLimits>,
-    period: Period,
     clock: Clock,
     accounts: Mutex<HashMap<KeyId, Entry>>,
 }
@@ -72,11 +70,10 @@ impl Entry {
 }
 
 impl MemoryStore {
-    /// `limits`: the configured ones; spend is kept per `period`.
-    pub fn new(limits: Arc<KeyLimits>, period: Period, clock: Clock) -> MemoryStore {
+    /// `limits`: the configured ones; each account's spend is kept per period of its window.
+    pub fn new(limits: Arc<KeyLimits>, clock: Clock) -> MemoryStore {
         MemoryStore {
             limits,
-            period,
             clock,
             accounts: Mutex::new(HashMap::new()),
         }
@@ -91,8 +88,9 @@ impl MemoryStore {
         }
     }
 
-    fn period_now(&self) -> u64 {
-        period_of(self.period, (self.clock)())
+    /// The period of the account's window the clock is in.
+    fn period_now(&self, key: KeyId) -> u64 {
+        period_of(self.limits.window(key), (self.clock)())
     }
 
     /// Runs `f` on the key's entry (made if missing), then drops the entry if it is idle.
@@ -145,7 +143,7 @@ impl MemoryStore {
     }
 
     pub fn account(&self, key: KeyId) -> Account {
-        let period = self.period_now();
+        let period = self.period_now(key);
         let configured = self.limits.of(key);
         self.with(key, |e| e.account(configured, period))
     }
@@ -179,7 +177,7 @@ impl Store for MemoryStore {
     }
 
     fn set_limit(&self, key: KeyId, limit: u64) -> Result<Account, StoreError> {
-        let period = self.period_now();
+        let period = self.period_now(key);
         Ok(self.with(key, |e| {
             e.limit = Some(limit);
             e.account(limit, period)
@@ -187,7 +185,7 @@ impl Store for MemoryStore {
     }
 
     fn reset(&self, key: KeyId) -> Result<Account, StoreError> {
-        let period = self.period_now();
+        let period = self.period_now(key);
         let configured = self.limits.of(key);
         Ok(self.with(key, |e| {
             e.spent.retain(|p| p.period != period);
@@ -205,11 +203,14 @@ impl Store for MemoryStore {
     }
 
     fn accounts(&self) -> Result<Vec<(KeyId, Account)>, StoreError> {
-        let period = self.period_now();
+        let now = (self.clock)();
         Ok(self
             .lock()
             .iter()
-            .map(|(k, e)| (*k, e.account(self.limits.of(*k), period)))
+            .map(|(k, e)| {
+                let budget = self.limits.budget(*k);
+                (*k, e.account(budget.limit, period_of(budget.window, now)))
+            })
             .collect())
     }
 
@@ -221,8 +222,9 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::budget::op::{Ask, Holder, Spend};
+    use crate::budget::op::{Ask, Holder, LimitTable, Spend};
     use crate::budget::store::system_clock;
+    use crate::config::Period;
 
     fn key(n: u8) -> KeyId {
         KeyId::of(&format!("sk-test-{n}"))
@@ -231,7 +233,6 @@ mod tests {
     fn memory(limit: u64) -> MemoryStore {
         MemoryStore::new(
             Arc::new(KeyLimits::new(limit, HashMap::new())),
-            Period::Never,
             system_clock(),
         )
     }
@@ -260,8 +261,12 @@ mod tests {
             let now = now.clone();
             Arc::new(move || now.load(Ordering::Relaxed))
         };
-        let limits = Arc::new(KeyLimits::new(1_000, HashMap::new()));
-        let daily = MemoryStore::new(limits.clone(), Period::Daily, clock.clone());
+        let limits = Arc::new(KeyLimits::of_table(LimitTable::keys(
+            1_000,
+            Period::Daily,
+            HashMap::new(),
+        )));
+        let daily = MemoryStore::new(limits.clone(), clock.clone());
         let day = period_of(Period::Daily, 1_769_903_940);
         daily.apply(&[op(key(9), day, 400, 0, 0)]).unwrap();
         assert_eq!(daily.account(key(9)).spent, 400);
@@ -358,7 +363,6 @@ mod tests {
     fn configured_limits_override_the_default() {
         let store = MemoryStore::new(
             Arc::new(KeyLimits::new(10, HashMap::from([(key(4), 99)]))),
-            Period::Never,
             system_clock(),
         );
         assert_eq!(store.account(key(4)).limit, 99);

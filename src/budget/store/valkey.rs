@@ -32,7 +32,6 @@ use crate::auth::KeyId;
 use crate::budget::op::{
     period_of, period_start, Account, Applied, Epoch, KeyLimits, Op, PeriodSpend, HISTORY_PERIODS,
 };
-use crate::config::Period;
 
 /// A lease not renewed for this long goes back to the key's budget.
 pub const LEASE_TTL: Duration = Duration::from_secs(30);
@@ -84,7 +83,6 @@ pub struct ValkeyStore {
     read: redis::Script,
     timeout: Duration,
     limits: Arc<KeyLimits>,
-    period: Period,
     clock: Clock,
     lease_ttl: Duration,
 }
@@ -96,14 +94,13 @@ impl ValkeyStore {
         url: &str,
         timeout: Duration,
         limits: Arc<KeyLimits>,
-        period: Period,
         clock: Clock,
     ) -> Result<ValkeyStore, StoreError> {
         // The URL may hold a password: the error names only what is wrong with it.
         let client = redis::Client::open(url)
             .map_err(|e| StoreError::Protocol(format!("valkey_url: {:?}", e.kind())))?;
         Ok(ValkeyStore::with_client(
-            client, None, timeout, limits, period, clock,
+            client, None, timeout, limits, clock,
         ))
     }
 
@@ -114,7 +111,6 @@ impl ValkeyStore {
         ca_pem: Vec<u8>,
         timeout: Duration,
         limits: Arc<KeyLimits>,
-        period: Period,
         clock: Clock,
     ) -> Result<ValkeyStore, StoreError> {
         let certs = || redis::TlsCertificates {
@@ -128,7 +124,6 @@ impl ValkeyStore {
             Some(certs()),
             timeout,
             limits,
-            period,
             clock,
         ))
     }
@@ -138,7 +133,6 @@ impl ValkeyStore {
         certs: Option<redis::TlsCertificates>,
         timeout: Duration,
         limits: Arc<KeyLimits>,
-        period: Period,
         clock: Clock,
     ) -> ValkeyStore {
         ValkeyStore {
@@ -149,7 +143,6 @@ impl ValkeyStore {
             read: redis::Script::new(READ),
             timeout,
             limits,
-            period,
             clock,
             lease_ttl: LEASE_TTL,
         }
@@ -176,8 +169,9 @@ impl ValkeyStore {
         self
     }
 
-    fn period_now(&self) -> u64 {
-        period_of(self.period, (self.clock)())
+    /// The period of the account's window the clock is in.
+    fn period_now(&self, key: KeyId) -> u64 {
+        period_of(self.limits.window(key), (self.clock)())
     }
 
     /// Runs `call` on the connection, connecting first if needed. A failure drops the
@@ -304,7 +298,7 @@ impl ValkeyStore {
             .arg(signed(restore.limit))
             .arg(HISTORY_PERIODS)
             .arg(IDLE_TTL.as_millis() as u64)
-            .arg(period_start(self.period, op.period));
+            .arg(period_start(self.limits.window(op.key), op.period));
         let spends: Vec<PeriodSpend> = op.settle.spent.iter().collect();
         cmd.arg(spends.len());
         for p in spends {
@@ -376,7 +370,7 @@ impl ValkeyStore {
             .arg(format!("{tag}:lease"))
             .arg(format!("{tag}:until"))
             .arg(self.limits.of(key))
-            .arg(self.period_now());
+            .arg(self.period_now(key));
         cmd
     }
 
@@ -558,7 +552,7 @@ impl Store for ValkeyStore {
     }
 
     fn reset(&self, key: KeyId) -> Result<Account, StoreError> {
-        let period = self.period_now();
+        let period = self.period_now(key);
         let mut cmd = redis::cmd("HDEL");
         cmd.arg(key_tag(key))
             .arg(format!("spent:{period}"))

@@ -1,0 +1,394 @@
+//! Who a request is charged to and what it may use: for each configured key, the accounts a
+//! request of it reserves in (the key's own budget and its other calendar windows, its team's
+//! windows) and its rate-limit accounts (requests and tokens per minute, requests in flight,
+//! the key's and the team's). Every one is an account of the budget machinery (leases granted
+//! by the store, reserve then settle, exactly-once flushes, the journal), so a team's budget
+//! and a fleet's rate limit hold across workers and nodes as a key's budget does.
+//!
+//! A key's own budget keeps the key's id as its account (its spend, `/v1/usage` and the
+//! admin API stay where they were); every other account's id is derived from its owner and
+//! what it counts, never from an alias, so renaming a key keeps its spend.
+
+use std::collections::HashMap;
+
+use crate::auth::{KeyId, KeyIdMap};
+use crate::budget::op::{iso_time, period_end, period_label, period_of};
+use crate::budget::{Account, Accounts, Budget, LimitTable, Meter};
+use crate::config::governance::{Limits, TeamEntry, Window};
+use crate::config::tables::KeyEntry;
+use crate::config::Period;
+use crate::pricing::{dollars_to_nano, nano_to_dollars};
+
+/// The accounts a request of one key is charged to, by what they count.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Charges {
+    pub dollars: Accounts,
+    pub requests: Accounts,
+    pub tokens: Accounts,
+    pub concurrent: Accounts,
+}
+
+impl Charges {
+    /// A key Aura has no configuration for: its own budget only.
+    pub fn own(key: KeyId) -> Charges {
+        Charges {
+            dollars: Accounts::one(key),
+            ..Charges::default()
+        }
+    }
+
+    /// Whether any rate limit applies.
+    pub fn rate_limited(&self) -> bool {
+        !(self.requests.is_empty() && self.tokens.is_empty() && self.concurrent.is_empty())
+    }
+}
+
+/// Whose an account is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Owner {
+    /// A key, by alias.
+    Key(String),
+    Team(String),
+}
+
+/// An account as shown: whose it is, and its budget.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountInfo {
+    pub owner: Owner,
+    pub budget: Budget,
+}
+
+impl AccountInfo {
+    /// `team "research" daily budget`, `key "alice" requests per minute`.
+    pub fn describe(&self) -> String {
+        let owner = match &self.owner {
+            Owner::Key(alias) => format!("key \"{alias}\""),
+            Owner::Team(name) => format!("team \"{name}\""),
+        };
+        let what = match (self.budget.meter, self.budget.window) {
+            (Meter::Dollars, Period::Daily) => "daily budget",
+            (Meter::Dollars, Period::Monthly) => "monthly budget",
+            (Meter::Dollars, _) => "budget",
+            (Meter::Requests, _) => "requests per minute",
+            (Meter::Tokens, _) => "tokens per minute",
+            (Meter::Concurrent, _) => "concurrent requests",
+        };
+        format!("{owner} {what}")
+    }
+
+    /// A label for metrics: `alice`, `alice/monthly`, `team:research/daily`.
+    pub fn label(&self) -> String {
+        let owner = match &self.owner {
+            Owner::Key(alias) => alias.clone(),
+            Owner::Team(name) => format!("team:{name}"),
+        };
+        match self.budget.window {
+            Period::Daily => format!("{owner}/daily"),
+            Period::Monthly => format!("{owner}/monthly"),
+            _ => owner,
+        }
+    }
+}
+
+/// The governance of a configuration: each configured key's charges, every account's
+/// description, and the budgets the store enforces.
+#[derive(Debug, Default)]
+pub struct Governance {
+    charges: KeyIdMap<Charges>,
+    catalog: HashMap<KeyId, AccountInfo>,
+    table: LimitTable,
+}
+
+impl Governance {
+    /// `default_limit`: a key's budget when it sets none, in `window` (`budget_period`).
+    pub fn new(
+        default_limit: u64,
+        window: Period,
+        keys: &[KeyEntry],
+        teams: &[TeamEntry],
+    ) -> Governance {
+        let mut g = Governance {
+            table: LimitTable {
+                default: default_limit,
+                window,
+                accounts: HashMap::new(),
+            },
+            ..Governance::default()
+        };
+        let mut team_charges: HashMap<&str, Charges> = HashMap::new();
+        for team in teams {
+            let owner = Owner::Team(team.name.clone());
+            let mut charges = Charges::default();
+            g.add_limits(
+                &owner,
+                &format!("team:{}", team.name),
+                None,
+                &team.limits,
+                &mut charges,
+            );
+            team_charges.insert(&team.name, charges);
+        }
+        for key in keys {
+            let id = KeyId::of(key.key.expose());
+            let owner = Owner::Key(key.alias.clone());
+            let mut charges = Charges::default();
+            g.add_limits(
+                &owner,
+                &format!("key:{id}"),
+                Some(id),
+                &key.limits,
+                &mut charges,
+            );
+            if charges.dollars.is_empty() {
+                // No budget of its own: the default limit, in `budget_period`.
+                charges.dollars.push(id);
+                let budget = Budget {
+                    limit: default_limit,
+                    window,
+                    meter: Meter::Dollars,
+                };
+                g.catalog.insert(id, AccountInfo { owner, budget });
+            }
+            if let Some(team) = key.team.as_deref().and_then(|t| team_charges.get(t)) {
+                for (mine, theirs) in [
+                    (&mut charges.dollars, team.dollars),
+                    (&mut charges.requests, team.requests),
+                    (&mut charges.tokens, team.tokens),
+                    (&mut charges.concurrent, team.concurrent),
+                ] {
+                    for account in theirs.iter() {
+                        // Windows are one per period per owner: at most 3 + 3 fit.
+                        mine.push(account);
+                    }
+                }
+            }
+            g.charges.insert(id, charges);
+        }
+        g
+    }
+
+    /// Adds an owner's budgets and rate limits: the first budget of a key is the key's own
+    /// account (`own`); every other account's id is derived from `scope`.
+    fn add_limits(
+        &mut self,
+        owner: &Owner,
+        scope: &str,
+        own: Option<KeyId>,
+        limits: &Limits,
+        charges: &mut Charges,
+    ) {
+        for (i, window) in limits.windows.iter().enumerate() {
+            let Window {
+                period,
+                limit_dollars,
+            } = *window;
+            let period = period.unwrap_or(self.table.window);
+            let id = match own {
+                Some(own) if i == 0 => own,
+                _ => derived(scope, &format!("dollars/{}", period_name(period))),
+            };
+            let budget = Budget {
+                limit: dollars_to_nano(limit_dollars),
+                window: period,
+                meter: Meter::Dollars,
+            };
+            self.add(id, owner, budget);
+            charges.dollars.push(id);
+        }
+        let rates = [
+            (limits.rates.rpm, Meter::Requests, Period::Minute, "rpm"),
+            (limits.rates.tpm, Meter::Tokens, Period::Minute, "tpm"),
+            (
+                limits.rates.max_concurrent,
+                Meter::Concurrent,
+                Period::Never,
+                "concurrent",
+            ),
+        ];
+        for (limit, meter, window, what) in rates {
+            let Some(limit) = limit else { continue };
+            let id = derived(scope, what);
+            self.add(
+                id,
+                owner,
+                Budget {
+                    limit,
+                    window,
+                    meter,
+                },
+            );
+            let accounts = match meter {
+                Meter::Requests => &mut charges.requests,
+                Meter::Tokens => &mut charges.tokens,
+                _ => &mut charges.concurrent,
+            };
+            accounts.push(id);
+        }
+    }
+
+    fn add(&mut self, id: KeyId, owner: &Owner, budget: Budget) {
+        self.table.accounts.insert(id, budget);
+        let owner = owner.clone();
+        self.catalog.insert(id, AccountInfo { owner, budget });
+    }
+
+    /// What a request of `key` is charged to.
+    pub fn charges(&self, key: KeyId) -> Charges {
+        self.charges
+            .get(&key)
+            .copied()
+            .unwrap_or_else(|| Charges::own(key))
+    }
+
+    /// The account's owner and budget (none: a key Aura has no configuration for).
+    pub fn account(&self, id: KeyId) -> Option<&AccountInfo> {
+        self.catalog.get(&id)
+    }
+
+    /// The budgets the store enforces.
+    pub fn limits(&self) -> LimitTable {
+        self.table.clone()
+    }
+
+    /// Every money account's label (for metrics).
+    pub fn labels(&self) -> impl Iterator<Item = (KeyId, String)> + '_ {
+        self.catalog
+            .iter()
+            .filter(|(_, info)| info.budget.meter == Meter::Dollars)
+            .map(|(id, info)| (*id, info.label()))
+    }
+}
+
+/// One money account as `/v1/usage` and the admin API show it: whose, which window, its
+/// limit, spend and remaining in the current period, and when that period ends.
+pub fn standing_json(info: &AccountInfo, account: &Account, unix_now: u64) -> serde_json::Value {
+    let window = info.budget.window;
+    let period = period_of(window, unix_now);
+    let (kind, name) = match &info.owner {
+        Owner::Key(alias) => ("key", alias.as_str()),
+        Owner::Team(name) => ("team", name.as_str()),
+    };
+    serde_json::json!({
+        "budget": info.describe(),
+        "owner": kind,
+        "name": name,
+        "period": period_name(window),
+        "current_period": period_label(window, period),
+        "resets_at": period_end(window, period).map(iso_time),
+        "limit_dollars": nano_to_dollars(account.limit),
+        "usage_dollars": nano_to_dollars(account.spent),
+        "remaining_dollars": nano_to_dollars(account.remaining()),
+    })
+}
+
+/// The id of an account that is not a key's own: from its owner and what it counts. The
+/// leading byte keeps it apart from any key a client can send (a control character).
+fn derived(scope: &str, what: &str) -> KeyId {
+    KeyId::of(&format!("\u{1}aura\u{1}{scope}\u{1}{what}"))
+}
+
+fn period_name(period: Period) -> &'static str {
+    match period {
+        Period::Never => "none",
+        Period::Minute => "minute",
+        Period::Daily => "daily",
+        Period::Monthly => "monthly",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::governance::Rates;
+    use crate::config::tables::Secret;
+
+    fn key(alias: &str, team: Option<&str>, limits: Limits) -> KeyEntry {
+        KeyEntry {
+            alias: alias.into(),
+            key: Secret::new(format!("sk-{alias}")),
+            limits,
+            team: team.map(String::from),
+            upstream_key: None,
+        }
+    }
+
+    fn window(period: Option<Period>, limit_dollars: f64) -> Window {
+        Window {
+            period,
+            limit_dollars,
+        }
+    }
+
+    #[test]
+    fn a_key_is_charged_to_its_windows_then_its_teams() {
+        let team = TeamEntry {
+            name: "research".into(),
+            limits: Limits {
+                windows: vec![
+                    window(Some(Period::Daily), 5.0),
+                    window(Some(Period::Monthly), 100.0),
+                ],
+                rates: Rates {
+                    rpm: Some(600),
+                    tpm: None,
+                    max_concurrent: Some(20),
+                },
+            },
+        };
+        let alice = key(
+            "alice",
+            Some("research"),
+            Limits {
+                windows: vec![window(None, 1.0), window(Some(Period::Daily), 0.5)],
+                rates: Rates {
+                    rpm: Some(60),
+                    ..Rates::default()
+                },
+            },
+        );
+        let bob = key("bob", Some("research"), Limits::default());
+        let g = Governance::new(7, Period::Monthly, &[alice, bob], &[team]);
+        let alice_id = KeyId::of("sk-alice");
+        let charges = g.charges(alice_id);
+        assert_eq!(charges.dollars.len(), 4);
+        assert_eq!(charges.dollars.first(), Some(alice_id));
+        assert_eq!(
+            (
+                charges.requests.len(),
+                charges.tokens.len(),
+                charges.concurrent.len()
+            ),
+            (2, 0, 1)
+        );
+        let described: Vec<String> = charges
+            .dollars
+            .iter()
+            .map(|id| g.account(id).unwrap().describe())
+            .collect();
+        assert_eq!(
+            described,
+            [
+                "key \"alice\" monthly budget",
+                "key \"alice\" daily budget",
+                "team \"research\" daily budget",
+                "team \"research\" monthly budget"
+            ]
+        );
+        // Bob shares the team's accounts, with the default limit as his own.
+        let bob = g.charges(KeyId::of("sk-bob"));
+        assert_eq!(bob.dollars.len(), 3);
+        assert_eq!(
+            bob.dollars.iter().skip(1).collect::<Vec<_>>(),
+            charges.dollars.iter().skip(2).collect::<Vec<_>>()
+        );
+        assert_eq!(g.account(KeyId::of("sk-bob")).unwrap().budget.limit, 7);
+        // The store enforces every configured account; an unconfigured key gets the default.
+        let table = g.limits();
+        assert_eq!(table.accounts[&alice_id].limit, 1_000_000_000);
+        assert_eq!(table.accounts[&alice_id].window, Period::Monthly);
+        assert!(!table.accounts.contains_key(&KeyId::of("sk-bob")));
+        let stranger = KeyId::of("sk-stranger");
+        assert_eq!(g.charges(stranger), Charges::own(stranger));
+        assert!(!g.charges(stranger).rate_limited());
+    }
+}
