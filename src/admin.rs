@@ -1,42 +1,44 @@
-//! The admin API for keys, on when `admin_token` is set; every call needs
+//! The admin API, on when `admin_token` is set; every call needs
 //! `Authorization: Bearer <admin_token>` (compared in constant time).
 //!
 //! | call | does |
 //! |---|---|
-//! | `GET /admin/keys` | every key the store holds |
-//! | `POST /admin/keys` `{"key": "...", "limit_dollars": 5}` | sets a key's limit (creates it) |
-//! | `GET /admin/keys/{id}` | one key, with its spend in each budget period the store keeps |
-//! | `PATCH /admin/keys/{id}` `{"limit_dollars": 7.5}` | updates its limit |
-//! | `POST /admin/keys/{id}/reset` | its spend back to zero |
-//! | `DELETE /admin/keys/{id}` | forgets its limit and spend |
-//!
+//! | `GET /admin/keys` | every key: the config file's, the admin API's, and any other the store holds, each with where it comes from, its budgets (every window) and rate limits |
+//! | `POST /admin/keys` `{"alias": "alice", ...}` | makes a key (`keys.rs`): its secret is in this answer only |
+//! | `POST /admin/keys` `{"key": "...", "limit_dollars": 5}` | sets the limit of a key Aura does not manage (passthrough) |
+//! | `GET /admin/keys/{id}` | one key, with its spend in each period the store keeps |
+//! | `PATCH /admin/keys/{id}` | an admin-made key: any of its fields; any other: `{"limit_dollars": 7.5}` |
+//! | `POST /admin/keys/{id}/rotate` `{"grace_seconds": 3600}` | an admin-made key's new secret; the old ones stay valid for the grace |
+//! | `POST /admin/keys/{id}/reset` | its spend in the current period back to zero |
+//! | `DELETE /admin/keys/{id}` | revokes an admin-made key (401 from then on); forgets another key's limit and spend |
+//! | `GET /admin/teams` | every team, its budgets (every window), rate limits and keys |
 //! | `POST /admin/reload` | reads the configuration again (as SIGHUP does): applied, or refused whole with its errors |
 //!
-//! `{id}` is a key id (16 hex digits, as every answer shows it) or a configured alias: keys
-//! appear in clear only in the body that registers them. Answers are JSON, errors OpenAI-shaped.
+//! `{id}` is a key id (16 hex digits, as every answer shows it) or an alias: a key appears in
+//! clear only in the answer that made it. Answers are JSON, errors OpenAI-shaped.
+
+mod keys;
+mod teams;
 
 use http::{HeaderMap, Method, StatusCode};
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use std::sync::Arc;
 
-use crate::auth::{self, Directory, KeyId};
+use crate::auth;
 use crate::budget::ledger::Ledger;
-use crate::budget::op::period_label;
-use crate::budget::{Account, PeriodSpend};
 use crate::config::{Period, Secret};
 use crate::error::Error;
-use crate::pricing::{self, nano_to_dollars};
+use crate::pricing;
 use crate::reload::Shared;
 
 pub struct Admin<'a> {
     pub ledger: &'a Ledger,
-    pub directory: &'a Directory,
-    /// The live configuration, for `POST /admin/reload`.
+    /// The live configuration and keys, the keyring, reloads.
     pub shared: &'a Arc<Shared>,
     pub token: &'a Secret,
-    /// How periods are shown.
+    /// `budget_period`: the window of keys' own limits.
     pub period: Period,
 }
 
@@ -47,16 +49,9 @@ impl Admin<'_> {
         if !self.shared.reloadable() {
             return Err(Error::NotFound("/admin/reload".into()));
         }
-        let (tx, rx) = futures_channel::oneshot::channel();
         let shared = self.shared.clone();
-        std::thread::Builder::new()
-            .name("aura-reload".into())
-            .spawn(move || {
-                let _ = tx.send(shared.reload());
-            })
-            .map_err(|e| Error::Internal(format!("cannot start the reload: {e}")))?;
-        match rx.await {
-            Ok(Ok(done)) => {
+        match blocking(move || shared.reload()).await? {
+            Ok(done) => {
                 let body = json!({
                     "reloaded": true,
                     "generation": done.generation,
@@ -66,8 +61,7 @@ impl Admin<'_> {
                 });
                 Ok((StatusCode::OK, body.to_string().into_bytes()))
             }
-            Ok(Err(refused)) => Err(Error::ConfigRefused(refused)),
-            Err(_) => Err(Error::Internal("the reload ended without an answer".into())),
+            Err(refused) => Err(Error::ConfigRefused(refused)),
         }
     }
 
@@ -83,139 +77,64 @@ impl Admin<'_> {
         if !auth::constant_time_eq(token.as_bytes(), self.token.expose().as_bytes()) {
             return Err(Error::AdminToken);
         }
-        let not_found = || Error::NotFound(path.to_string());
-        if path == "/admin/reload" {
-            return match *method {
-                Method::POST => self.reload().await,
-                _ => Err(Error::MethodNotAllowed { allow: "POST" }),
-            };
-        }
-        let rest = path.strip_prefix("/admin/keys").ok_or_else(not_found)?;
-        let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
         // HEAD is GET without the body (the caller leaves the body out).
         let method = if method == Method::HEAD {
             &Method::GET
         } else {
             method
         };
-        let answer = match (method, parts.as_slice()) {
-            (&Method::GET, []) => {
-                let mut keys = self.ledger.admin_call(|s| s.accounts()).await?;
-                keys.sort_by_key(|(id, _)| *id);
-                let keys: Vec<Value> = keys.iter().map(|(id, a)| self.show(*id, a)).collect();
-                (StatusCode::OK, json!({ "keys": keys }))
-            }
-            (&Method::POST, []) => {
-                let create: Create = parse(body)?;
-                if create.key.trim().is_empty() {
-                    return Err(Error::MalformedBody("`key` must not be empty".into()));
+        let answer = match path {
+            "/admin/reload" => {
+                return match *method {
+                    Method::POST => self.reload().await,
+                    _ => Err(Error::MethodNotAllowed { allow: "POST" }),
                 }
-                let id = KeyId::of(create.key.trim());
-                let limit = limit_nano(create.limit_dollars)?;
-                let account = self
-                    .ledger
-                    .admin_call(move |s| s.set_limit(id, limit))
-                    .await?;
-                (StatusCode::CREATED, self.show(id, &account))
             }
-            (&Method::GET, [id]) => {
-                let id = self.resolve(id).await?.ok_or_else(not_found)?;
-                let (account, history) = self
-                    .ledger
-                    .admin_call(move |s| Ok((s.account(id)?, s.history(id)?)))
-                    .await?;
-                let mut shown = self.show(id, &account);
-                shown["periods"] = self.periods(&history);
-                (StatusCode::OK, shown)
+            "/admin/teams" => match *method {
+                Method::GET => self.teams().await?,
+                _ => return Err(Error::MethodNotAllowed { allow: "GET, HEAD" }),
+            },
+            _ => {
+                let rest = path
+                    .strip_prefix("/admin/keys")
+                    .filter(|rest| rest.is_empty() || rest.starts_with('/'))
+                    .ok_or_else(|| Error::NotFound(path.to_string()))?;
+                let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
+                self.keys(method, path, &parts, body).await?
             }
-            (&Method::PATCH, [id]) => {
-                let id = self.resolve(id).await?.ok_or_else(not_found)?;
-                let update: Update = parse(body)?;
-                let limit = limit_nano(update.limit_dollars)?;
-                let account = self
-                    .ledger
-                    .admin_call(move |s| s.set_limit(id, limit))
-                    .await?;
-                (StatusCode::OK, self.show(id, &account))
-            }
-            (&Method::POST, [id, "reset"]) => {
-                let id = self.resolve(id).await?.ok_or_else(not_found)?;
-                let account = self.ledger.admin_call(move |s| s.reset(id)).await?;
-                self.ledger.forget_known(id);
-                (StatusCode::OK, self.show(id, &account))
-            }
-            (&Method::DELETE, [id]) => {
-                let id = self.resolve(id).await?.ok_or_else(not_found)?;
-                self.ledger.admin_call(move |s| s.remove(id)).await?;
-                self.ledger.forget_known(id);
-                (
-                    StatusCode::OK,
-                    json!({ "key_id": id.to_string(), "deleted": true }),
-                )
-            }
-            (_, []) => {
-                return Err(Error::MethodNotAllowed {
-                    allow: "GET, HEAD, POST",
-                })
-            }
-            (_, [_]) => {
-                return Err(Error::MethodNotAllowed {
-                    allow: "GET, HEAD, PATCH, DELETE",
-                })
-            }
-            (_, [_, "reset"]) => return Err(Error::MethodNotAllowed { allow: "POST" }),
-            _ => return Err(not_found()),
         };
         Ok((answer.0, answer.1.to_string().into_bytes()))
     }
+}
 
-    /// A key the store holds or the config names, by id or alias.
-    async fn resolve(&self, id_or_alias: &str) -> Result<Option<KeyId>, Error> {
-        if let Some(id) = KeyId::parse(id_or_alias) {
-            if self.directory.alias(id).is_some()
-                || self.ledger.admin_call(move |s| s.holds(id)).await?
-            {
-                return Ok(Some(id));
-            }
-        }
-        Ok(self.directory.by_alias(id_or_alias))
-    }
-
-    /// Spend per period, oldest first, with the period as a date (`2026-11-30`, `2026-11`).
-    fn periods(&self, history: &[PeriodSpend]) -> Value {
-        history
-            .iter()
-            .map(|p| {
-                json!({
-                    "period": period_label(self.period, p.period),
-                    "usage_dollars": nano_to_dollars(p.nano),
-                })
-            })
-            .collect()
-    }
-
-    fn show(&self, id: KeyId, a: &Account) -> Value {
-        json!({
-            "key_id": id.to_string(),
-            "alias": self.directory.alias(id),
-            "limit_dollars": nano_to_dollars(a.limit),
-            "usage_dollars": nano_to_dollars(a.spent),
-            "remaining_dollars": nano_to_dollars(a.remaining()),
+/// Runs `call` on a thread of its own (a keyring write fsyncs or crosses the network; a
+/// reload reads files): the worker or control plane waits without blocking.
+async fn blocking<T: Send + 'static>(
+    call: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Error> {
+    let (tx, rx) = futures_channel::oneshot::channel();
+    std::thread::Builder::new()
+        .name("aura-admin".into())
+        .spawn(move || {
+            let _ = tx.send(call());
         })
-    }
+        .map_err(|e| Error::Internal(format!("cannot start an admin call: {e}")))?;
+    rx.await
+        .map_err(|_| Error::Internal("an admin call ended without an answer".into()))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Create {
-    key: String,
-    limit_dollars: f64,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Update {
-    limit_dollars: f64,
+/// Each account's totals in its current period (one store call for them all).
+fn totals_of(
+    store: &dyn crate::budget::store::Store,
+    accounts: &[crate::auth::KeyId],
+) -> Result<
+    std::collections::HashMap<crate::auth::KeyId, crate::budget::Account>,
+    crate::budget::store::StoreError,
+> {
+    accounts
+        .iter()
+        .map(|id| Ok((*id, store.account(*id)?)))
+        .collect()
 }
 
 fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Error> {

@@ -8,8 +8,10 @@ use std::fmt;
 
 use http::{header, HeaderMap};
 
+use crate::config::governance::Limits;
 use crate::config::{KeyEntry, KeyMode, Secret};
 use crate::error::Error;
+use crate::upstream::select::ModelPattern;
 
 /// A map keyed by key ids. A key id is already a SHA-256 prefix, uniformly spread: hashing it
 /// again with SipHash (std's default, ~20 ns) buys nothing on the request path.
@@ -44,8 +46,13 @@ pub struct KeyId([u8; 8]);
 impl KeyId {
     pub fn of(key: &str) -> KeyId {
         let digest = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+        KeyId::of_digest(digest.as_ref())
+    }
+
+    /// From a key's SHA-256.
+    fn of_digest(digest: &[u8]) -> KeyId {
         let mut id = [0; 8];
-        id.copy_from_slice(&digest.as_ref()[..8]);
+        id.copy_from_slice(&digest[..8]);
         KeyId(id)
     }
 }
@@ -73,11 +80,59 @@ impl KeyId {
     }
 }
 
-/// The keys Aura knows from its config: aliases, and the upstream key of each virtual key.
+/// A key Aura knows: from the config file's `[keys]`, or made by the admin API.
+#[derive(Debug, Clone)]
+pub struct Member {
+    /// A config key's: its secret's id. An admin-made key's: drawn when it was made.
+    pub id: KeyId,
+    pub alias: String,
+    pub limits: Limits,
+    pub team: Option<String>,
+    /// Set for a virtual key: what goes upstream instead of the client's key.
+    pub upstream_key: Option<Secret>,
+    /// Models it may ask for; empty: any.
+    pub models: Vec<ModelPattern>,
+    /// The upstream its requests go to, by name; none: any serving the model.
+    pub upstream: Option<String>,
+    pub origin: Origin,
+}
+
+/// Where a key comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// The config file: its secret is in the file.
+    Config,
+    /// The admin API: only the SHA-256 of each secret it accepts is known, each with when it
+    /// stops being accepted (a rotated-out secret's grace), and when the key expires.
+    Admin {
+        secrets: Vec<([u8; 32], Option<u64>)>,
+        expires_at: Option<u64>,
+    },
+}
+
+impl Member {
+    pub fn from_config(entry: &KeyEntry) -> Member {
+        Member {
+            id: KeyId::of(entry.key.expose()),
+            alias: entry.alias.clone(),
+            limits: entry.limits.clone(),
+            team: entry.team.clone(),
+            upstream_key: entry.upstream_key.clone(),
+            models: entry.models.clone(),
+            upstream: entry.upstream.clone(),
+            origin: Origin::Config,
+        }
+    }
+}
+
+/// The keys Aura knows (the config file's and the admin API's): aliases, the upstream key of
+/// each virtual key, what each may ask for.
 #[derive(Debug)]
 pub struct Directory {
     mode: KeyMode,
     known: HashMap<KeyId, Known>,
+    /// Admin-made keys' secrets: SHA-256 → the key, and when the secret stops being accepted.
+    secrets: HashMap<[u8; 32], (KeyId, Option<u64>)>,
     /// Every upstream has provider keys of its own: a virtual key needs no `upstream_key`.
     upstreams_keyed: bool,
 }
@@ -86,6 +141,15 @@ pub struct Directory {
 struct Known {
     alias: String,
     upstream_key: Option<Secret>,
+    models: Vec<ModelPattern>,
+    upstream: Option<String>,
+    /// Set for an admin-made key (none: the config file's).
+    admin: Option<Expiry>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Expiry {
+    expires_at: Option<u64>,
 }
 
 /// Who is calling, once authorized.
@@ -95,23 +159,53 @@ pub struct Caller<'a> {
     pub alias: Option<&'a str>,
     /// Set for a virtual key: what goes upstream instead of the client's key.
     pub upstream_key: Option<&'a Secret>,
+    /// Models it may ask for; empty: any.
+    pub models: &'a [ModelPattern],
+    /// The upstream its requests go to; none: any.
+    pub upstream: Option<&'a str>,
+}
+
+impl Caller<'_> {
+    /// Whether the key may ask for `model`.
+    pub fn may_use(&self, model: &str) -> bool {
+        self.models.is_empty() || self.models.iter().any(|m| m.matches(model))
+    }
 }
 
 impl Directory {
-    pub fn new(mode: KeyMode, entries: &[KeyEntry]) -> Directory {
-        let known = entries
+    pub fn new(mode: KeyMode, members: &[Member]) -> Directory {
+        let mut secrets = HashMap::new();
+        let known = members
             .iter()
-            .map(|e| {
-                let known = Known {
-                    alias: e.alias.clone(),
-                    upstream_key: e.upstream_key.clone(),
+            .map(|m| {
+                let admin = match &m.origin {
+                    Origin::Config => None,
+                    Origin::Admin {
+                        secrets: accepted,
+                        expires_at,
+                    } => {
+                        for (hash, until) in accepted {
+                            secrets.insert(*hash, (m.id, *until));
+                        }
+                        Some(Expiry {
+                            expires_at: *expires_at,
+                        })
+                    }
                 };
-                (KeyId::of(e.key.expose()), known)
+                let known = Known {
+                    alias: m.alias.clone(),
+                    upstream_key: m.upstream_key.clone(),
+                    models: m.models.clone(),
+                    upstream: m.upstream.clone(),
+                    admin,
+                };
+                (m.id, known)
             })
             .collect();
         Directory {
             mode,
             known,
+            secrets,
             upstreams_keyed: false,
         }
     }
@@ -123,23 +217,44 @@ impl Directory {
         self
     }
 
-    /// The caller of a request with these headers. Passthrough mode takes any bearer key;
-    /// virtual mode only keys of the config that have an upstream key (or any of them, where
-    /// every upstream has keys of its own). One credential only:
-    /// the key billed is exactly the key forwarded.
-    pub fn authorize(&self, headers: &HeaderMap) -> Result<Caller<'_>, Error> {
+    /// The caller of a request with these headers at `now` (unix seconds). Passthrough mode
+    /// takes any bearer key; virtual mode only known keys that have an upstream key (or any of
+    /// them, where every upstream has keys of its own). An admin-made key is accepted by any
+    /// of its live secrets until it expires. One credential only: the key billed is exactly
+    /// the key forwarded.
+    pub fn authorize(&self, headers: &HeaderMap, now: u64) -> Result<Caller<'_>, Error> {
         let key = single_credential(headers)?.ok_or(Error::MissingKey)?;
-        let id = KeyId::of(key);
-        let known = self.known.get(&id);
+        let digest = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+        let mut id = KeyId::of_digest(digest.as_ref());
+        let mut known = self.known.get(&id).filter(|k| k.admin.is_none());
+        if known.is_none() && !self.secrets.is_empty() {
+            let mut hash = [0u8; 32];
+            hash.copy_from_slice(digest.as_ref());
+            if let Some(&(member, until)) = self.secrets.get(&hash) {
+                let member_known = self.known.get(&member);
+                let expired = until.is_some_and(|until| now >= until)
+                    || member_known
+                        .and_then(|k| k.admin)
+                        .and_then(|a| a.expires_at)
+                        .is_some_and(|at| now >= at);
+                if expired || member_known.is_none() {
+                    return Err(Error::InvalidKey);
+                }
+                (id, known) = (member, member_known);
+            }
+        }
         let upstream_key = known.and_then(|k| k.upstream_key.as_ref());
         let served = upstream_key.is_some() || (self.upstreams_keyed && known.is_some());
-        if self.mode == KeyMode::Virtual && !served {
+        let admin_made = known.is_some_and(|k| k.admin.is_some());
+        if (self.mode == KeyMode::Virtual || admin_made) && !served {
             return Err(Error::InvalidKey);
         }
         Ok(Caller {
             id,
             alias: known.map(|k| k.alias.as_str()),
             upstream_key,
+            models: known.map_or(&[], |k| k.models.as_slice()),
+            upstream: known.and_then(|k| k.upstream.as_deref()),
         })
     }
 
@@ -151,7 +266,14 @@ impl Directory {
         self.known.get(&id).map(|k| k.alias.as_str())
     }
 
-    /// Every configured key's alias.
+    /// Where the key comes from: `config` or `admin` (none: Aura does not know it).
+    pub fn origin(&self, id: KeyId) -> Option<&'static str> {
+        self.known
+            .get(&id)
+            .map(|k| if k.admin.is_some() { "admin" } else { "config" })
+    }
+
+    /// Every known key's alias.
     pub fn aliases(&self) -> HashMap<KeyId, String> {
         self.known
             .iter()
@@ -348,6 +470,8 @@ mod tests {
                 limits: Default::default(),
                 team: None,
                 upstream_key: Some(Secret::new("sk-proj-up")),
+                models: Vec::new(),
+                upstream: None,
             },
             KeyEntry {
                 alias: "team-b".into(),
@@ -355,8 +479,11 @@ mod tests {
                 limits: Default::default(),
                 team: None,
                 upstream_key: None,
+                models: Vec::new(),
+                upstream: None,
             },
         ];
+        let entries: Vec<Member> = entries.iter().map(Member::from_config).collect();
         let with = |key: &str| {
             let mut h = HeaderMap::new();
             h.insert(
@@ -367,24 +494,27 @@ mod tests {
         };
         let virtual_keys = Directory::new(KeyMode::Virtual, &entries);
         let a = with("sk-aura-a");
-        let caller = virtual_keys.authorize(&a).unwrap();
+        let caller = virtual_keys.authorize(&a, 0).unwrap();
         assert_eq!(caller.alias, Some("team-a"));
         assert_eq!(caller.upstream_key.unwrap().expose(), "sk-proj-up");
         let b = with("sk-aura-b");
-        assert!(matches!(virtual_keys.authorize(&b), Err(Error::InvalidKey)));
+        assert!(matches!(
+            virtual_keys.authorize(&b, 0),
+            Err(Error::InvalidKey)
+        ));
         let other = with("sk-anything");
         assert!(matches!(
-            virtual_keys.authorize(&other),
+            virtual_keys.authorize(&other, 0),
             Err(Error::InvalidKey)
         ));
         assert!(matches!(
-            virtual_keys.authorize(&HeaderMap::new()),
+            virtual_keys.authorize(&HeaderMap::new(), 0),
             Err(Error::MissingKey)
         ));
         let passthrough = Directory::new(KeyMode::Passthrough, &entries);
-        let caller = passthrough.authorize(&other).unwrap();
+        let caller = passthrough.authorize(&other, 0).unwrap();
         assert_eq!((caller.alias, caller.upstream_key), (None, None));
-        assert_eq!(passthrough.authorize(&b).unwrap().alias, Some("team-b"));
+        assert_eq!(passthrough.authorize(&b, 0).unwrap().alias, Some("team-b"));
         assert_eq!(passthrough.by_alias("team-b"), Some(KeyId::of("sk-aura-b")));
     }
 

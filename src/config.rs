@@ -93,6 +93,7 @@ pub const STORE_TIMEOUT_MS: &str = "AURA_STORE_TIMEOUT_MS";
 pub const NODE_ID: &str = "AURA_NODE_ID";
 pub const LEDGER_JOURNAL: &str = "AURA_LEDGER_JOURNAL";
 pub const JOURNAL_DIR: &str = "AURA_JOURNAL_DIR";
+pub const KEY_STATE_FILE: &str = "AURA_KEY_STATE_FILE";
 pub const ALLOW_UNPRICED_ROUTES: &str = "AURA_ALLOW_UNPRICED_ROUTES";
 pub const MAX_USAGE_TOKENS: &str = "AURA_MAX_USAGE_TOKENS";
 pub const JOURNAL_FSYNC_INTERVAL_MS: &str = "AURA_JOURNAL_FSYNC_INTERVAL_MS";
@@ -154,6 +155,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting { key: "journal_dir", env: &[JOURNAL_DIR], help: "directory of the journal: every settled cost is written there before it can be lost to a kill, until the valkey store has it; replayed at the next start; locked by one Aura at a time [default: /var/lib/aura where writable, else $XDG_STATE_HOME/aura or ~/.local/state/aura]" },
     Setting { key: "journal_fsync_interval_ms", env: &[JOURNAL_FSYNC_INTERVAL_MS], help: "how often the journal is flushed to disk: a power loss (not a kill) can lose at most this much settled spend [default: 1000]" },
     Setting { key: "ledger_journal", env: &[LEDGER_JOURNAL], help: "the journal file of an Aura from before journal_dir: replayed once at start (spend it kept when it stopped without the store), then deleted [default: aura-ledger.journal, where it exists]" },
+    Setting { key: "key_state_file", env: &[KEY_STATE_FILE], help: "with the memory store: the file keeping the keys the admin API makes (hashes of their secrets, never the secrets), read at start [default: keys.json in the journal's default directory]" },
     Setting { key: "shutdown_grace_ms", env: &[SHUTDOWN_GRACE_MS], help: "on SIGTERM or SIGINT, how long requests in flight may take to finish before spend is flushed and Aura exits (a request cut then is billed its reservation) [default: 20000]" },
 ];
 
@@ -340,6 +342,8 @@ pub struct Budgets {
     /// Responses each worker reads on after their client left (each bounded in bytes and time).
     pub max_drains_per_worker: usize,
     pub admin_token: Option<Secret>,
+    /// With the memory store: where admin-made keys are kept (none: the default directory's).
+    pub key_state_file: Option<PathBuf>,
     pub period: Period,
     /// The `[keys]` table of the config file.
     pub keys: Vec<KeyEntry>,
@@ -389,7 +393,7 @@ pub enum KeyMode {
 }
 
 /// When spend starts again from zero.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub enum Period {
     #[default]
     Never,
@@ -672,16 +676,7 @@ impl Parser<'_> {
                 .get("ledger_journal")
                 .map_or("aura-ledger.journal", |p| p.trim()),
         );
-        let journal_dir = self
-            .values
-            .get("journal_dir")
-            .map(|d| PathBuf::from(d.trim()))
-            .filter(|d| !d.as_os_str().is_empty());
-        if journal_dir.as_ref().is_some_and(|d| d.is_relative()) {
-            self.errors.push(format!(
-                "journal_dir ({JOURNAL_DIR}) must be an absolute path (a relative one moves with the working directory)"
-            ));
-        }
+        let journal_dir = self.absolute_path("journal_dir", JOURNAL_DIR);
         let fsync_every = self.millis("journal_fsync_interval_ms", 1_000);
         if !valkey {
             return StoreKind::Memory;
@@ -699,6 +694,21 @@ impl Parser<'_> {
             fsync_every,
             legacy_journal,
         })
+    }
+
+    /// An absolute path, if set (a relative one would move with the working directory).
+    fn absolute_path(&mut self, key: &'static str, env: &str) -> Option<PathBuf> {
+        let path = self
+            .values
+            .get(key)
+            .map(|d| PathBuf::from(d.trim()))
+            .filter(|d| !d.as_os_str().is_empty());
+        if path.as_ref().is_some_and(|d| d.is_relative()) {
+            self.errors.push(format!(
+                "{key} ({env}) must be an absolute path (a relative one moves with the working directory)"
+            ));
+        }
+        path
     }
 
     /// A non-negative, finite amount of dollars.
@@ -835,6 +845,7 @@ impl Parser<'_> {
                     .get("admin_token")
                     .filter(|t| !t.trim().is_empty())
                     .map(|t| Secret::new(t.trim())),
+                key_state_file: self.absolute_path("key_state_file", KEY_STATE_FILE),
                 period: self.choice(
                     "budget_period",
                     &[

@@ -102,10 +102,8 @@ impl ControlPlane {
                     .admin_token
                     .as_ref()
                     .ok_or_else(|| Error::NotFound(path.to_string()))?;
-                let live = self.shared.live();
                 let admin = Admin {
                     ledger: &self.ledger,
-                    directory: &live.directory,
                     shared: &self.shared,
                     token,
                     period: self.period,

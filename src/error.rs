@@ -101,6 +101,19 @@ pub enum Error {
     /// A reloaded configuration with errors: refused whole, the running one stays.
     #[error("configuration refused, the running one stays: {0}")]
     ConfigRefused(String),
+    /// A request that a tokens-per-minute limit could never take, however long it waited.
+    #[error("request too large for the {limit} of {allowed}: it may use {requested} tokens; lower max_tokens or the prompt")]
+    TooLargeForLimit {
+        limit: String,
+        allowed: u64,
+        requested: u64,
+    },
+    /// An admin call that the state of things refuses (an alias taken, a config key rotated).
+    #[error("{0}")]
+    Conflict(String),
+    /// The key may not ask for this model (its `models`).
+    #[error("this key may not use model `{0}`")]
+    ModelNotAllowed(String),
 }
 
 impl Error {
@@ -112,6 +125,8 @@ impl Error {
             | Error::BodyTooLarge { .. }
             | Error::MalformedBody(_)
             | Error::ConfigRefused(_)
+            | Error::Conflict(_)
+            | Error::ModelNotAllowed(_)
             | Error::Unsupported(_)
             | Error::NotFound(_)
             | Error::ModelNotFound(_)
@@ -123,6 +138,7 @@ impl Error {
             | Error::AdminToken
             | Error::BudgetExhausted { .. }
             | Error::RateLimited { .. }
+            | Error::TooLargeForLimit { .. }
             | Error::MethodNotAllowed { .. }
             | Error::ClientTimeout
             | Error::ClientSendTimeout
@@ -152,7 +168,11 @@ impl Error {
             Error::NotFound(_) | Error::ModelNotFound(_) => StatusCode::NOT_FOUND,
             Error::MissingKey | Error::InvalidKey | Error::AdminToken => StatusCode::UNAUTHORIZED,
             Error::BudgetExhausted { .. } => StatusCode::PAYMENT_REQUIRED,
-            Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Error::RateLimited { .. } | Error::TooLargeForLimit { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            Error::Conflict(_) => StatusCode::CONFLICT,
+            Error::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             Error::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Error::ClientTimeout | Error::ClientSendTimeout | Error::ClientGone => {
                 StatusCode::REQUEST_TIMEOUT
@@ -174,6 +194,7 @@ impl Error {
             Error::BudgetExhausted { .. } => return "insufficient_quota",
             // OpenAI's: what ran out, `requests` or `tokens`.
             Error::RateLimited { kind, .. } => return kind,
+            Error::TooLargeForLimit { .. } => return "tokens",
             _ => {}
         }
         match self.fault() {
@@ -201,7 +222,7 @@ impl Error {
             Error::InvalidKey => "invalid_api_key",
             Error::AdminToken => "invalid_admin_token",
             Error::BudgetExhausted { .. } => "insufficient_quota",
-            Error::RateLimited { .. } => "rate_limit_exceeded",
+            Error::RateLimited { .. } | Error::TooLargeForLimit { .. } => "rate_limit_exceeded",
             Error::MethodNotAllowed { .. } => "method_not_allowed",
             Error::ClientTimeout => "client_timeout",
             Error::ClientSendTimeout => "client_send_timeout",
@@ -214,6 +235,8 @@ impl Error {
             Error::UpstreamKeysRefused(_) => "upstream_keys_refused",
             Error::Internal(_) => "internal",
             Error::ConfigRefused(_) => "config_refused",
+            Error::Conflict(_) => "conflict",
+            Error::ModelNotAllowed(_) => "model_not_allowed",
             Error::StoreUnavailable => "budget_store_unavailable",
         }
     }

@@ -11,11 +11,10 @@
 
 use std::collections::HashMap;
 
-use crate::auth::{KeyId, KeyIdMap};
+use crate::auth::{KeyId, KeyIdMap, Member};
 use crate::budget::op::{iso_time, period_end, period_label, period_of};
 use crate::budget::{Account, Accounts, Budget, LimitTable, Meter};
 use crate::config::governance::{Limits, TeamEntry, Window};
-use crate::config::tables::KeyEntry;
 use crate::config::Period;
 use crate::pricing::{dollars_to_nano, nano_to_dollars};
 
@@ -97,6 +96,15 @@ pub struct Governance {
     charges: KeyIdMap<Charges>,
     catalog: HashMap<KeyId, AccountInfo>,
     table: LimitTable,
+    /// Each team's own accounts, and its keys.
+    teams: std::collections::BTreeMap<String, Team>,
+}
+
+/// A team as the admin API shows it.
+#[derive(Debug, Clone, Default)]
+pub struct Team {
+    pub charges: Charges,
+    pub keys: Vec<KeyId>,
 }
 
 impl Governance {
@@ -104,7 +112,7 @@ impl Governance {
     pub fn new(
         default_limit: u64,
         window: Period,
-        keys: &[KeyEntry],
+        keys: &[Member],
         teams: &[TeamEntry],
     ) -> Governance {
         let mut g = Governance {
@@ -115,7 +123,6 @@ impl Governance {
             },
             ..Governance::default()
         };
-        let mut team_charges: HashMap<&str, Charges> = HashMap::new();
         for team in teams {
             let owner = Owner::Team(team.name.clone());
             let mut charges = Charges::default();
@@ -126,10 +133,11 @@ impl Governance {
                 &team.limits,
                 &mut charges,
             );
-            team_charges.insert(&team.name, charges);
+            let keys = Vec::new();
+            g.teams.insert(team.name.clone(), Team { charges, keys });
         }
         for key in keys {
-            let id = KeyId::of(key.key.expose());
+            let id = key.id;
             let owner = Owner::Key(key.alias.clone());
             let mut charges = Charges::default();
             g.add_limits(
@@ -149,7 +157,9 @@ impl Governance {
                 };
                 g.catalog.insert(id, AccountInfo { owner, budget });
             }
-            if let Some(team) = key.team.as_deref().and_then(|t| team_charges.get(t)) {
+            if let Some(team) = key.team.as_deref().and_then(|t| g.teams.get_mut(t)) {
+                team.keys.push(id);
+                let team = &team.charges;
                 for (mine, theirs) in [
                     (&mut charges.dollars, team.dollars),
                     (&mut charges.requests, team.requests),
@@ -167,8 +177,10 @@ impl Governance {
         g
     }
 
-    /// Adds an owner's budgets and rate limits: the first budget of a key is the key's own
-    /// account (`own`); every other account's id is derived from `scope`.
+    /// Adds an owner's budgets and rate limits. A key's budget in `budget_period` is the key's
+    /// own account (`own`), listed first; every other account's id is derived from `scope` and
+    /// what it counts (a window's period), never from where it is listed, so a reload that
+    /// reorders or reshapes a key's budgets finds each window's spend where it was.
     fn add_limits(
         &mut self,
         owner: &Owner,
@@ -177,21 +189,30 @@ impl Governance {
         limits: &Limits,
         charges: &mut Charges,
     ) {
-        for (i, window) in limits.windows.iter().enumerate() {
-            let Window {
-                period,
-                limit_dollars,
-            } = *window;
-            let period = period.unwrap_or(self.table.window);
-            let id = match own {
-                Some(own) if i == 0 => own,
-                _ => derived(scope, &format!("dollars/{}", period_name(period))),
-            };
-            let budget = Budget {
-                limit: dollars_to_nano(limit_dollars),
-                window: period,
-                meter: Meter::Dollars,
-            };
+        let mut windows: Vec<(KeyId, Budget)> = limits
+            .windows
+            .iter()
+            .map(|window| {
+                let Window {
+                    period,
+                    limit_dollars,
+                } = *window;
+                let period = period.unwrap_or(self.table.window);
+                let id = match own {
+                    Some(own) if period == self.table.window => own,
+                    _ => derived(scope, &format!("dollars/{}", period_name(period))),
+                };
+                let budget = Budget {
+                    limit: dollars_to_nano(limit_dollars),
+                    window: period,
+                    meter: Meter::Dollars,
+                };
+                (id, budget)
+            })
+            .collect();
+        // The key's own account first: `/v1/usage`'s top-level fields are its.
+        windows.sort_by_key(|(id, _)| Some(*id) != own);
+        for (id, budget) in windows {
             self.add(id, owner, budget);
             charges.dollars.push(id);
         }
@@ -230,6 +251,11 @@ impl Governance {
         self.table.accounts.insert(id, budget);
         let owner = owner.clone();
         self.catalog.insert(id, AccountInfo { owner, budget });
+    }
+
+    /// Every team, by name.
+    pub fn teams(&self) -> impl Iterator<Item = (&str, &Team)> {
+        self.teams.iter().map(|(name, team)| (name.as_str(), team))
     }
 
     /// What a request of `key` is charged to.
@@ -299,16 +325,19 @@ fn period_name(period: Period) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::Origin;
     use crate::config::governance::Rates;
-    use crate::config::tables::Secret;
 
-    fn key(alias: &str, team: Option<&str>, limits: Limits) -> KeyEntry {
-        KeyEntry {
+    fn key(alias: &str, team: Option<&str>, limits: Limits) -> Member {
+        Member {
+            id: KeyId::of(&format!("sk-{alias}")),
             alias: alias.into(),
-            key: Secret::new(format!("sk-{alias}")),
             limits,
             team: team.map(String::from),
             upstream_key: None,
+            models: Vec::new(),
+            upstream: None,
+            origin: Origin::Config,
         }
     }
 
@@ -317,6 +346,33 @@ mod tests {
             period,
             limit_dollars,
         }
+    }
+
+    /// An account's id follows its owner and window, never where the window is listed: a
+    /// reload that reorders or reshapes a key's budgets finds each window's spend again.
+    #[test]
+    fn a_windows_account_is_the_same_however_budgets_are_listed() {
+        let daily = window(Some(Period::Daily), 1.0);
+        let monthly = window(Some(Period::Monthly), 10.0);
+        let ids = |windows: Vec<Window>| {
+            let limits = Limits {
+                windows,
+                rates: Rates::default(),
+            };
+            let g = Governance::new(7, Period::Monthly, &[key("k", None, limits)], &[]);
+            g.charges(KeyId::of("sk-k"))
+                .dollars
+                .iter()
+                .map(|id| (g.account(id).unwrap().budget.window, id))
+                .collect::<std::collections::BTreeMap<_, _>>()
+        };
+        let both = ids(vec![daily, monthly]);
+        assert_eq!(both, ids(vec![monthly, daily]));
+        // `limit_dollars` is the budget in `budget_period` (monthly): the key's own account.
+        let single = ids(vec![window(None, 10.0)]);
+        assert_eq!(single[&Period::Monthly], KeyId::of("sk-k"));
+        assert_eq!(both[&Period::Monthly], KeyId::of("sk-k"));
+        assert_eq!(ids(vec![daily])[&Period::Daily], both[&Period::Daily]);
     }
 
     #[test]

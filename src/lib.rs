@@ -17,6 +17,7 @@ pub mod config;
 pub mod budget;
 pub mod buffers;
 pub mod governance;
+pub mod keyring;
 pub mod metrics;
 // L2/L3/L4: IO.
 pub mod admin;

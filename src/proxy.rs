@@ -32,13 +32,13 @@ use crate::http::{self as h1, ResponseHead};
 use crate::metrics::{self, Registry};
 use crate::net::{self, Timed};
 use crate::pricing::{self, Match, Price, PriceTable};
-use crate::reload::{Live, Shared};
+use crate::reload::{KeySet, Live, Shared};
 use crate::rewrite;
 use crate::route::{self, Billing};
 use crate::server::{self, Handler, Persist, Request};
 use crate::upstream::health::HealthRules;
 use crate::upstream::retry::{self, retryable_status, AttemptOutcome};
-use crate::upstream::select::{ModelTable, Picker};
+use crate::upstream::select::{ModelPattern, ModelTable, Picker};
 use crate::upstream::{Conn, Upstream};
 use crate::usage::Usage;
 use billing::Bill;
@@ -273,14 +273,31 @@ impl Routing {
         }
     }
 
-    /// Whether some upstream serves `model`: checked before a request reserves anything, so
-    /// a model nobody serves is a 404 whatever the key's budget or the store's state.
-    fn check(&self, model: Option<&str>, api: Api) -> Result<(), Error> {
+    /// The upstreams a key may go to (a bit each): the one it is pinned to, else all.
+    fn allowed(&self, pinned: Option<&str>) -> u64 {
+        match pinned {
+            None => u64::MAX,
+            Some(name) => self
+                .upstreams
+                .iter()
+                .take(64)
+                .position(|u| u.name == name)
+                .map_or(0, |i| 1 << i),
+        }
+    }
+
+    /// Whether some upstream among `allowed` serves `model`: checked before a request
+    /// reserves anything, so a model nobody serves is a 404 whatever the key's budget or the
+    /// store's state.
+    fn check(&self, model: Option<&str>, api: Api, allowed: u64) -> Result<(), Error> {
         let Some(model) = model else {
             return Ok(());
         };
-        let served = (0..self.upstreams.len())
-            .any(|i| self.upstreams[i].kind.api() == api && self.models.serves_at(i, model));
+        let served = (0..self.upstreams.len().min(64)).any(|i| {
+            allowed & (1 << i) != 0
+                && self.upstreams[i].kind.api() == api
+                && self.models.serves_at(i, model)
+        });
         if served {
             Ok(())
         } else {
@@ -293,19 +310,20 @@ impl Routing {
 /// health and picker), the keys, the prices, and what it learnt of answers' prices. A request
 /// keeps the view it started with to its end (reload.rs).
 pub struct View {
-    pub routing: Routing,
+    /// Shared by the views a worker builds when only the keys change.
+    pub routing: Rc<Routing>,
     /// `[fallbacks]`: model → the models its requests go on to.
     pub fallbacks: HashMap<String, Vec<String>>,
     pub directory: Arc<Directory>,
     pub governance: Arc<Governance>,
     pub prices: Arc<PriceTable>,
     /// Per model asked for, the price answers to it came at when more than it reserved at.
-    answered_as: std::cell::RefCell<HashMap<String, Price>>,
+    answered_as: Rc<std::cell::RefCell<HashMap<String, Price>>>,
 }
 
 impl View {
-    /// Worker `worker`'s view of `live`: its own pools, health and picker.
-    pub fn build(live: &Live, worker: usize) -> Result<View, String> {
+    /// Worker `worker`'s view of `live` and `keys`: its own pools, health and picker.
+    pub fn build(live: &Live, keys: &KeySet, worker: usize) -> Result<View, String> {
         let config = &live.config;
         let upstreams = live
             .routes
@@ -330,13 +348,25 @@ impl View {
             health: config.health,
         };
         Ok(View {
-            routing,
+            routing: Rc::new(routing),
             fallbacks: config.fallbacks.iter().cloned().collect(),
-            directory: live.directory.clone(),
-            governance: live.governance.clone(),
+            directory: keys.directory.clone(),
+            governance: keys.governance.clone(),
             prices: live.prices.clone(),
-            answered_as: std::cell::RefCell::new(HashMap::new()),
+            answered_as: Rc::default(),
         })
+    }
+
+    /// This view with other keys: the same routing (pools, health), prices and learnt prices.
+    fn with_keys(&self, keys: &KeySet) -> View {
+        View {
+            routing: self.routing.clone(),
+            fallbacks: self.fallbacks.clone(),
+            directory: keys.directory.clone(),
+            governance: keys.governance.clone(),
+            prices: self.prices.clone(),
+            answered_as: self.answered_as.clone(),
+        }
     }
 }
 
@@ -365,6 +395,8 @@ pub struct Proxy {
     shared: Arc<Shared>,
     view: std::cell::RefCell<Rc<View>>,
     view_generation: Cell<u64>,
+    /// The keys generation it was built (or last rebuilt) from.
+    keys_generation: Cell<u64>,
     worker: usize,
     limits: Limits,
     timeouts: Timeouts,
@@ -425,6 +457,9 @@ struct Outcome<'p> {
     error: Option<Error>,
     /// The caller's key id, once authorized.
     key: Option<KeyId>,
+    /// The models the caller's key may ask for (empty: any), and the upstream it is pinned to.
+    models_allowed: &'p [ModelPattern],
+    pinned: Option<&'p str>,
     /// A billable request's reservation, until it is billed.
     bill: Option<Bill<'p>>,
     /// What billing charged (set once, before the response's last bytes reach the client).
@@ -469,6 +504,8 @@ impl<'p> Outcome<'p> {
             ttft: None,
             error: None,
             key: None,
+            models_allowed: &[],
+            pinned: None,
             bill: None,
             charge: None,
             upstream_key: None,
@@ -487,6 +524,11 @@ impl<'p> Outcome<'p> {
     }
 
     /// How an answer Aura writes itself goes out on this request's connection.
+    /// Whether the caller's key may ask for `model`.
+    fn may_use(&self, model: &str) -> bool {
+        self.models_allowed.is_empty() || self.models_allowed.iter().any(|m| m.matches(model))
+    }
+
     fn reply(&self, keep_alive: bool) -> server::Reply {
         server::Reply {
             keep_alive,
@@ -505,11 +547,13 @@ impl Proxy {
         budget: budget::Shard,
     ) -> Result<Proxy, String> {
         let generation = shared.generation();
-        let view = View::build(&shared.live(), worker)?;
+        let keys_generation = shared.keys_generation();
+        let view = View::build(&shared.live(), &shared.keys(), worker)?;
         Ok(Proxy {
             shared,
             view: std::cell::RefCell::new(Rc::new(view)),
             view_generation: Cell::new(generation),
+            keys_generation: Cell::new(keys_generation),
             worker,
             limits: config.limits,
             timeouts: config.timeouts,
@@ -534,9 +578,18 @@ impl Proxy {
     /// before the reload was applied, so never expected) leaves the old one in use.
     fn view(&self) -> Rc<View> {
         let generation = self.shared.generation();
+        let keys_generation = self.shared.keys_generation();
+        if generation == self.view_generation.get() && keys_generation != self.keys_generation.get()
+        {
+            // Only the keys changed: the same routing, pools and health.
+            self.keys_generation.set(keys_generation);
+            let view = self.view.borrow().with_keys(&self.shared.keys());
+            *self.view.borrow_mut() = Rc::new(view);
+        }
         if generation != self.view_generation.get() {
             self.view_generation.set(generation);
-            match View::build(&self.shared.live(), self.worker) {
+            self.keys_generation.set(keys_generation);
+            match View::build(&self.shared.live(), &self.shared.keys(), self.worker) {
                 Ok(view) => {
                     *self.view.borrow_mut() = Rc::new(view);
                     // Limits may have changed: leases granted under the old ones go back.
@@ -556,10 +609,15 @@ impl Proxy {
     }
 
     /// Who the caller is; a virtual key's upstream key is kept for the upstream request.
-    fn authorize(&self, request: &Request, outcome: &mut Outcome<'_>) -> Result<KeyId, Error> {
-        let caller = outcome.view.directory.authorize(&request.head.headers)?;
+    fn authorize<'p>(&self, request: &Request, outcome: &mut Outcome<'p>) -> Result<KeyId, Error> {
+        let view: &'p View = outcome.view;
+        let caller = view
+            .directory
+            .authorize(&request.head.headers, self.budget.unix_now())?;
         outcome.key = Some(caller.id);
         outcome.upstream_key = caller.upstream_key.cloned();
+        outcome.models_allowed = caller.models;
+        outcome.pinned = caller.upstream;
         Ok(caller.id)
     }
 
@@ -609,14 +667,20 @@ impl Proxy {
     ) -> Result<(), Error> {
         let key = self.authorize(request, outcome)?;
         let view = outcome.view;
+        if let Some(model) = admission.model.as_deref() {
+            if !outcome.may_use(model) {
+                return Err(Error::ModelNotAllowed(model.chars().take(200).collect()));
+            }
+        }
+        let allowed = view.routing.allowed(outcome.pinned);
         view.routing
-            .check(admission.model.as_deref(), outcome.api)?;
+            .check(admission.model.as_deref(), outcome.api, allowed)?;
         let charges = view.governance.charges(key);
         let admitted =
             Rates::admit(&self.budget, &view.governance, &charges, admission.tokens).await;
         if charges.rate_limited() {
             // Refused or not, the answer tells where the key stands.
-            outcome.rate_headers = RateHeaders::of(&self.budget, &view.governance, &charges);
+            outcome.rate_headers = Some(RateHeaders::of(&self.budget, &view.governance, &charges));
         }
         let rates = admitted?;
         let reservation = self
@@ -704,10 +768,15 @@ impl Proxy {
             | Billing::Free
             | Billing::Unpriced => return None,
         };
+        // Images bill their output in tokens; audio's prompt is its bytes (a bound, the
+        // reservation settles to the usage reported).
+        let completion = match billing {
+            Billing::Images => estimate::IMAGE_OUTPUT_TOKENS.saturating_mul(bounds.images.max(1)),
+            _ => 0,
+        };
         Some(Admission {
             estimate,
-            // Priced by the image, character or second: no tokens to count.
-            tokens: 0,
+            tokens: estimate::rate_tokens(bytes, completion),
             model: bounds.model,
             choices: bounds.images,
             price,
@@ -953,9 +1022,6 @@ impl Proxy {
                 self.default_max_output_tokens,
             );
             admission.estimate = admission.estimate.max(whole);
-            let out = bounds.max_tokens.or(price.max_output_tokens);
-            let out = out.unwrap_or(self.default_max_output_tokens);
-            admission.tokens = admission.tokens.max(window.saturating_add(out));
         }
         let searches = estimate::web_searches_cost(&admission.price, bounds.web_searches);
         admission.estimate = admission.estimate.saturating_add(searches);
@@ -1005,7 +1071,12 @@ impl Proxy {
             None => None,
         };
         let mut model = routed_by.as_deref();
-        if let Err(e) = view.routing.check(model, outcome.api) {
+        if let Some(refused) = model.filter(|m| !outcome.may_use(m)) {
+            let e = Error::ModelNotAllowed(refused.chars().take(200).collect());
+            return self.fail(client, e, keep_alive, outcome).await;
+        }
+        let allowed = view.routing.allowed(outcome.pinned);
+        if let Err(e) = view.routing.check(model, outcome.api, allowed) {
             return self.fail(client, e, keep_alive, outcome).await;
         }
         // The models a generation may go on to when no upstream serving its own is left (or
@@ -1032,7 +1103,7 @@ impl Proxy {
             );
         let repeatable = outcome.bill.is_some() || idempotent_and_free;
         let deadline = view.routing.total_timeout.map(|t| started + t);
-        let mut tried = Tried::default();
+        let mut tried = Tried::within(allowed);
         // A pool key refused: the same upstream again, with one of its other keys.
         let mut same_upstream: Option<usize> = None;
         let mut last_error: Option<Error> = None;
@@ -1054,11 +1125,15 @@ impl Proxy {
                         ) else {
                             break;
                         };
+                        if !outcome.may_use(fallback) {
+                            // Not the key's to use: the next one, if any.
+                            continue;
+                        }
                         model = Some(fallback);
                         if outcome.model.is_some() {
                             outcome.model = Some(fallback.to_string());
                         }
-                        tried = Tried::default();
+                        tried = Tried::within(allowed);
                         tracing::info!(model = fallback, "falling back to another model");
                         next = view.routing.next_up(model, outcome.api, &tried, now);
                     }
@@ -1981,7 +2056,6 @@ impl Proxy {
             Some(token) => {
                 Admin {
                     ledger: self.budget.ledger(),
-                    directory: &outcome.view.directory,
                     shared: &self.shared,
                     token,
                     period: self.period,
@@ -2047,7 +2121,8 @@ impl<'a> Fallbacks<'a> {
         while self.prepared.is_none() && self.at < self.models.len() {
             let model = self.models[self.at].as_str();
             self.at += 1;
-            if view.routing.check(Some(model), api).is_err() {
+            // Whether a pinned key's upstream serves it is the attempts' to find.
+            if view.routing.check(Some(model), api, u64::MAX).is_err() {
                 continue;
             }
             let Some(plain) = rewrite::with_model(body, model) else {
@@ -2100,6 +2175,16 @@ fn refusal_error(refusal: Refusal, governance: &Governance) -> Error {
 pub struct Tried {
     upstreams: u64,
     keys: u64,
+}
+
+impl Tried {
+    /// None tried yet, and those outside `allowed` (a pinned key's) never to be.
+    fn within(allowed: u64) -> Tried {
+        Tried {
+            upstreams: !allowed,
+            keys: 0,
+        }
+    }
 }
 
 /// What an upstream's answer means for the request (`Routing::judge_answer`).

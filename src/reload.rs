@@ -14,10 +14,13 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use crate::auth::{Directory, KeyId};
+use crate::auth::{Directory, KeyId, Member};
 use crate::budget::op::{KeyLimits, LimitTable};
 use crate::config::{Config, Secret, UpstreamEntry};
+use crate::config::{ProcessEnv, Source as ConfigSource};
 use crate::governance::Governance;
+use crate::keyring::record::KeyRecord;
+use crate::keyring::Keyring;
 use crate::metrics::Registry;
 use crate::pricing::PriceTable;
 use crate::runtime::{load_prices, StartError};
@@ -30,9 +33,6 @@ pub struct Live {
     /// One per route, in its order.
     pub resolvers: Vec<Resolver>,
     pub tls: Vec<Option<Arc<rustls::ClientConfig>>>,
-    pub directory: Arc<Directory>,
-    /// Teams, calendar windows and rate limits: what each key's requests are charged to.
-    pub governance: Arc<Governance>,
     pub prices: Arc<PriceTable>,
 }
 
@@ -55,26 +55,73 @@ impl Live {
             Upstream::new(route, config, resolver.clone(), tls.clone())
                 .map_err(|e| StartError::Tls(format!("upstream `{}`: {e}", route.name)))?;
         }
-        let budgets = &config.budgets;
-        let keyed = routes.iter().all(|r| !r.keys.is_empty());
-        let directory =
-            Arc::new(Directory::new(budgets.key_mode, &budgets.keys).upstreams_keyed(keyed));
         let prices = Arc::new(load_prices(config)?);
-        let governance = Arc::new(Governance::new(
-            budgets.default_limit_nano,
-            budgets.period,
-            &budgets.keys,
-            &budgets.teams,
-        ));
         Ok(Live {
-            governance,
             config: config.clone(),
             routes,
             resolvers,
             tls,
-            directory,
             prices,
         })
+    }
+}
+
+/// The keys workers authorize and charge by: the config file's and the admin API's
+/// (`keyring`), with what each key's requests are charged to (teams, windows, rate limits).
+/// Replaced on its own when admin-made keys change, so a key change leaves every worker's
+/// upstream pools and health as they are.
+pub struct KeySet {
+    pub directory: Arc<Directory>,
+    pub governance: Arc<Governance>,
+}
+
+impl KeySet {
+    /// The config's keys, then each admin-made key `config` can serve (one naming an alias
+    /// the config uses, a team it lacks, an upstream it lacks or an environment variable this
+    /// node lacks is left out, and so refused, with an error logged).
+    pub fn build(config: &Config, admin: &[KeyRecord], env: &dyn ConfigSource) -> KeySet {
+        let budgets = &config.budgets;
+        let mut members: Vec<Member> = budgets.keys.iter().map(Member::from_config).collect();
+        for record in admin {
+            let taken = members.iter().any(|m| m.alias == record.alias);
+            let fits = record
+                .member(env)
+                .and_then(|m| {
+                    if taken {
+                        Err(format!("alias `{}` is the config file's", m.alias))
+                    } else {
+                        Ok(m)
+                    }
+                })
+                .and_then(|m| match &m.team {
+                    Some(team) if !budgets.teams.iter().any(|t| &t.name == team) => {
+                        Err(format!("team `{team}` is not in the config file"))
+                    }
+                    _ => Ok(m),
+                })
+                .and_then(|m| match &m.upstream {
+                    Some(name) if !config.routes().iter().any(|r| &r.name == name) => {
+                        Err(format!("upstream `{name}` is not in the config file"))
+                    }
+                    _ => Ok(m),
+                });
+            match fits {
+                Ok(member) => members.push(member),
+                Err(why) => {
+                    tracing::error!(key_id = %record.id, alias = %record.alias, why, "an admin-made key is refused on this node")
+                }
+            }
+        }
+        let keyed = config.routes().iter().all(|r| !r.keys.is_empty());
+        KeySet {
+            directory: Arc::new(Directory::new(budgets.key_mode, &members).upstreams_keyed(keyed)),
+            governance: Arc::new(Governance::new(
+                budgets.default_limit_nano,
+                budgets.period,
+                &members,
+                &budgets.teams,
+            )),
+        }
     }
 
     /// Every budget the store enforces: keys' own, windows, teams', rate limits.
@@ -104,10 +151,17 @@ struct Source {
     resolve: Resolve,
 }
 
-/// The live configuration every worker follows, and the reloads that replace it.
+/// The live configuration every worker follows, and the reloads that replace it; the keys
+/// they authorize by, and the admin-made keys that replace those.
 pub struct Shared {
     generation: AtomicU64,
     live: RwLock<Arc<Live>>,
+    /// Bumped whenever `keys` is replaced (a reload, an admin-made key's change).
+    keys_generation: AtomicU64,
+    keys: RwLock<Arc<KeySet>>,
+    /// The admin-made keys as last heard from the keyring.
+    admin_keys: Mutex<Arc<Vec<KeyRecord>>>,
+    keyring: Arc<dyn Keyring>,
     /// The configuration the process started with: what settings a reload cannot change are
     /// compared with (the last one applied may already differ from what runs).
     started: Config,
@@ -119,17 +173,40 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(live: Live, limits: Arc<KeyLimits>, registry: Arc<Registry>) -> Arc<Shared> {
-        registry.set_aliases(live.labels());
-        Arc::new(Shared {
+    /// The live configuration, with the keys of its config and of `keyring` (as far as it
+    /// answers now: a keyring that does not is followed later), and the keyring's version.
+    pub fn new(
+        live: Live,
+        keyring: Arc<dyn Keyring>,
+        limits: Arc<KeyLimits>,
+        registry: Arc<Registry>,
+    ) -> (Arc<Shared>, u64) {
+        let (version, admin_keys) = keyring.load().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "keyring unavailable at start: admin-made keys come once it answers");
+            (0, Vec::new())
+        });
+        let keys = KeySet::build(&live.config, &admin_keys, &ProcessEnv);
+        limits.replace(keys.limits());
+        registry.set_aliases(keys.labels());
+        let shared = Arc::new(Shared {
             generation: AtomicU64::new(0),
+            keys_generation: AtomicU64::new(0),
+            keys: RwLock::new(Arc::new(keys)),
+            admin_keys: Mutex::new(Arc::new(admin_keys)),
+            keyring,
             started: live.config.clone(),
             has_source: std::sync::atomic::AtomicBool::new(false),
             live: RwLock::new(Arc::new(live)),
             limits,
             registry,
             source: Mutex::new(None),
-        })
+        });
+        (shared, version)
+    }
+
+    /// Where admin-made keys are kept.
+    pub fn keyring(&self) -> &Arc<dyn Keyring> {
+        &self.keyring
     }
 
     /// Bumped by every reload applied: a worker that saw another number builds a new view.
@@ -142,6 +219,52 @@ impl Shared {
             Ok(live) => live.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         }
+    }
+
+    /// Bumped whenever the keys change: a worker that saw another number takes `keys()`.
+    pub fn keys_generation(&self) -> u64 {
+        self.keys_generation.load(Ordering::Acquire)
+    }
+
+    pub fn keys(&self) -> Arc<KeySet> {
+        match self.keys.read() {
+            Ok(keys) => keys.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// The admin-made keys as last heard from the keyring.
+    pub fn admin_keys(&self) -> Arc<Vec<KeyRecord>> {
+        match self.admin_keys.lock() {
+            Ok(keys) => keys.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// The keyring changed (`Some`), or the config did (`None`): every worker authorizes by
+    /// the config's keys and the admin-made ones from its next request. One at a time, so the
+    /// keys installed last are always built from the newest of both.
+    pub fn set_admin_keys(&self, admin_keys: Option<Vec<KeyRecord>>) {
+        let mut slot = match self.admin_keys.lock() {
+            Ok(slot) => slot,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(admin_keys) = admin_keys {
+            *slot = Arc::new(admin_keys);
+        }
+        let live = self.live();
+        self.install_keys(KeySet::build(&live.config, &slot, &ProcessEnv));
+    }
+
+    /// `keys` from now on: the store's budgets, the metric labels, then the workers.
+    fn install_keys(&self, keys: KeySet) {
+        self.limits.replace(keys.limits());
+        self.registry.set_aliases(keys.labels());
+        match self.keys.write() {
+            Ok(mut slot) => *slot = Arc::new(keys),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(keys),
+        }
+        self.keys_generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// How to read the configuration again.
@@ -186,8 +309,6 @@ impl Shared {
         match result {
             Ok(live) => {
                 let restart = restart_only_changes(&self.started, &live.config);
-                self.limits.replace(live.limits());
-                self.registry.set_aliases(live.labels());
                 let reloaded = Reloaded {
                     generation: self.generation() + 1,
                     upstreams: live.routes.iter().map(|r| r.name.clone()).collect(),
@@ -198,6 +319,8 @@ impl Shared {
                     Ok(mut slot) => *slot = Arc::new(live),
                     Err(poisoned) => *poisoned.into_inner() = Arc::new(live),
                 }
+                // The keys of the new config, with the admin-made ones.
+                self.set_admin_keys(None);
                 self.generation.fetch_add(1, Ordering::AcqRel);
                 self.registry.count_reload(true);
                 tracing::info!(

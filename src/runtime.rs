@@ -30,6 +30,7 @@ use crate::budget::Holder;
 use crate::config::{Config, Limits, ProcessEnv, StoreKind, Timeouts, ValkeySettings};
 use crate::control::ControlPlane;
 use crate::cut::CutSignal;
+use crate::keyring::{self, file::FileKeyring, Keyring};
 use crate::metrics::{self, Registry};
 
 use crate::pricing::PriceTable;
@@ -165,10 +166,17 @@ pub fn start(config: &Config, resolvers: Vec<Resolver>) -> Result<Running, Start
     }
     let registry = Registry::new(listeners.len());
     let budgets = &config.budgets;
-    let limits = Arc::new(KeyLimits::of_table(live.limits()));
-    let shared = Shared::new(live, limits.clone(), registry.clone());
-    let shard_count = listeners.len();
     let clock = system_clock();
+    // Filled from the keys (the config's and the keyring's) before anything reads it.
+    let limits = Arc::new(KeyLimits::default());
+    let keyring = open_keyring(config, &limits, &clock)?;
+    let (shared, keyring_version) =
+        Shared::new(live, keyring.clone(), limits.clone(), registry.clone());
+    if matches!(budgets.store, StoreKind::Valkey(_)) {
+        // Other nodes make keys too: heard of within a poll.
+        keyring::follow(keyring, shared.clone(), keyring_version).map_err(StartError::Thread)?;
+    }
+    let shard_count = listeners.len();
     // Holders are `node/boot/worker`: new at every start, so a restarted node neither renews
     // the leases of its previous run (they lapse) nor depends on its clock for sequence
     // numbers, and two nodes given one name by mistake still cannot skip each other's ops.
@@ -529,16 +537,35 @@ struct Budget {
 
 type LedgerParts = (LedgerThread, Vec<(Ledger, Inbox)>, Arc<Journal>);
 
-/// The Valkey store: its connections (one for ops, one for admin calls), the journal
-/// directory (locked; what an earlier run left there is replayed first), and the ledger thread.
-fn start_ledger(
+/// Where admin-made keys are kept: Valkey, on a connection of its own, or the memory store's
+/// state file.
+fn open_keyring(
+    config: &Config,
+    limits: &Arc<KeyLimits>,
+    clock: &Clock,
+) -> Result<Arc<dyn Keyring>, StartError> {
+    match &config.budgets.store {
+        StoreKind::Valkey(settings) => Ok(Arc::new(valkey_store(settings, limits.clone(), clock)?)),
+        StoreKind::Memory => {
+            let path = config
+                .budgets
+                .key_state_file
+                .clone()
+                .unwrap_or_else(|| journal::default_dir(&ProcessEnv).join("keys.json"));
+            let ring = FileKeyring::open(&path).map_err(|e| StartError::Store(e.to_string()))?;
+            tracing::info!(file = %path.display(), "admin-made keys kept in a state file");
+            Ok(Arc::new(ring))
+        }
+    }
+}
+
+/// A connection to the configured Valkey (made at its first call).
+fn valkey_store(
     settings: &ValkeySettings,
     limits: Arc<KeyLimits>,
-    clock: Clock,
-    workers: usize,
-    holder: Holder,
-) -> Result<LedgerParts, StartError> {
-    let store = match &settings.ca_file {
+    clock: &Clock,
+) -> Result<ValkeyStore, StartError> {
+    match &settings.ca_file {
         None => ValkeyStore::new(
             settings.url.expose(),
             settings.timeout,
@@ -564,7 +591,19 @@ fn start_ledger(
             )
         }
     }
-    .map_err(|e| StartError::Store(e.to_string()))?;
+    .map_err(|e| StartError::Store(e.to_string()))
+}
+
+/// The Valkey store: its connections (one for ops, one for admin calls), the journal
+/// directory (locked; what an earlier run left there is replayed first), and the ledger thread.
+fn start_ledger(
+    settings: &ValkeySettings,
+    limits: Arc<KeyLimits>,
+    clock: Clock,
+    workers: usize,
+    holder: Holder,
+) -> Result<LedgerParts, StartError> {
+    let store = valkey_store(settings, limits.clone(), &clock)?;
     let dir = settings
         .journal_dir
         .clone()

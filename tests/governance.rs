@@ -22,7 +22,13 @@ on_both_drivers!(
     requests_and_tokens_per_minute_hold_across_two_nodes,
     requests_in_flight_hold_across_two_nodes_and_come_back,
     the_openai_sdk_reads_the_rate_limit_headers_and_its_429,
+    a_reload_that_reshapes_or_reorders_budgets_keeps_each_windows_spend,
+    a_tpm_limit_reserves_estimates_and_refuses_what_could_never_fit,
+    the_admin_api_shows_keys_and_teams_not_their_accounts,
+    a_rate_limits_accounts_expire_in_valkey_once_idle,
 );
+
+const ADMIN: &str = "admin-token-governance-001";
 
 /// A chat completion bounded by `max_tokens`: the mock answers 5 tokens, so the estimate
 /// bounds the real cost.
@@ -229,14 +235,7 @@ budgets = [{{ period = "daily", limit_dollars = {} }}, {{ period = "monthly", li
     let path = config_file(&format!("windows-{driver:?}"), &config);
     let mock = start_mock(MockOptions::default());
     let started = Instant::now();
-    let aura = at_time(
-        Launch::new(&mock.url(), driver)
-            .workers(1)
-            .arg("--config")
-            .arg(path.to_str().unwrap()),
-        "2026-03-15 23:59:56",
-    )
-    .start();
+    let aura = one_worker(&mock, driver, &path, Some("2026-03-15 23:59:56"));
     let until_refused = |aura: &Aura| -> (usize, String) {
         for admitted in 0..20 {
             let (status, body) = send(aura, key, &[], BOUNDED);
@@ -431,4 +430,230 @@ fn the_openai_sdk_reads_the_rate_limit_headers_and_its_429(driver: Driver) {
         exit.status,
         exit.output()
     );
+}
+
+/// Sends `BOUNDED` for `key` until 402 (at most 50); the number admitted.
+fn until_spent(aura: &Aura, key: &str) -> usize {
+    for admitted in 0..50 {
+        match post(aura, key, CHAT, &[], BOUNDED) {
+            402 => return admitted,
+            200 => {}
+            other => panic!("status {other}"),
+        }
+    }
+    panic!("never refused");
+}
+
+fn admin(aura: &Aura, method: &str, target: &str, body: &str) -> (u16, Value) {
+    admin_json(aura, ADMIN, method, target, body)
+}
+
+/// One node of one worker before `mock`, with the config file at `path`, its clock started
+/// at `at` (UTC) when given.
+fn one_worker(
+    mock: &MockUpstream,
+    driver: Driver,
+    path: &std::path::Path,
+    at: Option<&str>,
+) -> Aura {
+    let launch = Launch::new(&mock.url(), driver)
+        .workers(1)
+        .arg("--config")
+        .arg(path.to_str().unwrap());
+    match at {
+        Some(at) => at_time(launch, at),
+        None => launch,
+    }
+    .start()
+}
+
+/// A key spends its monthly budget; the config then gives it a daily cap too
+/// (`limit_dollars` becomes `budgets = [daily, monthly]`), or lists its windows the other
+/// way round: after the reload the month is still spent. (Review: an account's id came from
+/// where its window was listed, so a reload started the month afresh.)
+fn a_reload_that_reshapes_or_reorders_budgets_keeps_each_windows_spend(driver: Driver) {
+    let estimate = cost(BOUNDED.len() as u64, 5, MINI_IN, MINI_OUT);
+    let monthly = format!("{}", (3 * estimate) as f64 / 1e9);
+    let daily = "{ period = \"daily\", limit_dollars = 1.0 }";
+    let month = format!("{{ period = \"monthly\", limit_dollars = {monthly} }}");
+    let cases = [
+        (
+            "reshape",
+            format!("limit_dollars = {monthly}"),
+            format!("budgets = [{daily}, {month}]"),
+        ),
+        (
+            "reorder",
+            format!("budgets = [{month}, {daily}]"),
+            format!("budgets = [{daily}, {month}]"),
+        ),
+    ];
+    for (name, before, after) in cases {
+        let key = format!("sk-test-gov-{name}-key-00001");
+        let write = |budgets: &str| {
+            format!("budget_period = \"monthly\"\nadmin_token = \"{ADMIN}\"\n[keys.k]\nkey = \"{key}\"\n{budgets}\n")
+        };
+        let path = config_file(&format!("gov-{name}-{driver:?}"), &write(&before));
+        let mock = start_mock(MockOptions::default());
+        let aura = one_worker(&mock, driver, &path, None);
+        assert!(until_spent(&aura, &key) > 0);
+        std::fs::write(&path, write(&after)).unwrap();
+        let (status, body) = admin(&aura, "POST", "/admin/reload", "");
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            until_spent(&aura, &key),
+            0,
+            "{name}: the reload let more through"
+        );
+    }
+}
+
+/// A key of 1,000 tokens a minute: a 1.2 KB prompt with `max_tokens` 5 (about 310 tokens as
+/// OpenAI counts them) is admitted; a request asking for more than the whole minute, or an
+/// image (thousands of output tokens), is told it is too large, with no `Retry-After`: it
+/// would never fit. (Review: every body byte was a token and images reserved none.)
+fn a_tpm_limit_reserves_estimates_and_refuses_what_could_never_fit(driver: Driver) {
+    let key = "sk-test-gov-tpm-estimate-01";
+    let path = config_file(
+        &format!("gov-tpm-{driver:?}"),
+        &format!("[keys.tokens]\nkey = \"{key}\"\ntpm = 1000\n"),
+    );
+    let mock = start_mock(MockOptions::default());
+    let aura = one_worker(&mock, driver, &path, Some("2026-03-15 10:00:01"));
+    let text = "lorem ipsum ".repeat(100);
+    let prompt = |max_tokens: u64| {
+        format!(
+            r#"{{"model":"gpt-4o-mini","max_tokens":{max_tokens},"messages":[{{"role":"user","content":"{text}"}}]}}"#
+        )
+    };
+    let (status, body) = send(&aura, key, &[], &prompt(5));
+    assert_eq!(status, 200, "{body}");
+    let auth = bearer(key);
+    let headers = [
+        ("content-type", "application/json"),
+        ("authorization", auth.as_str()),
+    ];
+    let images =
+        br#"{"model":"gpt-image-1","prompt":"a lighthouse at dawn","n":2,"size":"1024x1024"}"#;
+    let too_large = [
+        (CHAT, prompt(2_000).into_bytes()),
+        ("/v1/images/generations", images.to_vec()),
+    ];
+    for (target, body) in too_large {
+        let r = aura.client().request("POST", target, &headers, &body);
+        assert_eq!(r.status, 429, "{target}: {}", r.text());
+        assert_eq!(r.header("retry-after"), None, "{target}");
+        let json = r.json();
+        assert_eq!(json["error"]["code"], "rate_limit_exceeded", "{json}");
+        assert_eq!(json["error"]["type"], "tokens", "{json}");
+        let message = json["error"]["message"].as_str().unwrap();
+        assert!(message.contains("request too large"), "{message}");
+    }
+    // The first request's tokens were counted: the minute has room for one more like it.
+    let (status, body) = send(&aura, key, &[], &prompt(5));
+    assert_eq!(status, 200, "{body}");
+}
+
+/// `GET /admin/keys` lists keys, not the accounts behind their windows, teams and rate
+/// limits; a key's history is labelled by its window; `GET /admin/teams` shows the team's
+/// windows with its spend. (Review: rate and team accounts were listed as keys, in dollars.)
+fn the_admin_api_shows_keys_and_teams_not_their_accounts(driver: Driver) {
+    let key = "sk-test-gov-admin-list-001";
+    let config = format!(
+        r#"
+admin_token = "{ADMIN}"
+[teams.research]
+budgets = [{{ period = "daily", limit_dollars = 1.0 }}]
+rpm = 100
+
+[keys.listed]
+key = "{key}"
+team = "research"
+budgets = [{{ period = "daily", limit_dollars = 1.0 }}]
+rpm = 50
+tpm = 100000
+"#
+    );
+    let path = config_file(&format!("gov-admin-{driver:?}"), &config);
+    let mock = start_mock(MockOptions::default());
+    let aura = one_worker(&mock, driver, &path, None);
+    for _ in 0..3 {
+        assert_eq!(post(&aura, key, CHAT, &[], BOUNDED), 200);
+    }
+    let spent = spend_of(&mock, key);
+    wait_until_settled(&aura, key, "team \"research\" daily budget", spent);
+    let (status, all) = admin(&aura, "GET", "/admin/keys", "");
+    assert_eq!(status, 200, "{all}");
+    let keys = all["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 1, "{all}");
+    let listed = &keys[0];
+    assert_eq!(listed["alias"], "listed");
+    assert_eq!(listed["source"], "config");
+    assert_eq!(listed["team"], "research");
+    assert_eq!(listed["budgets"].as_array().unwrap().len(), 2, "{listed}");
+    assert_eq!(
+        listed["rate_limits"]["requests_per_minute"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    let (_, one) = admin(&aura, "GET", "/admin/keys/listed", "");
+    let label = one["periods"][0]["period"].as_str().unwrap();
+    assert_eq!(label.len(), "2026-12-01".len(), "{one}");
+    let (status, teams) = admin(&aura, "GET", "/admin/teams", "");
+    assert_eq!(status, 200, "{teams}");
+    let team = &teams["teams"][0];
+    assert_eq!(team["name"], "research");
+    assert_eq!(team["rpm"], 100);
+    assert_eq!(nano(&team["budgets"][0]["usage_dollars"]), spent, "{teams}");
+    assert_eq!(team["keys"][0]["alias"], "listed");
+}
+
+/// A key with rpm, tpm and max_concurrent on Valkey: once its leases went back, its rate
+/// accounts are set to expire, whatever their last minute spent. (Review: they stayed
+/// forever.)
+fn a_rate_limits_accounts_expire_in_valkey_once_idle(driver: Driver) {
+    let key = "sk-test-gov-valkey-expiry-1";
+    let path = config_file(
+        &format!("gov-expiry-{driver:?}"),
+        &format!("[keys.v]\nkey = \"{key}\"\nrpm = 100\ntpm = 100000\nmax_concurrent = 5\n"),
+    );
+    let mock = start_mock(MockOptions::default());
+    let valkey = Valkey::start();
+    let journal = journal_dir("gov-expiry", driver);
+    let aura = on_valkey(&mock, &valkey, driver, &journal, &[])
+        .arg("--config")
+        .arg(path.to_str().unwrap())
+        .start();
+    for _ in 0..3 {
+        assert_eq!(post(&aura, key, CHAT, &[], BOUNDED), 200);
+    }
+    let mut connection = valkey.connection();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let accounts: Vec<String> = redis::cmd("KEYS")
+            .arg("aura:{*}")
+            .query(&mut connection)
+            .unwrap();
+        // The key's own dollars account keeps its spend (history); every other one expires.
+        let own = format!("aura:{{{}}}", aura::auth::KeyId::of(key));
+        let lasting: Vec<(String, i64)> = accounts
+            .iter()
+            .filter(|a| **a != own)
+            .map(|a| {
+                let ttl: i64 = redis::cmd("PTTL").arg(a).query(&mut connection).unwrap();
+                (a.clone(), ttl)
+            })
+            .filter(|(_, ttl)| *ttl < 0)
+            .collect();
+        if accounts.len() == 4 && lasting.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{accounts:?}: never expiring {lasting:?}"
+        );
+        std::thread::park_timeout(Duration::from_millis(100));
+    }
 }

@@ -15,6 +15,7 @@ const BYTES_PER_TOKEN: u64 = 4;
 
 /// The most a request can cost: every body byte a prompt token (a token is at least a byte),
 /// and each of its `choices` bounded by the request, else the model's output limit, else `cap`.
+/// With it, what a tokens-per-minute limit reserves (`rate_tokens`).
 pub fn upper_estimate(
     price: &Price,
     kind: Billable,
@@ -30,14 +31,28 @@ pub fn upper_estimate(
             .unwrap_or(cap)
             .saturating_mul(choices.max(1)),
     };
+    let asked = match kind {
+        Billable::Embeds => 0,
+        Billable::Generates => max_tokens.unwrap_or(0).saturating_mul(choices.max(1)),
+    };
     Upper {
         nano: price.upper_bound_nano(body_bytes as u64, completion),
-        tokens: (body_bytes as u64).saturating_add(completion),
+        tokens: rate_tokens(body_bytes, asked),
     }
 }
 
-/// A request's upper bounds: its cost, and the tokens it may use (prompt and completion, for
-/// tokens-per-minute limits).
+/// What a request reserves in a tokens-per-minute limit, as OpenAI counts it: its prompt at
+/// `BYTES_PER_TOKEN` bytes a token, and the completion tokens it asks for (`max_tokens` × n;
+/// none asked, none reserved). The reservation settles to the real count; it is an estimate,
+/// not a bound (a dollar budget reserves the bound: `upper_estimate`'s `nano`).
+pub fn rate_tokens(body_bytes: usize, completion: u64) -> u64 {
+    (body_bytes as u64)
+        .div_ceil(BYTES_PER_TOKEN)
+        .saturating_add(completion)
+}
+
+/// A request's reservations: its cost's upper bound, and its tokens for a tokens-per-minute
+/// limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Upper {
     pub nano: u64,

@@ -426,21 +426,25 @@ pub fn period_start(period: Period, p: u64) -> u64 {
         Period::Minute => p * 60,
         Period::Daily => p * 86_400,
         Period::Monthly => {
-            let (year, month) = ((p - 1) / 12, (p - 1) % 12 + 1);
+            let (year, month) = (p.saturating_sub(1) / 12, p.saturating_sub(1) % 12 + 1);
             days_from_civil(year, month, 1) * 86_400
         }
     }
 }
 
-/// Days since 1970-01-01 of a date (Howard Hinnant's days_from_civil).
+/// Days since 1970-01-01 of a date (Howard Hinnant's days_from_civil); 0 for a date before.
 fn days_from_civil(year: u64, month: u64, day: u64) -> u64 {
-    let year = if month <= 2 { year - 1 } else { year };
+    let year = if month <= 2 {
+        year.saturating_sub(1)
+    } else {
+        year
+    };
     let era = year / 400;
     let yoe = year - era * 400;
     let mp = if month > 2 { month - 3 } else { month + 9 };
     let doy = (153 * mp + 2) / 5 + day - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+    (era * 146_097 + doe).saturating_sub(719_468)
 }
 
 /// When the period after `p` begins, in unix seconds (none for spend that has no period).
@@ -471,7 +475,7 @@ pub fn period_label(period: Period, p: u64) -> String {
         }
         Period::Monthly => {
             // `period_of` counts months as year × 12 + month (1-12).
-            let (year, month) = ((p - 1) / 12, (p - 1) % 12 + 1);
+            let (year, month) = (p.saturating_sub(1) / 12, p.saturating_sub(1) % 12 + 1);
             format!("{year:04}-{month:02}")
         }
     }
@@ -547,6 +551,9 @@ mod tests {
             "2026-02"
         );
         assert_eq!(period_label(Period::Never, 0), "all");
+        // Month 0 (spend of no period, shown as a month) is a date, not an overflow.
+        assert_eq!(period_label(Period::Monthly, 0), "0000-01");
+        assert_eq!(period_start(Period::Monthly, 0), 0);
         // A period begins where the one before it ends.
         for kind in [Period::Daily, Period::Monthly] {
             let p = period_of(kind, after);

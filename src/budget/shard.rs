@@ -137,8 +137,9 @@ pub enum Refusal {
 
 #[derive(Debug, Default)]
 struct Lease {
-    /// The account's window and meter, as configured when the lease was made (or last
-    /// flushed: a reload may change them).
+    /// The account's window and meter, as configured when the lease was made. Neither
+    /// changes for an account: its id is made from them (governance.rs), but for a key's own
+    /// account, whose window is `budget_period` (a setting read at start).
     window: Period,
     meter: Meter,
     /// Granted by the store and not yet spent or returned (reservations included).
@@ -828,9 +829,6 @@ impl Shard {
             let mut keys = self.keys.borrow_mut();
             let mut ops = Vec::new();
             for (&key, lease) in keys.iter_mut() {
-                // A reload may have changed the account's window or meter.
-                let budget = self.limits.budget(key);
-                (lease.window, lease.meter) = (budget.window, budget.meter);
                 let period = self.period_now(lease.window);
                 if store_lost_data && lease.held > 0 {
                     lease.renew_now = true;

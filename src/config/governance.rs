@@ -18,6 +18,7 @@
 
 use super::tables::Fields;
 use super::Period;
+use crate::upstream::select::ModelPattern;
 
 /// One calendar budget.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -80,6 +81,26 @@ pub(super) fn limits(f: &mut Fields) -> Limits {
             tpm: f.count("tpm"),
             max_concurrent: f.count("max_concurrent"),
         },
+    }
+}
+
+/// `models = ["gpt-4o*", "o3"]`: the models a key may ask for (names or globs).
+pub(super) fn models(f: &mut Fields) -> Vec<ModelPattern> {
+    let Some(list) = f.entry.get("models") else {
+        return Vec::new();
+    };
+    let parsed: Option<Vec<ModelPattern>> = list.as_array().and_then(|items| {
+        items
+            .iter()
+            .map(|m| m.as_str().and_then(|m| ModelPattern::parse(m).ok()))
+            .collect()
+    });
+    match parsed {
+        Some(models) if !models.is_empty() => models,
+        _ => {
+            f.error("`models` must be a list of model names or globs");
+            Vec::new()
+        }
     }
 }
 

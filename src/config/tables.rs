@@ -22,6 +22,7 @@ use std::fmt;
 
 use super::governance::{self, Limits, TeamEntry};
 use crate::pricing::{self, Price, Units};
+use crate::upstream::select::ModelPattern;
 
 /// A secret string whose `Debug` never shows it.
 #[derive(Clone, PartialEq, Eq)]
@@ -54,6 +55,10 @@ pub struct KeyEntry {
     pub team: Option<String>,
     /// Set: a virtual key; Aura sends this key upstream instead of the client's.
     pub upstream_key: Option<Secret>,
+    /// Models it may ask for (names or globs); empty: any.
+    pub models: Vec<ModelPattern>,
+    /// The upstream its requests go to, by name; none: any serving the model.
+    pub upstream: Option<String>,
 }
 
 /// One `[prices.<model>]` entry.
@@ -199,19 +204,23 @@ pub fn parse(file: &toml::Table, env: &dyn super::Source) -> Result<Tables, Vec<
 }
 
 fn key_entry(alias: &str, f: &mut Fields) -> Option<KeyEntry> {
-    let mut known = vec!["key", "upstream_key", "team"];
+    let mut known = vec!["key", "upstream_key", "team", "models", "upstream"];
     known.extend(governance::FIELDS);
     f.only(&known);
     let key = f.string("key", true);
     let limits = governance::limits(f);
     let team = f.string("team", false);
     let upstream_key = f.string("upstream_key", false);
+    let models = governance::models(f);
+    let upstream = f.string("upstream", false);
     Some(KeyEntry {
         alias: alias.to_string(),
         key: Secret(key?),
         limits,
         team,
         upstream_key: upstream_key.map(Secret),
+        models,
+        upstream,
     })
 }
 

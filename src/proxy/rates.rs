@@ -43,6 +43,16 @@ impl<'s> Rates<'s> {
                 Err(refusal) => Err(refused(governance, shard, refusal)),
             }
         };
+        // A request no minute could take is told so, not to come back.
+        for id in charges.tokens.iter() {
+            if let Some(info) = governance.account(id).filter(|i| i.budget.limit < tokens) {
+                return Err(Error::TooLargeForLimit {
+                    limit: info.describe(),
+                    allowed: info.budget.limit,
+                    requested: tokens,
+                });
+            }
+        }
         rates.concurrent = reserve(charges.concurrent, 1).await?;
         rates.requests = reserve(charges.requests, 1).await?;
         rates.tokens = reserve(charges.tokens, tokens).await?;
@@ -115,11 +125,10 @@ pub struct RateHeaders {
 }
 
 impl RateHeaders {
-    /// For a key with `charges`, as this worker knows its accounts now.
-    pub fn of(shard: &Shard, governance: &Governance, charges: &Charges) -> Option<RateHeaders> {
-        if charges.requests.is_empty() && charges.tokens.is_empty() {
-            return None;
-        }
+    /// For a rate-limited key with `charges`, as this worker knows its accounts now (none of
+    /// a kind it has no limit of: its answers then carry no header of that kind, the
+    /// upstream's neither).
+    pub fn of(shard: &Shard, governance: &Governance, charges: &Charges) -> RateHeaders {
         let reset_secs = until_the_minute_turns(shard.unix_now());
         let tightest = |accounts: Accounts| {
             accounts
@@ -135,10 +144,10 @@ impl RateHeaders {
                 })
                 .min_by_key(|s| s.remaining)
         };
-        Some(RateHeaders {
+        RateHeaders {
             requests: tightest(charges.requests),
             tokens: tightest(charges.tokens),
-        })
+        }
     }
 
     /// The headers, as name and value.

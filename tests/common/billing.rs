@@ -129,3 +129,25 @@ pub fn check_concurrent_spend(
         "{stranded} nano-dollars stranded in leases"
     );
 }
+
+/// An admin API call with `token`: its status and JSON body (null when it has none).
+pub fn admin_json(
+    aura: &Aura,
+    token: &str,
+    method: &str,
+    target: &str,
+    body: &str,
+) -> (u16, Value) {
+    let auth = bearer(token);
+    let r = aura.client().request(
+        method,
+        target,
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        body.as_bytes(),
+    );
+    let json = serde_json::from_str(&r.text()).unwrap_or(Value::Null);
+    (r.status, json)
+}

@@ -198,6 +198,12 @@ impl Launch {
         for name in ["UPSTREAM_URL", "AURA_DEMO", "MOCK_UPSTREAM"] {
             cmd.env_remove(name);
         }
+        // Each aura its own state file for admin-made keys (the default one is shared by
+        // every aura of the machine); a test that restarts one names its own.
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let state = std::env::temp_dir().join(format!("aura-keys-{}-{n}.json", std::process::id()));
+        cmd.env("AURA_KEY_STATE_FILE", state);
         match self.driver {
             Driver::IoUring => cmd.env_remove(FORCE_LEGACY),
             Driver::Epoll => cmd.env(FORCE_LEGACY, "1"),

@@ -296,7 +296,7 @@ impl ValkeyStore {
             .arg(floor.period)
             .arg(signed(restore.floor.map(|f| f.nano)))
             .arg(signed(restore.limit))
-            .arg(HISTORY_PERIODS)
+            .arg(history_kept(self.limits.window(op.key)))
             .arg(IDLE_TTL.as_millis() as u64)
             .arg(period_start(self.limits.window(op.key), op.period));
         let spends: Vec<PeriodSpend> = op.settle.spent.iter().collect();
@@ -307,7 +307,8 @@ impl ValkeyStore {
         cmd
     }
 
-    fn pipeline<T: redis::FromRedisValue>(
+    /// Sends `cmds` in one round trip (per node of a cluster); one answer each.
+    pub(crate) fn pipeline<T: redis::FromRedisValue>(
         &self,
         cmds: &[redis::Cmd],
     ) -> Result<Vec<T>, StoreError> {
@@ -391,6 +392,15 @@ impl ValkeyStore {
             cmds.push(persist);
         }
         self.pipeline::<redis::Value>(&cmds).map(|_| ())
+    }
+}
+
+/// Periods of spend an account keeps before its current one. A rate limit's minutes are worth
+/// nothing once past: none is kept, and its spend does not keep an idle account alive.
+fn history_kept(window: crate::config::Period) -> u64 {
+    match window {
+        crate::config::Period::Minute => 0,
+        _ => HISTORY_PERIODS,
     }
 }
 

@@ -9,7 +9,8 @@
 --       14 close (1: drop the holder's lease after this op, whatever it was)
 --       15 forget (1: drop the account if nothing is left in it)
 --       16 restore held (-1: none)  17 restore floor period  18 restore floor (-1: none)
---       19 restore limit (-1: none) 20 periods of history kept  21 idle ttl ms
+--       19 restore limit (-1: none) 20 periods of history kept (0: spend keeps nothing alive)
+--       21 idle ttl ms
 --       22 when the holder's period began (unix seconds; 0: spend has no period)
 --       23 n, then n pairs (period, spent)
 -- Returns {granted, limit, spent in ARGV[4]'s period, leased, squeezed, lost, epoch, the
@@ -177,9 +178,10 @@ if (tonumber(redis.call('HGET', KEYS[1], 'squeeze')) or 0) > now then
 end
 
 -- An account with nothing in it (no spend, no admin limit, no lease) does not outlive its idle
--- time; one the upstream refused goes at once. Anything else is kept.
+-- time; one the upstream refused goes at once. Anything else is kept. An account that keeps no
+-- history (a rate limit's minutes) is idle whatever it spent.
 local idle = leased <= 0 and redis.call('HEXISTS', KEYS[1], 'limit') == 0
-if idle then
+if idle and ARGV[20] ~= '0' then
   local fields = redis.call('HGETALL', KEYS[1])
   for i = 1, #fields, 2 do
     if string.sub(fields[i], 1, 6) == 'spent:' and tonumber(fields[i + 1]) > 0 then

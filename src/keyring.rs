@@ -1,0 +1,70 @@
+//! Keys made at runtime by the admin API: where they are kept, and how every node hears of a
+//! change. With the Valkey store they live in Valkey (`keyring/valkey.rs`) and every node
+//! polls a version number, so a key made, rotated or revoked on one node is in force on every
+//! node within `POLL`; with the memory store they live in a state file (`keyring/file.rs`),
+//! written whole and atomically at each change, read at start. Either way a key's secret is
+//! never kept: only its SHA-256 (`record.rs`).
+
+pub mod file;
+pub mod record;
+pub mod valkey;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::budget::store::StoreError;
+use crate::reload::Shared;
+use record::KeyRecord;
+
+/// How often a node asks the keyring whether its keys changed.
+pub const POLL: Duration = Duration::from_millis(250);
+
+/// Where admin-made keys are kept. Calls block (a file write and fsync, a network round
+/// trip): make them off the workers.
+pub trait Keyring: Send + Sync {
+    /// Every key, and the version they are at.
+    fn load(&self) -> Result<(u64, Vec<KeyRecord>), StoreError>;
+    /// The version: bumped by every change (cheap to poll).
+    fn version(&self) -> Result<u64, StoreError>;
+    /// Writes a key (a new one, or a change to one).
+    fn put(&self, record: &KeyRecord) -> Result<(), StoreError>;
+    /// Removes a key; false: there was none with that id.
+    fn delete(&self, id: &str) -> Result<bool, StoreError>;
+}
+
+/// Reads the keyring again into `shared` whenever its version moves (every `POLL`, for the
+/// life of the process): how a node hears of keys another node made. A keyring that does not
+/// answer keeps the keys last heard, and is asked again at the next poll.
+pub fn follow(
+    keyring: Arc<dyn Keyring>,
+    shared: Arc<Shared>,
+    mut seen: u64,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("aura-keyring".into())
+        .spawn(move || {
+            let mut failing = false;
+            loop {
+                // Its own thread, never a worker's: it may block.
+                std::thread::park_timeout(POLL);
+                let moved = keyring.version().and_then(|version| {
+                    if version == seen {
+                        return Ok(());
+                    }
+                    let (version, keys) = keyring.load()?;
+                    seen = version;
+                    shared.set_admin_keys(Some(keys));
+                    Ok(())
+                });
+                match moved {
+                    Ok(()) => failing = false,
+                    Err(e) if !failing => {
+                        failing = true;
+                        tracing::warn!(error = %e, "keyring unavailable: admin-made keys stay as last heard");
+                    }
+                    Err(_) => {}
+                }
+            }
+        })
+        .map(|_| ())
+}
