@@ -394,7 +394,7 @@ fn routing(c: &mut Criterion) {
             .map(|r| Resolver::fixed(([127, 0, 0, 1], r.url.port).into()))
             .collect();
         let live = Live::new(&config, resolvers).unwrap();
-        let keys = aura::reload::KeySet::build(&config, &[], &env);
+        let keys = aura::reload::KeySet::build(&config, &live.prices, &[], &env);
         let view = View::build(&live, &keys, 0).unwrap();
         let routing = &view.routing;
         let rules = config.health;

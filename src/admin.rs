@@ -12,12 +12,14 @@
 //! | `POST /admin/keys/{id}/reset` | its spend in the current period back to zero |
 //! | `DELETE /admin/keys/{id}` | revokes an admin-made key (401 from then on); forgets another key's limit and spend |
 //! | `GET /admin/teams` | every team, its budgets (every window), rate limits and keys |
+//! | `GET /admin/spend?from=2026-11-01&to=2026-11-30` | spend per day by key, team and model, from the store (`spend.rs`) |
 //! | `POST /admin/reload` | reads the configuration again (as SIGHUP does): applied, or refused whole with its errors |
 //!
 //! `{id}` is a key id (16 hex digits, as every answer shows it) or an alias: a key appears in
 //! clear only in the answer that made it. Answers are JSON, errors OpenAI-shaped.
 
 mod keys;
+mod spend;
 mod teams;
 
 use http::{HeaderMap, Method, StatusCode};
@@ -70,6 +72,7 @@ impl Admin<'_> {
         &self,
         method: &Method,
         path: &str,
+        query: Option<&str>,
         headers: &HeaderMap,
         body: &[u8],
     ) -> Result<(StatusCode, Vec<u8>), Error> {
@@ -92,6 +95,10 @@ impl Admin<'_> {
             }
             "/admin/teams" => match *method {
                 Method::GET => self.teams().await?,
+                _ => return Err(Error::MethodNotAllowed { allow: "GET, HEAD" }),
+            },
+            "/admin/spend" => match *method {
+                Method::GET => self.spend(query).await?,
                 _ => return Err(Error::MethodNotAllowed { allow: "GET, HEAD" }),
             },
             _ => {
@@ -135,6 +142,12 @@ fn totals_of(
         .iter()
         .map(|id| Ok((*id, store.account(*id)?)))
         .collect()
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Error> {

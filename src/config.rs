@@ -94,6 +94,9 @@ pub const NODE_ID: &str = "AURA_NODE_ID";
 pub const LEDGER_JOURNAL: &str = "AURA_LEDGER_JOURNAL";
 pub const JOURNAL_DIR: &str = "AURA_JOURNAL_DIR";
 pub const KEY_STATE_FILE: &str = "AURA_KEY_STATE_FILE";
+pub const SPEND_RECORD: &str = "AURA_SPEND_RECORD";
+pub const SPEND_RECORD_MAX_BYTES: &str = "AURA_SPEND_RECORD_MAX_BYTES";
+pub const SPEND_RECORD_FILES: &str = "AURA_SPEND_RECORD_FILES";
 pub const ALLOW_UNPRICED_ROUTES: &str = "AURA_ALLOW_UNPRICED_ROUTES";
 pub const MAX_USAGE_TOKENS: &str = "AURA_MAX_USAGE_TOKENS";
 pub const JOURNAL_FSYNC_INTERVAL_MS: &str = "AURA_JOURNAL_FSYNC_INTERVAL_MS";
@@ -156,6 +159,9 @@ pub const SETTINGS: &[Setting] = &[
     Setting { key: "journal_fsync_interval_ms", env: &[JOURNAL_FSYNC_INTERVAL_MS], help: "how often the journal is flushed to disk: a power loss (not a kill) can lose at most this much settled spend [default: 1000]" },
     Setting { key: "ledger_journal", env: &[LEDGER_JOURNAL], help: "the journal file of an Aura from before journal_dir: replayed once at start (spend it kept when it stopped without the store), then deleted [default: aura-ledger.journal, where it exists]" },
     Setting { key: "key_state_file", env: &[KEY_STATE_FILE], help: "with the memory store: the file keeping the keys the admin API makes (hashes of their secrets, never the secrets), read at start [default: keys.json in the journal's default directory]" },
+    Setting { key: "spend_record", env: &[SPEND_RECORD], help: "one JSON line per settled request (key, team, models, upstream, tokens, cost, TTFT, status): an absolute file path, or stdout [default: none]" },
+    Setting { key: "spend_record_max_bytes", env: &[SPEND_RECORD_MAX_BYTES], help: "a spend record file past this size is rotated (spend.jsonl to spend.jsonl.1, and so on) [default: 104857600]" },
+    Setting { key: "spend_record_files", env: &[SPEND_RECORD_FILES], help: "rotated spend record files kept beside the current one [default: 5]" },
     Setting { key: "shutdown_grace_ms", env: &[SHUTDOWN_GRACE_MS], help: "on SIGTERM or SIGINT, how long requests in flight may take to finish before spend is flushed and Aura exits (a request cut then is billed its reservation) [default: 20000]" },
 ];
 
@@ -326,6 +332,8 @@ pub struct Config {
     pub budgets: Budgets,
     /// On SIGTERM, how long requests in flight may take before Aura flushes and exits.
     pub shutdown_grace: Duration,
+    /// Where settled requests are recorded, one JSON line each (none: nowhere).
+    pub spend_record: Option<crate::spend_record::Target>,
 }
 
 /// Budget settings: limits, where prices come from, how reservations are sized.
@@ -696,6 +704,25 @@ impl Parser<'_> {
         })
     }
 
+    /// `spend_record`: stdout, or a file with its rotation.
+    fn spend_record(&mut self) -> Option<crate::spend_record::Target> {
+        let max_bytes = self.positive("spend_record_max_bytes", 100 * 1024 * 1024);
+        let keep = self.get("spend_record_files", 5usize);
+        let raw = self.values.get("spend_record")?.trim().to_string();
+        if raw.is_empty() {
+            return None;
+        }
+        if raw.eq_ignore_ascii_case("stdout") {
+            return Some(crate::spend_record::Target::Stdout);
+        }
+        let path = self.absolute_path("spend_record", SPEND_RECORD)?;
+        Some(crate::spend_record::Target::File {
+            path,
+            max_bytes,
+            keep,
+        })
+    }
+
     /// An absolute path, if set (a relative one would move with the working directory).
     fn absolute_path(&mut self, key: &'static str, env: &str) -> Option<PathBuf> {
         let path = self
@@ -864,6 +891,7 @@ impl Parser<'_> {
                 max_usage_tokens: self.positive("max_usage_tokens", 10_000_000),
             },
             shutdown_grace: self.millis("shutdown_grace_ms", 20_000),
+            spend_record: self.spend_record(),
         };
         let mut config = config;
         config.budgets.store = self.store_kind();

@@ -109,7 +109,13 @@ impl ControlPlane {
                     period: self.period,
                 };
                 let answer = admin
-                    .handle(method, path, &request.head.headers, &request.body)
+                    .handle(
+                        method,
+                        path,
+                        target.query.as_deref(),
+                        &request.head.headers,
+                        &request.body,
+                    )
                     .await;
                 // Every admin call is logged, refused ones too (a token being guessed shows).
                 let status = answer.as_ref().map_or_else(|e| e.status(), |(s, _)| *s);

@@ -25,15 +25,29 @@ pub struct Charges {
     pub requests: Accounts,
     pub tokens: Accounts,
     pub concurrent: Accounts,
+    /// For the record: the key's and its team's spend per day (never refused).
+    pub reports: Accounts,
 }
 
 impl Charges {
-    /// A key Aura has no configuration for: its own budget only.
+    /// A key Aura has no configuration for: its own budget, and the record of every such
+    /// key's spend together.
     pub fn own(key: KeyId) -> Charges {
         Charges {
             dollars: Accounts::one(key),
+            reports: Accounts::one(report_of("key:other")),
             ..Charges::default()
         }
+    }
+
+    /// The accounts a request's cost is reserved in and settled to: its budgets, then its
+    /// reports.
+    pub fn money(&self) -> Accounts {
+        let mut all = self.dollars;
+        for report in self.reports.iter() {
+            all.push(report);
+        }
+        all
     }
 
     /// Whether any rate limit applies.
@@ -48,6 +62,19 @@ pub enum Owner {
     /// A key, by alias.
     Key(String),
     Team(String),
+    /// A model's spend (a report), by the price table's name.
+    Model(String),
+}
+
+impl Owner {
+    /// `("key", alias)`, `("team", name)`, `("model", name)`.
+    pub fn kind_and_name(&self) -> (&'static str, &str) {
+        match self {
+            Owner::Key(alias) => ("key", alias),
+            Owner::Team(name) => ("team", name),
+            Owner::Model(name) => ("model", name),
+        }
+    }
 }
 
 /// An account as shown: whose it is, and its budget.
@@ -63,6 +90,7 @@ impl AccountInfo {
         let owner = match &self.owner {
             Owner::Key(alias) => format!("key \"{alias}\""),
             Owner::Team(name) => format!("team \"{name}\""),
+            Owner::Model(name) => format!("model \"{name}\""),
         };
         let what = match (self.budget.meter, self.budget.window) {
             (Meter::Dollars, Period::Daily) => "daily budget",
@@ -71,6 +99,7 @@ impl AccountInfo {
             (Meter::Requests, _) => "requests per minute",
             (Meter::Tokens, _) => "tokens per minute",
             (Meter::Concurrent, _) => "concurrent requests",
+            (Meter::Report, _) => "spend record",
         };
         format!("{owner} {what}")
     }
@@ -80,6 +109,7 @@ impl AccountInfo {
         let owner = match &self.owner {
             Owner::Key(alias) => alias.clone(),
             Owner::Team(name) => format!("team:{name}"),
+            Owner::Model(name) => format!("model:{name}"),
         };
         match self.budget.window {
             Period::Daily => format!("{owner}/daily"),
@@ -98,6 +128,8 @@ pub struct Governance {
     table: LimitTable,
     /// Each team's own accounts, and its keys.
     teams: std::collections::BTreeMap<String, Team>,
+    /// Each key's team.
+    team_of: KeyIdMap<String>,
 }
 
 /// A team as the admin API shows it.
@@ -108,12 +140,14 @@ pub struct Team {
 }
 
 impl Governance {
-    /// `default_limit`: a key's budget when it sets none, in `window` (`budget_period`).
+    /// `default_limit`: a key's budget when it sets none, in `window` (`budget_period`);
+    /// `models`: the price table's names (each has a report of its spend per day).
     pub fn new(
         default_limit: u64,
         window: Period,
         keys: &[Member],
         teams: &[TeamEntry],
+        models: &[&str],
     ) -> Governance {
         let mut g = Governance {
             table: LimitTable {
@@ -133,8 +167,14 @@ impl Governance {
                 &team.limits,
                 &mut charges,
             );
+            let report = g.report(owner, &format!("team:{}", team.name));
+            charges.reports.push(report);
             let keys = Vec::new();
             g.teams.insert(team.name.clone(), Team { charges, keys });
+        }
+        g.report(Owner::Key("(other keys)".into()), "key:other");
+        for model in models.iter().copied().chain(["other"]) {
+            g.report(Owner::Model(model.to_string()), &format!("model:{model}"));
         }
         for key in keys {
             let id = key.id;
@@ -155,13 +195,17 @@ impl Governance {
                     window,
                     meter: Meter::Dollars,
                 };
+                let owner = owner.clone();
                 g.catalog.insert(id, AccountInfo { owner, budget });
             }
+            charges.reports.push(g.report(owner, &format!("key:{id}")));
             if let Some(team) = key.team.as_deref().and_then(|t| g.teams.get_mut(t)) {
                 team.keys.push(id);
+                g.team_of.insert(id, key.team.clone().unwrap_or_default());
                 let team = &team.charges;
                 for (mine, theirs) in [
                     (&mut charges.dollars, team.dollars),
+                    (&mut charges.reports, team.reports),
                     (&mut charges.requests, team.requests),
                     (&mut charges.tokens, team.tokens),
                     (&mut charges.concurrent, team.concurrent),
@@ -247,10 +291,41 @@ impl Governance {
         }
     }
 
+    /// The report of `scope`'s spend per day: in the store's table and the catalog.
+    fn report(&mut self, owner: Owner, scope: &str) -> KeyId {
+        let id = report_of(scope);
+        let budget = Budget {
+            limit: crate::pricing::MAX_LIMIT_NANO,
+            window: Period::Daily,
+            meter: Meter::Report,
+        };
+        self.table.accounts.insert(id, budget);
+        self.catalog.insert(id, AccountInfo { owner, budget });
+        id
+    }
+
+    /// The report of a model's spend (the price table's name; none: the default price).
+    pub fn model_report(&self, model: Option<&str>) -> KeyId {
+        report_of(&format!("model:{}", model.unwrap_or("other")))
+    }
+
+    /// Every report account, with whose spend it records.
+    pub fn reports(&self) -> impl Iterator<Item = (KeyId, &Owner)> {
+        self.catalog
+            .iter()
+            .filter(|(_, info)| info.budget.meter == Meter::Report)
+            .map(|(id, info)| (*id, &info.owner))
+    }
+
     fn add(&mut self, id: KeyId, owner: &Owner, budget: Budget) {
         self.table.accounts.insert(id, budget);
         let owner = owner.clone();
         self.catalog.insert(id, AccountInfo { owner, budget });
+    }
+
+    /// The team a key is charged to as well.
+    pub fn team_of(&self, key: KeyId) -> Option<&str> {
+        self.team_of.get(&key).map(String::as_str)
     }
 
     /// Every team, by name.
@@ -290,10 +365,7 @@ impl Governance {
 pub fn standing_json(info: &AccountInfo, account: &Account, unix_now: u64) -> serde_json::Value {
     let window = info.budget.window;
     let period = period_of(window, unix_now);
-    let (kind, name) = match &info.owner {
-        Owner::Key(alias) => ("key", alias.as_str()),
-        Owner::Team(name) => ("team", name.as_str()),
-    };
+    let (kind, name) = info.owner.kind_and_name();
     serde_json::json!({
         "budget": info.describe(),
         "owner": kind,
@@ -305,6 +377,11 @@ pub fn standing_json(info: &AccountInfo, account: &Account, unix_now: u64) -> se
         "usage_dollars": nano_to_dollars(account.spent),
         "remaining_dollars": nano_to_dollars(account.remaining()),
     })
+}
+
+/// The id of `scope`'s report account.
+fn report_of(scope: &str) -> KeyId {
+    derived(scope, "report")
 }
 
 /// The id of an account that is not a key's own: from its owner and what it counts. The
@@ -359,7 +436,7 @@ mod tests {
                 windows,
                 rates: Rates::default(),
             };
-            let g = Governance::new(7, Period::Monthly, &[key("k", None, limits)], &[]);
+            let g = Governance::new(7, Period::Monthly, &[key("k", None, limits)], &[], &[]);
             g.charges(KeyId::of("sk-k"))
                 .dollars
                 .iter()
@@ -403,7 +480,7 @@ mod tests {
             },
         );
         let bob = key("bob", Some("research"), Limits::default());
-        let g = Governance::new(7, Period::Monthly, &[alice, bob], &[team]);
+        let g = Governance::new(7, Period::Monthly, &[alice, bob], &[team], &["gpt-4o"]);
         let alice_id = KeyId::of("sk-alice");
         let charges = g.charges(alice_id);
         assert_eq!(charges.dollars.len(), 4);

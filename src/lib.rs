@@ -29,4 +29,5 @@ pub mod proxy;
 pub mod reload;
 pub mod runtime;
 pub mod server;
+pub mod spend_record;
 pub mod upstream;

@@ -516,6 +516,11 @@ impl PriceTable {
         self.by_name.insert(Arc::from(model), price);
     }
 
+    /// Every model name the table has.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.by_name.keys().map(|name| name.as_ref())
+    }
+
     pub fn len(&self) -> usize {
         self.by_name.len()
     }

@@ -36,6 +36,7 @@ use crate::reload::{KeySet, Live, Shared};
 use crate::rewrite;
 use crate::route::{self, Billing};
 use crate::server::{self, Handler, Persist, Request};
+use crate::spend_record::{self, Recorder};
 use crate::upstream::health::HealthRules;
 use crate::upstream::retry::{self, retryable_status, AttemptOutcome};
 use crate::upstream::select::{ModelPattern, ModelTable, Picker};
@@ -404,6 +405,11 @@ pub struct Proxy {
     metrics: metrics::Shard,
     registry: Arc<Registry>,
     budget: budget::Shard,
+    /// Where each settled request goes as one line (`spend_record`).
+    recorder: Option<Recorder>,
+    /// Requests this worker settled: with the worker's prefix, a request's id.
+    requests: Cell<u64>,
+    request_prefix: String,
     default_max_output_tokens: u64,
     /// Budget periods, as the admin API shows them.
     period: Period,
@@ -486,6 +492,8 @@ struct Outcome<'p> {
     deadline_cut: bool,
     /// Reservations of attempts given up on after they reached their upstream, charged.
     given_up_nano: u64,
+    /// The model the client asked for, once billed (`model` is the answer's).
+    requested: Option<String>,
     /// A rate-limited key's `x-ratelimit-*` headers, for its answer.
     rate_headers: Option<RateHeaders>,
 }
@@ -519,6 +527,7 @@ impl<'p> Outcome<'p> {
             attempt_sent: false,
             deadline_cut: false,
             given_up_nano: 0,
+            requested: None,
             rate_headers: None,
         }
     }
@@ -561,6 +570,9 @@ impl Proxy {
             metrics: metrics::Shard::default(),
             registry,
             budget,
+            recorder: None,
+            requests: Cell::new(0),
+            request_prefix: request_prefix(worker),
             default_max_output_tokens: config.budgets.default_max_output_tokens,
             period: config.budgets.period,
             allow_unpriced: config.budgets.allow_unpriced_routes,
@@ -647,6 +659,12 @@ impl Proxy {
         self.stopping.set(true);
     }
 
+    /// Records every settled request to `recorder`.
+    pub fn recording(mut self, recorder: Option<Recorder>) -> Proxy {
+        self.recorder = recorder;
+        self
+    }
+
     /// Requests being handled now.
     pub fn in_flight(&self) -> usize {
         self.in_flight.get()
@@ -685,7 +703,7 @@ impl Proxy {
         let rates = admitted?;
         let reservation = self
             .budget
-            .reserve_all(charges.dollars, admission.estimate)
+            .reserve_all(charges.money(), admission.estimate)
             .await
             .map_err(|refusal| refusal_error(refusal, &view.governance))?;
         outcome.bill = Some(Bill {
@@ -1870,7 +1888,13 @@ impl Proxy {
             upstream: outcome.answered_by,
             ttft: outcome.ttft,
         });
-        log_access(outcome, charge, error, started);
+        let n = self.requests.get() + 1;
+        self.requests.set(n);
+        let request_id = format!("{}{n:x}", self.request_prefix);
+        log_access(outcome, charge, error, started, &request_id);
+        if let (Some(recorder), Some(charge)) = (&self.recorder, charge) {
+            recorder.record(spend_line(outcome, &charge, request_id, started));
+        }
     }
 
     /// A billable request's reservation becomes its cost: the usage reported, priced at the
@@ -1924,6 +1948,12 @@ impl Proxy {
         }
         let key = bill.reservation.key();
         bill.reservation.settle(cost);
+        outcome.requested = bill.requested;
+        // The record of the model's spend, as answered (the key's and its team's are in the
+        // reservation).
+        let charged = cost.saturating_add(outcome.given_up_nano);
+        let answered = view.governance.model_report(model.map(|m| m.as_ref()));
+        self.budget.charge(answered, charged);
         outcome.charge = Some(Charge {
             key,
             model,
@@ -2050,7 +2080,10 @@ impl Proxy {
         client: &mut S,
         outcome: &mut Outcome<'_>,
     ) -> Persist {
-        let path = request.head.target.split('?').next().unwrap_or_default();
+        let (path, query) = match request.head.target.split_once('?') {
+            Some((path, query)) => (path, Some(query)),
+            None => (request.head.target.as_str(), None),
+        };
         let answer = match &self.admin_token {
             None => Err(Error::NotFound(path.to_string())),
             Some(token) => {
@@ -2063,6 +2096,7 @@ impl Proxy {
                 .handle(
                     &request.head.method,
                     path,
+                    query,
                     &request.head.headers,
                     &request.body,
                 )
@@ -2254,7 +2288,13 @@ struct Charge<'p> {
 }
 
 /// The one access-log record of a finished request. Keys never appear in it.
-fn log_access(outcome: &Outcome, charge: Option<Charge>, error: Option<&Error>, started: Instant) {
+fn log_access(
+    outcome: &Outcome,
+    charge: Option<Charge>,
+    error: Option<&Error>,
+    started: Instant,
+    request_id: &str,
+) {
     let duration_us = started.elapsed().as_micros() as u64;
     let status = outcome.status.map(|s| s.as_u16()).unwrap_or(0);
     let error_detail = error.map(|e| e.to_string()).unwrap_or_default();
@@ -2276,6 +2316,7 @@ fn log_access(outcome: &Outcome, charge: Option<Charge>, error: Option<&Error>, 
     let key_id = outcome.key.map(|k| k.to_string()).unwrap_or_default();
     tracing::info!(
         target: "aura::access",
+        request_id,
         route = outcome.route.label(),
         status,
         key_id = key_id.as_str(),
@@ -2301,6 +2342,65 @@ fn log_access(outcome: &Outcome, charge: Option<Charge>, error: Option<&Error>, 
         error,
         error_detail = error_detail.as_str(),
     );
+}
+
+/// A settled request as the spend record has it.
+fn spend_line(
+    outcome: &Outcome,
+    charge: &Charge,
+    request_id: String,
+    started: Instant,
+) -> spend_record::Line {
+    let view = outcome.view;
+    let usage = outcome.usage.unwrap_or_default();
+    let millis = |d: Duration| d.as_secs_f64() * 1e3;
+    spend_record::Line {
+        time: iso_now_millis(),
+        request_id,
+        key_id: charge.key.to_string(),
+        alias: view.directory.alias(charge.key).map(String::from),
+        team: view.governance.team_of(charge.key).map(String::from),
+        route: outcome.route.label(),
+        model_requested: outcome.requested.clone(),
+        model_answered: outcome.model.clone(),
+        upstream: outcome.answered_by.map(String::from),
+        tokens: spend_record::Tokens {
+            prompt: usage.prompt_tokens,
+            completion: usage.completion_tokens,
+            cached_prompt: usage.cached_prompt_tokens,
+            cache_write_prompt: usage.cache_write_prompt_tokens,
+            media_prompt: usage.media_prompt_tokens,
+        },
+        cost_nano: charge.cost_nano,
+        basis: match charge.basis {
+            Basis::Reported => "reported",
+            Basis::Estimated => "estimated",
+            Basis::Implausible => "implausible",
+            _ => "other",
+        },
+        ttft_ms: outcome.ttft.map(millis),
+        duration_ms: millis(started.elapsed()),
+        status: outcome.status.map_or(0, |s| s.as_u16()),
+        attempts: outcome.attempts,
+        stream: outcome.stream,
+    }
+}
+
+/// The time now, `2026-12-01T12:34:56.789Z`.
+fn iso_now_millis() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = budget::op::iso_time(now.as_secs());
+    format!("{}.{:03}Z", secs.trim_end_matches('Z'), now.subsec_millis())
+}
+
+/// A worker's request-id prefix: random per process, then the worker (`3f9a2c-1-`).
+fn request_prefix(worker: usize) -> String {
+    let mut random = [0u8; 3];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut random);
+    let hex: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{hex}-{worker}-")
 }
 
 fn micros(d: Option<Duration>) -> u64 {

@@ -79,7 +79,12 @@ impl KeySet {
     /// The config's keys, then each admin-made key `config` can serve (one naming an alias
     /// the config uses, a team it lacks, an upstream it lacks or an environment variable this
     /// node lacks is left out, and so refused, with an error logged).
-    pub fn build(config: &Config, admin: &[KeyRecord], env: &dyn ConfigSource) -> KeySet {
+    pub fn build(
+        config: &Config,
+        prices: &PriceTable,
+        admin: &[KeyRecord],
+        env: &dyn ConfigSource,
+    ) -> KeySet {
         let budgets = &config.budgets;
         let mut members: Vec<Member> = budgets.keys.iter().map(Member::from_config).collect();
         for record in admin {
@@ -120,6 +125,7 @@ impl KeySet {
                 budgets.period,
                 &members,
                 &budgets.teams,
+                &prices.names().collect::<Vec<_>>(),
             )),
         }
     }
@@ -185,7 +191,7 @@ impl Shared {
             tracing::warn!(error = %e, "keyring unavailable at start: admin-made keys come once it answers");
             (0, Vec::new())
         });
-        let keys = KeySet::build(&live.config, &admin_keys, &ProcessEnv);
+        let keys = KeySet::build(&live.config, &live.prices, &admin_keys, &ProcessEnv);
         limits.replace(keys.limits());
         registry.set_aliases(keys.labels());
         let shared = Arc::new(Shared {
@@ -253,7 +259,12 @@ impl Shared {
             *slot = Arc::new(admin_keys);
         }
         let live = self.live();
-        self.install_keys(KeySet::build(&live.config, &slot, &ProcessEnv));
+        self.install_keys(KeySet::build(
+            &live.config,
+            &live.prices,
+            &slot,
+            &ProcessEnv,
+        ));
     }
 
     /// `keys` from now on: the store's budgets, the metric labels, then the workers.

@@ -32,6 +32,7 @@ use crate::control::ControlPlane;
 use crate::cut::CutSignal;
 use crate::keyring::{self, file::FileKeyring, Keyring};
 use crate::metrics::{self, Registry};
+use crate::spend_record::{self, Recorder};
 
 use crate::pricing::PriceTable;
 use crate::proxy::Proxy;
@@ -108,6 +109,8 @@ pub struct Running {
     pub shared: Arc<Shared>,
     /// The Valkey store's ledger thread (none with the in-memory store).
     ledger: Option<LedgerThread>,
+    /// The spend record's writer (none without `spend_record`): it ends after the workers.
+    spend_writer: Option<spend_record::Writer>,
     shutdown: Arc<AtomicBool>,
     /// Held for the life of the process: the port lock.
     _port_lock: std::os::unix::net::UnixListener,
@@ -128,12 +131,19 @@ impl Running {
         if let Some(ledger) = self.ledger {
             ledger.finish(Instant::now() + LEDGER_FINISH);
         }
+        // Every recorder went with its worker: the last lines are written and synced.
+        if let Some(writer) = self.spend_writer {
+            writer.finish();
+        }
     }
 
     /// Blocks until every worker has exited (they exit only on `stop`).
     pub fn wait(self) {
         for worker in self.workers {
             let _ = worker.join();
+        }
+        if let Some(writer) = self.spend_writer {
+            writer.finish();
         }
     }
 }
@@ -218,6 +228,14 @@ pub fn start(config: &Config, resolvers: Vec<Resolver>) -> Result<Running, Start
             (Some(thread), remote, Some(journal))
         }
     };
+    let (spend_writer, recorder) = match &config.spend_record {
+        None => (None, None),
+        Some(target) => {
+            let (writer, recorder) = spend_record::Writer::start(target.clone())
+                .map_err(|e| StartError::Store(format!("spend_record: {e}")))?;
+            (Some(writer), Some(recorder))
+        }
+    };
     let shutdown = Arc::new(AtomicBool::new(false));
     let control_addr = match config.admin_listen {
         None => None,
@@ -260,6 +278,7 @@ pub fn start(config: &Config, resolvers: Vec<Resolver>) -> Result<Running, Start
             fail_open: budgets.fail_open,
             shared: shared.clone(),
             limits: limits.clone(),
+            recorder: recorder.clone(),
             clock: clock.clone(),
             shards: shard_count,
         };
@@ -286,6 +305,7 @@ pub fn start(config: &Config, resolvers: Vec<Resolver>) -> Result<Running, Start
         shared,
         workers: handles,
         ledger,
+        spend_writer,
         shutdown,
         _port_lock: port_lock,
     })
@@ -379,7 +399,7 @@ fn run_worker(
             },
         );
         let proxy = match Proxy::new(budget.shared, id, &config, registry.clone(), shard) {
-            Ok(proxy) => Rc::new(proxy),
+            Ok(proxy) => Rc::new(proxy.recording(budget.recorder)),
             Err(e) => {
                 tracing::error!(worker = id, error = %e, "upstream setup failed");
                 return;
@@ -533,6 +553,8 @@ struct Budget {
     limits: Arc<KeyLimits>,
     clock: Clock,
     shards: usize,
+    /// Where settled requests are recorded (`spend_record`).
+    recorder: Option<Recorder>,
 }
 
 type LedgerParts = (LedgerThread, Vec<(Ledger, Inbox)>, Arc<Journal>);

@@ -21,7 +21,7 @@
 use http::{Method, StatusCode};
 use serde_json::{json, Map, Value};
 
-use super::{blocking, limit_nano, parse, totals_of, Admin};
+use super::{blocking, limit_nano, parse, totals_of, unix_now, Admin};
 use crate::auth::KeyId;
 use crate::budget::op::period_label;
 use crate::budget::{Account, PeriodSpend};
@@ -673,10 +673,4 @@ fn dollars(fields: &Map<String, Value>, name: &str) -> Result<f64, Error> {
         .get(name)
         .and_then(Value::as_f64)
         .ok_or_else(|| Error::MalformedBody(format!("`{name}` must be a number of dollars")))
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }

@@ -4,7 +4,7 @@
 use http::StatusCode;
 use serde_json::{json, Value};
 
-use super::{totals_of, Admin};
+use super::{totals_of, unix_now, Admin};
 use crate::auth::KeyId;
 use crate::error::Error;
 use crate::governance::standing_json;
@@ -21,9 +21,7 @@ impl Admin<'_> {
             .ledger
             .admin_call(move |s| totals_of(s, &accounts))
             .await?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let now = unix_now();
         let teams: Vec<Value> = keys
             .governance
             .teams()

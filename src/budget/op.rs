@@ -42,6 +42,24 @@ pub enum Meter {
     Tokens,
     /// Requests in flight.
     Concurrent,
+    /// Nano-dollars, for the record only: a key's, a team's or a model's spend per day
+    /// (`GET /admin/spend`). Never refuses, never leased; keeps `REPORT_DAYS` of history.
+    Report,
+}
+
+/// Days of spend a report account keeps before the current one.
+pub const REPORT_DAYS: u64 = 400;
+
+impl Budget {
+    /// Periods of spend the store keeps before the current one: a rate limit's minutes are
+    /// worth nothing once past, a report's days are what it is for.
+    pub fn history(&self) -> u64 {
+        match (self.meter, self.window) {
+            (Meter::Report, _) => REPORT_DAYS,
+            (_, Period::Minute) => 0,
+            _ => HISTORY_PERIODS,
+        }
+    }
 }
 
 /// The budgets of a configuration, as [`KeyLimits`] serves them.
@@ -137,8 +155,9 @@ impl KeyLimits {
     }
 }
 
-/// The most accounts one request is charged to: a key's windows and its team's.
-pub const MAX_ACCOUNTS: usize = 6;
+/// The most accounts one request is charged to: a key's windows and its team's (three each),
+/// and the key's and the team's reports.
+pub const MAX_ACCOUNTS: usize = 8;
 
 /// The accounts a request is charged to together (a key's own, its other windows, its
 /// team's), in the order they are checked; inline, so admission never allocates.
@@ -481,6 +500,24 @@ pub fn period_label(period: Period, p: u64) -> String {
     }
 }
 
+/// The day number (days since 1970-01-01) of a `YYYY-MM-DD` date; none for anything else
+/// (a 31st of April too).
+pub fn day_of_date(text: &str) -> Option<u64> {
+    let mut parts = text.split('-');
+    let mut next = |len: usize| {
+        parts
+            .next()
+            .filter(|p| p.len() == len && p.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|p| p.parse::<u64>().ok())
+    };
+    let (year, month, day) = (next(4)?, next(2)?, next(2)?);
+    if parts.next().is_some() || year < 1970 || !(1..=12).contains(&month) || day == 0 {
+        return None;
+    }
+    let days = days_from_civil(year, month, day);
+    (civil_date(days) == (year, month, day)).then_some(days)
+}
+
 /// `2026-12-01T00:00:00Z`.
 pub fn iso_time(unix: u64) -> String {
     let (year, month, day) = civil_date(unix / 86_400);
@@ -554,6 +591,20 @@ mod tests {
         // Month 0 (spend of no period, shown as a month) is a date, not an overflow.
         assert_eq!(period_label(Period::Monthly, 0), "0000-01");
         assert_eq!(period_start(Period::Monthly, 0), 0);
+        assert_eq!(
+            day_of_date("2026-01-31"),
+            Some(period_of(Period::Daily, before))
+        );
+        for bad in [
+            "2026-04-31",
+            "2026-13-01",
+            "26-01-01",
+            "2026-1-01",
+            "2026-01-01x",
+            "x",
+        ] {
+            assert_eq!(day_of_date(bad), None, "{bad}");
+        }
         // A period begins where the one before it ends.
         for kind in [Period::Daily, Period::Monthly] {
             let p = period_of(kind, after);

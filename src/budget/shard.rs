@@ -417,6 +417,11 @@ impl Shard {
             let next = {
                 let mut keys = self.keys.borrow_mut();
                 let lease = self.lease(&mut keys, key);
+                if lease.meter == Meter::Report {
+                    // For the record only: nothing to lease, nothing refused.
+                    take(lease, estimate);
+                    return Ok(());
+                }
                 // The ticked time may be up to a tick late: judged as if a tick later.
                 let lapsing =
                     self.lease_ttl.is_some() && self.lapsing(lease, self.ticked.get().at + TICK);
@@ -684,6 +689,19 @@ impl Shard {
             })
             .take(max)
             .collect()
+    }
+
+    /// Records `cost` in a report account with no reservation before it (the model a request
+    /// was answered by is known only at its end): journaled and flushed as any settled cost.
+    pub fn charge(&self, account: KeyId, cost: u64) {
+        if cost == 0 {
+            return;
+        }
+        {
+            let mut keys = self.keys.borrow_mut();
+            take(self.lease(&mut keys, account), 0);
+        }
+        self.settle(account, 0, cost, false);
     }
 
     /// Ends a request of `key` that reserved `amount`: its real cost replaces the reservation.

@@ -33,6 +33,11 @@ pub trait Store: Send + Sync {
     fn account(&self, key: KeyId) -> Result<Account, StoreError>;
     /// The key's spend in each period the store keeps, oldest first.
     fn history(&self, key: KeyId) -> Result<Vec<PeriodSpend>, StoreError>;
+    /// Each key's spend in each period the store keeps (for many keys at once: a store may
+    /// read them in fewer round trips).
+    fn histories(&self, keys: &[KeyId]) -> Result<Vec<Vec<PeriodSpend>>, StoreError> {
+        keys.iter().map(|key| self.history(*key)).collect()
+    }
     /// Admin: sets the key's limit.
     fn set_limit(&self, key: KeyId, limit: u64) -> Result<Account, StoreError>;
     /// Admin: the key's spend in the current period back to zero.

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use super::{Clock, Store, StoreError};
 use crate::auth::KeyId;
-use crate::budget::op::{period_of, Account, Applied, KeyLimits, Op, PeriodSpend, HISTORY_PERIODS};
+use crate::budget::op::{period_of, Account, Applied, KeyLimits, Op, PeriodSpend};
 
 pub struct MemoryStore {
     limits: Arc<KeyLimits>,
@@ -49,10 +49,10 @@ impl Entry {
         }
     }
 
-    /// Forgets spend older than the history kept before `period`.
-    fn prune(&mut self, period: u64) {
+    /// Forgets spend older than the `history` periods kept before `period`.
+    fn prune(&mut self, period: u64, history: u64) {
         self.spent
-            .retain(|p| p.period + HISTORY_PERIODS >= period && p.nano > 0);
+            .retain(|p| p.period + history >= period && p.nano > 0);
     }
 
     /// Nothing in it that a fresh entry would not have.
@@ -107,12 +107,13 @@ impl MemoryStore {
     /// One op: spend by period, the lease it gives back, then the lease it asks for (the need
     /// plus a `parts`-th of what is left beyond it, or nothing).
     fn apply_one(&self, op: &Op, now: std::time::Instant) -> Applied {
-        let configured = self.limits.of(op.key);
+        let budget = self.limits.budget(op.key);
+        let configured = budget.limit;
         self.with(op.key, |entry| {
             for p in op.settle.spent.iter() {
                 entry.add(p.period, p.nano);
             }
-            entry.prune(op.period);
+            entry.prune(op.period, budget.history());
             entry.leased = entry
                 .leased
                 .saturating_sub(op.settle.from_lease.saturating_add(op.settle.returned));
@@ -222,7 +223,7 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::budget::op::{Ask, Holder, LimitTable, Spend};
+    use crate::budget::op::{Ask, Holder, LimitTable, Spend, HISTORY_PERIODS};
     use crate::budget::store::system_clock;
     use crate::config::Period;
 

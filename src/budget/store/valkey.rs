@@ -30,7 +30,7 @@ use redis::{Connection, ConnectionLike, RedisError};
 use super::{Clock, Store, StoreError};
 use crate::auth::KeyId;
 use crate::budget::op::{
-    period_of, period_start, Account, Applied, Epoch, KeyLimits, Op, PeriodSpend, HISTORY_PERIODS,
+    period_of, period_start, Account, Applied, Epoch, KeyLimits, Op, PeriodSpend,
 };
 
 /// A lease not renewed for this long goes back to the key's budget.
@@ -296,7 +296,7 @@ impl ValkeyStore {
             .arg(floor.period)
             .arg(signed(restore.floor.map(|f| f.nano)))
             .arg(signed(restore.limit))
-            .arg(history_kept(self.limits.window(op.key)))
+            .arg(self.limits.budget(op.key).history())
             .arg(IDLE_TTL.as_millis() as u64)
             .arg(period_start(self.limits.window(op.key), op.period));
         let spends: Vec<PeriodSpend> = op.settle.spent.iter().collect();
@@ -392,15 +392,6 @@ impl ValkeyStore {
             cmds.push(persist);
         }
         self.pipeline::<redis::Value>(&cmds).map(|_| ())
-    }
-}
-
-/// Periods of spend an account keeps before its current one. A rate limit's minutes are worth
-/// nothing once past: none is kept, and its spend does not keep an idle account alive.
-fn history_kept(window: crate::config::Period) -> u64 {
-    match window {
-        crate::config::Period::Minute => 0,
-        _ => HISTORY_PERIODS,
     }
 }
 
@@ -552,6 +543,18 @@ impl Store for ValkeyStore {
 
     fn history(&self, key: KeyId) -> Result<Vec<PeriodSpend>, StoreError> {
         Ok(self.read(key)?.1)
+    }
+
+    fn histories(&self, keys: &[KeyId]) -> Result<Vec<Vec<PeriodSpend>>, StoreError> {
+        let mut histories = Vec::with_capacity(keys.len());
+        for batch in keys.chunks(BATCH) {
+            let reads: Vec<redis::Cmd> = batch.iter().map(|&k| self.read_command(k)).collect();
+            let replies: Vec<Vec<redis::Value>> = self.pipeline(&reads)?;
+            for reply in &replies {
+                histories.push(parse_read(reply)?.1);
+            }
+        }
+        Ok(histories)
     }
 
     fn set_limit(&self, key: KeyId, limit: u64) -> Result<Account, StoreError> {
