@@ -1,5 +1,6 @@
 //! The admin API, on when `admin_token` is set; every call needs
-//! `Authorization: Bearer <admin_token>` (compared in constant time).
+//! `Authorization: Bearer <admin_token>`, or Basic credentials with the token as the password
+//! (what a browser sends once asked), compared in constant time.
 //!
 //! | call | does |
 //! |---|---|
@@ -13,6 +14,7 @@
 //! | `DELETE /admin/keys/{id}` | revokes an admin-made key (401 from then on); forgets another key's limit and spend |
 //! | `GET /admin/teams` | every team, its budgets (every window), rate limits and keys |
 //! | `GET /admin/spend?from=2026-11-01&to=2026-11-30` | spend per day by key, team and model, from the store (`spend.rs`) |
+//! | `GET /admin/ui` | the console (`ui.rs`): one page, in a browser |
 //! | `POST /admin/reload` | reads the configuration again (as SIGHUP does): applied, or refused whole with its errors |
 //!
 //! `{id}` is a key id (16 hex digits, as every answer shows it) or an alias: a key appears in
@@ -21,6 +23,7 @@
 mod keys;
 mod spend;
 mod teams;
+mod ui;
 
 use http::{HeaderMap, Method, StatusCode};
 use serde::Deserialize;
@@ -35,6 +38,26 @@ use crate::error::Error;
 use crate::pricing;
 use crate::reload::Shared;
 
+/// An admin call's answer: JSON, or the console's page.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub content_type: &'static str,
+    pub body: Vec<u8>,
+    pub headers: &'static [(&'static str, &'static str)],
+}
+
+impl Answer {
+    fn json(status: StatusCode, body: &serde_json::Value) -> Answer {
+        Answer {
+            status,
+            content_type: "application/json",
+            body: body.to_string().into_bytes(),
+            headers: &[],
+        }
+    }
+}
+
 pub struct Admin<'a> {
     pub ledger: &'a Ledger,
     /// The live configuration and keys, the keyring, reloads.
@@ -47,7 +70,7 @@ pub struct Admin<'a> {
 impl Admin<'_> {
     /// `POST /admin/reload`: the configuration read again, off the worker (file reads and DNS
     /// block); 200 with what was applied, or 400 with why it was refused.
-    async fn reload(&self) -> Result<(StatusCode, Vec<u8>), Error> {
+    async fn reload(&self) -> Result<(StatusCode, serde_json::Value), Error> {
         if !self.shared.reloadable() {
             return Err(Error::NotFound("/admin/reload".into()));
         }
@@ -61,7 +84,7 @@ impl Admin<'_> {
                     "keys": done.keys,
                     "restart_needed_for": done.restart_only,
                 });
-                Ok((StatusCode::OK, body.to_string().into_bytes()))
+                Ok((StatusCode::OK, body))
             }
             Err(refused) => Err(Error::ConfigRefused(refused)),
         }
@@ -75,8 +98,12 @@ impl Admin<'_> {
         query: Option<&str>,
         headers: &HeaderMap,
         body: &[u8],
-    ) -> Result<(StatusCode, Vec<u8>), Error> {
-        let token = auth::bearer(headers).ok_or(Error::AdminToken)?;
+    ) -> Result<Answer, Error> {
+        // A bearer token, or a browser's Basic credentials with the token as the password.
+        let basic = auth::basic_password(headers);
+        let token = auth::bearer(headers)
+            .or(basic.as_deref())
+            .ok_or(Error::AdminToken)?;
         if !auth::constant_time_eq(token.as_bytes(), self.token.expose().as_bytes()) {
             return Err(Error::AdminToken);
         }
@@ -87,12 +114,16 @@ impl Admin<'_> {
             method
         };
         let answer = match path {
-            "/admin/reload" => {
+            "/admin/ui" => {
                 return match *method {
-                    Method::POST => self.reload().await,
-                    _ => Err(Error::MethodNotAllowed { allow: "POST" }),
+                    Method::GET => Ok(ui::page()),
+                    _ => Err(Error::MethodNotAllowed { allow: "GET, HEAD" }),
                 }
             }
+            "/admin/reload" => match *method {
+                Method::POST => self.reload().await?,
+                _ => return Err(Error::MethodNotAllowed { allow: "POST" }),
+            },
             "/admin/teams" => match *method {
                 Method::GET => self.teams().await?,
                 _ => return Err(Error::MethodNotAllowed { allow: "GET, HEAD" }),
@@ -110,7 +141,7 @@ impl Admin<'_> {
                 self.keys(method, path, &parts, body).await?
             }
         };
-        Ok((answer.0, answer.1.to_string().into_bytes()))
+        Ok(Answer::json(answer.0, &answer.1))
     }
 }
 

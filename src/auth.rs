@@ -349,6 +349,47 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !key.is_empty()).then_some(key)
 }
 
+/// The password of `Authorization: Basic <base64(user:password)>` (a browser's own prompt;
+/// the console's calls then carry it), if the header is one.
+pub fn basic_password(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, encoded) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = String::from_utf8(base64_decode(encoded.trim())?).ok()?;
+    let (_, password) = decoded.split_once(':')?;
+    (!password.is_empty()).then(|| password.to_string())
+}
+
+/// Standard base64 (RFC 4648, padded or not); none for anything else.
+pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    let value = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let text = text.trim_end_matches('=').as_bytes();
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    for chunk in text.chunks(4) {
+        if chunk.len() == 1 {
+            return None;
+        }
+        let mut bits = 0u32;
+        for (i, c) in chunk.iter().enumerate() {
+            bits |= value(*c)? << (18 - 6 * i);
+        }
+        let bytes = bits.to_be_bytes();
+        out.extend_from_slice(&bytes[1..chunk.len()]);
+    }
+    Some(out)
+}
+
 /// `sk-proj-abc…wxyz` → `sk-...wxyz`: the prefix up to the first `-`, and the last 4 characters.
 /// Keys too short to hide anything are masked whole.
 pub fn mask(key: &str) -> String {
@@ -516,6 +557,29 @@ mod tests {
         assert_eq!((caller.alias, caller.upstream_key), (None, None));
         assert_eq!(passthrough.authorize(&b, 0).unwrap().alias, Some("team-b"));
         assert_eq!(passthrough.by_alias("team-b"), Some(KeyId::of("sk-aura-b")));
+    }
+
+    #[test]
+    fn a_browsers_basic_credentials_give_their_password() {
+        let with = |value: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::AUTHORIZATION, HeaderValue::from_str(value).unwrap());
+            h
+        };
+        // "admin:s3cret-token" and ":x"
+        assert_eq!(
+            basic_password(&with("Basic YWRtaW46czNjcmV0LXRva2Vu")).as_deref(),
+            Some("s3cret-token")
+        );
+        assert_eq!(basic_password(&with("basic Ong=")).as_deref(), Some("x"));
+        for bad in [
+            "Basic",
+            "Basic !!!!",
+            "Bearer YWRtaW46czNjcmV0",
+            "Basic YWRtaW4=",
+        ] {
+            assert_eq!(basic_password(&with(bad)), None, "{bad}");
+        }
     }
 
     #[test]

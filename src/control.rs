@@ -118,10 +118,9 @@ impl ControlPlane {
                     )
                     .await;
                 // Every admin call is logged, refused ones too (a token being guessed shows).
-                let status = answer.as_ref().map_or_else(|e| e.status(), |(s, _)| *s);
+                let status = answer.as_ref().map_or_else(|e| e.status(), |a| a.status);
                 tracing::info!(target: "aura::access", route = "admin", method = %method, path, status = status.as_u16(), "control plane");
-                let (status, body) = answer?;
-                Ok(server::write_json(client, status, &body, reply, within).await)
+                Ok(server::write_answer(client, &answer?, reply, within).await)
             }
             path => Err(Error::NotFound(path.to_string())),
         }

@@ -20,16 +20,42 @@ use record::KeyRecord;
 pub const POLL: Duration = Duration::from_millis(250);
 
 /// Where admin-made keys are kept. Calls block (a file write and fsync, a network round
-/// trip): make them off the workers.
+/// trip): make them off the workers. Every change is a compare-and-set, so two admin calls
+/// (on one node or two) never undo each other: a change made from a stale copy is refused.
 pub trait Keyring: Send + Sync {
-    /// Every key, and the version they are at.
+    /// Every key it can read (one it cannot, written by a newer Aura, say, is left out and
+    /// logged), and the version they are at.
     fn load(&self) -> Result<(u64, Vec<KeyRecord>), StoreError>;
     /// The version: bumped by every change (cheap to poll).
     fn version(&self) -> Result<u64, StoreError>;
-    /// Writes a key (a new one, or a change to one).
-    fn put(&self, record: &KeyRecord) -> Result<(), StoreError>;
+    /// Writes `record` if the key is still at revision `expected` (none: there must be no key
+    /// with its id), and its alias is no other key's.
+    fn put(&self, record: &KeyRecord, expected: Option<u64>) -> Result<Put, StoreError>;
     /// Removes a key; false: there was none with that id.
     fn delete(&self, id: &str) -> Result<bool, StoreError>;
+}
+
+/// What a compare-and-set write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Put {
+    Written,
+    /// The key changed (or went, or came) since it was read: read it again.
+    Changed,
+    /// Another key has the alias.
+    AliasTaken,
+}
+
+/// Parses records as stored, leaving out (and logging) any this version cannot read.
+fn readable<'a>(stored: impl Iterator<Item = &'a str>) -> Vec<KeyRecord> {
+    stored
+        .filter_map(|json| match serde_json::from_str::<KeyRecord>(json) {
+            Ok(record) => Some(record),
+            Err(e) => {
+                tracing::error!(error = %e, "a keyring record this Aura cannot read is left out");
+                None
+            }
+        })
+        .collect()
 }
 
 /// Reads the keyring again into `shared` whenever its version moves (every `POLL`, for the
@@ -53,7 +79,7 @@ pub fn follow(
                     }
                     let (version, keys) = keyring.load()?;
                     seen = version;
-                    shared.set_admin_keys(Some(keys));
+                    shared.set_admin_keys(Some((version, keys)));
                     Ok(())
                 });
                 match moved {

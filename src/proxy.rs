@@ -594,9 +594,13 @@ impl Proxy {
         if generation == self.view_generation.get() && keys_generation != self.keys_generation.get()
         {
             // Only the keys changed: the same routing, pools and health.
-            self.keys_generation.set(keys_generation);
+            let seen = self.keys_generation.replace(keys_generation);
             let view = self.view.borrow().with_keys(&self.shared.keys());
             *self.view.borrow_mut() = Rc::new(view);
+            if self.shared.tightened_at() > seen {
+                // A budget shrank: leases granted under the old one go back now.
+                self.budget.surrender(Instant::now());
+            }
         }
         if generation != self.view_generation.get() {
             self.view_generation.set(generation);
@@ -1110,6 +1114,7 @@ impl Proxy {
                 .filter(|_| generates)
                 .and_then(|m| view.fallbacks.get(m))
                 .map_or(&[], Vec::as_slice),
+            outcome.models_allowed,
         );
         // Asked twice, such a request costs nothing and changes nothing: a free route's, by an
         // idempotent method.
@@ -1143,10 +1148,6 @@ impl Proxy {
                         ) else {
                             break;
                         };
-                        if !outcome.may_use(fallback) {
-                            // Not the key's to use: the next one, if any.
-                            continue;
-                        }
                         model = Some(fallback);
                         if outcome.model.is_some() {
                             outcome.model = Some(fallback.to_string());
@@ -2104,10 +2105,10 @@ impl Proxy {
             }
         };
         match answer {
-            Ok((status, body)) => {
-                outcome.status = Some(status);
+            Ok(answer) => {
+                outcome.status = Some(answer.status);
                 let reply = outcome.reply(keep_alive);
-                server::write_json(client, status, &body, reply, self.timeouts.client_send).await
+                server::write_answer(client, &answer, reply, self.timeouts.client_send).await
             }
             Err(e) => self.fail(client, e, keep_alive, outcome).await,
         }
@@ -2122,6 +2123,8 @@ fn bits(set: u64) -> impl Iterator<Item = usize> {
 /// A request's fallback models, and how far it went down them.
 struct Fallbacks<'a> {
     models: &'a [String],
+    /// The models the caller's key may ask for (empty: any): no other is taken.
+    allowed: &'a [ModelPattern],
     /// The next fallback to consider.
     at: usize,
     /// The next fallback that can be taken, with its bodies, made ready by `ready`.
@@ -2134,9 +2137,10 @@ struct Fallbacks<'a> {
 type Bodies = (Vec<u8>, Option<Vec<u8>>);
 
 impl<'a> Fallbacks<'a> {
-    fn new(models: &'a [String]) -> Fallbacks<'a> {
+    fn new(models: &'a [String], allowed: &'a [ModelPattern]) -> Fallbacks<'a> {
         Fallbacks {
             models,
+            allowed,
             at: 0,
             prepared: None,
             bodies: None,
@@ -2155,8 +2159,9 @@ impl<'a> Fallbacks<'a> {
         while self.prepared.is_none() && self.at < self.models.len() {
             let model = self.models[self.at].as_str();
             self.at += 1;
+            let allowed = self.allowed.is_empty() || self.allowed.iter().any(|m| m.matches(model));
             // Whether a pinned key's upstream serves it is the attempts' to find.
-            if view.routing.check(Some(model), api, u64::MAX).is_err() {
+            if !allowed || view.routing.check(Some(model), api, u64::MAX).is_err() {
                 continue;
             }
             let Some(plain) = rewrite::with_model(body, model) else {

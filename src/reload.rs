@@ -164,9 +164,11 @@ pub struct Shared {
     live: RwLock<Arc<Live>>,
     /// Bumped whenever `keys` is replaced (a reload, an admin-made key's change).
     keys_generation: AtomicU64,
+    /// The keys generation at which a budget last shrank or went.
+    tightened_at: AtomicU64,
     keys: RwLock<Arc<KeySet>>,
-    /// The admin-made keys as last heard from the keyring.
-    admin_keys: Mutex<Arc<Vec<KeyRecord>>>,
+    /// The admin-made keys as last heard from the keyring, and the keyring's version then.
+    admin_keys: Mutex<(u64, Arc<Vec<KeyRecord>>)>,
     keyring: Arc<dyn Keyring>,
     /// The configuration the process started with: what settings a reload cannot change are
     /// compared with (the last one applied may already differ from what runs).
@@ -197,8 +199,9 @@ impl Shared {
         let shared = Arc::new(Shared {
             generation: AtomicU64::new(0),
             keys_generation: AtomicU64::new(0),
+            tightened_at: AtomicU64::new(0),
             keys: RwLock::new(Arc::new(keys)),
-            admin_keys: Mutex::new(Arc::new(admin_keys)),
+            admin_keys: Mutex::new((version, Arc::new(admin_keys))),
             keyring,
             started: live.config.clone(),
             has_source: std::sync::atomic::AtomicBool::new(false),
@@ -242,40 +245,57 @@ impl Shared {
     /// The admin-made keys as last heard from the keyring.
     pub fn admin_keys(&self) -> Arc<Vec<KeyRecord>> {
         match self.admin_keys.lock() {
-            Ok(keys) => keys.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
+            Ok(keys) => keys.1.clone(),
+            Err(poisoned) => poisoned.into_inner().1.clone(),
         }
     }
 
-    /// The keyring changed (`Some`), or the config did (`None`): every worker authorizes by
-    /// the config's keys and the admin-made ones from its next request. One at a time, so the
-    /// keys installed last are always built from the newest of both.
-    pub fn set_admin_keys(&self, admin_keys: Option<Vec<KeyRecord>>) {
+    /// The keyring changed (`Some`: its version and keys), or the config did (`None`): every
+    /// worker authorizes by the config's keys and the admin-made ones from its next request.
+    /// One at a time, so the keys installed last are built from the newest of both; keys
+    /// older than those installed (a poll that began before an admin call's write) are
+    /// ignored.
+    pub fn set_admin_keys(&self, admin_keys: Option<(u64, Vec<KeyRecord>)>) {
         let mut slot = match self.admin_keys.lock() {
             Ok(slot) => slot,
             Err(poisoned) => poisoned.into_inner(),
         };
-        if let Some(admin_keys) = admin_keys {
-            *slot = Arc::new(admin_keys);
+        if let Some((version, admin_keys)) = admin_keys {
+            if version < slot.0 {
+                return;
+            }
+            *slot = (version, Arc::new(admin_keys));
         }
         let live = self.live();
         self.install_keys(KeySet::build(
             &live.config,
             &live.prices,
-            &slot,
+            &slot.1,
             &ProcessEnv,
         ));
     }
 
-    /// `keys` from now on: the store's budgets, the metric labels, then the workers.
+    /// `keys` from now on: the store's budgets, the metric labels, then the workers. Where a
+    /// budget shrank or went, workers hand back their leases at once (those granted under the
+    /// old budget would let the key run past the new one).
     fn install_keys(&self, keys: KeySet) {
-        self.limits.replace(keys.limits());
+        let fresh = keys.limits();
+        let tightened = self.keys().limits().tightened_by(&fresh);
+        self.limits.replace(fresh);
         self.registry.set_aliases(keys.labels());
         match self.keys.write() {
             Ok(mut slot) => *slot = Arc::new(keys),
             Err(poisoned) => *poisoned.into_inner() = Arc::new(keys),
         }
-        self.keys_generation.fetch_add(1, Ordering::AcqRel);
+        let generation = self.keys_generation.fetch_add(1, Ordering::AcqRel) + 1;
+        if tightened {
+            self.tightened_at.store(generation, Ordering::Release);
+        }
+    }
+
+    /// The newest keys generation at which some budget shrank or went.
+    pub fn tightened_at(&self) -> u64 {
+        self.tightened_at.load(Ordering::Acquire)
     }
 
     /// How to read the configuration again.

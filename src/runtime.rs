@@ -568,6 +568,12 @@ fn open_keyring(
 ) -> Result<Arc<dyn Keyring>, StartError> {
     match &config.budgets.store {
         StoreKind::Valkey(settings) => Ok(Arc::new(valkey_store(settings, limits.clone(), clock)?)),
+        // No file named and no admin API to make keys: none to keep.
+        StoreKind::Memory
+            if config.budgets.key_state_file.is_none() && config.budgets.admin_token.is_none() =>
+        {
+            Ok(Arc::new(FileKeyring::in_memory()))
+        }
         StoreKind::Memory => {
             let path = config
                 .budgets

@@ -140,6 +140,11 @@ pub async fn write_error<S: AsyncWriteRent>(
     let mut headers: Vec<(&str, &[u8])> = Vec::new();
     match error {
         Error::MethodNotAllowed { allow } => headers.push(("allow", allow.as_bytes())),
+        // A browser asks for the token (as a password) and sends it with every admin call.
+        Error::AdminToken => headers.push((
+            "www-authenticate",
+            b"Basic realm=\"Aura admin\", charset=\"UTF-8\"",
+        )),
         Error::RateLimited {
             retry_after_secs, ..
         } => {
@@ -343,6 +348,33 @@ pub async fn write_json<S: AsyncWriteRent>(
     within: Duration,
 ) -> Persist {
     write_body(stream, status, "application/json", body, reply, within).await
+}
+
+/// An admin call's answer, with its own content type and headers.
+pub async fn write_answer<S: AsyncWriteRent>(
+    stream: &mut S,
+    answer: &crate::admin::Answer,
+    reply: Reply,
+    within: Duration,
+) -> Persist {
+    let mut out = Vec::with_capacity(256 + answer.body.len());
+    let headers: Vec<(&str, &[u8])> = answer
+        .headers
+        .iter()
+        .map(|(name, value)| (*name, value.as_bytes()))
+        .collect();
+    h1::write_simple_response(
+        answer.status,
+        answer.content_type,
+        &answer.body,
+        &headers,
+        reply,
+        &mut out,
+    );
+    match net::write_all_within(stream, out, within).await.0 {
+        Timed::Done(Ok(())) => Persist::KeepAlive,
+        Timed::Done(Err(_)) | Timed::TimedOut => Persist::Close,
+    }
 }
 
 pub async fn write_body<S: AsyncWriteRent>(

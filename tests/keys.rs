@@ -10,6 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::billing::*;
+use common::scripted;
 use common::valkey::{journal_dir, Valkey};
 use common::{config_file, start_mock, Aura, Driver, Launch, MockOptions, MockUpstream, CHAT};
 use serde_json::{json, Value};
@@ -19,6 +20,8 @@ on_both_drivers!(
     a_single_nodes_keys_survive_a_restart_in_its_state_file,
     a_key_is_held_to_its_models_its_expiry_and_its_budget,
     the_admin_api_refuses_what_it_cannot_serve,
+    admin_calls_on_two_nodes_never_undo_each_other,
+    a_lowered_limit_holds_at_once_and_a_refused_key_is_still_the_admins,
 );
 
 const ADMIN: &str = "admin-token-keys-000001";
@@ -72,22 +75,7 @@ fn until_status(aura: &Aura, key: &str, want: u16, limit: Duration) -> Duration 
 fn a_key_made_on_one_node_is_used_rotated_and_revoked_on_another(driver: Driver) {
     let mock = start_mock(MockOptions::default());
     let valkey = Valkey::start();
-    let path = config_file(&format!("keys-fleet-{driver:?}"), &config(&mock, ""));
-    let node = |name: &str| {
-        let journal = journal_dir(&format!("keys-{name}"), driver);
-        Launch::new("", driver)
-            .arg("--store")
-            .arg("valkey")
-            .arg("--valkey-url")
-            .arg(&valkey.url())
-            .arg("--journal-dir")
-            .arg(journal.to_str().unwrap())
-            .arg("--config")
-            .arg(path.to_str().unwrap())
-            .node_id(name)
-            .start()
-    };
-    let (a, b) = (node("node-a"), node("node-b"));
+    let (a, b) = two_nodes(&mock, &valkey, driver, "fleet");
     let (status, made) = admin(
         &a,
         "POST",
@@ -364,4 +352,165 @@ fn the_admin_api_refuses_what_it_cannot_serve(driver: Driver) {
         .start();
     let (status, answer) = admin(&passthrough, "POST", "/admin/keys", json!({"alias": "p"}));
     assert_eq!(status, 409, "{answer}");
+}
+
+/// Two nodes on one redis-server.
+fn two_nodes(mock: &MockUpstream, valkey: &Valkey, driver: Driver, name: &str) -> (Aura, Aura) {
+    let path = config_file(&format!("keys-{name}-{driver:?}"), &config(mock, ""));
+    let node = |node: &str| fleet_node(valkey, driver, &path, name, node).start();
+    (node("node-a"), node("node-b"))
+}
+
+/// A node of a fleet on `valkey`, with the config file at `path`.
+fn fleet_node(valkey: &Valkey, driver: Driver, path: &Path, fleet: &str, node: &str) -> Launch {
+    let journal = journal_dir(&format!("keys-{fleet}-{node}"), driver);
+    Launch::new("", driver)
+        .arg("--store")
+        .arg("valkey")
+        .arg("--valkey-url")
+        .arg(&valkey.url())
+        .arg("--journal-dir")
+        .arg(journal.to_str().unwrap())
+        .arg("--config")
+        .arg(path.to_str().unwrap())
+        .node_id(node)
+}
+
+/// Review: changes were blind read-modify-writes of a node's copy. A PATCH on node B right
+/// after a rotation on node A must not undo it; one right after a revoke must not bring the
+/// key back; one alias made on both nodes at once is one key.
+fn admin_calls_on_two_nodes_never_undo_each_other(driver: Driver) {
+    let mock = start_mock(MockOptions::default());
+    let valkey = Valkey::start();
+    let (a, b) = two_nodes(&mock, &valkey, driver, "races");
+    let (status, made) = admin(&a, "POST", "/admin/keys", json!({"alias": "raced"}));
+    assert_eq!(status, 201, "{made}");
+    let id = made["key_id"].as_str().unwrap().to_string();
+    let old = made["key"].as_str().unwrap().to_string();
+    until_status(&b, &old, 200, Duration::from_secs(1));
+    let (status, rotated) = admin(
+        &a,
+        "POST",
+        &format!("/admin/keys/{id}/rotate"),
+        json!({"grace_seconds": 1}),
+    );
+    assert_eq!(status, 200, "{rotated}");
+    let fresh = rotated["key"].as_str().unwrap().to_string();
+    // At once, before B's next poll.
+    let (status, patched) = admin(
+        &b,
+        "PATCH",
+        &format!("/admin/keys/{id}"),
+        json!({"metadata": {"patched": true}}),
+    );
+    assert_eq!(status, 200, "{patched}");
+    assert_eq!(patched["metadata"]["patched"], true);
+    until_status(&b, &old, 401, Duration::from_secs(3));
+    assert_eq!(chat(&a, &fresh), 200, "the rotation stands");
+    assert_eq!(chat(&b, &fresh), 200, "the rotation stands");
+    // Revoked on A, patched on B at once: not found, and the key stays revoked.
+    let (status, _) = admin(&a, "DELETE", &format!("/admin/keys/{id}"), Value::Null);
+    assert_eq!(status, 200);
+    let (status, body) = admin(
+        &b,
+        "PATCH",
+        &format!("/admin/keys/{id}"),
+        json!({"metadata": {"back": true}}),
+    );
+    assert_eq!(status, 404, "{body}");
+    until_status(&b, &fresh, 401, Duration::from_secs(1));
+    std::thread::park_timeout(Duration::from_millis(500));
+    assert_eq!(chat(&a, &fresh), 401);
+    // One alias on two nodes at once: one key.
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let made: Vec<_> = [&a, &b]
+            .into_iter()
+            .map(|node| {
+                s.spawn(move || admin(node, "POST", "/admin/keys", json!({"alias": "twice"})).0)
+            })
+            .collect();
+        made.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut sorted = statuses.clone();
+    sorted.sort();
+    assert_eq!(sorted, vec![201, 409], "{statuses:?}");
+}
+
+/// Review: a PATCH lowering a key's budget left the leases granted under the old one to be
+/// spent (thousands of requests past it). And a node that cannot serve an admin-made key
+/// (its upstream key's variable is not in its environment) took it for a store key: its
+/// DELETE wiped the spend and left the key alive elsewhere. And a fallback the key may not
+/// use was answered all the same.
+fn a_lowered_limit_holds_at_once_and_a_refused_key_is_still_the_admins(driver: Driver) {
+    let mock = start_mock(MockOptions::default());
+    let path = config_file(&format!("keys-lowered-{driver:?}"), &config(&mock, ""));
+    let aura = Launch::new("", driver)
+        .arg("--config")
+        .arg(path.to_str().unwrap())
+        .start();
+    let (_, made) = admin(
+        &aura,
+        "POST",
+        "/admin/keys",
+        json!({"alias": "lowered", "limit_dollars": 5.0}),
+    );
+    let key = made["key"].as_str().unwrap().to_string();
+    let id = made["key_id"].as_str().unwrap().to_string();
+    for _ in 0..4 {
+        assert_eq!(chat(&aura, &key), 200);
+    }
+    let (status, _) = admin(
+        &aura,
+        "PATCH",
+        &format!("/admin/keys/{id}"),
+        json!({"limit_dollars": 0.00001}),
+    );
+    assert_eq!(status, 200);
+    let admitted = (0..50).filter(|_| chat(&aura, &key) == 200).count();
+    assert!(admitted <= 2, "{admitted} requests past a lowered budget");
+    // A key whose upstream key this node lacks is refused here, and still the admin's.
+    let valkey = Valkey::start();
+    let path = config_file(&format!("keys-elsewhere-{driver:?}"), &config(&mock, ""));
+    let a = fleet_node(&valkey, driver, &path, "elsewhere", "node-a")
+        .env("AURA_TEST_ELSEWHERE", "sk-provider-elsewhere")
+        .start();
+    let b = fleet_node(&valkey, driver, &path, "elsewhere", "node-b").start();
+    let (status, made) = admin(
+        &a,
+        "POST",
+        "/admin/keys",
+        json!({"alias": "elsewhere", "upstream_key": "env:AURA_TEST_ELSEWHERE"}),
+    );
+    assert_eq!(status, 201, "{made}");
+    let key = made["key"].as_str().unwrap().to_string();
+    let id = made["key_id"].as_str().unwrap().to_string();
+    assert_eq!(chat(&a, &key), 200);
+    std::thread::park_timeout(Duration::from_millis(400));
+    assert_eq!(chat(&b, &key), 401, "node B cannot serve it");
+    let (_, listed) = admin(&b, "GET", &format!("/admin/keys/{id}"), Value::Null);
+    assert_eq!(listed["source"], "admin", "{listed}");
+    let (status, revoked) = admin(&b, "DELETE", &format!("/admin/keys/{id}"), Value::Null);
+    assert_eq!(status, 200, "{revoked}");
+    assert_eq!(revoked["revoked"], true, "{revoked}");
+    until_status(&a, &key, 401, Duration::from_secs(1));
+    // A fallback model the key may not use is not taken.
+    let big = scripted::overloaded();
+    let small = start_mock(MockOptions::default());
+    let text = format!(
+        "[fallbacks]\n\"gpt-4o\" = [\"gpt-4o-mini\"]\n[keys.only-4o]\nkey = \"sk-test-only-4o-000001\"\nmodels = [\"gpt-4o\"]\n[[upstreams]]\nname = \"big\"\nurl = \"{}\"\nmodels = [\"gpt-4o\"]\n[[upstreams]]\nname = \"small\"\nurl = \"{}\"\nmodels = [\"gpt-4o-mini\"]\n",
+        big.url(),
+        small.url()
+    );
+    let path = config_file(&format!("keys-fallback-{driver:?}"), &text);
+    let aura = Launch::new("", driver)
+        .arg("--config")
+        .arg(path.to_str().unwrap())
+        .start();
+    let body = BODY.replace("gpt-4o-mini", "gpt-4o");
+    let status = post(&aura, "sk-test-only-4o-000001", CHAT, &[], &body);
+    assert_ne!(status, 200, "answered by a model the key may not use");
+    assert!(
+        small.requests().is_empty(),
+        "the fallback's upstream was asked"
+    );
 }

@@ -24,6 +24,7 @@ use serde_json::{json, Map, Value};
 use super::{blocking, limit_nano, parse, totals_of, unix_now, Admin};
 use crate::auth::KeyId;
 use crate::budget::op::period_label;
+use crate::budget::store::StoreError;
 use crate::budget::{Account, PeriodSpend};
 use crate::config::{KeyMode, Period, ProcessEnv};
 use crate::error::Error;
@@ -32,8 +33,9 @@ use crate::keyring::record::{
     new_id, new_secret, KeyRecord, PeriodName, SecretHash, WindowSpec, MAX_METADATA_BYTES,
     MAX_SECRETS,
 };
-use crate::keyring::Keyring;
+use crate::keyring::Put;
 use crate::pricing::nano_to_dollars;
+use crate::reload::Shared;
 
 /// A rotated-out secret stays valid this long unless the call says otherwise.
 const DEFAULT_GRACE_SECS: u64 = 3_600;
@@ -85,7 +87,7 @@ impl Admin<'_> {
             (&Method::PATCH, [id]) => {
                 let id = self.resolve(id).await?.ok_or_else(not_found)?;
                 let fields: Map<String, Value> = parse(body)?;
-                match self.source(id) {
+                match self.source_of(id).await? {
                     Source::Admin => self.change(id, fields).await,
                     _ => self.set_limit(id, fields).await,
                 }
@@ -123,7 +125,7 @@ impl Admin<'_> {
             }
             (&Method::DELETE, [id]) => {
                 let id = self.resolve(id).await?.ok_or_else(not_found)?;
-                match self.source(id) {
+                match self.source_of(id).await? {
                     Source::Admin => self.revoke(id).await,
                     Source::Config => Err(Error::Conflict(format!(
                         "key {id} comes from the config file: remove it there and reload"
@@ -147,7 +149,8 @@ impl Admin<'_> {
         }
     }
 
-    /// A key the store holds or Aura knows, by id or alias.
+    /// A key the store holds, Aura knows or the keyring has (one made on another node a
+    /// moment ago, or one this node cannot serve), by id or alias.
     async fn resolve(&self, id_or_alias: &str) -> Result<Option<KeyId>, Error> {
         let keys = self.shared.keys();
         if let Some(id) = KeyId::parse(id_or_alias) {
@@ -159,14 +162,42 @@ impl Admin<'_> {
                 return Ok(Some(id));
             }
         }
-        Ok(keys.directory.by_alias(id_or_alias))
+        if let Some(id) = keys.directory.by_alias(id_or_alias) {
+            return Ok(Some(id));
+        }
+        // The keyring's own: by id or by alias.
+        let shared = self.shared.clone();
+        let wanted = id_or_alias.to_string();
+        let found = blocking(move || {
+            let (_, records) = shared.keyring().load()?;
+            Ok::<_, StoreError>(
+                records
+                    .into_iter()
+                    .find(|r| r.id == wanted || r.alias == wanted)
+                    .and_then(|r| r.key_id()),
+            )
+        })
+        .await??;
+        Ok(found)
     }
 
+    /// Where a key comes from as this node knows it (an admin-made key this node cannot
+    /// serve is still the admin's).
     fn source(&self, id: KeyId) -> Source {
         match self.shared.keys().directory.origin(id) {
             Some("admin") => Source::Admin,
             Some(_) => Source::Config,
+            None if self.record(id).is_some() => Source::Admin,
             None => Source::Store,
+        }
+    }
+
+    /// Where a key comes from, the keyring asked when this node does not know it (one made
+    /// on another node a moment ago is not a store key to wipe).
+    async fn source_of(&self, id: KeyId) -> Result<Source, Error> {
+        match self.source(id) {
+            Source::Store if self.fresh(id).await?.is_some() => Ok(Source::Admin),
+            source => Ok(source),
         }
     }
 
@@ -367,43 +398,54 @@ impl Admin<'_> {
         if !fields.contains_key("alias") {
             return Err(Error::MalformedBody("`alias` is required".into()));
         }
-        let unavailable = |e| Error::Internal(format!("no random numbers: {e:?}"));
-        let id = new_id().map_err(unavailable)?;
-        let (secret, hash) = new_secret().map_err(unavailable)?;
+        let id = new_id().map_err(no_random)?;
+        let (secret, hash) = new_secret().map_err(no_random)?;
         let now = unix_now();
         let mut record = KeyRecord::new(id, hash, now);
         self.apply(&mut record, &fields, now)?;
         self.check(&record, None)?;
-        let stored = record.clone();
-        self.commit(move |ring| ring.put(&stored)).await?;
-        let mut shown = self.one(id).await?;
-        shown["key"] = secret.into();
-        Ok((StatusCode::CREATED, shown))
+        let alias = record.alias.clone();
+        match self.write(record, None).await? {
+            Put::Written => {}
+            Put::AliasTaken => return Err(Error::Conflict(format!("alias `{alias}` is taken"))),
+            Put::Changed => return Err(Error::Conflict("the key id is taken: try again".into())),
+        }
+        Ok((
+            StatusCode::CREATED,
+            self.with_secret(id, &alias, secret).await,
+        ))
     }
 
-    /// `PATCH` of an admin-made key: the fields given, checked as a new key's are.
+    /// `PATCH` of an admin-made key: the fields given, over the keyring's own copy (never
+    /// this node's, which may be a poll old), checked as a new key's are.
     async fn change(
         &self,
         id: KeyId,
         fields: Map<String, Value>,
     ) -> Result<(StatusCode, Value), Error> {
-        let mut record = self
-            .record(id)
-            .ok_or_else(|| Error::NotFound(id.to_string()))?;
-        self.apply(&mut record, &fields, unix_now())?;
-        self.check(&record, Some(id))?;
-        self.commit(move |ring| ring.put(&record)).await?;
+        self.update(id, |admin, record, now| {
+            admin.apply(record, &fields, now)?;
+            admin.check(record, Some(id))
+        })
+        .await?;
         Ok((StatusCode::OK, self.one(id).await?))
     }
 
     /// A new secret for an admin-made key; the ones it had stay valid for the grace.
     async fn rotate(&self, id: KeyId, body: &[u8]) -> Result<(StatusCode, Value), Error> {
-        let mut record = self.record(id).ok_or_else(|| match self.source(id) {
-            Source::Config => Error::Conflict(format!(
-                "key {id} comes from the config file: change its secret there and reload"
-            )),
-            _ => Error::Conflict(format!("key {id} is not an admin-made key")),
-        })?;
+        match self.source_of(id).await? {
+            Source::Admin => {}
+            Source::Config => {
+                return Err(Error::Conflict(format!(
+                    "key {id} comes from the config file: change its secret there and reload"
+                )))
+            }
+            Source::Store => {
+                return Err(Error::Conflict(format!(
+                    "key {id} is not an admin-made key: its secret is its client's"
+                )))
+            }
+        }
         let fields: Map<String, Value> = if body.iter().all(u8::is_ascii_whitespace) {
             Map::new()
         } else {
@@ -416,26 +458,28 @@ impl Admin<'_> {
                 Error::MalformedBody(format!("`grace_seconds` must be 0 to {MAX_GRACE_SECS}"))
             })?,
         };
-        let now = unix_now();
-        let until = now + grace;
-        record
-            .secrets
-            .retain(|s| s.valid_until.is_none_or(|u| now < u));
-        for old in &mut record.secrets {
-            old.valid_until = Some(old.valid_until.map_or(until, |u| u.min(until)));
-        }
-        let unavailable = |e| Error::Internal(format!("no random numbers: {e:?}"));
-        let (secret, hash) = new_secret().map_err(unavailable)?;
-        record.secrets.push(SecretHash {
-            sha256: hash,
-            valid_until: None,
-        });
-        // The oldest go first when a key rotates faster than its graces end.
-        let excess = record.secrets.len().saturating_sub(MAX_SECRETS);
-        record.secrets.drain(..excess);
-        self.commit(move |ring| ring.put(&record)).await?;
-        let mut shown = self.one(id).await?;
-        shown["key"] = secret.into();
+        let (secret, hash) = new_secret().map_err(no_random)?;
+        let mut until = 0;
+        let record = self
+            .update(id, |_, record, now| {
+                until = now + grace;
+                record
+                    .secrets
+                    .retain(|s| s.valid_until.is_none_or(|u| now < u));
+                for old in &mut record.secrets {
+                    old.valid_until = Some(old.valid_until.map_or(until, |u| u.min(until)));
+                }
+                record.secrets.push(SecretHash {
+                    sha256: hash.clone(),
+                    valid_until: None,
+                });
+                // The oldest go first when a key rotates faster than its graces end.
+                let excess = record.secrets.len().saturating_sub(MAX_SECRETS);
+                record.secrets.drain(..excess);
+                Ok(())
+            })
+            .await?;
+        let mut shown = self.with_secret(id, &record.alias, secret).await;
         shown["previous_valid_until"] = json!(until);
         Ok((StatusCode::OK, shown))
     }
@@ -444,7 +488,14 @@ impl Admin<'_> {
     /// spend stays in the store.
     async fn revoke(&self, id: KeyId) -> Result<(StatusCode, Value), Error> {
         let key = id.to_string();
-        let removed = self.commit(move |ring| ring.delete(&key)).await?;
+        let shared = self.shared.clone();
+        let removed = blocking(move || {
+            let ring = shared.keyring().clone();
+            let removed = ring.delete(&key)?;
+            install(&shared);
+            Ok::<_, StoreError>(removed)
+        })
+        .await??;
         if !removed {
             return Err(Error::NotFound(id.to_string()));
         }
@@ -454,24 +505,74 @@ impl Admin<'_> {
         ))
     }
 
-    /// Writes to the keyring off the worker, then installs what it holds now on this node
-    /// (other nodes hear of it at their next poll).
-    async fn commit<T: Send + 'static>(
+    /// Changes an admin-made key as the keyring has it now: `change` is applied to a fresh
+    /// copy, written only over the revision it was made from (a few tries, then 409).
+    async fn update(
         &self,
-        change: impl FnOnce(&dyn Keyring) -> Result<T, crate::budget::store::StoreError>
-            + Send
-            + 'static,
-    ) -> Result<T, Error> {
+        id: KeyId,
+        mut change: impl FnMut(&Self, &mut KeyRecord, u64) -> Result<(), Error>,
+    ) -> Result<KeyRecord, Error> {
+        for _ in 0..3 {
+            let mut record = self
+                .fresh(id)
+                .await?
+                .ok_or_else(|| Error::NotFound(id.to_string()))?;
+            let read = record.rev;
+            change(self, &mut record, unix_now())?;
+            record.rev = read + 1;
+            match self.write(record.clone(), Some(read)).await? {
+                Put::Written => return Ok(record),
+                Put::Changed => continue,
+                Put::AliasTaken => {
+                    return Err(Error::Conflict(format!(
+                        "alias `{}` is taken",
+                        record.alias
+                    )))
+                }
+            }
+        }
+        Err(Error::Conflict(format!(
+            "key {id} kept changing meanwhile: try again"
+        )))
+    }
+
+    /// The key as the keyring has it now (not this node's copy).
+    async fn fresh(&self, id: KeyId) -> Result<Option<KeyRecord>, Error> {
         let shared = self.shared.clone();
-        blocking(move || {
-            let ring = shared.keyring().clone();
-            let out = change(ring.as_ref())?;
-            let (_, keys) = ring.load()?;
-            shared.set_admin_keys(Some(keys));
-            Ok(out)
+        let key = id.to_string();
+        let found = blocking(move || {
+            let (_, keys) = shared.keyring().load()?;
+            Ok::<_, StoreError>(keys.into_iter().find(|k| k.id == key))
         })
-        .await?
-        .map_err(|e: crate::budget::store::StoreError| Error::from(e))
+        .await??;
+        Ok(found)
+    }
+
+    /// Writes `record` over revision `expected` (none: a new key) off the worker; once
+    /// written, installs the keyring's keys on this node (other nodes hear of them at their
+    /// next poll).
+    async fn write(&self, record: KeyRecord, expected: Option<u64>) -> Result<Put, Error> {
+        let shared = self.shared.clone();
+        let put = blocking(move || {
+            let put = shared.keyring().put(&record, expected)?;
+            if put == Put::Written {
+                install(&shared);
+            }
+            Ok::<_, StoreError>(put)
+        })
+        .await??;
+        Ok(put)
+    }
+
+    /// The answer that carries a key's new secret: never lost to a read that fails after the
+    /// write (the key would exist, its secret in no answer).
+    async fn with_secret(&self, id: KeyId, alias: &str, secret: String) -> Value {
+        let mut shown = match self.one(id).await {
+            Ok(shown) => shown,
+            Err(_) => json!({ "key_id": id.to_string(), "alias": alias, "source": "admin" }),
+        };
+        shown["key"] = secret.into();
+        shown
     }
 
     /// Sets the fields given on `record`; `null` clears an optional one.
@@ -673,4 +774,19 @@ fn dollars(fields: &Map<String, Value>, name: &str) -> Result<f64, Error> {
         .get(name)
         .and_then(Value::as_f64)
         .ok_or_else(|| Error::MalformedBody(format!("`{name}` must be a number of dollars")))
+}
+
+fn no_random(e: ring::error::Unspecified) -> Error {
+    Error::Internal(format!("no random numbers: {e:?}"))
+}
+
+/// Installs the keyring's keys on this node; a read that fails now leaves them to the next
+/// poll (the write it follows is done).
+fn install(shared: &Shared) {
+    match shared.keyring().load() {
+        Ok(loaded) => shared.set_admin_keys(Some(loaded)),
+        Err(e) => {
+            tracing::warn!(error = %e, "keyring: written, not read back; the next poll installs it")
+        }
+    }
 }

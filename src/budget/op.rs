@@ -97,6 +97,20 @@ impl LimitTable {
     }
 }
 
+impl LimitTable {
+    /// Whether `fresh` leaves some account less than this table gives it (a smaller limit, or
+    /// none where this one had one).
+    pub fn tightened_by(&self, fresh: &LimitTable) -> bool {
+        fresh.default < self.default
+            || self.accounts.iter().any(|(id, old)| {
+                fresh
+                    .accounts
+                    .get(id)
+                    .is_none_or(|new| new.limit < old.limit || new.window != old.window)
+            })
+    }
+}
+
 impl KeyLimits {
     /// Keys' own limits without a window (spend never starts again).
     pub fn new(default: u64, keys: HashMap<KeyId, u64>) -> KeyLimits {

@@ -17,11 +17,14 @@ pub const MAX_METADATA_BYTES: usize = 4096;
 /// A key accepts at most this many secrets at once (the newest, and those in their grace).
 pub const MAX_SECRETS: usize = 4;
 
+/// Read leniently (a field a newer Aura added is ignored): the admin API checks what it takes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct KeyRecord {
     /// 16 hex digits: the key's id, drawn at random when it was made.
     pub id: String,
+    /// Bumped by every change: a change is written only over the revision it was made from.
+    #[serde(default)]
+    pub rev: u64,
     pub alias: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub team: Option<String>,
@@ -81,7 +84,6 @@ impl PeriodName {
 
 /// A secret the key accepts, by its SHA-256.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct SecretHash {
     /// 64 hex digits.
     pub sha256: String,
@@ -96,6 +98,7 @@ impl KeyRecord {
     pub fn new(id: KeyId, sha256: String, created_at: u64) -> KeyRecord {
         KeyRecord {
             id: id.to_string(),
+            rev: 0,
             alias: String::new(),
             team: None,
             models: Vec::new(),
@@ -254,9 +257,10 @@ mod tests {
     }
 
     #[test]
-    fn records_read_back_as_written_and_refuse_unknown_fields() {
+    fn records_read_back_as_written_and_past_fields_they_do_not_know() {
         let record = KeyRecord {
             id: "00112233445566ff".into(),
+            rev: 3,
             alias: "alice".into(),
             team: Some("research".into()),
             models: vec!["gpt-4o*".into()],
@@ -279,7 +283,9 @@ mod tests {
         };
         let text = serde_json::to_string(&record).unwrap();
         assert_eq!(serde_json::from_str::<KeyRecord>(&text).unwrap(), record);
-        assert!(serde_json::from_str::<KeyRecord>(&text.replace("\"rpm\"", "\"rpx\"")).is_err());
+        // A field a newer Aura added is read past.
+        let newer = text.replace("\"rpm\"", "\"rpx\"");
+        assert_eq!(serde_json::from_str::<KeyRecord>(&newer).unwrap().rpm, None);
         assert_eq!(record.limits().rates.rpm, Some(60));
         assert!(record.expired(2_000_000_000) && !record.expired(1_999_999_999));
     }

@@ -1,38 +1,64 @@
-//! The keyring in Valkey: one hash, `aura:{keyring}` (key id → the key's record as JSON), and
-//! its version, `aura:{keyring}:version`, bumped in the same script as every change. Both
-//! share a hash tag, so a cluster keeps them in one slot.
+//! The keyring in Valkey: one hash, `aura:{keyring}` (key id → the key's record as JSON), its
+//! alias index `aura:{keyring}:aliases`, and its version, `aura:{keyring}:version`, bumped in
+//! the same script as every change. All share a hash tag, so a cluster keeps them in one slot.
 
 use redis::Value;
 
 use super::record::KeyRecord;
-use super::Keyring;
+use super::{readable, Keyring, Put};
 use crate::budget::store::valkey::ValkeyStore;
 use crate::budget::store::StoreError;
 
 const KEYS: &str = "aura:{keyring}";
 const VERSION: &str = "aura:{keyring}:version";
+/// alias → key id: an alias is one key's across the fleet.
+const ALIASES: &str = "aura:{keyring}:aliases";
 
-/// Writes or deletes one field and bumps the version, atomically.
+/// A compare-and-set write of one record: refused (-2) unless the stored one is at the
+/// revision expected (-1: none may be stored), refused (-3) if another key has the alias;
+/// else the record and the alias index are written and the version is bumped (its new value
+/// answered). A delete (ARGV[1] = 'delete') frees the alias too (-1: there was no record).
 const CHANGE: &str = r"
-if ARGV[1] == 'put' then
-  redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+local current = redis.call('HGET', KEYS[1], ARGV[2])
+if ARGV[1] == 'delete' then
+  if not current then return -1 end
+  local ok, old = pcall(cjson.decode, current)
+  if ok and type(old) == 'table' and old.alias and redis.call('HGET', KEYS[3], old.alias) == ARGV[2] then
+    redis.call('HDEL', KEYS[3], old.alias)
+  end
+  redis.call('HDEL', KEYS[1], ARGV[2])
   return redis.call('INCR', KEYS[2])
 end
-if redis.call('HDEL', KEYS[1], ARGV[2]) == 0 then
-  return -1
+local expected = tonumber(ARGV[4])
+if expected < 0 then
+  if current then return -2 end
+else
+  if not current then return -2 end
+  local ok, old = pcall(cjson.decode, current)
+  if not ok or type(old) ~= 'table' or tonumber(old.rev or 0) ~= expected then return -2 end
+  if old.alias and old.alias ~= ARGV[5] and redis.call('HGET', KEYS[3], old.alias) == ARGV[2] then
+    redis.call('HDEL', KEYS[3], old.alias)
+  end
 end
+local owner = redis.call('HGET', KEYS[3], ARGV[5])
+if owner and owner ~= ARGV[2] then return -3 end
+redis.call('HSET', KEYS[3], ARGV[5], ARGV[2])
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
 return redis.call('INCR', KEYS[2])
 ";
 
-fn change(action: &str, id: &str, json: &str) -> redis::Cmd {
+fn change(action: &str, id: &str, json: &str, expected: i64, alias: &str) -> redis::Cmd {
     let mut cmd = redis::cmd("EVAL");
     cmd.arg(CHANGE)
-        .arg(2)
+        .arg(3)
         .arg(KEYS)
         .arg(VERSION)
+        .arg(ALIASES)
         .arg(action)
         .arg(id)
-        .arg(json);
+        .arg(json)
+        .arg(expected)
+        .arg(alias);
     cmd
 }
 
@@ -51,14 +77,10 @@ impl Keyring for ValkeyStore {
             .map_err(|e| StoreError::Protocol(format!("the keyring's version: {e}")))?;
         let values: Vec<String> = redis::from_redis_value(values.clone())
             .map_err(|e| StoreError::Protocol(format!("the keyring: {e}")))?;
-        let keys = values
-            .iter()
-            .map(|json| {
-                serde_json::from_str(json)
-                    .map_err(|e| StoreError::Protocol(format!("a keyring record: {e}")))
-            })
-            .collect::<Result<Vec<KeyRecord>, _>>()?;
-        Ok((version.unwrap_or(0), keys))
+        Ok((
+            version.unwrap_or(0),
+            readable(values.iter().map(String::as_str)),
+        ))
     }
 
     fn version(&self) -> Result<u64, StoreError> {
@@ -68,15 +90,21 @@ impl Keyring for ValkeyStore {
         Ok(version.into_iter().flatten().next().unwrap_or(0))
     }
 
-    fn put(&self, record: &KeyRecord) -> Result<(), StoreError> {
+    fn put(&self, record: &KeyRecord, expected: Option<u64>) -> Result<Put, StoreError> {
         let json = serde_json::to_string(record)
             .map_err(|e| StoreError::Protocol(format!("a keyring record: {e}")))?;
-        let _: Vec<i64> = self.pipeline(&[change("put", &record.id, &json)])?;
-        Ok(())
+        let expected = expected.map_or(-1, |rev| i64::try_from(rev).unwrap_or(i64::MAX));
+        let cmd = change("put", &record.id, &json, expected, &record.alias);
+        let answer: Vec<i64> = self.pipeline(&[cmd])?;
+        Ok(match answer.first() {
+            Some(-2) => Put::Changed,
+            Some(-3) => Put::AliasTaken,
+            _ => Put::Written,
+        })
     }
 
     fn delete(&self, id: &str) -> Result<bool, StoreError> {
-        let version: Vec<i64> = self.pipeline(&[change("delete", id, "")])?;
+        let version: Vec<i64> = self.pipeline(&[change("delete", id, "", 0, "")])?;
         Ok(version.first().is_some_and(|v| *v >= 0))
     }
 }
