@@ -355,6 +355,131 @@ fn budget(c: &mut Criterion) {
     let _ = std::fs::remove_dir_all(&journal_dir);
 }
 
+/// What teams, calendar windows, spend records and rate limits add to a request's admission
+/// and settle: a key Aura has no configuration for (its budget and the record of all such
+/// keys), against a key in a team with a window of its own, the team's two windows, both
+/// spend records, requests per minute (key and team), tokens per minute and a concurrency
+/// limit; each reserved and settled on its lease, and the answering model's record charged.
+fn governance(c: &mut Criterion) {
+    use aura::auth::{KeyId, Member, Origin};
+    use aura::budget::shard::{Shard, ShardSettings};
+    use aura::budget::store::{system_clock, MemoryStore};
+    use aura::budget::{Accounts, KeyLimits, Reservation};
+    use aura::config::governance::{Limits, Rates, TeamEntry, Window};
+    use aura::config::Period;
+    use aura::governance::{Charges, Governance};
+    use std::future::Future;
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    let big = |period| Window {
+        period: Some(period),
+        limit_dollars: 1e6,
+    };
+    let unreachable = Rates {
+        rpm: Some(1 << 40),
+        tpm: Some(1 << 50),
+        max_concurrent: Some(1 << 30),
+    };
+    let team = TeamEntry {
+        name: "bench".into(),
+        limits: Limits {
+            windows: vec![big(Period::Daily), big(Period::Monthly)],
+            rates: Rates {
+                tpm: None,
+                ..unreachable
+            },
+        },
+    };
+    let governed = KeyId::of("sk-bench-governed-000001");
+    let member = Member {
+        id: governed,
+        alias: "governed".into(),
+        limits: Limits {
+            windows: vec![big(Period::Never), big(Period::Daily)],
+            rates: Rates {
+                max_concurrent: None,
+                ..unreachable
+            },
+        },
+        team: Some("bench".into()),
+        upstream_key: None,
+        models: Vec::new(),
+        upstream: None,
+        origin: Origin::Config,
+    };
+    let governance = Governance::new(
+        1_000_000_000_000,
+        Period::Never,
+        &[member],
+        &[team],
+        &["gpt-4o-mini"],
+    );
+    let limits = Arc::new(KeyLimits::of_table(governance.limits()));
+    let store = Arc::new(MemoryStore::new(limits.clone(), system_clock()));
+    let shard = Shard::new(
+        aura::budget::ledger::Ledger::Inline(store),
+        ShardSettings {
+            holder: aura::budget::Holder::from("bench/0"),
+            workers: 2,
+            fail_open: true,
+            clock: system_clock(),
+            limits,
+            squeeze_wait: std::time::Duration::ZERO,
+            journal: None,
+        },
+    );
+    let reserve = |accounts: Accounts, amount: u64| -> Option<Reservation<'_>> {
+        if accounts.is_empty() {
+            return None;
+        }
+        let mut future = std::pin::pin!(shard.reserve_all(black_box(accounts), amount));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match future.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(Ok(r)) => Some(r),
+            _ => None,
+        }
+    };
+    let model = governance.model_report(Some("gpt-4o-mini"));
+    let mut group = c.benchmark_group("governance");
+    let plain = Charges::own(KeyId::of("sk-bench-plain-0000000001"));
+    let admitted = governance.charges(governed);
+    assert_eq!((admitted.money().len(), admitted.requests.len()), (6, 2));
+    for (name, charges) in [
+        ("admit_and_settle_a_plain_key", plain),
+        (
+            "admit_and_settle_a_key_in_a_team_with_rate_limits",
+            admitted,
+        ),
+    ] {
+        let mut requests = 0u32;
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                // As `Rates::admit` then the money reservation, and `bill` at the end.
+                let concurrent = reserve(charges.concurrent, 1);
+                let rpm = reserve(charges.requests, 1);
+                let tpm = reserve(charges.tokens, 40);
+                let money = reserve(charges.money(), 73_000);
+                for (r, used) in [(rpm, 1), (tpm, 31), (concurrent, 0)] {
+                    if let Some(mut r) = r {
+                        r.mark_sent();
+                        r.settle(used);
+                    }
+                }
+                if let Some(money) = money {
+                    money.settle(black_box(21_000));
+                }
+                shard.charge(model, 21_000);
+                requests = requests.wrapping_add(1);
+                if requests.is_multiple_of(4096) {
+                    shard.flush(Instant::now());
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
 /// What routing adds to a request: choosing among the upstreams serving its model (by weight,
 /// load and health), its in-flight count, the health trial check, a pool key, and judging the
 /// answer's head; with one upstream (`upstream_url`) and with four serving the model.
@@ -416,5 +541,5 @@ fn routing(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, scanner, heads, rewrite, chunked, metrics, budget, routing);
+criterion_group!(benches, scanner, heads, rewrite, chunked, metrics, budget, governance, routing);
 criterion_main!(benches);

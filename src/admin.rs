@@ -101,11 +101,26 @@ impl Admin<'_> {
     ) -> Result<Answer, Error> {
         // A bearer token, or a browser's Basic credentials with the token as the password.
         let basic = auth::basic_password(headers);
-        let token = auth::bearer(headers)
-            .or(basic.as_deref())
-            .ok_or(Error::AdminToken)?;
+        let bearer = auth::bearer(headers);
+        let token = bearer.or(basic.as_deref()).ok_or(Error::AdminToken)?;
         if !auth::constant_time_eq(token.as_bytes(), self.token.expose().as_bytes()) {
             return Err(Error::AdminToken);
+        }
+        let changes = !matches!(*method, Method::GET | Method::HEAD);
+        // A browser sends stored Basic credentials with any site's form: a change made by them
+        // needs the console's own header (no other site can set one without CORS, which Aura
+        // never grants), and comes from no other origin.
+        if changes && bearer.is_none() && !from_the_console(headers) {
+            return Err(Error::Forbidden(
+                "an admin change by browser credentials needs the console's x-aura-console header"
+                    .into(),
+            ));
+        }
+        // And JSON only: a form's text/plain body that happens to be JSON is no admin call.
+        if bearer.is_none() && !body.is_empty() && !is_json(headers) {
+            return Err(Error::MalformedBody(
+                "admin calls take JSON: content-type: application/json".into(),
+            ));
         }
         // HEAD is GET without the body (the caller leaves the body out).
         let method = if method == Method::HEAD {
@@ -143,6 +158,23 @@ impl Admin<'_> {
         };
         Ok(Answer::json(answer.0, &answer.1))
     }
+}
+
+/// The console's own call: its header, and no other site's origin.
+fn from_the_console(headers: &HeaderMap) -> bool {
+    let from_another_site = headers
+        .get("sec-fetch-site")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|site| !site.eq_ignore_ascii_case("same-origin"));
+    headers.contains_key("x-aura-console") && !from_another_site
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"))
 }
 
 /// Runs `call` on a thread of its own (a keyring write fsyncs or crosses the network; a

@@ -111,6 +111,10 @@ pub enum Error {
     /// An admin call that the state of things refuses (an alias taken, a config key rotated).
     #[error("{0}")]
     Conflict(String),
+    /// An admin call a browser's stored credentials alone cannot make (another site could have
+    /// started it).
+    #[error("{0}")]
+    Forbidden(String),
     /// The key may not ask for this model (its `models`).
     #[error("this key may not use model `{0}`")]
     ModelNotAllowed(String),
@@ -127,6 +131,7 @@ impl Error {
             | Error::ConfigRefused(_)
             | Error::Conflict(_)
             | Error::ModelNotAllowed(_)
+            | Error::Forbidden(_)
             | Error::Unsupported(_)
             | Error::NotFound(_)
             | Error::ModelNotFound(_)
@@ -172,7 +177,7 @@ impl Error {
                 StatusCode::TOO_MANY_REQUESTS
             }
             Error::Conflict(_) => StatusCode::CONFLICT,
-            Error::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
+            Error::ModelNotAllowed(_) | Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Error::ClientTimeout | Error::ClientSendTimeout | Error::ClientGone => {
                 StatusCode::REQUEST_TIMEOUT
@@ -237,6 +242,7 @@ impl Error {
             Error::ConfigRefused(_) => "config_refused",
             Error::Conflict(_) => "conflict",
             Error::ModelNotAllowed(_) => "model_not_allowed",
+            Error::Forbidden(_) => "forbidden",
             Error::StoreUnavailable => "budget_store_unavailable",
         }
     }

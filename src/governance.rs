@@ -130,6 +130,8 @@ pub struct Governance {
     teams: std::collections::BTreeMap<String, Team>,
     /// Each key's team.
     team_of: KeyIdMap<String>,
+    /// Each key's report account, to its key.
+    report_keys: HashMap<KeyId, KeyId>,
 }
 
 /// A team as the admin API shows it.
@@ -198,7 +200,9 @@ impl Governance {
                 let owner = owner.clone();
                 g.catalog.insert(id, AccountInfo { owner, budget });
             }
-            charges.reports.push(g.report(owner, &format!("key:{id}")));
+            let report = g.report(owner, &format!("key:{id}"));
+            g.report_keys.insert(report, id);
+            charges.reports.push(report);
             if let Some(team) = key.team.as_deref().and_then(|t| g.teams.get_mut(t)) {
                 team.keys.push(id);
                 g.team_of.insert(id, key.team.clone().unwrap_or_default());
@@ -307,6 +311,21 @@ impl Governance {
     /// The report of a model's spend (the price table's name; none: the default price).
     pub fn model_report(&self, model: Option<&str>) -> KeyId {
         report_of(&format!("model:{}", model.unwrap_or("other")))
+    }
+
+    /// Every report account with whose spend it records, as the keyring names it (JSON:
+    /// `{"kind":"key","name":"alice","key_id":"…"}`).
+    pub fn report_names(&self) -> Vec<(KeyId, String)> {
+        self.reports()
+            .map(|(id, owner)| {
+                let (kind, name) = owner.kind_and_name();
+                let mut named = serde_json::json!({ "kind": kind, "name": name });
+                if let Some(key) = self.report_keys.get(&id) {
+                    named["key_id"] = key.to_string().into();
+                }
+                (id, named.to_string())
+            })
+            .collect()
     }
 
     /// Every report account, with whose spend it records.

@@ -33,6 +33,11 @@ pub trait Keyring: Send + Sync {
     fn put(&self, record: &KeyRecord, expected: Option<u64>) -> Result<Put, StoreError>;
     /// Removes a key; false: there was none with that id.
     fn delete(&self, id: &str) -> Result<bool, StoreError>;
+    /// Names report accounts (id → whose spend, as JSON), so `/admin/spend` can show a day's
+    /// spend after its key, team or model left the configuration. Names are never removed.
+    fn name_reports(&self, names: &[(String, String)]) -> Result<(), StoreError>;
+    /// Every report account ever named.
+    fn report_names(&self) -> Result<Vec<(String, String)>, StoreError>;
 }
 
 /// What a compare-and-set write did.

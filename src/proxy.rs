@@ -1914,11 +1914,28 @@ impl Proxy {
             None => 0,
         };
         bill.rates.settle(tokens_used.min(self.max_usage_tokens));
+        let view = outcome.view;
         if matches!(status, Some(401 | 403)) {
+            let key = bill.reservation.key();
             bill.reservation.settle_refused_key();
+            outcome.requested = bill.requested;
+            // Nothing for this answer; attempts given up on before it were charged, and are
+            // recorded as this request's.
+            let (_, matched, model) = view.prices.resolve(outcome.model.as_deref().unwrap_or(""));
+            let given_up = outcome.given_up_nano;
+            self.budget.charge(
+                view.governance.model_report(model.map(|m| m.as_ref())),
+                given_up,
+            );
+            outcome.charge = Some(Charge {
+                key,
+                model,
+                cost_nano: given_up,
+                basis: Basis::Failed,
+                matched,
+            });
             return;
         }
-        let view = outcome.view;
         let (price, matched, model) = view.prices.resolve(outcome.model.as_deref().unwrap_or(""));
         let reserved = estimate::Reserved {
             nano: bill.reservation.amount_nano(),
@@ -2379,9 +2396,10 @@ fn spend_line(
         cost_nano: charge.cost_nano,
         basis: match charge.basis {
             Basis::Reported => "reported",
+            Basis::Fixed => "fixed",
             Basis::Estimated => "estimated",
             Basis::Implausible => "implausible",
-            _ => "other",
+            Basis::Failed => "failed",
         },
         ttft_ms: outcome.ttft.map(millis),
         duration_ms: millis(started.elapsed()),

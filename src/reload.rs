@@ -170,6 +170,8 @@ pub struct Shared {
     /// The admin-made keys as last heard from the keyring, and the keyring's version then.
     admin_keys: Mutex<(u64, Arc<Vec<KeyRecord>>)>,
     keyring: Arc<dyn Keyring>,
+    /// The report accounts named in the keyring.
+    named_reports: Mutex<std::collections::HashSet<KeyId>>,
     /// The configuration the process started with: what settings a reload cannot change are
     /// compared with (the last one applied may already differ from what runs).
     started: Config,
@@ -203,6 +205,7 @@ impl Shared {
             keys: RwLock::new(Arc::new(keys)),
             admin_keys: Mutex::new((version, Arc::new(admin_keys))),
             keyring,
+            named_reports: Mutex::default(),
             started: live.config.clone(),
             has_source: std::sync::atomic::AtomicBool::new(false),
             live: RwLock::new(Arc::new(live)),
@@ -210,6 +213,7 @@ impl Shared {
             registry,
             source: Mutex::new(None),
         });
+        shared.name_reports(&shared.keys());
         (shared, version)
     }
 
@@ -279,6 +283,7 @@ impl Shared {
     /// budget shrank or went, workers hand back their leases at once (those granted under the
     /// old budget would let the key run past the new one).
     fn install_keys(&self, keys: KeySet) {
+        self.name_reports(&keys);
         let fresh = keys.limits();
         let tightened = self.keys().limits().tightened_by(&fresh);
         self.limits.replace(fresh);
@@ -290,6 +295,35 @@ impl Shared {
         let generation = self.keys_generation.fetch_add(1, Ordering::AcqRel) + 1;
         if tightened {
             self.tightened_at.store(generation, Ordering::Release);
+        }
+    }
+
+    /// Names in the keyring the report accounts it has not named yet: their days stay readable
+    /// after their key, team or model leaves the configuration. A keyring that does not answer
+    /// is asked again at the next install.
+    fn name_reports(&self, keys: &KeySet) {
+        let mut named = match self.named_reports.lock() {
+            Ok(named) => named,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let new: Vec<(KeyId, String)> = keys
+            .governance
+            .report_names()
+            .into_iter()
+            .filter(|(id, _)| !named.contains(id))
+            .collect();
+        if new.is_empty() {
+            return;
+        }
+        let names: Vec<(String, String)> = new
+            .iter()
+            .map(|(id, name)| (id.to_string(), name.clone()))
+            .collect();
+        match self.keyring.name_reports(&names) {
+            Ok(()) => named.extend(new.into_iter().map(|(id, _)| id)),
+            Err(e) => {
+                tracing::warn!(error = %e, "keyring: report names not written; tried again at the next change")
+            }
         }
     }
 

@@ -13,7 +13,8 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -21,6 +22,10 @@ use serde::Serialize;
 
 /// Lines waiting in the writer's buffer are flushed at least this often.
 const FLUSH_EVERY: Duration = Duration::from_millis(200);
+/// Lines the writer may have waiting (a few hundred bytes each): memory stays bounded when
+/// the disk or stdout stalls. Past it, a line is dropped, counted and logged, never waited
+/// for on the request path.
+const QUEUE: usize = 65_536;
 
 /// One settled request.
 #[derive(Debug, Clone, Serialize)]
@@ -79,7 +84,9 @@ enum Message {
 /// A worker's handle on the record: sends never block.
 #[derive(Debug, Clone)]
 pub struct Recorder {
-    lines: Sender<Message>,
+    lines: SyncSender<Message>,
+    /// Lines dropped because the writer's queue was full.
+    dropped: std::sync::Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Message {
@@ -93,9 +100,25 @@ impl std::fmt::Debug for Message {
 
 impl Recorder {
     pub fn record(&self, line: Line) {
-        // The writer outlives every worker (it finishes after them): a send cannot fail but
-        // at a writer that died, which has logged why.
-        let _ = self.lines.send(Message::Line(Box::new(line)));
+        match self.lines.try_send(Message::Line(Box::new(line))) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                if dropped.is_power_of_two() {
+                    tracing::error!(
+                        dropped,
+                        "spend record: the writer is behind (a stalled disk?): lines dropped"
+                    );
+                }
+            }
+            // The writer outlives every worker (it finishes after them): it died, and logged why.
+            Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+
+    /// Lines dropped so far because the writer was behind.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
     }
 }
 
@@ -104,7 +127,7 @@ pub struct Writer {
     thread: JoinHandle<()>,
     /// To tell it to finish: recorders may outlive their workers (a task a runtime never
     /// dropped), so the end is said, not inferred from the last sender going.
-    finish: Sender<Message>,
+    finish: SyncSender<Message>,
 }
 
 impl Writer {
@@ -112,12 +135,13 @@ impl Writer {
     /// thread; the recorder is cloned for each worker.
     pub fn start(target: Target) -> io::Result<(Writer, Recorder)> {
         let sink = Sink::open(target)?;
-        let (lines, queue) = mpsc::channel();
+        let (lines, queue) = mpsc::sync_channel(QUEUE);
         let thread = std::thread::Builder::new()
             .name("aura-spend-record".into())
             .spawn(move || write_lines(sink, queue))?;
         let finish = lines.clone();
-        Ok((Writer { thread, finish }, Recorder { lines }))
+        let dropped = std::sync::Arc::default();
+        Ok((Writer { thread, finish }, Recorder { lines, dropped }))
     }
 
     /// Writes every line sent before this call, syncs and stops the thread: call once the
@@ -154,7 +178,8 @@ fn write_lines(mut sink: Sink, queue: Receiver<Message>) {
 enum Sink {
     Stdout(io::Stdout),
     File {
-        out: BufWriter<File>,
+        /// None after a failed open: the next line tries again.
+        out: Option<BufWriter<File>>,
         path: PathBuf,
         written: u64,
         max_bytes: u64,
@@ -174,7 +199,7 @@ impl Sink {
                 let file = append(&path)?;
                 let written = file.metadata()?.len();
                 Ok(Sink::File {
-                    out: BufWriter::new(file),
+                    out: Some(BufWriter::new(file)),
                     path,
                     written,
                     max_bytes,
@@ -197,13 +222,26 @@ impl Sink {
                 keep,
             } => {
                 if *written > 0 && *written + text.len() as u64 > *max_bytes {
-                    out.flush()?;
-                    out.get_ref().sync_all()?;
+                    if let Some(full) = out.take() {
+                        let _ = full.into_inner().map(|f| f.sync_all());
+                    }
                     rotate(path, *keep)?;
-                    *out = BufWriter::new(append(path)?);
                     *written = 0;
                 }
-                out.write_all(&text)?;
+                // Opened again after a rotation, a failed open, or a file moved away (a
+                // logrotate that renames it): the record goes on in a file at `path`.
+                if out.is_none() || !path.exists() {
+                    if let Some(moved) = out.take() {
+                        let _ = moved.into_inner().map(|f| f.sync_all());
+                    }
+                    let file = append(path)?;
+                    *written = file.metadata()?.len();
+                    *out = Some(BufWriter::new(file));
+                }
+                let Some(writer) = out.as_mut() else {
+                    return Ok(());
+                };
+                writer.write_all(&text)?;
                 *written += text.len() as u64;
                 Ok(())
             }
@@ -213,7 +251,7 @@ impl Sink {
     fn flush(&mut self) {
         let flushed = match self {
             Sink::Stdout(out) => out.lock().flush(),
-            Sink::File { out, .. } => out.flush(),
+            Sink::File { out, .. } => out.as_mut().map_or(Ok(()), |out| out.flush()),
         };
         if let Err(e) = flushed {
             tracing::error!(error = %e, "spend record: lines could not be flushed");
@@ -221,7 +259,7 @@ impl Sink {
     }
 
     fn sync(&mut self) {
-        if let Sink::File { out, .. } = self {
+        if let Sink::File { out: Some(out), .. } = self {
             if let Err(e) = out.get_ref().sync_all() {
                 tracing::error!(error = %e, "spend record: the file could not be synced");
             }
@@ -253,7 +291,11 @@ fn rotate(path: &Path, keep: usize) -> io::Result<()> {
             fs::rename(&from, numbered(n + 1))?;
         }
     }
-    fs::rename(path, numbered(1))
+    // Moved away already (by an operator's logrotate): nothing to move.
+    match fs::rename(path, numbered(1)) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -327,6 +369,37 @@ mod tests {
         writer.finish();
         assert!(!dir.join("spend.jsonl.3").exists());
         assert!(dir.join("spend.jsonl.2").exists());
+        // The current file moved away (logrotate's default): lines go on into a new one, and
+        // none is lost.
+        let _ = fs::remove_dir_all(&dir);
+        let (writer, recorder) = Writer::start(Target::File {
+            path: path.clone(),
+            max_bytes: 2_000,
+            keep: 50,
+        })
+        .unwrap();
+        recorder.record(line(1));
+        std::thread::park_timeout(Duration::from_millis(300));
+        fs::rename(&path, dir.join("moved.jsonl")).unwrap();
+        for n in 2..=40 {
+            recorder.record(line(n));
+        }
+        drop(recorder);
+        writer.finish();
+        let all: usize = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| {
+                fs::read_to_string(e.unwrap().path())
+                    .unwrap()
+                    .lines()
+                    .count()
+            })
+            .sum();
+        let moved = fs::read_to_string(dir.join("moved.jsonl"))
+            .unwrap()
+            .lines()
+            .count();
+        assert_eq!((moved, all), (1, 40));
         let _ = fs::remove_dir_all(&dir);
     }
 }

@@ -16,7 +16,10 @@ use common::billing::*;
 use common::{config_file, start_mock, Driver, Launch, MockOptions, CHAT};
 use serde_json::{json, Value};
 
-on_both_drivers!(the_console_makes_lists_and_revokes_a_key_in_a_real_browser);
+on_both_drivers!(
+    the_console_makes_lists_and_revokes_a_key_in_a_real_browser,
+    a_browsers_stored_credentials_cannot_change_anything_for_another_site,
+);
 
 const ADMIN: &str = "admin-token-console-0001";
 const CONFIGURED: &str = "sk-aura-console-config-01";
@@ -330,4 +333,102 @@ key = "sk-provider-console"
     );
     drop(browser);
     let _ = std::fs::remove_dir_all(&profile);
+}
+
+/// Review: once the console was opened, the browser kept the token (Basic) and sent it with any
+/// site's form. A change by Basic credentials now needs the console's own header (which no
+/// other site can set) and no other site's origin, and a JSON content type; a bearer token
+/// (never sent by a browser on its own) needs neither.
+fn a_browsers_stored_credentials_cannot_change_anything_for_another_site(driver: Driver) {
+    let mock = start_mock(MockOptions::default());
+    let path = config_file(
+        &format!("console-csrf-{driver:?}"),
+        &format!("admin_token = \"{ADMIN}\"\n[keys.configured]\nkey = \"{CONFIGURED}\"\n"),
+    );
+    let aura = Launch::new(&mock.url(), driver)
+        .arg("--config")
+        .arg(path.to_str().unwrap())
+        .start();
+    assert_eq!(post(&aura, CONFIGURED, CHAT, &[], BODY), 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let spent = loop {
+        let spent = nano(&usage_of(&aura, CONFIGURED)["usage_dollars"]);
+        if spent > 0 {
+            break spent;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the spend never reached the store"
+        );
+        std::thread::park_timeout(Duration::from_millis(20));
+    };
+    // "admin:<token>", as a browser sends it.
+    let basic = format!("Basic {}", base64(format!("admin:{ADMIN}").as_bytes()));
+    let reset = "/admin/keys/configured/reset";
+    let call = |headers: &[(&str, &str)], body: &str| {
+        let mut all = vec![("authorization", basic.as_str())];
+        all.extend_from_slice(headers);
+        aura.client()
+            .request("POST", reset, &all, body.as_bytes())
+            .status
+    };
+    // A form from another site: no console header; or the header but another site's fetch.
+    assert_eq!(call(&[], ""), 403);
+    assert_eq!(
+        call(
+            &[("x-aura-console", "1"), ("sec-fetch-site", "cross-site")],
+            ""
+        ),
+        403
+    );
+    // A text/plain body that reads as JSON is no admin call.
+    assert_eq!(
+        call(
+            &[("x-aura-console", "1"), ("content-type", "text/plain")],
+            "{}"
+        ),
+        400
+    );
+    assert_eq!(
+        nano(&usage_of(&aura, CONFIGURED)["usage_dollars"]),
+        spent,
+        "nothing was reset"
+    );
+    // Reads need no header; the console's own call, and a bearer token, change things.
+    let r = aura.client().request(
+        "GET",
+        "/admin/keys",
+        &[("authorization", basic.as_str())],
+        b"",
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        call(
+            &[("x-aura-console", "1"), ("sec-fetch-site", "same-origin")],
+            ""
+        ),
+        200
+    );
+    let (status, _) = admin_json(&aura, ADMIN, "POST", reset, "");
+    assert_eq!(status, 200);
+}
+
+/// Standard base64 with padding.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | (*b as u32) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }

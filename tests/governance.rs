@@ -37,13 +37,7 @@ const BOUNDED: &str =
 
 /// What the mock's requests sent with `key` cost.
 fn spend_of(mock: &MockUpstream, key: &str) -> u64 {
-    requests_of(mock, key)
-        .iter()
-        .map(|r| {
-            let (p, c) = mock_usage(r);
-            cost(p, c, MINI_IN, MINI_OUT)
-        })
-        .sum()
+    mock_cost(&requests_of(mock, key))
 }
 
 /// The requests the mock got with `key`.

@@ -13,13 +13,16 @@ use std::time::{Duration, Instant};
 
 use common::billing::*;
 use common::valkey::{journal_dir, on_valkey, Valkey};
-use common::{at_time, config_file, start_mock, Driver, Launch, MockOptions, CHAT, STREAM, WHOLE};
+use common::{
+    at_time, config_file, start_mock, Aura, Driver, Launch, MockOptions, CHAT, STREAM, WHOLE,
+};
 use serde_json::Value;
 
 on_both_drivers!(
     every_settled_request_is_one_line_adding_up_to_the_store_across_a_sigterm,
     the_record_rotates_by_size_and_loses_no_line,
     the_store_answers_spend_per_day_by_key_team_and_model,
+    a_revoked_keys_days_still_count_and_a_refused_answer_after_a_given_up_one_is_a_line,
 );
 
 const ADMIN: &str = "admin-token-spend-000001";
@@ -213,15 +216,7 @@ fn the_store_answers_spend_per_day_by_key_team_and_model(driver: Driver) {
         "2026-05-31 23:59:57",
     )
     .start();
-    let cost_of = |from: usize| -> u64 {
-        mock.requests()[from..]
-            .iter()
-            .map(|r| {
-                let (p, c) = mock_usage(r);
-                cost(p, c, MINI_IN, MINI_OUT)
-            })
-            .sum()
-    };
+    let cost_of = |from: usize| mock_cost(&mock.requests()[from..]);
     for key in [KEYS[0], KEYS[0], KEYS[1]] {
         assert_eq!(post(&aura, key, CHAT, &[], WHOLE), 200);
     }
@@ -292,4 +287,107 @@ fn the_store_answers_spend_per_day_by_key_team_and_model(driver: Driver) {
         "",
     );
     assert_eq!(status, 400, "{refused}");
+}
+
+/// The sum of a list's `usage_nano`.
+fn total(list: &Value) -> u64 {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["usage_nano"].as_u64().unwrap())
+        .sum()
+}
+
+/// `/admin/spend` once `done` holds of it (flushes are asynchronous).
+fn spend_when(aura: &Aura, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, spend) = admin_json(aura, ADMIN, "GET", "/admin/spend", "");
+        assert_eq!(status, 200, "{spend}");
+        if done(&spend) {
+            return spend;
+        }
+        assert!(Instant::now() < deadline, "{spend}");
+        std::thread::park_timeout(Duration::from_millis(50));
+    }
+}
+
+/// Review: `/admin/spend` read only the reports of the keys configured now, so revoking a key
+/// took its days out of the past. And a request given up on one upstream (its reservation
+/// charged) then answered 401 by the next was spend with no line and no model.
+fn a_revoked_keys_days_still_count_and_a_refused_answer_after_a_given_up_one_is_a_line(
+    driver: Driver,
+) {
+    let mock = start_mock(MockOptions::default());
+    let text = format!(
+        "key_mode = \"virtual\"\nadmin_token = \"{ADMIN}\"\n[[upstreams]]\nname = \"mock\"\nurl = \"{}\"\nmodels = [\"gpt-4o-mini\"]\nkey = \"sk-provider-mock\"\n",
+        mock.url()
+    );
+    let path = config_file(&format!("spend-revoked-{driver:?}"), &text);
+    let aura = Launch::new("", driver)
+        .arg("--config")
+        .arg(path.to_str().unwrap())
+        .start();
+    let (status, made) = admin_json(&aura, ADMIN, "POST", "/admin/keys", r#"{"alias":"temp"}"#);
+    assert_eq!(status, 201, "{made}");
+    let secret = made["key"].as_str().unwrap().to_string();
+    for _ in 0..3 {
+        assert_eq!(post(&aura, &secret, CHAT, &[], WHOLE), 200);
+    }
+    let spent = mock_cost(&mock.requests());
+    spend_when(&aura, |s| s["usage_nano"] == spent);
+    let (status, _) = admin_json(&aura, ADMIN, "DELETE", "/admin/keys/temp", "");
+    assert_eq!(status, 200);
+    let after = spend_when(&aura, |_| true);
+    assert_eq!(after["usage_nano"], spent, "{after}");
+    assert_eq!(total(&after["keys"]), spent, "{after}");
+    assert_eq!(total(&after["models"]), spent, "{after}");
+    assert_eq!(after["keys"][0]["key"], "temp", "{after}");
+    // Its report is no key of the store's: only its own budget is (what it spent).
+    let id = made["key_id"].as_str().unwrap();
+    let (_, keys) = admin_json(&aura, ADMIN, "GET", "/admin/keys", "");
+    let stored: Vec<&Value> = keys["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| k["source"] == "store")
+        .collect();
+    assert!(stored.iter().all(|k| k["key_id"] == id), "{keys}");
+
+    // Passthrough: the first upstream takes the request and never answers (given up at its
+    // first-byte timeout, its reservation charged); the second answers 401.
+    let stall = common::scripted::Scripted::start(|_, stream| {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        let mut sink = [0u8; 1];
+        let _ = std::io::Read::read(stream, &mut sink);
+        common::scripted::Then::Close
+    });
+    let dir = record_dir("given-up", driver);
+    let record = dir.join("spend.jsonl");
+    let text = format!(
+        "admin_token = \"{ADMIN}\"\nspend_record = \"{}\"\n[[upstreams]]\nname = \"first\"\nurl = \"http://{}/v1\"\nmodels = [\"gpt-4o-mini\"]\nweight = 10000\nfirst_byte_timeout_ms = 300\n[[upstreams]]\nname = \"second\"\nurl = \"{}\"\nmodels = [\"gpt-4o-mini\"]\nweight = 1\n",
+        record.display(),
+        stall.addr,
+        mock.url()
+    );
+    let path = config_file(&format!("spend-given-up-{driver:?}"), &text);
+    let mut aura = Launch::new("", driver)
+        .workers(1)
+        .arg("--config")
+        .arg(path.to_str().unwrap())
+        .start();
+    let key = "sk-test-spend-given-up-01";
+    let status = post(&aura, key, CHAT, &[("x-mock-status", "401")], WHOLE);
+    assert_eq!(status, 401);
+    let spend = spend_when(&aura, |s| s["usage_nano"].as_u64().unwrap_or(0) > 0);
+    assert_eq!(total(&spend["models"]), total(&spend["keys"]), "{spend}");
+    assert!(aura.terminate(Duration::from_secs(20)).success());
+    let lines = lines(&dir);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["status"], 401);
+    assert_eq!(lines[0]["cost_nano"], spend["usage_nano"], "{lines:?}");
+    assert_eq!(lines[0]["attempts"], 2);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -234,11 +234,20 @@ impl Admin<'_> {
             .iter()
             .map(|(id, _)| self.describe(*id, &totals))
             .collect();
-        // Keys only the store holds: neither known here nor one of a key's or a team's
-        // other accounts.
+        // Keys only the store holds: neither known here, nor one of a key's or a team's other
+        // accounts, nor a report (one of a key or team gone from the configuration too).
+        let shared = self.shared.clone();
+        let reports: std::collections::HashSet<String> =
+            blocking(move || shared.keyring().report_names())
+                .await??
+                .into_iter()
+                .map(|(id, _)| id)
+                .collect();
         let mut others: Vec<(KeyId, Account)> = everything
             .into_iter()
-            .filter(|(id, _)| keys.governance.account(*id).is_none())
+            .filter(|(id, _)| {
+                keys.governance.account(*id).is_none() && !reports.contains(&id.to_string())
+            })
             .collect();
         others.sort_by_key(|(id, _)| *id);
         shown.extend(others.iter().map(|(id, a)| self.summary(*id, a)));

@@ -16,7 +16,7 @@ use crate::auth::KeyId;
 use crate::budget::op::{day_of_date, period_label, period_of, REPORT_DAYS};
 use crate::config::Period;
 use crate::error::Error;
-use crate::governance::Owner;
+
 use crate::pricing::nano_to_dollars;
 
 /// The days asked for when the call names none.
@@ -27,19 +27,19 @@ impl Admin<'_> {
         let today = period_of(Period::Daily, unix_now());
         let (from, to) = range(query, today)?;
         let keys = self.shared.keys();
-        let reports: Vec<(KeyId, Owner)> = keys
-            .governance
-            .reports()
-            .map(|(id, owner)| (id, owner.clone()))
-            .collect();
+        let reports = self.every_report().await?;
         let ids: Vec<KeyId> = reports.iter().map(|(id, _)| *id).collect();
         let histories = self.ledger.admin_call(move |s| s.histories(&ids)).await?;
+        let key_ids: std::collections::HashMap<String, String> = reports
+            .iter()
+            .filter_map(|(_, r)| Some((r.name.clone(), r.key_id.clone()?)))
+            .collect();
         // day → kind → name → nano
         let mut days: BTreeMap<u64, BTreeMap<&'static str, BTreeMap<String, u64>>> =
             BTreeMap::new();
         let mut totals: BTreeMap<&'static str, BTreeMap<String, u64>> = BTreeMap::new();
-        for ((_, owner), history) in reports.iter().zip(&histories) {
-            let (kind, name) = owner.kind_and_name();
+        for ((_, report), history) in reports.iter().zip(&histories) {
+            let (kind, name) = (report.kind, report.name.as_str());
             for spend in history.iter().filter(|p| (from..=to).contains(&p.period)) {
                 let day = days.entry(spend.period).or_default();
                 *day.entry(kind)
@@ -62,8 +62,11 @@ impl Admin<'_> {
                         json!({ "usage_nano": nano, "usage_dollars": nano_to_dollars(*nano) });
                     line[kind] = name.clone().into();
                     if kind == "key" {
-                        line["key_id"] =
-                            json!(keys.directory.by_alias(name).map(|id| id.to_string()));
+                        let id = key_ids
+                            .get(name)
+                            .cloned()
+                            .or_else(|| keys.directory.by_alias(name).map(|id| id.to_string()));
+                        line["key_id"] = json!(id);
                     }
                     line
                 })
@@ -99,6 +102,59 @@ impl Admin<'_> {
                 "days": days,
             }),
         ))
+    }
+}
+
+/// Whose spend a report account records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Report {
+    kind: &'static str,
+    name: String,
+    key_id: Option<String>,
+}
+
+/// A report as the keyring names it.
+#[derive(serde::Deserialize)]
+struct Named {
+    kind: String,
+    name: String,
+    key_id: Option<String>,
+}
+
+impl Admin<'_> {
+    /// Every report account: the configuration's now, and every one the keyring ever named (a
+    /// revoked key's days, a team or a model gone from the configuration, still count).
+    async fn every_report(&self) -> Result<Vec<(KeyId, Report)>, Error> {
+        let shared = self.shared.clone();
+        let named = super::blocking(move || shared.keyring().report_names()).await??;
+        let mut reports: BTreeMap<KeyId, Report> = BTreeMap::new();
+        for (id, json) in named {
+            let (Some(id), Ok(named)) = (KeyId::parse(&id), serde_json::from_str::<Named>(&json))
+            else {
+                continue;
+            };
+            let kind = match named.kind.as_str() {
+                "key" => "key",
+                "team" => "team",
+                "model" => "model",
+                _ => continue,
+            };
+            let (name, key_id) = (named.name, named.key_id);
+            reports.insert(id, Report { kind, name, key_id });
+        }
+        let keys = self.shared.keys();
+        for (id, name) in keys.governance.report_names() {
+            if let Ok(named) = serde_json::from_str::<Named>(&name) {
+                let kind = match named.kind.as_str() {
+                    "team" => "team",
+                    "model" => "model",
+                    _ => "key",
+                };
+                let (name, key_id) = (named.name, named.key_id);
+                reports.insert(id, Report { kind, name, key_id });
+            }
+        }
+        Ok(reports.into_iter().collect())
     }
 }
 

@@ -17,6 +17,9 @@ use super::{readable, Keyring, Put};
 use crate::budget::store::StoreError;
 
 pub struct FileKeyring {
+    /// Report accounts' names: kept for the life of the process, as the memory store's spend
+    /// is.
+    reports: Mutex<std::collections::BTreeMap<String, String>>,
     /// None: kept in memory only (no admin API to change it, no file named).
     path: Option<PathBuf>,
     state: Mutex<State>,
@@ -81,6 +84,7 @@ impl FileKeyring {
             Err(e) => return Err(read(e)),
         };
         Ok(FileKeyring {
+            reports: Mutex::default(),
             path: Some(path.to_path_buf()),
             state: Mutex::new(state),
             _lock: Some(lock),
@@ -90,6 +94,7 @@ impl FileKeyring {
     /// A keyring with no file: empty at start, forgotten at exit.
     pub fn in_memory() -> FileKeyring {
         FileKeyring {
+            reports: Mutex::default(),
             path: None,
             state: Mutex::new(State::default()),
             _lock: None,
@@ -171,6 +176,26 @@ impl Keyring for FileKeyring {
         keys.push(record.clone());
         self.write(&mut state, keys)?;
         Ok(Put::Written)
+    }
+
+    fn name_reports(&self, names: &[(String, String)]) -> Result<(), StoreError> {
+        let mut reports = match self.reports.lock() {
+            Ok(reports) => reports,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        reports.extend(names.iter().cloned());
+        Ok(())
+    }
+
+    fn report_names(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let reports = match self.reports.lock() {
+            Ok(reports) => reports,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        Ok(reports
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
     }
 
     fn delete(&self, id: &str) -> Result<bool, StoreError> {

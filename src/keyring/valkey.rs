@@ -13,6 +13,8 @@ const KEYS: &str = "aura:{keyring}";
 const VERSION: &str = "aura:{keyring}:version";
 /// alias → key id: an alias is one key's across the fleet.
 const ALIASES: &str = "aura:{keyring}:aliases";
+/// report account id → whose spend it records (JSON).
+const REPORTS: &str = "aura:{keyring}:reports";
 
 /// A compare-and-set write of one record: refused (-2) unless the stored one is at the
 /// revision expected (-1: none may be stored), refused (-3) if another key has the alias;
@@ -30,18 +32,21 @@ if ARGV[1] == 'delete' then
   return redis.call('INCR', KEYS[2])
 end
 local expected = tonumber(ARGV[4])
+local old = nil
 if expected < 0 then
   if current then return -2 end
 else
   if not current then return -2 end
-  local ok, old = pcall(cjson.decode, current)
-  if not ok or type(old) ~= 'table' or tonumber(old.rev or 0) ~= expected then return -2 end
-  if old.alias and old.alias ~= ARGV[5] and redis.call('HGET', KEYS[3], old.alias) == ARGV[2] then
-    redis.call('HDEL', KEYS[3], old.alias)
-  end
+  local ok, decoded = pcall(cjson.decode, current)
+  if not ok or type(decoded) ~= 'table' or tonumber(decoded.rev or 0) ~= expected then return -2 end
+  old = decoded
 end
+-- The new alias is checked before the old one is let go: a refused rename keeps it.
 local owner = redis.call('HGET', KEYS[3], ARGV[5])
 if owner and owner ~= ARGV[2] then return -3 end
+if old and old.alias and old.alias ~= ARGV[5] and redis.call('HGET', KEYS[3], old.alias) == ARGV[2] then
+  redis.call('HDEL', KEYS[3], old.alias)
+end
 redis.call('HSET', KEYS[3], ARGV[5], ARGV[2])
 redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
 return redis.call('INCR', KEYS[2])
@@ -106,5 +111,30 @@ impl Keyring for ValkeyStore {
     fn delete(&self, id: &str) -> Result<bool, StoreError> {
         let version: Vec<i64> = self.pipeline(&[change("delete", id, "", 0, "")])?;
         Ok(version.first().is_some_and(|v| *v >= 0))
+    }
+
+    fn name_reports(&self, names: &[(String, String)]) -> Result<(), StoreError> {
+        let writes: Vec<redis::Cmd> = names
+            .chunks(256)
+            .map(|chunk| {
+                let mut cmd = redis::cmd("HSET");
+                cmd.arg(REPORTS);
+                for (id, owner) in chunk {
+                    cmd.arg(id).arg(owner);
+                }
+                cmd
+            })
+            .collect();
+        if !writes.is_empty() {
+            let _: Vec<Value> = self.pipeline(&writes)?;
+        }
+        Ok(())
+    }
+
+    fn report_names(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let mut all = redis::cmd("HGETALL");
+        all.arg(REPORTS);
+        let replies: Vec<Vec<(String, String)>> = self.pipeline(&[all])?;
+        Ok(replies.into_iter().flatten().collect())
     }
 }

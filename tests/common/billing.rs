@@ -151,3 +151,14 @@ pub fn admin_json(
     let json = serde_json::from_str(&r.text()).unwrap_or(Value::Null);
     (r.status, json)
 }
+
+/// What `requests` to the mock cost, at gpt-4o-mini's prices.
+pub fn mock_cost(requests: &[Recorded]) -> u64 {
+    requests
+        .iter()
+        .map(|r| {
+            let (p, c) = mock_usage(r);
+            cost(p, c, MINI_IN, MINI_OUT)
+        })
+        .sum()
+}
