@@ -169,8 +169,16 @@ fn main() -> ExitCode {
         }),
         Box::new(move |host, port| resolver(host, port, demo)),
     );
-    // A machine-readable line for scripts and tests.
-    println!("aura listening on http://{}", running.addr);
+    // A machine-readable line for scripts and tests; on stderr when stdout is the spend
+    // record's (JSON lines only).
+    if matches!(
+        config.spend_record,
+        Some(aura::spend_record::Target::Stdout)
+    ) {
+        eprintln!("aura listening on http://{}", running.addr);
+    } else {
+        println!("aura listening on http://{}", running.addr);
+    }
     let mut wanted = STOP_SIGNALS.to_vec();
     wanted.extend_from_slice(IGNORED_SIGNALS);
     match signal_hook::iterator::Signals::new(&wanted) {

@@ -1923,17 +1923,17 @@ impl Proxy {
             // recorded as this request's.
             let (_, matched, model) = view.prices.resolve(outcome.model.as_deref().unwrap_or(""));
             let given_up = outcome.given_up_nano;
-            self.budget.charge(
-                view.governance.model_report(model.map(|m| m.as_ref())),
-                given_up,
-            );
-            outcome.charge = Some(Charge {
-                key,
-                model,
-                cost_nano: given_up,
-                basis: Basis::Failed,
-                matched,
-            });
+            if given_up > 0 {
+                let report = view.governance.model_report(model.map(|m| m.as_ref()));
+                self.budget.charge(report, given_up);
+                outcome.charge = Some(Charge {
+                    key,
+                    model,
+                    cost_nano: given_up,
+                    basis: Basis::Failed,
+                    matched,
+                });
+            }
             return;
         }
         let (price, matched, model) = view.prices.resolve(outcome.model.as_deref().unwrap_or(""));

@@ -223,10 +223,21 @@ impl Sink {
             } => {
                 if *written > 0 && *written + text.len() as u64 > *max_bytes {
                     if let Some(full) = out.take() {
-                        let _ = full.into_inner().map(|f| f.sync_all());
+                        let synced = full
+                            .into_inner()
+                            .map_err(|e| e.into_error())
+                            .and_then(|f| f.sync_all());
+                        if let Err(e) = synced {
+                            tracing::error!(error = %e, "spend record: the full file could not be flushed");
+                        }
                     }
-                    rotate(path, *keep)?;
+                    // A rotation that fails (a file moved away with none kept, a full disk)
+                    // leaves the record going on in the current file, tried again only when
+                    // it fills once more.
                     *written = 0;
+                    if let Err(e) = rotate(path, *keep) {
+                        tracing::error!(error = %e, "spend record: rotation failed; going on in the current file");
+                    }
                 }
                 // Opened again after a rotation, a failed open, or a file moved away (a
                 // logrotate that renames it): the record goes on in a file at `path`.
@@ -282,7 +293,10 @@ fn rotate(path: &Path, keep: usize) -> io::Result<()> {
         PathBuf::from(name)
     };
     if keep == 0 {
-        return fs::remove_file(path);
+        return match fs::remove_file(path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        };
     }
     let _ = fs::remove_file(numbered(keep));
     for n in (1..keep).rev() {

@@ -239,7 +239,10 @@ key = "sk-provider-console"
         std::process::id()
     ));
     let browser = Browser::open(&chromedriver, &profile);
-    browser.send_header("Authorization", &bearer(ADMIN));
+    // Logged in as a browser is once it asked: Basic credentials, the token as the password
+    // (so every change the page makes goes through the checks a browser's calls get).
+    let basic = format!("Basic {}", base64(format!("admin:{ADMIN}").as_bytes()));
+    browser.send_header("Authorization", &basic);
     browser.call(
         "POST",
         "/url",
@@ -308,6 +311,24 @@ key = "sk-provider-console"
         b"",
     );
     assert_eq!(made.json()["team"], "research", "{}", made.text());
+    // Rotate it: a new secret shown, which works; the old one too, in its hour of grace.
+    browser.click("#keys tr[data-alias=\"console-made\"] button.rotate");
+    let rotated = browser.until(
+        "the rotated secret",
+        "const s = document.getElementById('secret-value').textContent; return s !== arguments[0] && s.startsWith('sk-aura-') ? s : null",
+        json!([secret]),
+    );
+    let rotated = rotated.as_str().unwrap().to_string();
+    assert_eq!(
+        post(&aura, &rotated, CHAT, &[], BODY),
+        200,
+        "the rotated secret works"
+    );
+    assert_eq!(
+        post(&aura, &secret, CHAT, &[], BODY),
+        200,
+        "the old one, in its grace"
+    );
     let evidence =
         std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("console-{driver:?}.png"));
     let bytes = browser.screenshot(&evidence);
@@ -322,7 +343,7 @@ key = "sk-provider-console"
         "return !document.querySelector('#keys tr[data-alias=\"console-made\"]')",
         json!([]),
     );
-    assert_eq!(post(&aura, &secret, CHAT, &[], BODY), 401, "a revoked key");
+    assert_eq!(post(&aura, &rotated, CHAT, &[], BODY), 401, "a revoked key");
     let status = browser.script(
         "return document.getElementById('status').textContent",
         json!([]),

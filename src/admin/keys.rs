@@ -154,8 +154,14 @@ impl Admin<'_> {
     async fn resolve(&self, id_or_alias: &str) -> Result<Option<KeyId>, Error> {
         let keys = self.shared.keys();
         if let Some(id) = KeyId::parse(id_or_alias) {
-            let derived =
-                keys.governance.account(id).is_some() && keys.directory.alias(id).is_none();
+            // A report (of a key gone from the configuration too) is no key to act on.
+            let shared = self.shared.clone();
+            let report = blocking(move || shared.keyring().report_names())
+                .await??
+                .iter()
+                .any(|(named, _)| *named == id.to_string());
+            let derived = report
+                || (keys.governance.account(id).is_some() && keys.directory.alias(id).is_none());
             if keys.directory.alias(id).is_some()
                 || (!derived && self.ledger.admin_call(move |s| s.holds(id)).await?)
             {
@@ -698,7 +704,8 @@ impl Admin<'_> {
         let live = self.shared.live();
         let alias = &record.alias;
         let looks_like_id = alias.len() == 16 && alias.bytes().all(|b| b.is_ascii_hexdigit());
-        if looks_like_id || alias == "other" || alias.len() > 64 || alias.contains(['/', '"']) {
+        let reserved = alias == "other" || alias == "(other keys)";
+        if looks_like_id || reserved || alias.len() > 64 || alias.contains(['/', '"']) {
             return Err(Error::MalformedBody(
                 "`alias` must be at most 64 characters, not `other`, not 16 hex digits, without / or \"".into(),
             ));

@@ -175,7 +175,7 @@ pub fn parse(file: &toml::Table, env: &dyn super::Source) -> Result<Tables, Vec<
         // An alias stands for its key in the admin API and in metric labels: it must not read
         // as a key id (16 hex digits) or as the label of keys past the series cap.
         let looks_like_id = k.alias.len() == 16 && k.alias.bytes().all(|b| b.is_ascii_hexdigit());
-        if looks_like_id || k.alias == "other" {
+        if looks_like_id || k.alias == "other" || k.alias == "(other keys)" {
             errors.push(format!(
                 "config file: `keys.{}`: an alias may not be `other` or 16 hex digits (a key id)",
                 k.alias

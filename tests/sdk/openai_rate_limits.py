@@ -80,6 +80,16 @@ def main():
             headers.get("x-ratelimit-remaining-requests") == "0",
             f"x-ratelimit-remaining-requests {headers.get('x-ratelimit-remaining-requests')!r}",
         )
+        # A request asking for more tokens than a whole minute has: RateLimitError, type tokens,
+    # and no Retry-After (no wait would help).
+    try:
+        client.chat.completions.create(model="gpt-4o-mini", messages=messages, max_tokens=tpm + 1)
+        fail("a request larger than the tokens per minute went through")
+    except openai.RateLimitError as error:
+        check(error.code == "rate_limit_exceeded", f"tokens: code {error.code!r}")
+        check(error.type == "tokens", f"tokens: type {error.type!r}")
+        check("request too large" in error.message, f"tokens: message {error.message!r}")
+        check("retry-after" not in error.response.headers, "tokens: a Retry-After for what no wait fixes")
     # A streamed request is refused the same way.
     try:
         for _ in client.chat.completions.create(
