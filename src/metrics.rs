@@ -393,6 +393,8 @@ pub struct Registry {
     reloads: [std::sync::atomic::AtomicU64; 2],
     /// The ledger thread's counters, when budgets live in Valkey.
     ledger: std::sync::OnceLock<Arc<crate::budget::ledger::LedgerStats>>,
+    /// Spend record lines dropped (its writer behind), when there is a record.
+    spend_dropped: std::sync::OnceLock<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 #[derive(Debug, Default)]
@@ -408,6 +410,7 @@ impl Registry {
             ledger: std::sync::OnceLock::new(),
             aliases: std::sync::RwLock::default(),
             reloads: Default::default(),
+            spend_dropped: Default::default(),
         })
     }
 
@@ -436,6 +439,17 @@ impl Registry {
     pub fn reloads(&self) -> (u64, u64) {
         let read = |i: usize| self.reloads[i].load(std::sync::atomic::Ordering::Relaxed);
         (read(0), read(1))
+    }
+
+    /// The spend record's count of lines dropped.
+    pub fn set_spend_record(&self, dropped: Arc<std::sync::atomic::AtomicU64>) {
+        let _ = self.spend_dropped.set(dropped);
+    }
+
+    pub fn spend_dropped(&self) -> Option<u64> {
+        self.spend_dropped
+            .get()
+            .map(|n| n.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     pub fn set_ledger(&self, stats: Arc<crate::budget::ledger::LedgerStats>) {

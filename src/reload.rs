@@ -435,7 +435,7 @@ fn store_settings(budgets: &crate::config::Budgets) -> String {
 pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     let (a, b) = (&old.budgets, &new.budgets);
     let differs = |x: String, y: String| x != y;
-    let checks: [(&'static str, bool); 15] = [
+    let checks: [(&'static str, bool); 17] = [
         ("listen_addr", old.listen_addr != new.listen_addr),
         ("port", old.port != new.port),
         ("admin_listen", old.admin_listen != new.admin_listen),
@@ -459,6 +459,8 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
             format!("{:?}{}{}{}{}", b.admin_token.as_ref().map(Secret::expose), b.allow_unpriced_routes, b.max_drains_per_worker, b.max_usage_tokens, b.default_max_output_tokens),
         )),
         ("shutdown_grace_ms", old.shutdown_grace != new.shutdown_grace),
+        ("spend_record / spend_record_max_bytes / spend_record_files", old.spend_record != new.spend_record),
+        ("key_state_file", a.key_state_file != b.key_state_file),
     ];
     checks
         .into_iter()
@@ -489,6 +491,12 @@ mod tests {
         );
         assert!(
             changed.iter().any(|c| c.contains("idle_timeout_ms")),
+            "{changed:?}"
+        );
+        let recording = config("port = 8080\nadmin_token = \"a\"\nspend_record = \"stdout\"\n");
+        let changed = restart_only_changes(&old, &recording);
+        assert!(
+            changed.iter().any(|c| c.starts_with("spend_record")),
             "{changed:?}"
         );
     }

@@ -233,6 +233,7 @@ pub fn start(config: &Config, resolvers: Vec<Resolver>) -> Result<Running, Start
         Some(target) => {
             let (writer, recorder) = spend_record::Writer::start(target.clone())
                 .map_err(|e| StartError::Store(format!("spend_record: {e}")))?;
+            registry.set_spend_record(recorder.dropped());
             (Some(writer), Some(recorder))
         }
     };

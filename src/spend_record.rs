@@ -116,9 +116,9 @@ impl Recorder {
         }
     }
 
-    /// Lines dropped so far because the writer was behind.
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+    /// The count of lines dropped because the writer was behind (for metrics).
+    pub fn dropped(&self) -> std::sync::Arc<AtomicU64> {
+        self.dropped.clone()
     }
 }
 

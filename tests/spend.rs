@@ -165,6 +165,11 @@ fn the_record_rotates_by_size_and_loses_no_line(driver: Driver) {
             assert_eq!(post(&aura, KEYS[1], CHAT, &[], WHOLE), 200);
         }
         let usage = wait_until_spent(&aura, KEYS[1]);
+        // A writer that kept up dropped nothing, and says so.
+        common::scrape_until(&aura, |text| {
+            text.lines()
+                .any(|l| l == "aura_spend_record_dropped_total 0")
+        });
         assert!(aura.terminate(Duration::from_secs(20)).success());
         let files: Vec<PathBuf> = std::fs::read_dir(&dir)
             .unwrap()

@@ -55,7 +55,8 @@ const FAMILIES: &[(&str, &str, MetricType, &[&str])] = &[
     ("aura_store_errors_total", "Budget store calls that failed.", MetricType::COUNTER, &[]),
     ("aura_ledger_applied_ops_total", "Budget ops the store applied.", MetricType::COUNTER, &[]),
     ("aura_ledger_rejected_ops_total", "Budget ops the store refused repeatedly, set aside in the rejected file.", MetricType::COUNTER, &[]),
-    ("aura_ledger_flush_seconds", "Round trips of ledger flushes to the budget store.", MetricType::SUMMARY, &[]),
+        ("aura_ledger_flush_seconds", "Round trips of ledger flushes to the budget store.", MetricType::SUMMARY, &[]),
+    ("aura_spend_record_dropped_total", "Spend record lines dropped because its writer was behind (a stalled disk or stdout).", MetricType::COUNTER, &[]),
 ];
 
 /// The whole exposition: every worker's last published snapshot, merged, and the ledger's
@@ -110,6 +111,13 @@ impl Collector for Snapshots {
         out.reloads(self.source.reloads());
         if let Some(ledger) = self.source.ledger() {
             out.ledger(ledger);
+        }
+        if let Some(dropped) = self.source.spend_dropped() {
+            out.add(
+                "aura_spend_record_dropped_total",
+                &[],
+                Value::count(dropped),
+            );
         }
         out.0.into_values().collect()
     }
