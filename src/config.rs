@@ -413,6 +413,34 @@ pub enum Period {
     Monthly,
 }
 
+impl Period {
+    /// The budget windows a configuration or the admin API may name (a minute is a rate
+    /// limit's, never named).
+    pub const WINDOWS: [(&'static str, Period); 3] = [
+        ("none", Period::Never),
+        ("daily", Period::Daily),
+        ("monthly", Period::Monthly),
+    ];
+
+    /// `none`, `minute`, `daily`, `monthly`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Period::Never => "none",
+            Period::Minute => "minute",
+            Period::Daily => "daily",
+            Period::Monthly => "monthly",
+        }
+    }
+
+    /// A budget window by its name.
+    pub fn window(name: &str) -> Option<Period> {
+        Period::WINDOWS
+            .iter()
+            .find(|(known, _)| *known == name)
+            .map(|(_, period)| *period)
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_head_bytes: usize,
@@ -873,15 +901,7 @@ impl Parser<'_> {
                     .filter(|t| !t.trim().is_empty())
                     .map(|t| Secret::new(t.trim())),
                 key_state_file: self.absolute_path("key_state_file", KEY_STATE_FILE),
-                period: self.choice(
-                    "budget_period",
-                    &[
-                        ("none", Period::Never),
-                        ("daily", Period::Daily),
-                        ("monthly", Period::Monthly),
-                    ],
-                    Period::Never,
-                ),
+                period: self.choice("budget_period", &Period::WINDOWS, Period::Never),
                 keys: Vec::new(),
                 teams: Vec::new(),
                 prices: Vec::new(),

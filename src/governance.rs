@@ -124,7 +124,8 @@ impl AccountInfo {
 #[derive(Debug, Default)]
 pub struct Governance {
     charges: KeyIdMap<Charges>,
-    catalog: HashMap<KeyId, AccountInfo>,
+    /// Read per request (rate headers): keyed by the ids' own bits, as `charges` is.
+    catalog: KeyIdMap<AccountInfo>,
     table: LimitTable,
     /// Each team's own accounts, and its keys.
     teams: std::collections::BTreeMap<String, Team>,
@@ -248,7 +249,7 @@ impl Governance {
                 let period = period.unwrap_or(self.table.window);
                 let id = match own {
                     Some(own) if period == self.table.window => own,
-                    _ => derived(scope, &format!("dollars/{}", period_name(period))),
+                    _ => derived(scope, &format!("dollars/{}", period.name())),
                 };
                 let budget = Budget {
                     limit: dollars_to_nano(limit_dollars),
@@ -389,7 +390,7 @@ pub fn standing_json(info: &AccountInfo, account: &Account, unix_now: u64) -> se
         "budget": info.describe(),
         "owner": kind,
         "name": name,
-        "period": period_name(window),
+        "period": window.name(),
         "current_period": period_label(window, period),
         "resets_at": period_end(window, period).map(iso_time),
         "limit_dollars": nano_to_dollars(account.limit),
@@ -407,15 +408,6 @@ fn report_of(scope: &str) -> KeyId {
 /// leading byte keeps it apart from any key a client can send (a control character).
 fn derived(scope: &str, what: &str) -> KeyId {
     KeyId::of(&format!("\u{1}aura\u{1}{scope}\u{1}{what}"))
-}
-
-fn period_name(period: Period) -> &'static str {
-    match period {
-        Period::Never => "none",
-        Period::Minute => "minute",
-        Period::Daily => "daily",
-        Period::Monthly => "monthly",
-    }
 }
 
 #[cfg(test)]

@@ -86,6 +86,7 @@ impl KeySet {
         env: &dyn ConfigSource,
     ) -> KeySet {
         let budgets = &config.budgets;
+        let routes = config.routes();
         let mut members: Vec<Member> = budgets.keys.iter().map(Member::from_config).collect();
         for record in admin {
             let taken = members.iter().any(|m| m.alias == record.alias);
@@ -105,7 +106,7 @@ impl KeySet {
                     _ => Ok(m),
                 })
                 .and_then(|m| match &m.upstream {
-                    Some(name) if !config.routes().iter().any(|r| &r.name == name) => {
+                    Some(name) if !routes.iter().any(|r| &r.name == name) => {
                         Err(format!("upstream `{name}` is not in the config file"))
                     }
                     _ => Ok(m),
@@ -117,7 +118,7 @@ impl KeySet {
                 }
             }
         }
-        let keyed = config.routes().iter().all(|r| !r.keys.is_empty());
+        let keyed = routes.iter().all(|r| !r.keys.is_empty());
         KeySet {
             directory: Arc::new(Directory::new(budgets.key_mode, &members).upstreams_keyed(keyed)),
             governance: Arc::new(Governance::new(

@@ -137,15 +137,14 @@ impl<'d> Browser<'d> {
 
     /// Polls `script` until it answers something other than null or false.
     fn until(&self, what: &str, script: &str, args: Value) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
+        common::poll(what, Duration::from_secs(15), || {
             let got = self.script(script, args.clone());
-            if !(got.is_null() || got == json!(false)) {
-                return got;
+            if got.is_null() || got == json!(false) {
+                Err(got.to_string())
+            } else {
+                Ok(got)
             }
-            assert!(Instant::now() < deadline, "{what}: not within 15 s");
-            std::thread::park_timeout(Duration::from_millis(100));
-        }
+        })
     }
 
     fn element(&self, css: &str) -> String {
@@ -371,18 +370,14 @@ fn a_browsers_stored_credentials_cannot_change_anything_for_another_site(driver:
         .arg(path.to_str().unwrap())
         .start();
     assert_eq!(post(&aura, CONFIGURED, CHAT, &[], BODY), 200);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let spent = loop {
-        let spent = nano(&usage_of(&aura, CONFIGURED)["usage_dollars"]);
-        if spent > 0 {
-            break spent;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the spend never reached the store"
-        );
-        std::thread::park_timeout(Duration::from_millis(20));
-    };
+    let spent = common::poll(
+        "the spend in the store",
+        Duration::from_secs(10),
+        || match nano(&usage_of(&aura, CONFIGURED)["usage_dollars"]) {
+            0 => Err("none".into()),
+            spent => Ok(spent),
+        },
+    );
     // "admin:<token>", as a browser sends it.
     let basic = format!("Basic {}", base64(format!("admin:{ADMIN}").as_bytes()));
     let reset = "/admin/keys/configured/reset";

@@ -194,18 +194,18 @@ team = "research"
 
 /// Polls `/v1/usage` until the window `budget` shows `want` spent (flushes are asynchronous).
 fn wait_until_settled(aura: &Aura, key: &str, budget: &str, want: u64) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let usage = usage_of(aura, key);
-        if nano(&window(&usage, budget)["usage_dollars"]) == want {
-            return usage;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{budget} never showed {want}: {usage}"
-        );
-        std::thread::park_timeout(Duration::from_millis(20));
-    }
+    common::poll(
+        &format!("{budget} showing {want}"),
+        Duration::from_secs(15),
+        || {
+            let usage = usage_of(aura, key);
+            if nano(&window(&usage, budget)["usage_dollars"]) == want {
+                Ok(usage)
+            } else {
+                Err(usage.to_string())
+            }
+        },
+    )
 }
 
 /// A key with a daily and a monthly budget at once, its node's clock four seconds before

@@ -55,17 +55,12 @@ fn chat(aura: &Aura, key: &str) -> u16 {
 /// Polls until `key` gets `want` from `aura`; how long that took. Fails after `limit`.
 fn until_status(aura: &Aura, key: &str, want: u16, limit: Duration) -> Duration {
     let started = Instant::now();
-    loop {
-        let got = chat(aura, key);
-        if got == want {
-            return started.elapsed();
+    common::poll(&format!("{key} answered {want}"), limit, || {
+        match chat(aura, key) {
+            got if got == want => Ok(started.elapsed()),
+            got => Err(format!("{got}")),
         }
-        assert!(
-            started.elapsed() < limit,
-            "{key}: {got}, not {want}, after {limit:?}"
-        );
-        std::thread::park_timeout(Duration::from_millis(20));
-    }
+    })
 }
 
 /// The sequence on two nodes sharing a redis-server: the key is made, rotated and

@@ -24,7 +24,7 @@ use aura::auth::KeyId;
 use common::billing::*;
 use common::load::{is_subset_sum, mock_costs, Got, Load, Rng, Sent};
 use common::valkey::{journal_dir, on_valkey, spent_fields, StallingRelay, Valkey};
-use common::{at_time, raw_stream_request, CHAT, WHOLE};
+use common::{at_time, raw_stream_request, wait_until, CHAT, WHOLE};
 use common::{sample, scrape_until, start_mock, Aura, Driver, Launch, MockOptions, MockUpstream};
 
 /// A whole chat completion bounded by `max_tokens`: its estimate fits a small limit.
@@ -56,14 +56,6 @@ fn keys(name: &str, n: usize) -> Vec<String> {
 /// Spend the store holds for these keys, every period.
 fn stored(valkey: &Valkey, keys: &[String]) -> u64 {
     keys.iter().map(|k| valkey.totals(k).0).sum()
-}
-
-fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
-        std::thread::park_timeout(Duration::from_millis(20));
-    }
 }
 
 /// Waits until the load has had `n` answers.

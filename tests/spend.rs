@@ -305,16 +305,15 @@ fn total(list: &Value) -> u64 {
 
 /// `/admin/spend` once `done` holds of it (flushes are asynchronous).
 fn spend_when(aura: &Aura, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    common::poll("/admin/spend", Duration::from_secs(10), || {
         let (status, spend) = admin_json(aura, ADMIN, "GET", "/admin/spend", "");
         assert_eq!(status, 200, "{spend}");
         if done(&spend) {
-            return spend;
+            Ok(spend)
+        } else {
+            Err(spend.to_string())
         }
-        assert!(Instant::now() < deadline, "{spend}");
-        std::thread::park_timeout(Duration::from_millis(50));
-    }
+    })
 }
 
 /// Review: `/admin/spend` read only the reports of the keys configured now, so revoking a key

@@ -129,12 +129,10 @@ fn budgets(f: &mut Fields, list: &toml::Value) -> Vec<Window> {
             errors: &mut *f.errors,
         };
         fields.only(&["period", "limit_dollars"]);
-        let period = match table.get("period").and_then(|p| p.as_str()) {
-            Some("none") => Some(Period::Never),
-            Some("daily") => Some(Period::Daily),
-            Some("monthly") => Some(Period::Monthly),
-            _ => None,
-        };
+        let period = table
+            .get("period")
+            .and_then(|p| p.as_str())
+            .and_then(Period::window);
         let limit = fields.dollars("limit_dollars");
         if let Some(limit) = limit {
             check_limit(&mut fields, "limit_dollars", limit);

@@ -72,11 +72,7 @@ fn limits(out: &mut String, limits: &Limits) {
             let listed: Vec<String> = windows
                 .iter()
                 .map(|w| {
-                    let period = match w.period {
-                        Some(Period::Daily) => "daily",
-                        Some(Period::Monthly) => "monthly",
-                        _ => "none",
-                    };
+                    let period = w.period.unwrap_or(Period::Never).name();
                     format!(
                         "{{ period = \"{period}\", limit_dollars = {} }}",
                         w.limit_dollars

@@ -996,3 +996,30 @@ pub fn at_time(launch: Launch, at: &str) -> Launch {
         .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
         .env("TZ", "UTC")
 }
+
+/// Asks `probe` every 20 ms until it answers; fails naming `what` (and its last answer)
+/// after `limit`.
+pub fn poll<T>(what: &str, limit: Duration, mut probe: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        match probe() {
+            Ok(answer) => return answer,
+            Err(last) => assert!(
+                Instant::now() < deadline,
+                "{what}: not within {limit:?} ({last})"
+            ),
+        }
+        std::thread::park_timeout(Duration::from_millis(20));
+    }
+}
+
+/// Waits until `done`; fails naming `what` after `limit`.
+pub fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    poll(what, limit, || {
+        if done() {
+            Ok(())
+        } else {
+            Err("not yet".into())
+        }
+    })
+}
